@@ -1,0 +1,50 @@
+"""`squall`: the entry point and its command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from . import app_cmd, workflow_cmd
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="squall",
+    help=(
+        "Squall runs Fuzzfile workflows where they are cheapest: on this machine, on-prem "
+        "clusters or ephemeral cloud clusters.\n\n"
+        "Start with [bold]squall workflow validate FILE[/] to check a Fuzzfile, and "
+        "[bold]squall workflow graph FILE[/] to see the order its jobs run in."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(workflow_cmd.app, name="workflow")
+app.add_typer(app_cmd.app, name="app")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"squall {version('squall')}")
+        except PackageNotFoundError:  # running from a source tree that was not installed
+            typer.echo("squall (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Squall: cloud-burst orchestration for HPC and AI workflows."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,321 @@
+"""Load a Fuzzfile: YAML with positions -> version schema -> `Workflow` -> rules.
+
+`load_text`/`load_file` never raise for a bad document: every problem becomes a `Diagnostic`
+with file, line, column and field path, and all of them are reported together. Only the
+stages that can run do: rules need a document that passed the schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .diagnostics import Diagnostic, FieldPath, Severity
+from .model import Workflow
+from .normalize import normalize
+from .rules import run_rules
+from .schema import DOCUMENT_MODELS, LEGACY_KEYS, model_fields_by_alias
+from .source import SourceDocument, SourceError, parse_yaml
+
+__all__ = ["FuzzfileError", "LoadResult", "load_file", "load_text"]
+
+
+class FuzzfileError(Exception):
+    """A Fuzzfile that cannot be used; `diagnostics` says everything that is wrong with it."""
+
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        errors = [d for d in diagnostics if d.severity is Severity.ERROR]
+        super().__init__("\n".join(d.render() for d in errors) or "invalid Fuzzfile")
+        self.diagnostics = diagnostics
+
+
+@dataclass(slots=True)
+class LoadResult:
+    """What loading one file gave: the workflow (when valid) and every finding."""
+
+    file: str
+    version: str | None = None
+    workflow: Workflow | None = None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    source: SourceDocument | None = None
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.ERROR]
+
+    @property
+    def warnings(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.WARNING]
+
+    @property
+    def ok(self) -> bool:
+        return self.workflow is not None and not self.errors
+
+    def unwrap(self) -> Workflow:
+        """The workflow, or `FuzzfileError` with every diagnostic."""
+        if not self.ok or self.workflow is None:
+            raise FuzzfileError(self.diagnostics)
+        return self.workflow
+
+
+def load_file(path: str | Path) -> LoadResult:
+    """Load and validate the Fuzzfile at `path`."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return LoadResult(
+            name,
+            diagnostics=[
+                Diagnostic(Severity.ERROR, f"cannot read file: {reason}", (), name, code="io")
+            ],
+        )
+    return load_text(text, name)
+
+
+def load_text(text: str, file: str = "<string>") -> LoadResult:
+    """Load and validate Fuzzfile text; `file` names it in diagnostics."""
+    result = LoadResult(file)
+    try:
+        source = parse_yaml(text, file)
+    except SourceError as exc:
+        result.diagnostics = exc.diagnostics
+        return result
+    result.source = source
+    version_error = _check_version(source)
+    if version_error is not None:
+        result.diagnostics = [version_error]
+        return result
+    result.version = source.data["version"]
+    schema = DOCUMENT_MODELS[source.data["version"]]
+    try:
+        document = schema.model_validate(source.data)
+    except ValidationError as exc:
+        result.diagnostics = _schema_diagnostics(exc, source, schema)
+        return result
+    workflow = normalize(document)
+    for finding in run_rules(workflow):
+        pos = source.locate(finding.path)
+        result.diagnostics.append(
+            Diagnostic(
+                finding.severity,
+                finding.message,
+                finding.path,
+                file,
+                pos.line if pos else None,
+                pos.column if pos else None,
+                finding.hint,
+                finding.code,
+            )
+        )
+    result.workflow = workflow
+    return result
+
+
+def _check_version(source: SourceDocument) -> Diagnostic | None:
+    data = source.data
+    hint = "start the file with `version: v4` (or `version: v1` for the legacy syntax)"
+    root = source.locate(())
+    line, column = (root.line, root.column) if root else (1, 1)
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
+        return Diagnostic(
+            Severity.ERROR, f"a Fuzzfile is a mapping, but this file holds {kind}", (),
+            source.file, line, column, hint, "not-a-mapping",
+        )
+    if "version" not in data:
+        return Diagnostic(
+            Severity.ERROR, "missing `version`", ("version",), source.file, line, column, hint,
+            "missing-version",
+        )
+    version = data["version"]
+    if version not in DOCUMENT_MODELS:
+        pos = source.locate(("version",))
+        return Diagnostic(
+            Severity.ERROR,
+            f"unsupported version {version!r}; Fuzzfiles are version v1 or v4",
+            ("version",),
+            source.file,
+            pos.line if pos else None,
+            pos.column if pos else None,
+            "write `version: v4` (v2 and v3 never existed: they were platform releases)",
+            "bad-version",
+        )
+    return None
+
+
+# ---- pydantic errors into diagnostics ----------------------------------------------------------
+
+
+def _schema_diagnostics(
+    exc: ValidationError, source: SourceDocument, schema: type[BaseModel]
+) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    seen: set[tuple[FieldPath, str]] = set()
+    for err in exc.errors(include_url=False):
+        path, is_key = _clean_loc(err["loc"])
+        message, hint, code = _explain(err, path, schema, source.data["version"])
+        if (path, message) in seen:
+            continue
+        seen.add((path, message))
+        pos = source.locate(path, key=is_key or code == "unknown-key")
+        out.append(
+            Diagnostic(
+                Severity.ERROR,
+                message,
+                path,
+                source.file,
+                pos.line if pos else None,
+                pos.column if pos else None,
+                hint,
+                code,
+            )
+        )
+    return out
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[FieldPath, bool]:
+    """Drop pydantic's markers (`[key]`, validator names) from an error location."""
+    path: list[str | int] = []
+    is_key = False
+    for part in loc:
+        if part == "[key]":
+            is_key = True
+        elif isinstance(part, str) and part.startswith(("function-", "function[")):
+            continue
+        else:
+            path.append(part)
+    return tuple(path), is_key
+
+
+_TYPE_NAMES = {
+    "int": "a whole number",
+    "bool": "true or false",
+    "string": "a string",
+    "dict": "a mapping (key: value lines)",
+    "list": "a list (lines starting with -)",
+    "model": "a mapping (key: value lines)",
+    "float": "a number",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    return repr(value)
+
+
+def _explain(
+    err: Any, path: FieldPath, schema: type[BaseModel], version: str
+) -> tuple[str, str | None, str]:
+    kind: str = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        key = str(path[-1])
+        allowed = sorted(_allowed_keys(schema, path[:-1]))
+        hint = LEGACY_KEYS.get(key)
+        if hint is None and key in _OTHER_VERSION_KEYS.get(version, {}):
+            hint = _OTHER_VERSION_KEYS[version][key]
+        if hint is None:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint += "allowed here: " + ", ".join(allowed)
+        return f"unknown key {key!r}", hint, "unknown-key"
+    if kind == "missing":
+        return f"required field {path[-1]!r} is missing", None, "missing-field"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{_describe(value)} is not allowed here", f"use one of {expected}", "bad-value"
+    if kind == "int_from_float":
+        return f"expected a whole number, got {_describe(value)}", None, "bad-type"
+    for suffix in ("_type", "_parsing"):
+        if kind.endswith(suffix) and kind.removesuffix(suffix) in _TYPE_NAMES:
+            wanted = _TYPE_NAMES[kind.removesuffix(suffix)]
+            return f"expected {wanted}, got {_describe(value)}", None, "bad-type"
+    if kind in ("greater_than", "greater_than_equal"):
+        bound = err.get("ctx", {})
+        if "gt" in bound:
+            rule = f"greater than {bound['gt']}"
+        else:
+            rule = f"at least {bound.get('ge')}"
+        return f"{_describe(value)} is too small; it must be {rule}", None, "bad-value"
+    if kind in ("size", "duration"):
+        return err["msg"], None, f"bad-{kind}"
+    if kind in ("absolute_path", "image_uri", "secret_ref", "volume_ref", "env_entry", "port",
+                "env_secret_scope", "probe_action"):
+        return err["msg"], None, kind.replace("_", "-")
+    return err["msg"], None, "invalid"
+
+
+_OTHER_VERSION_KEYS = {
+    "v1": {
+        "use": "`use` is a v4 volume field; write `reference: volume://user/ephemeral` in v1, "
+        "or set `version: v4`",
+        "size": "volume `size` is a v4 field; set `version: v4`",
+        "annotations": "volume `annotations` is a v4 field; set `version: v4`",
+        "volume": "v1 mounts are keyed by volume name: `NAME: {location: /path}`",
+    },
+    "v4": {
+        "location": "v4 mounts are keyed by path: `/path: {volume: NAME}` "
+        "(`squall workflow upgrade` rewrites v1 mounts)",
+        "type": "volume `type` is v1-only and deprecated; write `use: ephemeral`",
+        "path": "HOST volumes are v1-only; use a persistent volume",
+    },
+}
+
+
+def _allowed_keys(schema: type[BaseModel], path: FieldPath) -> set[str]:
+    """The keys the schema accepts at `path` (a mapping inside the document)."""
+    annotation: Any = schema
+    for part in path:
+        model = _model_in(annotation)
+        if model is not None:
+            info = model_fields_by_alias(model).get(str(part))
+            if info is None:
+                return set()
+            annotation = info.annotation
+        else:
+            annotation = _container_item(annotation)
+            if annotation is None:
+                return set()
+    model = _model_in(annotation)
+    return set(model_fields_by_alias(model)) if model else set()
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    for candidate in _flatten(annotation):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _container_item(annotation: Any) -> Any:
+    """The value type of a dict or list annotation (through Optional and Annotated)."""
+    for candidate in _flatten(annotation):
+        origin = getattr(candidate, "__origin__", None)
+        if origin in (dict, list):
+            return candidate.__args__[-1]
+    return None
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    if annotation is None:
+        return []
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _flatten(typing.get_args(annotation)[0])
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, type(int | None)):
+        return [x for a in args for x in _flatten(a)]
+    return [annotation]

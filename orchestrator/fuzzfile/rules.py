@@ -1,0 +1,400 @@
+"""Rules that a Fuzzfile must follow beyond its shape: references, the DAG, names, semantics.
+
+Each rule is a function of the normalized `Workflow` that yields `Finding`s, registered with
+`@rule(code)`. Findings carry the field path of the offending part (from the model's
+`origin`s); the loader turns paths into file, line and column.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from . import model as m
+from .diagnostics import FieldPath, Severity
+
+__all__ = ["RULES", "Finding", "find_cycle", "run_rules"]
+
+# The platform caps task-array concurrency at 200 (spec §4.6.6).
+MAX_CONCURRENCY = 200
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_TRANSFER_SCHEMES = ("s3://", "http://", "https://", "ftp://", "file://", "hf://")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A rule's verdict on one place of the workflow."""
+
+    code: str
+    severity: Severity
+    path: FieldPath
+    message: str
+    hint: str | None = None
+
+
+RuleFn = Callable[[m.Workflow], Iterator[Finding]]
+RULES: dict[str, RuleFn] = {}
+
+
+def rule(code: str) -> Callable[[RuleFn], RuleFn]:
+    """Register a rule under `code` (the code findings carry unless they say otherwise)."""
+
+    def register(fn: RuleFn) -> RuleFn:
+        RULES[code] = fn
+        return fn
+
+    return register
+
+
+def run_rules(wf: m.Workflow) -> list[Finding]:
+    """Every finding of every rule, in rule order."""
+    return [finding for fn in RULES.values() for finding in fn(wf)]
+
+
+def _error(code: str, path: FieldPath, message: str, hint: str | None = None) -> Finding:
+    return Finding(code, Severity.ERROR, path, message, hint)
+
+
+def _warning(code: str, path: FieldPath, message: str, hint: str | None = None) -> Finding:
+    return Finding(code, Severity.WARNING, path, message, hint)
+
+
+def _nearest(name: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "declared: " + (", ".join(sorted(choices)) if choices else "none")
+
+
+# ---- the workflow as a whole -------------------------------------------------------------
+
+
+@rule("empty-workflow")
+def _has_work(wf: m.Workflow) -> Iterator[Finding]:
+    if not wf.jobs and not wf.services:
+        yield _error(
+            "empty-workflow",
+            (),
+            "the workflow has no jobs and no services",
+            "add a `jobs:` section with at least one job",
+        )
+
+
+@rule("duplicate-name")
+def _unique_names(wf: m.Workflow) -> Iterator[Finding]:
+    for name, svc in wf.services.items():
+        if name in wf.jobs:
+            yield _error(
+                "duplicate-name",
+                svc.origin,
+                f"{name!r} is both a job and a service; they share one namespace",
+                "rename the job or the service",
+            )
+
+
+@rule("name-format")
+def _dns_names(wf: m.Workflow) -> Iterator[Finding]:
+    for c in wf.containers.values():
+        if len(c.name) > 63:
+            yield _error(
+                "name-format",
+                c.origin,
+                f"name {c.name!r} is {len(c.name)} characters long; the limit is 63",
+                "use a shorter name",
+            )
+        elif not _DNS_LABEL.match(c.name):
+            suggestion = re.sub(r"[^a-z0-9-]+", "-", c.name.lower()).strip("-") or "job"
+            yield _warning(
+                "name-format",
+                c.origin,
+                f"name {c.name!r} is not a DNS label (lowercase letters, digits and -)",
+                f"names become host names; {suggestion!r} would work everywhere",
+            )
+
+
+# ---- dependencies and the graph ----------------------------------------------------------
+
+
+@rule("dependency")
+def _dependencies_exist(wf: m.Workflow) -> Iterator[Finding]:
+    names = list(wf.containers)
+    for c in wf.containers.values():
+        for dep in c.depends_on:
+            target = wf.node(dep.name)
+            if target is None:
+                yield _error(
+                    "dangling-dependency",
+                    (*dep.origin, "name") if dep.origin[-2] == "depends-on" else dep.origin,
+                    f"{c.name!r} depends on {dep.name!r}, which is not a job or a service",
+                    _nearest(dep.name, names),
+                )
+            elif dep.status is m.DependencyStatus.RUNNING and not isinstance(target, m.Service):
+                yield _error(
+                    "running-on-job",
+                    (*dep.origin, "status"),
+                    f"status RUNNING needs a service, but {dep.name!r} is a job",
+                    "jobs can only be waited for until FINISHED",
+                )
+            elif (
+                dep.status is m.DependencyStatus.RUNNING
+                and isinstance(target, m.Service)
+                and target.readiness_probe is None
+            ):
+                yield _warning(
+                    "running-without-probe",
+                    (*dep.origin, "status"),
+                    f"service {dep.name!r} has no readiness-probe, so it counts as RUNNING as "
+                    "soon as its container starts",
+                    f"add a readiness-probe to services.{dep.name}",
+                )
+
+
+@rule("requires")
+def _requires(wf: m.Workflow) -> Iterator[Finding]:
+    for c in wf.containers.values():
+        if c.depends_on and c.depends_on[0].origin[-2:-1] == ("requires",):
+            yield _warning(
+                "deprecated-requires",
+                c.depends_on[0].origin[:-1],
+                "`requires` is deprecated",
+                "write depends-on: [{name: ..., status: FINISHED}] "
+                "(`squall workflow upgrade` does it)",
+            )
+
+
+def find_cycle(wf: m.Workflow) -> list[str] | None:
+    """A dependency cycle as `[a, b, ..., a]` (each depends on the next), or None."""
+    names = wf.containers
+    graph = {n: [d.name for d in c.depends_on if d.name in names] for n, c in names.items()}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        # graphlib lists each node before one that depends on it: reverse to read "depends on"
+        cycle = list(reversed(exc.args[1]))[:-1]
+        # start at the node written last, so the reported edge is the one that closes the loop
+        order = list(names)
+        start = max(range(len(cycle)), key=lambda i: order.index(cycle[i]))
+        cycle = cycle[start:] + cycle[:start]
+        return [*cycle, cycle[0]]
+    return None
+
+
+@rule("cycle")
+def _acyclic(wf: m.Workflow) -> Iterator[Finding]:
+    cycle = find_cycle(wf)
+    if cycle is None:
+        return
+    # `cycle` lists each node before a node it depends on: a depends on b, b on c, ...
+    first = wf.containers[cycle[0]]
+    dep = next(d for d in first.depends_on if d.name == cycle[1])
+    yield _error(
+        "cycle",
+        dep.origin,
+        "dependency cycle: " + " -> ".join(cycle) + " (each depends on the next)",
+        "remove one of these dependencies; the jobs of a workflow form a DAG",
+    )
+
+
+# ---- volumes, mounts and files ------------------------------------------------------------
+
+
+@rule("mounts")
+def _mounts(wf: m.Workflow) -> Iterator[Finding]:
+    volumes = list(wf.volumes)
+    for c in wf.containers.values():
+        for mount in c.mounts:
+            if mount.volume not in wf.volumes:
+                v4_long = mount.origin[-1] == mount.path and mount.origin[-1] != mount.volume
+                yield _error(
+                    "unknown-volume",
+                    (*mount.origin, "volume") if v4_long else mount.origin,
+                    f"mount refers to volume {mount.volume!r}, which is not declared",
+                    _nearest(mount.volume, volumes) + " (volumes are declared under `volumes:`)",
+                )
+        seen: dict[str, m.Mount] = {}
+        for mount in c.mounts:
+            if mount.path in seen:
+                yield _error(
+                    "duplicate-mount",
+                    mount.origin,
+                    f"two volumes are mounted at {mount.path} "
+                    f"({seen[mount.path].volume!r} and {mount.volume!r})",
+                    "give each mount its own path",
+                )
+            seen[mount.path] = mount
+
+
+@rule("files")
+def _file_references(wf: m.Workflow) -> Iterator[Finding]:
+    keys = list(wf.files)
+    for c in wf.containers.values():
+        for path, content in c.files.items():
+            if content.startswith("file://"):
+                ref = content.removeprefix("file://")
+                if ref not in wf.files:
+                    yield _error(
+                        "unknown-file",
+                        (*c.origin, "files", path),
+                        f"{content!r} refers to a file that the top-level `files:` lacks",
+                        _nearest(ref, keys),
+                    )
+    for vol in wf.volumes.values():
+        for t in vol.ingress:
+            src = t.source.uri
+            if src.startswith("file://") and src.removeprefix("file://") not in wf.files:
+                yield _error(
+                    "unknown-file",
+                    (*t.source.origin, "uri"),
+                    f"ingress source {src!r} refers to a file that the top-level `files:` lacks",
+                    _nearest(src.removeprefix("file://"), keys),
+                )
+
+
+@rule("transfers")
+def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
+    for vol in wf.volumes.values():
+        for t in vol.ingress:
+            if not t.source.uri.startswith(_TRANSFER_SCHEMES):
+                yield _error(
+                    "transfer-uri",
+                    (*t.source.origin, "uri"),
+                    f"ingress source {t.source.uri!r} has no supported scheme",
+                    "use s3://, https://, http://, ftp://, hf:// or file://NAME from `files:`",
+                )
+            if not t.destination.uri.startswith("file://"):
+                yield _error(
+                    "transfer-uri",
+                    (*t.destination.origin, "uri"),
+                    f"ingress destination {t.destination.uri!r} is not a path in the volume",
+                    "write file://PATH/IN/VOLUME",
+                )
+        for t in vol.egress:
+            if not t.source.uri.startswith("file://"):
+                yield _error(
+                    "transfer-uri",
+                    (*t.source.origin, "uri"),
+                    f"egress source {t.source.uri!r} is not a path in the volume",
+                    "write file://PATH/IN/VOLUME",
+                )
+            if not t.destination.uri.startswith(_TRANSFER_SCHEMES) or t.destination.uri.startswith(
+                "file://"
+            ):
+                yield _error(
+                    "transfer-uri",
+                    (*t.destination.origin, "uri"),
+                    f"egress destination {t.destination.uri!r} has no supported scheme",
+                    "use s3://BUCKET/KEY (or another object store URI)",
+                )
+
+
+@rule("volumes")
+def _volume_fields(wf: m.Workflow) -> Iterator[Finding]:
+    for vol in wf.volumes.values():
+        if vol.host_path is not None:
+            yield _warning(
+                "deprecated-host-volume",
+                vol.origin,
+                "HOST volumes (`type: HOST` with `path`) are deprecated",
+                "use a persistent volume: reference: volume://user/persistent/NAME",
+            )
+
+
+# ---- jobs and services ---------------------------------------------------------------------
+
+
+@rule("command")
+def _command_or_script(wf: m.Workflow) -> Iterator[Finding]:
+    for c in wf.containers.values():
+        if c.command is not None and c.script is not None:
+            yield _error(
+                "command-and-script",
+                (*c.origin, "script"),
+                "a container has either `command` or `script`, not both",
+                "keep `script` (with a #! line) or `command`, and remove the other",
+            )
+        if c.image.legacy_secrets is not None:
+            yield _warning(
+                "deprecated-image-secrets",
+                (*c.image.origin, "secrets"),
+                "the `secrets:` map on an image is deprecated",
+                "store the credentials as a secret and write image.secret: secret://user/NAME",
+            )
+
+
+@rule("task-array")
+def _task_arrays(wf: m.Workflow) -> Iterator[Finding]:
+    for job in wf.jobs.values():
+        ta = job.task_array
+        if ta is None:
+            continue
+        if ta.start > ta.end:
+            yield _error(
+                "task-array-bounds",
+                (*ta.origin, "end"),
+                f"task-array ends ({ta.end}) before it starts ({ta.start})",
+                "make `end` greater than or equal to `start`",
+            )
+        if ta.concurrency is not None and ta.concurrency > MAX_CONCURRENCY:
+            yield _error(
+                "task-array-concurrency",
+                (*ta.origin, "concurrency"),
+                f"concurrency {ta.concurrency} is above the limit of {MAX_CONCURRENCY}",
+                f"use at most {MAX_CONCURRENCY}",
+            )
+        if job.multinode is not None:
+            yield _warning(
+                "task-array-multinode",
+                ta.origin,
+                "a job with both task-array and multinode runs a multi-node gang per task",
+                "check that this is what you want",
+            )
+
+
+@rule("multinode")
+def _multinode(wf: m.Workflow) -> Iterator[Finding]:
+    for c in wf.containers.values():
+        mn = c.multinode
+        if mn and mn.procs_per_node and mn.procs_per_node > c.resource.cores:
+            yield _warning(
+                "oversubscribed",
+                (*c.origin, "multinode", "procs-per-node"),
+                f"{mn.procs_per_node} processes per node on {c.resource.cores} cores "
+                "oversubscribes the node",
+                "raise resource.cpu.cores or lower procs-per-node",
+            )
+
+
+@rule("services")
+def _services(wf: m.Workflow) -> Iterator[Finding]:
+    needed = {d.name for c in wf.containers.values() for d in c.depends_on}
+    for name, svc in wf.services.items():
+        ports = [p.name for p in svc.ports]
+        for i, port in enumerate(svc.ports):
+            if port.name in ports[:i]:
+                yield _error(
+                    "duplicate-port",
+                    (*svc.origin, "network", "ports", i, "name"),
+                    f"port name {port.name!r} is declared twice",
+                    "give each port its own name",
+                )
+        for ep in svc.endpoints:
+            if ep.port_name not in ports:
+                yield _error(
+                    "unknown-port",
+                    (*ep.origin, "port-name"),
+                    f"endpoint {ep.name!r} refers to port {ep.port_name!r}, which "
+                    "network.ports does not declare",
+                    _nearest(ep.port_name, ports),
+                )
+        if not svc.persist and name not in needed:
+            yield _warning(
+                "idle-service",
+                svc.origin,
+                f"service {name!r} has persist: false and nothing depends on it, so it never "
+                "starts",
+                "set persist: true, or make a job depend on it",
+            )

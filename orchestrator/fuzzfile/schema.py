@@ -1,0 +1,544 @@
+"""The shape of a Fuzzfile as written, per syntax version (v1 and v4), as pydantic models.
+
+These models check shape, types, enums and units, and reject unknown keys. They mirror the
+YAML: kebab-case aliases, both mount shapes, deprecated fields. Cross-references and graph
+rules live in `rules.py`; the version-independent model that the rest of Squall uses is in
+`model.py`, built from these by `normalize.py`.
+
+Field facts come from the Fuzzfile reference (docs/fuzzfile-spec.md in the shared docs):
+section numbers are cited where a choice was made.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .units import UnitError, parse_duration, parse_size
+
+__all__ = ["DOCUMENT_MODELS", "DocumentV1", "DocumentV4"]
+
+
+def _size(value: object) -> int:
+    try:
+        return parse_size(value)
+    except UnitError as exc:
+        raise PydanticCustomError("size", str(exc)) from None
+
+
+def _duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except UnitError as exc:
+        raise PydanticCustomError("duration", str(exc)) from None
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _port_number(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise PydanticCustomError("port", "port {port} is outside 1-65535", {"port": value})
+    return value
+
+
+_SECRET_RE = re.compile(r"^secret://(user|group|account|organization|cluster)/[A-Za-z0-9_.\-]+$")
+_VOLUME_RE = re.compile(r"^volume://(user|group|account)/[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise PydanticCustomError(
+            "absolute_path",
+            "{quoted} is not an absolute path; write /{path}",
+            {"quoted": repr(value), "path": value}
+        )
+    return value
+
+
+def _image_uri(value: str) -> str:
+    if not value.startswith(("docker://", "oras://")):
+        scheme = value.split("://", 1)[0] + "://" if "://" in value else "no scheme"
+        raise PydanticCustomError(
+            "image_uri",
+            "image {uri} has {scheme}; images are docker://[REGISTRY/]REPO[:TAG|@DIGEST] "
+            "or oras://REGISTRY/REPO[:TAG]",
+            {"uri": repr(value), "scheme": scheme},
+        )
+    return value
+
+
+def _secret_ref(value: str) -> str:
+    if not _SECRET_RE.match(value):
+        raise PydanticCustomError(
+            "secret_ref",
+            "{ref} is not a secret reference; write secret://SCOPE/NAME with SCOPE one of "
+            "user, group, organization",
+            {"ref": repr(value)},
+        )
+    return value
+
+
+def _volume_ref(value: str) -> str:
+    if not _VOLUME_RE.match(value):
+        raise PydanticCustomError(
+            "volume_ref",
+            "{ref} is not a volume reference; write volume://user/ephemeral, "
+            "volume://user/persistent/NAME or volume://SCOPE/CLASS[/NAME] (SCOPE: user or group)",
+            {"ref": repr(value)},
+        )
+    return value
+
+
+def _env_entry(value: str) -> str:
+    key, sep, rest = value.partition("=")
+    if not sep or not _ENV_KEY_RE.match(key):
+        raise PydanticCustomError(
+            "env_entry",
+            "{entry} is not an environment entry; write KEY=VALUE with KEY made of letters, "
+            "digits and _",
+            {"entry": repr(value)},
+        )
+    if rest.startswith("secret://") and not rest.startswith("secret://user/"):
+        raise PydanticCustomError(
+            "env_secret_scope",
+            "environment secrets must be user-scoped: write secret://user/NAME, not {ref}",
+            {"ref": repr(rest)},
+        )
+    return value
+
+
+AbsPath = Annotated[str, AfterValidator(_absolute)]
+ImageRef = Annotated[str, AfterValidator(_image_uri)]
+SecretRef = Annotated[str, AfterValidator(_secret_ref)]
+VolumeRef = Annotated[str, AfterValidator(_volume_ref)]
+EnvEntry = Annotated[str, AfterValidator(_env_entry)]
+Size = Annotated[int, BeforeValidator(_size)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+Port = Annotated[int, AfterValidator(_port_number)]
+StrMap = dict[str, str]
+
+
+class _Model(BaseModel):
+    """Strict about keys (Fuzzball >= 3.3 rejects unknown fields), lenient about number text."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        coerce_numbers_to_str=True,  # `command: [blastp, -num_threads, 8]` is in the corpus
+        populate_by_name=False,
+        str_strip_whitespace=False,
+    )
+
+
+# ---- shared pieces -----------------------------------------------------------------------
+
+
+class URI(_Model):
+    """A URI object: transfer sources and destinations (§4.5)."""
+
+    uri: str
+    secret: SecretRef | None = None
+    secrets: StrMap | None = None  # legacy 2023 form, §6.3: deprecated
+    decryption_secret: SecretRef | None = Field(None, alias="decryption-secret")
+
+
+class ImageURI(URI):
+    """The image of a job or service (§4.6.1): `docker://` or `oras://`."""
+
+    uri: ImageRef
+
+
+class Timeout(_Model):
+    execute: Duration | None = None
+
+
+class Retry(_Model):
+    attempts: NonNegativeInt | None = None
+
+
+class Policy(_Model):
+    """`policy` on jobs and transfers (§4.6.4)."""
+
+    timeout: Timeout | None = None
+    retry: Retry | None = None
+
+
+class Transfer(_Model):
+    """One ingress or egress item of a volume (§4.5)."""
+
+    source: URI
+    destination: URI
+    policy: Policy | None = None
+
+
+class Cpu(_Model):
+    cores: PositiveInt | None = None
+    affinity: Annotated[Literal["NUMA", "SOCKET", "CORE"], BeforeValidator(_upper)] | None = None
+    sockets: PositiveInt | None = None
+    threads: bool | None = None
+
+
+class Memory(_Model):
+    size: Size | None = None
+    by_core: bool | None = Field(None, alias="by-core")
+
+
+class Resource(_Model):
+    """Per-node resources of a job or service (§4.6.3)."""
+
+    cpu: Cpu | None = None
+    memory: Memory | None = None
+    devices: dict[str, NonNegativeInt] | None = None
+    exclusive: bool | None = None
+    annotations: StrMap | None = None
+
+
+class Multinode(_Model):
+    """Multi-node (MPI, PGAS, generic) jobs (§4.6.5)."""
+
+    nodes: PositiveInt
+    implementation: Annotated[
+        Literal["openmpi", "ompi", "mpich", "gasnet", "generic"], BeforeValidator(_lower)
+    ]
+    procs_per_node: PositiveInt | None = Field(None, alias="procs-per-node")
+
+
+class TaskArray(_Model):
+    """Task arrays (§4.6.6): tasks `start..end` inclusive, `concurrency` at a time."""
+
+    start: NonNegativeInt
+    end: NonNegativeInt
+    concurrency: PositiveInt | None = None
+
+
+class JobNetwork(_Model):
+    """v1 job networking (§4.6.7)."""
+
+    isolated: bool | None = None
+    expose_tcp: list[Port] | None = Field(None, alias="expose-tcp")
+    expose_udp: list[Port] | None = Field(None, alias="expose-udp")
+
+
+class Dependency(_Model):
+    """One `depends-on` entry (§4.6.8); status is case-insensitive and FINISHED by default."""
+
+    name: str
+    status: Annotated[Literal["FINISHED", "RUNNING"], BeforeValidator(_upper)] = "FINISHED"
+    description: str | None = None
+
+
+# ---- services ----------------------------------------------------------------------------
+
+
+class ServicePort(_Model):
+    name: str
+    port: Port
+    protocol: Annotated[Literal["tcp", "udp"], BeforeValidator(_lower)] = "tcp"
+
+
+class ServiceEndpoint(_Model):
+    name: str
+    port_name: str = Field(alias="port-name")
+    protocol: Annotated[
+        Literal["http", "https", "grpc", "grpcs", "tcp", "tls"], BeforeValidator(_lower)
+    ] = "http"
+    type: Annotated[Literal["subdomain", "path"], BeforeValidator(_lower)] = "subdomain"
+    scope: Annotated[
+        Literal["user", "group", "organization", "public"], BeforeValidator(_lower)
+    ] = "group"
+    per_replica: bool | None = Field(None, alias="per-replica")  # newer catalogs, §9
+    annotations: StrMap | None = None
+
+
+class ServiceNetwork(_Model):
+    host: bool | None = None
+    ports: list[ServicePort] | None = None
+    endpoints: list[ServiceEndpoint] | None = None
+
+
+class HttpHeader(_Model):
+    name: str
+    value: str
+
+
+class ExecAction(_Model):
+    command: list[str]
+
+
+class HttpGetAction(_Model):
+    path: str = "/"
+    port: Port | str
+    host: str | None = None
+    scheme: Annotated[Literal["HTTP", "HTTPS"], BeforeValidator(_upper)] = "HTTP"
+    http_headers: list[HttpHeader] | None = Field(None, alias="http-headers")
+
+
+class TcpSocketAction(_Model):
+    port: Port | str
+    host: str | None = None
+
+
+class GrpcAction(_Model):
+    port: Port
+    service: str | None = None
+
+
+class Probe(_Model):
+    """Kubernetes-style readiness probe of a service (§4.7)."""
+
+    exec: ExecAction | None = None
+    http_get: HttpGetAction | None = Field(None, alias="http-get")
+    tcp_socket: TcpSocketAction | None = Field(None, alias="tcp-socket")
+    grpc: GrpcAction | None = None
+    initial_delay_seconds: NonNegativeInt | None = Field(None, alias="initial-delay-seconds")
+    period_seconds: PositiveInt | None = Field(None, alias="period-seconds")
+    timeout_seconds: PositiveInt | None = Field(None, alias="timeout-seconds")
+    success_threshold: PositiveInt | None = Field(None, alias="success-threshold")
+    failure_threshold: PositiveInt | None = Field(None, alias="failure-threshold")
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Probe:
+        actions = [a for a in ("exec", "http_get", "tcp_socket", "grpc") if getattr(self, a)]
+        if len(actions) != 1:
+            found = ", ".join(a.replace("_", "-") for a in actions) or "none"
+            raise PydanticCustomError(
+                "probe_action",
+                "a readiness probe needs exactly one of exec, http-get, tcp-socket, grpc "
+                "(found: {found})",
+                {"found": found},
+            )
+        return self
+
+
+class Replicas(_Model):
+    min: NonNegativeInt
+    max: PositiveInt
+
+
+class Metrics(_Model):
+    enabled: bool | None = None
+    path: str | None = None
+    port: Port | None = None
+    interval: str | None = None
+
+
+class ScaleTrigger(_Model):
+    metrics_query: str = Field(alias="metrics-query")
+    cooldown_period: str | None = Field(None, alias="cooldown-period")
+    services: list[str] | None = None
+
+
+class ScaleUp(_Model):
+    triggers: list[ScaleTrigger]
+
+
+class ScaleDown(_Model):
+    metrics_query: str = Field(alias="metrics-query")
+    cooldown_period: str | None = Field(None, alias="cooldown-period")
+    drain_period: str | None = Field(None, alias="drain-period")
+
+
+class Autoscaler(_Model):
+    """Service autoscaling, seen only in newer catalog revisions (§9)."""
+
+    replicas: Replicas
+    metrics: Metrics | None = None
+    scale_up: ScaleUp | None = Field(None, alias="scale-up")
+    scale_down: ScaleDown | None = Field(None, alias="scale-down")
+
+
+class DynamicConfig(_Model):
+    """A file re-rendered as peer service replicas come and go (§9)."""
+
+    path: str
+    services: list[str] | None = None
+    script: str
+
+
+# ---- mounts: the v1/v4 difference (§4.6.2) -------------------------------------------------
+
+
+class MountV1(_Model):
+    """v1: keyed by volume name, the value holds the container path."""
+
+    location: AbsPath
+
+
+class MountV4(_Model):
+    """v4: keyed by container path, the value names the volume (or is the name: short form)."""
+
+    volume: str
+
+
+def _short_mount(value: object) -> object:
+    return {"volume": value} if isinstance(value, str) else value
+
+
+MountsV1 = dict[str, MountV1]
+MountsV4 = dict[AbsPath, Annotated[MountV4, BeforeValidator(_short_mount)]]
+
+
+# ---- jobs and services ---------------------------------------------------------------------
+
+
+class _Container(_Model):
+    """Fields that jobs and services share (§4.6, §4.7)."""
+
+    name: str | None = None  # accepted and ignored: the map key wins
+    image: ImageURI
+    command: list[str] | None = None
+    script: str | None = None
+    args: list[str] | None = None
+    env: list[EnvEntry] | None = None
+    cwd: AbsPath | None = None
+    files: dict[AbsPath, str] | None = None
+    resource: Resource | None = None
+    multinode: Multinode | None = None
+    depends_on: list[Dependency] | None = Field(None, alias="depends-on")
+    requires: list[str] | None = None  # deprecated: FINISHED dependencies
+
+
+class _Job(_Container):
+    policy: Policy | None = None
+    task_array: TaskArray | None = Field(None, alias="task-array")
+    network: JobNetwork | None = None
+
+
+class _Service(_Container):
+    persist: bool | None = None
+    network: ServiceNetwork | None = None
+    readiness_probe: Probe | None = Field(None, alias="readiness-probe")
+    policy: Policy | None = None  # unverified on services (§4.7); accepted
+    autoscaler: Autoscaler | None = None
+    dynamic_config: DynamicConfig | None = Field(None, alias="dynamic-config")
+
+
+class JobV1(_Job):
+    mounts: MountsV1 | None = None
+
+
+class JobV4(_Job):
+    mounts: MountsV4 | None = None
+
+
+class ServiceV1(_Service):
+    mounts: MountsV1 | None = None
+
+
+class ServiceV4(_Service):
+    mounts: MountsV4 | None = None
+
+
+class JobDefaultsV1(_Model):
+    env: list[EnvEntry] | None = None
+    mounts: MountsV1 | None = None
+    policy: Policy | None = None
+    resource: Resource | None = None
+
+
+class JobDefaultsV4(_Model):
+    env: list[EnvEntry] | None = None
+    mounts: MountsV4 | None = None
+    policy: Policy | None = None
+    resource: Resource | None = None
+
+
+class DefaultsV1(_Model):
+    job: JobDefaultsV1 | None = None
+
+
+class DefaultsV4(_Model):
+    job: JobDefaultsV4 | None = None
+
+
+# ---- volumes (§4.5) --------------------------------------------------------------------
+
+
+class VolumeV1(_Model):
+    reference: VolumeRef | None = None
+    name: str | None = None  # informational in v1
+    type: Annotated[Literal["EPHEMERAL", "HOST"], BeforeValidator(_upper)] | None = None
+    path: str | None = None  # deprecated, HOST volumes
+    ingress: list[Transfer] | None = None
+    egress: list[Transfer] | None = None
+
+
+class VolumeV4(_Model):
+    use: str | None = None
+    name: str | None = None  # an existing persistent volume
+    size: Size | None = None
+    annotations: StrMap | None = None
+    reference: VolumeRef | None = None  # still accepted (catalog templates use it)
+    ingress: list[Transfer] | None = None
+    egress: list[Transfer] | None = None
+
+
+def _empty_volume(value: object) -> object:
+    return {} if value is None else value  # `db:` with no body is an ephemeral volume (§4.5)
+
+
+# ---- documents ---------------------------------------------------------------------------
+
+
+class DocumentV1(_Model):
+    version: Literal["v1"]
+    files: StrMap | None = None
+    defaults: DefaultsV1 | None = None
+    annotations: StrMap | None = None
+    volumes: dict[str, VolumeV1] | None = None
+    jobs: dict[str, JobV1] | None = None
+    services: dict[str, ServiceV1] | None = None
+
+
+class DocumentV4(_Model):
+    version: Literal["v4"]
+    files: StrMap | None = None
+    defaults: DefaultsV4 | None = None
+    annotations: StrMap | None = None
+    volumes: dict[str, Annotated[VolumeV4, BeforeValidator(_empty_volume)]] | None = None
+    jobs: dict[str, JobV4] | None = None
+    services: dict[str, ServiceV4] | None = None
+
+
+DOCUMENT_MODELS: dict[str, type[DocumentV1] | type[DocumentV4]] = {
+    "v1": DocumentV1,
+    "v4": DocumentV4,
+}
+
+# Keys that older platforms accepted, with what to write instead (spec §4.7, §13).
+LEGACY_KEYS: dict[str, str] = {
+    "export": "service `export` was removed in platform 3.1; declare network.endpoints instead",
+    "proxy": "service `proxy` was removed in platform 3.1; declare network.endpoints instead",
+    "taskArray": "write `task-array` (kebab-case) since platform 3.3",
+    "dependsOn": "write `depends-on` (kebab-case) since platform 3.3",
+    "byCore": "write `by-core` (kebab-case)",
+    "procsPerNode": "write `procs-per-node` (kebab-case)",
+    "readinessProbe": "write `readiness-probe` (kebab-case)",
+    "exposeTcp": "write `expose-tcp` (kebab-case)",
+    "exposeUdp": "write `expose-udp` (kebab-case)",
+    "decryptionSecret": "write `decryption-secret` (kebab-case)",
+}
+
+
+def model_fields_by_alias(model: type[BaseModel]) -> dict[str, Any]:
+    """The YAML keys a model accepts, mapped to their field info."""
+    return {(info.alias or name): info for name, info in model.model_fields.items()}
