@@ -12,14 +12,15 @@ from .output import EXIT_INVALID, EXIT_USAGE, die, err, print_diagnostic, write_
 app = typer.Typer(
     help="Render application templates (Go-templated Fuzzfiles with a values.yaml).",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
 @app.command()
 def render(
     template: Path = typer.Argument(
-        ..., help="template.yaml, or an application folder holding template.yaml and values.yaml.",
+        ...,
+        help="template.yaml, or an application folder holding template.yaml and values.yaml.",
         show_default=False,
     ),
     values: Path | None = typer.Argument(
@@ -40,13 +41,13 @@ def render(
 
     Supports the Go template syntax and sprig functions the Fuzzball catalog uses (if/else,
     range, variables, printf, trim, splitList, default, fail, ...). When the template
-    refuses its values with [bold]fail[/], its message is shown and nothing is written. The
+    refuses its values with **fail**, its message is shown and nothing is written. The
     rendered Fuzzfile is validated unless --no-validate is given.
 
-    [bold]Examples[/]
+    **Examples**
 
-      squall app render applications/jupyter
-      squall app render template.yaml values.yaml --set Cores=8 --out jupyter.yaml
+        squall app render applications/jupyter
+        squall app render template.yaml values.yaml --set Cores=8 --out jupyter.yaml
     """
     from orchestrator.fuzzfile import load_text
     from orchestrator.fuzzfile.apps import AppError, render_app

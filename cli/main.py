@@ -13,11 +13,11 @@ app = typer.Typer(
     help=(
         "Squall runs Fuzzfile workflows where they are cheapest: on this machine, on-prem "
         "clusters or ephemeral cloud clusters.\n\n"
-        "Start with [bold]squall workflow validate FILE[/] to check a Fuzzfile, and "
-        "[bold]squall workflow graph FILE[/] to see the order its jobs run in."
+        "Start with **squall workflow validate FILE** to check a Fuzzfile, and "
+        "**squall workflow graph FILE** to see the order its jobs run in."
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
 )

@@ -54,7 +54,9 @@ _STYLE = {"error": "bold red", "warning": "yellow"}
 
 def print_diagnostic(d: Diagnostic, console: Console = err, indent: str = "") -> None:
     """One diagnostic, `file:line:col: severity: field: message`, then its hint."""
-    where = d.file + (f":{d.line}" if d.line else "") + (f":{d.column}" if d.line and d.column else "")
+    where = (
+        d.file + (f":{d.line}" if d.line else "") + (f":{d.column}" if d.line and d.column else "")
+    )
     sev = d.severity.value
     console.print(
         f"{indent}[bold]{escape(where)}[/]: [{_STYLE[sev]}]{sev}[/]: "

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 app = typer.Typer(
     help="Check, upgrade and inspect Fuzzfiles (workflow files, version v1 or v4).",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 OUTPUT = typer.Option(Format.text, "--output", "-o", help="text for people, json for scripts.")
@@ -35,6 +35,7 @@ OUTPUT = typer.Option(Format.text, "--output", "-o", help="text for people, json
 def _summary(result: LoadResult) -> str:
     wf = result.workflow
     assert wf is not None
+
     def count(n: int, word: str) -> str:
         return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -57,10 +58,10 @@ def validate(
     warning). Each problem names the field path (jobs.NAME.resource.memory.size) and says
     what would be right.
 
-    [bold]Examples[/]
+    **Examples**
 
-      squall workflow validate hello.yaml
-      squall workflow validate -o json workflows/*.yaml | jq '.files[] | select(.valid|not)'
+        squall workflow validate hello.yaml
+        squall workflow validate -o json workflows/*.yaml | jq '.files[] | select(.valid|not)'
     """
     from orchestrator.fuzzfile import load_file
 
@@ -88,7 +89,9 @@ def validate(
         for r in results:
             _print_result(r, quiet=quiet)
         if len(results) > 1:
-            out.print(f"{len(results)} files: {len(results) - len(failed)} valid, {len(failed)} invalid")
+            out.print(
+                f"{len(results)} files: {len(results) - len(failed)} valid, {len(failed)} invalid"
+            )
     if failed:
         raise typer.Exit(EXIT_INVALID)
 
@@ -96,7 +99,11 @@ def validate(
 def _print_result(r: LoadResult, *, quiet: bool) -> None:
     shown = r.errors if quiet else r.diagnostics
     if r.ok:
-        warn = f", {len(r.warnings)} warning{'s' if len(r.warnings) != 1 else ''}" if r.warnings else ""
+        warn = (
+            f", {len(r.warnings)} warning{'s' if len(r.warnings) != 1 else ''}"
+            if r.warnings
+            else ""
+        )
         out.print(f"[green]valid[/]   {escape(r.file)} ({_summary(r)}){warn}")
     else:
         n = len(r.errors)
@@ -126,14 +133,14 @@ def upgrade(
 ) -> None:
     """Rewrite a v1 Fuzzfile in v4 syntax, keeping comments and key order.
 
-    Mounts are re-keyed by path, [bold]requires[/] becomes [bold]depends-on[/], v1 volume
-    [bold]name[/] echoes are dropped and simple volume references become [bold]use[/]. The
+    Mounts are re-keyed by path, **requires** becomes **depends-on**, v1 volume
+    **name** echoes are dropped and simple volume references become **use**. The
     result is checked to load to the same workflow as the input before anything is written.
 
-    [bold]Examples[/]
+    **Examples**
 
-      squall workflow upgrade blast.yaml > blast.v4.yaml
-      squall workflow upgrade --in-place blast.yaml
+        squall workflow upgrade blast.yaml > blast.v4.yaml
+        squall workflow upgrade --in-place blast.yaml
     """
     from orchestrator.fuzzfile import load_text
     from orchestrator.fuzzfile.upgrade import UpgradeError, upgrade_text
@@ -174,10 +181,10 @@ def graph(
     Stage 1 holds what depends on nothing; every later stage holds what waits only for
     earlier stages, so everything in one stage can run at the same time.
 
-    [bold]Examples[/]
+    **Examples**
 
-      squall workflow graph blast.yaml
-      squall workflow graph --dot blast.yaml | dot -Tsvg > blast.svg
+        squall workflow graph blast.yaml
+        squall workflow graph --dot blast.yaml | dot -Tsvg > blast.svg
     """
     from orchestrator.fuzzfile.graph import render_dot, render_text, stages
 

@@ -1,10 +1,10 @@
 """Fuzzfiles (v1 and v4): load, validate, normalise, upgrade and render them.
 
-    from orchestrator.fuzzfile import load_file
-    result = load_file("hello.yaml")
-    for d in result.diagnostics:
-        print(d.render())
-    workflow = result.unwrap()        # raises FuzzfileError when invalid
+from orchestrator.fuzzfile import load_file
+result = load_file("hello.yaml")
+for d in result.diagnostics:
+    print(d.render())
+workflow = result.unwrap()        # raises FuzzfileError when invalid
 """
 
 from .diagnostics import Diagnostic, FieldPath, Severity, format_path

@@ -20,16 +20,28 @@ from .gotemplate import FailError, TemplateError, parse, render
 
 __all__ = ["AppError", "AppValue", "load_values", "render_app"]
 
-_KINDS = ("uint_value", "string_value", "bool_value", "secret_value", "volume_value",
-          "int_value", "float_value")
+_KINDS = (
+    "uint_value",
+    "string_value",
+    "bool_value",
+    "secret_value",
+    "volume_value",
+    "int_value",
+    "float_value",
+)
 
 
 class AppError(Exception):
     """A template or its values that cannot be rendered; `str()` names file and line."""
 
     def __init__(
-        self, message: str, file: str, line: int | None = None, column: int | None = None,
-        *, refused: bool = False,
+        self,
+        message: str,
+        file: str,
+        line: int | None = None,
+        column: int | None = None,
+        *,
+        refused: bool = False,
     ) -> None:
         self.message, self.file, self.line, self.column = message, file, line, column
         self.refused = refused  # the template's own `fail` refused the values
@@ -57,7 +69,8 @@ def load_values(path: str | Path) -> dict[str, AppValue]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise AppError(
-            f"values are not valid YAML: {getattr(exc, 'problem', exc)}", name,
+            f"values are not valid YAML: {getattr(exc, 'problem', exc)}",
+            name,
             mark.line + 1 if mark else None,
         ) from None
     if raw is None:
@@ -128,7 +141,10 @@ def render_app(
         return render(parse(source), data, rng=random.Random(seed))
     except FailError as exc:
         raise AppError(
-            f"the template refused its values: {exc.message}", name, exc.line, exc.column,
+            f"the template refused its values: {exc.message}",
+            name,
+            exc.line,
+            exc.column,
             refused=True,
         ) from None
     except TemplateError as exc:

@@ -71,7 +71,7 @@ def render_dot(wf: Workflow, title: str = "workflow") -> str:
     q = json.dumps  # DOT string quoting is JSON's for the characters names can hold
     lines = [f"digraph {q(title)} {{", "  rankdir=LR;", "  node [shape=box, style=rounded];"]
     for name, c in wf.containers.items():
-        shape = ', shape=ellipse' if isinstance(c, Service) else ""
+        shape = ", shape=ellipse" if isinstance(c, Service) else ""
         label = f"{name}\\n{_summary(c)}"
         lines.append(f"  {q(name)} [label={q(label).replace(chr(92) * 2, chr(92))}{shape}];")
     for name, c in wf.containers.items():

@@ -8,7 +8,6 @@ stages that can run do: rules need a document that passed the schema.
 from __future__ import annotations
 
 import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from .diagnostics import Diagnostic, FieldPath, Severity
 from .model import Workflow
 from .normalize import normalize
 from .rules import run_rules
-from .schema import DOCUMENT_MODELS, LEGACY_KEYS, model_fields_by_alias
+from .schema import DOCUMENT_MODELS, LEGACY_KEYS, allowed_keys
 from .source import SourceDocument, SourceError, parse_yaml
 
 __all__ = ["FuzzfileError", "LoadResult", "load_file", "load_text"]
@@ -126,16 +125,28 @@ def _check_version(source: SourceDocument) -> Diagnostic | None:
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
         return Diagnostic(
-            Severity.ERROR, f"a Fuzzfile is a mapping, but this file holds {kind}", (),
-            source.file, line, column, hint, "not-a-mapping",
+            Severity.ERROR,
+            f"a Fuzzfile is a mapping, but this file holds {kind}",
+            (),
+            source.file,
+            line,
+            column,
+            hint,
+            "not-a-mapping",
         )
     if "version" not in data:
         return Diagnostic(
-            Severity.ERROR, "missing `version`", ("version",), source.file, line, column, hint,
+            Severity.ERROR,
+            "missing `version`",
+            ("version",),
+            source.file,
+            line,
+            column,
+            hint,
             "missing-version",
         )
     version = data["version"]
-    if version not in DOCUMENT_MODELS:
+    if not isinstance(version, str) or version not in DOCUMENT_MODELS:
         pos = source.locate(("version",))
         return Diagnostic(
             Severity.ERROR,
@@ -224,7 +235,7 @@ def _explain(
     value = err.get("input")
     if kind == "extra_forbidden":
         key = str(path[-1])
-        allowed = sorted(_allowed_keys(schema, path[:-1]))
+        allowed = sorted(allowed_keys(schema, path[:-1]))
         hint = LEGACY_KEYS.get(key)
         if hint is None and key in _OTHER_VERSION_KEYS.get(version, {}):
             hint = _OTHER_VERSION_KEYS[version][key]
@@ -246,15 +257,20 @@ def _explain(
             return f"expected {wanted}, got {_describe(value)}", None, "bad-type"
     if kind in ("greater_than", "greater_than_equal"):
         bound = err.get("ctx", {})
-        if "gt" in bound:
-            rule = f"greater than {bound['gt']}"
-        else:
-            rule = f"at least {bound.get('ge')}"
+        rule = f"greater than {bound['gt']}" if "gt" in bound else f"at least {bound.get('ge')}"
         return f"{_describe(value)} is too small; it must be {rule}", None, "bad-value"
     if kind in ("size", "duration"):
         return err["msg"], None, f"bad-{kind}"
-    if kind in ("absolute_path", "image_uri", "secret_ref", "volume_ref", "env_entry", "port",
-                "env_secret_scope", "probe_action"):
+    if kind in (
+        "absolute_path",
+        "image_uri",
+        "secret_ref",
+        "volume_ref",
+        "env_entry",
+        "port",
+        "env_secret_scope",
+        "probe_action",
+    ):
         return err["msg"], None, kind.replace("_", "-")
     return err["msg"], None, "invalid"
 
@@ -274,48 +290,3 @@ _OTHER_VERSION_KEYS = {
         "path": "HOST volumes are v1-only; use a persistent volume",
     },
 }
-
-
-def _allowed_keys(schema: type[BaseModel], path: FieldPath) -> set[str]:
-    """The keys the schema accepts at `path` (a mapping inside the document)."""
-    annotation: Any = schema
-    for part in path:
-        model = _model_in(annotation)
-        if model is not None:
-            info = model_fields_by_alias(model).get(str(part))
-            if info is None:
-                return set()
-            annotation = info.annotation
-        else:
-            annotation = _container_item(annotation)
-            if annotation is None:
-                return set()
-    model = _model_in(annotation)
-    return set(model_fields_by_alias(model)) if model else set()
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    for candidate in _flatten(annotation):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
-def _container_item(annotation: Any) -> Any:
-    """The value type of a dict or list annotation (through Optional and Annotated)."""
-    for candidate in _flatten(annotation):
-        origin = getattr(candidate, "__origin__", None)
-        if origin in (dict, list):
-            return candidate.__args__[-1]
-    return None
-
-
-def _flatten(annotation: Any) -> list[Any]:
-    if annotation is None:
-        return []
-    if typing.get_origin(annotation) is typing.Annotated:
-        return _flatten(typing.get_args(annotation)[0])
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, type(int | None)):
-        return [x for a in args for x in _flatten(a)]
-    return [annotation]

@@ -39,10 +39,6 @@ __all__ = [
 ]
 
 
-def _origin() -> FieldPath:
-    return field(default=(), compare=False, repr=False)  # type: ignore[return-value]
-
-
 class Affinity(StrEnum):
     """How a job's cores are placed: on the fewest NUMA nodes, sockets, or any cores."""
 
@@ -64,7 +60,7 @@ class Location:
 
     uri: str
     secret: str | None = None
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +78,7 @@ class Transfer:
     source: Location
     destination: Location
     policy: Policy = Policy()
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,7 +99,7 @@ class Volume:
     host_path: str | None = None  # deprecated v1 HOST volumes
     ingress: tuple[Transfer, ...] = ()
     egress: tuple[Transfer, ...] = ()
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,7 +108,7 @@ class Mount:
 
     volume: str
     path: str
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,7 +119,7 @@ class Image:
     secret: str | None = None
     decryption_secret: str | None = None
     legacy_secrets: Mapping[str, str] | None = None
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,7 +160,7 @@ class TaskArray:
     start: int
     end: int
     concurrency: int | None = None
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
     @property
     def size(self) -> int:
@@ -179,7 +175,7 @@ class Dependency:
     name: str
     status: DependencyStatus = DependencyStatus.FINISHED
     description: str | None = None
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,7 +196,7 @@ class Endpoint:
     scope: str = "group"
     per_replica: bool = False
     annotations: Mapping[str, str] = field(default_factory=dict)
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,7 +234,7 @@ class Container:
     resource: Resource = Resource()
     multinode: Multinode | None = None
     depends_on: tuple[Dependency, ...] = ()
-    origin: FieldPath = _origin()
+    origin: FieldPath = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

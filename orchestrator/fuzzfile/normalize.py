@@ -31,7 +31,8 @@ def normalize(doc: Document) -> m.Workflow:
             name: _volume(name, vol, ("volumes", name)) for name, vol in (doc.volumes or {}).items()
         },
         jobs={
-            name: _job(name, job, defaults, ("jobs", name)) for name, job in (doc.jobs or {}).items()
+            name: _job(name, job, defaults, ("jobs", name))
+            for name, job in (doc.jobs or {}).items()
         },
         services={
             name: _service(name, svc, ("services", name))
@@ -101,9 +102,7 @@ def _location(uri: s.URI, origin: FieldPath) -> m.Location:
 # ---- jobs and services -------------------------------------------------------------------
 
 
-def _job(
-    name: str, job: s.JobV1 | s.JobV4, defaults: Any, origin: FieldPath
-) -> m.Job:
+def _job(name: str, job: s.JobV1 | s.JobV4, defaults: Any, origin: FieldPath) -> m.Job:
     network = job.network
     base = _container_fields(name, job, origin)
     if defaults is not None:
@@ -231,7 +230,8 @@ def _dependencies(c: Any, origin: FieldPath) -> tuple[m.Dependency, ...]:
             for i, d in enumerate(c.depends_on)
         )
     return tuple(
-        m.Dependency(name=n, origin=(*origin, "requires", i)) for i, n in enumerate(c.requires or [])
+        m.Dependency(name=n, origin=(*origin, "requires", i))
+        for i, n in enumerate(c.requires or [])
     )
 
 
@@ -275,19 +275,18 @@ def _resource(own: s.Resource | None, default: s.Resource | None) -> m.Resource:
         **((own.annotations or {}) if own else {}),
     }
     result = replace(result, **{k: v for k, v in values.items() if v is not None})
-    result = replace(
+    return replace(
         result,
         affinity=m.Affinity(result.affinity),
         devices=dict(result.devices),
         annotations=annotations,
     )
-    return result
 
 
 def _probe(p: s.Probe | None) -> m.Probe | None:
     if p is None:
         return None
-    timing = {
+    timing: dict[str, Any] = {
         k: v
         for k, v in {
             "initial_delay": p.initial_delay_seconds,
@@ -312,6 +311,8 @@ def _probe(p: s.Probe | None) -> m.Probe | None:
             **timing,
         )
     if p.tcp_socket is not None:
-        return m.Probe(action="tcp-socket", port=p.tcp_socket.port, host=p.tcp_socket.host, **timing)
+        return m.Probe(
+            action="tcp-socket", port=p.tcp_socket.port, host=p.tcp_socket.host, **timing
+        )
     assert p.grpc is not None  # the schema admits exactly one action
     return m.Probe(action="grpc", port=p.grpc.port, grpc_service=p.grpc.service, **timing)

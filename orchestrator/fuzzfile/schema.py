@@ -12,6 +12,7 @@ section numbers are cited where a choice was made.
 from __future__ import annotations
 
 import re
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -26,9 +27,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .diagnostics import FieldPath
 from .units import UnitError, parse_duration, parse_size
 
-__all__ = ["DOCUMENT_MODELS", "DocumentV1", "DocumentV4"]
+__all__ = ["DOCUMENT_MODELS", "DocumentV1", "DocumentV4", "allowed_keys", "model_fields_by_alias"]
 
 
 def _size(value: object) -> int:
@@ -69,7 +71,7 @@ def _absolute(value: str) -> str:
         raise PydanticCustomError(
             "absolute_path",
             "{quoted} is not an absolute path; write /{path}",
-            {"quoted": repr(value), "path": value}
+            {"quoted": repr(value), "path": value},
         )
     return value
 
@@ -542,3 +544,48 @@ LEGACY_KEYS: dict[str, str] = {
 def model_fields_by_alias(model: type[BaseModel]) -> dict[str, Any]:
     """The YAML keys a model accepts, mapped to their field info."""
     return {(info.alias or name): info for name, info in model.model_fields.items()}
+
+
+def allowed_keys(schema: type[BaseModel], path: FieldPath) -> set[str]:
+    """The keys the schema accepts at `path` (a mapping inside the document)."""
+    annotation: Any = schema
+    for part in path:
+        model = _model_in(annotation)
+        if model is not None:
+            info = model_fields_by_alias(model).get(str(part))
+            if info is None:
+                return set()
+            annotation = info.annotation
+        else:
+            annotation = _container_item(annotation)
+            if annotation is None:
+                return set()
+    model = _model_in(annotation)
+    return set(model_fields_by_alias(model)) if model else set()
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    for candidate in _flatten(annotation):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _container_item(annotation: Any) -> Any:
+    """The value type of a dict or list annotation (through Optional and Annotated)."""
+    for candidate in _flatten(annotation):
+        origin = getattr(candidate, "__origin__", None)
+        if origin in (dict, list):
+            return candidate.__args__[-1]
+    return None
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    if annotation is None:
+        return []
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _flatten(typing.get_args(annotation)[0])
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, type(int | None)):
+        return [x for a in args for x in _flatten(a)]
+    return [annotation]

@@ -159,7 +159,9 @@ class _Walker:
                 self._merge(out, value_node, path)
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
-                raise _WalkError("a mapping key must be a plain string, not a list or map", key_node)
+                raise _WalkError(
+                    "a mapping key must be a plain string, not a list or map", key_node
+                )
             key = str(key_node.value)
             if key in out:
                 first = self.doc.keys[(*path, key)]
@@ -260,8 +262,15 @@ def parse_yaml(text: str, file: str = "<string>") -> SourceDocument:
         ) from None
     except RecursionError:
         raise SourceError(
-            [Diagnostic(Severity.ERROR, "the document is nested too deeply", (), file,
-                        code="yaml-structure")]
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    "the document is nested too deeply",
+                    (),
+                    file,
+                    code="yaml-structure",
+                )
+            ]
         ) from None
     if walker.errors:
         raise SourceError(walker.errors)

@@ -116,6 +116,12 @@ def parse_duration(value: object) -> float:
             raise UnitError(f"{value!r} is not a duration; {_DURATION_HINT}")
         number, unit = match.groups()
         if unit is None:
+            rest = text[match.end() :]
+            if rest[:1].isalpha():
+                raise UnitError(
+                    f"{value!r} is not a duration: unknown unit {rest.split()[0]!r}; use h, m, s, "
+                    "ms, us or ns (no days: write 24h)"
+                )
             raise UnitError(f"{value!r}: {number!r} has no unit; {_DURATION_HINT}")
         try:
             total += Decimal(number) * _DURATION_UNITS[unit]

@@ -35,8 +35,10 @@ def test_broken_file_reports_its_defect(path: Path) -> None:
     diag = next(d for d in result.errors if (d.code, d.field, d.line) == wanted)
     assert diag.severity is Severity.ERROR
     assert diag.file == str(path)
-    assert diag.column is not None and diag.column >= 1
+    assert diag.column is not None
+    assert diag.column >= 1
     assert diag.message
-    assert "!r}" not in diag.message and "{" not in diag.message.split(":")[0]
+    assert "!r}" not in diag.message
+    assert "{" not in diag.message.split(":")[0]
     rendered = diag.render()
     assert rendered.startswith(f"{path}:{diag.line}:{diag.column}: error: {diag.field}: ")

@@ -140,8 +140,9 @@ def _eq(first: Any, *others: Any) -> bool:
     for other in others:
         k2 = _basic_kind(other)
         if k1 != k2 and {k1, k2} != {"int", "float"}:
-            raise GoFuncError(f"incompatible types for comparison: {go_print(first)} and "
-                              f"{go_print(other)}")
+            raise GoFuncError(
+                f"incompatible types for comparison: {go_print(first)} and {go_print(other)}"
+            )
         if first == other:
             return True
     return False
@@ -218,8 +219,10 @@ def _printf(fmt: str, *args: Any) -> str:
             if verb in "fF" and not prec:
                 text = f"{_to_float(value):.6f}"
         elif verb in "xX":
-            text = format(_to_int(value), verb) if not isinstance(value, str) else (
-                value.encode().hex().upper() if verb == "X" else value.encode().hex()
+            text = (
+                format(_to_int(value), verb)
+                if not isinstance(value, str)
+                else (value.encode().hex().upper() if verb == "X" else value.encode().hex())
             )
         elif verb == "t":
             text = go_print(value)
@@ -257,8 +260,10 @@ def _to_json(value: Any) -> str:
 
 
 def _dict(*pairs: Any) -> dict[str, Any]:
-    return {_strval(pairs[i]): (pairs[i + 1] if i + 1 < len(pairs) else "")
-            for i in range(0, len(pairs), 2)}
+    return {
+        _strval(pairs[i]): (pairs[i + 1] if i + 1 < len(pairs) else "")
+        for i in range(0, len(pairs), 2)
+    }
 
 
 def _list_of(value: Any) -> list[Any]:
@@ -320,8 +325,9 @@ def builtin_funcs(rng: random.Random) -> dict[str, Callable[..., Any]]:
         "quote": lambda *a: " ".join(json.dumps(_strval(x)) for x in a if x is not None),
         "squote": lambda *a: " ".join(f"'{_strval(x)}'" for x in a if x is not None),
         "indent": lambda n, s: "\n".join(" " * _to_int(n) + ln for ln in _strval(s).split("\n")),
-        "nindent": lambda n, s: "\n"
-        + "\n".join(" " * _to_int(n) + ln for ln in _strval(s).split("\n")),
+        "nindent": lambda n, s: (
+            "\n" + "\n".join(" " * _to_int(n) + ln for ln in _strval(s).split("\n"))
+        ),
         "splitList": lambda sep, s: _strval(s).split(_strval(sep)),
         "join": lambda sep, items: _strval(sep).join(_strval(x) for x in _list_of(items)),
         "regexMatch": lambda rx, s: re.search(_strval(rx), _strval(s)) is not None,

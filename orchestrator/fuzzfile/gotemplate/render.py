@@ -74,7 +74,8 @@ class _Exec:
                 pos = node.pipeline.pos
                 raise p.TemplateError(
                     f"no value named {value.name!r} (add it to values.yaml or --set it)",
-                    pos.line, pos.column,
+                    pos.line,
+                    pos.column,
                 )
             if not node.pipeline.decl:
                 self.write(go_print(value))
@@ -193,7 +194,8 @@ class _Exec:
         for name in arg.names:
             if not isinstance(base, Mapping):
                 raise p.TemplateError(
-                    f"can't evaluate field {name} in {go_print(base)!r}", arg.pos.line,
+                    f"can't evaluate field {name} in {go_print(base)!r}",
+                    arg.pos.line,
                     arg.pos.column,
                 )
             if name not in base:

@@ -161,8 +161,21 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE,
 )
-_KEYWORDS = {"if", "else", "end", "range", "with", "break", "continue", "define", "template",
-             "block", "nil", "true", "false"}
+_KEYWORDS = {
+    "if",
+    "else",
+    "end",
+    "range",
+    "with",
+    "break",
+    "continue",
+    "define",
+    "template",
+    "block",
+    "nil",
+    "true",
+    "false",
+}
 
 
 @dataclass(slots=True)
@@ -318,8 +331,11 @@ class _Parser:
 
 
 def _make(kind: str, pipeline: Pipeline, body: list[Node], orelse: list[Node]) -> Node:
-    cls = {"if": If, "with": With, "range": Range}[kind]
-    return cls(pipeline, body, orelse)
+    if kind == "if":
+        return If(pipeline, body, orelse)
+    if kind == "with":
+        return With(pipeline, body, orelse)
+    return Range(pipeline, body, orelse)
 
 
 class _PipelineParser:
@@ -377,7 +393,11 @@ class _PipelineParser:
         first = self.peek()
         while True:
             tok = self.peek()
-            if tok is None or tok.kind in ("pipe", closing) or (closing is None and tok.kind == "rparen"):
+            if (
+                tok is None
+                or tok.kind in ("pipe", closing)
+                or (closing is None and tok.kind == "rparen")
+            ):
                 break
             args.append(self._operand())
         if not args:
@@ -433,15 +453,19 @@ def args_pos(arg: object) -> Pos:
 
 
 def _adjacent(before: _Tok, after: _Tok) -> bool:
-    return before.pos.line == after.pos.line and before.pos.column + len(before.text) == after.pos.column
+    return (
+        before.pos.line == after.pos.line
+        and before.pos.column + len(before.text) == after.pos.column
+    )
 
 
 def _unquote(text: str, tok: _Tok) -> str:
     import json
 
     try:
-        return str(json.loads(text.replace("\\'", "'").replace("\\a", "\\u0007")
-                              .replace("\\v", "\\u000b")))
+        return str(
+            json.loads(text.replace("\\'", "'").replace("\\a", "\\u0007").replace("\\v", "\\u000b"))
+        )
     except ValueError:
         raise TemplateError(f"bad string literal {text}", tok.pos.line, tok.pos.column) from None
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv and install Squall into it. `--test` adds the test and lint tools.
+# Installs Python's venv support from Debian when it is missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+python=${PYTHON:-python3}
+
+need_apt() {
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "setup: installing $* from Debian" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    echo "setup: please install $* (Python 3.11 or newer with venv support)" >&2
+    exit 1
+  fi
+}
+
+command -v "$python" >/dev/null || need_apt python3 python3-venv
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+  { echo "setup: Squall needs Python 3.11 or newer ($python is older)" >&2; exit 1; }
+"$python" -c 'import ensurepip, venv' 2>/dev/null || need_apt python3-venv
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$python" -m venv .venv
+fi
+# Reinstall only when the dependencies or the extras changed.
+stamp=".venv/.squall-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
+if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".$extras"
+  echo "$want" > "$stamp"
+fi
