@@ -79,8 +79,9 @@ def main() -> None:
     )
     print(f"\nwhole processes on the {len(files)} example files, best/median of 5")
     for label, cmd in procs:
-        best, median = best_of(lambda cmd=cmd: subprocess.run(cmd, check=True,
-                                                               capture_output=True), 5)
+        best, median = best_of(
+            lambda cmd=cmd: subprocess.run(cmd, check=True, capture_output=True), 5
+        )
         print(f"{label:28} {best * 1000:7.1f}ms {median * 1000:7.1f}ms")
 
 
