@@ -170,7 +170,7 @@ def _schema_diagnostics(
     out: list[Diagnostic] = []
     seen: set[tuple[FieldPath, str]] = set()
     for err in exc.errors(include_url=False):
-        path, is_key = _clean_loc(err["loc"])
+        path, is_key = _clean_loc(err["loc"], source.data)
         message, hint, code = _explain(err, path, schema, source.data["version"])
         if (path, message) in seen:
             continue
@@ -191,18 +191,31 @@ def _schema_diagnostics(
     return out
 
 
-def _clean_loc(loc: tuple[int | str, ...]) -> tuple[FieldPath, bool]:
-    """Drop pydantic's markers (`[key]`, validator names) from an error location."""
+def _clean_loc(loc: tuple[int | str, ...], data: Any) -> tuple[FieldPath, bool]:
+    """The document path of an error location, and whether it points at a key.
+
+    Pydantic adds markers to locations: `[key]` for dict keys, and union members or
+    validator names (`int`, `function-after[...]`). A part is kept when it names a key or
+    index of the data at that point, or is the last part (a missing field).
+    """
     path: list[str | int] = []
+    node = data
     is_key = False
-    for part in loc:
+    for i, part in enumerate(loc):
         if part == "[key]":
             is_key = True
-        elif isinstance(part, str) and part.startswith(("function-", "function[")):
-            continue
-        else:
+        elif _has_child(node, part):
             path.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and i == len(loc) - 1:
+            path.append(part)  # a required field the mapping lacks
     return tuple(path), is_key
+
+
+def _has_child(node: Any, part: int | str) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
 _TYPE_NAMES = {

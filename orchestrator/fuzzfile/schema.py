@@ -133,9 +133,26 @@ ImageRef = Annotated[str, AfterValidator(_image_uri)]
 SecretRef = Annotated[str, AfterValidator(_secret_ref)]
 VolumeRef = Annotated[str, AfterValidator(_volume_ref)]
 EnvEntry = Annotated[str, AfterValidator(_env_entry)]
+_PORT_NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,13}[a-z0-9])?$")  # a Kubernetes port name
+
+
+def _port_or_name(value: object) -> object:
+    """A probe port: a number in 1-65535, or the name of a declared port."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _port_number(value)
+    if not isinstance(value, str) or not _PORT_NAME_RE.match(value):
+        raise PydanticCustomError(
+            "port", "{port} is neither a port number nor a port name", {"port": repr(value)}
+        )
+    return value
+
+
 Size = Annotated[int, BeforeValidator(_size)]
 Duration = Annotated[float, BeforeValidator(_duration)]
 Port = Annotated[int, AfterValidator(_port_number)]
+PortOrName = Annotated[int | str, BeforeValidator(_port_or_name)]
 StrMap = dict[str, str]
 
 
@@ -288,14 +305,14 @@ class ExecAction(_Model):
 
 class HttpGetAction(_Model):
     path: str = "/"
-    port: Port | str
+    port: PortOrName
     host: str | None = None
     scheme: Annotated[Literal["HTTP", "HTTPS"], BeforeValidator(_upper)] = "HTTP"
     http_headers: list[HttpHeader] | None = Field(None, alias="http-headers")
 
 
 class TcpSocketAction(_Model):
-    port: Port | str
+    port: PortOrName
     host: str | None = None
 
 

@@ -225,3 +225,39 @@ def test_alias_bombs_are_refused() -> None:
     result = load_text(bomb, "bomb.yaml")
     assert not result.ok
     assert "aliases" in result.errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ("version: [v4]\n", "version", "unsupported version ['v4']"),
+        ("version: v1\nfunction-: null\n", "function-", "unknown key 'function-'"),
+    ],
+)
+def test_odd_documents_found_by_the_property_tests(text: str, field: str, message: str) -> None:
+    [error] = load_text(text, "wf.yaml").errors
+    assert error.field == field
+    assert message in error.message
+
+
+@pytest.mark.parametrize(
+    ("port", "ok"),
+    [
+        ("8080", True),
+        ("web", True),
+        ("'8080'", True),
+        ("0", False),
+        ("true", False),
+        ("'Bad Name'", False),
+        ("70000", False),
+    ],
+)
+def test_probe_ports_are_numbers_or_names(port: str, ok: bool) -> None:
+    text = (
+        "version: v4\nservices:\n  s:\n    persist: true\n    image: {uri: docker://a}\n"
+        f"    readiness-probe:\n      tcp-socket: {{port: {port}}}\n"
+    )
+    result = load_text(text, "wf.yaml")
+    assert result.ok is ok
+    if not ok:
+        assert result.errors[0].field == "services.s.readiness-probe.tcp-socket.port"
