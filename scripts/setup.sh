@@ -31,8 +31,8 @@ stamp=".venv/.squall-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
 if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # compat mode puts the checkout on sys.path (no per-package finder, no warning about
-  # top-level folder names)
-  .venv/bin/python -m pip install -q -e ".$extras" --config-settings editable_mode=compat
+  # setuptools warns, at length, that top-level folders share names with our packages:
+  # they are our packages, so the warning is silenced for the install only
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".$extras"
   echo "$want" > "$stamp"
 fi
