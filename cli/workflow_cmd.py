@@ -47,7 +47,9 @@ def _summary(result: LoadResult) -> str:
 
 @app.command()
 def validate(
-    files: list[Path] = typer.Argument(..., help="Fuzzfiles to check.", show_default=False),
+    files: list[Path] = typer.Argument(
+        ..., help="Fuzzfiles, or folders to search for *.yaml, *.yml and *.fz.", show_default=False
+    ),
     output: Format = OUTPUT,
     strict: bool = typer.Option(False, "--strict", help="Fail on warnings too."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print warnings."),
@@ -65,7 +67,7 @@ def validate(
     """
     from orchestrator.fuzzfile import load_file
 
-    results = [load_file(f) for f in files]
+    results = [load_file(f) for f in _expand(files)]
     failed = [r for r in results if not r.ok or (strict and r.warnings)]
     if output is Format.json:
         print_json(
@@ -94,6 +96,23 @@ def validate(
             )
     if failed:
         raise typer.Exit(EXIT_INVALID)
+
+
+FUZZFILE_SUFFIXES = (".yaml", ".yml", ".fz")
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given; folders replaced by the Fuzzfiles under them, sorted."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in FUZZFILE_SUFFIXES)
+            if not found:
+                die(f"{path} holds no *.yaml, *.yml or *.fz files")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
 
 
 def _print_result(r: LoadResult, *, quiet: bool) -> None:

@@ -191,87 +191,48 @@ class _Walker:
                 out.setdefault(key, value)
 
 
+def _error(file: str, message: str, mark: Any, code: str, hint: str | None = None) -> SourceError:
+    """A `SourceError` with one diagnostic at a libyaml mark (0-based) or nowhere."""
+    line = mark.line + 1 if mark is not None else None
+    column = mark.column + 1 if mark is not None else None
+    return SourceError([Diagnostic(Severity.ERROR, message, (), file, line, column, hint, code)])
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, file: str) -> SourceError:
+    mark = exc.problem_mark or exc.context_mark
+    problem = exc.problem or "invalid YAML"
+    if exc.context:
+        problem = f"{exc.context}, {problem}"
+    if exc.context_mark is not None and "end of stream" in problem:
+        # an unclosed quote or bracket is reported at the end of the file: point at its start
+        if mark is not None and mark.line != exc.context_mark.line:
+            problem += f" (line {mark.line + 1})"
+        mark = exc.context_mark
+    hint = "check indentation and quoting near this line"
+    return _error(file, f"YAML syntax error: {problem}", mark, "yaml-syntax", hint)
+
+
 def parse_yaml(text: str, file: str = "<string>") -> SourceDocument:
     """Parse one YAML document into a `SourceDocument`, or raise `SourceError`."""
     doc = SourceDocument(data=None, file=file)
     try:
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or "invalid YAML"
-        if exc.context:
-            problem = f"{exc.context}, {problem}"
-        if exc.context_mark is not None and "end of stream" in problem:
-            # an unclosed quote or bracket is reported at the end of the file: point at its start
-            if mark is not None and mark.line != exc.context_mark.line:
-                problem += f" (line {mark.line + 1})"
-            mark = exc.context_mark
-        raise SourceError(
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    f"YAML syntax error: {problem}",
-                    (),
-                    file,
-                    mark.line + 1 if mark else None,
-                    mark.column + 1 if mark else None,
-                    hint="check indentation and quoting near this line",
-                    code="yaml-syntax",
-                )
-            ]
-        ) from None
+        raise _syntax_error(exc, file) from None
     except (yaml.YAMLError, ValueError) as exc:  # reader errors: bad encoding, control chars
-        raise SourceError(
-            [Diagnostic(Severity.ERROR, f"cannot read YAML: {exc}", (), file, code="yaml-syntax")]
-        ) from None
+        raise _error(file, f"cannot read YAML: {exc}", None, "yaml-syntax") from None
     if len(nodes) != 1:
         message = "the file is empty" if not nodes else "the file holds several YAML documents"
         mark = nodes[1].start_mark if len(nodes) > 1 else None
-        raise SourceError(
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    message,
-                    (),
-                    file,
-                    mark.line + 1 if mark else None,
-                    mark.column + 1 if mark else None,
-                    hint="a Fuzzfile is one YAML mapping that starts with `version: v1` or `v4`",
-                    code="yaml-structure",
-                )
-            ]
-        )
+        hint = "a Fuzzfile is one YAML mapping that starts with `version: v1` or `v4`"
+        raise _error(file, message, mark, "yaml-structure", hint)
     walker = _Walker(doc)
     try:
         doc.data = walker.walk(nodes[0], ())
     except _WalkError as exc:
-        mark = exc.node.start_mark
-        raise SourceError(
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    str(exc),
-                    (),
-                    file,
-                    mark.line + 1,
-                    mark.column + 1,
-                    hint=exc.hint,
-                    code="yaml-structure",
-                )
-            ]
-        ) from None
+        raise _error(file, str(exc), exc.node.start_mark, "yaml-structure", exc.hint) from None
     except RecursionError:
-        raise SourceError(
-            [
-                Diagnostic(
-                    Severity.ERROR,
-                    "the document is nested too deeply",
-                    (),
-                    file,
-                    code="yaml-structure",
-                )
-            ]
-        ) from None
+        raise _error(file, "the document is nested too deeply", None, "yaml-structure") from None
     if walker.errors:
         raise SourceError(walker.errors)
     return doc

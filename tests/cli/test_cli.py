@@ -42,6 +42,13 @@ def test_validate_corpus_text() -> None:
     assert "blast.yaml (v1, 5 jobs, 0 services, 1 volume), 4 warnings" in out
 
 
+def test_validate_searches_folders(tmp_path: Path) -> None:
+    code, out, _ = squall("workflow", "validate", "-o", "json", str(EXAMPLES))
+    assert code == 0 and len(json.loads(out)["files"]) == 10
+    code, _, err = squall("workflow", "validate", str(tmp_path))
+    assert code == 2 and "holds no *.yaml" in err
+
+
 def test_validate_invalid_file_exits_1_and_names_file_line_field() -> None:
     bad = BROKEN / "15-memory-size-words.yaml"
     code, out, _ = squall("workflow", "validate", str(bad))

@@ -261,3 +261,10 @@ def test_probe_ports_are_numbers_or_names(port: str, ok: bool) -> None:
     assert result.ok is ok
     if not ok:
         assert result.errors[0].field == "services.s.readiness-probe.tcp-socket.port"
+
+
+def test_unreadable_documents_are_errors_not_crashes() -> None:
+    deep = load_text("version: v4\njobs: " + "[" * 5000 + "]" * 5000, "deep.yaml")
+    assert deep.errors[0].message == "the document is nested too deeply"
+    binary = load_text("\x00\x01 bad", "bin.yaml")
+    assert "control characters are not allowed" in binary.errors[0].message
