@@ -44,9 +44,11 @@ def test_validate_corpus_text() -> None:
 
 def test_validate_searches_folders(tmp_path: Path) -> None:
     code, out, _ = squall("workflow", "validate", "-o", "json", str(EXAMPLES))
-    assert code == 0 and len(json.loads(out)["files"]) == 10
+    assert code == 0
+    assert len(json.loads(out)["files"]) == 10
     code, _, err = squall("workflow", "validate", str(tmp_path))
-    assert code == 2 and "holds no *.yaml" in err
+    assert code == 2
+    assert "holds no *.yaml" in err
 
 
 def test_validate_invalid_file_exits_1_and_names_file_line_field() -> None:
