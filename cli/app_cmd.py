@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .output import EXIT_INVALID, EXIT_USAGE, die, err, print_diagnostic, write_atomic
+from .output import EXIT_INVALID, die, err, print_diagnostic, write_atomic
 
 app = typer.Typer(
     help="Render application templates (Go-templated Fuzzfiles with a values.yaml).",
@@ -49,8 +49,9 @@ def render(
         squall app render applications/jupyter
         squall app render template.yaml values.yaml --set Cores=8 --out jupyter.yaml
     """
+    from orchestrator.errors import SquallError
     from orchestrator.fuzzfile import load_text
-    from orchestrator.fuzzfile.apps import AppError, render_app
+    from orchestrator.fuzzfile.apps import render_app
 
     if template.is_dir():
         values = values or template / "values.yaml"
@@ -59,8 +60,8 @@ def render(
         values = template.parent / "values.yaml"
     try:
         text = render_app(template, values, settings, seed=seed)
-    except AppError as exc:
-        die(str(exc), EXIT_INVALID if exc.refused or exc.file != "--set" else EXIT_USAGE)
+    except SquallError as exc:
+        die(str(exc), exc.exit_code)
     if check:
         result = load_text(text, f"{template} (rendered)")
         for d in result.diagnostics:

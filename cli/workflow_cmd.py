@@ -175,7 +175,7 @@ def upgrade(
     try:
         text = upgrade_text(file.read_text(encoding="utf-8"))
     except UpgradeError as exc:
-        die(f"{file}: {exc}", EXIT_INVALID)
+        die(f"{file}: {exc}", exc.exit_code)
     after = load_text(text, f"{file} (upgraded)")
     if not after.ok or after.workflow != before.workflow:
         for d in after.errors:

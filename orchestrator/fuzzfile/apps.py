@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import InvalidInput, UsageError
 from .gotemplate import FailError, TemplateError, parse, render
 
 __all__ = ["AppError", "AppValue", "load_values", "render_app"]
@@ -31,7 +32,7 @@ _KINDS = (
 )
 
 
-class AppError(Exception):
+class AppError(InvalidInput):
     """A template or its values that cannot be rendered; `str()` names file and line."""
 
     def __init__(
@@ -102,17 +103,17 @@ def _override(current: AppValue | None, key: str, text: str) -> AppValue:
         try:
             value = int(text)
         except ValueError:
-            raise AppError(f"--set {key}={text}: {key} takes a whole number", "--set") from None
+            raise UsageError(f"--set {key}={text}: {key} takes a whole number") from None
         if kind == "uint_value" and value < 0:
-            raise AppError(f"--set {key}={text}: {key} takes a number >= 0", "--set")
+            raise UsageError(f"--set {key}={text}: {key} takes a number >= 0")
     elif kind == "float_value":
         try:
             value = float(text)
         except ValueError:
-            raise AppError(f"--set {key}={text}: {key} takes a number", "--set") from None
+            raise UsageError(f"--set {key}={text}: {key} takes a number") from None
     elif kind == "bool_value":
         if text.lower() not in ("true", "false"):
-            raise AppError(f"--set {key}={text}: {key} takes true or false", "--set")
+            raise UsageError(f"--set {key}={text}: {key} takes true or false")
         value = text.lower() == "true"
     return AppValue(key, kind, value, current.display_name if current else None)
 
@@ -129,7 +130,7 @@ def render_app(
     for setting in settings:
         key, sep, text = setting.partition("=")
         if not sep or not key:
-            raise AppError(f"--set {setting!r}: write NAME=VALUE", "--set")
+            raise UsageError(f"--set {setting!r}: write NAME=VALUE")
         params[key] = _override(params.get(key), key, text)
     name = str(template)
     try:

@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .diagnostics import Diagnostic, FieldPath, Severity
+from ..errors import InvalidInput
+from .diagnostics import Diagnostic, FieldPath, Severity, format_path
 from .model import Workflow
 from .normalize import normalize
 from .rules import run_rules
@@ -24,7 +25,7 @@ from .source import SourceDocument, SourceError, parse_yaml
 __all__ = ["FuzzfileError", "LoadResult", "load_file", "load_text"]
 
 
-class FuzzfileError(Exception):
+class FuzzfileError(InvalidInput):
     """A Fuzzfile that cannot be used; `diagnostics` says everything that is wrong with it."""
 
     def __init__(self, diagnostics: list[Diagnostic]) -> None:
@@ -218,6 +219,15 @@ def _has_child(node: Any, part: int | str) -> bool:
     return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
+# What a required field looks like, for the hint of a "missing" error.
+_EXAMPLES = {
+    "image": ", e.g. image: {uri: docker://alpine:3.20}",
+    "uri": ", e.g. uri: docker://alpine:3.20",
+    "source": ", e.g. source: {uri: https://example.org/data.tar.gz}",
+    "destination": ", e.g. destination: {uri: file://data.tar.gz}",
+    "version": ": v4",
+}
+
 _TYPE_NAMES = {
     "int": "a whole number",
     "bool": "true or false",
@@ -258,7 +268,9 @@ def _explain(
             hint += "allowed here: " + ", ".join(allowed)
         return f"unknown key {key!r}", hint, "unknown-key"
     if kind == "missing":
-        return f"required field {path[-1]!r} is missing", None, "missing-field"
+        where = format_path(path[:-1])
+        hint = f"add `{path[-1]}:` to {where}" + _EXAMPLES.get(str(path[-1]), "")
+        return f"required field {path[-1]!r} is missing", hint, "missing-field"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{_describe(value)} is not allowed here", f"use one of {expected}", "bad-value"

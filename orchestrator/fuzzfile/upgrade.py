@@ -20,10 +20,12 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from ..errors import InvalidInput
+
 __all__ = ["UpgradeError", "upgrade_text"]
 
 
-class UpgradeError(Exception):
+class UpgradeError(InvalidInput):
     """A v1 document that has no faithful v4 form."""
 
 
