@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import app_cmd, workflow_cmd
+from . import agent_cmd, app_cmd, workflow_cmd
 
 __all__ = ["app", "main"]
 
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(workflow_cmd.app, name="workflow")
 app.add_typer(app_cmd.app, name="app")
+app.command(name="agent")(agent_cmd.agent)
 
 
 def _version(value: bool) -> None:

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OURS = {"cli", "orchestrator", "substrate", "federate", "infra", "api"}
 # folder -> which of our top-level packages it may import (DESIGN.md, "Top-level layout")
 ALLOWED = {
-    "cli": {"cli", "orchestrator", "federate", "api"},
+    # cli starts an agent in-process for `squall agent` (substrate's entry point only)
+    "cli": {"cli", "orchestrator", "federate", "api", "substrate"},
     "orchestrator": {"orchestrator", "federate", "infra", "substrate", "api"},
     "substrate": {"substrate", "api"},
     "federate": {"federate"},

@@ -1,0 +1,60 @@
+"""`squall agent`: start a substrate node agent on this machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from .output import EXIT_USAGE, die
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "squall" / "agent"
+
+
+def agent(
+    listen: str = typer.Option("127.0.0.1:0", help="HOST:PORT to serve on (port 0: any free)."),
+    data_dir: Path = typer.Option(None, help="Task state and logs [default: XDG data dir]."),
+    token_file: Path = typer.Option(
+        None, help="File holding the token callers must send (or set SQUALL_AGENT_TOKEN)."
+    ),
+    cpus: str = typer.Option(None, help="CPU ids this agent may lease, e.g. 0-3,8."),
+    memory: str = typer.Option(None, help="Memory this agent may lease, e.g. 8GiB."),
+    gpus: str = typer.Option(None, help="GPU indexes this agent may lease, e.g. 0,1."),
+    default_runtime: str = typer.Option("", help="Runtime for requests that name none."),
+    label: list[str] = typer.Option([], help="KEY=VALUE label, repeatable."),
+) -> None:
+    """Run a node agent until interrupted.
+
+    The agent serves the node API (leases, tasks, logs, exec, port-forward) over gRPC.
+    Several agents can share one machine, each owning a slice given by --cpus and --memory.
+    It prints `listening on HOST:PORT` first, then logs to stderr.
+
+    **Examples**
+
+        SQUALL_AGENT_TOKEN=s3cret squall agent --listen 127.0.0.1:7070
+        squall agent --token-file token --cpus 0-1 --memory 4GiB --data-dir /tmp/a1
+    """
+    from orchestrator.fuzzfile.units import UnitError, parse_size
+    from substrate.__main__ import main as substrate_main
+
+    argv = ["--listen", listen, "--data-dir", str(data_dir or _default_data_dir())]
+    if token_file is not None:
+        argv += ["--token-file", str(token_file)]
+    if cpus:
+        argv += ["--cpus", cpus]
+    if memory:
+        try:
+            argv += ["--memory-bytes", str(parse_size(memory))]
+        except UnitError as exc:
+            die(f"--memory: {exc}", EXIT_USAGE)
+    if gpus:
+        argv += ["--gpus", gpus]
+    if default_runtime:
+        argv += ["--default-runtime", default_runtime]
+    for item in label:
+        argv += ["--label", item]
+    raise typer.Exit(substrate_main(argv))

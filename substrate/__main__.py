@@ -1,0 +1,80 @@
+"""`python -m substrate`: run a node agent until SIGTERM or SIGINT.
+
+The token comes from --token-file or the SQUALL_AGENT_TOKEN environment variable, never from
+the command line (where `ps` shows it to everyone). The first line on stdout is
+`listening on HOST:PORT`, so that a parent that asked for port 0 learns the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .agent import Agent, AgentConfig
+from .inventory import parse_cpu_list, read_inventory
+from .runtimes import available
+from .server import create_server
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="substrate", description="Squall's node agent.")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
+    p.add_argument("--data-dir", type=Path, required=True, help="task state and logs go here")
+    p.add_argument("--token-file", type=Path, help="file holding the token callers must send")
+    p.add_argument("--cpus", help="CPU ids this agent may lease, e.g. 0-3,8 (default: all)")
+    p.add_argument("--memory-bytes", type=int, help="memory this agent may lease (default: all)")
+    p.add_argument("--gpus", help="GPU indexes this agent may lease, e.g. 0,1 (default: all)")
+    p.add_argument("--default-runtime", default="", help="runtime for requests that name none")
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s substrate %(levelname)s %(message)s",
+    )
+    token = (
+        args.token_file.read_text().strip()
+        if args.token_file
+        else os.environ.get("SQUALL_AGENT_TOKEN", "")
+    )
+    if not token:
+        print("substrate: no token: give --token-file or set SQUALL_AGENT_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        inventory = read_inventory(
+            cpus=parse_cpu_list(args.cpus) if args.cpus else None,
+            memory_bytes=args.memory_bytes,
+            gpus=parse_cpu_list(args.gpus) if args.gpus else None,
+        )
+    except ValueError as exc:
+        print(f"substrate: {exc}", file=sys.stderr)
+        return 2
+    labels = dict(item.partition("=")[::2] for item in args.label)
+    config = AgentConfig(
+        data_dir=args.data_dir, token=token, default_runtime=args.default_runtime, labels=labels
+    )
+    agent = Agent(config, inventory, available())
+    agent.start()
+    server, port = create_server(agent, args.listen)
+    host = args.listen.rsplit(":", 1)[0]
+    print(f"listening on {host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

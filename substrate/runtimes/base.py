@@ -1,0 +1,85 @@
+"""What every runtime is given and gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["FileSpec", "Launch", "MountSpec", "Runtime", "RuntimeRefused", "TaskSpec"]
+
+
+class RuntimeRefused(Exception):
+    """The runtime cannot run this spec; the message says why and what to use instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class MountSpec:
+    source: str
+    destination: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    path: str
+    content: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A task as the agent's API describes it, runtime-neutral."""
+
+    name: str
+    runtime: str
+    command: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = ""
+    image: str = ""
+    mounts: tuple[MountSpec, ...] = ()
+    files: tuple[FileSpec, ...] = ()
+    isolated_network: bool = False
+    timeout: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How to start a process: argv, environment, working directory, CPUs to pin it to."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    cpus: tuple[int, ...] = ()
+
+    def pinned_argv(self) -> list[str]:
+        """argv behind `taskset`, which pins the process to `cpus` before it starts.
+
+        A wrapper rather than a `preexec_fn`: the agent is a threaded gRPC server, and a
+        Python hook between fork and exec can deadlock or abort there (grpc's fork handlers).
+        """
+        if not self.cpus:
+            return list(self.argv)
+        return ["taskset", "--cpu-list", ",".join(map(str, self.cpus)), *self.argv]
+
+
+class Runtime(Protocol):
+    """Turns a spec into a `Launch` for the task, and for commands executed inside it."""
+
+    name: str
+
+    def launch(self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path) -> Launch:
+        """The launch of the task itself, or `RuntimeRefused`."""
+        ...
+
+    def exec_launch(
+        self,
+        spec: TaskSpec,
+        cpus: tuple[int, ...],
+        task_dir: Path,
+        command: list[str],
+        env: dict[str, str],
+    ) -> Launch:
+        """The launch of `command` inside the running task."""
+        ...

@@ -1,0 +1,305 @@
+"""The agent's gRPC server: a token check on every call, and a servicer that only translates.
+
+`create_server(agent, address)` returns the started server and its bound port, so tests bind
+port 0. Errors map to precise status codes: UNAUTHENTICATED, NOT_FOUND, RESOURCE_EXHAUSTED
+(a lease the node cannot grant), FAILED_PRECONDITION, INVALID_ARGUMENT, UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import inspect
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from api.substrate.v1 import agent_pb2 as pb
+from api.substrate.v1 import agent_pb2_grpc as rpc
+
+from .agent import Agent
+from .leases import Lease, LeaseError, LeaseSpec, NoSuchLease
+from .logstore import STDERR, STDOUT
+from .runtimes import TaskSpec
+from .runtimes.base import FileSpec, MountSpec
+from .streams import exec_stream, port_forward_stream
+from .tasks import NoSuchTask, Task, TaskError, TaskState
+
+__all__ = ["create_server"]
+
+_AFFINITY = {
+    pb.AFFINITY_UNSPECIFIED: "CORE",
+    pb.AFFINITY_CORE: "CORE",
+    pb.AFFINITY_SOCKET: "SOCKET",
+    pb.AFFINITY_NUMA: "NUMA",
+}
+_STREAM = {STDOUT: pb.STREAM_STDOUT, STDERR: pb.STREAM_STDERR}
+_STATE = {
+    TaskState.RUNNING: pb.TASK_STATE_RUNNING,
+    TaskState.EXITED: pb.TASK_STATE_EXITED,
+    TaskState.OOM_KILLED: pb.TASK_STATE_OOM_KILLED,
+    TaskState.TIMED_OUT: pb.TASK_STATE_TIMED_OUT,
+    TaskState.CANCELLED: pb.TASK_STATE_CANCELLED,
+    TaskState.FAILED: pb.TASK_STATE_FAILED,
+}
+
+
+class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses every call whose `authorization` metadata is not `Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the agent needs a token")
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if handler is None or hmac.compare_digest(given, self._expected):
+            return handler
+        return _denied(handler)
+
+
+def _denied(handler: Any) -> Any:
+    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong agent token")
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        deny,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _lease_pb(lease: Lease) -> pb.Lease:
+    return pb.Lease(
+        id=lease.id,
+        holder=lease.holder,
+        cpus=lease.cpus,
+        memory_bytes=lease.memory_bytes,
+        devices=[pb.Device(kind=k, index=i) for k, i in lease.devices],
+        exclusive=lease.exclusive,
+        ttl_seconds=lease.ttl,
+        expires_at=lease.expires_at,
+    )
+
+
+def _status_pb(task: Task) -> pb.TaskStatus:
+    return pb.TaskStatus(
+        task_id=task.id,
+        name=task.spec.name,
+        lease_id=task.lease_id,
+        state=_STATE[task.state],
+        exit_code=task.exit_code,
+        signal=task.signal,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        message=task.message,
+        pid=task.pid,
+    )
+
+
+def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method (plain or streaming) so that domain errors become status codes."""
+
+    def abort(context: Any, exc: Exception) -> None:
+        if isinstance(exc, NoSuchLease | NoSuchTask | FileNotFoundError):
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if isinstance(exc, LeaseError):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if isinstance(exc, TaskError):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if isinstance(exc, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        raise exc
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self: Any, request: Any, context: Any) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # re-raised unless a domain error
+                abort(context, exc)
+
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # re-raised unless a domain error
+            abort(context, exc)
+            raise  # pragma: no cover - abort raises
+
+    return unary
+
+
+class AgentServicer(rpc.AgentServicer):
+    """Translates messages to `Agent` calls and back; domain errors to status codes."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
+        a = self.agent
+        return pb.HealthResponse(
+            status="ok",
+            agent_version=a.version,
+            hostname=a.inventory.hostname,
+            uptime_seconds=_now() - a.started,
+        )
+
+    def Inventory(self, request: pb.InventoryRequest, context: Any) -> pb.InventoryResponse:
+        inv = self.agent.inventory
+        return pb.InventoryResponse(
+            hostname=inv.hostname,
+            cpus=[
+                pb.Cpu(id=c.id, core=c.core, socket=c.socket, numa_node=c.numa_node)
+                for c in inv.cpus
+            ],
+            memory_bytes=inv.memory_bytes,
+            gpus=[
+                pb.Gpu(
+                    index=g.index,
+                    vendor=g.vendor,
+                    model=g.model,
+                    memory_bytes=g.memory_bytes,
+                    uuid=g.uuid,
+                )
+                for g in inv.gpus
+            ],
+            labels={**inv.labels, **self.agent.config.labels},
+            agent_version=self.agent.version,
+            runtimes=sorted(self.agent.runtimes),
+        )
+
+    @_status_codes
+    def AcquireLease(self, request: pb.AcquireLeaseRequest, context: Any) -> pb.Lease:
+        spec = LeaseSpec(
+            holder=request.holder,
+            cores=request.cores,
+            affinity=_AFFINITY[request.affinity],
+            threads=request.threads,
+            memory_bytes=request.memory_bytes,
+            memory_by_core=request.memory_by_core,
+            devices=dict(request.devices),
+            exclusive=request.exclusive,
+            ttl=request.ttl_seconds or 30.0,
+        )
+        return _lease_pb(self.agent.acquire(spec))
+
+    @_status_codes
+    def RenewLease(self, request: pb.RenewLeaseRequest, context: Any) -> pb.Lease:
+        return _lease_pb(self.agent.leases.renew(request.lease_id, request.ttl_seconds or None))
+
+    @_status_codes
+    def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: Any
+    ) -> pb.ReleaseLeaseResponse:
+        return pb.ReleaseLeaseResponse(stopped_tasks=self.agent.release(request.lease_id))
+
+    def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> pb.ListLeasesResponse:
+        return pb.ListLeasesResponse(leases=[_lease_pb(x) for x in self.agent.leases.leases()])
+
+    def PullImage(self, request: pb.PullImageRequest, context: Any) -> Iterator[pb.PullProgress]:
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "image pulls arrive with the OCI runtimes; this agent runs `process` tasks",
+        )
+        yield pb.PullProgress()  # pragma: no cover - abort raises
+
+    @_status_codes
+    def Run(self, request: pb.RunRequest, context: Any) -> pb.RunResponse:
+        spec = TaskSpec(
+            name=request.name,
+            runtime=request.runtime,
+            command=tuple(request.command),
+            args=tuple(request.args),
+            env=dict(request.env),
+            cwd=request.cwd,
+            image=request.image,
+            mounts=tuple(MountSpec(m.source, m.destination, m.read_only) for m in request.mounts),
+            files=tuple(FileSpec(f.path, f.content, f.mode or 0o644) for f in request.files),
+            isolated_network=request.network == pb.NETWORK_ISOLATED,
+            timeout=request.timeout_seconds,
+        )
+        return pb.RunResponse(task_id=self.agent.run(spec, request.lease_id).id)
+
+    @_status_codes
+    def Status(self, request: pb.StatusRequest, context: Any) -> pb.TaskStatus:
+        return _status_pb(self.agent.tasks.get(request.task_id))
+
+    @_status_codes
+    def Wait(self, request: pb.WaitRequest, context: Any) -> pb.TaskStatus:
+        task = self.agent.tasks.get(request.task_id)
+        deadline = _now() + request.timeout_seconds if request.timeout_seconds else None
+        # wait in slices so that a client that hangs up frees the thread
+        while not task.done.wait(0.5) and context.is_active():
+            if deadline is not None and _now() >= deadline:
+                break
+        return _status_pb(task)
+
+    @_status_codes
+    def Signal(self, request: pb.SignalRequest, context: Any) -> pb.SignalResponse:
+        self.agent.tasks.signal(request.task_id, request.signal)
+        return pb.SignalResponse()
+
+    @_status_codes
+    def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.TaskStatus:
+        grace = request.grace_seconds or 5.0
+        return _status_pb(self.agent.tasks.cancel(request.task_id, grace))
+
+    @_status_codes
+    def Logs(self, request: pb.LogsRequest, context: Any) -> Iterator[pb.LogChunk]:
+        self.agent.tasks.get(request.task_id)
+        records = self.agent.logs.read(
+            request.task_id,
+            tail=max(request.tail, 0),
+            follow=request.follow,
+            active=context.is_active,
+        )
+        for r in records:
+            yield pb.LogChunk(timestamp_ns=r.time_ns, stream=_STREAM[r.stream], data=r.data)
+
+    @_status_codes
+    def Exec(
+        self, request_iterator: Iterator[pb.ExecInput], context: Any
+    ) -> Iterator[pb.ExecOutput]:
+        yield from exec_stream(self.agent, request_iterator, context)
+
+    @_status_codes
+    def PortForward(
+        self, request_iterator: Iterator[pb.PortForwardInput], context: Any
+    ) -> Iterator[pb.PortForwardOutput]:
+        yield from port_forward_stream(self.agent, request_iterator, context)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64) -> tuple[Any, int]:
+    """Start serving `agent` on `address`; returns the server and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
+        interceptors=[TokenAuth(agent.config.token)],
+    )
+    rpc.add_AgentServicer_to_server(AgentServicer(agent), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, port

@@ -1,0 +1,335 @@
+"""The agent's API end to end: a real gRPC server on loopback, real processes.
+
+These use the `process` runtime (the command runs on the host, pinned to the leased CPUs);
+OCI containers are covered by the runtime tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api.substrate.v1 import agent_pb2 as pb
+from substrate.client import connect
+from tests.substrate.conftest import TOKEN, Running, code_of
+
+
+def test_health_and_inventory(agent: Running) -> None:
+    health = agent.stub.Health(pb.HealthRequest())
+    assert health.status == "ok"
+    assert health.agent_version
+    inv = agent.stub.Inventory(pb.InventoryRequest())
+    assert len(inv.cpus) == os.cpu_count()
+    assert inv.memory_bytes > 2**30
+    assert "process" in inv.runtimes
+
+
+def test_calls_without_the_right_token_are_refused(agent: Running) -> None:
+    for token in ("wrong", ""):
+        channel, stub = connect(agent.address, token)
+        assert code_of(lambda stub=stub: stub.Health(pb.HealthRequest())) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert code_of(lambda stub=stub: list(stub.Logs(pb.LogsRequest(task_id="x")))) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        channel.close()
+    bare = grpc.insecure_channel(agent.address)
+    from api.substrate.v1 import agent_pb2_grpc as rpc
+
+    assert code_of(lambda: rpc.AgentStub(bare).ListLeases(pb.ListLeasesRequest())) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    bare.close()
+
+
+def test_exit_code_env_cwd_and_logs(agent: Running, tmp_path: Path) -> None:
+    task = agent.run(
+        ["/bin/sh", "-c", 'echo "out $GREETING $(pwd)"; echo err >&2; exit 3'],
+        env={"GREETING": "hello"},
+        cwd=str(tmp_path),
+    )
+    status = agent.wait(task)
+    assert status.state == pb.TASK_STATE_EXITED
+    assert status.exit_code == 3
+    chunks = agent.logs(task)
+    out = b"".join(c.data for c in chunks if c.stream == pb.STREAM_STDOUT)
+    err = b"".join(c.data for c in chunks if c.stream == pb.STREAM_STDERR)
+    assert out == f"out hello {tmp_path}\n".encode()
+    assert err == b"err\n"
+    assert all(c.timestamp_ns > 0 for c in chunks)
+
+
+def test_only_leased_cpus_are_visible(agent: Running) -> None:
+    lease = agent.lease(cores=1)
+    task = agent.run(["nproc"], lease=lease)
+    assert agent.wait(task).exit_code == 0
+    assert b"".join(c.data for c in agent.logs(task)).strip() == b"1"
+
+
+def test_the_agents_environment_does_not_leak(agent: Running, monkeypatch) -> None:
+    monkeypatch.setenv("SQUALL_AGENT_TOKEN", "secret-value")
+    task = agent.run(["/usr/bin/env"])
+    agent.wait(task)
+    assert b"secret-value" not in b"".join(c.data for c in agent.logs(task))
+
+
+def test_timeout_cancel_and_signal_are_told_apart(agent: Running) -> None:
+    timed = agent.run(["sleep", "30"], timeout_seconds=0.5)
+    cancelled = agent.run(["sleep", "30"])
+    signalled = agent.run(["sleep", "30"])
+    agent.stub.Signal(pb.SignalRequest(task_id=signalled, signal=signal.SIGKILL))
+    status = agent.stub.Cancel(pb.CancelRequest(task_id=cancelled, grace_seconds=2))
+    assert status.state == pb.TASK_STATE_CANCELLED
+    assert agent.wait(timed).state == pb.TASK_STATE_TIMED_OUT
+    killed = agent.wait(signalled)
+    assert killed.state == pb.TASK_STATE_EXITED
+    assert killed.signal == signal.SIGKILL
+    assert killed.exit_code == 128 + signal.SIGKILL
+
+
+def test_cancel_reaches_children_of_the_task(agent: Running, tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    task = agent.run(["/bin/sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"])
+    deadline = time.time() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    agent.stub.Cancel(pb.CancelRequest(task_id=task, grace_seconds=2))
+    time.sleep(0.2)
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    )
+
+
+def test_logs_follow_a_running_task_live(agent: Running) -> None:
+    task = agent.run(["/bin/sh", "-c", "echo first; sleep 2; echo second"])
+    stream = agent.stub.Logs(pb.LogsRequest(task_id=task, follow=True))
+    first = next(stream)
+    assert first.data == b"first\n"
+    assert agent.stub.Status(pb.StatusRequest(task_id=task)).state == pb.TASK_STATE_RUNNING
+    assert [c.data for c in stream] == [b"second\n"]  # the stream ends when the task does
+
+
+def test_logs_tail(agent: Running) -> None:
+    task = agent.run(["/bin/sh", "-c", "for i in 1 2 3 4 5; do echo $i; sleep 0.01; done"])
+    agent.wait(task)
+    assert b"".join(c.data for c in agent.logs(task, tail=2)) == b"4\n5\n"
+
+
+def test_an_expired_lease_stops_its_tasks(agent: Running) -> None:
+    lease = agent.lease(ttl=1)
+    task = agent.run(["sleep", "60"], lease=lease)
+    status = agent.wait(task, timeout=15)
+    assert status.state == pb.TASK_STATE_CANCELLED
+    assert "expired" in status.message
+    assert code_of(lambda: agent.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.id))) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+def test_renewing_keeps_the_lease(agent: Running) -> None:
+    lease = agent.lease(ttl=1)
+    task = agent.run(["sleep", "2"], lease=lease)
+    for _ in range(5):
+        time.sleep(0.5)
+        agent.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.id))
+    assert agent.wait(task).state == pb.TASK_STATE_EXITED
+
+
+def test_release_stops_running_tasks(agent: Running) -> None:
+    lease = agent.lease()
+    task = agent.run(["sleep", "60"], lease=lease)
+    reply = agent.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.id))
+    assert list(reply.stopped_tasks) == [task]
+    assert agent.wait(task).state == pb.TASK_STATE_CANCELLED
+    assert agent.stub.ListLeases(pb.ListLeasesRequest()).leases == []
+
+
+def test_errors_have_precise_codes(agent: Running) -> None:
+    stub = agent.stub
+    too_big = pb.AcquireLeaseRequest(holder="t", cores=1000)
+    assert code_of(lambda: stub.AcquireLease(too_big)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    run = pb.RunRequest(lease_id="nope", command=["true"], runtime="process")
+    assert code_of(lambda: stub.Run(run)) == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(lambda: stub.Status(pb.StatusRequest(task_id="nope"))) == grpc.StatusCode.NOT_FOUND
+    )
+    lease = agent.lease()
+    with_image = pb.RunRequest(
+        lease_id=lease.id, command=["true"], runtime="process", image="docker://busybox"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Run(with_image)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "use an OCI runtime" in info.value.details()
+    no_runtime = pb.RunRequest(lease_id=lease.id, command=["true"])
+    assert code_of(lambda: stub.Run(no_runtime)) == grpc.StatusCode.FAILED_PRECONDITION
+    missing = pb.RunRequest(lease_id=lease.id, command=["/no/such/program"], runtime="process")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Run(missing)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no program '/no/such/program'" in info.value.details()
+
+
+def _exec(
+    agent: Running,
+    task: str,
+    command: list[str],
+    stdin: bytes = b"",
+    tty: bool = False,
+    resize: tuple[int, int] | None = None,
+) -> tuple[bytes, bytes, int]:
+    def requests():
+        yield pb.ExecInput(
+            start=pb.ExecStart(
+                task_id=task, command=command, tty=tty, size=pb.TerminalSize(rows=24, columns=80)
+            )
+        )
+        if resize:
+            yield pb.ExecInput(resize=pb.TerminalSize(rows=resize[0], columns=resize[1]))
+        if stdin:
+            yield pb.ExecInput(stdin=stdin)
+        yield pb.ExecInput(close_stdin=True)
+
+    out, err, code = b"", b"", None
+    for msg in agent.stub.Exec(requests()):
+        kind = msg.WhichOneof("output")
+        if kind == "stdout":
+            out += msg.stdout
+        elif kind == "stderr":
+            err += msg.stderr
+        else:
+            code = msg.exit_code
+    assert code is not None
+    return out, err, code
+
+
+def test_exec_without_a_terminal(agent: Running) -> None:
+    task = agent.run(["sleep", "30"])
+    out, err, code = _exec(
+        agent, task, ["/bin/sh", "-c", "echo hi; cat; echo oops >&2; exit 4"], stdin=b"abc\n"
+    )
+    assert (out, err, code) == (b"hi\nabc\n", b"oops\n", 4)
+
+
+def test_exec_with_a_terminal(agent: Running) -> None:
+    task = agent.run(["sleep", "30"])
+    out, _, code = _exec(agent, task, ["/bin/sh", "-c", "tty; stty size"], tty=True)
+    assert code == 0
+    lines = out.decode().split()
+    assert lines[0].startswith("/dev/pts/")
+    assert lines[1:] == ["24", "80"]
+
+
+def test_exec_into_an_ended_task_is_refused(agent: Running) -> None:
+    task = agent.run(["true"])
+    agent.wait(task)
+    with pytest.raises(grpc.RpcError) as info:
+        _exec(agent, task, ["true"])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_port_forward_returns_the_page_byte_for_byte(agent: Running, tmp_path: Path) -> None:
+    page = os.urandom(300_000)
+    (tmp_path / "page.bin").write_bytes(page)
+    port = _free_port()
+    task = agent.run(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=str(tmp_path)
+    )
+    deadline = time.time() + 15
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            break
+        except OSError:
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+    def requests():
+        yield pb.PortForwardInput(start=pb.PortForwardStart(task_id=task, port=port))
+        yield pb.PortForwardInput(data=b"GET /page.bin HTTP/1.0\r\nHost: x\r\n\r\n")
+
+    response = b"".join(m.data for m in agent.stub.PortForward(requests()))
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200")
+    assert body == page
+
+
+def test_port_forward_to_a_closed_port(agent: Running) -> None:
+    task = agent.run(["sleep", "30"])
+
+    def requests():
+        yield pb.PortForwardInput(start=pb.PortForwardStart(task_id=task, port=_free_port()))
+
+    assert code_of(lambda: list(agent.stub.PortForward(requests()))) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path) -> None:
+    data = tmp_path / "agent"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    cmd = [
+        sys.executable,
+        "-m",
+        "substrate",
+        "--data-dir",
+        str(data),
+        "--token-file",
+        str(token_file),
+    ]
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        return proc, line.split()[-1]
+
+    first, address = start()
+    channel, stub = connect(address, TOKEN)
+    lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1, ttl_seconds=300))
+    task = stub.Run(pb.RunRequest(lease_id=lease.id, command=["sleep", "300"], runtime="process"))
+    pid = stub.Status(pb.StatusRequest(task_id=task.task_id)).pid
+    channel.close()
+    first.kill()  # SIGKILL: the agent gets no chance to clean up
+    first.wait()
+    assert Path(f"/proc/{pid}").exists()  # the task outlived its agent...
+    second, _ = start()
+    try:
+        deadline = time.time() + 10
+        while _state(pid) not in ("gone", "Z"):
+            assert time.time() < deadline, "the new agent did not reap the old task"
+            time.sleep(0.05)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=10)
+        for proc in (first, second):
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
