@@ -26,6 +26,12 @@ def agent(
     gpus: str = typer.Option(None, help="GPU indexes this agent may lease, e.g. 0,1."),
     default_runtime: str = typer.Option("", help="Runtime for requests that name none."),
     label: list[str] = typer.Option([], help="KEY=VALUE label, repeatable."),
+    search_registry: list[str] = typer.Option(
+        [], help="Registry for unqualified image names, repeatable [default: docker.io]."
+    ),
+    insecure_registry: list[str] = typer.Option(
+        [], help="Registry reached over plain HTTP, repeatable (local test registries)."
+    ),
 ) -> None:
     """Run a node agent until interrupted.
 
@@ -55,6 +61,11 @@ def agent(
         argv += ["--gpus", gpus]
     if default_runtime:
         argv += ["--default-runtime", default_runtime]
-    for item in label:
-        argv += ["--label", item]
+    for flag, values in (
+        ("--label", label),
+        ("--search-registry", search_registry),
+        ("--insecure-registry", insecure_registry),
+    ):
+        for value in values:
+            argv += [flag, value]
     raise typer.Exit(substrate_main(argv))

@@ -19,6 +19,15 @@ need_apt() {
 }
 
 command -v "$python" >/dev/null || need_apt python3 python3-venv
+if [[ -n "$extras" ]]; then
+  # what the tests run for real: container tools, a registry, an image to build from
+  missing=()
+  for pair in bwrap:bubblewrap skopeo:skopeo umoci:umoci docker-registry:docker-registry \
+              busybox:busybox-static taskset:util-linux nsenter:util-linux; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+  done
+  [[ ${#missing[@]} -eq 0 ]] || need_apt "${missing[@]}"
+fi
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   { echo "setup: Squall needs Python 3.11 or newer ($python is older)" >&2; exit 1; }
 "$python" -c 'import ensurepip, venv' 2>/dev/null || need_apt python3-venv

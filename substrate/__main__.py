@@ -31,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", help="GPU indexes this agent may lease, e.g. 0,1 (default: all)")
     p.add_argument("--default-runtime", default="", help="runtime for requests that name none")
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
+    p.add_argument(
+        "--search-registry",
+        action="append",
+        default=[],
+        help="registry for unqualified image names, in order (default: docker.io)",
+    )
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        help="registry reached over plain HTTP (a local test registry)",
+    )
     return p
 
 
@@ -60,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     labels = dict(item.partition("=")[::2] for item in args.label)
     config = AgentConfig(
-        data_dir=args.data_dir, token=token, default_runtime=args.default_runtime, labels=labels
+        data_dir=args.data_dir,
+        token=token,
+        default_runtime=args.default_runtime,
+        labels=labels,
+        search_registries=tuple(args.search_registry) or ("docker.io",),
+        insecure_registries=tuple(args.insecure_registry),
     )
     agent = Agent(config, inventory, available())
     agent.start()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__
+from .cgroups import Cgroups
+from .images import ImageCache, ImageError
 from .inventory import Inventory
 from .leases import Lease, LeaseSpec, LeaseTable
 from .logstore import LogStore
@@ -18,15 +21,23 @@ from .tasks import Task, TaskError, TaskManager
 __all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger("substrate")
+OCI_RUNTIMES = ("crun", "bwrap")  # preferred first
 
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     data_dir: Path
     token: str
-    default_runtime: str = ""
+    default_runtime: str = ""  # empty: the first OCI runtime present (never `process`)
     lease_check_interval: float = 0.5
     labels: dict[str, str] = field(default_factory=dict)
+    search_registries: tuple[str, ...] = ("docker.io",)
+    insecure_registries: tuple[str, ...] = ()
+
+    @property
+    def agent_id(self) -> str:
+        """Stable across restarts on one data dir: names this agent's cgroups."""
+        return hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
 
 
 class Agent:
@@ -40,7 +51,14 @@ class Agent:
         self.version = __version__
         self.leases = LeaseTable(inventory)
         self.logs = LogStore(config.data_dir / "logs")
-        self.tasks = TaskManager(config.data_dir, self.logs, runtimes)
+        self.images = ImageCache(
+            config.data_dir / "images", config.search_registries, config.insecure_registries
+        )
+        self.cgroups = Cgroups(config.agent_id)
+        self.tasks = TaskManager(config.data_dir, self.logs, runtimes, self.cgroups)
+        self.default_runtime = config.default_runtime or next(
+            (name for name in OCI_RUNTIMES if name in runtimes), ""
+        )
         self._stop = threading.Event()
         self._expirer = threading.Thread(target=self._expire_loop, name="lease-expiry", daemon=True)
 
@@ -52,6 +70,7 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
         self.tasks.shutdown()
+        self.cgroups.remove_parent()
 
     # ---- leases -----------------------------------------------------------------------
 
@@ -76,20 +95,24 @@ class Agent:
     # ---- tasks ------------------------------------------------------------------------
 
     def run(self, spec: TaskSpec, lease_id: str) -> Task:
+        """Start a task in a lease, pulling its image first when the cache lacks it."""
         lease = self.leases.get(lease_id)
         if not spec.runtime:
-            if not self.config.default_runtime:
+            if not self.default_runtime:
                 raise TaskError(
-                    "no runtime named and this agent has no default; name one of: "
+                    "no runtime named and no OCI runtime on this node; name one of: "
                     + ", ".join(sorted(self.runtimes))
                 )
-            spec = _with_runtime(spec, self.config.default_runtime)
-        task = self.tasks.run(spec, lease_id, lease.cpus)
+            spec = replace(spec, runtime=self.default_runtime)
+        runtime = self.runtimes.get(spec.runtime)
+        image = None
+        if runtime is not None and runtime.needs_image:
+            if not spec.image:
+                raise TaskError(f"the {spec.runtime} runtime needs an image")
+            try:
+                image = self.images.get(spec.image)
+            except ImageError as exc:
+                raise TaskError(str(exc)) from None
+        task = self.tasks.run(spec, lease_id, lease.cpus, lease.memory_bytes, image)
         log.info("task %s (%s) in lease %s: %s", task.id, spec.name, lease_id, task.state.value)
         return task
-
-
-def _with_runtime(spec: TaskSpec, runtime: str) -> TaskSpec:
-    from dataclasses import replace
-
-    return replace(spec, runtime=runtime)

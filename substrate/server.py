@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hmac
 import inspect
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -20,9 +22,10 @@ from api.substrate.v1 import agent_pb2 as pb
 from api.substrate.v1 import agent_pb2_grpc as rpc
 
 from .agent import Agent
+from .images import ImageError
 from .leases import Lease, LeaseError, LeaseSpec, NoSuchLease
 from .logstore import STDERR, STDOUT
-from .runtimes import TaskSpec
+from .runtimes import RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec, MountSpec
 from .streams import exec_stream, port_forward_stream
 from .tasks import NoSuchTask, Task, TaskError, TaskState
@@ -117,7 +120,7 @@ def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         if isinstance(exc, LeaseError):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        if isinstance(exc, TaskError):
+        if isinstance(exc, TaskError | RuntimeRefused):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if isinstance(exc, ValueError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -213,11 +216,32 @@ class AgentServicer(rpc.AgentServicer):
         return pb.ListLeasesResponse(leases=[_lease_pb(x) for x in self.agent.leases.leases()])
 
     def PullImage(self, request: pb.PullImageRequest, context: Any) -> Iterator[pb.PullProgress]:
-        context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "image pulls arrive with the OCI runtimes; this agent runs `process` tasks",
+        """Pull on a worker thread; relay its progress lines as they come."""
+        creds = request.credentials
+        credentials = (creds.username, creds.password) if creds.username else None
+        lines: queue.Queue[str | None] = queue.Queue()
+        result: list[Any] = []
+
+        def pull() -> None:
+            try:
+                result.append(self.agent.images.get(request.reference, credentials, lines.put))
+            except Exception as exc:  # re-raised on the RPC thread below
+                result.append(exc)
+            finally:
+                lines.put(None)
+
+        threading.Thread(target=pull, daemon=True).start()
+        for line in iter(lines.get, None):
+            yield pb.PullProgress(message=line)
+        outcome = result[0]
+        if isinstance(outcome, ImageError):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(outcome))
+        if isinstance(outcome, Exception):
+            raise outcome
+        note = "cached" if outcome.cached else "pulled"
+        yield pb.PullProgress(
+            message=f"{note} {outcome.reference}", done=True, digest=outcome.digest
         )
-        yield pb.PullProgress()  # pragma: no cover - abort raises
 
     @_status_codes
     def Run(self, request: pb.RunRequest, context: Any) -> pb.RunResponse:

@@ -6,9 +6,9 @@ so input and output flow at the same time.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
-import pty
 import queue
 import signal
 import socket
@@ -17,6 +17,7 @@ import subprocess
 import termios
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from api.substrate.v1 import agent_pb2 as pb
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["exec_stream", "port_forward_stream"]
 
 _END = object()
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _running(agent: Agent, task_id: str) -> Any:
@@ -56,45 +59,29 @@ def exec_stream(
     task = _running(agent, start.task_id)
     runtime = agent.runtimes[task.spec.runtime]
     launch = runtime.exec_launch(
-        task.spec, task.cpus, task.dir, list(start.command), dict(start.env)
+        task.spec, task.pid, task.dir, task.image, list(start.command), dict(start.env)
     )
     out: queue.Queue[Any] = queue.Queue(maxsize=64)
-    argv = launch.pinned_argv()
+    popen = agent.tasks.popen  # in the task's cgroup, like the task itself
     if start.tty:
-        master, slave = pty.openpty()
+        master, slave = open_pty(f"/proc/{runtime.namespace_pid(task.pid)}/root")
         _set_size(master, start.size)
         # `setsid --ctty` makes the pty the controlling terminal of a new session
-        proc = subprocess.Popen(
-            ["setsid", "--ctty", *argv],
-            env=launch.env,
-            cwd=launch.cwd,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-        )
+        launch = replace(launch, argv=["setsid", "--ctty", *launch.argv])
+        proc = popen(task, launch, stdin=slave, stdout=slave, stderr=slave, start_new_session=False)
         os.close(slave)
         readers = [threading.Thread(target=_read_fd, args=(master, out, "stdout"), daemon=True)]
         stdin = _Stdin(master, tty=True, proc=proc)
     else:
-        proc = subprocess.Popen(
-            argv,
-            env=launch.env,
-            cwd=launch.cwd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+        proc = popen(
+            task, launch, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        assert proc.stdin
-        assert proc.stdout
-        assert proc.stderr
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         readers = [
-            threading.Thread(
-                target=_read_fd, args=(proc.stdout.fileno(), out, "stdout"), daemon=True
-            ),
-            threading.Thread(
-                target=_read_fd, args=(proc.stderr.fileno(), out, "stderr"), daemon=True
-            ),
+            threading.Thread(target=_read_fd, args=(pipe.fileno(), out, kind), daemon=True)
+            for pipe, kind in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
         ]
         stdin = _Stdin(proc.stdin.fileno(), tty=False, proc=proc)
     for r in readers:
@@ -120,6 +107,26 @@ def exec_stream(
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def open_pty(root: str) -> tuple[int, int]:
+    """A pty pair from the devpts instance seen under `root` (a task's `/proc/PID/root`).
+
+    Allocating it from the task's own /dev/ptmx lets programs inside name their terminal
+    (`tty` prints /dev/pts/N instead of "not a tty").
+    """
+    master = os.open(f"{root}/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
+    try:
+        name = ctypes.create_string_buffer(64)
+        if _libc.unlockpt(master) != 0 or _libc.ptsname_r(master, name, len(name)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot set up a terminal: {os.strerror(err)}")
+        # ptsname gives the path inside the devpts instance: /dev/pts/N
+        slave = os.open(f"{root}{name.value.decode()}", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        os.close(master)
+        raise
+    return master, slave
 
 
 def _read_fd(fd: int, out: queue.Queue[Any], kind: str) -> None:
@@ -164,6 +171,34 @@ class _Stdin:
             self.proc.stdin.close()
 
 
+def connect_in_netns(pid: int | None, port: int) -> socket.socket:
+    """A TCP connection to 127.0.0.1:`port` in the network namespace of `pid` (None: ours).
+
+    A socket belongs to the namespace it was made in, so a short-lived thread joins the
+    task's namespace (setns affects only the calling thread), connects, and ends.
+    """
+    if pid is None:
+        return socket.create_connection(("127.0.0.1", port), timeout=10)
+    result: list[socket.socket | OSError] = []
+
+    def inside() -> None:
+        try:
+            with open(f"/proc/{pid}/ns/net", "rb") as ns:
+                if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns: {os.strerror(err)}")
+            result.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        except OSError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=inside)
+    thread.start()
+    thread.join()
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
 def port_forward_stream(
     agent: Agent, requests: Iterator[pb.PortForwardInput], context: Any
 ) -> Iterator[pb.PortForwardOutput]:
@@ -172,13 +207,16 @@ def port_forward_stream(
     if first is None or first.WhichOneof("input") != "start":
         raise ValueError("the first PortForward message must be `start`")
     task = _running(agent, first.start.task_id)
-    if task.spec.isolated_network:
-        raise TaskError("port-forward into an isolated network needs an OCI runtime")
     port = first.start.port
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is outside 1-65535")
+    netns_pid = (
+        agent.runtimes[task.spec.runtime].namespace_pid(task.pid)
+        if task.spec.isolated_network
+        else None
+    )
     try:
-        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn = connect_in_netns(netns_pid, port)
     except OSError as exc:
         raise TaskError(
             f"nothing accepts connections on port {port} of the task: {exc.strerror or exc}"

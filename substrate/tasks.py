@@ -20,14 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from .logstore import STDERR, STDOUT, LogStore
+from .cgroups import Cgroups, TaskCgroup
+from .images import Image
+from .logstore import STDERR, STDOUT, LogStore, LogWriter
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
 
 __all__ = ["NoSuchTask", "Task", "TaskError", "TaskManager", "TaskState"]
 
 DEFAULT_GRACE = 5.0
+PIDS_MAX = 4096  # per task: a fork bomb stops here
 
 
 class TaskError(Exception):
@@ -62,6 +65,8 @@ class Task:
     finished_at: float = 0.0
     message: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    image: Image | None = None
+    cgroup: TaskCgroup | None = None
     done: threading.Event = field(default_factory=threading.Event)
     stop_reason: TaskState | None = None  # set when the agent ends it (cancel, timeout)
 
@@ -78,11 +83,14 @@ def _start_time(pid: int) -> str | None:
 class TaskManager:
     """Starts, watches, signals and cancels the tasks of one agent."""
 
-    def __init__(self, data_dir: Path, logs: LogStore, runtimes: dict[str, Runtime]) -> None:
+    def __init__(
+        self, data_dir: Path, logs: LogStore, runtimes: dict[str, Runtime], cgroups: Cgroups
+    ) -> None:
         self.root = data_dir / "tasks"
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs = logs
         self.runtimes = runtimes
+        self.cgroups = cgroups
         self._tasks: dict[str, Task] = {}
         self._lock = threading.Lock()
 
@@ -106,41 +114,48 @@ class TaskManager:
 
     # ---- starting ------------------------------------------------------------------
 
-    def run(self, spec: TaskSpec, lease_id: str, cpus: tuple[int, ...]) -> Task:
+    def run(
+        self,
+        spec: TaskSpec,
+        lease_id: str,
+        cpus: tuple[int, ...],
+        memory_bytes: int = 0,
+        image: Image | None = None,
+    ) -> Task:
+        """Start `spec` on `cpus` with at most `memory_bytes` (0: no limit)."""
         runtime = self.runtimes.get(spec.runtime)
         if runtime is None:
             have = ", ".join(sorted(self.runtimes))
             raise TaskError(f"unknown runtime {spec.runtime!r}; this node has: {have}")
         task_id = uuid.uuid4().hex[:12]
-        task = Task(task_id, spec, lease_id, cpus, self.root / task_id)
+        task = Task(task_id, spec, lease_id, cpus, self.root / task_id, image=image)
         task.dir.mkdir(parents=True)
         try:
-            launch = runtime.launch(spec, cpus, task.dir)
+            launch = runtime.launch(spec, cpus, task.dir, image)
         except RuntimeRefused as exc:
+            runtime.release(task.dir)
             raise TaskError(str(exc)) from None
+        if self.cgroups.available:
+            task.cgroup = self.cgroups.create(
+                task_id, cpus=cpus, memory_bytes=memory_bytes, pids_max=PIDS_MAX
+            )
         with self._lock:
             self._tasks[task_id] = task
         writer = self.logs.writer(task_id)
         try:
-            task.proc = self._popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            task.proc = self.popen(task, launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             writer.close()
-            self._finish(
-                task,
-                TaskState.FAILED,
-                message=f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}",
-            )
+            self._clean_up(task)
+            reason = f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}"
+            self._finish(task, TaskState.FAILED, message=reason)
             return task
         task.pid = task.proc.pid
         task.started_at = time.time()
         self._save(task)
         pumps = [
-            threading.Thread(
-                target=self._pump, args=(task.proc.stdout, writer, STDOUT), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=(task.proc.stderr, writer, STDERR), daemon=True
-            ),
+            threading.Thread(target=self._pump, args=(stream, writer, which), daemon=True)
+            for stream, which in ((task.proc.stdout, STDOUT), (task.proc.stderr, STDERR))
         ]
         for pump in pumps:
             pump.start()
@@ -148,24 +163,22 @@ class TaskManager:
         return task
 
     @staticmethod
-    def _popen(launch: Launch, **streams: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
-            launch.pinned_argv(),
-            env=launch.env,
-            cwd=launch.cwd,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: signals reach all it starts
-            **streams,
-        )
+    def popen(task: Task, launch: Launch, **streams: Any) -> subprocess.Popen[bytes]:
+        """Start `launch` in the task's cgroup (pinned with taskset when there is none),
+        in a process group of its own so that signals reach everything it starts."""
+        argv = task.cgroup.join_argv(launch.argv) if task.cgroup else launch.pinned_argv()
+        streams.setdefault("stdin", subprocess.DEVNULL)
+        streams.setdefault("start_new_session", True)
+        return subprocess.Popen(argv, env=launch.env, cwd=launch.cwd, **streams)
 
     @staticmethod
-    def _pump(stream: IO[bytes] | None, writer: object, which: int) -> None:
+    def _pump(stream: IO[bytes] | None, writer: LogWriter, which: int) -> None:
         assert stream is not None
         for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
-            writer.write(which, chunk)  # type: ignore[attr-defined]
+            writer.write(which, chunk)
         stream.close()
 
-    def _watch(self, task: Task, pumps: list[threading.Thread], writer: object) -> None:
+    def _watch(self, task: Task, pumps: list[threading.Thread], writer: LogWriter) -> None:
         assert task.proc is not None
         timeout = task.spec.timeout or None
         try:
@@ -176,9 +189,14 @@ class TaskManager:
             code = task.proc.wait()
         for pump in pumps:
             pump.join()
-        writer.close()  # type: ignore[attr-defined]
+        writer.close()
         sig = -code if code < 0 else 0
-        if task.stop_reason is TaskState.TIMED_OUT:
+        oom = task.cgroup is not None and task.cgroup.oom_killed()
+        self._clean_up(task)
+        if oom and task.stop_reason is None:
+            why = "killed by the kernel: it used more memory than its lease allows"
+            self._finish(task, TaskState.OOM_KILLED, code if code >= 0 else 128 + sig, sig, why)
+        elif task.stop_reason is TaskState.TIMED_OUT:
             self._finish(
                 task,
                 TaskState.TIMED_OUT,
@@ -190,6 +208,15 @@ class TaskManager:
             self._finish(task, TaskState.CANCELLED, code, sig, task.message or "cancelled")
         else:
             self._finish(task, TaskState.EXITED, code if code >= 0 else 128 + sig, sig)
+
+    def _clean_up(self, task: Task) -> None:
+        """Kill what the task left in its cgroup, remove the cgroup, release the runtime."""
+        if task.cgroup is not None:
+            for pid in task.cgroup.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            task.cgroup.remove()
+        self.runtimes[task.spec.runtime].release(task.dir)
 
     def _finish(
         self, task: Task, state: TaskState, code: int = 0, sig: int = 0, message: str = ""
@@ -251,6 +278,7 @@ class TaskManager:
             "id": task.id,
             "name": task.spec.name,
             "lease_id": task.lease_id,
+            "runtime": task.spec.runtime,
             "pid": task.pid,
             "start_time": _start_time(task.pid) if task.pid else None,
             "state": task.state.value,
@@ -261,21 +289,29 @@ class TaskManager:
         os.replace(tmp, task.dir / "state.json")
 
     def reap_orphans(self, log: Callable[[str], None] = lambda _: None) -> list[str]:
-        """Kill the process groups of tasks that a previous agent left running."""
+        """Kill and clean up the tasks that a previous agent on this data dir left behind."""
         killed = []
         for state_file in self.root.glob("*/state.json"):
             try:
                 state = json.loads(state_file.read_text())
             except (OSError, ValueError):
                 continue
-            pid = state.get("pid") or 0
-            if state.get("finished") or not pid:
+            if state.get("finished"):
                 continue
-            if state.get("start_time") and _start_time(pid) == state["start_time"]:
+            pid = state.get("pid") or 0
+            if pid and state.get("start_time") and _start_time(pid) == state["start_time"]:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
                 killed.append(state["id"])
                 log(f"killed task {state['id']} (pid {pid}) left by a previous agent")
+            runtime = self.runtimes.get(state.get("runtime", ""))
+            if runtime is not None:
+                runtime.release(state_file.parent)
             state.update(finished=True, state=TaskState.CANCELLED.value)
             state_file.write_text(json.dumps(state))
+        for cgroup in self.cgroups.leftovers():
+            for pid in cgroup.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            cgroup.remove()
         return killed

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..images import Image
 
 __all__ = ["FileSpec", "Launch", "MountSpec", "Runtime", "RuntimeRefused", "TaskSpec"]
 
@@ -68,18 +71,30 @@ class Runtime(Protocol):
     """Turns a spec into a `Launch` for the task, and for commands executed inside it."""
 
     name: str
+    needs_image: bool
 
-    def launch(self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path) -> Launch:
-        """The launch of the task itself, or `RuntimeRefused`."""
+    def launch(
+        self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path, image: Image | None
+    ) -> Launch:
+        """Prepare the task (root filesystem, files) and say how to start it."""
         ...
 
     def exec_launch(
         self,
         spec: TaskSpec,
-        cpus: tuple[int, ...],
+        task_pid: int,
         task_dir: Path,
+        image: Image | None,
         command: list[str],
         env: dict[str, str],
     ) -> Launch:
-        """The launch of `command` inside the running task."""
+        """How to start `command` inside the running task whose process is `task_pid`."""
+        ...
+
+    def namespace_pid(self, task_pid: int) -> int:
+        """A process whose namespaces (network, mount) are the task's."""
+        ...
+
+    def release(self, task_dir: Path) -> None:
+        """Undo what `launch` prepared, once the task has ended."""
         ...

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .base import Launch, RuntimeRefused, TaskSpec
+
+if TYPE_CHECKING:
+    from ..images import Image
 
 __all__ = ["ProcessRuntime"]
 
@@ -21,8 +25,11 @@ _PASSED = ("PATH", "LANG", "LC_ALL", "TZ")
 
 class ProcessRuntime:
     name = "process"
+    needs_image = False
 
-    def launch(self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path) -> Launch:
+    def launch(
+        self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path, image: Image | None
+    ) -> Launch:
         unsupported = [
             what
             for what, asked in (
@@ -53,8 +60,9 @@ class ProcessRuntime:
     def exec_launch(
         self,
         spec: TaskSpec,
-        cpus: tuple[int, ...],
+        task_pid: int,
         task_dir: Path,
+        image: Image | None,
         command: list[str],
         env: dict[str, str],
     ) -> Launch:
@@ -62,8 +70,14 @@ class ProcessRuntime:
             argv=command,
             env=self._env({**spec.env, **env}, task_dir),
             cwd=spec.cwd or str(task_dir),
-            cpus=cpus,
+            cpus=tuple(sorted(os.sched_getaffinity(task_pid))),
         )
+
+    def namespace_pid(self, task_pid: int) -> int:
+        return task_pid
+
+    def release(self, task_dir: Path) -> None:
+        return None
 
     @staticmethod
     def _env(env: dict[str, str], task_dir: Path) -> dict[str, str]:

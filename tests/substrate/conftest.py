@@ -17,6 +17,7 @@ from substrate.client import connect
 from substrate.inventory import read_inventory
 from substrate.runtimes import available
 from substrate.server import create_server
+from tests.substrate.registry import Registry, build_busybox_image, missing_tools
 
 TOKEN = "test-token-" + os.urandom(4).hex()
 
@@ -52,9 +53,29 @@ class Running:
         return list(self.stub.Logs(pb.LogsRequest(task_id=task_id, **kw)))
 
 
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A local registry holding busybox:1.36 and busybox:latest, built in this session."""
+    missing = missing_tools()
+    assert not missing, f"install {missing} (scripts/setup.sh --test does, as root)"
+    work = tmp_path_factory.mktemp("registry")
+    layout = build_busybox_image(work)
+    reg = Registry(work)
+    for name in ("busybox:1.36", "busybox:latest"):
+        reg.push(layout, "1.36", name)
+    yield reg
+    reg.stop()
+
+
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Running]:
-    config = AgentConfig(data_dir=tmp_path / "agent", token=TOKEN, lease_check_interval=0.1)
+def agent(tmp_path: Path, registry: Registry) -> Iterator[Running]:
+    config = AgentConfig(
+        data_dir=tmp_path / "agent",
+        token=TOKEN,
+        lease_check_interval=0.1,
+        search_registries=(registry.address,),
+        insecure_registries=(registry.address,),
+    )
     instance = Agent(config, read_inventory(), available())
     instance.start()
     server, port = create_server(instance, "127.0.0.1:0")
@@ -65,6 +86,13 @@ def agent(tmp_path: Path) -> Iterator[Running]:
         channel.close()
         server.stop(grace=None)
         instance.stop()
+        # nothing of the agent is left in the cgroup tree
+        leftovers = [
+            c
+            for c in ("cpuset", "memory", "pids")
+            if (Path("/sys/fs/cgroup") / c / "squall" / config.agent_id).exists()
+        ]
+        assert not leftovers, f"cgroups left behind in {leftovers}"
 
 
 def code_of(call: Any) -> grpc.StatusCode:

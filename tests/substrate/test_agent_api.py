@@ -21,6 +21,7 @@ import pytest
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 from tests.substrate.conftest import TOKEN, Running, code_of
+from tests.substrate.registry import Registry
 
 
 def test_health_and_inventory(agent: Running) -> None:
@@ -284,7 +285,7 @@ def test_port_forward_to_a_closed_port(agent: Running) -> None:
     )
 
 
-def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path) -> None:
+def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path, registry: Registry) -> None:
     data = tmp_path / "agent"
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
@@ -296,6 +297,10 @@ def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path) -> None:
         str(data),
         "--token-file",
         str(token_file),
+        "--search-registry",
+        registry.address,
+        "--insecure-registry",
+        registry.address,
     ]
 
     def start() -> tuple[subprocess.Popen[str], str]:
@@ -310,6 +315,17 @@ def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path) -> None:
     lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1, ttl_seconds=300))
     task = stub.Run(pb.RunRequest(lease_id=lease.id, command=["sleep", "300"], runtime="process"))
     pid = stub.Status(pb.StatusRequest(task_id=task.task_id)).pid
+    box = stub.Run(
+        pb.RunRequest(
+            lease_id=lease.id,
+            command=["sleep", "301"],
+            runtime="bwrap",
+            image="docker://busybox:1.36",
+        )
+    )
+    box_pid = stub.Status(pb.StatusRequest(task_id=box.task_id)).pid
+    rootfs = data / "tasks" / box.task_id / "rootfs"
+    assert os.path.ismount(rootfs)
     channel.close()
     first.kill()  # SIGKILL: the agent gets no chance to clean up
     first.wait()
@@ -317,15 +333,31 @@ def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path) -> None:
     second, _ = start()
     try:
         deadline = time.time() + 10
-        while _state(pid) not in ("gone", "Z"):
-            assert time.time() < deadline, "the new agent did not reap the old task"
+        while _state(pid) not in ("gone", "Z") or _sleepers("301"):
+            assert time.time() < deadline, "the new agent did not reap the old tasks"
             time.sleep(0.05)
+        assert _state(box_pid) in ("gone", "Z")
+        assert not os.path.ismount(rootfs)
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=10)
         for proc in (first, second):
             assert proc.stdout is not None
             proc.stdout.close()
+
+
+def _sleepers(arg: str) -> list[int]:
+    """Live processes running `sleep ARG` (a container's process has no other trace here)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if stat.read_bytes().split(b"\0")[:2] == [b"sleep", arg.encode()]:
+                pid = int(stat.parent.name)
+                if _state(pid) not in ("gone", "Z"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def _state(pid: int) -> str:

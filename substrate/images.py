@@ -1,0 +1,258 @@
+"""The node's image cache: `docker://` references pulled with skopeo, unpacked with umoci.
+
+Layout under `<data>/images/`:
+    oci/          one OCI image layout holding every pulled image (blobs shared by digest)
+    rootfs/<d>/   the unpacked root filesystem of the manifest with digest <d>
+    refs.json     resolved reference -> manifest digest (a pulled tag is reused, not re-pulled)
+
+Concurrent pulls of one reference happen once: later callers wait for the first and share
+its result. Credentials go to skopeo in a private auth file, never on a command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Image", "ImageCache", "ImageError", "parse_reference"]
+
+Progress = Callable[[str], None]
+
+
+class ImageError(Exception):
+    """A reference that cannot be parsed, or a pull that failed; says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An unpacked image: where its root filesystem is and what its config says."""
+
+    reference: str  # fully qualified, docker://registry/repo:tag or @digest
+    digest: str  # the manifest digest
+    rootfs: Path
+    env: tuple[str, ...] = ()
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+    workdir: str = ""
+    cached: bool = False  # no pull was needed
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    registry: str
+    repository: str
+    tag: str = ""
+    digest: str = ""
+
+    def __str__(self) -> str:
+        suffix = f"@{self.digest}" if self.digest else f":{self.tag or 'latest'}"
+        return f"docker://{self.registry}/{self.repository}{suffix}"
+
+
+def parse_reference(ref: str, search_registries: tuple[str, ...]) -> list[Reference]:
+    """Candidates for `ref`, most likely first: one if qualified, one per search registry if not.
+
+    `docker://alpine` has no registry; like podman's unqualified-search-registries, each
+    configured registry is tried in turn (`docker.io` adds `library/` for official images).
+    """
+    if not ref.startswith("docker://"):
+        scheme = ref.split("://", 1)[0] if "://" in ref else "none"
+        raise ImageError(f"{ref!r}: scheme {scheme} is not supported here; use docker://")
+    rest = ref.removeprefix("docker://")
+    if not rest or rest.startswith("/") or " " in rest:
+        raise ImageError(f"{ref!r} is not an image reference")
+    name, digest = ([*rest.split("@", 1), ""])[:2]
+    tag = ""
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+    first, _, remainder = name.partition("/")
+    if remainder and ("." in first or ":" in first or first == "localhost"):
+        return [Reference(first, remainder, tag, digest)]
+    if not search_registries:
+        raise ImageError(f"{ref!r} names no registry and no search registries are configured")
+    out = []
+    for registry in search_registries:
+        repo = f"library/{name}" if registry == "docker.io" and "/" not in name else name
+        out.append(Reference(registry, repo, tag, digest))
+    return out
+
+
+@dataclass(slots=True)
+class _Pull:
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Image | None = None
+    error: Exception | None = None
+
+
+class ImageCache:
+    """Pulls, unpacks and remembers images for one agent."""
+
+    def __init__(
+        self,
+        root: Path,
+        search_registries: tuple[str, ...] = ("docker.io",),
+        insecure_registries: tuple[str, ...] = (),
+    ) -> None:
+        self.root = root
+        self.search = search_registries
+        self.insecure = set(insecure_registries)
+        (root / "rootfs").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._pulls: dict[str, _Pull] = {}
+        self._refs_file = root / "refs.json"
+
+    def _refs(self) -> dict[str, str]:
+        try:
+            return dict(json.loads(self._refs_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, reference: str, digest: str) -> None:
+        refs = self._refs()
+        refs[reference] = digest
+        tmp = self._refs_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(refs, indent=1))
+        os.replace(tmp, self._refs_file)
+
+    def get(
+        self,
+        ref: str,
+        credentials: tuple[str, str] | None = None,
+        progress: Progress = lambda _: None,
+    ) -> Image:
+        """The image for `ref`, pulled unless already cached; raises `ImageError`."""
+        errors = []
+        for candidate in parse_reference(ref, self.search):
+            try:
+                return self._get_one(candidate, credentials, progress)
+            except ImageError as exc:
+                errors.append(str(exc))
+        raise ImageError("; ".join(errors))
+
+    def _get_one(
+        self, ref: Reference, credentials: tuple[str, str] | None, progress: Progress
+    ) -> Image:
+        key = str(ref)
+        with self._lock:
+            digest = self._refs().get(key)
+            if digest and (self.root / "rootfs" / _hex(digest)).is_dir():
+                return self._image(key, digest, cached=True)
+            pull = self._pulls.get(key)
+            first = pull is None
+            if first:
+                pull = self._pulls[key] = _Pull()
+        assert pull is not None
+        if not first:
+            progress(f"waiting for a pull of {key} already in progress")
+            pull.done.wait()
+            if pull.error is not None:
+                raise pull.error
+            assert pull.result is not None
+            return pull.result
+        try:
+            pull.result = self._pull(ref, credentials, progress)
+            return pull.result
+        except Exception as exc:
+            pull.error = exc
+            raise
+        finally:
+            pull.done.set()
+            with self._lock:
+                del self._pulls[key]
+
+    def _pull(
+        self, ref: Reference, credentials: tuple[str, str] | None, progress: Progress
+    ) -> Image:
+        key = str(ref)
+        tag = hashlib.sha256(key.encode()).hexdigest()[:32]  # a valid OCI ref name per reference
+        layout = self.root / "oci"
+        cmd = ["skopeo", "copy", "--retry-times", "2", key, f"oci:{layout}:{tag}"]
+        if ref.registry in self.insecure:
+            cmd.insert(2, "--src-tls-verify=false")
+        with tempfile.TemporaryDirectory(prefix="squall-auth-") as private:
+            if credentials is not None:
+                auth = Path(private) / "auth.json"
+                token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+                auth.write_text(json.dumps({"auths": {ref.registry: {"auth": token}}}))
+                auth.chmod(0o600)
+                cmd[2:2] = ["--src-authfile", str(auth)]
+            progress(f"pulling {key}")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            for line in proc.stdout:
+                if line.strip():
+                    progress(line.strip())
+            err = proc.stderr.read()
+            proc.stdout.close()
+            proc.stderr.close()
+            if proc.wait() != 0:
+                raise ImageError(f"pull of {key} failed: {_reason(err)}")
+        digest = self._manifest_digest(layout, tag)
+        target = self.root / "rootfs" / _hex(digest)
+        if not target.is_dir():
+            progress(f"unpacking {digest[:19]}")
+            staging = Path(tempfile.mkdtemp(dir=self.root / "rootfs", prefix=".unpack-"))
+            shutil.rmtree(staging)
+            result = subprocess.run(
+                ["umoci", "raw", "unpack", "--image", f"{layout}:{tag}", str(staging)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ImageError(f"cannot unpack {key}: {_reason(result.stderr)}")
+            os.replace(staging, target)
+        self._remember(key, digest)
+        progress(f"pulled {key} ({digest})")
+        return self._image(key, digest, cached=False)
+
+    def _manifest_digest(self, layout: Path, tag: str) -> str:
+        index = json.loads((layout / "index.json").read_text())
+        for m in index.get("manifests", []):
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+                return str(m["digest"])
+        raise ImageError(f"the pulled image is missing from {layout}/index.json")
+
+    def _image(self, key: str, digest: str, *, cached: bool) -> Image:
+        blobs = self.root / "oci" / "blobs" / "sha256"
+        manifest = json.loads((blobs / _hex(digest)).read_text())
+        config = json.loads((blobs / _hex(manifest["config"]["digest"])).read_text())
+        c = config.get("config") or {}
+        return Image(
+            reference=key,
+            digest=digest,
+            rootfs=self.root / "rootfs" / _hex(digest),
+            env=tuple(c.get("Env") or ()),
+            entrypoint=tuple(c.get("Entrypoint") or ()),
+            cmd=tuple(c.get("Cmd") or ()),
+            workdir=c.get("WorkingDir") or "",
+            cached=cached,
+        )
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[-1]
+
+
+def _reason(stderr: str) -> str:
+    """skopeo's last error line, without its log prefix."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "no error output"
+    last = lines[-1]
+    marker = 'msg="'
+    if marker in last:
+        last = last.split(marker, 1)[1].rstrip('"')
+    return last

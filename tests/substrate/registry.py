@@ -1,0 +1,115 @@
+"""Test images and a registry, made here: busybox-static in an OCI image built with umoci,
+served by Debian's docker-registry on 127.0.0.1 and pushed there with skopeo."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+REQUIRED = ("umoci", "skopeo", "docker-registry", "bwrap", "busybox")
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in REQUIRED if shutil.which(tool) is None]
+
+
+def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
+    """An OCI layout at work/oci holding a busybox image (one layer, cmd /bin/sh)."""
+    rootfs = work / "rootfs"
+    for d in ("bin", "tmp", "etc", "root", "www"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    busybox = Path(shutil.which("busybox") or "/bin/busybox").resolve()
+    shutil.copy2(busybox, rootfs / "bin" / "busybox")
+    applets = subprocess.run(
+        [str(busybox), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        link = rootfs / "bin" / applet
+        if not link.exists():
+            link.symlink_to("busybox")
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "tmp").chmod(0o1777)
+    layer = work / "rootfs.tar"
+    with tarfile.open(layer, "w") as tar:
+        tar.add(rootfs, arcname=".")
+    layout = work / "oci"
+    image = f"{layout}:{tag}"
+    for cmd in (
+        ["umoci", "init", "--layout", str(layout)],
+        ["umoci", "new", "--image", image],
+        ["umoci", "raw", "add-layer", "--image", image, str(layer)],
+        [
+            "umoci",
+            "config",
+            "--image",
+            image,
+            "--config.cmd",
+            "/bin/sh",
+            "--config.env",
+            "PATH=/bin",
+            "--config.env",
+            "IMAGE_VAR=from-image",
+            "--config.workingdir",
+            "/",
+            "--os",
+            "linux",
+            "--architecture",
+            "amd64",
+        ],
+        ["umoci", "gc", "--layout", str(layout)],
+    ):
+        subprocess.run(cmd, check=True, capture_output=True)
+    return layout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Registry:
+    """docker-registry serving from a temporary folder on 127.0.0.1."""
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        config = work / "registry.yml"
+        config.write_text(
+            "version: 0.1\nlog: {level: error}\n"
+            f"storage: {{filesystem: {{rootdirectory: {work / 'storage'}}}}}\n"
+            f"http: {{addr: {self.address}}}\n"
+        )
+        self.log = open(work / "registry.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["docker-registry", "serve", str(config)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{self.address}/v2/", timeout=1).read()
+                return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("docker-registry did not start") from None
+                time.sleep(0.1)
+
+    def push(self, layout: Path, tag: str, name: str) -> str:
+        ref = f"docker://{self.address}/{name}"
+        subprocess.run(
+            ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}", ref],
+            check=True,
+            capture_output=True,
+        )
+        return ref
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.log.close()

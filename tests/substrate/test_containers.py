@@ -1,0 +1,184 @@
+"""Images and containers for real: busybox built here, served by a local registry, pulled by
+the agent with skopeo/umoci, run by the `bwrap` runtime in namespaces and cgroups."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api.substrate.v1 import agent_pb2 as pb
+from substrate.images import ImageCache, ImageError
+from tests.substrate.conftest import Running, code_of
+from tests.substrate.registry import Registry, free_port
+from tests.substrate.test_agent_api import _exec
+
+IMAGE = "docker://busybox:1.36"
+
+
+def output(agent: Running, task: str) -> bytes:
+    return b"".join(c.data for c in agent.logs(task))
+
+
+def run(agent: Running, script: str, **kw) -> str:
+    kw.setdefault("image", IMAGE)
+    kw.setdefault("runtime", "bwrap")
+    return agent.run(["/bin/sh", "-c", script], **kw)
+
+
+def test_pull_streams_progress_then_hits_the_cache(agent: Running, registry: Registry) -> None:
+    first = list(agent.stub.PullImage(pb.PullImageRequest(reference=IMAGE)))
+    assert any("Copying blob" in p.message for p in first)
+    assert first[-1].done
+    assert first[-1].digest.startswith("sha256:")
+    assert first[-1].message == f"pulled docker://{registry.address}/busybox:1.36"
+    again = list(agent.stub.PullImage(pb.PullImageRequest(reference=IMAGE)))
+    assert [p.message for p in again] == [f"cached docker://{registry.address}/busybox:1.36"]
+    assert again[-1].digest == first[-1].digest
+
+
+def test_a_missing_tag_fails_with_the_registrys_reason(agent: Running) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(agent.stub.PullImage(pb.PullImageRequest(reference="docker://busybox:nope")))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "manifest unknown" in info.value.details()
+
+
+def test_bad_references(agent: Running) -> None:
+    for ref in ("busybox", "docker://", "oci://x"):
+        with pytest.raises(grpc.RpcError) as info:
+            list(agent.stub.PullImage(pb.PullImageRequest(reference=ref)))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_concurrent_pulls_of_one_image_happen_once(tmp_path: Path, registry: Registry) -> None:
+    cache = ImageCache(tmp_path, (registry.address,), (registry.address,))
+    messages: list[str] = []
+    results = []
+
+    def pull() -> None:
+        results.append(cache.get(IMAGE, progress=messages.append))
+
+    threads = [threading.Thread(target=pull) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.digest for r in results}) == 1
+    assert sum(m.startswith("pulling ") for m in messages) == 1
+    with pytest.raises(ImageError, match="manifest unknown"):
+        cache.get("docker://busybox:nope")
+
+
+def test_env_cwd_mounts_files_and_exit_code(agent: Running, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from the host\n")
+    task = agent.run(
+        ["/opt/run.sh"],
+        image=IMAGE,
+        runtime="bwrap",
+        cwd="/data",
+        env={"JOB_VAR": "from-job"},
+        mounts=[pb.Mount(source=str(data), destination="/data")],
+        files=[
+            pb.File(
+                path="/opt/run.sh",
+                mode=0o755,
+                content=b"#!/bin/sh\ncat in.txt\necho $JOB_VAR $IMAGE_VAR $(pwd) > out.txt\n"
+                b"exit 7\n",
+            )
+        ],
+    )
+    status = agent.wait(task)
+    assert status.state == pb.TASK_STATE_EXITED
+    assert status.exit_code == 7
+    assert output(agent, task) == b"from the host\n"
+    assert (data / "out.txt").read_text() == "from-job from-image /data\n"
+
+
+def test_the_image_cache_is_not_changed_by_a_task(agent: Running) -> None:
+    writer = run(agent, "echo scribble > /bin/busybox-note; rm /bin/ls")
+    assert agent.wait(writer).exit_code == 0
+    reader = run(agent, "ls /bin/busybox-note || echo clean")
+    agent.wait(reader)
+    assert output(agent, reader).endswith(b"clean\n")
+
+
+def test_only_leased_cores_are_visible(agent: Running) -> None:
+    task = run(agent, "nproc", lease=agent.lease(cores=1))
+    agent.wait(task)
+    assert output(agent, task) == b"1\n"
+
+
+def test_memory_limit_oom_kill_is_reported(agent: Running) -> None:
+    lease = agent.lease(cores=1, memory_bytes=32 * 2**20)
+    task = run(agent, "head -c 200m /dev/zero | tail", lease=lease)
+    status = agent.wait(task)
+    assert status.state == pb.TASK_STATE_OOM_KILLED
+    assert "memory" in status.message
+
+
+def test_exec_with_a_terminal_in_a_container(agent: Running) -> None:
+    task = run(agent, "sleep 30")
+    out, _, code = _exec(agent, task, ["/bin/sh", "-c", "tty; hostname; cat /etc/passwd"], tty=True)
+    assert code == 0
+    lines = out.decode().split()
+    assert lines[0].startswith("/dev/pts/")
+    assert lines[1] == "t"  # the task's name
+    assert lines[2] == "root:x:0:0:root:/root:/bin/sh"  # the image's file, not the host's
+
+
+def test_port_forward_into_an_isolated_network(agent: Running) -> None:
+    page = b"<h1>" + bytes(range(32, 127)) * 100 + b"</h1>\n"
+    port = free_port()
+    task = run(
+        agent,
+        f"httpd -f -p 127.0.0.1:{port} -h /www",
+        network=pb.NETWORK_ISOLATED,
+        files=[pb.File(path="/www/index.html", content=page)],
+    )
+    deadline = time.time() + 10
+
+    def fetch() -> bytes:
+        def requests():
+            yield pb.PortForwardInput(start=pb.PortForwardStart(task_id=task, port=port))
+            yield pb.PortForwardInput(data=b"GET /index.html HTTP/1.0\r\n\r\n")
+
+        return b"".join(m.data for m in agent.stub.PortForward(requests()))
+
+    while True:
+        try:
+            response = fetch()
+            break
+        except grpc.RpcError:
+            assert time.time() < deadline, "httpd did not come up"
+            time.sleep(0.1)
+    assert response.split(b"\r\n\r\n", 1)[1] == page
+    # the port is not reachable from the host's own network
+    import socket
+
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 1):
+        pass
+
+
+def test_an_expired_lease_stops_its_container(agent: Running) -> None:
+    lease = agent.lease(ttl=1)
+    task = run(agent, "sleep 60", lease=lease)
+    status = agent.wait(task, timeout=15)
+    assert status.state == pb.TASK_STATE_CANCELLED
+
+
+def test_the_process_runtime_is_never_a_fallback(agent: Running) -> None:
+    lease = agent.lease()
+    request = pb.RunRequest(lease_id=lease.id, command=["true"])  # no runtime, no image
+    with pytest.raises(grpc.RpcError) as info:
+        agent.stub.Run(request)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "needs an image" in info.value.details()
+    assert code_of(
+        lambda: agent.stub.Run(pb.RunRequest(lease_id=lease.id, image=IMAGE, runtime="nope"))
+    ) == (grpc.StatusCode.FAILED_PRECONDITION)
