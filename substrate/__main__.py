@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         search_registries=tuple(args.search_registry) or ("docker.io",),
         insecure_registries=tuple(args.insecure_registry),
     )
-    agent = Agent(config, inventory, available())
+    agent = Agent(config, inventory, available(args.data_dir))
     agent.start()
     server, port = create_server(agent, args.listen)
     host = args.listen.rsplit(":", 1)[0]

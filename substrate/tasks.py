@@ -187,6 +187,9 @@ class TaskManager:
             task.stop_reason = TaskState.TIMED_OUT
             self._kill_group(task, signal.SIGKILL)
             code = task.proc.wait()
+        # A task ends with its main process: what it left running (a container's processes
+        # that still hold its output pipes, daemons) ends with it.
+        self._kill_leftovers(task)
         for pump in pumps:
             pump.join()
         writer.close()
@@ -209,12 +212,23 @@ class TaskManager:
         else:
             self._finish(task, TaskState.EXITED, code if code >= 0 else 128 + sig, sig)
 
-    def _clean_up(self, task: Task) -> None:
-        """Kill what the task left in its cgroup, remove the cgroup, release the runtime."""
-        if task.cgroup is not None:
-            for pid in task.cgroup.pids():
+    @staticmethod
+    def _kill_leftovers(task: Task) -> None:
+        if task.cgroup is None:
+            return
+        for _ in range(50):
+            pids = task.cgroup.pids()
+            if not pids:
+                return
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def _clean_up(self, task: Task) -> None:
+        """Remove the task's cgroup and release what its runtime prepared."""
+        self._kill_leftovers(task)
+        if task.cgroup is not None:
             task.cgroup.remove()
         self.runtimes[task.spec.runtime].release(task.dir)
 

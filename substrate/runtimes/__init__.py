@@ -1,15 +1,21 @@
 """Container runtimes: each turns a task spec into the command that starts it.
 
 `process` runs on the host with no image, for development only; it is used only when a
-request names it, never as a fallback. `bwrap` runs OCI images in bubblewrap namespaces.
+request names it, never as a fallback. `crun` runs OCI bundles (preferred); `bwrap` runs the
+same images in bubblewrap namespaces where crun is missing or the agent is not root.
 """
+
+import os
+from pathlib import Path
 
 from .base import Launch, Runtime, RuntimeRefused, TaskSpec
 from .bwrap import BwrapRuntime
+from .crun import CrunRuntime
 from .process import ProcessRuntime
 
 __all__ = [
     "BwrapRuntime",
+    "CrunRuntime",
     "Launch",
     "ProcessRuntime",
     "Runtime",
@@ -19,9 +25,11 @@ __all__ = [
 ]
 
 
-def available() -> dict[str, Runtime]:
-    """The runtimes this node can use, by name."""
+def available(data_dir: Path) -> dict[str, Runtime]:
+    """The runtimes this node can use, by name (crun keeps its state under data_dir)."""
     found: dict[str, Runtime] = {"process": ProcessRuntime()}
+    if CrunRuntime.present() and os.geteuid() == 0:
+        found["crun"] = CrunRuntime(data_dir / "crun")
     if BwrapRuntime.present():
         found["bwrap"] = BwrapRuntime()
     return found

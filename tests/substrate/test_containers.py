@@ -1,5 +1,5 @@
 """Images and containers for real: busybox built here, served by a local registry, pulled by
-the agent with skopeo/umoci, run by the `bwrap` runtime in namespaces and cgroups."""
+the agent with skopeo/umoci, run by each OCI runtime (crun, bwrap) in namespaces and cgroups."""
 
 from __future__ import annotations
 
@@ -23,10 +23,17 @@ def output(agent: Running, task: str) -> bytes:
     return b"".join(c.data for c in agent.logs(task))
 
 
-def run(agent: Running, script: str, **kw) -> str:
+RUNTIMES = ["crun", "bwrap"]
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def run(agent: Running, script: str, runtime: str, **kw) -> str:
     kw.setdefault("image", IMAGE)
-    kw.setdefault("runtime", "bwrap")
-    return agent.run(["/bin/sh", "-c", script], **kw)
+    return agent.run(["/bin/sh", "-c", script], runtime=runtime, **kw)
 
 
 def test_pull_streams_progress_then_hits_the_cache(agent: Running, registry: Registry) -> None:
@@ -73,14 +80,14 @@ def test_concurrent_pulls_of_one_image_happen_once(tmp_path: Path, registry: Reg
         cache.get("docker://busybox:nope")
 
 
-def test_env_cwd_mounts_files_and_exit_code(agent: Running, tmp_path: Path) -> None:
+def test_env_cwd_mounts_files_and_exit_code(agent: Running, tmp_path: Path, runtime: str) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "in.txt").write_text("from the host\n")
     task = agent.run(
         ["/opt/run.sh"],
         image=IMAGE,
-        runtime="bwrap",
+        runtime=runtime,
         cwd="/data",
         env={"JOB_VAR": "from-job"},
         mounts=[pb.Mount(source=str(data), destination="/data")],
@@ -100,30 +107,30 @@ def test_env_cwd_mounts_files_and_exit_code(agent: Running, tmp_path: Path) -> N
     assert (data / "out.txt").read_text() == "from-job from-image /data\n"
 
 
-def test_the_image_cache_is_not_changed_by_a_task(agent: Running) -> None:
-    writer = run(agent, "echo scribble > /bin/busybox-note; rm /bin/ls")
+def test_the_image_cache_is_not_changed_by_a_task(agent: Running, runtime: str) -> None:
+    writer = run(agent, "echo scribble > /bin/busybox-note; rm /bin/ls", runtime)
     assert agent.wait(writer).exit_code == 0
-    reader = run(agent, "ls /bin/busybox-note || echo clean")
+    reader = run(agent, "ls /bin/busybox-note || echo clean", runtime)
     agent.wait(reader)
     assert output(agent, reader).endswith(b"clean\n")
 
 
-def test_only_leased_cores_are_visible(agent: Running) -> None:
-    task = run(agent, "nproc", lease=agent.lease(cores=1))
+def test_only_leased_cores_are_visible(agent: Running, runtime: str) -> None:
+    task = run(agent, "nproc", runtime, lease=agent.lease(cores=1))
     agent.wait(task)
     assert output(agent, task) == b"1\n"
 
 
-def test_memory_limit_oom_kill_is_reported(agent: Running) -> None:
+def test_memory_limit_oom_kill_is_reported(agent: Running, runtime: str) -> None:
     lease = agent.lease(cores=1, memory_bytes=32 * 2**20)
-    task = run(agent, "head -c 200m /dev/zero | tail", lease=lease)
+    task = run(agent, "head -c 200m /dev/zero | tail", runtime, lease=lease)
     status = agent.wait(task)
     assert status.state == pb.TASK_STATE_OOM_KILLED
     assert "memory" in status.message
 
 
-def test_exec_with_a_terminal_in_a_container(agent: Running) -> None:
-    task = run(agent, "sleep 30")
+def test_exec_with_a_terminal_in_a_container(agent: Running, runtime: str) -> None:
+    task = run(agent, "sleep 30", runtime)
     out, _, code = _exec(agent, task, ["/bin/sh", "-c", "tty; hostname; cat /etc/passwd"], tty=True)
     assert code == 0
     lines = out.decode().split()
@@ -132,12 +139,13 @@ def test_exec_with_a_terminal_in_a_container(agent: Running) -> None:
     assert lines[2] == "root:x:0:0:root:/root:/bin/sh"  # the image's file, not the host's
 
 
-def test_port_forward_into_an_isolated_network(agent: Running) -> None:
+def test_port_forward_into_an_isolated_network(agent: Running, runtime: str) -> None:
     page = b"<h1>" + bytes(range(32, 127)) * 100 + b"</h1>\n"
     port = free_port()
     task = run(
         agent,
         f"httpd -f -p 127.0.0.1:{port} -h /www",
+        runtime,
         network=pb.NETWORK_ISOLATED,
         files=[pb.File(path="/www/index.html", content=page)],
     )
@@ -165,9 +173,9 @@ def test_port_forward_into_an_isolated_network(agent: Running) -> None:
         pass
 
 
-def test_an_expired_lease_stops_its_container(agent: Running) -> None:
+def test_an_expired_lease_stops_its_container(agent: Running, runtime: str) -> None:
     lease = agent.lease(ttl=1)
-    task = run(agent, "sleep 60", lease=lease)
+    task = run(agent, "sleep 60", runtime, lease=lease)
     status = agent.wait(task, timeout=15)
     assert status.state == pb.TASK_STATE_CANCELLED
 
