@@ -113,6 +113,38 @@ class Agent:
                 image = self.images.get(spec.image)
             except ImageError as exc:
                 raise TaskError(str(exc)) from None
+        spec = with_devices(spec, lease.devices)
         task = self.tasks.run(spec, lease_id, lease.cpus, lease.memory_bytes, image)
         log.info("task %s (%s) in lease %s: %s", task.id, spec.name, lease_id, task.state.value)
         return task
+
+
+# Device kind -> (environment variables naming the visible devices, host nodes per index,
+# host nodes every user of that kind needs).
+_DEVICE_ACCESS = {
+    "nvidia.com/gpu": (
+        ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"),
+        "/dev/nvidia{}",
+        ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset"),
+    ),
+    "amd.com/gpu": (("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"), "", ("/dev/kfd",)),
+}
+
+
+def with_devices(spec: TaskSpec, devices: tuple[tuple[str, int], ...]) -> TaskSpec:
+    """The spec limited to the lease's devices: they are named in the environment (which the
+    job cannot override), and their device files, where this node has them, are exposed.
+
+    A task of a lease without GPUs sees none (empty *_VISIBLE_DEVICES)."""
+    env = dict(spec.env)
+    nodes: list[str] = []
+    for kind, (variables, per_index, shared) in _DEVICE_ACCESS.items():
+        indexes = [i for k, i in devices if k == kind]
+        for var in variables:
+            env[var] = ",".join(map(str, indexes))
+        if indexes:
+            candidates = [per_index.format(i) for i in indexes if per_index] + list(shared)
+            nodes += [n for n in candidates if Path(n).exists()]
+    if not any(kind == "nvidia.com/gpu" for kind, _ in devices):
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"  # the NVIDIA container toolkit's "no GPU"
+    return replace(spec, env=env, device_nodes=tuple(nodes))

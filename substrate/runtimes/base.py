@@ -45,6 +45,7 @@ class TaskSpec:
     files: tuple[FileSpec, ...] = ()
     isolated_network: bool = False
     timeout: float = 0.0
+    device_nodes: tuple[str, ...] = ()  # host device files the task may use (leased GPUs)
 
 
 @dataclass(frozen=True, slots=True)

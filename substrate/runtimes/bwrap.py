@@ -96,6 +96,8 @@ class BwrapRuntime:
         args += ["--proc", "/proc", "--dev", "/dev"]
         for m in spec.mounts:
             args += ["--ro-bind" if m.read_only else "--bind", m.source, m.destination]
+        for node in spec.device_nodes:
+            args += ["--dev-bind", node, node]
         args += ["--chdir", cwd, "--clearenv"]
         for key, value in image_env(spec, image).items():
             args += ["--setenv", key, value]

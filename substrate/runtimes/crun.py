@@ -121,11 +121,10 @@ class CrunRuntime:
             time.sleep(0.01)
 
     def release(self, task_dir: Path) -> None:
-        subprocess.run(
-            self._crun("delete", "--force", _container_id(task_dir)),
-            capture_output=True,
-            check=False,
-        )
+        # `crun run` removes its container when it exits; state is left only after a crash
+        cid = _container_id(task_dir)
+        if (self.state_dir / cid).exists():
+            subprocess.run(self._crun("delete", "--force", cid), capture_output=True, check=False)
         unmount_overlay(task_dir)
 
 
@@ -178,6 +177,10 @@ def oci_config(spec: TaskSpec, image: Image, root: Path, cwd: str) -> dict[str, 
                 "source": m.source,
                 "options": ["rbind", mode],
             }
+        )
+    for node in spec.device_nodes:
+        mounts.append(
+            {"destination": node, "type": "bind", "source": node, "options": ["bind", "rw"]}
         )
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.isolated_network:

@@ -6,9 +6,9 @@ lower) and a per-task upper directory, so tasks write freely and never change th
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,9 @@ __all__ = [
     "unmount_overlay",
     "working_dir",
 ]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2  # umount2 flag: detach now, clean up when no longer busy
 
 # Docker's default capability set (moby's oci/caps/defaults.go).
 DEFAULT_CAPS = (
@@ -79,16 +82,11 @@ def mount_overlay(lower: Path, task_dir: Path) -> Path:
     upper, work, merged = (task_dir / d for d in ("upper", "work", "rootfs"))
     for d in (upper, work, merged):
         d.mkdir(exist_ok=True)
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    result = subprocess.run(
-        ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        reason = result.stderr.strip()
-        raise RuntimeRefused(f"cannot mount the task's root filesystem: {reason}")
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
+    # mount(2) directly: a `mount` process per task costs milliseconds of launch time
+    if _libc.mount(b"overlay", str(merged).encode(), b"overlay", 0, options) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeRefused(f"cannot mount the task's root filesystem: {os.strerror(err)}")
     return merged
 
 
@@ -109,7 +107,7 @@ def populate(root: Path, spec: TaskSpec, cwd: str) -> None:
 def unmount_overlay(task_dir: Path) -> None:
     merged = task_dir / "rootfs"
     if merged.is_dir() and os.path.ismount(merged):
-        subprocess.run(["umount", "--lazy", str(merged)], capture_output=True, check=False)
+        _libc.umount2(str(merged).encode(), MNT_DETACH)
     for d in ("upper", "work"):
         shutil.rmtree(task_dir / d, ignore_errors=True)
 

@@ -365,3 +365,44 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_tasks_see_only_their_leased_gpus(tmp_path: Path) -> None:
+    """A node with two (synthetic) NVIDIA GPUs: each lease's tasks are told only theirs.
+    No GPU is present on the test machine, so only the environment is checked here."""
+    from dataclasses import replace
+
+    from substrate.agent import Agent, AgentConfig
+    from substrate.inventory import Gpu, read_inventory
+    from substrate.leases import LeaseSpec
+    from substrate.runtimes import available
+    from substrate.runtimes.base import TaskSpec
+
+    inventory = replace(
+        read_inventory(),
+        gpus=(Gpu(0, "nvidia", "NVIDIA H100", 80 << 30), Gpu(1, "nvidia", "NVIDIA H100", 80 << 30)),
+    )
+    config = AgentConfig(data_dir=tmp_path / "agent", token=TOKEN)
+    agent = Agent(config, inventory, available(config.data_dir))
+    agent.start()
+    try:
+
+        def visible(lease_id: str) -> bytes:
+            spec = TaskSpec(
+                name="t",
+                runtime="process",
+                command=("/bin/sh", "-c", "echo $CUDA_VISIBLE_DEVICES/$NVIDIA_VISIBLE_DEVICES"),
+                env={"CUDA_VISIBLE_DEVICES": "0,1"},
+            )  # the job cannot widen it
+            task = agent.run(spec, lease_id)
+            task.done.wait(10)
+            return b"".join(r.data for r in agent.logs.read(task.id)).strip()
+
+        first = agent.acquire(LeaseSpec("a", devices={"nvidia.com/gpu": 1}))
+        second = agent.acquire(LeaseSpec("b", devices={"nvidia.com/gpu": 1}))
+        seen = [visible(first.id), visible(second.id)]
+        agent.release(first.id)
+        seen.append(visible(agent.acquire(LeaseSpec("c")).id))
+        assert seen == [b"0/0", b"1/1", b"/void"]
+    finally:
+        agent.stop()
