@@ -22,7 +22,7 @@ command -v "$python" >/dev/null || need_apt python3 python3-venv
 if [[ -n "$extras" ]]; then
   # what the tests run for real: container tools, a registry, an image to build from
   missing=()
-  for pair in bwrap:bubblewrap skopeo:skopeo umoci:umoci docker-registry:docker-registry \
+  for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
               busybox:busybox-static taskset:util-linux nsenter:util-linux; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REQUIRED = ("umoci", "skopeo", "docker-registry", "bwrap", "busybox")
+REQUIRED = ("umoci", "skopeo", "docker-registry", "bwrap", "crun", "busybox")
 
 
 def missing_tools() -> list[str]:

@@ -406,3 +406,12 @@ def test_tasks_see_only_their_leased_gpus(tmp_path: Path) -> None:
         assert seen == [b"0/0", b"1/1", b"/void"]
     finally:
         agent.stop()
+
+
+def test_exec_terminal_resize(agent: Running) -> None:
+    task = agent.run(["sleep", "30"])
+    out, _, code = _exec(
+        agent, task, ["/bin/sh", "-c", "sleep 0.5; stty size"], tty=True, resize=(40, 132)
+    )
+    assert code == 0
+    assert out.split() == [b"40", b"132"]
