@@ -64,7 +64,7 @@ def exec_stream(
     out: queue.Queue[Any] = queue.Queue(maxsize=64)
     popen = agent.tasks.popen  # in the task's cgroup, like the task itself
     if start.tty:
-        master, slave = open_pty(f"/proc/{runtime.namespace_pid(task.pid)}/root")
+        master, slave = open_pty(f"/proc/{runtime.namespace_pid(task.pid, task.dir)}/root")
         _set_size(master, start.size)
         # `setsid --ctty` makes the pty the controlling terminal of a new session
         launch = replace(launch, argv=["setsid", "--ctty", *launch.argv])
@@ -211,7 +211,7 @@ def port_forward_stream(
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is outside 1-65535")
     netns_pid = (
-        agent.runtimes[task.spec.runtime].namespace_pid(task.pid)
+        agent.runtimes[task.spec.runtime].namespace_pid(task.pid, task.dir)
         if task.spec.isolated_network
         else None
     )

@@ -92,7 +92,7 @@ class Runtime(Protocol):
         """How to start `command` inside the running task whose process is `task_pid`."""
         ...
 
-    def namespace_pid(self, task_pid: int) -> int:
+    def namespace_pid(self, task_pid: int, task_dir: Path) -> int:
         """A process whose namespaces (network, mount) are the task's."""
         ...
 

@@ -115,9 +115,9 @@ class BwrapRuntime:
         command: list[str],
         env: dict[str, str],
     ) -> Launch:
-        return nsenter_launch(self.namespace_pid(task_pid), spec, image, command, env)
+        return nsenter_launch(self.namespace_pid(task_pid, task_dir), spec, image, command, env)
 
-    def namespace_pid(self, task_pid: int, wait: float = 5.0) -> int:
+    def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
         """The task's command inside the sandbox: its namespaces and root are the task's.
 
         bwrap forks a sandbox init, which forks the command once the sandbox is set up

@@ -23,7 +23,6 @@ from .base import Launch, RuntimeRefused, TaskSpec
 from .bwrap import nsenter_launch
 from .rootfs import (
     DEFAULT_CAPS,
-    children,
     hostname,
     image_argv,
     image_env,
@@ -101,20 +100,23 @@ class CrunRuntime:
         command: list[str],
         env: dict[str, str],
     ) -> Launch:
-        return nsenter_launch(self.namespace_pid(task_pid), spec, image, command, env)
+        return nsenter_launch(self.namespace_pid(task_pid, task_dir), spec, image, command, env)
 
-    def namespace_pid(self, task_pid: int, wait: float = 5.0) -> int:
-        """The container's first process, once it has left crun for the task's command."""
-        crun = Path(f"/proc/{task_pid}/exe")
+    def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
+        """The container's first process, as `crun state` reports it once it is running."""
         deadline = time.monotonic() + wait
         while True:
-            for child in children(task_pid):
-                try:
-                    if Path(f"/proc/{child}/exe").resolve() != crun.resolve():
-                        return child
-                except OSError:
-                    continue
-            if not crun.parent.exists():
+            result = subprocess.run(
+                self._crun("state", _container_id(task_dir)),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                state = json.loads(result.stdout)
+                if state.get("status") == "running" and state.get("pid"):
+                    return int(state["pid"])
+            if not Path(f"/proc/{task_pid}").exists():
                 raise RuntimeRefused(f"the task (process {task_pid}) has ended")
             if time.monotonic() > deadline:
                 raise RuntimeRefused(f"the container of process {task_pid} did not start")

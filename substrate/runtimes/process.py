@@ -73,7 +73,7 @@ class ProcessRuntime:
             cpus=tuple(sorted(os.sched_getaffinity(task_pid))),
         )
 
-    def namespace_pid(self, task_pid: int) -> int:
+    def namespace_pid(self, task_pid: int, task_dir: Path) -> int:
         return task_pid
 
     def release(self, task_dir: Path) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import tarfile
 import time
+import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 REQUIRED = ("umoci", "skopeo", "docker-registry", "bwrap", "crun", "busybox")
@@ -74,26 +77,68 @@ def free_port() -> int:
 
 
 class Registry:
-    """docker-registry serving from a temporary folder on 127.0.0.1."""
+    """docker-registry serving from a temporary folder on 127.0.0.1.
 
-    def __init__(self, work: Path) -> None:
+    With `credentials`, it serves HTTPS (a certificate made here) and requires basic auth
+    against an htpasswd file (bcrypt), as the registry's htpasswd backend must be used.
+    """
+
+    def __init__(self, work: Path, credentials: tuple[str, str] | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.credentials = credentials
+        http = f"addr: {self.address}"
+        auth = ""
+        if credentials is not None:
+            cert, key = work / "tls.crt", work / "tls.key"
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            http += f", tls: {{certificate: {cert}, key: {key}}}"
+            htpasswd = work / "htpasswd"
+            htpasswd.write_text(f"{credentials[0]}:{_bcrypt(credentials[1])}\n")
+            auth = f"auth: {{htpasswd: {{realm: squall-test, path: {htpasswd}}}}}\n"
         config = work / "registry.yml"
         config.write_text(
             "version: 0.1\nlog: {level: error}\n"
             f"storage: {{filesystem: {{rootdirectory: {work / 'storage'}}}}}\n"
-            f"http: {{addr: {self.address}}}\n"
+            f"http: {{{http}}}\n{auth}"
         )
         self.log = open(work / "registry.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             ["docker-registry", "serve", str(config)], stdout=self.log, stderr=subprocess.STDOUT
         )
         deadline = time.time() + 20
+        scheme = "https" if credentials else "http"
         while True:
             try:
-                urllib.request.urlopen(f"http://{self.address}/v2/", timeout=1).read()
+                urllib.request.urlopen(
+                    f"{scheme}://{self.address}/v2/",
+                    timeout=1,
+                    context=ssl._create_unverified_context(),
+                ).read()
                 return
+            except urllib.error.HTTPError:
+                return  # 401: up, and asking for credentials
             except OSError:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.stop()
@@ -102,14 +147,22 @@ class Registry:
 
     def push(self, layout: Path, tag: str, name: str) -> str:
         ref = f"docker://{self.address}/{name}"
-        subprocess.run(
-            ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}", ref],
-            check=True,
-            capture_output=True,
-        )
+        cmd = ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}", ref]
+        if self.credentials:
+            cmd[2:2] = ["--dest-creds", ":".join(self.credentials)]
+        subprocess.run(cmd, check=True, capture_output=True)
         return ref
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
         self.log.close()
+
+
+def _bcrypt(password: str) -> str:
+    """A bcrypt hash (the registry's htpasswd backend accepts only bcrypt)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # the system's libxcrypt; deprecated in Python, fine for a test
+
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))

@@ -3,6 +3,7 @@ the agent with skopeo/umoci, run by each OCI runtime (crun, bwrap) in namespaces
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.images import ImageCache, ImageError
 from tests.substrate.conftest import Running, code_of
-from tests.substrate.registry import Registry, free_port
+from tests.substrate.registry import Registry, build_busybox_image, free_port
 from tests.substrate.test_agent_api import _exec
 
 IMAGE = "docker://busybox:1.36"
@@ -190,3 +191,23 @@ def test_the_process_runtime_is_never_a_fallback(agent: Running) -> None:
     assert code_of(
         lambda: agent.stub.Run(pb.RunRequest(lease_id=lease.id, image=IMAGE, runtime="nope"))
     ) == (grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def test_private_registry_credentials(agent: Running, tmp_path: Path) -> None:
+    """A registry that wants a password (HTTPS, htpasswd): refused without it, pulled with it,
+    and the password appears in no progress message."""
+    secret = "pw-" + os.urandom(6).hex()
+    private = Registry(tmp_path, credentials=("squall", secret))
+    try:
+        private.push(build_busybox_image(tmp_path / "image"), "1.36", "team/busybox:1.36")
+        ref = f"docker://{private.address}/team/busybox:1.36"
+        agent.agent.images.insecure.add(private.address)  # its certificate was made here
+        with pytest.raises(grpc.RpcError) as info:
+            list(agent.stub.PullImage(pb.PullImageRequest(reference=ref)))
+        assert "unauthorized" in info.value.details().lower()
+        creds = pb.RegistryCredentials(username="squall", password=secret)
+        progress = list(agent.stub.PullImage(pb.PullImageRequest(reference=ref, credentials=creds)))
+        assert progress[-1].done
+        assert not any(secret in p.message for p in progress)
+    finally:
+        private.stop()
