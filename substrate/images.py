@@ -1,9 +1,11 @@
-"""The node's image cache: `docker://` references pulled with skopeo, unpacked with umoci.
+"""The node's image cache: `docker://` references pulled with skopeo and unpacked with umoci;
+`oras://` references (Apptainer SIF files in an OCI registry) pulled with the oras SDK.
 
 Layout under `<data>/images/`:
     oci/          one OCI image layout holding every pulled image (blobs shared by digest)
     rootfs/<d>/   the unpacked root filesystem of the manifest with digest <d>
-    refs.json     resolved reference -> manifest digest (a pulled tag is reused, not re-pulled)
+    sif/<d>.sif   a SIF file, by the digest of its blob
+    refs.json     resolved reference -> digest (a pulled tag is reused, not re-pulled)
 
 Concurrent pulls of one reference happen once: later callers wait for the first and share
 its result. Credentials go to skopeo in a private auth file, never on a command line.
@@ -44,6 +46,7 @@ class Image:
     cmd: tuple[str, ...] = ()
     workdir: str = ""
     cached: bool = False  # no pull was needed
+    sif: Path | None = None  # set for oras:// images: a SIF file, run only by Apptainer
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,7 @@ def parse_reference(ref: str, search_registries: tuple[str, ...]) -> list[Refere
     """
     if not ref.startswith("docker://"):
         scheme = ref.split("://", 1)[0] if "://" in ref else "none"
-        raise ImageError(f"{ref!r}: scheme {scheme} is not supported here; use docker://")
+        raise ImageError(f"{ref!r}: scheme {scheme} is not supported; use docker:// or oras://")
     rest = ref.removeprefix("docker://")
     if not rest or rest.startswith("/") or " " in rest:
         raise ImageError(f"{ref!r} is not an image reference")
@@ -131,6 +134,8 @@ class ImageCache:
         progress: Progress = lambda _: None,
     ) -> Image:
         """The image for `ref`, pulled unless already cached; raises `ImageError`."""
+        if ref.startswith("oras://"):
+            return self._get_sif(ref, credentials, progress)
         errors = []
         for candidate in parse_reference(ref, self.search):
             try:
@@ -139,36 +144,97 @@ class ImageCache:
                 errors.append(str(exc))
         raise ImageError("; ".join(errors))
 
+    def _once(
+        self,
+        key: str,
+        cached: Callable[[], Image | None],
+        pull: Callable[[], Image],
+        progress: Progress,
+    ) -> Image:
+        """The cached image, or one pull per key however many callers ask at once."""
+        with self._lock:
+            hit = cached()
+            if hit is not None:
+                return hit
+            flight = self._pulls.get(key)
+            first = flight is None
+            if first:
+                flight = self._pulls[key] = _Pull()
+        assert flight is not None
+        if not first:
+            progress(f"waiting for a pull of {key} already in progress")
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.result is not None
+            return flight.result
+        try:
+            flight.result = pull()
+            return flight.result
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            flight.done.set()
+            with self._lock:
+                del self._pulls[key]
+
     def _get_one(
         self, ref: Reference, credentials: tuple[str, str] | None, progress: Progress
     ) -> Image:
         key = str(ref)
-        with self._lock:
+
+        def cached() -> Image | None:
             digest = self._refs().get(key)
             if digest and (self.root / "rootfs" / _hex(digest)).is_dir():
                 return self._image(key, digest, cached=True)
-            pull = self._pulls.get(key)
-            first = pull is None
-            if first:
-                pull = self._pulls[key] = _Pull()
-        assert pull is not None
-        if not first:
-            progress(f"waiting for a pull of {key} already in progress")
-            pull.done.wait()
-            if pull.error is not None:
-                raise pull.error
-            assert pull.result is not None
-            return pull.result
-        try:
-            pull.result = self._pull(ref, credentials, progress)
-            return pull.result
-        except Exception as exc:
-            pull.error = exc
-            raise
-        finally:
-            pull.done.set()
-            with self._lock:
-                del self._pulls[key]
+            return None
+
+        return self._once(key, cached, lambda: self._pull(ref, credentials, progress), progress)
+
+    def _get_sif(self, ref: str, credentials: tuple[str, str] | None, progress: Progress) -> Image:
+        """An `oras://REGISTRY/REPO[:TAG|@DIGEST]` artifact: its SIF file, cached by digest."""
+        target = ref.removeprefix("oras://")
+        registry, _, repository = target.partition("/")
+        if not repository or not ("." in registry or ":" in registry or registry == "localhost"):
+            raise ImageError(f"{ref!r}: oras references name their registry (oras://HOST/REPO:TAG)")
+
+        def cached() -> Image | None:
+            digest = self._refs().get(ref)
+            path = self.root / "sif" / f"{_hex(digest)}.sif" if digest else None
+            if digest and path is not None and path.is_file():
+                return Image(reference=ref, digest=digest, rootfs=path, cached=True, sif=path)
+            return None
+
+        def pull() -> Image:
+            import oras.client  # the oras SDK loads only when an oras:// image is pulled
+
+            client = oras.client.OrasClient(hostname=registry, insecure=registry in self.insecure)
+            if credentials is not None:
+                client.set_basic_auth(*credentials)
+            progress(f"pulling {ref}")
+            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".oras-"))
+            try:
+                manifest = client.get_manifest(target)
+                layers = manifest.get("layers") or []
+                if not layers:
+                    raise ImageError(f"{ref} holds no file")
+                files = client.pull(target=target, outdir=str(staging))
+                digest = str(layers[0]["digest"])
+                (self.root / "sif").mkdir(exist_ok=True)
+                path = self.root / "sif" / f"{_hex(digest)}.sif"
+                os.replace(files[0], path)
+            except ImageError:
+                raise
+            except Exception as exc:  # the SDK raises ValueError and requests' errors
+                raise ImageError(f"pull of {ref} failed: {exc}") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._remember(ref, digest)
+            progress(f"pulled {ref} ({digest})")
+            return Image(reference=ref, digest=digest, rootfs=path, sif=path)
+
+        return self._once(ref, cached, pull, progress)
 
     def _pull(
         self, ref: Reference, credentials: tuple[str, str] | None, progress: Progress

@@ -71,6 +71,11 @@ class BwrapRuntime:
     ) -> Launch:
         if image is None:
             raise RuntimeRefused("the bwrap runtime runs images: give the task an image")
+        if image.sif is not None:
+            raise RuntimeRefused(
+                f"{image.reference} is a SIF image, which needs the apptainer runtime; "
+                "this node has no Apptainer"
+            )
         argv = image_argv(spec, image)
         cwd = working_dir(spec, image)
         args = [

@@ -81,6 +81,11 @@ class CrunRuntime:
     ) -> Launch:
         if image is None:
             raise RuntimeRefused("the crun runtime runs images: give the task an image")
+        if image.sif is not None:
+            raise RuntimeRefused(
+                f"{image.reference} is a SIF image, which needs the apptainer runtime; "
+                "this node has no Apptainer"
+            )
         cwd = working_dir(spec, image)
         root = mount_overlay(image.rootfs, task_dir)
         populate(root, spec, cwd)

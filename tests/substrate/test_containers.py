@@ -211,3 +211,41 @@ def test_private_registry_credentials(agent: Running, tmp_path: Path) -> None:
         assert not any(secret in p.message for p in progress)
     finally:
         private.stop()
+
+
+def test_oras_sif_images_are_pulled_cached_and_refused_without_apptainer(
+    agent: Running, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import oras.client
+
+    sif = tmp_path / "hello.sif"
+    sif.write_bytes(b"SIF_MAGIC" + os.urandom(4096))  # a stand-in: only Apptainer reads SIFs
+    client = oras.client.OrasClient(hostname=registry.address, insecure=True)
+    monkeypatch.chdir(tmp_path)  # the SDK names the blob by its path relative to here
+    assert (
+        client.push(target=f"{registry.address}/sifs/hello:1.0", files=["hello.sif"]).status_code
+        == 201
+    )
+    ref = f"oras://{registry.address}/sifs/hello:1.0"
+    first = list(agent.stub.PullImage(pb.PullImageRequest(reference=ref)))
+    assert first[-1].done
+    cached = agent.agent.images.get(ref)
+    assert cached.cached
+    assert cached.sif is not None
+    assert cached.sif.read_bytes() == sif.read_bytes()
+    lease = agent.lease()
+    with pytest.raises(grpc.RpcError) as info:
+        agent.stub.Run(
+            pb.RunRequest(lease_id=lease.id, image=ref, runtime="crun", command=["true"])
+        )
+    assert "needs the apptainer runtime" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        list(
+            agent.stub.PullImage(
+                pb.PullImageRequest(reference=f"oras://{registry.address}/sifs/hello:nope")
+            )
+        )
+    assert "not found" in info.value.details().lower()
+    with pytest.raises(grpc.RpcError) as info:
+        list(agent.stub.PullImage(pb.PullImageRequest(reference="oras://hello:1.0")))
+    assert "name their registry" in info.value.details()
