@@ -97,6 +97,12 @@ class Agent:
     def run(self, spec: TaskSpec, lease_id: str) -> Task:
         """Start a task in a lease, pulling its image first when the cache lacks it."""
         lease = self.leases.get(lease_id)
+        if not spec.runtime and spec.image.startswith("oras://"):
+            if "apptainer" not in self.runtimes:
+                raise TaskError(
+                    f"{spec.image} is a SIF image, which needs Apptainer; this node has none"
+                )
+            spec = replace(spec, runtime="apptainer")
         if not spec.runtime:
             if not self.default_runtime:
                 raise TaskError(

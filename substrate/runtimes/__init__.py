@@ -2,18 +2,21 @@
 
 `process` runs on the host with no image, for development only; it is used only when a
 request names it, never as a fallback. `crun` runs OCI bundles (preferred); `bwrap` runs the
-same images in bubblewrap namespaces where crun is missing or the agent is not root.
+same images in bubblewrap namespaces where crun is missing or the agent is not root;
+`apptainer` runs SIF images (`oras://`) where Apptainer is installed.
 """
 
 import os
 from pathlib import Path
 
+from .apptainer import ApptainerRuntime
 from .base import Launch, Runtime, RuntimeRefused, TaskSpec
 from .bwrap import BwrapRuntime
 from .crun import CrunRuntime
 from .process import ProcessRuntime
 
 __all__ = [
+    "ApptainerRuntime",
     "BwrapRuntime",
     "CrunRuntime",
     "Launch",
@@ -32,4 +35,6 @@ def available(data_dir: Path) -> dict[str, Runtime]:
         found["crun"] = CrunRuntime(data_dir / "crun")
     if BwrapRuntime.present():
         found["bwrap"] = BwrapRuntime()
+    if ApptainerRuntime.present():
+        found["apptainer"] = ApptainerRuntime()
     return found

@@ -224,3 +224,50 @@ def test_console_script_runs_in_a_fresh_process() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["valid"] is True
+
+
+def test_squall_agent_serves_a_slice_of_the_machine(tmp_path: Path) -> None:
+    from api.substrate.v1 import agent_pb2 as pb
+    from substrate.client import connect
+
+    exe = Path(sys.executable).parent / "squall"
+    env = {**__import__("os").environ, "SQUALL_AGENT_TOKEN": "cli-token"}
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "agent",
+            "--data-dir",
+            str(tmp_path / "a"),
+            "--cpus",
+            "0",
+            "--memory",
+            "1GiB",
+            "--label",
+            "site=local",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:")
+        channel, stub = connect(line.split()[-1], "cli-token")
+        inv = stub.Inventory(pb.InventoryRequest())
+        assert [c.id for c in inv.cpus] == [0]
+        assert inv.memory_bytes == 2**30
+        assert inv.labels["site"] == "local"
+        channel.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_squall_agent_refuses_bad_input(tmp_path: Path) -> None:
+    code, _, err = squall("agent", "--data-dir", str(tmp_path), "--memory", "lots")
+    assert code == 2
+    assert "--memory: 'lots' is not a size" in err

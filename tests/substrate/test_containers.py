@@ -46,6 +46,9 @@ def test_pull_streams_progress_then_hits_the_cache(agent: Running, registry: Reg
     again = list(agent.stub.PullImage(pb.PullImageRequest(reference=IMAGE)))
     assert [p.message for p in again] == [f"cached docker://{registry.address}/busybox:1.36"]
     assert again[-1].digest == first[-1].digest
+    by_digest = f"docker://{registry.address}/busybox@{first[-1].digest}"
+    pinned = list(agent.stub.PullImage(pb.PullImageRequest(reference=by_digest)))
+    assert pinned[-1].digest == first[-1].digest
 
 
 def test_a_missing_tag_fails_with_the_registrys_reason(agent: Running) -> None:
@@ -249,3 +252,59 @@ def test_oras_sif_images_are_pulled_cached_and_refused_without_apptainer(
     with pytest.raises(grpc.RpcError) as info:
         list(agent.stub.PullImage(pb.PullImageRequest(reference="oras://hello:1.0")))
     assert "name their registry" in info.value.details()
+
+
+FAKE_APPTAINER = """#!/bin/sh
+# A stand-in for Apptainer, which cannot be installed on the test machines (it is in neither
+# Debian 12 nor PyPI). It records its command line, then runs the command after the SIF path
+# on the host, so the agent's handling of the task (logs, exit code) is exercised for real.
+printf '%s\\n' "$@" > "$APPTAINER_ARGV_LOG"
+while [ $# -gt 0 ]; do case "$1" in *.sif) shift; break;; *) shift;; esac; done
+exec "$@"
+"""
+
+
+def test_sif_images_run_with_apptainer_when_it_is_installed(
+    agent: Running, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mocked: Apptainer itself (see FAKE_APPTAINER). Everything else is real."""
+    import oras.client
+
+    from substrate.runtimes import ApptainerRuntime
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(FAKE_APPTAINER)
+    (bin_dir / "apptainer").chmod(0o755)
+    log = tmp_path / "argv.log"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPTAINER_ARGV_LOG", str(log))
+    agent.agent.runtimes["apptainer"] = ApptainerRuntime()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app.sif").write_bytes(b"SIF_MAGIC" + os.urandom(64))
+    client = oras.client.OrasClient(hostname=registry.address, insecure=True)
+    client.push(target=f"{registry.address}/sifs/app:2.0", files=["app.sif"])
+    data = tmp_path / "data"
+    data.mkdir()
+    lease = agent.lease(cores=1)
+    reply = agent.stub.Run(
+        pb.RunRequest(  # no runtime named: a SIF image goes to apptainer
+            lease_id=lease.id,
+            name="sif-job",
+            image=f"oras://{registry.address}/sifs/app:2.0",
+            command=["/bin/sh", "-c", "echo ran; exit 5"],
+            cwd="/data",
+            env={"K": "v"},
+            mounts=[pb.Mount(source=str(data), destination="/data", read_only=True)],
+            network=pb.NETWORK_ISOLATED,
+        )
+    )
+    status = agent.wait(reply.task_id)
+    assert status.exit_code == 5
+    assert output(agent, reply.task_id) == b"ran\n"
+    argv = log.read_text().splitlines()
+    assert argv[:6] == ["exec", "--containall", "--cleanenv", "--pwd", "/data", "--net"]
+    assert f"{data}:/data:ro" in argv
+    assert "K=v" in argv
+    assert argv[argv.index("--network") + 1] == "none"
+    assert argv[-3:] == ["/bin/sh", "-c", "echo ran; exit 5"]
