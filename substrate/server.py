@@ -257,6 +257,7 @@ class AgentServicer(rpc.AgentServicer):
             files=tuple(FileSpec(f.path, f.content, f.mode or 0o644) for f in request.files),
             isolated_network=request.network == pb.NETWORK_ISOLATED,
             timeout=request.timeout_seconds,
+            script=request.script,
         )
         return pb.RunResponse(task_id=self.agent.run(spec, request.lease_id).id)
 

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +26,7 @@ from .cgroups import Cgroups, TaskCgroup
 from .images import Image
 from .logstore import STDERR, STDOUT, LogStore, LogWriter
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
+from .runtimes.base import FileSpec
 
 __all__ = ["NoSuchTask", "Task", "TaskError", "TaskManager", "TaskState"]
 
@@ -69,6 +70,27 @@ class Task:
     cgroup: TaskCgroup | None = None
     done: threading.Event = field(default_factory=threading.Event)
     stop_reason: TaskState | None = None  # set when the agent ends it (cancel, timeout)
+
+
+SCRIPT_PATH = "/.squall/script"
+
+
+def _with_script(spec: TaskSpec, runtime: Runtime, task_dir: Path) -> TaskSpec:
+    """A script task as a command: the script is written where the task can run it (into
+    the container's filesystem, or the task directory for a host process)."""
+    if not spec.script:
+        return spec
+    if spec.command:
+        raise TaskError("give a task a command or a script, not both")
+    if runtime.needs_image:
+        script = FileSpec(SCRIPT_PATH, spec.script.encode(), 0o755)
+        return replace(
+            spec, command=(SCRIPT_PATH, *spec.args), args=(), files=(*spec.files, script)
+        )
+    path = task_dir / "script"
+    path.write_text(spec.script)
+    path.chmod(0o755)
+    return replace(spec, command=(str(path), *spec.args), args=())
 
 
 def _start_time(pid: int) -> str | None:
@@ -128,8 +150,10 @@ class TaskManager:
             have = ", ".join(sorted(self.runtimes))
             raise TaskError(f"unknown runtime {spec.runtime!r}; this node has: {have}")
         task_id = uuid.uuid4().hex[:12]
-        task = Task(task_id, spec, lease_id, cpus, self.root / task_id, image=image)
-        task.dir.mkdir(parents=True)
+        task_dir = self.root / task_id
+        task_dir.mkdir(parents=True)
+        spec = _with_script(spec, runtime, task_dir)
+        task = Task(task_id, spec, lease_id, cpus, task_dir, image=image)
         try:
             launch = runtime.launch(spec, cpus, task.dir, image)
         except RuntimeRefused as exc:

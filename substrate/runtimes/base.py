@@ -46,6 +46,7 @@ class TaskSpec:
     isolated_network: bool = False
     timeout: float = 0.0
     device_nodes: tuple[str, ...] = ()  # host device files the task may use (leased GPUs)
+    script: str = ""  # instead of command: a #! script run with `args`
 
 
 @dataclass(frozen=True, slots=True)

@@ -308,3 +308,25 @@ def test_sif_images_run_with_apptainer_when_it_is_installed(
     assert "K=v" in argv
     assert argv[argv.index("--network") + 1] == "none"
     assert argv[-3:] == ["/bin/sh", "-c", "echo ran; exit 5"]
+
+
+@pytest.mark.parametrize("runtime_name", ["crun", "bwrap", "process"])
+def test_scripts_run_with_their_args(agent: Running, runtime_name: str) -> None:
+    lease = agent.lease()
+    image = "" if runtime_name == "process" else IMAGE
+    reply = agent.stub.Run(
+        pb.RunRequest(
+            lease_id=lease.id,
+            runtime=runtime_name,
+            image=image,
+            args=["a b", "c"],
+            script='#!/bin/sh\necho "$# args: $1|$2"\nexit 3\n',
+        )
+    )
+    status = agent.wait(reply.task_id)
+    assert status.exit_code == 3
+    assert output(agent, reply.task_id) == b"2 args: a b|c\n"
+    both = pb.RunRequest(
+        lease_id=lease.id, runtime=runtime_name, image=image, command=["true"], script="#!/bin/sh\n"
+    )
+    assert code_of(lambda: agent.stub.Run(both)) == grpc.StatusCode.FAILED_PRECONDITION

@@ -714,6 +714,7 @@ class RunRequest(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    SCRIPT_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     name: _builtins.str
     """for people: the job name"""
@@ -725,6 +726,8 @@ class RunRequest(_message.Message):
     network: Global___Network.ValueType
     timeout_seconds: _builtins.float
     """0: none"""
+    script: _builtins.str
+    """instead of command: a #! script, run with `args`"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -750,10 +753,11 @@ class RunRequest(_message.Message):
         files: _abc.Iterable[Global___File] | None = ...,
         network: Global___Network.ValueType = ...,
         timeout_seconds: _builtins.float = ...,
+        script: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "files", b"files", "image", b"image", "lease_id", b"lease_id", "mounts", b"mounts", "name", b"name", "network", b"network", "runtime", b"runtime", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "files", b"files", "image", b"image", "lease_id", b"lease_id", "mounts", b"mounts", "name", b"name", "network", b"network", "runtime", b"runtime", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
