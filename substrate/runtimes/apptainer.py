@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .base import Launch, RuntimeRefused, TaskSpec
-from .bwrap import nsenter_launch
-from .rootfs import children, image_argv, image_env, working_dir
+from .rootfs import EnterWithNsenter, children, image_argv, image_env, working_dir
 
 if TYPE_CHECKING:
     from ..images import Image
@@ -36,7 +35,7 @@ def _binary() -> str | None:
     return shutil.which("apptainer") or shutil.which("singularity")
 
 
-class ApptainerRuntime:
+class ApptainerRuntime(EnterWithNsenter):
     name = "apptainer"
     needs_image = True
 
@@ -76,17 +75,6 @@ class ApptainerRuntime:
         return Launch(
             argv=[*args, str(image.sif), *argv], env=_apptainer_env(), cwd=str(task_dir), cpus=cpus
         )
-
-    def exec_launch(
-        self,
-        spec: TaskSpec,
-        task_pid: int,
-        task_dir: Path,
-        image: Image | None,
-        command: list[str],
-        env: dict[str, str],
-    ) -> Launch:
-        return nsenter_launch(self.namespace_pid(task_pid, task_dir), spec, image, command, env)
 
     def namespace_pid(self, task_pid: int, task_dir: Path) -> int:
         """Apptainer's starter keeps a parent outside the container's PID namespace when it

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
     DEFAULT_CAPS,
+    EnterWithNsenter,
     children,
     hostname,
     image_argv,
@@ -30,32 +31,10 @@ from .rootfs import (
 if TYPE_CHECKING:
     from ..images import Image
 
-__all__ = ["BwrapRuntime", "nsenter_launch"]
+__all__ = ["BwrapRuntime"]
 
 
-def nsenter_launch(
-    target: int, spec: TaskSpec, image: Image | None, command: list[str], env: dict[str, str]
-) -> Launch:
-    """`command` inside the namespaces and root of process `target`."""
-    assert image is not None
-    argv = [
-        "nsenter",
-        "--target",
-        str(target),
-        "--mount",
-        "--uts",
-        "--ipc",
-        "--pid",
-        "--net",
-        "--root",
-        "--wd",
-        "--",
-        *command,
-    ]
-    return Launch(argv=argv, env=image_env(spec, image, env), cwd="/")
-
-
-class BwrapRuntime:
+class BwrapRuntime(EnterWithNsenter):
     name = "bwrap"
     needs_image = True
 
@@ -110,17 +89,6 @@ class BwrapRuntime:
         for cap in DEFAULT_CAPS:
             args += ["--cap-add", cap]
         return Launch(argv=[*args, "--", *argv], env={}, cwd=str(task_dir), cpus=cpus)
-
-    def exec_launch(
-        self,
-        spec: TaskSpec,
-        task_pid: int,
-        task_dir: Path,
-        image: Image | None,
-        command: list[str],
-        env: dict[str, str],
-    ) -> Launch:
-        return nsenter_launch(self.namespace_pid(task_pid, task_dir), spec, image, command, env)
 
     def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
         """The task's command inside the sandbox: its namespaces and root are the task's.

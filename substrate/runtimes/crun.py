@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import Launch, RuntimeRefused, TaskSpec
-from .bwrap import nsenter_launch
 from .rootfs import (
     DEFAULT_CAPS,
+    EnterWithNsenter,
     hostname,
     image_argv,
     image_env,
@@ -54,7 +54,7 @@ def _hide_cgroup2() -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
 
 
-class CrunRuntime:
+class CrunRuntime(EnterWithNsenter):
     name = "crun"
     needs_image = True
 
@@ -95,17 +95,6 @@ class CrunRuntime:
         (bundle / "config.json").write_text(json.dumps(config, indent=1))
         argv = self._crun("run", "--bundle", str(bundle), _container_id(task_dir))
         return Launch(argv=argv, env={}, cwd=str(task_dir), cpus=cpus)
-
-    def exec_launch(
-        self,
-        spec: TaskSpec,
-        task_pid: int,
-        task_dir: Path,
-        image: Image | None,
-        command: list[str],
-        env: dict[str, str],
-    ) -> Launch:
-        return nsenter_launch(self.namespace_pid(task_pid, task_dir), spec, image, command, env)
 
     def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
         """The container's first process, as `crun state` reports it once it is running."""

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import RuntimeRefused, TaskSpec
+from .base import Launch, RuntimeRefused, TaskSpec
 
 if TYPE_CHECKING:
     from ..images import Image
@@ -118,3 +118,39 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+class EnterWithNsenter:
+    """`exec_launch` for runtimes whose tasks live in namespaces: nsenter into those of the
+    process that `namespace_pid` names (the runtime defines it)."""
+
+    def namespace_pid(self, task_pid: int, task_dir: Path) -> int:
+        raise NotImplementedError
+
+    def exec_launch(
+        self,
+        spec: TaskSpec,
+        task_pid: int,
+        task_dir: Path,
+        image: Image | None,
+        command: list[str],
+        env: dict[str, str],
+    ) -> Launch:
+        """`command` inside the namespaces and root of the task."""
+        assert image is not None
+        target = self.namespace_pid(task_pid, task_dir)
+        argv = [
+            "nsenter",
+            "--target",
+            str(target),
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--pid",
+            "--net",
+            "--root",
+            "--wd",
+            "--",
+            *command,
+        ]
+        return Launch(argv=argv, env=image_env(spec, image, env), cwd="/")
