@@ -12,6 +12,7 @@ import hmac
 import inspect
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -160,7 +161,7 @@ class AgentServicer(rpc.AgentServicer):
             status="ok",
             agent_version=a.version,
             hostname=a.inventory.hostname,
-            uptime_seconds=_now() - a.started,
+            uptime_seconds=time.time() - a.started,
         )
 
     def Inventory(self, request: pb.InventoryRequest, context: Any) -> pb.InventoryResponse:
@@ -268,10 +269,10 @@ class AgentServicer(rpc.AgentServicer):
     @_status_codes
     def Wait(self, request: pb.WaitRequest, context: Any) -> pb.TaskStatus:
         task = self.agent.tasks.get(request.task_id)
-        deadline = _now() + request.timeout_seconds if request.timeout_seconds else None
+        deadline = time.time() + request.timeout_seconds if request.timeout_seconds else None
         # wait in slices so that a client that hangs up frees the thread
         while not task.done.wait(0.5) and context.is_active():
-            if deadline is not None and _now() >= deadline:
+            if deadline is not None and time.time() >= deadline:
                 break
         return _status_pb(task)
 
@@ -308,12 +309,6 @@ class AgentServicer(rpc.AgentServicer):
         self, request_iterator: Iterator[pb.PortForwardInput], context: Any
     ) -> Iterator[pb.PortForwardOutput]:
         yield from port_forward_stream(self.agent, request_iterator, context)
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
 
 
 def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64) -> tuple[Any, int]:
