@@ -1,0 +1,197 @@
+"""The local site: a cluster of substrate agents running as processes on this machine.
+
+Each agent owns a slice (CPUs, memory) and its own data directory, serves gRPC on a free
+loopback port and is reached only through that API, as a cloud node would be. Agents run in
+their own session, so a Ctrl-C at the terminal reaches the orchestrator, which then stops
+them in order (TERM, then KILL after a grace).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from api.substrate.v1 import agent_pb2 as pb
+from substrate.client import connect
+
+from .base import AgentEndpoint, Cluster, NodeSlice, ProvisionError
+
+__all__ = ["LocalProvisioner", "slice_machine"]
+
+START_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+
+
+def slice_machine(
+    cpus: Sequence[tuple[int, int]], memory_bytes: int, nodes: int, cores: int, memory: int
+) -> list[NodeSlice]:
+    """Cut `nodes` disjoint slices of `cores` CPUs and `memory` bytes out of this machine.
+
+    `cpus` are (cpu id, NUMA node) pairs; each slice takes CPUs in NUMA order, so that a
+    slice stays on one NUMA node when it can.
+    """
+    ordered = [cpu for cpu, _ in sorted(cpus, key=lambda c: (c[1], c[0]))]
+    if nodes * cores > len(ordered):
+        raise ProvisionError(
+            f"{nodes} node(s) of {cores} core(s) need {nodes * cores} CPUs; this machine has "
+            f"{len(ordered)}"
+        )
+    if nodes * memory > memory_bytes:
+        raise ProvisionError(
+            f"{nodes} node(s) of {memory} bytes need {nodes * memory} bytes of memory; this "
+            f"machine has {memory_bytes}"
+        )
+    return [
+        NodeSlice(cpus=tuple(ordered[i * cores : (i + 1) * cores]), memory_bytes=memory)
+        for i in range(nodes)
+    ]
+
+
+class LocalProvisioner:
+    """Starts and stops agent processes under `root/<run id>/<node>`."""
+
+    site = "local"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        search_registries: Sequence[str] = (),
+        insecure_registries: Sequence[str] = (),
+        python: str = sys.executable,
+    ) -> None:
+        self.root = root
+        self.search = tuple(search_registries)
+        self.insecure = tuple(insecure_registries)
+        self.python = python
+        self._procs: dict[str, list[subprocess.Popen[str]]] = {}
+
+    def up(self, run_id: str, nodes: list[NodeSlice]) -> Cluster:
+        if not nodes:
+            raise ProvisionError("a cluster needs at least one node")
+        started: list[subprocess.Popen[str]] = []
+        self._procs[run_id] = started
+        agents = []
+        try:
+            for i, node in enumerate(nodes):
+                name = f"node-{i}"
+                agents.append(self._start(run_id, name, node, started))
+        except BaseException:
+            self._stop(started)
+            del self._procs[run_id]
+            raise
+        return Cluster(run_id=run_id, site=self.site, agents=tuple(agents))
+
+    def _start(
+        self, run_id: str, name: str, node: NodeSlice, started: list[subprocess.Popen[str]]
+    ) -> AgentEndpoint:
+        home = self.root / run_id / name
+        home.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        token_file = home / "token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        cmd = [
+            self.python,
+            "-m",
+            "substrate",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(home / "data"),
+            "--token-file",
+            str(token_file),
+            "--cpus",
+            ",".join(map(str, node.cpus)),
+            "--memory-bytes",
+            str(node.memory_bytes),
+            "--label",
+            f"run={run_id}",
+            "--label",
+            f"node={name}",
+        ]
+        if node.gpus:
+            cmd += ["--gpus", ",".join(map(str, node.gpus))]
+        for flag, values in (
+            ("--search-registry", self.search),
+            ("--insecure-registry", self.insecure),
+        ):
+            for value in values:
+                cmd += [flag, value]
+        log = open(home / "agent.log", "w")  # noqa: SIM115 - the agent writes to it
+        try:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+            )
+        finally:
+            log.close()
+        started.append(proc)
+        address = self._await_address(proc, home / "agent.log")
+        self._await_health(address, token, home / "agent.log")
+        return AgentEndpoint(name=name, address=address, token=token, pid=proc.pid)
+
+    @staticmethod
+    def _await_address(proc: subprocess.Popen[str], log: Path) -> str:
+        """The agent's first stdout line says where it listens."""
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout=START_TIMEOUT):
+                raise ProvisionError(f"an agent did not start within {START_TIMEOUT:g}s")
+            line = proc.stdout.readline()
+        finally:
+            sel.close()
+        if not line.startswith("listening on "):
+            proc.wait(timeout=5)
+            reason = _last_line(log) or f"exit status {proc.returncode}"
+            raise ProvisionError(f"an agent failed to start: {reason}")
+        return line.split()[-1]
+
+    @staticmethod
+    def _await_health(address: str, token: str, log: Path) -> None:
+        channel, stub = connect(address, token)
+        try:
+            stub.Health(pb.HealthRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise ProvisionError(
+                f"the agent at {address} does not answer: {exc.details()}; {_last_line(log)}"
+            ) from None
+        finally:
+            channel.close()
+
+    def down(self, cluster: Cluster) -> None:
+        procs = self._procs.pop(cluster.run_id, [])
+        self._stop(procs)
+
+    @staticmethod
+    def _stop(procs: list[subprocess.Popen[str]]) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

@@ -1,0 +1,98 @@
+"""The local site: real agent processes, each owning a slice of this machine, reached over
+gRPC on loopback, and gone after `down`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from api.substrate.v1 import agent_pb2 as pb
+from orchestrator.provision import LocalProvisioner, NodeSlice, ProvisionError, slice_machine
+from substrate.client import connect
+
+MiB = 2**20
+
+
+def test_slices_are_disjoint_and_follow_numa() -> None:
+    cpus = [(0, 0), (1, 1), (2, 0), (3, 1)]  # (cpu, NUMA node), interleaved
+    slices = slice_machine(cpus, 8 * 2**30, nodes=2, cores=2, memory=2**30)
+    assert [s.cpus for s in slices] == [(0, 2), (1, 3)]
+    with pytest.raises(ProvisionError, match="need 6 CPUs; this machine has 4"):
+        slice_machine(cpus, 8 * 2**30, nodes=3, cores=2, memory=2**30)
+    with pytest.raises(ProvisionError, match="bytes of memory"):
+        slice_machine(cpus, 2**30, nodes=2, cores=1, memory=2**30)
+
+
+def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path) -> None:
+    provisioner = LocalProvisioner(tmp_path)
+    nodes = [
+        NodeSlice(cpus=(0,), memory_bytes=256 * MiB),
+        NodeSlice(cpus=(1,), memory_bytes=256 * MiB),
+    ]
+    cluster = provisioner.up("run-1", nodes)
+    pids = [a.pid for a in cluster.agents]
+    try:
+        assert [a.name for a in cluster.agents] == ["node-0", "node-1"]
+        assert len({a.token for a in cluster.agents}) == 2  # a token per agent
+        for agent, node in zip(cluster.agents, nodes, strict=True):
+            channel, stub = connect(agent.address, agent.token)
+            inv = stub.Inventory(pb.InventoryRequest())
+            assert tuple(c.id for c in inv.cpus) == node.cpus
+            assert inv.memory_bytes == node.memory_bytes
+            assert inv.labels["run"] == "run-1"
+            lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
+            task = stub.Run(
+                pb.RunRequest(
+                    lease_id=lease.id,
+                    runtime="process",
+                    command=["/bin/sh", "-c", "cat /proc/self/status"],
+                )
+            )
+            stub.Wait(pb.WaitRequest(task_id=task.task_id))
+            status = b"".join(c.data for c in stub.Logs(pb.LogsRequest(task_id=task.task_id)))
+            allowed = next(
+                ln for ln in status.decode().splitlines() if ln.startswith("Cpus_allowed_list")
+            )
+            assert allowed.split()[-1] == str(node.cpus[0])
+            channel.close()
+        token_file = tmp_path / "run-1" / "node-0" / "token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+    finally:
+        provisioner.down(cluster)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    provisioner.down(cluster)  # twice is harmless
+
+
+def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
+    provisioner = LocalProvisioner(tmp_path)
+    good = NodeSlice(cpus=(0,), memory_bytes=64 * MiB)
+    bad = NodeSlice(cpus=(4095,), memory_bytes=64 * MiB)
+    with pytest.raises(ProvisionError, match="not online"):
+        provisioner.up("run-2", [good, bad])
+    logs = list((tmp_path / "run-2").glob("*/agent.log"))
+    assert len(logs) == 2
+    assert not _agents_of("run-2")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _agents_of(run_id: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"substrate" in args and f"run={run_id}".encode() in args:
+            pid = int(cmdline.parent.name)
+            if not _zombie(pid) and pid != os.getpid():
+                found.append(pid)
+    return found
