@@ -26,6 +26,7 @@ if [[ -n "$extras" ]]; then
               busybox:busybox-static taskset:util-linux nsenter:util-linux; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   [[ ${#missing[@]} -eq 0 ]] || need_apt "${missing[@]}"
 fi
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||

@@ -1,0 +1,252 @@
+"""The orchestrator's records: runs and what they are made of, events, and the stack ledger.
+
+SQLAlchemy 2 typed models. Times are UTC. State columns hold the names of the enums below;
+the engine commits every state change before it acts on it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Agent",
+    "Attempt",
+    "Base",
+    "Event",
+    "Job",
+    "Run",
+    "RunState",
+    "Stack",
+    "StackState",
+    "Task",
+    "TaskState",
+    "Transfer",
+    "TransferState",
+    "Volume",
+]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunState(enum.Enum):
+    PENDING = "PENDING"
+    PLACING = "PLACING"
+    PROVISIONING = "PROVISIONING"
+    STAGING = "STAGING"
+    RUNNING = "RUNNING"
+    EGRESS = "EGRESS"
+    TEARDOWN = "TEARDOWN"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class TaskState(enum.Enum):
+    PENDING = "PENDING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    SKIPPED = "SKIPPED"  # a dependency failed
+
+
+class TransferState(enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class StackState(enum.Enum):
+    CREATING = "CREATING"  # written before `up` starts
+    UP = "UP"
+    DESTROYING = "DESTROYING"
+    DESTROYED = "DESTROYED"  # the only state that closes a ledger entry
+    FAILED = "FAILED"  # destroy failed: `squall stack gc` retries
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, native_enum=False, length=16, validate_strings=True)
+
+
+_TS = DateTime(timezone=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)  # e.g. user/gromacs-1
+    owner: Mapped[str] = mapped_column(String(255))
+    state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.PENDING)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    fuzzfile: Mapped[str] = mapped_column(Text)  # the text as submitted
+    site: Mapped[str] = mapped_column(String(255), default="")
+    placement: Mapped[dict[str, object] | None] = mapped_column(JSON, default=None)
+    orchestrator: Mapped[str] = mapped_column(String(255), default="")  # the owning process
+    heartbeat_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    created_at: Mapped[datetime] = mapped_column(_TS, default=now)
+    started_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    events: Mapped[list[Event]] = relationship(cascade="all, delete-orphan", order_by="Event.id")
+
+
+class Job(Base):
+    """A job or a service of a run."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("run_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16), default="job")  # job or service
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState), default=TaskState.PENDING)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+
+    run: Mapped[Run] = relationship(back_populates="jobs")
+    tasks: Mapped[list[Task]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Task.index"
+    )
+
+
+class Task(Base):
+    """One task of a job: the job itself, or one index of its task array."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer, default=0)  # FB_TASK_ID for arrays
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState), default=TaskState.PENDING)
+
+    job: Mapped[Job] = relationship(back_populates="tasks")
+    attempts: Mapped[list[Attempt]] = relationship(
+        back_populates="task", cascade="all, delete-orphan", order_by="Attempt.number"
+    )
+
+
+class Attempt(Base):
+    """One try of a task on a node (retries make more)."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("task_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    node: Mapped[str] = mapped_column(String(255), default="")
+    agent_task_id: Mapped[str] = mapped_column(String(64), default="")
+    lease_id: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState), default=TaskState.STARTING)
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    message: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+
+    task: Mapped[Task] = relationship(back_populates="attempts")
+
+
+class Event(Base):
+    """Append-only history of a run, for `status --watch` and post-mortems."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(_TS, default=now)
+    kind: Mapped[str] = mapped_column(String(32))  # run, job, task, transfer, stack, ...
+    subject: Mapped[str] = mapped_column(String(255), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+
+
+class Agent(Base):
+    """A node of a run's cluster, as the provisioner reported it."""
+
+    __tablename__ = "agents"
+    __table_args__ = (UniqueConstraint("run_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    address: Mapped[str] = mapped_column(String(255))
+    token: Mapped[str] = mapped_column(String(255))  # the store's file/DB must be private
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Volume(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("run_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="SET NULL"), index=True, default=None
+    )
+    name: Mapped[str] = mapped_column(String(255))
+    persistent_name: Mapped[str | None] = mapped_column(String(255), default=None)
+    path: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")
+
+
+class Transfer(Base):
+    """An ingress or egress copy; a failed egress keeps its data until retried or released."""
+
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    volume: Mapped[str] = mapped_column(String(255))
+    direction: Mapped[str] = mapped_column(String(8))  # ingress or egress
+    source: Mapped[str] = mapped_column(Text)
+    destination: Mapped[str] = mapped_column(Text)
+    state: Mapped[TransferState] = mapped_column(
+        _enum(TransferState), default=TransferState.PENDING
+    )
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+
+
+class Stack(Base):
+    """The ledger of cloud stacks: written before `up`, closed only by a successful destroy."""
+
+    __tablename__ = "stacks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(36), index=True)  # outlives its run on purpose
+    name: Mapped[str] = mapped_column(String(255), unique=True)  # squall-<run id>
+    site: Mapped[str] = mapped_column(String(255))
+    backend: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[StackState] = mapped_column(_enum(StackState), default=StackState.CREATING)
+    created_at: Mapped[datetime] = mapped_column(_TS, default=now)
+    expires_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    destroyed_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    error: Mapped[str] = mapped_column(Text, default="")
