@@ -23,6 +23,7 @@ from .rootfs import (
     image_argv,
     image_env,
     mount_overlay,
+    oci_image,
     populate,
     unmount_overlay,
     working_dir,
@@ -48,13 +49,7 @@ class BwrapRuntime(EnterWithNsenter):
     def launch(
         self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path, image: Image | None
     ) -> Launch:
-        if image is None:
-            raise RuntimeRefused("the bwrap runtime runs images: give the task an image")
-        if image.sif is not None:
-            raise RuntimeRefused(
-                f"{image.reference} is a SIF image, which needs the apptainer runtime; "
-                "this node has no Apptainer"
-            )
+        image = oci_image(self.name, image)
         argv = image_argv(spec, image)
         cwd = working_dir(spec, image)
         args = [

@@ -27,6 +27,7 @@ from .rootfs import (
     image_argv,
     image_env,
     mount_overlay,
+    oci_image,
     populate,
     unmount_overlay,
     working_dir,
@@ -79,13 +80,7 @@ class CrunRuntime(EnterWithNsenter):
     def launch(
         self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path, image: Image | None
     ) -> Launch:
-        if image is None:
-            raise RuntimeRefused("the crun runtime runs images: give the task an image")
-        if image.sif is not None:
-            raise RuntimeRefused(
-                f"{image.reference} is a SIF image, which needs the apptainer runtime; "
-                "this node has no Apptainer"
-            )
+        image = oci_image(self.name, image)
         cwd = working_dir(spec, image)
         root = mount_overlay(image.rootfs, task_dir)
         populate(root, spec, cwd)

@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CAPS",
+    "EnterWithNsenter",
+    "children",
     "hostname",
     "image_argv",
     "image_env",
     "mount_overlay",
+    "oci_image",
     "populate",
     "unmount_overlay",
     "working_dir",
@@ -48,6 +51,18 @@ DEFAULT_CAPS = (
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 )
+
+
+def oci_image(runtime: str, image: Image | None) -> Image:
+    """The task's image, which an OCI runtime needs and which must not be a SIF file."""
+    if image is None:
+        raise RuntimeRefused(f"the {runtime} runtime runs images: give the task an image")
+    if image.sif is not None:
+        raise RuntimeRefused(
+            f"{image.reference} is a SIF image, which needs the apptainer runtime; "
+            "this node has no Apptainer"
+        )
+    return image
 
 
 def image_argv(spec: TaskSpec, image: Image) -> list[str]:

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.substrate.registry import free_port
+from tests.substrate.registry import free_port, self_signed_certificate
 
 
 class FileServer:
@@ -25,29 +25,7 @@ class FileServer:
         self.fail_next = 0
         self.cut_next = 0
         self.gets: list[tuple[str, str]] = []  # (path, Range header)
-        cert, key = work / "https.crt", work / "https.key"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        cert, key = self_signed_certificate(work, "https")
         self.ca_file = str(cert)
         server = self
 

@@ -70,6 +70,34 @@ def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
     return layout
 
 
+def self_signed_certificate(work: Path, name: str) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1, made with openssl, valid for a day."""
+    cert, key = work / f"{name}.crt", work / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,29 +118,7 @@ class Registry:
         http = f"addr: {self.address}"
         auth = ""
         if credentials is not None:
-            cert, key = work / "tls.crt", work / "tls.key"
-            subprocess.run(
-                [
-                    "openssl",
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "1",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                    "-addext",
-                    "subjectAltName=IP:127.0.0.1",
-                    "-keyout",
-                    str(key),
-                    "-out",
-                    str(cert),
-                ],
-                check=True,
-                capture_output=True,
-            )
+            cert, key = self_signed_certificate(work, "tls")
             http += f", tls: {{certificate: {cert}, key: {key}}}"
             htpasswd = work / "htpasswd"
             htpasswd.write_text(f"{credentials[0]}:{_bcrypt(credentials[1])}\n")
