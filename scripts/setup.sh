@@ -23,7 +23,7 @@ if [[ -n "$extras" ]]; then
   # what the tests run for real: container tools, a registry, an image to build from
   missing=()
   for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
-              busybox:busybox-static taskset:util-linux nsenter:util-linux; do
+              busybox:busybox-static taskset:util-linux nsenter:util-linux openssl:openssl; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
