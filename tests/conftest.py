@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.substrate.registry import Registry, build_busybox_image, missing_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 # A copy of the public Fuzzfile corpus (Apache-2.0, see the LICENSE and SOURCE.txt files in it)
@@ -33,3 +36,17 @@ def tmp_file(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A local registry holding busybox:1.36 and busybox:latest, built in this session."""
+    missing = missing_tools()
+    assert not missing, f"install {missing} (scripts/setup.sh --test does, as root)"
+    work = tmp_path_factory.mktemp("registry")
+    layout = build_busybox_image(work)
+    reg = Registry(work)
+    for name in ("busybox:1.36", "busybox:latest"):
+        reg.push(layout, "1.36", name)
+    yield reg
+    reg.stop()

@@ -17,7 +17,7 @@ from substrate.client import connect
 from substrate.inventory import read_inventory
 from substrate.runtimes import available
 from substrate.server import create_server
-from tests.substrate.registry import Registry, build_busybox_image, missing_tools
+from tests.substrate.registry import Registry
 
 TOKEN = "test-token-" + os.urandom(4).hex()
 
@@ -51,20 +51,6 @@ class Running:
 
     def logs(self, task_id: str, **kw: Any) -> list[pb.LogChunk]:
         return list(self.stub.Logs(pb.LogsRequest(task_id=task_id, **kw)))
-
-
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A local registry holding busybox:1.36 and busybox:latest, built in this session."""
-    missing = missing_tools()
-    assert not missing, f"install {missing} (scripts/setup.sh --test does, as root)"
-    work = tmp_path_factory.mktemp("registry")
-    layout = build_busybox_image(work)
-    reg = Registry(work)
-    for name in ("busybox:1.36", "busybox:latest"):
-        reg.push(layout, "1.36", name)
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture

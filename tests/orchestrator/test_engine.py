@@ -1,0 +1,138 @@
+"""The engine end to end on the local site: real agent processes, images from a registry
+served here, crun containers, and the store on SQLite."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.engine import Engine
+from orchestrator.errors import InvalidInput
+from orchestrator.fuzzfile import Workflow
+from orchestrator.provision import LocalProvisioner, NodeSlice
+from orchestrator.store import Attempt, Event, Job, RunState, Store, Task, TaskState
+from tests.substrate.registry import Registry
+
+IMAGE = "image: {uri: docker://busybox:1.36}"
+
+
+@pytest.fixture
+def engine(tmp_path: Path, registry: Registry) -> Engine:
+    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+    provisioner = LocalProvisioner(
+        tmp_path / "site",
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+    )
+
+    def one_node(_: Workflow) -> list[NodeSlice]:
+        return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
+
+    return Engine(store, provisioner, one_node)
+
+
+def fuzzfile(body: str) -> str:
+    return "version: v4\n" + textwrap.dedent(body)
+
+
+def test_a_dag_with_a_task_array_runs_to_the_end(engine: Engine) -> None:
+    outcome = engine.run(
+        "user/dag",
+        fuzzfile(f"""
+        jobs:
+          split:
+            {IMAGE}
+            command: [/bin/sh, -c, "echo split"]
+          count:
+            {IMAGE}
+            script: |
+              #!/bin/sh
+              echo "task $FB_TASK_ID of $FB_WORKFLOW_ID"
+            task-array: {{start: 1, end: 4, concurrency: 2}}
+            depends-on: [{{name: split}}]
+          merge:
+            {IMAGE}
+            command: [/bin/sh, -c, "echo merge"]
+            depends-on: [{{name: count}}]
+    """),
+    )
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    with engine.store.session() as s:
+        states = s.execute(
+            select(Job.name, Task.index, Task.state)
+            .join(Task.job)
+            .where(Job.run_id == outcome.run_id)
+        ).all()
+        assert sorted(states) == sorted(
+            [("split", 0, TaskState.FINISHED), ("merge", 0, TaskState.FINISHED)]
+            + [("count", i, TaskState.FINISHED) for i in range(1, 5)]
+        )
+        kinds = s.scalars(select(Event.message).where(Event.run_id == outcome.run_id)).all()
+        assert kinds[0] == "submitted"
+        assert kinds[-1] == "FINISHED"
+
+
+def test_failures_retries_timeouts_and_independent_branches(engine: Engine) -> None:
+    outcome = engine.run(
+        "user/mixed",
+        fuzzfile(f"""
+        jobs:
+          flaky:
+            {IMAGE}
+            command: [/bin/sh, -c, "exit 3"]
+            policy: {{retry: {{attempts: 1}}}}
+          after-flaky:
+            {IMAGE}
+            command: [/bin/true]
+            depends-on: [{{name: flaky}}]
+          slow:
+            {IMAGE}
+            command: [sleep, "30"]
+            policy: {{timeout: {{execute: 1s}}}}
+          fine:
+            {IMAGE}
+            command: [/bin/true]
+    """),
+    )
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason == "failed: after-flaky, flaky, slow"
+    with engine.store.session() as s:
+
+        def attempts(name: str) -> list[Attempt]:
+            return list(
+                s.scalars(
+                    select(Attempt)
+                    .join(Attempt.task)
+                    .join(Task.job)
+                    .where(Job.run_id == outcome.run_id, Job.name == name)
+                    .order_by(Attempt.number)
+                )
+            )
+
+        assert [a.exit_code for a in attempts("flaky")] == [3, 3]  # tried twice
+        assert attempts("after-flaky") == []
+        [slow] = attempts("slow")
+        assert "timeout" in slow.message
+        assert attempts("fine")[0].state is TaskState.FINISHED
+        skipped = s.scalars(
+            select(Job).where(Job.run_id == outcome.run_id, Job.name == "after-flaky")
+        ).one()
+        assert skipped.state is TaskState.SKIPPED
+        assert skipped.reason == "dependency 'flaky' failed"
+
+
+def test_what_the_engine_cannot_run_yet_is_refused_before_anything_starts(
+    engine: Engine, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="services"):
+        engine.run(
+            "user/svc",
+            fuzzfile(f"""
+            services:
+              db: {{{IMAGE}, persist: true}}
+        """),
+        )
+    assert not (tmp_path / "site").exists()  # no cluster was started
