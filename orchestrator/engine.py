@@ -1,58 +1,51 @@
 """The engine: one run of a workflow, from records to a cluster, through its DAG, and back.
 
-This first slice runs the jobs of a workflow (task arrays, dependencies, retries, time
-limits) on a provisioned cluster; services, volumes, ingress and egress come next and are
-refused with a clear error until then. Every state change is committed to the store before
-the engine acts on it, and the cluster is taken down in a `finally`.
-
-Each started task holds a lease on an agent (renewed in the background) and a thread that
-waits for its end; the main loop applies results one at a time and asks the scheduler what
-to start next.
+A run moves through PLACING, PROVISIONING, STAGING (volumes, ingress, images), RUNNING,
+EGRESS and TEARDOWN, and ends FINISHED, FAILED or CANCELLED with its reason. Every state
+change is committed to the store before the engine acts on it; the cluster is taken down
+and ephemeral volumes released in a `finally`, whatever happened. While it works the engine
+writes a heartbeat into the run, so that another process can tell a run whose orchestrator
+died (see `recovery`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
-import queue
+import socket
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
 
-import grpc
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
-from .errors import InvalidInput
-from .fuzzfile import Job as JobSpec
+from .data import TransferError
+from .data.staging import Staging
+from .errors import InvalidInput, SquallError
 from .fuzzfile import Workflow, load_text
-from .fuzzfile.model import Affinity
 from .provision import Cluster, NodeSlice, Provisioner
-from .scheduler import Phase, TaskKey, decide, tasks_of
-from .store import Agent, Attempt, Event, Job, Run, RunState, Store, Task, TaskState
+from .runloop import RunLoop
+from .scheduler import tasks_of
+from .secrets import SecretStore, parse_reference
+from .store import Agent, Event, Job, Run, RunState, Store, Task, Volume
 
-__all__ = ["Engine", "RunOutcome"]
+__all__ = ["HEARTBEAT", "TERMINAL", "Engine", "RunOutcome", "identity", "request_cancel"]
 
-LEASE_TTL = 30.0
-_AFFINITY = {
-    Affinity.CORE: pb.AFFINITY_CORE,
-    Affinity.SOCKET: pb.AFFINITY_SOCKET,
-    Affinity.NUMA: pb.AFFINITY_NUMA,
-}
-_PHASE = {
-    TaskState.PENDING: Phase.PENDING,
-    TaskState.STARTING: Phase.STARTING,
-    TaskState.RUNNING: Phase.RUNNING,
-    TaskState.FINISHED: Phase.FINISHED,
-    TaskState.FAILED: Phase.FAILED,
-    TaskState.CANCELLED: Phase.CANCELLED,
-    TaskState.SKIPPED: Phase.SKIPPED,
-}
+HEARTBEAT = 5.0  # seconds between heartbeats of a live run
+TERMINAL = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
+
+
+def identity() -> str:
+    """This orchestrator process, as runs record their owner: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,73 +55,216 @@ class RunOutcome:
     reason: str
 
 
-@dataclass(slots=True)
-class _Active:
-    key: TaskKey
-    task_db_id: int
-    attempt_id: int
-    node: int  # index into the cluster's agents
-    lease_id: str
-    agent_task_id: str = ""
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
 class Engine:
-    """Runs workflows on clusters from `provisioner`, recording everything in `store`."""
+    """Runs workflows on clusters from `provisioner`, recording everything in `store`.
+
+    `nodes` sizes the cluster for a workflow; `data_dir` holds volumes, logs and the
+    ingress cache; secrets are read from `secrets` when a container starts or data moves.
+    """
 
     def __init__(
-        self, store: Store, provisioner: Provisioner, nodes: Callable[[Workflow], list[NodeSlice]]
+        self,
+        store: Store,
+        provisioner: Provisioner,
+        nodes: Callable[[Workflow], list[NodeSlice]],
+        *,
+        data_dir: Path,
+        secrets: SecretStore | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.store = store
         self.provisioner = provisioner
-        self.nodes = nodes  # how large a cluster a workflow gets
+        self.nodes = nodes
+        self.data_dir = data_dir
+        self.secrets = secrets or SecretStore(data_dir / "secrets")
+        self.staging = Staging(store, data_dir, self.secrets, ca_file=ca_file)
 
-    # ---- the run ----------------------------------------------------------------------
+    # ---- submitting -----------------------------------------------------------------------
 
-    def run(self, name: str, text: str, owner: str = os.environ.get("USER", "user")) -> RunOutcome:
+    def submit(self, name: str, text: str, owner: str | None = None) -> str:
+        """Check a workflow and record it as a PENDING run; nothing starts. Its id."""
         workflow = load_text(text, name).unwrap()
         _supported(workflow)
+        self._check_secrets(workflow)
         run_id = str(uuid.uuid4())
-        with self.store.session() as s:
-            run = Run(
-                id=run_id,
-                name=name,
-                owner=owner,
-                fuzzfile=text,
-                site=self.provisioner.site,
-                orchestrator=f"pid:{os.getpid()}",
-            )
-            for job_name, job in workflow.jobs.items():
-                run.jobs.append(
-                    Job(name=job_name, tasks=[Task(index=k.index) for k in tasks_of(job)])
+        run = Run(
+            id=run_id,
+            name=name,
+            owner=owner or getpass.getuser(),
+            fuzzfile=text,
+            site=self.provisioner.site,
+        )
+        for job_name, container in workflow.containers.items():
+            run.jobs.append(
+                Job(
+                    name=job_name,
+                    kind="job" if job_name in workflow.jobs else "service",
+                    tasks=[Task(index=k.index) for k in tasks_of(container)],
                 )
-            run.events.append(Event(kind="run", message="submitted"))
-            s.add(run)
+            )
+        run.events.append(Event(kind="run", message="submitted"))
+        try:
+            with self.store.session() as s:
+                s.add(run)
+        except IntegrityError:
+            raise InvalidInput(f"a run named {name!r} exists already; pick another name") from None
+        return run_id
+
+    def _check_secrets(self, wf: Workflow) -> None:
+        refs = {
+            v for c in wf.containers.values() for v in c.env.values() if v.startswith("secret://")
+        }
+        for volume in wf.volumes.values():
+            for t in (*volume.ingress, *volume.egress):
+                refs.update(x for x in (t.source.secret, t.destination.secret) if x)
+        missing = []
+        for ref in sorted(refs):
+            parse_reference(ref)
+            try:
+                self.secrets.get(ref)
+            except InvalidInput:
+                missing.append(ref)
+        if missing:
+            raise InvalidInput(
+                f"the workflow uses secrets that are not set: {', '.join(missing)}; set each "
+                "with `squall secret set REF` (the value is read from stdin)"
+            )
+
+    # ---- running --------------------------------------------------------------------------
+
+    def run(self, name: str, text: str, owner: str | None = None) -> RunOutcome:
+        """Submit and execute a workflow in this process."""
+        return self.execute(self.submit(name, text, owner))
+
+    def execute(self, run_id: str) -> RunOutcome:
+        """Drive a submitted run to its end. Only its owner (this process) may do this."""
+        with self.store.session() as s:
+            run = s.get_one(Run, run_id)
+            if run.state is not RunState.PENDING:
+                raise InvalidInput(f"run {run.name} is {run.state.value}, not PENDING")
+            run.orchestrator = identity()
+            run.heartbeat_at = _now()
+            text, name = run.fuzzfile, run.name
+        workflow = load_text(text, name).unwrap()
+        stop_heartbeat = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(run_id, stop_heartbeat), daemon=True)
+        beat.start()
         cluster: Cluster | None = None
         state, reason = RunState.FAILED, "the orchestrator stopped"
         try:
-            self._set_run(run_id, RunState.PROVISIONING)
-            cluster = self.provisioner.up(run_id, self.nodes(workflow))
-            with self.store.session() as s:
-                s.add_all(
-                    Agent(run_id=run_id, name=a.name, address=a.address, token=a.token, pid=a.pid)
-                    for a in cluster.agents
-                )
-            state, reason = _RunLoop(self, run_id, workflow, cluster).drive()
+            state, reason, cluster = self._phases(run_id, workflow)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            raise
+            if not isinstance(exc, SquallError):
+                raise
         finally:
             if cluster is not None:
                 self._set_run(run_id, RunState.TEARDOWN)
                 self.provisioner.down(cluster)
+            kept = self.staging.release(run_id)
+            if kept:
+                reason += (
+                    f"; volume(s) {', '.join(kept)} kept until the egress succeeds: "
+                    f"`squall workflow egress {name}` retries it, `--release` lets it go"
+                )
+            stop_heartbeat.set()
             self._set_run(run_id, state, reason)
         with self.store.session() as s:
             run = s.get_one(Run, run_id)
             return RunOutcome(run_id, run.state, run.reason)
+
+    def _phases(self, run_id: str, wf: Workflow) -> tuple[RunState, str, Cluster | None]:
+        self._set_run(run_id, RunState.PLACING)
+        nodes = self.nodes(wf)
+        with self.store.session() as s:
+            s.get_one(Run, run_id).placement = {
+                "site": self.provisioner.site,
+                "nodes": [
+                    {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
+                    for n in nodes
+                ],
+            }
+        if self._cancelled(run_id):
+            return RunState.CANCELLED, "cancelled by request", None
+        self._set_run(run_id, RunState.PROVISIONING)
+        cluster = self.provisioner.up(run_id, nodes)
+        with self.store.session() as s:
+            s.add_all(
+                Agent(run_id=run_id, name=a.name, address=a.address, token=a.token, pid=a.pid)
+                for a in cluster.agents
+            )
+        self._set_run(run_id, RunState.STAGING)
+        paths = self.staging.create(run_id, wf)
+        self.staging.ingress(run_id, wf, paths, self._reporter(run_id, "transfer"))
+        self._pull_images(run_id, wf, cluster)
+        if self._cancelled(run_id):
+            return RunState.CANCELLED, "cancelled by request", cluster
+        self._set_run(run_id, RunState.RUNNING)
+        loop = RunLoop(
+            self.store,
+            run_id,
+            wf,
+            cluster,
+            mounts=paths,
+            secrets=self.secrets,
+            data_dir=self.data_dir,
+            report=lambda kind, subject, message: self._event(run_id, kind, message, subject),
+        )
+        state, reason = loop.drive()
+        if state is RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
+            self._set_run(run_id, RunState.EGRESS)
+            try:
+                self.staging.egress(run_id, wf, paths, self._reporter(run_id, "transfer"))
+            except TransferError as exc:
+                return RunState.FAILED, str(exc), cluster
+        elif state is not RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
+            self._event(run_id, "transfer", "egress skipped: the run did not finish")
+        return state, reason, cluster
+
+    def retry_egress(self, name: str, *, release: bool = False) -> list[str]:
+        """Retry the failed egress of an ended run (or, with `release`, give up and free
+        its volumes). Raises TransferError if it fails again; returns volumes still kept."""
+        with self.store.session() as s:
+            run = s.scalars(select(Run).where(Run.name == name)).one_or_none()
+            if run is None:
+                raise InvalidInput(f"no run named {name!r}")
+            if run.state not in TERMINAL:
+                raise InvalidInput(f"run {name} is {run.state.value}; wait for it to end")
+            run_id = run.id
+            paths = {
+                v.name: Path(v.path)
+                for v in s.scalars(select(Volume).where(Volume.run_id == run_id)).all()
+            }
+        if not release:
+            self.staging.retry_egress(run_id, paths, self._reporter(run_id, "transfer"))
+            self._event(run_id, "transfer", "egress retried: every result is out")
+        return self.staging.release(run_id, force=release)
+
+    def _pull_images(self, run_id: str, wf: Workflow, cluster: Cluster) -> None:
+        for agent in cluster.agents:
+            channel, stub = connect(agent.address, agent.token)
+            try:
+                for uri in sorted({c.image.uri for c in wf.containers.values()}):
+                    for progress in stub.PullImage(pb.PullImageRequest(reference=uri)):
+                        if progress.done:
+                            self._event(run_id, "image", f"{agent.name}: {progress.message}", uri)
+            finally:
+                channel.close()
+
+    # ---- records ---------------------------------------------------------------------------
+
+    def _cancelled(self, run_id: str) -> bool:
+        with self.store.session() as s:
+            return bool(s.get_one(Run, run_id).cancel_requested)
+
+    def _heartbeat(self, run_id: str, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT):
+            with contextlib.suppress(Exception), self.store.session() as s:
+                s.get_one(Run, run_id).heartbeat_at = _now()
 
     def _set_run(self, run_id: str, state: RunState, reason: str = "") -> None:
         with self.store.session() as s:
@@ -136,7 +272,7 @@ class Engine:
             run.state, run.reason = state, reason or run.reason
             if state is RunState.RUNNING and run.started_at is None:
                 run.started_at = _now()
-            if state in (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED):
+            if state in TERMINAL:
                 run.finished_at = _now()
             s.add(
                 Event(
@@ -150,228 +286,33 @@ class Engine:
         with self.store.session() as s:
             s.add(Event(run_id=run_id, kind=kind, subject=subject, message=message))
 
+    def _reporter(self, run_id: str, kind: str) -> Callable[[str, str], None]:
+        return lambda subject, message: self._event(run_id, kind, message, subject)
+
+
+def request_cancel(store: Store, name: str) -> RunState:
+    """Ask the owner of run `name` to cancel it (from any process); its state now."""
+    with store.session() as s:
+        run = s.scalars(select(Run).where(Run.name == name)).one_or_none()
+        if run is None:
+            raise InvalidInput(f"no run named {name!r}")
+        if run.state not in TERMINAL:
+            run.cancel_requested = True
+            s.add(Event(run_id=run.id, kind="run", message="cancel requested"))
+        return run.state
+
 
 def _supported(wf: Workflow) -> None:
-    """What this slice of the engine cannot run yet is refused before anything starts."""
-    missing = []
-    if wf.services:
-        missing.append("services")
-    if wf.volumes or any(j.mounts for j in wf.jobs.values()):
-        missing.append("volumes and mounts")
-    if any(j.multinode for j in wf.jobs.values()):
-        missing.append("multinode jobs")
-    if any(v.startswith("secret://") for j in wf.jobs.values() for v in j.env.values()):
-        missing.append("secrets")
-    if missing:
-        raise InvalidInput(f"the engine cannot run {', '.join(missing)} yet")
-
-
-class _RunLoop:
-    """The RUNNING phase of one run: start what is ready, apply what ended, until done."""
-
-    def __init__(self, engine: Engine, run_id: str, wf: Workflow, cluster: Cluster) -> None:
-        self.engine, self.store, self.run_id, self.wf = engine, engine.store, run_id, wf
-        self.stubs = []
-        self.channels = []
-        for agent in cluster.agents:
-            channel, stub = connect(agent.address, agent.token)
-            self.channels.append(channel)
-            self.stubs.append(stub)
-        self.results: queue.Queue[tuple[_Active, Any]] = queue.Queue()
-        self.active: dict[TaskKey, _Active] = {}
-        self.stop = threading.Event()
-
-    def drive(self) -> tuple[RunState, str]:
-        renewer = threading.Thread(target=self._renew_leases, daemon=True)
-        try:
-            self._pull_images()
-            self.engine._set_run(self.run_id, RunState.RUNNING)
-            renewer.start()
-            while True:
-                decision = decide(self.wf, self._phases())
-                self._skip(decision.skip)
-                started = [self._start(key) for key in decision.start]
-                if decision.done and not self.active:
-                    break
-                if not self.active and not any(started):
-                    if decision.skip:
-                        continue  # skipping changed the graph: decide again
-                    raise RuntimeError("nothing can start: the cluster is too small for a job")
-                active, status = self.results.get()
-                self._finish(active, status)
-            failed = self._failed_jobs()
-            if failed:
-                return RunState.FAILED, "failed: " + ", ".join(failed)
-            return RunState.FINISHED, ""
-        finally:
-            self.stop.set()
-            for channel in self.channels:
-                channel.close()
-
-    def _pull_images(self) -> None:
-        self.engine._set_run(self.run_id, RunState.STAGING)
-        for uri in sorted({j.image.uri for j in self.wf.jobs.values()}):
-            for stub in self.stubs:
-                for progress in stub.PullImage(pb.PullImageRequest(reference=uri)):
-                    if progress.done:
-                        self.engine._event(self.run_id, "image", progress.message, uri)
-
-    # ---- state ------------------------------------------------------------------------
-
-    def _phases(self) -> dict[TaskKey, Phase]:
-        with self.store.session() as s:
-            rows = s.execute(
-                select(Job.name, Task.index, Task.state)
-                .join(Task.job)
-                .where(Job.run_id == self.run_id)
-            ).all()
-        return {TaskKey(name, index): _PHASE[state] for name, index, state in rows}
-
-    def _task_row(self, s: Any, key: TaskKey) -> Task:
-        task: Task = s.scalars(
-            select(Task)
-            .join(Task.job)
-            .where(Job.run_id == self.run_id, Job.name == key.name, Task.index == key.index)
-        ).one()
-        return task
-
-    def _skip(self, skipped: dict[str, str]) -> None:
-        if not skipped:
-            return
-        with self.store.session() as s:
-            for name, why in skipped.items():
-                job = s.scalars(
-                    select(Job).where(Job.run_id == self.run_id, Job.name == name)
-                ).one()
-                job.state, job.reason = TaskState.SKIPPED, why
-                for task in job.tasks:
-                    task.state = TaskState.SKIPPED
-                s.add(Event(run_id=self.run_id, kind="job", subject=name, message=why))
-
-    def _failed_jobs(self) -> list[str]:
-        phases = self._phases()
-        return sorted({k.name for k, p in phases.items() if p in (Phase.FAILED, Phase.SKIPPED)})
-
-    # ---- starting and ending tasks ------------------------------------------------------
-
-    def _start(self, key: TaskKey) -> bool:
-        job = self.wf.jobs[key.name]
-        r = job.resource
-        lease_request = pb.AcquireLeaseRequest(
-            holder=f"run/{self.run_id}",
-            cores=r.cores,
-            affinity=_AFFINITY[r.affinity],
-            threads=r.threads,
-            memory_bytes=r.memory or 0,
-            memory_by_core=r.memory_by_core,
-            devices={k: v for k, v in r.devices.items() if v},
-            exclusive=r.exclusive,
-            ttl_seconds=LEASE_TTL,
+    """What the engine cannot run yet is refused before anything starts."""
+    multinode = sorted(n for n, c in wf.containers.items() if c.multinode)
+    if multinode:
+        raise InvalidInput(
+            f"multinode jobs are not supported yet ({', '.join(multinode)}); run them on one "
+            "node for now"
         )
-        for node, stub in enumerate(self.stubs):
-            try:
-                lease = stub.AcquireLease(lease_request)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    continue  # full: try the next node, or later
-                raise
-            with self.store.session() as s:  # recorded before the task is started
-                task = self._task_row(s, key)
-                task.state = TaskState.STARTING
-                attempt = Attempt(
-                    number=len(task.attempts) + 1,
-                    node=f"node-{node}",
-                    lease_id=lease.id,
-                    started_at=_now(),
-                )
-                task.attempts.append(attempt)
-                s.flush()
-                active = _Active(key, task.id, attempt.id, node, lease.id)
-            reply = stub.Run(self._run_request(job, key, lease.id))
-            active.agent_task_id = reply.task_id
-            with self.store.session() as s:
-                s.get_one(Attempt, active.attempt_id).agent_task_id = reply.task_id
-                s.get_one(Task, active.task_db_id).state = TaskState.RUNNING
-            self.active[key] = active
-            threading.Thread(target=self._await, args=(active,), daemon=True).start()
-            return True
-        return False
-
-    def _run_request(self, job: JobSpec, key: TaskKey, lease_id: str) -> pb.RunRequest:
-        env = {**job.env, "FB_WORKFLOW_ID": self.run_id}
-        if job.task_array is not None:
-            env["FB_TASK_ID"] = str(key.index)
-        files = []
-        for path, content in job.files.items():
-            if content.startswith("file://"):
-                content = self.wf.files[content.removeprefix("file://")]
-            files.append(pb.File(path=path, content=content.encode()))
-        return pb.RunRequest(
-            lease_id=lease_id,
-            name=job.name,
-            image=job.image.uri,
-            command=list(job.command or ()),
-            script=job.script or "",
-            args=list(job.args),
-            env=env,
-            cwd=job.cwd or "",
-            files=files,
-            network=pb.NETWORK_ISOLATED if job.isolated_network else pb.NETWORK_HOST,
-            timeout_seconds=job.policy.timeout or 0,
-        )
-
-    def _await(self, active: _Active) -> None:
-        stub = self.stubs[active.node]
-        try:
-            status: Any = stub.Wait(pb.WaitRequest(task_id=active.agent_task_id))
-        except grpc.RpcError as exc:
-            status = exc
-        self.results.put((active, status))
-
-    def _finish(self, active: _Active, status: Any) -> None:
-        stub = self.stubs[active.node]
-        del self.active[active.key]
-        with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
-            stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=active.lease_id))
-        if isinstance(status, grpc.RpcError):
-            ok, code, message = False, None, f"lost the task: {status.details()}"
-        else:
-            ok = status.state == pb.TASK_STATE_EXITED and status.exit_code == 0
-            code = status.exit_code
-            message = status.message or pb.TaskState.Name(status.state).removeprefix(
-                "TASK_STATE_"
-            ).lower() + (
-                f" (exit {status.exit_code})" if status.state == pb.TASK_STATE_EXITED else ""
+    for name, v in wf.volumes.items():
+        if v.host_path:
+            raise InvalidInput(
+                f"volume {name!r}: HOST volumes are not supported; use an ephemeral or "
+                "persistent volume"
             )
-        job = self.wf.jobs[active.key.name]
-        with self.store.session() as s:
-            attempt = s.get_one(Attempt, active.attempt_id)
-            attempt.state = TaskState.FINISHED if ok else TaskState.FAILED
-            attempt.exit_code, attempt.message, attempt.finished_at = code, message, _now()
-            task = s.get_one(Task, active.task_db_id)
-            retries_left = (job.policy.retries or 0) + 1 - len(task.attempts)
-            if ok:
-                task.state = TaskState.FINISHED
-            elif retries_left > 0:
-                task.state = TaskState.PENDING  # another attempt
-            else:
-                task.state = TaskState.FAILED
-                task.job.state, task.job.reason = TaskState.FAILED, message
-            s.add(
-                Event(
-                    run_id=self.run_id,
-                    kind="task",
-                    subject=f"{active.key.name}[{active.key.index}]",
-                    message=f"attempt {attempt.number}: {message}",
-                )
-            )
-
-    def _renew_leases(self) -> None:
-        while not self.stop.wait(LEASE_TTL / 3):
-            for active in list(self.active.values()):
-                try:
-                    self.stubs[active.node].RenewLease(
-                        pb.RenewLeaseRequest(lease_id=active.lease_id)
-                    )
-                except grpc.RpcError:
-                    continue  # ended meanwhile; its result is on the way

@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from .fuzzfile.model import DependencyStatus, Job, Service, Workflow
 
-__all__ = ["Decision", "Phase", "TaskKey", "decide", "job_phase", "tasks_of"]
+__all__ = ["BROKEN", "ENDED", "Decision", "Phase", "TaskKey", "decide", "job_phase", "tasks_of"]
 
 
 class Phase(StrEnum):

@@ -12,13 +12,16 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -65,6 +68,7 @@ class TaskState(enum.Enum):
     PENDING = "PENDING"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
+    READY = "READY"  # a service whose readiness probe passed (or that has none)
     FINISHED = "FINISHED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
@@ -106,6 +110,9 @@ class Run(Base):
     placement: Mapped[dict[str, object] | None] = mapped_column(JSON, default=None)
     orchestrator: Mapped[str] = mapped_column(String(255), default="")  # the owning process
     heartbeat_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )  # set by `cancel` from any process; the owning engine acts on it
     created_at: Mapped[datetime] = mapped_column(_TS, default=now)
     started_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
@@ -230,6 +237,9 @@ class Transfer(Base):
     state: Mapped[TransferState] = mapped_column(
         _enum(TransferState), default=TransferState.PENDING
     )
+    secret: Mapped[str] = mapped_column(String(255), default="")  # a reference, never a value
+    timeout: Mapped[float] = mapped_column(Float, default=0.0)  # seconds; 0: none
+    tries: Mapped[int] = mapped_column(Integer, default=3)  # per attempt of the transfer
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")

@@ -13,7 +13,7 @@ from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
 from orchestrator.fuzzfile import Workflow
 from orchestrator.provision import LocalProvisioner, NodeSlice
-from orchestrator.store import Attempt, Event, Job, RunState, Store, Task, TaskState
+from orchestrator.store import Attempt, Event, Job, Run, RunState, Store, Task, TaskState
 from tests.substrate.registry import Registry
 
 IMAGE = "image: {uri: docker://busybox:1.36}"
@@ -31,7 +31,7 @@ def engine(tmp_path: Path, registry: Registry) -> Engine:
     def one_node(_: Workflow) -> list[NodeSlice]:
         return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
 
-    return Engine(store, provisioner, one_node)
+    return Engine(store, provisioner, one_node, data_dir=tmp_path / "data")
 
 
 def fuzzfile(body: str) -> str:
@@ -124,15 +124,65 @@ def test_failures_retries_timeouts_and_independent_branches(engine: Engine) -> N
         assert skipped.reason == "dependency 'flaky' failed"
 
 
-def test_what_the_engine_cannot_run_yet_is_refused_before_anything_starts(
-    engine: Engine, tmp_path: Path
-) -> None:
-    with pytest.raises(InvalidInput, match="services"):
+def test_bad_input_is_refused_before_anything_starts(engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="multinode jobs are not supported yet"):
         engine.run(
-            "user/svc",
+            "user/mpi",
             fuzzfile(f"""
-            services:
-              db: {{{IMAGE}, persist: true}}
+            jobs:
+              mpi: {{{IMAGE}, command: [/bin/true], multinode: {{nodes: 2, implementation: openmpi}}}}
+        """),
+        )
+    with pytest.raises(InvalidInput, match=r"secrets that are not set: secret://user/TOKEN"):
+        engine.run(
+            "user/secret",
+            fuzzfile(f"""
+            jobs:
+              use: {{{IMAGE}, command: [/bin/true], env: [TOKEN=secret://user/TOKEN]}}
         """),
         )
     assert not (tmp_path / "site").exists()  # no cluster was started
+    with engine.store.session() as s:
+        assert s.scalars(select(Job)).all() == []  # and nothing was recorded
+
+
+def test_a_secret_reaches_the_container_and_no_record(engine: Engine, tmp_path: Path) -> None:
+    engine.secrets.set("secret://user/TOKEN", b"s3cr3t-value")
+    outcome = engine.run(
+        "user/secret",
+        fuzzfile(f"""
+        jobs:
+          use:
+            {IMAGE}
+            command: [/bin/sh, -c, 'echo "${#TOKEN} ${TOKEN%-value}"']
+            env: [TOKEN=secret://user/TOKEN]
+    """),
+    )
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    log = engine.data_dir / "runs" / outcome.run_id / "logs" / "use" / "0.1.log"
+    assert log.read_text() == "12 s3cr3t\n"
+    for agent_log in (tmp_path / "site").glob("*/*/agent.log"):
+        assert "s3cr3t-value" not in agent_log.read_text()
+    with engine.store.session() as s:
+        run = s.get_one(Run, outcome.run_id)
+        assert "s3cr3t-value" not in run.fuzzfile
+        messages = s.scalars(select(Event.message).where(Event.run_id == run.id)).all()
+        assert not any("s3cr3t" in m for m in messages)
+
+
+def test_a_persistent_volume_outlives_its_run(engine: Engine) -> None:
+    body = f"""
+        volumes:
+          keep: {{name: counter}}
+        jobs:
+          bump:
+            {IMAGE}
+            command: [/bin/sh, -c, 'echo x >> /keep/marks; wc -l < /keep/marks']
+            mounts: {{/keep: {{volume: keep}}}}
+    """
+    first = engine.run("user/keep-1", fuzzfile(body))
+    second = engine.run("user/keep-2", fuzzfile(body))
+    assert (first.state, second.state) == (RunState.FINISHED, RunState.FINISHED)
+    log = engine.data_dir / "runs" / second.run_id / "logs" / "bump" / "0.1.log"
+    assert log.read_text().strip() == "2"
+    assert (engine.data_dir / "volumes" / "user" / "counter" / "marks").read_text() == "x\nx\n"

@@ -1,0 +1,485 @@
+"""The RUNNING phase of one run: start what the scheduler says is ready, apply what ended,
+probe services, obey a cancel, until nothing is left to do.
+
+Every task holds a lease on an agent (renewed in the background) and a thread that waits for
+its end; services that have a readiness probe get a thread that probes them. Those threads
+only post messages to one inbox; the loop applies them one at a time, committing each state
+change to the store before it acts on it. Task phases are mirrored in memory, so the
+scheduler is asked about the whole workflow without reading it back from the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from sqlalchemy import select
+
+from api.substrate.v1 import agent_pb2 as pb
+from substrate.client import connect
+
+from .fuzzfile.model import Affinity, Job, Service, Workflow
+from .probes import check
+from .provision import Cluster
+from .scheduler import ENDED, Phase, TaskKey, decide, job_phase
+from .secrets import SecretStore
+from .store import Attempt, Event, Run, RunState, Store, Task, TaskState
+from .store import Job as JobRow
+
+__all__ = ["RunLoop", "log_path"]
+
+LEASE_TTL = 30.0
+POLL = 0.25  # seconds between looks at the cancel flag when nothing happens
+
+_AFFINITY = {
+    Affinity.CORE: pb.AFFINITY_CORE,
+    Affinity.SOCKET: pb.AFFINITY_SOCKET,
+    Affinity.NUMA: pb.AFFINITY_NUMA,
+}
+_PHASE = {
+    TaskState.PENDING: Phase.PENDING,
+    TaskState.STARTING: Phase.STARTING,
+    TaskState.RUNNING: Phase.RUNNING,
+    TaskState.READY: Phase.READY,
+    TaskState.FINISHED: Phase.FINISHED,
+    TaskState.FAILED: Phase.FAILED,
+    TaskState.CANCELLED: Phase.CANCELLED,
+    TaskState.SKIPPED: Phase.SKIPPED,
+}
+_STATE = {phase: state for state, phase in _PHASE.items()}
+_ENDED = (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED, TaskState.SKIPPED)
+
+
+def log_path(data_dir: Path, run_id: str, key: TaskKey, attempt: int) -> Path:
+    """Where the output of one attempt is kept once it ended."""
+    return data_dir / "runs" / run_id / "logs" / key.name / f"{key.index}.{attempt}.log"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Active:
+    key: TaskKey
+    task_db_id: int
+    attempt_id: int
+    attempt: int
+    node: int  # index into the cluster's agents
+    lease_id: str
+    agent_task_id: str = ""
+    stopping: bool = False  # a service we stopped, or a task we cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    active: _Active
+    status: Any  # pb.TaskStatus, or the grpc.RpcError that lost it
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    key: TaskKey
+
+
+class RunLoop:
+    """Drives one run's DAG on `cluster`; `mounts` maps volume names to host paths."""
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        wf: Workflow,
+        cluster: Cluster,
+        *,
+        mounts: Mapping[str, Path],
+        secrets: SecretStore,
+        data_dir: Path,
+        report: Callable[[str, str, str], None],
+    ) -> None:
+        self.store, self.run_id, self.wf = store, run_id, wf
+        self.mounts, self.secrets, self.data_dir, self.report = mounts, secrets, data_dir, report
+        self.hosts = [a.address.rsplit(":", 1)[0] for a in cluster.agents]
+        self.channels, self.stubs = [], []
+        for agent in cluster.agents:
+            channel, stub = connect(agent.address, agent.token)
+            self.channels.append(channel)
+            self.stubs.append(stub)
+        self.inbox: queue.Queue[_Ended | _Ready] = queue.Queue()
+        self.active: dict[TaskKey, _Active] = {}
+        self.phase: dict[TaskKey, Phase] = {}
+        self.service_host: dict[str, str] = {}
+        self.unplaceable: dict[TaskKey, str] = {}
+        self.stop = threading.Event()
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def drive(self) -> tuple[RunState, str]:
+        renewer = threading.Thread(target=self._renew_leases, daemon=True)
+        renewer.start()
+        self._load_phases()
+        try:
+            while True:
+                if self._cancel_requested():
+                    self._cancel_everything("cancelled by request")
+                    return RunState.CANCELLED, "cancelled by request"
+                decision = decide(self.wf, self.phase)
+                self._skip(decision.skip)
+                for name in decision.stop:
+                    self._stop_service(name)
+                started = sum(self._start(key) for key in decision.start)
+                if decision.done and not self.active:
+                    break
+                if not self.active and not started and not decision.skip:
+                    self._fail_unplaceable(decision.start)
+                    continue
+                try:
+                    message = self.inbox.get(timeout=POLL)
+                except queue.Empty:
+                    continue
+                if isinstance(message, _Ready):
+                    self._ready(message.key)
+                else:
+                    self._finish(message.active, message.status)
+            failed = sorted(
+                {k.name for k, p in self.phase.items() if p in (Phase.FAILED, Phase.SKIPPED)}
+            )
+            if failed:
+                return RunState.FAILED, "failed: " + ", ".join(failed)
+            return RunState.FINISHED, ""
+        finally:
+            self.stop.set()
+            for channel in self.channels:
+                channel.close()
+
+    def _cancel_requested(self) -> bool:
+        with self.store.session() as s:
+            return bool(s.get_one(Run, self.run_id).cancel_requested)
+
+    def _cancel_everything(self, why: str) -> None:
+        """Cancel running tasks, wait for them to end, and mark what never ran."""
+        for active in self.active.values():
+            active.stopping = True
+            with contextlib.suppress(grpc.RpcError):
+                self.stubs[active.node].Cancel(pb.CancelRequest(task_id=active.agent_task_id))
+        while self.active:
+            message = self.inbox.get()
+            if isinstance(message, _Ended):
+                self._finish(message.active, message.status)
+        with self.store.session() as s:
+            for task in s.scalars(
+                select(Task).join(Task.job).where(JobRow.run_id == self.run_id)
+            ).all():
+                if task.state not in _ENDED:
+                    task.state = TaskState.CANCELLED
+                    self.phase[TaskKey(task.job.name, task.index)] = Phase.CANCELLED
+            for job in s.scalars(select(JobRow).where(JobRow.run_id == self.run_id)).all():
+                if job.state not in _ENDED:
+                    job.state, job.reason = TaskState.CANCELLED, why
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _load_phases(self) -> None:
+        with self.store.session() as s:
+            rows = s.execute(
+                select(JobRow.name, Task.index, Task.state)
+                .join(Task.job)
+                .where(JobRow.run_id == self.run_id)
+            ).all()
+        self.phase = {TaskKey(name, index): _PHASE[state] for name, index, state in rows}
+
+    def _task_row(self, s: Any, key: TaskKey) -> Task:
+        task: Task = s.scalars(
+            select(Task)
+            .join(Task.job)
+            .where(JobRow.run_id == self.run_id, JobRow.name == key.name, Task.index == key.index)
+        ).one()
+        return task
+
+    def _job_row(self, s: Any, name: str) -> JobRow:
+        job: JobRow = s.scalars(
+            select(JobRow).where(JobRow.run_id == self.run_id, JobRow.name == name)
+        ).one()
+        return job
+
+    def _skip(self, skipped: dict[str, str]) -> None:
+        if not skipped:
+            return
+        with self.store.session() as s:
+            for name, why in skipped.items():
+                job = self._job_row(s, name)
+                job.state, job.reason = TaskState.SKIPPED, why
+                for task in job.tasks:
+                    task.state = TaskState.SKIPPED
+                    self.phase[TaskKey(name, task.index)] = Phase.SKIPPED
+                s.add(Event(run_id=self.run_id, kind="job", subject=name, message=why))
+
+    def _fail_unplaceable(self, keys: list[TaskKey]) -> None:
+        """Nothing runs and nothing could start: what is ready cannot fit on any node."""
+        names = sorted({k.name for k in keys}) or ["(nothing is ready)"]
+        with self.store.session() as s:
+            for name in names:
+                if name not in self.wf.containers:
+                    continue
+                why = self.unplaceable.get(
+                    next(k for k in keys if k.name == name), "no node can hold it"
+                )
+                job = self._job_row(s, name)
+                job.state, job.reason = TaskState.FAILED, f"cannot be placed: {why}"
+                for task in job.tasks:
+                    if task.state not in _ENDED:
+                        task.state = TaskState.FAILED
+                        self.phase[TaskKey(name, task.index)] = Phase.FAILED
+                s.add(Event(run_id=self.run_id, kind="job", subject=name, message=job.reason))
+        if names == ["(nothing is ready)"]:
+            raise RuntimeError("the scheduler is stuck: nothing runs and nothing is ready")
+
+    # ---- starting -------------------------------------------------------------------------
+
+    def _start(self, key: TaskKey) -> bool:
+        container = self.wf.containers[key.name]
+        r = container.resource
+        lease_request = pb.AcquireLeaseRequest(
+            holder=f"run/{self.run_id}",
+            cores=r.cores,
+            affinity=_AFFINITY[r.affinity],
+            threads=r.threads,
+            memory_bytes=r.memory or 0,
+            memory_by_core=r.memory_by_core,
+            devices={k: v for k, v in r.devices.items() if v},
+            exclusive=r.exclusive,
+            ttl_seconds=LEASE_TTL,
+        )
+        for node, stub in enumerate(self.stubs):
+            try:
+                lease = stub.AcquireLease(lease_request)
+            except grpc.RpcError as exc:
+                if exc.code() in (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    self.unplaceable[key] = exc.details() or exc.code().name
+                    continue  # full, or too small: try the next node, or later
+                raise
+            self._launch(key, container, node, lease.id)
+            return True
+        return False
+
+    def _launch(self, key: TaskKey, container: Job | Service, node: int, lease_id: str) -> None:
+        with self.store.session() as s:  # recorded before the task is started
+            task = self._task_row(s, key)
+            task.state = TaskState.STARTING
+            attempt = Attempt(
+                number=len(task.attempts) + 1,
+                node=f"node-{node}",
+                lease_id=lease_id,
+                started_at=_now(),
+            )
+            task.attempts.append(attempt)
+            if task.job.started_at is None:
+                task.job.started_at = _now()
+                task.job.state = TaskState.RUNNING
+            s.flush()
+            active = _Active(key, task.id, attempt.id, attempt.number, node, lease_id)
+        self.phase[key] = Phase.STARTING
+        try:
+            reply = self.stubs[node].Run(self._run_request(container, key, lease_id))
+        except grpc.RpcError as exc:
+            self.inbox.put(_Ended(active, exc))
+            self.active[key] = active
+            return
+        active.agent_task_id = reply.task_id
+        probe = isinstance(container, Service) and container.readiness_probe is not None
+        state = TaskState.RUNNING if probe or isinstance(container, Job) else TaskState.READY
+        with self.store.session() as s:
+            s.get_one(Attempt, active.attempt_id).agent_task_id = reply.task_id
+            s.get_one(Task, active.task_db_id).state = state
+            if state is TaskState.READY:
+                self._job_row(s, key.name).state = TaskState.READY
+        self.phase[key] = _PHASE[state]
+        self.active[key] = active
+        if isinstance(container, Service):
+            self.service_host[key.name] = self.hosts[node]
+            if probe:
+                threading.Thread(target=self._probe, args=(container, active), daemon=True).start()
+        threading.Thread(target=self._await, args=(active,), daemon=True).start()
+
+    def _run_request(self, c: Job | Service, key: TaskKey, lease_id: str) -> pb.RunRequest:
+        env = {k: self._env_value(v) for k, v in c.env.items()}
+        env["FB_WORKFLOW_ID"] = self.run_id
+        if isinstance(c, Job) and c.task_array is not None:
+            env["FB_TASK_ID"] = str(key.index)
+        files = {}
+        if self.service_host:
+            hosts = ["127.0.0.1 localhost"]
+            hosts += [f"{h} {name}.svc {name}" for name, h in sorted(self.service_host.items())]
+            files["/etc/hosts"] = ("\n".join(hosts) + "\n").encode()
+        for path, content in c.files.items():
+            if content.startswith("file://"):
+                content = self.wf.files[content.removeprefix("file://")]
+            files[path] = content.encode()
+        isolated = isinstance(c, Job) and c.isolated_network
+        timeout = c.policy.timeout if isinstance(c, Job) else None
+        return pb.RunRequest(
+            lease_id=lease_id,
+            name=c.name,
+            image=c.image.uri,
+            command=list(c.command or ()),
+            script=c.script or "",
+            args=list(c.args),
+            env=env,
+            cwd=c.cwd or "",
+            mounts=[
+                pb.Mount(source=str(self.mounts[m.volume]), destination=m.path) for m in c.mounts
+            ],
+            files=[pb.File(path=p, content=data) for p, data in files.items()],
+            network=pb.NETWORK_ISOLATED if isolated else pb.NETWORK_HOST,
+            timeout_seconds=timeout or 0,
+        )
+
+    def _env_value(self, value: str) -> str:
+        return self.secrets.get(value) if value.startswith("secret://") else value
+
+    # ---- services -------------------------------------------------------------------------
+
+    def _probe(self, service: Service, active: _Active) -> None:
+        probe = service.readiness_probe
+        assert probe is not None
+        ports = {p.name: p.port for p in service.ports}
+        stub, host = self.stubs[active.node], self.hosts[active.node]
+
+        def run_exec(command: list[str], timeout: float) -> int:
+            return _exec_exit_code(stub, active.agent_task_id, command, timeout)
+
+        if self.stop.wait(probe.initial_delay):
+            return
+        passes = failures = 0
+        while active.key in self.active and not active.stopping:
+            ok, why = check(probe, host, ports, run_exec)
+            passes, failures = (passes + 1, 0) if ok else (0, failures + 1)
+            if passes >= probe.success_threshold:
+                self.inbox.put(_Ready(active.key))
+                return
+            if not ok:
+                self.report("service", active.key.name, f"not ready ({failures}x): {why}")
+            if self.stop.wait(probe.period):
+                return
+
+    def _ready(self, key: TaskKey) -> None:
+        if key not in self.active:
+            return  # it ended meanwhile
+        with self.store.session() as s:
+            self._task_row(s, key).state = TaskState.READY
+            self._job_row(s, key.name).state = TaskState.READY
+            s.add(Event(run_id=self.run_id, kind="job", subject=key.name, message="ready"))
+        self.phase[key] = Phase.READY
+
+    def _stop_service(self, name: str) -> None:
+        active = self.active.get(TaskKey(name, 0))
+        if active is None or active.stopping:
+            return
+        active.stopping = True
+        self.report("service", name, "stopping: nothing needs it any more")
+        with contextlib.suppress(grpc.RpcError):
+            self.stubs[active.node].Cancel(pb.CancelRequest(task_id=active.agent_task_id))
+
+    # ---- ending ---------------------------------------------------------------------------
+
+    def _await(self, active: _Active) -> None:
+        try:
+            status: Any = self.stubs[active.node].Wait(pb.WaitRequest(task_id=active.agent_task_id))
+        except grpc.RpcError as exc:
+            status = exc
+        self._keep_log(active)
+        self.inbox.put(_Ended(active, status))
+
+    def _keep_log(self, active: _Active) -> None:
+        """Copy the attempt's output off the agent before its lease (and node) goes."""
+        path = log_path(self.data_dir, self.run_id, active.key, active.attempt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(grpc.RpcError), open(path, "wb") as out:
+            for chunk in self.stubs[active.node].Logs(pb.LogsRequest(task_id=active.agent_task_id)):
+                out.write(chunk.data)
+
+    def _finish(self, active: _Active, status: Any) -> None:
+        del self.active[active.key]
+        with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
+            self.stubs[active.node].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=active.lease_id))
+        ok, code, message = _outcome(status)
+        container = self.wf.containers[active.key.name]
+        if active.stopping and isinstance(container, Service):
+            ok, message = True, "stopped"
+        with self.store.session() as s:
+            attempt = s.get_one(Attempt, active.attempt_id)
+            attempt.state = TaskState.FINISHED if ok else TaskState.FAILED
+            attempt.exit_code, attempt.message, attempt.finished_at = code, message, _now()
+            task = s.get_one(Task, active.task_db_id)
+            retries = container.policy.retries if isinstance(container, Job) else 0
+            retries_left = (retries or 0) + 1 - len(task.attempts)
+            if ok:
+                task.state = TaskState.FINISHED
+            elif active.stopping:
+                task.state = TaskState.CANCELLED
+            elif retries_left > 0:
+                task.state = TaskState.PENDING  # another attempt
+            else:
+                task.state = TaskState.FAILED
+                task.job.state, task.job.reason = TaskState.FAILED, message
+            self.phase[active.key] = _PHASE[task.state]
+            job = task.job
+            phase = job_phase([TaskKey(job.name, t.index) for t in job.tasks], self.phase)
+            if phase in ENDED and job.state not in _ENDED:
+                job.state = _STATE[phase]
+                job.finished_at = _now()
+            s.add(
+                Event(
+                    run_id=self.run_id,
+                    kind="task",
+                    subject=f"{active.key.name}[{active.key.index}]",
+                    message=f"attempt {attempt.number}: {message}",
+                )
+            )
+
+    def _renew_leases(self) -> None:
+        while not self.stop.wait(LEASE_TTL / 3):
+            for active in list(self.active.values()):
+                try:
+                    self.stubs[active.node].RenewLease(
+                        pb.RenewLeaseRequest(lease_id=active.lease_id)
+                    )
+                except grpc.RpcError:
+                    continue  # ended meanwhile; its result is on the way
+
+
+def _outcome(status: Any) -> tuple[bool, int | None, str]:
+    """(succeeded, exit code, what happened) of an agent's TaskStatus or a lost call."""
+    if isinstance(status, grpc.RpcError):
+        return False, None, f"lost the task: {status.details()}"
+    ok = status.state == pb.TASK_STATE_EXITED and status.exit_code == 0
+    state = pb.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower()
+    exited = f" (exit {status.exit_code})" if status.state == pb.TASK_STATE_EXITED else ""
+    return ok, status.exit_code, status.message or state + exited
+
+
+def _exec_exit_code(stub: Any, task_id: str, command: list[str], timeout: float) -> int:
+    """Run `command` in a task through the agent's Exec stream; its exit status."""
+
+    def requests() -> Any:
+        yield pb.ExecInput(start=pb.ExecStart(task_id=task_id, command=command))
+        yield pb.ExecInput(close_stdin=True)
+
+    deadline = time.monotonic() + timeout
+    code = -1
+    for out in stub.Exec(requests(), timeout=max(0.1, deadline - time.monotonic())):
+        if out.WhichOneof("output") == "exit_code":
+            code = out.exit_code
+    return code

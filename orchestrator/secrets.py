@@ -1,0 +1,91 @@
+"""Secrets that Fuzzfiles name as `secret://SCOPE/NAME`: kept in private files, read when a
+container starts or a transfer runs, and never written to a log, an event or the store.
+
+A secret is one value (env values) or a mapping of credentials (transfers: JSON or YAML with
+accessKeyId, secretAccessKey, sessionToken, region, endpoint). Scopes are `user` and `group`
+(`account` is read as `group`, as Fuzzball does); `organization` and `cluster` are kept apart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import InvalidInput
+
+__all__ = ["SecretStore", "parse_reference"]
+
+_REF = re.compile(r"^secret://(user|group|account|organization|cluster)/([A-Za-z0-9_.-]{1,128})$")
+
+
+def parse_reference(ref: str) -> tuple[str, str]:
+    """(scope, name) of `secret://SCOPE/NAME`."""
+    m = _REF.match(ref)
+    if not m:
+        raise InvalidInput(
+            f"{ref!r} is not a secret reference; write secret://user/NAME or secret://group/NAME"
+        )
+    scope, name = m.groups()
+    return ("group" if scope == "account" else scope), name
+
+
+class SecretStore:
+    """Secret values under `root/SCOPE/NAME`, each file 0600 in 0700 directories."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, ref: str) -> Path:
+        scope, name = parse_reference(ref)
+        return self.root / scope / name
+
+    def set(self, ref: str, value: bytes) -> None:
+        path = self._path(ref)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.chmod(0o700)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+        os.replace(tmp, path)
+
+    def get(self, ref: str) -> str:
+        path = self._path(ref)
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            raise InvalidInput(
+                f"{ref} is not set; set it with `squall secret set {ref}` (value on stdin)"
+            ) from None
+
+    def credentials(self, ref: str) -> dict[str, str]:
+        """A secret holding a mapping (JSON or YAML), as strings."""
+        try:
+            data = yaml.safe_load(self.get(ref))
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict):
+            raise InvalidInput(
+                f"{ref} must hold a mapping such as "
+                '{"accessKeyId": ..., "secretAccessKey": ..., "endpoint": ...}'
+            )
+        return {str(k): str(v) for k, v in data.items() if v is not None}
+
+    def delete(self, ref: str) -> bool:
+        try:
+            self._path(ref).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            f"secret://{p.parent.name}/{p.name}"
+            for p in self.root.glob("*/*")
+            if p.is_file() and not p.name.startswith(".")
+        )

@@ -1,0 +1,176 @@
+"""The workflows under examples/ run end to end on the local site: real agent processes,
+crun containers, images from a registry served here, an HTTPS server for ingress and moto's
+S3 server for egress (moto stands in for AWS; everything else is the real thing)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.engine import Engine
+from orchestrator.fuzzfile import Workflow
+from orchestrator.provision import LocalProvisioner, NodeSlice
+from orchestrator.secrets import SecretStore
+from orchestrator.store import Attempt, Event, Job, RunState, Store, Task, TaskState
+from tests.orchestrator.servers import FileServer, S3Server
+from tests.substrate.registry import Registry
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+BOOK = b"".join(
+    f"line {i}: the quick brown fox jumps over the lazy dog\n".encode() for i in range(4000)
+)
+
+MakeEngine = Callable[..., Engine]
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, registry: Registry) -> MakeEngine:
+    def make(nodes: int = 1, ca_file: str | None = None) -> Engine:
+        store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+        provisioner = LocalProvisioner(
+            tmp_path / "site",
+            search_registries=[registry.address],
+            insecure_registries=[registry.address],
+        )
+
+        def cluster(_: Workflow) -> list[NodeSlice]:
+            # nodes that share this machine's two CPUs: oversubscribed on purpose, so that
+            # more tasks can run at once than there are cores
+            return [NodeSlice(cpus=(0, 1), memory_bytes=2**30) for _ in range(nodes)]
+
+        return Engine(store, provisioner, cluster, data_dir=tmp_path / "data", ca_file=ca_file)
+
+    return make
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[FileServer]:
+    server = FileServer(tmp_path, {"pg84.txt": BOOK})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    server = S3Server(tmp_path)
+    server.client().create_bucket(Bucket="squall-results")
+    yield server
+    server.stop()
+
+
+def events(engine: Engine, run_id: str) -> list[str]:
+    with engine.store.session() as s:
+        return list(
+            s.scalars(select(Event.message).where(Event.run_id == run_id).order_by(Event.id))
+        )
+
+
+def test_pipeline_fans_out_and_in_with_https_ingress_and_s3_egress(
+    make_engine: MakeEngine, web: FileServer, s3: S3Server, tmp_path: Path
+) -> None:
+    engine = make_engine(ca_file=web.ca_file)
+    engine.secrets.set("secret://user/RESULTS_S3", json.dumps(s3.credentials).encode())
+    text = (EXAMPLES / "pipeline.yaml").read_text()
+    text = text.replace("https://www.gutenberg.org/cache/epub/84/pg84.txt", f"{web.url}/pg84.txt")
+    outcome = engine.run("user/pipeline", text)
+    assert outcome.state is RunState.FINISHED, (outcome.reason, events(engine, outcome.run_id))
+
+    counts = s3.client().get_object(Bucket="squall-results", Key="pipeline/counts.txt")
+    top = counts["Body"].read().decode().splitlines()
+    # 4000 lines: "the" twice in each, the other words once
+    assert top[0] == "8000 the"
+    assert {line.split()[1] for line in top if line.split()[0] == "4000"} == {
+        "line",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+    }
+    # the eight tasks ran, four at a time at most, and the volume is gone with the run
+    with engine.store.session() as s:
+        rows = s.execute(
+            select(Task.index, Task.state)
+            .join(Task.job)
+            .where(Job.run_id == outcome.run_id, Job.name == "count")
+        ).all()
+    assert sorted(rows) == [(i, TaskState.FINISHED) for i in range(8)]
+    assert not (tmp_path / "data" / "runs" / outcome.run_id / "volumes").exists() or not any(
+        (tmp_path / "data" / "runs" / outcome.run_id / "volumes").iterdir()
+    )
+    messages = events(engine, outcome.run_id)
+    assert any("pg84.txt: done" in m for m in messages)
+    assert any("pipeline/counts.txt: done" in m for m in messages)
+
+    # a second run takes the book from the ingress cache
+    again = engine.run("user/pipeline-2", text)
+    assert again.state is RunState.FINISHED, again.reason
+    assert any("(from the cache)" in m for m in events(engine, again.run_id))
+
+
+def _max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
+    edges = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    now = peak = 0
+    for _, step in edges:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+def test_a_200_task_array_runs_at_most_8_at_a_time(make_engine: MakeEngine) -> None:
+    engine = make_engine(nodes=6)  # 12 slots: the array's own limit must be what holds it
+    outcome = engine.run("user/array", (EXAMPLES / "array.yaml").read_text())
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    with engine.store.session() as s:
+        spans = s.execute(
+            select(Attempt.started_at, Attempt.finished_at)
+            .join(Attempt.task)
+            .join(Task.job)
+            .where(Job.run_id == outcome.run_id, Job.name == "square")
+        ).all()
+    assert len(spans) == 200
+    peak = _max_overlap([(a, b) for a, b in spans])
+    assert 2 < peak <= 8
+    log = (engine.data_dir / "runs" / outcome.run_id / "logs" / "check" / "0.1.log").read_text()
+    assert log.strip() == f"sum of squares 1..200: {sum(i * i for i in range(1, 201))}"
+
+
+def test_a_job_waits_for_a_service_to_be_ready_and_the_service_then_stops(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine()
+    outcome = engine.run("user/service", (EXAMPLES / "service.yaml").read_text())
+    assert outcome.state is RunState.FINISHED, (outcome.reason, events(engine, outcome.run_id))
+    log = (engine.data_dir / "runs" / outcome.run_id / "logs" / "client" / "0.1.log").read_text()
+    assert log == "served by web\n"
+    with engine.store.session() as s:
+        jobs = dict(
+            s.execute(select(Job.name, Job.state).where(Job.run_id == outcome.run_id)).all()
+        )
+        [web_attempt] = s.scalars(
+            select(Attempt)
+            .join(Attempt.task)
+            .join(Task.job)
+            .where(Job.run_id == outcome.run_id, Job.name == "web")
+        ).all()
+        [client_attempt] = s.scalars(
+            select(Attempt)
+            .join(Attempt.task)
+            .join(Task.job)
+            .where(Job.run_id == outcome.run_id, Job.name == "client")
+        ).all()
+    assert jobs == {"web": TaskState.FINISHED, "client": TaskState.FINISHED}
+    assert web_attempt.message == "stopped"  # stopped by the engine once the client was done
+    messages = events(engine, outcome.run_id)
+    assert "ready" in messages
+    assert messages.index("ready") < next(
+        i for i, m in enumerate(messages) if m.startswith("attempt 1") and "exit 0" in m
+    )
+    assert client_attempt.started_at > web_attempt.started_at
