@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import agent_cmd, app_cmd, workflow_cmd
+from . import agent_cmd, app_cmd, context_cmd, run_cmd, secret_cmd, server_cmd, workflow_cmd
 
 __all__ = ["app", "main"]
 
@@ -13,8 +13,9 @@ app = typer.Typer(
     help=(
         "Squall runs Fuzzfile workflows where they are cheapest: on this machine, on-prem "
         "clusters or ephemeral cloud clusters.\n\n"
-        "Start with **squall workflow validate FILE** to check a Fuzzfile, and "
-        "**squall workflow graph FILE** to see the order its jobs run in."
+        "Start with **squall run FILE** to run a Fuzzfile on this machine; "
+        "**squall workflow validate FILE** checks one, and "
+        "**squall workflow graph FILE** shows the order its jobs run in."
     ),
     no_args_is_help=True,
     rich_markup_mode="markdown",
@@ -23,6 +24,10 @@ app = typer.Typer(
 )
 app.add_typer(workflow_cmd.app, name="workflow")
 app.add_typer(app_cmd.app, name="app")
+app.command(name="run")(run_cmd.run)
+app.command(name="server")(server_cmd.server)
+app.add_typer(context_cmd.app, name="context")
+app.add_typer(secret_cmd.app, name="secret")
 app.command(name="agent")(agent_cmd.agent)
 
 

@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from orchestrator.fuzzfile import LoadResult
 
 app = typer.Typer(
-    help="Check, upgrade and inspect Fuzzfiles (workflow files, version v1 or v4).",
+    help=(
+        "Check Fuzzfiles (validate, upgrade, graph) and work with runs: start them on a "
+        "server, watch, list, read logs, cancel, exec into jobs and forward ports to them."
+    ),
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
@@ -227,3 +230,19 @@ def graph(
         )
     else:
         typer.echo(render_text(wf), nl=False)
+
+
+def _register_run_commands() -> None:
+    from . import workflow_ops as ops
+
+    app.command("start")(ops.start)
+    app.command("status")(ops.status)
+    app.command("list")(ops.list_)
+    app.command("log")(ops.log)
+    app.command("cancel")(ops.cancel)
+    app.command("exec")(ops.exec_)
+    app.command("port-forward")(ops.port_forward)
+    app.command("egress")(ops.egress)
+
+
+_register_run_commands()

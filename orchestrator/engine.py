@@ -29,7 +29,7 @@ from substrate.client import connect
 
 from .data import TransferError
 from .data.staging import Staging
-from .errors import InvalidInput, SquallError
+from .errors import Conflict, InvalidInput, NotFound, SquallError
 from .fuzzfile import Workflow, load_text
 from .provision import Cluster, NodeSlice, Provisioner
 from .runloop import RunLoop
@@ -111,7 +111,7 @@ class Engine:
             with self.store.session() as s:
                 s.add(run)
         except IntegrityError:
-            raise InvalidInput(f"a run named {name!r} exists already; pick another name") from None
+            raise Conflict(f"a run named {name!r} exists already; pick another name") from None
         return run_id
 
     def _check_secrets(self, wf: Workflow) -> None:
@@ -145,7 +145,7 @@ class Engine:
         with self.store.session() as s:
             run = s.get_one(Run, run_id)
             if run.state is not RunState.PENDING:
-                raise InvalidInput(f"run {run.name} is {run.state.value}, not PENDING")
+                raise Conflict(f"run {run.name} is {run.state.value}, not PENDING")
             run.orchestrator = identity()
             run.heartbeat_at = _now()
             text, name = run.fuzzfile, run.name
@@ -231,9 +231,9 @@ class Engine:
         with self.store.session() as s:
             run = s.scalars(select(Run).where(Run.name == name)).one_or_none()
             if run is None:
-                raise InvalidInput(f"no run named {name!r}")
+                raise NotFound(f"no run named {name!r}")
             if run.state not in TERMINAL:
-                raise InvalidInput(f"run {name} is {run.state.value}; wait for it to end")
+                raise Conflict(f"run {name} is {run.state.value}; wait for it to end")
             run_id = run.id
             paths = {
                 v.name: Path(v.path)
@@ -291,11 +291,11 @@ class Engine:
 
 
 def request_cancel(store: Store, name: str) -> RunState:
-    """Ask the owner of run `name` to cancel it (from any process); its state now."""
+    """Ask the owner of run `name` (or id) to cancel it, from any process; its state now."""
     with store.session() as s:
-        run = s.scalars(select(Run).where(Run.name == name)).one_or_none()
+        run = s.scalars(select(Run).where((Run.name == name) | (Run.id == name))).first()
         if run is None:
-            raise InvalidInput(f"no run named {name!r}")
+            raise NotFound(f"no run named {name!r}")
         if run.state not in TERMINAL:
             run.cancel_requested = True
             s.add(Event(run_id=run.id, kind="run", message="cancel requested"))

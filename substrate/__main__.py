@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -43,7 +44,28 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="registry reached over plain HTTP (a local test registry)",
     )
+    p.add_argument(
+        "--owner-pid",
+        type=int,
+        help="stop (and end every task) when this process exits: the orchestrator that "
+        "started this agent on its own machine",
+    )
     return p
+
+
+def _watch_owner(pid: int, stop: threading.Event) -> None:
+    """Set `stop` when process `pid` exits (a pidfd: immune to pid reuse)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        stop.set()
+        return
+    try:
+        select.select([fd], [], [])  # readable once the process has exited
+    finally:
+        os.close(fd)
+    logging.getLogger("substrate").warning("owner process %d exited: stopping", pid)
+    stop.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if args.owner_pid:
+        threading.Thread(target=_watch_owner, args=(args.owner_pid, stop), daemon=True).start()
     stop.wait()
     server.stop(grace=2).wait()
     agent.stop()

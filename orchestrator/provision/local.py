@@ -8,6 +8,7 @@ them in order (TERM, then KILL after a grace).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import selectors
@@ -118,6 +119,8 @@ class LocalProvisioner:
             f"run={run_id}",
             "--label",
             f"node={name}",
+            "--owner-pid",
+            str(os.getpid()),
         ]
         if node.gpus:
             cmd += ["--gpus", ",".join(map(str, node.gpus))]
@@ -170,8 +173,15 @@ class LocalProvisioner:
             channel.close()
 
     def down(self, cluster: Cluster) -> None:
-        procs = self._procs.pop(cluster.run_id, [])
-        self._stop(procs)
+        procs = self._procs.pop(cluster.run_id, None)
+        if procs is not None:
+            self._stop(procs)
+            return
+        # a cluster this process did not start (its orchestrator died): find its agents by
+        # the pids on record, and only if they are still that run's agents
+        for agent in cluster.agents:
+            if agent.pid and _is_agent_of(agent.pid, cluster.run_id):
+                _stop_group(agent.pid)
 
     @staticmethod
     def _stop(procs: list[subprocess.Popen[str]]) -> None:
@@ -187,6 +197,31 @@ class LocalProvisioner:
                 proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def _is_agent_of(pid: int, run_id: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"substrate" in argv and f"run={run_id}".encode() in argv
+
+
+def _stop_group(pid: int) -> None:
+    """TERM the agent's process group (it leads its own session), KILL it after a grace."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _last_line(path: Path) -> str:

@@ -17,6 +17,7 @@ from orchestrator.store import Attempt, Event, Job, Run, RunState, Store, Task, 
 from tests.substrate.registry import Registry
 
 IMAGE = "image: {uri: docker://busybox:1.36}"
+SHOW_TOKEN = """'echo "${#TOKEN} ${TOKEN%-value}"'"""  # length, and a part
 
 
 @pytest.fixture
@@ -154,7 +155,7 @@ def test_a_secret_reaches_the_container_and_no_record(engine: Engine, tmp_path: 
         jobs:
           use:
             {IMAGE}
-            command: [/bin/sh, -c, 'echo "${#TOKEN} ${TOKEN%-value}"']
+            command: [/bin/sh, -c, {SHOW_TOKEN}]
             env: [TOKEN=secret://user/TOKEN]
     """),
     )

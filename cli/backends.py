@@ -1,0 +1,212 @@
+"""Where `squall workflow ...` commands act: this machine's store (local mode) or a server
+(a context). Both speak the control API's messages, so each command is written once."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import json_format
+
+from api.squall.v1 import control_pb2 as pb
+from api.squall.v1 import control_pb2_grpc as rpc
+from orchestrator.errors import Conflict, InvalidInput, NotFound, SquallError, UsageError
+
+from .contexts import Context
+
+__all__ = ["Backend", "LocalBackend", "RemoteBackend", "ServerError", "open_backend"]
+
+Summary = dict[str, Any]
+
+
+class ServerError(SquallError):
+    """The server could not be reached, or refused for a reason that is not the input's."""
+
+    exit_code = 3
+
+
+class Backend(Protocol):
+    def start(self, name: str, text: str) -> Summary: ...
+    def status(self, name: str) -> Summary: ...
+    def list(self, pattern: str) -> list[Summary]: ...
+    def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]: ...
+    def cancel(self, name: str) -> Summary: ...
+    def logs(self, name: str, job: str, index: int, follow: bool) -> Iterator[bytes]: ...
+    def exec(self, requests: Iterator[pb.ExecInput]) -> Iterator[pb.ExecOutput]: ...
+    def port_forward(
+        self, requests: Iterator[pb.PortForwardInput]
+    ) -> Iterator[pb.PortForwardOutput]: ...
+
+
+class LocalBackend:
+    """This machine's store. Runs start with `squall run` (or a server), not here."""
+
+    def __init__(self) -> None:
+        from orchestrator.access import RunAccess
+        from orchestrator.local_site import LocalSettings
+
+        settings = LocalSettings()
+        self.store = settings.store()
+        self.access = RunAccess(self.store, settings.data_dir)
+
+    def start(self, name: str, text: str) -> Summary:
+        raise UsageError(
+            "`workflow start` needs a server: start one with `squall server`, point the CLI at "
+            "it with `squall context create` and `squall context use`; or run the workflow "
+            "here, in this process, with `squall run FILE`"
+        )
+
+    def status(self, name: str) -> Summary:
+        from orchestrator.views import find_run, run_summary
+
+        return run_summary(self.store, find_run(self.store, name))
+
+    def list(self, pattern: str) -> list[Summary]:
+        from orchestrator.views import run_list
+
+        return run_list(self.store, pattern)
+
+    def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]:
+        import time
+
+        from orchestrator.views import find_run, run_events, run_summary
+
+        run_id = find_run(self.store, name)
+        after = 0
+        while True:
+            summary = run_summary(self.store, run_id)
+            events = run_events(self.store, run_id, after)
+            if events:
+                after = events[-1]["id"]
+            yield summary, events
+            if summary["state"] in ("FINISHED", "FAILED", "CANCELLED"):
+                return
+            time.sleep(0.25)
+
+    def cancel(self, name: str) -> Summary:
+        from orchestrator.engine import request_cancel
+
+        request_cancel(self.store, name)
+        return self.status(name)
+
+    def logs(self, name: str, job: str, index: int, follow: bool) -> Iterator[bytes]:
+        return self.access.logs(name, job, index, follow)
+
+    def exec(self, requests: Iterator[pb.ExecInput]) -> Iterator[pb.ExecOutput]:
+        return self.access.exec(requests)
+
+    def port_forward(
+        self, requests: Iterator[pb.PortForwardInput]
+    ) -> Iterator[pb.PortForwardOutput]:
+        return self.access.port_forward(requests)
+
+
+def _error(exc: grpc.RpcError, server: str) -> SquallError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
+    if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
+        return Conflict(details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ServerError(f"{server} refused the token: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerError(f"cannot reach the server at {server}: {details}")
+    return ServerError(f"{server}: {code.name}: {details}")
+
+
+def _summary(message: pb.Workflow) -> Summary:
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    for key in ("created_at", "started_at", "finished_at"):
+        data[key] = data.get(key) or None
+    for job in data.get("jobs", []):
+        for key in ("started_at", "finished_at"):
+            job[key] = job.get(key) or None
+    data["placement"] = data.get("placement") or None
+    return data
+
+
+class RemoteBackend:
+    """A Squall server, through its gRPC API."""
+
+    def __init__(self, context: Context) -> None:
+        self.server = context.server
+        if context.ca_file:
+            with open(context.ca_file, "rb") as f:
+                credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+            channel = grpc.secure_channel(context.server, credentials)
+        else:
+            channel = grpc.insecure_channel(context.server)
+        self.channel = channel
+        self.stub = rpc.ControlStub(channel)
+        self.metadata = (
+            ("authorization", f"Bearer {context.token}"),
+            ("x-squall-user", getpass.getuser()),
+        )
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self.metadata, timeout=60)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.server) from None
+
+    def _stream(self, method: Any, request: Any) -> Iterator[Any]:
+        try:
+            yield from method(request, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc, self.server) from None
+
+    def start(self, name: str, text: str) -> Summary:
+        return _summary(
+            self._call(self.stub.StartWorkflow, pb.StartWorkflowRequest(name=name, fuzzfile=text))
+        )
+
+    def status(self, name: str) -> Summary:
+        return _summary(self._call(self.stub.GetWorkflow, pb.GetWorkflowRequest(name=name)))
+
+    def list(self, pattern: str) -> list[Summary]:
+        reply = self._call(self.stub.ListWorkflows, pb.ListWorkflowsRequest(pattern=pattern))
+        keys = ("id", "name", "owner", "site", "state", "reason", "created_at")
+        return [{k: _summary(w)[k] for k in keys} for w in reply.workflows]
+
+    def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]:
+        for update in self._stream(self.stub.WatchWorkflow, pb.WatchWorkflowRequest(name=name)):
+            events = [
+                json_format.MessageToDict(
+                    e, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                )
+                for e in update.events
+            ]
+            for e in events:
+                e["id"] = int(e["id"])
+            yield _summary(update.workflow), events
+
+    def cancel(self, name: str) -> Summary:
+        return _summary(self._call(self.stub.CancelWorkflow, pb.CancelWorkflowRequest(name=name)))
+
+    def logs(self, name: str, job: str, index: int, follow: bool) -> Iterator[bytes]:
+        request = pb.LogsRequest(name=name, job=job, index=index, follow=follow)
+        for chunk in self._stream(self.stub.Logs, request):
+            yield chunk.data
+
+    def exec(self, requests: Iterator[pb.ExecInput]) -> Iterator[pb.ExecOutput]:
+        return self._stream(self.stub.Exec, requests)
+
+    def port_forward(
+        self, requests: Iterator[pb.PortForwardInput]
+    ) -> Iterator[pb.PortForwardOutput]:
+        return self._stream(self.stub.PortForward, requests)
+
+
+def open_backend(context_name: str | None = None) -> Backend:
+    from .contexts import ContextFile
+
+    context = ContextFile().selected(context_name)
+    if context is None:
+        return LocalBackend()
+    return RemoteBackend(context)

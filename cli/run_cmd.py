@@ -1,0 +1,147 @@
+"""`squall run FILE`: run a workflow on this machine, in this process, and watch it."""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, print_json
+
+__all__ = ["run"]
+
+EXIT_FAILED = 1
+
+
+def run(
+    file: Path = typer.Argument(..., help="The Fuzzfile to run.", show_default=False),
+    name: str | None = typer.Option(
+        None, "--name", help="The run's name (default: USER/FILE-xxxx); must be unique."
+    ),
+    nodes: int = typer.Option(
+        1,
+        "--nodes",
+        min=1,
+        help="Agents to start. Each may lease the whole machine, so more than one "
+        "oversubscribes it: more tasks at once than there are cores.",
+    ),
+    search_registry: list[str] = typer.Option(
+        [],
+        "--search-registry",
+        help="Registry for unqualified images like busybox:1.36 (repeatable; default docker.io "
+        "or $SQUALL_SEARCH_REGISTRIES).",
+    ),
+    insecure_registry: list[str] = typer.Option(
+        [],
+        "--insecure-registry",
+        help="Registry reached over plain HTTP, e.g. one on 127.0.0.1 (repeatable).",
+    ),
+    output: Format = typer.Option(
+        Format.text, "--output", "-o", help="text: a live view; json: the run's summary at the end."
+    ),
+) -> None:
+    """Run a workflow on the local site: agents on this machine, no server, no cloud.
+
+    Squall starts substrate agents as child processes, makes the workflow's volumes, runs
+    its ingress, pulls its images, runs its jobs and services in dependency order in
+    containers, egresses the results and stops the agents. The view shows every job's
+    state as it changes. Ctrl-C cancels the run (the cluster is still taken down).
+
+    Exits 0 when the run finished, 1 when it failed or was cancelled, 2 on bad usage.
+    State, logs and volumes live under $SQUALL_DATA_DIR (default ~/.local/share/squall):
+    `squall workflow status|log NAME` read them afterwards.
+
+    **Examples**
+
+        squall run examples/hello.yaml
+        squall run pipeline.yaml --name me/pipeline-1 -o json | jq .state
+    """
+    from orchestrator.engine import request_cancel
+    from orchestrator.errors import SquallError
+    from orchestrator.local_site import LocalSettings, local_engine
+    from orchestrator.recovery import recover
+    from orchestrator.views import run_events, run_summary
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        die(f"cannot read {file}: {exc.strerror}", EXIT_USAGE)
+    settings = LocalSettings(nodes=nodes)
+    if search_registry:
+        settings.search_registries = search_registry
+    if insecure_registry:
+        settings.insecure_registries = insecure_registry
+    run_name = name or f"{getpass.getuser()}/{file.stem}-{secrets.token_hex(2)}"
+    try:
+        engine = local_engine(settings)
+        for orphan, why in recover(engine.store, {"local": engine.provisioner}, engine.staging):
+            err.print(f"[yellow]recovered[/] {orphan}: {why}")
+        run_id = engine.submit(run_name, text)
+    except SquallError as exc:
+        die(str(exc), exc.exit_code)
+
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            engine.execute(run_id)
+        except BaseException as exc:  # shown below; the run records its own reason
+            failure.append(exc)
+
+    worker = threading.Thread(target=work, name="engine", daemon=True)
+    worker.start()
+    seen = [0]
+
+    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        summary = run_summary(engine.store, run_id)
+        new = run_events(engine.store, run_id, after=seen[0])
+        if new:
+            seen[0] = new[-1]["id"]
+        if summary["state"] in ("FINISHED", "FAILED", "CANCELLED") and worker.is_alive():
+            summary = {**summary, "state": "TEARDOWN"}  # not over until the engine returns
+        return summary, new
+
+    from .live import watch
+
+    live = output is Format.text and sys.stderr.isatty()
+    while True:
+        try:
+            summary = watch(fetch, live=live) if output is Format.text else _wait(worker, fetch)
+            break
+        except KeyboardInterrupt:
+            err.print("[yellow]cancelling[/]: stopping the run and taking its cluster down...")
+            request_cancel(engine.store, run_name)
+    worker.join()
+    if failure:
+        die(f"the engine stopped: {failure[0]}", EXIT_INVALID)
+    summary = run_summary(engine.store, run_id)
+    if output is Format.json:
+        print_json(summary)
+    else:
+        _print_end(summary, engine.data_dir)
+    if summary["state"] != "FINISHED":
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _wait(worker: threading.Thread, fetch: Any) -> dict[str, Any]:
+    while worker.is_alive():
+        worker.join(0.25)
+    summary: dict[str, Any] = fetch()[0]
+    return summary
+
+
+def _print_end(summary: dict[str, Any], data_dir: Path) -> None:
+    from rich.markup import escape
+
+    from .output import out
+
+    colour = "green" if summary["state"] == "FINISHED" else "bold red"
+    reason = f": {escape(summary['reason'])}" if summary["reason"] else ""
+    out.print(f"[{colour}]{summary['state']}[/] {escape(summary['name'])}{reason}")
+    logs = data_dir / "runs" / summary["id"] / "logs"
+    out.print(f"logs: squall workflow log {escape(summary['name'])} JOB  ({escape(str(logs))})")

@@ -1,0 +1,78 @@
+"""`squall secret set|list|delete`: the values behind `secret://user/NAME` references."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.markup import escape
+
+from .output import EXIT_USAGE, Format, die, out, print_json
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help=(
+        "Store the secrets Fuzzfiles refer to as secret://user/NAME or secret://group/NAME "
+        "(kept 0600 in the data directory; never printed, logged or recorded in runs)."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+
+
+def _store():  # type: ignore[no-untyped-def]
+    from orchestrator.local_site import LocalSettings
+    from orchestrator.secrets import SecretStore
+
+    return SecretStore(LocalSettings().data_dir / "secrets")
+
+
+@app.command("set")
+def set_(ref: str = typer.Argument(..., help="secret://user/NAME or secret://group/NAME.")) -> None:
+    """Set a secret from stdin (a value, or for transfers a JSON/YAML mapping).
+
+    **Examples**
+
+        printf '%s' "$NGC_API_KEY" | squall secret set secret://user/NGC_API_KEY
+        squall secret set secret://user/S3 < s3-credentials.json
+    """
+    from orchestrator.errors import SquallError
+
+    if sys.stdin.isatty():
+        die("pipe the value on stdin (it is never taken from the command line)", EXIT_USAGE)
+    value = sys.stdin.buffer.read()
+    if not value.strip():
+        die("the value on stdin is empty", EXIT_USAGE)
+    try:
+        _store().set(ref, value.rstrip(b"\n") if value.count(b"\n") == 1 else value)
+    except SquallError as exc:
+        die(str(exc), exc.exit_code)
+    out.print(f"set {escape(ref)}")
+
+
+@app.command("list")
+def list_(
+    output: Format = typer.Option(Format.text, "--output", "-o", help="text or json."),
+) -> None:
+    """List the secrets that are set (names only)."""
+    refs = _store().list()
+    if output is Format.json:
+        print_json(refs)
+    else:
+        for ref in refs:
+            out.print(escape(ref))
+
+
+@app.command()
+def delete(ref: str = typer.Argument(..., help="The secret to delete.")) -> None:
+    """Delete a secret."""
+    from orchestrator.errors import SquallError
+
+    try:
+        found = _store().delete(ref)
+    except SquallError as exc:
+        die(str(exc), exc.exit_code)
+    if not found:
+        die(f"{ref} is not set", 1)
+    out.print(f"deleted {escape(ref)}")

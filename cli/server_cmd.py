@@ -1,0 +1,96 @@
+"""`squall server`: serve the control-plane API and run the workflows it is given."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from .output import EXIT_USAGE, die, err
+
+__all__ = ["server"]
+
+
+def server(
+    listen: str = typer.Option("127.0.0.1:7433", "--listen", help="HOST:PORT (port 0: any)."),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        help="File holding the token clients must send. Default: DATA/server-token, made "
+        "(0600) on first start.",
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate chain."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="Agents per local cluster."),
+    search_registry: list[str] = typer.Option([], "--search-registry", help="See `squall run`."),
+    insecure_registry: list[str] = typer.Option(
+        [], "--insecure-registry", help="See `squall run`."
+    ),
+) -> None:
+    """Serve Squall's gRPC control-plane API; run each started workflow on the local site.
+
+    Every call must carry the token. Without --tls-cert/--tls-key the API is plaintext:
+    keep it on loopback. On start, runs left behind by a server that died are torn down
+    and failed with the reason; on SIGTERM or Ctrl-C, the runs this server owns are
+    cancelled and their clusters taken down before it exits.
+
+    **Examples**
+
+        squall server --listen 127.0.0.1:7433
+        squall context create here --server 127.0.0.1:7433 \\
+            --token-file ~/.local/share/squall/server-token
+    """
+    from orchestrator.api import serve
+    from orchestrator.errors import SquallError
+    from orchestrator.local_site import LocalSettings, local_engine
+    from orchestrator.recovery import recover
+
+    if (tls_cert is None) != (tls_key is None):
+        die("give both --tls-cert and --tls-key, or neither", EXIT_USAGE)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    settings = LocalSettings(nodes=nodes)
+    if search_registry:
+        settings.search_registries = search_registry
+    if insecure_registry:
+        settings.insecure_registries = insecure_registry
+    try:
+        engine = local_engine(settings)
+        token = _token(token_file or settings.data_dir / "server-token", create=token_file is None)
+        tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
+        for name, why in recover(engine.store, {"local": engine.provisioner}, engine.staging):
+            err.print(f"recovered {name}: {why}")
+        grpc_server, port, servicer = serve(engine, listen, token, tls=tls)
+    except (SquallError, ValueError, OSError) as exc:
+        die(str(exc), getattr(exc, "exit_code", EXIT_USAGE))
+    host = listen.rsplit(":", 1)[0]
+    print(f"serving on {host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    err.print("stopping: cancelling the runs this server owns...")
+    servicer.shutdown()
+    grpc_server.stop(grace=5).wait()
+
+
+def _token(path: Path, *, create: bool) -> str:
+    if path.exists():
+        token = path.read_text().strip()
+        if not token:
+            die(f"{path} is empty", EXIT_USAGE)
+        return token
+    if not create:
+        die(f"no token file at {path}", EXIT_USAGE)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    err.print(f"made a token for clients in {path}")
+    return token

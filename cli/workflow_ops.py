@@ -1,0 +1,387 @@
+"""`squall workflow start|status|list|log|cancel|exec|port-forward|egress`: runs, on this
+machine's store or on a server (see `squall context`)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .output import EXIT_USAGE, Format, die, err, out, print_json
+
+__all__ = ["cancel", "egress", "exec_", "list_", "log", "port_forward", "start", "status"]
+
+OUTPUT = typer.Option(Format.text, "--output", "-o", help="text for people, json for scripts.")
+CONTEXT = typer.Option(
+    None,
+    "--context",
+    help="Server context to use (default: the current one; see `squall context`).",
+)
+EXIT_FAILED = 1
+
+
+def _backend(context: str | None) -> Any:
+    from orchestrator.errors import SquallError
+
+    from .backends import open_backend
+
+    try:
+        return open_backend(context)
+    except SquallError as exc:
+        die(str(exc), exc.exit_code)
+
+
+def _guard(call: Any) -> Any:
+    from orchestrator.errors import SquallError
+
+    try:
+        return call()
+    except SquallError as exc:
+        die(str(exc), exc.exit_code)
+
+
+def _show(summary: dict[str, Any]) -> None:
+    from .live import render
+
+    out.print(render(summary, []))
+
+
+def start(
+    name: str = typer.Argument(..., help="A unique name for the run, e.g. me/gromacs-1."),
+    file: Path = typer.Argument(..., help="The Fuzzfile.", show_default=False),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the run until it ends."),
+    output: Format = OUTPUT,
+    context: str | None = CONTEXT,
+) -> None:
+    """Start a workflow on the server of the current context, and return.
+
+    **Examples**
+
+        squall workflow start me/pipeline-1 pipeline.yaml
+        squall workflow start me/pipeline-2 pipeline.yaml --watch
+    """
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        die(f"cannot read {file}: {exc.strerror}", EXIT_USAGE)
+    backend = _backend(context)
+    summary = _guard(lambda: backend.start(name, text))
+    if watch:
+        summary = _follow(backend, name)
+    if output is Format.json:
+        print_json(summary)
+    else:
+        out.print(f"started {escape(summary['name'])} ({summary['id']}): {summary['state']}")
+    if watch and summary["state"] != "FINISHED":
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _follow(backend: Any, name: str) -> dict[str, Any]:
+    from .live import watch as live_watch
+
+    updates = backend.watch(name)
+    latest: dict[str, Any] = {}
+
+    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        summary, events = _guard(lambda: next(updates, None)) or (latest, [])
+        latest.update(summary)
+        return summary, events
+
+    return live_watch(fetch, live=sys.stderr.isatty())
+
+
+def status(
+    name: str = typer.Argument(..., help="The run's name (or id)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Follow the run until it ends."),
+    output: Format = OUTPUT,
+    context: str | None = CONTEXT,
+) -> None:
+    """Show a run: its state, and every job's state, tasks and attempts.
+
+    With --watch, follow it until it ends; the exit status then says how it ended (0:
+    finished, 1: failed or cancelled).
+    """
+    backend = _backend(context)
+    if watch:
+        summary = _follow(backend, name)
+        if output is Format.json:
+            print_json(summary)
+        else:
+            _show(summary)
+        if summary["state"] != "FINISHED":
+            raise typer.Exit(EXIT_FAILED)
+        return
+    summary = _guard(lambda: backend.status(name))
+    if output is Format.json:
+        print_json(summary)
+    else:
+        _show(summary)
+
+
+def list_(
+    pattern: str = typer.Argument("*", help="A glob on run names, e.g. 'me/gromacs*'."),
+    output: Format = OUTPUT,
+    context: str | None = CONTEXT,
+) -> None:
+    """List runs, newest first."""
+    backend = _backend(context)
+    rows = _guard(lambda: backend.list(pattern))
+    if output is Format.json:
+        print_json(rows)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "STATE", "SITE", "CREATED", "REASON"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            escape(r["name"]),
+            r["state"],
+            escape(r["site"]),
+            (r["created_at"] or "")[:19],
+            escape(r["reason"]),
+        )
+    out.print(table)
+
+
+def _split_job(job: str) -> tuple[str, int]:
+    """`count[3]` or `count` -> (name, task index)."""
+    if job.endswith("]") and "[" in job:
+        name, _, index = job[:-1].partition("[")
+        if index.isdigit():
+            return name, int(index)
+        die(f"{job!r}: write JOB or JOB[INDEX], e.g. count[3]")
+    return job, 0
+
+
+def log(
+    name: str = typer.Argument(..., help="The run's name (or id)."),
+    job: str = typer.Argument(..., help="The job; JOB[INDEX] for a task of an array."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the task ends."),
+    context: str | None = CONTEXT,
+) -> None:
+    """Print a job's output (its latest attempt): live while it runs, kept once it ended."""
+    backend = _backend(context)
+    job_name, index = _split_job(job)
+
+    def stream() -> None:
+        for data in backend.logs(name, job_name, index, follow):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+
+    _guard(stream)
+
+
+def cancel(
+    name: str = typer.Argument(..., help="The run's name (or id)."),
+    output: Format = OUTPUT,
+    context: str | None = CONTEXT,
+) -> None:
+    """Cancel a run: its tasks are stopped and its cluster taken down by its owner."""
+    backend = _backend(context)
+    summary = _guard(lambda: backend.cancel(name))
+    if output is Format.json:
+        print_json(summary)
+    else:
+        out.print(f"cancel requested for {escape(summary['name'])} ({summary['state']})")
+
+
+def egress(
+    name: str = typer.Argument(..., help="The run's name (or id)."),
+    release: bool = typer.Option(
+        False, "--release", help="Give up on the failed egress and delete the kept volumes."
+    ),
+) -> None:
+    """Retry the failed egress of an ended run on this machine (its data was kept)."""
+    from orchestrator.local_site import LocalSettings, local_engine
+
+    engine = _guard(lambda: local_engine(LocalSettings()))
+    kept = _guard(lambda: engine.retry_egress(name, release=release))
+    if release:
+        out.print(f"released the volumes of {escape(name)}")
+    else:
+        out.print(f"egress of {escape(name)} done" + (f"; still kept: {kept}" if kept else ""))
+
+
+# ---- exec ----------------------------------------------------------------------------------
+
+
+def exec_(
+    name: str = typer.Argument(..., help="The run's name (or id)."),
+    job: str = typer.Argument(..., help="The running job; JOB[INDEX] for a task of an array."),
+    command: list[str] = typer.Argument(..., help="The command, after --."),
+    tty: bool = typer.Option(False, "--tty", "-t", help="Give the command a terminal."),
+    context: str | None = CONTEXT,
+) -> None:
+    """Run a command inside a running job, through its node's agent (no SSH).
+
+    Exits with the command's exit status.
+
+    **Examples**
+
+        squall workflow exec me/train-1 trainer -- nvidia-smi
+        squall workflow exec me/train-1 trainer --tty -- /bin/sh
+    """
+    from api.squall.v1 import control_pb2 as pb
+
+    backend = _backend(context)
+    job_name, index = _split_job(job)
+    inbox: queue.Queue[pb.ExecInput | None] = queue.Queue()
+    rows, columns = _terminal_size() if tty else (0, 0)
+    inbox.put(
+        pb.ExecInput(
+            start=pb.ExecStart(
+                name=name,
+                job=job_name,
+                index=index,
+                command=command,
+                tty=tty,
+                size=pb.TerminalSize(rows=rows, columns=columns),
+            )
+        )
+    )
+
+    def requests() -> Iterator[pb.ExecInput]:
+        while (message := inbox.get()) is not None:
+            yield message
+
+    def pump_stdin() -> None:
+        fd = sys.stdin.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                inbox.put(pb.ExecInput(close_stdin=True))
+                return
+            inbox.put(pb.ExecInput(stdin=data))
+
+    threading.Thread(target=pump_stdin, daemon=True).start()
+    restore = _raw_terminal() if tty and sys.stdin.isatty() else None
+    if tty:
+        signal.signal(
+            signal.SIGWINCH,
+            lambda *_: inbox.put(pb.ExecInput(resize=pb.TerminalSize(*_terminal_size()))),
+        )
+    code = 0
+    try:
+
+        def relay() -> int:
+            for output in backend.exec(requests()):
+                kind = output.WhichOneof("output")
+                if kind == "stdout":
+                    sys.stdout.buffer.write(output.stdout)
+                    sys.stdout.buffer.flush()
+                elif kind == "stderr":
+                    sys.stderr.buffer.write(output.stderr)
+                    sys.stderr.buffer.flush()
+                elif kind == "exit_code":
+                    return int(output.exit_code)
+            return 255
+
+        code = _guard(relay)
+    finally:
+        inbox.put(None)
+        if restore is not None:
+            restore()
+    raise typer.Exit(code)
+
+
+def _terminal_size() -> tuple[int, int]:
+    size = os.get_terminal_size(sys.stdout.fileno()) if sys.stdout.isatty() else None
+    return (size.lines, size.columns) if size else (24, 80)
+
+
+def _raw_terminal() -> Any:
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+# ---- port-forward --------------------------------------------------------------------------
+
+
+def port_forward(
+    name: str = typer.Argument(..., help="The run's name (or id)."),
+    job: str = typer.Argument(..., help="The running job or service; JOB[INDEX] for arrays."),
+    ports: str = typer.Argument(..., help="LOCAL:REMOTE, e.g. 8888:8888 (LOCAL 0: any free)."),
+    address: str = typer.Option("127.0.0.1", "--address", help="Local address to listen on."),
+    context: str | None = CONTEXT,
+) -> None:
+    """Forward a local TCP port to a port in a running job, through its agent (no SSH).
+
+    Each connection to LOCAL becomes one stream to REMOTE inside the job's network. Runs
+    until Ctrl-C; prints `forwarding ADDRESS:PORT -> REMOTE` once it listens.
+    """
+    from api.squall.v1 import control_pb2 as pb
+
+    local, sep, remote = ports.partition(":")
+    if not sep or not local.isdigit() or not remote.isdigit():
+        die(f"{ports!r}: write LOCAL:REMOTE, e.g. 8888:8888")
+    backend = _backend(context)
+    job_name, index = _split_job(job)
+    _guard(lambda: backend.status(name))  # fails early on a wrong name
+    listener = socket.create_server((address, int(local)))
+    bound = listener.getsockname()[1]
+    err.print(f"forwarding {address}:{bound} -> {job_name}:{remote}")
+    print(f"{address}:{bound}", flush=True)
+
+    def serve(conn: socket.socket) -> None:
+        inbox: queue.Queue[pb.PortForwardInput | None] = queue.Queue()
+        inbox.put(
+            pb.PortForwardInput(
+                start=pb.PortForwardStart(name=name, job=job_name, index=index, port=int(remote))
+            )
+        )
+
+        def requests() -> Iterator[pb.PortForwardInput]:
+            while (message := inbox.get()) is not None:
+                yield message
+
+        def upstream() -> None:
+            while True:
+                ready, _, _ = select.select([conn], [], [], 1.0)
+                if not ready:
+                    continue
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    inbox.put(pb.PortForwardInput(close=True))
+                    return
+                inbox.put(pb.PortForwardInput(data=data))
+
+        threading.Thread(target=upstream, daemon=True).start()
+        try:
+            for output in backend.port_forward(requests()):
+                conn.sendall(output.data)
+        except Exception as exc:  # one connection failing must not stop the others
+            err.print(f"[yellow]connection closed[/]: {escape(str(exc))}")
+        finally:
+            inbox.put(None)
+            conn.close()
+
+    try:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()

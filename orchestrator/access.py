@@ -1,0 +1,183 @@
+"""Reaching a run's jobs: their logs (kept files, or live from the agent), exec into them and
+port-forward to them through their node's agent. The control-plane server relays its clients
+through this, and the CLI uses it directly on the local site; both speak the control API's
+messages, translated here to the agent's."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from sqlalchemy import select
+
+from api.squall.v1 import control_pb2 as cpb
+from api.substrate.v1 import agent_pb2 as apb
+from substrate.client import connect
+
+from .errors import Conflict, InvalidInput, NotFound
+from .runloop import log_path
+from .scheduler import TaskKey
+from .store import Agent, Attempt, Job, Run, Store, Task, TaskState
+
+__all__ = ["RunAccess", "TaskNotRunning"]
+
+_LIVE = (TaskState.STARTING, TaskState.RUNNING, TaskState.READY)
+
+
+class TaskNotRunning(Conflict):
+    """Exec and port-forward need a running task."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    run_id: str
+    key: TaskKey
+    attempt: int  # 0: never started
+    live: bool
+    address: str = ""
+    token: str = ""
+    agent_task_id: str = ""
+
+
+class RunAccess:
+    def __init__(self, store: Store, data_dir: Path) -> None:
+        self.store = store
+        self.data_dir = data_dir
+
+    def _where(self, name: str, job: str, index: int) -> _Where:
+        with self.store.session() as s:
+            run = s.scalars(select(Run).where((Run.name == name) | (Run.id == name))).first()
+            if run is None:
+                raise NotFound(f"no run named {name!r}")
+            task = s.scalars(
+                select(Task)
+                .join(Task.job)
+                .where(Job.run_id == run.id, Job.name == job, Task.index == index)
+            ).first()
+            if task is None:
+                jobs = ", ".join(s.scalars(select(Job.name).where(Job.run_id == run.id)))
+                raise NotFound(
+                    f"run {run.name} has no job {job!r} with task {index} (jobs: {jobs})"
+                )
+            attempt = s.scalars(
+                select(Attempt).where(Attempt.task_id == task.id).order_by(Attempt.number.desc())
+            ).first()
+            key = TaskKey(job, index)
+            if attempt is None:
+                return _Where(run.id, key, 0, False)
+            live = task.state in _LIVE and attempt.state not in (
+                TaskState.FINISHED,
+                TaskState.FAILED,
+                TaskState.CANCELLED,
+            )
+            agent = s.scalars(
+                select(Agent).where(Agent.run_id == run.id, Agent.name == attempt.node)
+            ).first()
+            if agent is None or not attempt.agent_task_id:
+                return _Where(run.id, key, attempt.number, False)
+            return _Where(
+                run.id, key, attempt.number, live, agent.address, agent.token, attempt.agent_task_id
+            )
+
+    # ---- logs -----------------------------------------------------------------------------
+
+    def logs(self, name: str, job: str, index: int = 0, follow: bool = False) -> Iterator[bytes]:
+        """The output of the task's latest attempt: live from its agent while it runs (and,
+        with `follow`, until it ends), else from the copy kept when it ended."""
+        where = self._where(name, job, index)
+        if where.attempt == 0:
+            return
+        if where.live:
+            channel, stub = connect(where.address, where.token)
+            try:
+                for chunk in stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow)):
+                    yield chunk.data
+                return
+            except grpc.RpcError:
+                pass  # the node went away meanwhile: the kept copy has it all
+            finally:
+                channel.close()
+        path = log_path(self.data_dir, where.run_id, where.key, where.attempt)
+        with contextlib.suppress(FileNotFoundError):
+            yield path.read_bytes()
+
+    # ---- exec and port-forward -------------------------------------------------------------
+
+    def _live(self, name: str, job: str, index: int) -> _Where:
+        where = self._where(name, job, index)
+        if not where.live:
+            raise TaskNotRunning(f"{job}[{index}] of {name} is not running")
+        return where
+
+    def exec(self, requests: Iterator[cpb.ExecInput]) -> Iterator[cpb.ExecOutput]:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise InvalidInput("the first exec message must be `start`")
+        start = first.start
+        if not start.command:
+            raise InvalidInput("exec needs a command")
+        where = self._live(start.name, start.job, start.index)
+
+        def upstream() -> Iterator[apb.ExecInput]:
+            yield apb.ExecInput(
+                start=apb.ExecStart(
+                    task_id=where.agent_task_id,
+                    command=list(start.command),
+                    tty=start.tty,
+                    size=apb.TerminalSize(rows=start.size.rows, columns=start.size.columns),
+                )
+            )
+            for message in requests:
+                kind = message.WhichOneof("input")
+                if kind == "stdin":
+                    yield apb.ExecInput(stdin=message.stdin)
+                elif kind == "resize":
+                    size = apb.TerminalSize(
+                        rows=message.resize.rows, columns=message.resize.columns
+                    )
+                    yield apb.ExecInput(resize=size)
+                elif kind == "close_stdin":
+                    yield apb.ExecInput(close_stdin=True)
+
+        channel, stub = connect(where.address, where.token)
+        try:
+            for out in stub.Exec(upstream()):
+                kind = out.WhichOneof("output")
+                if kind == "stdout":
+                    yield cpb.ExecOutput(stdout=out.stdout)
+                elif kind == "stderr":
+                    yield cpb.ExecOutput(stderr=out.stderr)
+                elif kind == "exit_code":
+                    yield cpb.ExecOutput(exit_code=out.exit_code)
+        finally:
+            channel.close()
+
+    def port_forward(
+        self, requests: Iterator[cpb.PortForwardInput]
+    ) -> Iterator[cpb.PortForwardOutput]:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("input") != "start":
+            raise InvalidInput("the first port-forward message must be `start`")
+        start = first.start
+        where = self._live(start.name, start.job, start.index)
+
+        def upstream() -> Iterator[apb.PortForwardInput]:
+            yield apb.PortForwardInput(
+                start=apb.PortForwardStart(task_id=where.agent_task_id, port=start.port)
+            )
+            for message in requests:
+                kind = message.WhichOneof("input")
+                if kind == "data":
+                    yield apb.PortForwardInput(data=message.data)
+                elif kind == "close":
+                    yield apb.PortForwardInput(close=True)
+
+        channel, stub = connect(where.address, where.token)
+        try:
+            for out in stub.PortForward(upstream()):
+                yield cpb.PortForwardOutput(data=out.data)
+        finally:
+            channel.close()

@@ -1,0 +1,219 @@
+"""`squall server`: the control-plane API over gRPC, running each started workflow in a thread
+of this process (its owner), with the same engine and store as `squall run`.
+
+Errors map to status codes by category: NotFound -> NOT_FOUND, Conflict ->
+FAILED_PRECONDITION (ALREADY_EXISTS for a taken name), other InvalidInput ->
+INVALID_ARGUMENT; anything unexpected is INTERNAL with its message, and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+
+from api.squall.v1 import control_pb2 as pb
+from api.squall.v1 import control_pb2_grpc as rpc
+
+from ..access import RunAccess
+from ..engine import TERMINAL, Engine, request_cancel
+from ..errors import Conflict, InvalidInput, NotFound, SquallError
+from ..views import find_run, run_events, run_list, run_summary
+from .auth import TokenAuth
+
+__all__ = ["ControlServer", "serve"]
+
+log = logging.getLogger("squall.server")
+F = TypeVar("F", bound=Callable[..., Any])
+WATCH_POLL = 0.25
+
+
+def _code(exc: SquallError) -> grpc.StatusCode:
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, Conflict):
+        if "exists already" in str(exc):
+            return grpc.StatusCode.ALREADY_EXISTS
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def _status_codes(method: F) -> F:
+    """Turn Squall's errors into gRPC status codes, for unary and streaming methods."""
+
+    def fail(context: Any, exc: Exception) -> None:
+        if isinstance(exc, SquallError):
+            context.abort(_code(exc), str(exc))
+        log.exception("%s failed", method.__name__)
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            fail(context, exc)
+
+    @functools.wraps(method)
+    def streaming(self: Any, request: Any, context: Any) -> Any:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            fail(context, exc)
+
+    return streaming if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
+
+
+def _workflow(summary: dict[str, Any]) -> pb.Workflow:
+    message = pb.Workflow()
+    clean = {k: ("" if v is None else v) for k, v in summary.items() if k != "placement"}
+    clean["jobs"] = [{k: ("" if v is None else v) for k, v in j.items()} for j in summary["jobs"]]
+    json_format.ParseDict(clean, message)
+    if summary.get("placement"):
+        message.placement.update(summary["placement"])
+    return message
+
+
+class ControlServer(rpc.ControlServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.access = RunAccess(engine.store, engine.data_dir)
+        self.runs: dict[str, threading.Thread] = {}
+
+    def _summary(self, name: str) -> pb.Workflow:
+        return _workflow(run_summary(self.engine.store, find_run(self.engine.store, name)))
+
+    @_status_codes
+    def StartWorkflow(self, request: pb.StartWorkflowRequest, context: Any) -> pb.Workflow:
+        if not request.name:
+            raise InvalidInput("a workflow needs a name, e.g. user/gromacs-1")
+        user = dict(context.invocation_metadata()).get("x-squall-user", "")
+        run_id = self.engine.submit(request.name, request.fuzzfile, owner=user or None)
+        thread = threading.Thread(
+            target=self._execute, args=(run_id,), name=f"run-{request.name}", daemon=True
+        )
+        self.runs[run_id] = thread
+        thread.start()
+        return _workflow(run_summary(self.engine.store, run_id))
+
+    def _execute(self, run_id: str) -> None:
+        try:
+            self.engine.execute(run_id)
+        except Exception:
+            log.exception("run %s stopped with an error", run_id)
+        finally:
+            self.runs.pop(run_id, None)
+
+    @_status_codes
+    def GetWorkflow(self, request: pb.GetWorkflowRequest, context: Any) -> pb.Workflow:
+        return self._summary(request.name)
+
+    @_status_codes
+    def ListWorkflows(
+        self, request: pb.ListWorkflowsRequest, context: Any
+    ) -> pb.ListWorkflowsResponse:
+        rows = run_list(self.engine.store, request.pattern or "*")
+        return pb.ListWorkflowsResponse(
+            workflows=[
+                pb.Workflow(
+                    id=r["id"],
+                    name=r["name"],
+                    owner=r["owner"],
+                    site=r["site"],
+                    state=r["state"],
+                    reason=r["reason"],
+                    created_at=r["created_at"] or "",
+                )
+                for r in rows
+            ]
+        )
+
+    @_status_codes
+    def WatchWorkflow(
+        self, request: pb.WatchWorkflowRequest, context: Any
+    ) -> Iterator[pb.WorkflowUpdate]:
+        store = self.engine.store
+        run_id = find_run(store, request.name)
+        after, last = 0, None
+        while context.is_active():
+            summary = run_summary(store, run_id)
+            events = run_events(store, run_id, after)
+            if events:
+                after = events[-1]["id"]
+            if events or summary != last:
+                yield pb.WorkflowUpdate(
+                    workflow=_workflow(summary),
+                    events=[pb.Event(**e) for e in events],
+                )
+                last = summary
+            if summary["state"] in {s.value for s in TERMINAL}:
+                return
+            time.sleep(WATCH_POLL)
+
+    @_status_codes
+    def CancelWorkflow(self, request: pb.CancelWorkflowRequest, context: Any) -> pb.Workflow:
+        request_cancel(self.engine.store, request.name)
+        return self._summary(request.name)
+
+    @_status_codes
+    def Logs(self, request: pb.LogsRequest, context: Any) -> Iterator[pb.LogChunk]:
+        for data in self.access.logs(request.name, request.job, request.index, request.follow):
+            yield pb.LogChunk(data=data)
+
+    @_status_codes
+    def Exec(
+        self, request_iterator: Iterator[pb.ExecInput], context: Any
+    ) -> Iterator[pb.ExecOutput]:
+        yield from self.access.exec(request_iterator)
+
+    @_status_codes
+    def PortForward(
+        self, request_iterator: Iterator[pb.PortForwardInput], context: Any
+    ) -> Iterator[pb.PortForwardOutput]:
+        yield from self.access.port_forward(request_iterator)
+
+    def shutdown(self, grace: float = 60.0) -> None:
+        """Cancel the runs this server owns and wait for their clusters to come down."""
+        for run_id in list(self.runs):
+            with contextlib.suppress(NotFound):
+                request_cancel(self.engine.store, run_id)
+        deadline = time.monotonic() + grace
+        for thread in list(self.runs.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def serve(
+    engine: Engine,
+    address: str,
+    token: str,
+    *,
+    tls: tuple[bytes, bytes] | None = None,
+    workers: int = 64,
+) -> tuple[grpc.Server, int, ControlServer]:
+    """Start serving on `address` (with TLS when given a certificate chain and key)."""
+    servicer = ControlServer(engine)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control-rpc"),
+        interceptors=[TokenAuth(token)],
+    )
+    rpc.add_ControlServicer_to_server(servicer, server)
+    if tls is not None:
+        credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise InvalidInput(f"cannot listen on {address}")
+    server.start()
+    return server, port, servicer

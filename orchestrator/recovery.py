@@ -1,0 +1,112 @@
+"""Runs whose orchestrator died: found, their clusters torn down, and failed with a reason.
+
+A run belongs to the process that executes it (`host:pid` in `runs.orchestrator`), which
+writes a heartbeat every few seconds. Any later orchestrator (`squall run`, `squall server`)
+looks, when it starts, for runs that have not ended and whose owner is gone: on this host,
+the process no longer exists; elsewhere, its heartbeat is stale. Each such run has its agents
+stopped through the provisioner of its site, its ephemeral volumes released (those with an
+egress still owed are kept), its unfinished tasks failed, and ends FAILED, saying why.
+Results already egressed are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+
+from .data.staging import Staging
+from .engine import HEARTBEAT, TERMINAL, identity
+from .provision import AgentEndpoint, Cluster, Provisioner
+from .store import Agent, Event, Job, Run, RunState, Store, Task, TaskState
+
+__all__ = ["orphaned_runs", "recover"]
+
+STALE = timedelta(seconds=6 * HEARTBEAT)
+_ENDED = (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED, TaskState.SKIPPED)
+
+
+def _owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    if heartbeat is None:
+        return False
+    if heartbeat.tzinfo is None:  # SQLite hands back naive UTC
+        heartbeat = heartbeat.replace(tzinfo=UTC)
+    return now - heartbeat < STALE
+
+
+def orphaned_runs(store: Store) -> list[str]:
+    """Ids of runs that have not ended and whose owner is gone."""
+    now = datetime.now(UTC)
+    with store.session() as s:
+        rows = s.execute(
+            select(Run.id, Run.orchestrator, Run.heartbeat_at, Run.created_at).where(
+                Run.state.not_in(TERMINAL)
+            )
+        ).all()
+    orphans = []
+    for run_id, owner, heartbeat, created in rows:
+        if owner:
+            if not _owner_alive(owner, heartbeat, now):
+                orphans.append(run_id)
+        elif created.replace(tzinfo=created.tzinfo or UTC) < now - STALE:
+            orphans.append(run_id)  # submitted, never picked up, long ago
+    return orphans
+
+
+def recover(
+    store: Store, provisioners: Mapping[str, Provisioner], staging: Staging
+) -> list[tuple[str, str]]:
+    """Tear down and fail every orphaned run; (run name, reason) of each."""
+    recovered = []
+    for run_id in orphaned_runs(store):
+        with store.session() as s:
+            run = s.get_one(Run, run_id)
+            name, site, owner, was = run.name, run.site, run.orchestrator, run.state
+            agents = tuple(
+                AgentEndpoint(name=a.name, address=a.address, token=a.token, pid=a.pid)
+                for a in s.scalars(select(Agent).where(Agent.run_id == run_id)).all()
+            )
+            run.orchestrator = identity()  # this process owns the clean-up now
+            run.state = RunState.TEARDOWN
+            s.add(Event(run_id=run_id, kind="run", message="TEARDOWN: recovering an orphan"))
+        provisioner = provisioners.get(site)
+        if agents and provisioner is not None:
+            provisioner.down(Cluster(run_id=run_id, site=site, agents=agents))
+        reason = (
+            f"its orchestrator ({owner or 'none'}) stopped while it was {was.value}; "
+            "the cluster was torn down"
+        )
+        if agents and provisioner is None:
+            reason += f"; no provisioner for site {site!r} here: its agents may still run"
+        kept = staging.release(run_id)
+        if kept:
+            reason += f"; volume(s) {', '.join(kept)} kept for the egress still owed"
+        now = datetime.now(UTC)
+        with store.session() as s:
+            for task in s.scalars(select(Task).join(Task.job).where(Job.run_id == run_id)):
+                if task.state not in _ENDED:
+                    task.state = TaskState.FAILED
+                    for attempt in task.attempts:
+                        if attempt.state not in _ENDED:
+                            attempt.state, attempt.message = TaskState.FAILED, "orchestrator died"
+                            attempt.finished_at = now
+            for job in s.scalars(select(Job).where(Job.run_id == run_id)):
+                if job.state not in _ENDED:
+                    job.state, job.reason = TaskState.FAILED, "orchestrator died"
+            run = s.get_one(Run, run_id)
+            run.state, run.reason, run.finished_at = RunState.FAILED, reason, now
+            s.add(Event(run_id=run_id, kind="run", message=f"FAILED: {reason}"))
+        recovered.append((name, reason))
+    return recovered

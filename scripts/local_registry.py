@@ -1,0 +1,56 @@
+"""A registry on 127.0.0.1 holding busybox:1.36, built here from Debian's busybox-static:
+what `scripts/demo.sh` runs workflows from on a machine that cannot reach Docker Hub.
+
+    python scripts/local_registry.py start DIR   # prints HOST:PORT; the registry keeps running
+    python scripts/local_registry.py stop DIR
+
+It uses the same image build and registry as the tests (tests/substrate/registry.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.substrate.registry import (  # noqa: E402
+    Registry,
+    build_busybox_image,
+    missing_tools,
+)
+
+
+def start(work: Path) -> int:
+    missing = missing_tools()
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (scripts/setup.sh --runtime)", file=sys.stderr)
+        return 2
+    stop(work)
+    work.mkdir(parents=True, exist_ok=True)
+    layout = build_busybox_image(work)
+    registry = Registry(work)
+    registry.push(layout, "1.36", "busybox:1.36")
+    (work / "pid").write_text(str(registry.proc.pid))
+    print(registry.address)
+    return 0
+
+
+def stop(work: Path) -> int:
+    pid_file = work / "pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+        pid_file.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("start", "stop"):
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit({"start": start, "stop": stop}[sys.argv[1]](Path(sys.argv[2])))
