@@ -16,6 +16,7 @@ from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, print_json
 __all__ = ["run"]
 
 EXIT_FAILED = 1
+SHOWN_LINES = 20  # of each job's output, at the end of a run
 
 
 def run(
@@ -71,6 +72,15 @@ def run(
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         die(f"cannot read {file}: {exc.strerror}", EXIT_USAGE)
+    from orchestrator.fuzzfile import load_text
+
+    from .output import print_diagnostic
+
+    checked = load_text(text, str(file))
+    for d in checked.diagnostics:
+        print_diagnostic(d)
+    if not checked.ok:
+        die(f"{file} is not a valid Fuzzfile; nothing was started", EXIT_INVALID)
     settings = LocalSettings(nodes=nodes)
     if search_registry:
         settings.search_registries = search_registry
@@ -86,12 +96,17 @@ def run(
         die(str(exc), exc.exit_code)
 
     failure: list[BaseException] = []
+    # an Event, not Thread.join/is_alive: a Ctrl-C that interrupts join() can leave the
+    # thread looking finished while it still works
+    ended = threading.Event()
 
     def work() -> None:
         try:
             engine.execute(run_id)
         except BaseException as exc:  # shown below; the run records its own reason
             failure.append(exc)
+        finally:
+            ended.set()
 
     worker = threading.Thread(target=work, name="engine", daemon=True)
     worker.start()
@@ -102,7 +117,7 @@ def run(
         new = run_events(engine.store, run_id, after=seen[0])
         if new:
             seen[0] = new[-1]["id"]
-        if summary["state"] in ("FINISHED", "FAILED", "CANCELLED") and worker.is_alive():
+        if summary["state"] in ("FINISHED", "FAILED", "CANCELLED") and not ended.is_set():
             summary = {**summary, "state": "TEARDOWN"}  # not over until the engine returns
         return summary, new
 
@@ -111,12 +126,12 @@ def run(
     live = output is Format.text and sys.stderr.isatty()
     while True:
         try:
-            summary = watch(fetch, live=live) if output is Format.text else _wait(worker, fetch)
+            summary = watch(fetch, live=live) if output is Format.text else _wait(ended, fetch)
             break
         except KeyboardInterrupt:
             err.print("[yellow]cancelling[/]: stopping the run and taking its cluster down...")
             request_cancel(engine.store, run_name)
-    worker.join()
+    ended.wait()
     if failure:
         die(f"the engine stopped: {failure[0]}", EXIT_INVALID)
     summary = run_summary(engine.store, run_id)
@@ -128,9 +143,9 @@ def run(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _wait(worker: threading.Thread, fetch: Any) -> dict[str, Any]:
-    while worker.is_alive():
-        worker.join(0.25)
+def _wait(ended: threading.Event, fetch: Any) -> dict[str, Any]:
+    while not ended.wait(0.25):
+        pass
     summary: dict[str, Any] = fetch()[0]
     return summary
 
@@ -144,4 +159,17 @@ def _print_end(summary: dict[str, Any], data_dir: Path) -> None:
     reason = f": {escape(summary['reason'])}" if summary["reason"] else ""
     out.print(f"[{colour}]{summary['state']}[/] {escape(summary['name'])}{reason}")
     logs = data_dir / "runs" / summary["id"] / "logs"
+    for job in summary["jobs"]:
+        if job["kind"] != "job" or job["tasks"] != 1 or not job["attempts"]:
+            continue
+        kept = logs / job["name"] / f"0.{job['attempts']}.log"
+        try:
+            lines = kept.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        shown = lines[-SHOWN_LINES:]
+        more = f" (last {len(shown)} of {len(lines)} lines)" if len(lines) > len(shown) else ""
+        out.print(f"[bold]── {escape(job['name'])}[/]{more}")
+        for line in shown:
+            out.print(escape(line), markup=False, highlight=False)
     out.print(f"logs: squall workflow log {escape(summary['name'])} JOB  ({escape(str(logs))})")

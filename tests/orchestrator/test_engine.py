@@ -131,7 +131,10 @@ def test_bad_input_is_refused_before_anything_starts(engine: Engine, tmp_path: P
             "user/mpi",
             fuzzfile(f"""
             jobs:
-              mpi: {{{IMAGE}, command: [/bin/true], multinode: {{nodes: 2, implementation: openmpi}}}}
+              mpi:
+                {IMAGE}
+                command: [/bin/true]
+                multinode: {{nodes: 2, implementation: openmpi}}
         """),
         )
     with pytest.raises(InvalidInput, match=r"secrets that are not set: secret://user/TOKEN"):

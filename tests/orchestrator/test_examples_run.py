@@ -15,7 +15,6 @@ from sqlalchemy import select
 from orchestrator.engine import Engine
 from orchestrator.fuzzfile import Workflow
 from orchestrator.provision import LocalProvisioner, NodeSlice
-from orchestrator.secrets import SecretStore
 from orchestrator.store import Attempt, Event, Job, RunState, Store, Task, TaskState
 from tests.orchestrator.servers import FileServer, S3Server
 from tests.substrate.registry import Registry

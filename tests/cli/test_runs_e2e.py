@@ -1,0 +1,346 @@
+"""Runs from the command line, end to end: `squall run` on the local site, and `squall
+server` with contexts, `workflow start/status/list/log/cancel/exec --tty/port-forward`, all
+as real processes with real agents, containers and a local registry. Then the faults: a
+server killed mid-run and started again, and a run cancelled with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.substrate.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+SQUALL = str(Path(sys.executable).parent / "squall")
+
+
+@dataclass
+class Env:
+    vars: dict[str, str]
+    registry: str
+    data: Path
+
+    def run(
+        self, *args: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [SQUALL, *args],
+            env=self.vars,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [SQUALL, *args],
+            env=self.vars,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kw,
+        )
+
+    def registries(self) -> list[str]:
+        return ["--search-registry", self.registry, "--insecure-registry", self.registry]
+
+
+@pytest.fixture
+def env(tmp_path: Path, registry: Registry) -> Env:
+    data = tmp_path / "data"
+    vars = {
+        **os.environ,
+        "SQUALL_DATA_DIR": str(data),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "SQUALL_SEARCH_REGISTRIES": registry.address,
+        "SQUALL_INSECURE_REGISTRIES": registry.address,
+    }
+    vars.pop("SQUALL_CONTEXT", None)
+    return Env(vars, registry.address, data)
+
+
+def agents_of(run_id: str) -> list[int]:
+    """Pids of agent processes of a run (they carry `run=<id>` in their argv)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"substrate" in argv and f"run={run_id}".encode() in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for(what: str, check, timeout: float = 60):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- squall run -----------------------------------------------------------------------------
+
+
+def test_squall_run_runs_hello_and_reports_json(env: Env) -> None:
+    done = env.run("run", str(EXAMPLES / "hello.yaml"), "--name", "me/hello-1", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["state"] == "FINISHED"
+    assert summary["jobs"][0]["name"] == "hello"
+    assert summary["jobs"][0]["state"] == "FINISHED"
+    assert agents_of(summary["id"]) == []
+    log = env.run("workflow", "log", "me/hello-1", "hello")
+    assert log.returncode == 0
+    assert log.stdout.startswith("Hello from ")
+    again = env.run("run", str(EXAMPLES / "hello.yaml"), "--name", "me/hello-1")
+    assert again.returncode == 1
+    assert "exists already" in again.stderr
+
+
+def test_squall_run_text_shows_output_and_fails_with_the_run(env: Env, tmp_path: Path) -> None:
+    ok = env.run("run", str(EXAMPLES / "hello.yaml"))
+    assert ok.returncode == 0, ok.stderr
+    assert "FINISHED" in ok.stdout
+    assert "Hello from" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: v4\njobs:\n  boom:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [/bin/sh, -c, 'echo going down; exit 7']\n"
+    )
+    failed = env.run("run", str(bad), "--name", "me/bad")
+    assert failed.returncode == 1
+    assert "FAILED" in failed.stdout
+    assert "exit 7" in failed.stdout + failed.stderr
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("version: v4\njobs:\n  x:\n    image: {uri: busybox}\n")
+    refused = env.run("run", str(invalid))
+    assert refused.returncode == 1
+    assert "invalid.yaml:4" in refused.stderr
+    listed = json.loads(env.run("workflow", "list", "me/*", "-o", "json").stdout)
+    assert [r["name"] for r in listed] == ["me/bad"]  # the invalid one never became a run
+
+
+def test_ctrl_c_cancels_a_squall_run_and_takes_its_cluster_down(env: Env, tmp_path: Path) -> None:
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(
+        "version: v4\njobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [sleep, '300']\n"
+    )
+    proc = env.popen("run", str(slow), "--name", "me/slow", "-o", "json")
+
+    def status() -> dict:  # type: ignore[type-arg]
+        return json.loads(env.run("workflow", "status", "me/slow", "-o", "json").stdout or "{}")
+
+    wait_for("the job to run", lambda: status().get("jobs", [{}])[0].get("state") == "RUNNING")
+    run_id = status()["id"]
+    assert agents_of(run_id)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert json.loads(out)["state"] == "CANCELLED"
+    assert agents_of(run_id) == []
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(env: Env) -> Iterator[subprocess.Popen[str]]:
+    proc = env.popen("server", "--listen", "127.0.0.1:0", "--nodes", "2")
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("serving on "), proc.stderr.read() if proc.stderr else ""
+    address = line.split()[-1]
+    created = env.run(
+        "context",
+        "create",
+        "test",
+        "--server",
+        address,
+        "--token-file",
+        str(env.data / "server-token"),
+    )
+    assert created.returncode == 0, created.stderr
+    yield proc
+    if proc.poll() is None:
+        proc.terminate()
+    proc.communicate(timeout=60)
+
+
+def _tty_exec(env: Env, *args: str, keys: bytes) -> tuple[int, bytes]:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(SQUALL, [SQUALL, *args], env.vars)
+    output = b""
+    deadline = time.monotonic() + 30
+    sent = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        if not sent and b"# " in output:  # the shell's prompt
+            os.write(fd, keys)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), output
+
+
+def test_a_job_reached_by_port_forward_and_exec_through_the_server(
+    env: Env, server: subprocess.Popen[str]
+) -> None:
+    started = env.run(
+        "workflow", "start", "me/nb-1", str(EXAMPLES / "interactive.yaml"), "-o", "json"
+    )
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["name"] == "me/nb-1"
+    wait_for(
+        "the notebook to serve",
+        lambda: "serving" in env.run("workflow", "log", "me/nb-1", "notebook").stdout,
+    )
+    forward = env.popen("workflow", "port-forward", "me/nb-1", "notebook", "0:8080")
+    try:
+        assert forward.stdout is not None
+        local = forward.stdout.readline().strip()
+        for _ in range(3):  # one stream per connection
+            page = urllib.request.urlopen(f"http://{local}/index.html", timeout=10).read()
+            assert page == b"hello through the agent\n"
+    finally:
+        forward.terminate()
+        forward.communicate(timeout=10)
+    plain = env.run(
+        "workflow", "exec", "me/nb-1", "notebook", "--", "sh", "-c", "cat /srv/index.html; exit 4"
+    )
+    assert (plain.returncode, plain.stdout) == (4, "hello through the agent\n")
+    code, screen = _tty_exec(
+        env,
+        "workflow",
+        "exec",
+        "me/nb-1",
+        "notebook",
+        "--tty",
+        "--",
+        "/bin/sh",
+        keys=b"tty; echo sum=$((40+2)); touch /tmp/done; exit 3\r",
+    )
+    assert code == 3
+    assert b"/dev/pts/" in screen
+    assert b"sum=42" in screen
+    watched = env.run("workflow", "status", "me/nb-1", "--watch", "-o", "json", timeout=60)
+    assert watched.returncode == 0, watched.stderr
+    assert json.loads(watched.stdout)["state"] == "FINISHED"
+    assert env.run("workflow", "log", "me/nb-1", "notebook").stdout.endswith("done\n")
+
+
+def test_status_list_cancel_and_errors_through_the_server(
+    env: Env, server: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(
+        "version: v4\njobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [sleep, '300']\n"
+        "  after:\n    image: {uri: docker://busybox:1.36}\n    command: [/bin/true]\n"
+        "    depends-on: [{name: wait}]\n"
+    )
+    assert env.run("workflow", "start", "me/slow-1", str(slow)).returncode == 0
+    assert env.run("workflow", "start", "other/x", str(EXAMPLES / "hello.yaml")).returncode == 0
+    taken = env.run("workflow", "start", "me/slow-1", str(slow))
+    assert taken.returncode == 1
+    assert "exists already" in taken.stderr
+    names = [
+        r["name"] for r in json.loads(env.run("workflow", "list", "me/*", "-o", "json").stdout)
+    ]
+    assert names == ["me/slow-1"]
+
+    def status():
+        return json.loads(env.run("workflow", "status", "me/slow-1", "-o", "json").stdout)
+
+    wait_for("the job to run", lambda: status()["jobs"][0]["state"] == "RUNNING")
+    run_id = status()["id"]
+    assert env.run("workflow", "cancel", "me/slow-1").returncode == 0
+    final = wait_for("the cancel", lambda: (s := status())["state"] == "CANCELLED" and s)
+    assert {j["name"]: j["state"] for j in final["jobs"]} == {
+        "wait": "CANCELLED",
+        "after": "CANCELLED",
+    }
+    wait_for("the agents to stop", lambda: agents_of(run_id) == [])
+    missing = env.run("workflow", "status", "me/nope")
+    assert missing.returncode == 1
+    assert "no run named 'me/nope'" in missing.stderr
+    not_running = env.run("workflow", "exec", "me/slow-1", "wait", "--", "true")
+    assert not_running.returncode == 1
+    assert "not running" in not_running.stderr
+    # a wrong token is refused, and said so
+    contexts = Path(env.vars["XDG_CONFIG_HOME"]) / "squall" / "contexts.yaml"
+    contexts.write_text(contexts.read_text().replace("token: ", "token: wrong"))
+    denied = env.run("workflow", "list")
+    assert denied.returncode == 3
+    assert "refused the token" in denied.stderr
+
+
+def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
+    env: Env, server: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(
+        "version: v4\njobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [sleep, '300']\n"
+    )
+    assert env.run("workflow", "start", "me/orphan", str(slow)).returncode == 0
+
+    def status():
+        return json.loads(env.run("workflow", "status", "me/orphan", "-o", "json").stdout)
+
+    wait_for("the job to run", lambda: status()["jobs"][0]["state"] == "RUNNING")
+    run_id = status()["id"]
+    agents = agents_of(run_id)
+    assert len(agents) == 2
+    server.kill()  # no chance to clean up
+    server.communicate()
+    # the agents notice their owner is gone and stop, with their containers
+    wait_for("the agents to stop", lambda: agents_of(run_id) == [], timeout=30)
+    assert (
+        "sleep 300"
+        not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    )
+    # the run is still recorded as running, by a dead owner, until an orchestrator starts
+    env.vars["SQUALL_CONTEXT"] = "local"
+    assert status()["state"] == "RUNNING"
+    successor = env.popen("server", "--listen", "127.0.0.1:0")
+    try:
+        assert successor.stdout is not None
+        assert successor.stdout.readline().startswith("serving on ")
+        final = status()
+        assert final["state"] == "FAILED"
+        assert "its orchestrator" in final["reason"]
+        assert "stopped while it was RUNNING" in final["reason"]
+        assert final["jobs"][0]["state"] == "FAILED"
+    finally:
+        successor.terminate()
+        successor.communicate(timeout=60)
