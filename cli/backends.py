@@ -30,7 +30,7 @@ class ServerError(SquallError):
 class Backend(Protocol):
     def start(self, name: str, text: str) -> Summary: ...
     def status(self, name: str) -> Summary: ...
-    def list(self, pattern: str) -> list[Summary]: ...
+    def runs(self, pattern: str) -> list[Summary]: ...
     def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]: ...
     def cancel(self, name: str) -> Summary: ...
     def logs(self, name: str, job: str, index: int, follow: bool) -> Iterator[bytes]: ...
@@ -63,7 +63,7 @@ class LocalBackend:
 
         return run_summary(self.store, find_run(self.store, name))
 
-    def list(self, pattern: str) -> list[Summary]:
+    def runs(self, pattern: str) -> list[Summary]:
         from orchestrator.views import run_list
 
         return run_list(self.store, pattern)
@@ -143,7 +143,7 @@ class RemoteBackend:
         else:
             channel = grpc.insecure_channel(context.server)
         self.channel = channel
-        self.stub = rpc.ControlStub(channel)
+        self.stub = rpc.ControlStub(channel)  # type: ignore[no-untyped-call]
         self.metadata = (
             ("authorization", f"Bearer {context.token}"),
             ("x-squall-user", getpass.getuser()),
@@ -169,7 +169,7 @@ class RemoteBackend:
     def status(self, name: str) -> Summary:
         return _summary(self._call(self.stub.GetWorkflow, pb.GetWorkflowRequest(name=name)))
 
-    def list(self, pattern: str) -> list[Summary]:
+    def runs(self, pattern: str) -> list[Summary]:
         reply = self._call(self.stub.ListWorkflows, pb.ListWorkflowsRequest(pattern=pattern))
         keys = ("id", "name", "owner", "site", "state", "reason", "created_at")
         return [{k: _summary(w)[k] for k in keys} for w in reply.workflows]

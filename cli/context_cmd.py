@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -93,7 +94,9 @@ def list_(
     from .contexts import LOCAL, ContextFile
 
     contexts = ContextFile()
-    rows = [{"name": LOCAL, "server": "", "tls": False, "current": contexts.current == LOCAL}]
+    rows: list[dict[str, Any]] = [
+        {"name": LOCAL, "server": "", "tls": False, "current": contexts.current == LOCAL}
+    ]
     rows += [
         {
             "name": c.name,

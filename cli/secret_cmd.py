@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
 from .output import EXIT_USAGE, Format, die, out, print_json
+
+if TYPE_CHECKING:
+    from orchestrator.secrets import SecretStore
 
 __all__ = ["app"]
 
@@ -21,7 +25,7 @@ app = typer.Typer(
 )
 
 
-def _store():  # type: ignore[no-untyped-def]
+def _store() -> SecretStore:
     from orchestrator.local_site import LocalSettings
     from orchestrator.secrets import SecretStore
 

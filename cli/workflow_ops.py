@@ -136,7 +136,7 @@ def list_(
 ) -> None:
     """List runs, newest first."""
     backend = _backend(context)
-    rows = _guard(lambda: backend.list(pattern))
+    rows = _guard(lambda: backend.runs(pattern))
     if output is Format.json:
         print_json(rows)
         return
@@ -272,7 +272,7 @@ def exec_(
     if tty:
         signal.signal(
             signal.SIGWINCH,
-            lambda *_: inbox.put(pb.ExecInput(resize=pb.TerminalSize(*_terminal_size()))),
+            lambda *_: inbox.put(pb.ExecInput(resize=_size_message())),
         )
     code = 0
     try:
@@ -296,6 +296,13 @@ def exec_(
         if restore is not None:
             restore()
     raise typer.Exit(code)
+
+
+def _size_message() -> Any:
+    from api.squall.v1 import control_pb2 as pb
+
+    rows, columns = _terminal_size()
+    return pb.TerminalSize(rows=rows, columns=columns)
 
 
 def _terminal_size() -> tuple[int, int]:

@@ -31,7 +31,7 @@ def _port(probe: Probe, ports: Mapping[str, int]) -> int:
         return probe.port
     if probe.port is not None and probe.port.isdigit():
         return int(probe.port)
-    if probe.port in ports:
+    if probe.port is not None and probe.port in ports:
         return ports[probe.port]
     raise ValueError(f"the probe names port {probe.port!r}, which the service does not declare")
 

@@ -207,7 +207,7 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control-rpc"),
         interceptors=[TokenAuth(token)],
     )
-    rpc.add_ControlServicer_to_server(servicer, server)
+    rpc.add_ControlServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     if tls is not None:
         credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
         port = server.add_secure_port(address, credentials)

@@ -12,6 +12,7 @@ progress and error; secrets are resolved only here, at the moment of the copy.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections.abc import Callable
@@ -135,21 +136,17 @@ class Staging:
                 dest = volume_path_in(paths[name], spec.destination.uri, f"volume {name} ingress")
                 row = self._record(run_id, name, "ingress", spec)
                 creds = self._credentials(spec.source.secret)
-                self._transfer(
-                    row,
+                copy = functools.partial(
+                    fetch,
                     spec.source.uri,
-                    report,
-                    lambda progress, spec=spec, dest=dest, creds=creds: fetch(
-                        spec.source.uri,
-                        dest,
-                        files=wf.files,
-                        credentials=creds,
-                        policy=_policy(spec),
-                        cache=self.cache,
-                        ca_file=self.ca_file,
-                        progress=progress,
-                    ),
+                    dest,
+                    files=wf.files,
+                    credentials=creds,
+                    policy=_policy(spec),
+                    cache=self.cache,
+                    ca_file=self.ca_file,
                 )
+                self._transfer(row, spec.source.uri, report, copy)
 
     def egress(self, run_id: str, wf: Workflow, paths: dict[str, Path], report: Report) -> None:
         """Copy results out. Every transfer is tried; if any failed, raises naming them all."""
@@ -173,20 +170,14 @@ class Staging:
             src = volume_path_in(paths[row.volume], row.source, f"volume {row.volume} egress")
             creds = self._credentials(row.secret or None)
             try:
-                self._transfer(
-                    row,
+                copy = functools.partial(
+                    push,
+                    src,
                     row.destination,
-                    report,
-                    lambda progress, src=src, row=row, creds=creds: push(
-                        src,
-                        row.destination,
-                        credentials=creds,
-                        policy=TransferPolicy(
-                            timeout=row.timeout or None, attempts=max(row.tries, 1)
-                        ),
-                        progress=progress,
-                    ),
+                    credentials=creds,
+                    policy=TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1)),
                 )
+                self._transfer(row, row.destination, report, copy)
             except TransferError as exc:
                 errors.append(str(exc))
         if errors:
@@ -217,7 +208,7 @@ class Staging:
         row: Transfer,
         what: str,
         report: Report,
-        copy: Callable[[Callable[[int, int | None], None]], object],
+        copy: Callable[..., object],  # called with progress=
     ) -> None:
         subject = f"{row.direction} {row.volume}"
         last = [0.0]
@@ -235,7 +226,7 @@ class Staging:
         self._set(row.id, TransferState.RUNNING)
         report(subject, f"{what}: started")
         try:
-            hit = copy(progress)
+            hit = copy(progress=progress)
         except (TransferError, InvalidInput) as exc:
             self._set(row.id, TransferState.FAILED, str(exc))
             report(subject, f"{what}: FAILED: {exc}")
