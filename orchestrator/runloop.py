@@ -420,7 +420,10 @@ class RunLoop:
             ok, message = True, "stopped"
         with self.store.session() as s:
             attempt = s.get_one(Attempt, active.attempt_id)
-            attempt.state = TaskState.FINISHED if ok else TaskState.FAILED
+            if ok:
+                attempt.state = TaskState.FINISHED
+            else:
+                attempt.state = TaskState.CANCELLED if active.stopping else TaskState.FAILED
             attempt.exit_code, attempt.message, attempt.finished_at = code, message, _now()
             task = s.get_one(Task, active.task_db_id)
             retries = container.policy.retries if isinstance(container, Job) else 0

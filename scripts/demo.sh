@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# Set up Squall and put the example workflows through it: validate them, show their DAG.
+# Set up Squall and run real workflows on this machine (the local site): agents as child
+# processes, jobs in crun containers. This machine may not reach Docker Hub, so the image
+# (busybox:1.36) is built here from Debian's busybox-static and served by a registry on
+# 127.0.0.1 for the length of the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --runtime
+
+registry_dir=$(mktemp -d)
+trap '.venv/bin/python scripts/local_registry.py stop "$registry_dir"; rm -rf "$registry_dir"' EXIT
+registry=$(.venv/bin/python scripts/local_registry.py start "$registry_dir")
+export SQUALL_SEARCH_REGISTRIES=$registry SQUALL_INSECURE_REGISTRIES=$registry
+
 set -x
 .venv/bin/squall workflow validate examples/*.yaml
-.venv/bin/squall workflow graph examples/pipeline.yaml
+.venv/bin/squall run examples/hello.yaml
+.venv/bin/squall run examples/array.yaml --nodes 4   # 200 tasks, 8 at a time
+.venv/bin/squall workflow list

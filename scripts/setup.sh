@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Create .venv and install Squall into it. `--test` adds the test and lint tools.
-# Installs Python's venv support from Debian when it is missing and we are root.
+# Create .venv and install Squall into it.
+#   --runtime  also the tools that run workflows on this machine: crun/bubblewrap, skopeo,
+#              umoci, and (for the demo's local images) docker-registry and busybox-static
+#   --test     the runtime tools, PostgreSQL, openssl, and the test and lint tools
+# Installs what is missing from Debian when we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test]"
+runtime=""
+case "${1:-}" in
+  --test) extras="[test]"; runtime=1 ;;
+  --runtime) runtime=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--runtime | --test]" >&2; exit 2 ;;
+esac
 python=${PYTHON:-python3}
 
 need_apt() {
@@ -19,14 +28,17 @@ need_apt() {
 }
 
 command -v "$python" >/dev/null || need_apt python3 python3-venv
-if [[ -n "$extras" ]]; then
-  # what the tests run for real: container tools, a registry, an image to build from
+if [[ -n "$runtime" ]]; then
+  # container tools, a registry and an image to build from; the tests add PostgreSQL
   missing=()
   for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
-              busybox:busybox-static taskset:util-linux nsenter:util-linux openssl:openssl; do
+              busybox:busybox-static taskset:util-linux nsenter:util-linux; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
-  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+  if [[ -n "$extras" ]]; then
+    command -v openssl >/dev/null || missing+=(openssl)
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+  fi
   [[ ${#missing[@]} -eq 0 ]] || need_apt "${missing[@]}"
 fi
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||

@@ -5,6 +5,7 @@ S3 server for egress (moto stands in for AWS; everything else is the real thing)
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -173,3 +174,73 @@ def test_a_job_waits_for_a_service_to_be_ready_and_the_service_then_stops(
         i for i, m in enumerate(messages) if m.startswith("attempt 1") and "exit 0" in m
     )
     assert client_attempt.started_at > web_attempt.started_at
+
+
+def test_a_failed_egress_fails_the_run_keeps_the_data_and_can_be_retried(
+    make_engine: MakeEngine, s3: S3Server
+) -> None:
+    engine = make_engine()
+    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    text = """version: v4
+volumes:
+  out:
+    use: ephemeral
+    egress:
+      - source: {uri: file://result.txt}
+        destination: {uri: s3://late-bucket/result.txt, secret: secret://user/S3}
+        policy: {retry: {attempts: 1}}
+jobs:
+  make:
+    image: {uri: docker://busybox:1.36}
+    command: [/bin/sh, -c, "echo precious > /out/result.txt"]
+    mounts: {/out: {volume: out}}
+"""
+    outcome = engine.run("user/egress", text)
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason.startswith("egress failed: s3://late-bucket/result.txt")
+    assert "kept until the egress succeeds" in outcome.reason
+    kept = engine.data_dir / "runs" / outcome.run_id / "volumes" / "out" / "result.txt"
+    assert kept.read_text() == "precious\n"  # nothing lost
+
+    s3.client().create_bucket(Bucket="late-bucket")
+    assert engine.retry_egress("user/egress") == []
+    body = s3.client().get_object(Bucket="late-bucket", Key="result.txt")["Body"].read()
+    assert body == b"precious\n"
+    assert not kept.exists()  # released once everything is out
+
+
+def test_cancelling_a_run_stops_its_tasks_and_its_cluster(make_engine: MakeEngine) -> None:
+    import threading
+
+    from orchestrator.engine import request_cancel
+
+    engine = make_engine()
+    run_id = engine.submit(
+        "user/cancel",
+        "version: v4\njobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [sleep, '300']\n",
+    )
+    result: list[object] = []
+    worker = threading.Thread(target=lambda: result.append(engine.execute(run_id)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with engine.store.session() as s:
+            if (
+                s.scalars(select(Task.state).join(Task.job).where(Job.run_id == run_id)).one()
+                is TaskState.RUNNING
+            ):
+                break
+        time.sleep(0.1)
+    request_cancel(engine.store, "user/cancel")
+    worker.join(60)
+    [outcome] = result
+    assert outcome.state is RunState.CANCELLED  # type: ignore[attr-defined]
+    assert outcome.reason == "cancelled by request"  # type: ignore[attr-defined]
+    with engine.store.session() as s:
+        [attempt] = s.scalars(
+            select(Attempt).join(Attempt.task).join(Task.job).where(Job.run_id == run_id)
+        ).all()
+        assert attempt.state is TaskState.CANCELLED
+        assert attempt.message == "cancelled"
+        assert s.scalars(select(Job.state).where(Job.run_id == run_id)).one() is TaskState.CANCELLED
