@@ -89,6 +89,12 @@ def render(summary: dict[str, Any], recent: list[dict[str, Any]]) -> Group:
     return Group(*parts)
 
 
+def _routine(event: dict[str, Any], arrays: set[str]) -> bool:
+    """A task of an array that went well: counted in the progress line, not shown."""
+    job = event["subject"].partition("[")[0]
+    return event["kind"] == "task" and job in arrays and event["message"].endswith("(exit 0)")
+
+
 def _line(event: dict[str, Any]) -> str:
     at = event["at"][11:19] if event.get("at") else ""
     subject = f"{event['subject']}: " if event["subject"] else ""
@@ -99,13 +105,22 @@ def watch(fetch: Fetch, *, live: bool, interval: float = 0.25) -> dict[str, Any]
     """Show the run until it ends; its last summary."""
     recent: deque[dict[str, Any]] = deque(maxlen=6)
     if not live:
+        shown: dict[str, str] = {}
         while True:
             summary, new = fetch()
+            arrays = {j["name"] for j in summary["jobs"] if j["tasks"] > 1}
             for event in new:
+                if _routine(event, arrays):
+                    continue
                 err.print(escape(_line(event)))
+            for job in summary["jobs"]:  # arrays: one progress line when it moved
+                progress = _tasks(job)
+                if job["name"] in arrays and progress != shown.get(job["name"]):
+                    shown[job["name"]] = progress
+                    err.print(escape(f"         {'tasks':<8} {job['name']}: {progress}"))
             if summary["state"] in TERMINAL:
                 return summary
-            time.sleep(interval)
+            time.sleep(max(interval, 1.0))
     summary, new = fetch()
     recent.extend(new)
     with Live(render(summary, list(recent)), console=err, refresh_per_second=8) as view:
