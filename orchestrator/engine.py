@@ -160,7 +160,8 @@ class Engine:
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, SquallError):
-                raise
+                raise  # a defect: the volumes stay, as after a crash
+            self.staging.skip_egress(run_id)  # it failed before any result was made
         finally:
             if cluster is not None:
                 self._set_run(run_id, RunState.TEARDOWN)
@@ -199,6 +200,7 @@ class Engine:
             )
         self._set_run(run_id, RunState.STAGING)
         paths = self.staging.create(run_id, wf)
+        self.staging.plan_egress(run_id, wf)
         self.staging.ingress(run_id, wf, paths, self._reporter(run_id, "transfer"))
         self._pull_images(run_id, wf, cluster)
         if self._cancelled(run_id):
@@ -218,10 +220,11 @@ class Engine:
         if state is RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
             self._set_run(run_id, RunState.EGRESS)
             try:
-                self.staging.egress(run_id, wf, paths, self._reporter(run_id, "transfer"))
+                self.staging.egress(run_id, paths, self._reporter(run_id, "transfer"))
             except TransferError as exc:
                 return RunState.FAILED, str(exc), cluster
         elif state is not RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
+            self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
         return state, reason, cluster
 

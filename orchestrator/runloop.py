@@ -14,6 +14,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,6 +119,7 @@ class RunLoop:
         self.phase: dict[TaskKey, Phase] = {}
         self.service_host: dict[str, str] = {}
         self.unplaceable: dict[TaskKey, str] = {}
+        self.refused: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes now full
         self.stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------
@@ -135,7 +137,7 @@ class RunLoop:
                 self._skip(decision.skip)
                 for name in decision.stop:
                     self._stop_service(name)
-                started = sum(self._start(key) for key in decision.start)
+                started = self._start_all(decision.start)
                 if decision.done and not self.active:
                     break
                 if not self.active and not started and not decision.skip:
@@ -244,6 +246,16 @@ class RunLoop:
 
     # ---- starting -------------------------------------------------------------------------
 
+    def _start_all(self, keys: list[TaskKey]) -> int:
+        """Start what fits. A node that refused a job's lease is not asked again for that
+        job until a task ends there: a 1,000-task array costs a refusal or two per task
+        that ends, not one per pending task and node."""
+        started = 0
+        for key in keys:
+            if len(self.refused[key.name]) < len(self.stubs) and self._start(key):
+                started += 1
+        return started
+
     def _start(self, key: TaskKey) -> bool:
         container = self.wf.containers[key.name]
         r = container.resource
@@ -259,6 +271,8 @@ class RunLoop:
             ttl_seconds=LEASE_TTL,
         )
         for node, stub in enumerate(self.stubs):
+            if node in self.refused[key.name]:
+                continue
             try:
                 lease = stub.AcquireLease(lease_request)
             except grpc.RpcError as exc:
@@ -268,6 +282,7 @@ class RunLoop:
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ):
                     self.unplaceable[key] = exc.details() or exc.code().name
+                    self.refused[key.name].add(node)
                     continue  # full, or too small: try the next node, or later
                 raise
             self._launch(key, container, node, lease.id)
@@ -412,6 +427,8 @@ class RunLoop:
 
     def _finish(self, active: _Active, status: Any) -> None:
         del self.active[active.key]
+        for nodes in self.refused.values():
+            nodes.discard(active.node)  # it has room again
         with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
             self.stubs[active.node].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=active.lease_id))
         ok, code, message = _outcome(status)

@@ -148,11 +148,27 @@ class Staging:
                 )
                 self._transfer(row, spec.source.uri, report, copy)
 
-    def egress(self, run_id: str, wf: Workflow, paths: dict[str, Path], report: Report) -> None:
-        """Copy results out. Every transfer is tried; if any failed, raises naming them all."""
+    def plan_egress(self, run_id: str, wf: Workflow) -> None:
+        """Record the run's egress as owed, before any job runs: if the orchestrator dies
+        from here on, the volumes holding results are kept rather than deleted."""
         for name, volume in wf.volumes.items():
             for spec in volume.egress:
                 self._record(run_id, name, "egress", spec)
+
+    def skip_egress(self, run_id: str) -> None:
+        """The run did not finish: nothing is owed, and its volumes may go."""
+        with self.store.session() as s:
+            for row in s.scalars(
+                select(Transfer).where(
+                    Transfer.run_id == run_id,
+                    Transfer.direction == "egress",
+                    Transfer.state == TransferState.PENDING,
+                )
+            ).all():
+                s.delete(row)
+
+    def egress(self, run_id: str, paths: dict[str, Path], report: Report) -> None:
+        """Copy results out. Every transfer is tried; if any failed, raises naming them all."""
         self.retry_egress(run_id, paths, report)
 
     def retry_egress(self, run_id: str, paths: dict[str, Path], report: Report) -> None:

@@ -308,9 +308,14 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
     env: Env, server: subprocess.Popen[str], tmp_path: Path
 ) -> None:
     slow = tmp_path / "slow.yaml"
+    result = tmp_path / "out" / "result.txt"
     slow.write_text(
-        "version: v4\njobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
-        "    command: [sleep, '300']\n"
+        "version: v4\n"
+        "volumes:\n  out:\n    use: ephemeral\n    egress:\n"
+        f"      - {{source: {{uri: file://result.txt}}, destination: {{uri: 'file://{result}'}}}}\n"
+        "jobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [/bin/sh, -c, 'echo partial > /out/result.txt; sleep 300']\n"
+        "    mounts: {/out: {volume: out}}\n"
     )
     assert env.run("workflow", "start", "me/orphan", str(slow)).returncode == 0
 
@@ -341,6 +346,11 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
         assert "its orchestrator" in final["reason"]
         assert "stopped while it was RUNNING" in final["reason"]
         assert final["jobs"][0]["state"] == "FAILED"
+        assert "kept for the egress still owed" in final["reason"]
+        # nothing the job wrote is lost: the egress can still be run, or let go
+        pushed = env.run("workflow", "egress", "me/orphan")
+        assert pushed.returncode == 0, pushed.stderr
+        assert result.read_text() == "partial\n"
     finally:
         successor.terminate()
         successor.communicate(timeout=60)
