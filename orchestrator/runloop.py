@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
@@ -120,6 +120,11 @@ class RunLoop:
         self.service_host: dict[str, str] = {}
         self.unplaceable: dict[TaskKey, str] = {}
         self.refused: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes now full
+        self.ids: dict[TaskKey, tuple[int, int]] = {}  # task row id, job row id
+        self.attempts: dict[TaskKey, int] = {}  # attempts made so far
+        self.keys: defaultdict[str, list[TaskKey]] = defaultdict(list)  # tasks of each job
+        self.jobs_started: set[str] = set()
+        self.jobs_ended: set[str] = set()
         self.stop = threading.Event()
 
     # ---- the loop -----------------------------------------------------------------------
@@ -190,13 +195,32 @@ class RunLoop:
     # ---- state ----------------------------------------------------------------------------
 
     def _load_phases(self) -> None:
+        """Task states, row ids and attempt counts, read once; kept in step from here on."""
         with self.store.session() as s:
             rows = s.execute(
-                select(JobRow.name, Task.index, Task.state)
+                select(JobRow.name, Task.index, Task.state, Task.id, JobRow.id, JobRow.state)
                 .join(Task.job)
                 .where(JobRow.run_id == self.run_id)
             ).all()
-        self.phase = {TaskKey(name, index): _PHASE[state] for name, index, state in rows}
+            counts = dict(
+                s.execute(
+                    select(Attempt.task_id, func.count())
+                    .join(Attempt.task)
+                    .join(Task.job)
+                    .where(JobRow.run_id == self.run_id)
+                    .group_by(Attempt.task_id)
+                ).all()
+            )
+        for name, index, state, task_id, job_id, job_state in rows:
+            key = TaskKey(name, index)
+            self.phase[key] = _PHASE[state]
+            self.ids[key] = (task_id, job_id)
+            self.attempts[key] = counts.get(task_id, 0)
+            self.keys[name].append(key)
+            if job_state is not TaskState.PENDING:
+                self.jobs_started.add(name)
+            if job_state in _ENDED:
+                self.jobs_ended.add(name)
 
     def _task_row(self, s: Any, key: TaskKey) -> Task:
         task: Task = s.scalars(
@@ -290,21 +314,29 @@ class RunLoop:
         return False
 
     def _launch(self, key: TaskKey, container: Job | Service, node: int, lease_id: str) -> None:
+        number = self.attempts[key] + 1
+        now = _now()
         with self.store.session() as s:  # recorded before the task is started
-            task = self._task_row(s, key)
-            task.state = TaskState.STARTING
+            task_id, job_id = self.ids[key]
+            s.execute(update(Task).where(Task.id == task_id).values(state=TaskState.STARTING))
             attempt = Attempt(
-                number=len(task.attempts) + 1,
+                task_id=task_id,
+                number=number,
                 node=f"node-{node}",
                 lease_id=lease_id,
-                started_at=_now(),
+                started_at=now,
             )
-            task.attempts.append(attempt)
-            if task.job.started_at is None:
-                task.job.started_at = _now()
-                task.job.state = TaskState.RUNNING
+            s.add(attempt)
+            if key.name not in self.jobs_started:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id)
+                    .values(started_at=now, state=TaskState.RUNNING)
+                )
             s.flush()
-            active = _Active(key, task.id, attempt.id, attempt.number, node, lease_id)
+            active = _Active(key, task_id, attempt.id, number, node, lease_id)
+        self.attempts[key] = number
+        self.jobs_started.add(key.name)
         self.phase[key] = Phase.STARTING
         try:
             reply = self.stubs[node].Run(self._run_request(container, key, lease_id))
@@ -316,8 +348,12 @@ class RunLoop:
         probe = isinstance(container, Service) and container.readiness_probe is not None
         state = TaskState.RUNNING if probe or isinstance(container, Job) else TaskState.READY
         with self.store.session() as s:
-            s.get_one(Attempt, active.attempt_id).agent_task_id = reply.task_id
-            s.get_one(Task, active.task_db_id).state = state
+            s.execute(
+                update(Attempt)
+                .where(Attempt.id == active.attempt_id)
+                .values(agent_task_id=reply.task_id)
+            )
+            s.execute(update(Task).where(Task.id == active.task_db_id).values(state=state))
             if state is TaskState.READY:
                 self._job_row(s, key.name).state = TaskState.READY
         self.phase[key] = _PHASE[state]
@@ -435,37 +471,51 @@ class RunLoop:
         container = self.wf.containers[active.key.name]
         if active.stopping and isinstance(container, Service):
             ok, message = True, "stopped"
+        if ok:
+            attempt_state = TaskState.FINISHED
+        else:
+            attempt_state = TaskState.CANCELLED if active.stopping else TaskState.FAILED
+        retries = container.policy.retries if isinstance(container, Job) else 0
+        if ok:
+            task_state = TaskState.FINISHED
+        elif active.stopping:
+            task_state = TaskState.CANCELLED
+        elif (retries or 0) + 1 - active.attempt > 0:
+            task_state = TaskState.PENDING  # another attempt
+        else:
+            task_state = TaskState.FAILED
+        now = _now()
+        self.phase[active.key] = _PHASE[task_state]
+        name = active.key.name
+        phase = job_phase(self.keys[name], self.phase)
         with self.store.session() as s:
-            attempt = s.get_one(Attempt, active.attempt_id)
-            if ok:
-                attempt.state = TaskState.FINISHED
-            else:
-                attempt.state = TaskState.CANCELLED if active.stopping else TaskState.FAILED
-            attempt.exit_code, attempt.message, attempt.finished_at = code, message, _now()
-            task = s.get_one(Task, active.task_db_id)
-            retries = container.policy.retries if isinstance(container, Job) else 0
-            retries_left = (retries or 0) + 1 - len(task.attempts)
-            if ok:
-                task.state = TaskState.FINISHED
-            elif active.stopping:
-                task.state = TaskState.CANCELLED
-            elif retries_left > 0:
-                task.state = TaskState.PENDING  # another attempt
-            else:
-                task.state = TaskState.FAILED
-                task.job.state, task.job.reason = TaskState.FAILED, message
-            self.phase[active.key] = _PHASE[task.state]
-            job = task.job
-            phase = job_phase([TaskKey(job.name, t.index) for t in job.tasks], self.phase)
-            if phase in ENDED and job.state not in _ENDED:
-                job.state = _STATE[phase]
-                job.finished_at = _now()
+            s.execute(
+                update(Attempt)
+                .where(Attempt.id == active.attempt_id)
+                .values(state=attempt_state, exit_code=code, message=message, finished_at=now)
+            )
+            s.execute(update(Task).where(Task.id == active.task_db_id).values(state=task_state))
+            job_id = self.ids[active.key][1]
+            if task_state is TaskState.FAILED:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id)
+                    .values(state=TaskState.FAILED, reason=message, finished_at=now)
+                )
+                self.jobs_ended.add(name)
+            elif phase in ENDED and name not in self.jobs_ended:
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == job_id)
+                    .values(state=_STATE[phase], finished_at=now)
+                )
+                self.jobs_ended.add(name)
             s.add(
                 Event(
                     run_id=self.run_id,
                     kind="task",
-                    subject=f"{active.key.name}[{active.key.index}]",
-                    message=f"attempt {attempt.number}: {message}",
+                    subject=f"{name}[{active.key.index}]",
+                    message=f"attempt {active.attempt}: {message}",
                 )
             )
 
