@@ -354,3 +354,44 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
     finally:
         successor.terminate()
         successor.communicate(timeout=60)
+
+
+def test_the_server_speaks_tls_to_a_context_that_trusts_its_ca(env: Env, tmp_path: Path) -> None:
+    from tests.substrate.registry import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path, "server")
+    proc = env.popen(
+        "server", "--listen", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().split()[-1]
+        token = str(env.data / "server-token")
+        trusting = env.run(
+            "context",
+            "create",
+            "tls",
+            "--server",
+            address,
+            "--token-file",
+            token,
+            "--ca-file",
+            str(cert),
+        )
+        assert trusting.returncode == 0, trusting.stderr
+        assert env.run("workflow", "list", "-o", "json").stdout.strip() == "[]"
+        plain = env.run("context", "create", "plain", "--server", address, "--token-file", token)
+        assert plain.returncode == 0
+        refused = env.run("workflow", "list", "--context", "plain", timeout=90)
+        assert refused.returncode == 3  # a plaintext client gets nowhere with a TLS server
+        assert "cannot reach the server" in refused.stderr
+        listed = json.loads(env.run("context", "list", "-o", "json").stdout)
+        assert {c["name"]: c["tls"] for c in listed} == {
+            "local": False,
+            "tls": True,
+            "plain": False,
+        }
+        assert "token" not in json.dumps(listed)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
