@@ -166,20 +166,38 @@ def _split_job(job: str) -> tuple[str, int]:
 
 def log(
     name: str = typer.Argument(..., help="The run's name (or id)."),
-    job: str = typer.Argument(..., help="The job; JOB[INDEX] for a task of an array."),
+    job: str | None = typer.Argument(
+        None, help="The job; JOB[INDEX] for a task of an array. Default: every job, in order."
+    ),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the task ends."),
     context: str | None = CONTEXT,
 ) -> None:
-    """Print a job's output (its latest attempt): live while it runs, kept once it ended."""
-    backend = _backend(context)
-    job_name, index = _split_job(job)
+    """Print a job's output (its latest attempt): live while it runs, kept once it ended.
 
-    def stream() -> None:
+    Without JOB, prints the output of every job and service that started, each under a
+    `== JOB ==` line (task arrays: name the task, JOB[INDEX]).
+    """
+    backend = _backend(context)
+
+    def stream(job_name: str, index: int) -> None:
         for data in backend.logs(name, job_name, index, follow):
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
 
-    _guard(stream)
+    if job is not None:
+        job_name, index = _split_job(job)
+        _guard(lambda: stream(job_name, index))
+        return
+    summary = _guard(lambda: backend.status(name))
+    for entry in summary["jobs"]:
+        if not entry["attempts"]:
+            continue
+        sys.stdout.write(f"== {entry['name']} ==\n")
+        sys.stdout.flush()
+        if entry["tasks"] > 1:
+            sys.stdout.write(f"(a task array: squall workflow log {name} {entry['name']}[INDEX])\n")
+            continue
+        _guard(lambda n=entry["name"]: stream(n, 0))
 
 
 def cancel(

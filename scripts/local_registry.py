@@ -9,6 +9,7 @@ It uses the same image build and registry as the tests (tests/substrate/registry
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.substrate.registry import (  # noqa: E402
+from tests.substrate.registry import (
     Registry,
     build_busybox_image,
     missing_tools,
@@ -41,10 +42,8 @@ def start(work: Path) -> int:
 def stop(work: Path) -> int:
     pid_file = work / "pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
         pid_file.unlink()
     return 0
 

@@ -109,6 +109,8 @@ def test_squall_run_runs_hello_and_reports_json(env: Env) -> None:
     assert summary["jobs"][0]["name"] == "hello"
     assert summary["jobs"][0]["state"] == "FINISHED"
     assert agents_of(summary["id"]) == []
+    every = env.run("workflow", "log", "me/hello-1")
+    assert every.stdout.startswith("== hello ==\nHello from ")
     log = env.run("workflow", "log", "me/hello-1", "hello")
     assert log.returncode == 0
     assert log.stdout.startswith("Hello from ")
