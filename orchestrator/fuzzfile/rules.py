@@ -280,14 +280,15 @@ def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
                     f"egress source {t.source.uri!r} is not a path in the volume",
                     "write file://PATH/IN/VOLUME",
                 )
-            if not t.destination.uri.startswith(_TRANSFER_SCHEMES) or t.destination.uri.startswith(
-                "file://"
-            ):
+            dest = t.destination.uri
+            local = dest.startswith("file:///")  # Squall: a path on the orchestrator's machine
+            if not local and (not dest.startswith(_TRANSFER_SCHEMES) or dest.startswith("file://")):
                 yield _error(
                     "transfer-uri",
                     (*t.destination.origin, "uri"),
                     f"egress destination {t.destination.uri!r} has no supported scheme",
-                    "use s3://BUCKET/KEY (or another object store URI)",
+                    "use s3://BUCKET/KEY (or another object store URI), or file:///ABSOLUTE/PATH "
+                    "on the orchestrator's machine",
                 )
 
 
