@@ -3,18 +3,20 @@ SQLAlchemy URL) by configuration; the schema is brought up to date with Alembic 
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Store", "default_url"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_LOCK_KEY = 0x5C0A11  # PostgreSQL advisory lock for migrations
 
 
 def default_url() -> str:
@@ -47,15 +49,33 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def upgrade(self, revision: str = "head") -> None:
-        """Apply the Alembic migrations up to `revision`."""
+        """Apply the Alembic migrations up to `revision`, one process at a time: every
+        `squall` process opens the store, and two must not migrate a new database at once."""
         from alembic import command
         from alembic.config import Config
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as connection:
+        with self._migration_lock(), self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """For SQLite, an flock on a file beside the database (PostgreSQL: an advisory lock
+        taken in the migration's own transaction)."""
+        if not self.url.startswith("sqlite:///"):
+            yield
+            return
+        lock = Path(self.url.removeprefix("sqlite:///") + ".migrate-lock")
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

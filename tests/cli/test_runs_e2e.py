@@ -153,11 +153,16 @@ def test_ctrl_c_cancels_a_squall_run_and_takes_its_cluster_down(env: Env, tmp_pa
     def status() -> dict:  # type: ignore[type-arg]
         return json.loads(env.run("workflow", "status", "me/slow", "-o", "json").stdout or "{}")
 
-    wait_for("the job to run", lambda: status().get("jobs", [{}])[0].get("state") == "RUNNING")
-    run_id = status()["id"]
-    assert agents_of(run_id)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        wait_for("the job to run", lambda: status().get("jobs", [{}])[0].get("state") == "RUNNING")
+        run_id = status()["id"]
+        assert agents_of(run_id)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 1, err
     assert json.loads(out)["state"] == "CANCELLED"
     assert agents_of(run_id) == []

@@ -106,3 +106,19 @@ def test_the_default_database_is_private(tmp_path: Path, monkeypatch: pytest.Mon
     db = tmp_path / "squall" / "squall.db"
     assert db.exists()
     assert db.stat().st_mode & 0o777 == 0o600
+
+
+def test_processes_opening_a_new_store_at_once_do_not_trip_over_the_migration(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = f"from orchestrator.store import Store; Store({url!r}).close()"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
