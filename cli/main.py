@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from . import agent_cmd, app_cmd, context_cmd, run_cmd, secret_cmd, server_cmd, workflow_cmd
+from . import (
+    agent_cmd,
+    app_cmd,
+    context_cmd,
+    federate_cmd,
+    run_cmd,
+    secret_cmd,
+    server_cmd,
+    workflow_cmd,
+)
 
 __all__ = ["app", "main"]
 
@@ -28,6 +37,8 @@ app.command(name="run")(run_cmd.run)
 app.command(name="server")(server_cmd.server)
 app.add_typer(context_cmd.app, name="context")
 app.add_typer(secret_cmd.app, name="secret")
+app.add_typer(federate_cmd.federate_app, name="federate")
+app.add_typer(federate_cmd.catalog_app, name="catalog")
 app.command(name="agent")(agent_cmd.agent)
 
 

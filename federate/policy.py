@@ -1,0 +1,83 @@
+"""A team's placement policy: where it may run, where its data may go, what it may spend.
+
+Read from YAML (one file per team) and overridden by flags:
+
+    allowed-clouds: [aws, gcp]        # empty: any
+    allowed-regions: [us-west-2]      # empty: any
+    allowed-sites: [local, lab]       # on-prem and local sites by name; empty: any
+    residency:                        # data tagged with a key must stay in these regions
+      eu: [eu-west-1, europe-west4, westeurope, swedencentral]
+    budget-usd: 500                   # per run
+    spot: false
+    gpu-models: [H100, A100]          # empty: any
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["Policy", "PolicyError", "load_policy"]
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    allowed_clouds: frozenset[str] = frozenset()
+    allowed_regions: frozenset[str] = frozenset()
+    allowed_sites: frozenset[str] = frozenset()
+    residency: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    budget_usd: float | None = None
+    spot: bool = False
+    gpu_models: frozenset[str] = frozenset()
+
+
+_KEYS = {
+    "allowed-clouds",
+    "allowed-regions",
+    "allowed-sites",
+    "residency",
+    "budget-usd",
+    "spot",
+    "gpu-models",
+}
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: a policy is a mapping of {', '.join(sorted(_KEYS))}")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise PolicyError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+
+    def names(key: str) -> frozenset[str]:
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PolicyError(f"{path}: {key} must be a list of names")
+        return frozenset(value)
+
+    residency = data.get("residency") or {}
+    if not isinstance(residency, dict):
+        raise PolicyError(f"{path}: residency maps a data tag to a list of regions")
+    budget = data.get("budget-usd")
+    if budget is not None and not isinstance(budget, int | float):
+        raise PolicyError(f"{path}: budget-usd must be a number")
+    return Policy(
+        allowed_clouds=names("allowed-clouds"),
+        allowed_regions=names("allowed-regions"),
+        allowed_sites=names("allowed-sites"),
+        residency={str(k): frozenset(map(str, v or [])) for k, v in residency.items()},
+        budget_usd=float(budget) if budget is not None else None,
+        spot=bool(data.get("spot", False)),
+        gpu_models=names("gpu-models"),
+    )

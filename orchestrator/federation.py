@@ -1,0 +1,97 @@
+"""A workflow as federation sees it: each job's node needs and expected runtime, and where its
+data comes from and goes to, with sizes (and which of those figures are guesses).
+
+Annotations Squall reads (all optional):
+- on a job's `resource.annotations`: `squall.io/expected-runtime` (a duration, per task),
+  `nvidia.com/gpu.model` / `amd.com/gpu.model` (e.g. "NVIDIA H100 80GB HBM3"),
+  `squall.io/arch` (default x86_64)
+- on a volume's `annotations`: `squall.io/ingress-size` and `squall.io/egress-size` (total bytes
+  of its transfers each way, e.g. 200GB), `squall.io/location` (where its s3 data lives, e.g.
+  aws:us-west-2) and `squall.io/tags` (residency tags, e.g. eu)
+
+Runtime without an annotation is the job's time limit, an upper bound (and said so); without
+either it is unknown and federation assumes an hour, and says that too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from federate.workload import DataMove, JobNeeds, Place, Workload
+
+from .errors import InvalidInput
+from .fuzzfile.model import Workflow
+from .fuzzfile.units import parse_duration, parse_size
+
+__all__ = ["workload_of"]
+
+GIB = 2**30
+
+
+def _place(uri: str, location: str, tags: frozenset[str], buckets: Mapping[str, str]) -> Place:
+    if uri.startswith("s3://"):
+        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        where = buckets.get(bucket) or location
+        if not where:
+            return Place("internet", tags=tags)  # unknown: priced as the internet, said below
+        cloud, _, region = where.partition(":")
+        if not region:
+            raise InvalidInput(f"{where!r}: write a location as CLOUD:REGION, e.g. aws:us-west-2")
+        return Place("cloud", cloud, region, tags=tags)
+    if uri.startswith("file:///"):
+        return Place("site", site="local", tags=tags)
+    return Place("internet", tags=tags)
+
+
+def workload_of(wf: Workflow, name: str, buckets: Mapping[str, str] | None = None) -> Workload:
+    """`buckets` maps an s3 bucket to where it lives (CLOUD:REGION), overriding annotations."""
+    buckets = buckets or {}
+    jobs = []
+    for job in wf.jobs.values():
+        r = job.resource
+        ann = r.annotations
+        if "squall.io/expected-runtime" in ann:
+            hours: float | None = parse_duration(ann["squall.io/expected-runtime"]) / 3600
+            source = "annotation"
+        elif job.policy.timeout:
+            hours, source = job.policy.timeout / 3600, "timeout (an upper bound)"
+        else:
+            hours, source = None, "unknown"
+        ta = job.task_array
+        jobs.append(
+            JobNeeds(
+                name=job.name,
+                cores=r.cores,
+                memory_gib=(r.memory_per_node or 0) / GIB,
+                gpus=sum(v for k, v in r.devices.items() if "gpu" in k.lower()),
+                gpu_model=ann.get("nvidia.com/gpu.model") or ann.get("amd.com/gpu.model", ""),
+                nodes=job.multinode.nodes if job.multinode else 1,
+                multinode=job.multinode is not None,
+                tasks=ta.size if ta else 1,
+                concurrency=ta.concurrency if ta else None,
+                runtime_hours=hours,
+                runtime_source=source,
+                depends_on=tuple(d.name for d in job.depends_on),
+                arch=ann.get("squall.io/arch", "x86_64"),
+            )
+        )
+    moves = []
+    for volume in wf.volumes.values():
+        ann = volume.annotations
+        tags = frozenset(t.strip() for t in ann.get("squall.io/tags", "").split(",") if t.strip())
+        location = ann.get("squall.io/location", "")
+        for direction, transfers in (("ingress", volume.ingress), ("egress", volume.egress)):
+            total = ann.get(f"squall.io/{direction}-size")
+            for i, t in enumerate(transfers):
+                uri = (t.source if direction == "ingress" else t.destination).uri
+                if uri.startswith("file://") and direction == "ingress":
+                    size: int | None = len(wf.files.get(uri.removeprefix("file://"), ""))
+                    how = "object metadata"
+                elif total is not None and i == 0:
+                    size, how = parse_size(total), "annotation"
+                else:
+                    size, how = None, "unknown"
+                moves.append(
+                    DataMove(direction, uri, _place(uri, location, tags, buckets), size, how)
+                )
+    return Workload(name, tuple(jobs), tuple(moves))

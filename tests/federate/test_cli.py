@@ -1,0 +1,110 @@
+"""`squall federate compare` and `squall catalog search` on the reference catalog."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CATALOG = str(Path(__file__).resolve().parents[1] / "catalog")
+SQUALL = str(Path(sys.executable).parent / "squall")
+
+WORKFLOW = """version: v4
+volumes:
+  data:
+    annotations:
+      squall.io/ingress-size: 2000GB
+    ingress:
+      - source: {uri: s3://genomes/reads.tar}
+        destination: {uri: file://reads.tar}
+jobs:
+  crunch:
+    image: {uri: docker://busybox:1.36}
+    command: [/bin/true]
+    mounts: {/data: {volume: data}}
+    resource:
+      cpu: {cores: 32}
+      memory: {size: 64GiB}
+      annotations:
+        squall.io/expected-runtime: 10h
+"""
+
+
+def squall(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SQUALL, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_compare_follows_the_data_and_explains_itself(tmp_path: Path) -> None:
+    wf = tmp_path / "crunch.yaml"
+    wf.write_text(WORKFLOW)
+    near = squall(
+        "federate",
+        "compare",
+        str(wf),
+        "--catalog",
+        CATALOG,
+        "--bucket",
+        "genomes=aws:us-west-2",
+        "-o",
+        "json",
+    )
+    assert near.returncode == 0, near.stderr
+    sites = json.loads(near.stdout)["sites"]
+    assert sites[0]["site"] == "aws:us-west-2"
+    assert sites[0]["jobs"][0]["instance"] == "c8in.12xlarge"
+    # the runtime is annotated; the size is an annotation, not metadata: a guess, said so
+    assert sites[0]["guesses"] == ["s3://genomes/reads.tar: size from annotation"]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("allowed-clouds: [gcp]\nbudget-usd: 1000\n")
+    limited = squall(
+        "federate",
+        "compare",
+        str(wf),
+        "--catalog",
+        CATALOG,
+        "--bucket",
+        "genomes=aws:us-west-2",
+        "--policy",
+        str(policy),
+        "-o",
+        "json",
+    )
+    rows = json.loads(limited.stdout)["sites"]
+    assert rows[0]["site"].startswith("gcp:")
+    aws = next(r for r in rows if r["site"] == "aws:us-west-2")
+    assert aws["reasons"] == ["policy: cloud aws is not allowed"]
+    text = squall(
+        "federate", "compare", str(wf), "--catalog", CATALOG, "--bucket", "genomes=aws:us-west-2"
+    )
+    assert "chosen: aws:us-west-2" in text.stdout
+    assert "size from annotation" in text.stdout
+
+
+def test_bad_policy_and_missing_catalog_are_clear(tmp_path: Path) -> None:
+    wf = tmp_path / "crunch.yaml"
+    wf.write_text(WORKFLOW)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("allowed-cloud: [gcp]\n")
+    bad = squall("federate", "compare", str(wf), "--catalog", CATALOG, "--policy", str(policy))
+    assert bad.returncode == 2
+    assert "unknown keys ['allowed-cloud']" in bad.stderr
+    missing = subprocess.run(
+        [SQUALL, "federate", "compare", str(wf)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert missing.returncode == 2
+    assert "no catalog" in missing.stderr
+
+
+def test_catalog_search_finds_efa_h100_types() -> None:
+    found = squall(
+        "catalog", "search", "--catalog", CATALOG, "--gpu", "H100", "--fabric", "efa", "-o", "json"
+    )
+    rows = json.loads(found.stdout)
+    assert rows
+    assert all(r["fabric"] == "efa" and "H100" in r["gpu_model"] for r in rows)
+    prices = [r["price_ondemand"] for r in rows if r["price_ondemand"] is not None]
+    assert prices == sorted(prices)
