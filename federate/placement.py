@@ -14,10 +14,9 @@ the cheapest site of per-job minima: exact for this model, and linear in sites x
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .catalog import Catalog, EgressFees, InstanceType, continent
 from .policy import Policy
@@ -203,7 +202,7 @@ def _plan_job(site: Site, job: JobNeeds, policy: Policy) -> tuple[JobPlan | None
         if fabric:
             candidates = fabric
     hours = job.runtime_hours if job.runtime_hours is not None else 1.0
-    best: JobPlan | None = None
+    best: tuple[float, float, str, int, int, bool] | None = None  # cost, rate, type, ...
     for t in candidates:
         priced = _price(t, policy.spot)
         if priced is None:
@@ -218,33 +217,39 @@ def _plan_job(site: Site, job: JobNeeds, policy: Policy) -> tuple[JobPlan | None
             if job.gpus:
                 per_node = min(per_node, int(t.gpu_count // job.gpus))
             parallel = min(job.tasks, job.concurrency or job.tasks)
-            nodes = math.ceil(parallel / max(per_node, 1))
-            waves = math.ceil(job.tasks / parallel)
+            nodes = -(-parallel // max(per_node, 1))
+            waves = -(-job.tasks // parallel)
         if site.max_nodes is not None and nodes > site.max_nodes:
-            nodes = site.max_nodes
             if job.multinode and job.nodes > site.max_nodes:
                 continue
+            nodes = site.max_nodes
             per_wave = max(nodes * max(t.vcpus // job.cores, 1), 1)
-            waves = math.ceil(job.tasks / per_wave)
-        plan = JobPlan(
-            job=job.name,
-            instance=t.name,
-            nodes=nodes,
-            hours=hours * waves,
-            usd_per_hour=rate,
-            spot=spot,
-            cost=rate * nodes * hours * waves,
-            runtime_source=job.runtime_source,
-        )
-        if best is None or (plan.cost, plan.usd_per_hour, plan.instance) < (
-            best.cost,
-            best.usd_per_hour,
-            best.instance,
-        ):
-            best = plan
+            waves = -(-job.tasks // per_wave)
+        option = (rate * nodes * hours * waves, rate, t.name, nodes, waves, spot)
+        if best is None or option[:3] < best[:3]:
+            best = option
     if best is None:
         return None, f"{job.name}: nothing that fits has a price here"
-    return best, ""
+    cost, rate, name, nodes, waves, spot = best
+    plan = JobPlan(job.name, name, nodes, hours * waves, rate, spot, cost, job.runtime_source)
+    return plan, ""
+
+
+def _shape(job: JobNeeds) -> tuple[object, ...]:
+    """What a job's plan depends on (not its name or dependencies)."""
+    return (
+        job.cores,
+        job.memory_gib,
+        job.gpus,
+        job.gpu_model,
+        job.nodes,
+        job.multinode,
+        job.tasks,
+        job.concurrency,
+        job.runtime_hours,
+        job.runtime_source,
+        job.arch,
+    )
 
 
 def _needs(job: JobNeeds) -> str:
@@ -299,8 +304,25 @@ def estimate(
     free_allowance: bool = False,
 ) -> SiteEstimate:
     est = SiteEstimate(site=site, feasible=True, reasons=_policy_reasons(site, workload, policy))
+    plans: dict[tuple[object, ...], tuple[JobPlan | None, str]] = {}  # DAGs repeat shapes
     for job in workload.jobs:
-        plan, why = _plan_job(site, job, policy)
+        shape = _shape(job)
+        if shape not in plans:
+            plans[shape] = _plan_job(site, replace(job, name=""), policy)
+        plan, why = plans[shape]
+        if plan is not None:
+            plan = JobPlan(
+                job.name,
+                plan.instance,
+                plan.nodes,
+                plan.hours,
+                plan.usd_per_hour,
+                plan.spot,
+                plan.cost,
+                plan.runtime_source,
+            )
+        else:
+            why = job.name + why
         if plan is None:
             est.reasons.append(why)
             continue
