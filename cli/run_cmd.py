@@ -42,6 +42,13 @@ def run(
         "--insecure-registry",
         help="Registry reached over plain HTTP, e.g. one on 127.0.0.1 (repeatable).",
     ),
+    site: str | None = typer.Option(
+        None,
+        "--site",
+        help="Run here whatever federation would choose: `--site local`. Default: federation "
+        "prices this machine, the sites in $SQUALL_SITES and the clouds in $SQUALL_CATALOG "
+        "under $SQUALL_POLICY, and the run goes ahead only if this machine is the choice.",
+    ),
     output: Format = typer.Option(
         Format.text, "--output", "-o", help="text: a live view; json: the run's summary at the end."
     ),
@@ -81,7 +88,7 @@ def run(
         print_diagnostic(d)
     if not checked.ok:
         die(f"{file} is not a valid Fuzzfile; nothing was started", EXIT_INVALID)
-    settings = LocalSettings(nodes=nodes)
+    settings = LocalSettings(nodes=nodes, site=site)
     if search_registry:
         settings.search_registries = search_registry
     if insecure_registry:

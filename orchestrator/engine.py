@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -75,6 +76,7 @@ class Engine:
         data_dir: Path,
         secrets: SecretStore | None = None,
         ca_file: str | None = None,
+        placer: Callable[[Workflow, str], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.provisioner = provisioner
@@ -82,6 +84,7 @@ class Engine:
         self.data_dir = data_dir
         self.secrets = secrets or SecretStore(data_dir / "secrets")
         self.staging = Staging(store, data_dir, self.secrets, ca_file=ca_file)
+        self.placer = placer  # None: always this provisioner's site
 
     # ---- submitting -----------------------------------------------------------------------
 
@@ -180,15 +183,31 @@ class Engine:
 
     def _phases(self, run_id: str, wf: Workflow) -> tuple[RunState, str, Cluster | None]:
         self._set_run(run_id, RunState.PLACING)
-        nodes = self.nodes(wf)
         with self.store.session() as s:
-            s.get_one(Run, run_id).placement = {
-                "site": self.provisioner.site,
-                "nodes": [
-                    {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
-                    for n in nodes
-                ],
-            }
+            name = s.get_one(Run, run_id).name
+        placement: dict[str, Any] = (
+            self.placer(wf, name) if self.placer else {"site": self.provisioner.site}
+        )
+        site = placement.get("site")
+        if site != self.provisioner.site:
+            with self.store.session() as s:
+                s.get_one(Run, run_id).placement = placement
+            return RunState.FAILED, _not_here(placement, self.provisioner.site), None
+        nodes = self.nodes(wf)
+        placement["nodes"] = [
+            {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
+            for n in nodes
+        ]
+        with self.store.session() as s:
+            s.get_one(Run, run_id).placement = placement
+        if placement.get("estimate"):
+            estimate = placement["estimate"]
+            self._event(
+                run_id,
+                "placement",
+                f"{site}: estimated ${estimate['total_usd']:,.2f} "
+                f"(compute ${estimate['compute_usd']:,.2f}, data ${estimate['data_usd']:,.2f})",
+            )
         if self._cancelled(run_id):
             return RunState.CANCELLED, "cancelled by request", None
         self._set_run(run_id, RunState.PROVISIONING)
@@ -303,6 +322,21 @@ def request_cancel(store: Store, name: str) -> RunState:
             run.cancel_requested = True
             s.add(Event(run_id=run.id, kind="run", message="cancel requested"))
         return run.state
+
+
+def _not_here(placement: dict[str, Any], here: str) -> str:
+    """Why a run placed elsewhere (or nowhere) does not run on this orchestrator's site."""
+    site = placement.get("site")
+    if site is None:
+        why = "; ".join(
+            f"{a['site']}: {', '.join(a['reasons'])}" for a in placement.get("alternatives", [])[:3]
+        )
+        return f"no site is feasible ({why})"
+    total = placement["estimate"]["total_usd"] if placement.get("estimate") else 0.0
+    return (
+        f"federation placed it on {site} (estimated ${total:,.2f}); this orchestrator provisions "
+        f"only {here} so far: force it with --site {here}"
+    )
 
 
 def _supported(wf: Workflow) -> None:

@@ -21,6 +21,7 @@ from substrate.inventory import read_cpus, read_gpus, read_memory_bytes
 from .engine import Engine
 from .errors import InvalidInput
 from .fuzzfile import Workflow
+from .placing import Placer
 from .provision import LocalProvisioner, NodeSlice
 from .secrets import SecretStore
 from .store import Store
@@ -52,6 +53,7 @@ class LocalSettings:
         default_factory=lambda: _list("SQUALL_INSECURE_REGISTRIES")
     )
     nodes: int = 1  # agents; more than one shares the machine's CPUs (oversubscribed)
+    site: str | None = None  # force a site (`--site local`); None: federation decides
 
     def store(self) -> Store:
         return Store(self.store_url or f"sqlite:///{self.data_dir / 'squall.db'}")
@@ -93,4 +95,5 @@ def local_engine(settings: LocalSettings) -> Engine:
         lambda wf: local_nodes(wf, settings.nodes),
         data_dir=settings.data_dir,
         secrets=SecretStore(settings.data_dir / "secrets"),
+        placer=Placer.from_environment(settings.site).place,
     )

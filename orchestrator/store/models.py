@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -107,7 +108,7 @@ class Run(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     fuzzfile: Mapped[str] = mapped_column(Text)  # the text as submitted
     site: Mapped[str] = mapped_column(String(255), default="")
-    placement: Mapped[dict[str, object] | None] = mapped_column(JSON, default=None)
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     orchestrator: Mapped[str] = mapped_column(String(255), default="")  # the owning process
     heartbeat_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
     cancel_requested: Mapped[bool] = mapped_column(

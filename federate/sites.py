@@ -1,0 +1,87 @@
+"""Sites other than cloud regions: on-prem clusters declared in configuration, and the local
+site (this machine). Each becomes a `Site` whose node shape is priced from an internal rate
+(zero by default), with a node count.
+
+    sites:
+      lab:
+        region: us-west-2          # where it is: residency, and which cloud region is near
+        nodes: 16
+        shape: {cores: 64, memory-gib: 256, gpus: 4, gpu-model: A100, fabric: infiniband}
+        price: {core-hour: 0.01, gpu-hour: 0.40}
+        reads-free: [aws:us-west-2]  # stores it reads without fees (a private link)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .catalog import InstanceType
+from .placement import Site
+from .policy import PolicyError
+
+__all__ = ["local_site", "onprem_sites"]
+
+
+def _shape_type(
+    kind: str, name: str, region: str, shape: dict[str, Any], price: dict[str, Any]
+) -> InstanceType:
+    cores = int(shape.get("cores", 1))
+    gpus = int(shape.get("gpus", 0))
+    hourly = cores * float(price.get("core-hour", 0)) + gpus * float(price.get("gpu-hour", 0))
+    return InstanceType(
+        cloud=kind,
+        region=region,
+        name=f"{name} node",
+        vcpus=cores,
+        memory_gib=float(shape.get("memory-gib", 0)),
+        gpu_model=str(shape.get("gpu-model", "")),
+        gpu_count=gpus,
+        gpu_memory_gib=0.0,
+        price_ondemand=hourly,
+        price_spot=None,
+        fabric=str(shape.get("fabric", "none")),
+        network_gbps=None,
+        efa_interfaces=0,
+        arch=str(shape.get("arch", "x86_64")),
+        source="site configuration",
+    )
+
+
+def onprem_sites(path: Path) -> list[Site]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    sites = []
+    for name, spec in (data.get("sites") or {}).items():
+        if not isinstance(spec, dict) or "shape" not in spec or "nodes" not in spec:
+            raise PolicyError(f"{path}: site {name!r} needs `nodes` and `shape`")
+        region = str(spec.get("region", ""))
+        node = _shape_type("onprem", str(name), region, spec["shape"], spec.get("price") or {})
+        sites.append(
+            Site(
+                name=str(name),
+                kind="onprem",
+                region=region,
+                types=(node,),
+                max_nodes=int(spec["nodes"]),
+                free_from=frozenset(map(str, spec.get("reads-free") or [])),
+            )
+        )
+    return sites
+
+
+def local_site(
+    cores: int, memory_gib: float, gpus: int = 0, gpu_model: str = "", nodes: int = 1
+) -> Site:
+    """This machine: free to use, as big as it is."""
+    shape = {"cores": cores, "memory-gib": memory_gib, "gpus": gpus, "gpu-model": gpu_model}
+    return Site(
+        name="local",
+        kind="local",
+        types=(_shape_type("local", "this machine", "", shape, {}),),
+        max_nodes=nodes,
+    )

@@ -1,0 +1,112 @@
+"""The engine asks federation where to run: the local site when it is the choice (or forced),
+and a clear refusal, with the estimate recorded, when a cloud region is cheaper. The catalog
+is the dated reference snapshot under tests/catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.engine import Engine
+from orchestrator.placing import Placer
+from orchestrator.provision import LocalProvisioner, NodeSlice
+from orchestrator.store import Run, RunState, Store
+from tests.substrate.registry import Registry
+
+CATALOG = Path(__file__).resolve().parents[1] / "catalog"
+
+BIG_DATA = """version: v4
+volumes:
+  data:
+    annotations:
+      squall.io/ingress-size: 5000GB
+      squall.io/location: aws:us-west-2
+    ingress:
+      - source: {uri: s3://genomes/reads.tar}
+        destination: {uri: file://reads.tar}
+jobs:
+  crunch:
+    image: {uri: docker://busybox:1.36}
+    command: [/bin/true]
+    resource:
+      cpu: {cores: 1}
+      annotations: {squall.io/expected-runtime: 1h}
+"""
+
+SMALL = """version: v4
+jobs:
+  hello:
+    image: {uri: docker://busybox:1.36}
+    command: [/bin/sh, -c, "echo placed"]
+    resource:
+      cpu: {cores: 1}
+      annotations: {squall.io/expected-runtime: 10m}
+"""
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path, registry: Registry):  # type: ignore[no-untyped-def]
+    def make(placer: Placer) -> Engine:
+        provisioner = LocalProvisioner(
+            tmp_path / "site",
+            search_registries=[registry.address],
+            insecure_registries=[registry.address],
+        )
+        return Engine(
+            Store(f"sqlite:///{tmp_path / 'squall.db'}"),
+            provisioner,
+            lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
+            data_dir=tmp_path / "data",
+            placer=placer.place,
+        )
+
+    return make
+
+
+def test_data_far_away_sends_the_run_to_its_region_and_nothing_starts_here(
+    make_engine, tmp_path: Path
+) -> None:
+    engine = make_engine(Placer(catalog_dir=CATALOG))
+    outcome = engine.run("me/big", BIG_DATA)
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason.startswith("federation placed it on aws:us-west-2 (estimated $")
+    assert outcome.reason.endswith("force it with --site local")
+    assert not (tmp_path / "site").exists()  # no agent was started
+    with engine.store.session() as s:
+        placement = s.get_one(Run, outcome.run_id).placement
+    assert placement is not None
+    local = next(a for a in placement["alternatives"] if a["site"] == "local")
+    # pulling 5,000 GB out of AWS to this machine: the internet tiers, allowance not counted
+    assert local["data_usd"] == pytest.approx(5000 * 0.09)
+
+
+def test_the_local_site_runs_when_it_is_the_choice_or_forced(make_engine) -> None:
+    engine = make_engine(Placer(catalog_dir=CATALOG))
+    outcome = engine.run("me/small", SMALL)
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    with engine.store.session() as s:
+        placement = s.get_one(Run, outcome.run_id).placement
+    assert placement["site"] == "local"
+    assert placement["estimate"]["total_usd"] == 0
+    assert placement["catalog_date"] == "2026-09-20"
+    assert placement["nodes"] == [{"cpus": 2, "memory_bytes": 2**30, "gpus": 0}]
+
+    forced = make_engine(Placer(catalog_dir=CATALOG, force_site="local")).run(
+        "me/forced",
+        BIG_DATA.replace("s3://genomes/reads.tar", "file://reads.tar")
+        + "files:\n  reads.tar: hello\n",
+    )
+    assert forced.state is RunState.FINISHED, forced.reason
+
+
+def test_a_policy_that_allows_no_site_fails_the_run_with_the_reasons(
+    make_engine, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("allowed-sites: [lab]\nallowed-clouds: [nowhere]\n")
+    outcome = make_engine(Placer(catalog_dir=CATALOG, policy_file=policy)).run("me/none", SMALL)
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason.startswith(
+        "no site is feasible (local: policy: site local is not allowed"
+    )
