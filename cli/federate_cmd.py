@@ -291,3 +291,32 @@ def search(
             f"{t.price_spot:.3f}" if t.price_spot is not None else "",
         )
     out.print(table)
+
+
+@catalog_app.command()
+def refresh(
+    cloud: str = typer.Option(..., "--cloud", help="aws, gcp or azure."),
+    catalog_dir: Path | None = CATALOG,
+) -> None:
+    """Update the catalog's prices from the cloud's public pricing API.
+
+    AWS: the Price List bulk files (no account). Azure: the Retail Prices API (no account).
+    GCP: the Cloud Billing Catalog API (an API key in $GOOGLE_API_KEY). Every row that
+    changes records the source and today's date. Needs network access; without it the
+    refresh fails with the host it could not reach and the catalog stays as it was.
+    """
+    from federate.refresh import RefreshError, http_fetch
+    from federate.refresh import refresh as run_refresh
+
+    folder = catalog_dir or (
+        Path(os.environ["SQUALL_CATALOG"]) if os.environ.get("SQUALL_CATALOG") else None
+    )
+    if folder is None:
+        die("no catalog: give --catalog DIR or set SQUALL_CATALOG", EXIT_USAGE)
+    if cloud not in ("aws", "gcp", "azure"):
+        die(f"unknown cloud {cloud!r}: aws, gcp or azure", EXIT_USAGE)
+    try:
+        changed = run_refresh(folder, cloud, http_fetch)
+    except RefreshError as exc:
+        die(str(exc), 3)
+    out.print(f"{cloud}: {changed} row(s) changed in {escape(str(folder))}")
