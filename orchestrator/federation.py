@@ -15,11 +15,12 @@ either it is unknown and federation assumes an hour, and says that too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from federate.workload import DataMove, JobNeeds, Place, Workload
 
-from .errors import InvalidInput
+from .data import RemoteFacts
+from .errors import InvalidInput, SquallError
 from .fuzzfile.model import Workflow
 from .fuzzfile.units import parse_duration, parse_size
 
@@ -43,9 +44,18 @@ def _place(uri: str, location: str, tags: frozenset[str], buckets: Mapping[str, 
     return Place("internet", tags=tags)
 
 
-def workload_of(wf: Workflow, name: str, buckets: Mapping[str, str] | None = None) -> Workload:
-    """`buckets` maps an s3 bucket to where it lives (CLOUD:REGION), overriding annotations."""
-    buckets = buckets or {}
+Look = Callable[[str, str | None], RemoteFacts]  # uri, secret reference -> facts
+
+
+def workload_of(
+    wf: Workflow,
+    name: str,
+    buckets: Mapping[str, str] | None = None,
+    look: Look | None = None,
+) -> Workload:
+    """`buckets` maps an s3 bucket to where it lives (CLOUD:REGION), overriding annotations;
+    `look` asks a source for its size (and a bucket for its region) when it can be reached."""
+    buckets = dict(buckets or {})
     jobs = []
     for job in wf.jobs.values():
         r = job.resource
@@ -84,9 +94,20 @@ def workload_of(wf: Workflow, name: str, buckets: Mapping[str, str] | None = Non
             total = ann.get(f"squall.io/{direction}-size")
             for i, t in enumerate(transfers):
                 uri = (t.source if direction == "ingress" else t.destination).uri
+                facts = None
+                if look is not None and direction == "ingress" and not uri.startswith("file://"):
+                    try:
+                        facts = look(uri, t.source.secret)
+                    except SquallError:
+                        facts = None  # unreachable from here: annotations, else unknown
+                if facts is not None and facts.region and uri.startswith("s3://"):
+                    bucket = uri.removeprefix("s3://").split("/", 1)[0]
+                    buckets.setdefault(bucket, f"aws:{facts.region}")
                 if uri.startswith("file://") and direction == "ingress":
                     size: int | None = len(wf.files.get(uri.removeprefix("file://"), ""))
                     how = "object metadata"
+                elif facts is not None and facts.size is not None:
+                    size, how = facts.size, "object metadata"
                 elif total is not None and i == 0:
                     size, how = parse_size(total), "annotation"
                 else:

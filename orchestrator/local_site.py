@@ -89,11 +89,12 @@ def local_engine(settings: LocalSettings) -> Engine:
         search_registries=settings.search_registries,
         insecure_registries=settings.insecure_registries,
     )
+    secrets = SecretStore(settings.data_dir / "secrets")
     return Engine(
         settings.store(),
         provisioner,
         lambda wf: local_nodes(wf, settings.nodes),
         data_dir=settings.data_dir,
-        secrets=SecretStore(settings.data_dir / "secrets"),
-        placer=Placer.from_environment(settings.site).place,
+        secrets=secrets,
+        placer=Placer.from_environment(settings.site, secrets).place,
     )

@@ -20,9 +20,11 @@ from federate.policy import Policy, PolicyError, load_policy
 from federate.sites import local_site, onprem_sites
 from substrate.inventory import read_cpus, read_gpus, read_memory_bytes
 
+from .data import RemoteFacts, describe
 from .errors import InvalidInput
 from .federation import workload_of
 from .fuzzfile.model import Workflow
+from .secrets import SecretStore
 
 __all__ = ["Placer"]
 
@@ -33,15 +35,25 @@ class Placer:
     policy_file: Path | None = None
     sites_file: Path | None = None
     force_site: str | None = None
+    secrets: SecretStore | None = None  # to ask s3 sources for their size and region
+    ca_file: str | None = None
 
     @classmethod
-    def from_environment(cls, force_site: str | None = None) -> Placer:
+    def from_environment(
+        cls, force_site: str | None = None, secrets: SecretStore | None = None
+    ) -> Placer:
         """$SQUALL_CATALOG, $SQUALL_POLICY, $SQUALL_SITES (each optional)."""
 
         def path(name: str) -> Path | None:
             return Path(os.environ[name]) if os.environ.get(name) else None
 
-        return cls(path("SQUALL_CATALOG"), path("SQUALL_POLICY"), path("SQUALL_SITES"), force_site)
+        return cls(
+            path("SQUALL_CATALOG"),
+            path("SQUALL_POLICY"),
+            path("SQUALL_SITES"),
+            force_site,
+            secrets,
+        )
 
     def _sites(self, catalog: Catalog | None) -> list[Site]:
         cpus = read_cpus()
@@ -73,7 +85,9 @@ class Placer:
             if not sites:
                 raise InvalidInput(f"no site named {self.force_site!r}")
             policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
-        estimates = compare(workload_of(wf, name), catalog or Catalog("", [], {}), sites, policy)
+        estimates = compare(
+            workload_of(wf, name, look=self._look), catalog or Catalog("", [], {}), sites, policy
+        )
         chosen = next((e for e in estimates if e.feasible), None)
         record: dict[str, Any] = {
             "catalog_date": catalog.date if catalog else None,
@@ -84,15 +98,19 @@ class Placer:
         }
         return record
 
+    def _look(self, uri: str, secret: str | None) -> RemoteFacts:
+        credentials = self.secrets.credentials(secret) if secret and self.secrets else None
+        return describe(uri, credentials=credentials, ca_file=self.ca_file)
+
 
 def _brief(e: SiteEstimate) -> dict[str, Any]:
     return {
         "site": e.site.name,
         "feasible": e.feasible,
         "reasons": e.reasons,
-        "total_usd": round(e.total_usd, 4),
-        "compute_usd": round(e.compute_usd, 4),
-        "data_usd": round(e.data_usd, 4),
+        "total_usd": e.total_usd,
+        "compute_usd": e.compute_usd,
+        "data_usd": e.data_usd,
         "hours": e.hours,
         "jobs": {p.job: f"{p.instance} x{p.nodes}" for p in e.jobs},
         "guesses": e.guesses,

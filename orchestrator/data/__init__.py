@@ -1,5 +1,21 @@
 """Data: ingress into volumes before the first job, egress out of them after the last."""
 
-from .transfers import TransferCache, TransferError, TransferPolicy, fetch, push
+from .transfers import (
+    RemoteFacts,
+    TransferCache,
+    TransferError,
+    TransferPolicy,
+    describe,
+    fetch,
+    push,
+)
 
-__all__ = ["TransferCache", "TransferError", "TransferPolicy", "fetch", "push"]
+__all__ = [
+    "RemoteFacts",
+    "TransferCache",
+    "TransferError",
+    "TransferPolicy",
+    "describe",
+    "fetch",
+    "push",
+]

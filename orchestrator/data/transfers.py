@@ -27,7 +27,15 @@ from typing import Any
 
 from ..errors import SquallError
 
-__all__ = ["TransferCache", "TransferError", "TransferPolicy", "fetch", "push"]
+__all__ = [
+    "RemoteFacts",
+    "TransferCache",
+    "TransferError",
+    "TransferPolicy",
+    "describe",
+    "fetch",
+    "push",
+]
 
 Progress = Callable[[int, int | None], None]  # bytes done, total when known
 CHUNK = 1 << 20
@@ -250,6 +258,41 @@ class _S3(_Backend):
         part = dest.with_name(dest.name + ".part")
         self.client.download_file(self.bucket, self.key, str(part), Callback=callback)
         os.replace(part, dest)
+
+
+# ---- looking before moving -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFacts:
+    """What a source says about itself without being downloaded; None where it did not."""
+
+    size: int | None
+    region: str | None  # an s3 bucket's region
+
+
+def describe(
+    uri: str,
+    *,
+    credentials: Mapping[str, str] | None = None,
+    ca_file: str | None = None,
+) -> RemoteFacts:
+    """HEAD an http(s) source, or an s3 object and its bucket. Raises TransferError when the
+    source cannot be reached or does not say."""
+    try:
+        if uri.startswith(("http://", "https://")):
+            return RemoteFacts(_Http(uri, ca_file).stat().size, None)
+        if uri.startswith("s3://"):
+            s3 = _S3(uri, credentials)
+            size = s3.stat().size
+            head = s3.client.head_bucket(Bucket=s3.bucket)
+            region = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get(
+                "x-amz-bucket-region"
+            ) or head.get("BucketRegion")
+            return RemoteFacts(size, region)
+    except Exception as exc:  # any client's error: the caller falls back to annotations
+        raise TransferError(f"{uri}: {_describe(exc)}") from None
+    raise TransferError(f"{uri}: nothing to look at for this scheme")
 
 
 # ---- egress --------------------------------------------------------------------------------

@@ -110,3 +110,55 @@ def test_a_policy_that_allows_no_site_fails_the_run_with_the_reasons(
     assert outcome.reason.startswith(
         "no site is feasible (local: policy: site local is not allowed"
     )
+
+
+def test_sizes_and_the_bucket_region_come_from_the_sources_themselves(
+    make_engine, tmp_path: Path
+) -> None:
+    import json
+
+    from orchestrator.secrets import SecretStore
+    from tests.orchestrator.servers import FileServer, S3Server
+
+    web = FileServer(tmp_path, {"small.txt": b"x" * 1234})
+    s3 = S3Server(tmp_path)
+    try:
+        client = s3.client()
+        client.create_bucket(
+            Bucket="reads", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+        )
+        client.put_object(Bucket="reads", Key="r.bin", Body=b"y" * 4321)
+        secrets = SecretStore(tmp_path / "secrets")
+        secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+        placer = Placer(catalog_dir=CATALOG, secrets=secrets, ca_file=web.ca_file)
+        workflow = f"""version: v4
+volumes:
+  data:
+    ingress:
+      - source: {{uri: "{web.url}/small.txt"}}
+        destination: {{uri: file://small.txt}}
+      - source: {{uri: s3://reads/r.bin, secret: secret://user/S3}}
+        destination: {{uri: file://r.bin}}
+jobs:
+  crunch:
+    image: {{uri: docker://busybox:1.36}}
+    command: [/bin/true]
+    resource: {{annotations: {{squall.io/expected-runtime: 1h}}}}
+"""
+        from orchestrator.federation import workload_of
+        from orchestrator.fuzzfile import load_text
+
+        wf = load_text(workflow, "w").unwrap()
+        record = placer.place(wf, "me/sizes")
+        moves = workload_of(wf, "me/sizes", look=placer._look).data
+    finally:
+        web.stop()
+        s3.stop()
+    assert record["site"] == "local"
+    assert record["estimate"]["guesses"] == []  # both sizes are the sources' own
+    local = record["estimate"]
+    assert local["data_usd"] == pytest.approx(4321 / 1e9 * 0.09)  # out of AWS us-west-2
+    assert [(str(m.place), m.size_bytes, m.size_source) for m in moves] == [
+        ("internet", 1234, "object metadata"),
+        ("aws:us-west-2", 4321, "object metadata"),  # the region, from the bucket itself
+    ]
