@@ -9,8 +9,9 @@ Annotations Squall reads (all optional):
   of its transfers each way, e.g. 200GB), `squall.io/location` (where its s3 data lives, e.g.
   aws:us-west-2) and `squall.io/tags` (residency tags, e.g. eu)
 
-Runtime without an annotation is the job's time limit, an upper bound (and said so); without
-either it is unknown and federation assumes an hour, and says that too.
+Runtime without an annotation comes from earlier runs of the same workflow (the median of
+the last ten that finished), else the job's time limit, an upper bound (and said so); without
+any of those it is unknown and federation assumes an hour, and says that too.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def workload_of(
     name: str,
     buckets: Mapping[str, str] | None = None,
     look: Look | None = None,
+    history: Mapping[str, float] | None = None,
 ) -> Workload:
     """`buckets` maps an s3 bucket to where it lives (CLOUD:REGION), overriding annotations;
-    `look` asks a source for its size (and a bucket for its region) when it can be reached."""
+    `look` asks a source for its size (and a bucket for its region) when it can be reached;
+    `history` gives jobs' hours per task from earlier runs of the same workflow."""
     buckets = dict(buckets or {})
     jobs = []
     for job in wf.jobs.values():
@@ -63,6 +66,8 @@ def workload_of(
         if "squall.io/expected-runtime" in ann:
             hours: float | None = parse_duration(ann["squall.io/expected-runtime"]) / 3600
             source = "annotation"
+        elif history and job.name in history:
+            hours, source = history[job.name], "history"
         elif job.policy.timeout:
             hours, source = job.policy.timeout / 3600, "timeout (an upper bound)"
         else:

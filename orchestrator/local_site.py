@@ -90,11 +90,12 @@ def local_engine(settings: LocalSettings) -> Engine:
         insecure_registries=settings.insecure_registries,
     )
     secrets = SecretStore(settings.data_dir / "secrets")
+    store = settings.store()
     return Engine(
-        settings.store(),
+        store,
         provisioner,
         lambda wf: local_nodes(wf, settings.nodes),
         data_dir=settings.data_dir,
         secrets=secrets,
-        placer=Placer.from_environment(settings.site, secrets).place,
+        placer=Placer.from_environment(settings.site, secrets, store).place,
     )

@@ -10,9 +10,12 @@ where it would have gone. `--site NAME` forces a site.
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import func, select
 
 from federate.catalog import Catalog, load
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
@@ -25,6 +28,8 @@ from .errors import InvalidInput
 from .federation import workload_of
 from .fuzzfile.model import Workflow
 from .secrets import SecretStore
+from .store import Job as JobRow
+from .store import Run, RunState, Store, Task, TaskState
 
 __all__ = ["Placer"]
 
@@ -37,10 +42,14 @@ class Placer:
     force_site: str | None = None
     secrets: SecretStore | None = None  # to ask s3 sources for their size and region
     ca_file: str | None = None
+    store: Store | None = None  # earlier runs, for runtimes
 
     @classmethod
     def from_environment(
-        cls, force_site: str | None = None, secrets: SecretStore | None = None
+        cls,
+        force_site: str | None = None,
+        secrets: SecretStore | None = None,
+        store: Store | None = None,
     ) -> Placer:
         """$SQUALL_CATALOG, $SQUALL_POLICY, $SQUALL_SITES (each optional)."""
 
@@ -53,6 +62,7 @@ class Placer:
             path("SQUALL_SITES"),
             force_site,
             secrets,
+            store=store,
         )
 
     def _sites(self, catalog: Catalog | None) -> list[Site]:
@@ -86,7 +96,10 @@ class Placer:
                 raise InvalidInput(f"no site named {self.force_site!r}")
             policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
         estimates = compare(
-            workload_of(wf, name, look=self._look), catalog or Catalog("", [], {}), sites, policy
+            workload_of(wf, name, look=self._look, history=self._history(name)),
+            catalog or Catalog("", [], {}),
+            sites,
+            policy,
         )
         chosen = next((e for e in estimates if e.feasible), None)
         record: dict[str, Any] = {
@@ -97,6 +110,32 @@ class Placer:
             "alternatives": [_brief(e) for e in estimates[:6] if e is not chosen],
         }
         return record
+
+    def _history(self, name: str) -> dict[str, float]:
+        """Median hours per task of each job over the last ten finished runs named like this
+        one (`me/pipeline-7` is like `me/pipeline-3`)."""
+        if self.store is None:
+            return {}
+        stem = name.rsplit("-", 1)[0]
+        with self.store.session() as s:
+            runs = s.scalars(
+                select(Run.id)
+                .where(Run.state == RunState.FINISHED, Run.name.like(f"{stem}-%"))
+                .order_by(Run.finished_at.desc())
+                .limit(10)
+            ).all()
+            rows = s.execute(
+                select(JobRow.name, JobRow.started_at, JobRow.finished_at, func.count(Task.id))
+                .join(Task, Task.job_id == JobRow.id)
+                .where(JobRow.run_id.in_(runs), JobRow.state == TaskState.FINISHED)
+                .group_by(JobRow.id)
+            ).all()
+        hours: dict[str, list[float]] = {}
+        for job, started, finished, tasks in rows:
+            if started is not None and finished is not None:
+                elapsed = (finished - started).total_seconds() / 3600
+                hours.setdefault(job, []).append(elapsed / max(tasks, 1))
+        return {job: statistics.median(values) for job, values in hours.items()}
 
     def _look(self, uri: str, secret: str | None) -> RemoteFacts:
         credentials = self.secrets.credentials(secret) if secret and self.secrets else None

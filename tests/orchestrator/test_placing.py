@@ -162,3 +162,30 @@ jobs:
         ("internet", 1234, "object metadata"),
         ("aws:us-west-2", 4321, "object metadata"),  # the region, from the bucket itself
     ]
+
+
+def test_runtimes_come_from_earlier_runs_of_the_same_workflow(make_engine) -> None:
+    placer = Placer(catalog_dir=CATALOG)
+    engine = make_engine(placer)
+    placer.store = engine.store
+    text = """version: v4
+jobs:
+  nap:
+    image: {uri: docker://busybox:1.36}
+    command: [sleep, "1"]
+"""
+    first = engine.run("me/nap-1", text)
+    assert first.state is RunState.FINISHED, first.reason
+    with engine.store.session() as s:
+        placement = s.get_one(Run, first.run_id).placement
+    assert (
+        "nap: runtime assumed 1 h (no annotation, history or timeout)"
+        in placement["estimate"]["guesses"]
+    )
+
+    from orchestrator.fuzzfile import load_text
+
+    record = placer.place(load_text(text, "w").unwrap(), "me/nap-2")
+    assert "nap: runtime from history" in record["estimate"]["guesses"]
+    best = record["alternatives"][0]
+    assert 1 / 3600 <= best["hours"] < 10 / 3600  # about the second it took, not an hour
