@@ -56,6 +56,12 @@ def _catalog(path: Path | None) -> Catalog:
 def compare(
     file: Path = typer.Argument(..., help="The Fuzzfile.", show_default=False),
     policy_file: Path | None = typer.Option(None, "--policy", help="A team policy (YAML)."),
+    sites_file: Path | None = typer.Option(
+        None, "--sites", help="On-prem sites (YAML); default $SQUALL_SITES."
+    ),
+    clouds_only: bool = typer.Option(
+        False, "--clouds-only", help="Leave out this machine and the on-prem sites."
+    ),
     catalog_dir: Path | None = CATALOG,
     bucket: list[str] = typer.Option(
         [], "--bucket", help="Where an s3 bucket lives: BUCKET=CLOUD:REGION (repeatable)."
@@ -88,6 +94,7 @@ def compare(
     from orchestrator.errors import SquallError
     from orchestrator.federation import workload_of
     from orchestrator.fuzzfile import load_file
+    from orchestrator.placing import candidate_sites
 
     from .output import print_diagnostic
 
@@ -97,6 +104,8 @@ def compare(
             print_diagnostic(d)
         die(f"{file} is not a valid Fuzzfile", EXIT_INVALID)
     catalog = _catalog(catalog_dir)
+    if sites_file is None and os.environ.get("SQUALL_SITES"):
+        sites_file = Path(os.environ["SQUALL_SITES"])
     try:
         policy = load_policy(policy_file) if policy_file else Policy()
     except PolicyError as exc:
@@ -115,9 +124,11 @@ def compare(
         workload = workload_of(result.workflow, file.stem, buckets)
     except SquallError as exc:
         die(str(exc), exc.exit_code)
-    estimates = compare_sites(
-        workload, catalog, cloud_sites(catalog), policy, free_allowance=free_allowance
-    )
+    try:
+        sites = candidate_sites(catalog, sites_file) if not clouds_only else cloud_sites(catalog)
+    except PolicyError as exc:
+        die(str(exc), EXIT_USAGE)
+    estimates = compare_sites(workload, catalog, sites, policy, free_allowance=free_allowance)
     rows = [_row(e) for e in estimates]
     if output is Format.json:
         print_json({"catalog_date": catalog.date, "workflow": workload.name, "sites": rows})

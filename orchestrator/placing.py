@@ -31,7 +31,7 @@ from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
 
-__all__ = ["Placer"]
+__all__ = ["Placer", "candidate_sites"]
 
 
 @dataclass(slots=True)
@@ -66,21 +66,7 @@ class Placer:
         )
 
     def _sites(self, catalog: Catalog | None) -> list[Site]:
-        cpus = read_cpus()
-        gpus = read_gpus()
-        sites = [
-            local_site(
-                cores=len({(c.socket, c.core) for c in cpus}),
-                memory_gib=read_memory_bytes() * 0.9 / 2**30,
-                gpus=len(gpus),
-                gpu_model=gpus[0].model if gpus else "",
-            )
-        ]
-        if self.sites_file is not None:
-            sites += onprem_sites(self.sites_file)
-        if catalog is not None:
-            sites += cloud_sites(catalog)
-        return sites
+        return candidate_sites(catalog, self.sites_file)
 
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
         """The placement record: the chosen site, its estimate, and the runners-up."""
@@ -140,6 +126,25 @@ class Placer:
     def _look(self, uri: str, secret: str | None) -> RemoteFacts:
         credentials = self.secrets.credentials(secret) if secret and self.secrets else None
         return describe(uri, credentials=credentials, ca_file=self.ca_file)
+
+
+def candidate_sites(catalog: Catalog | None, sites_file: Path | None) -> list[Site]:
+    """This machine, the on-prem sites of `sites_file`, and the catalog's cloud regions."""
+    cpus = read_cpus()
+    gpus = read_gpus()
+    sites = [
+        local_site(
+            cores=len({(c.socket, c.core) for c in cpus}),
+            memory_gib=read_memory_bytes() * 0.9 / 2**30,
+            gpus=len(gpus),
+            gpu_model=gpus[0].model if gpus else "",
+        )
+    ]
+    if sites_file is not None:
+        sites += onprem_sites(sites_file)
+    if catalog is not None:
+        sites += cloud_sites(catalog)
+    return sites
 
 
 def _brief(e: SiteEstimate) -> dict[str, Any]:
