@@ -7,7 +7,7 @@
   `armSkuName` and region, the `... Spot` SKUs for spot.
 - GCP: the Cloud Billing Catalog API (an API key in $GOOGLE_API_KEY): per-vCPU, per-GiB and
   per-GPU hourly prices per machine family and region; a type's price is vCPUs x core +
-  memory x RAM (+ GPUs x GPU).
+  memory x RAM + GPUs x GPU (N1 hosts with attached GPUs, such as n1-standard-8+1xT4, too).
 
 Parsing is separate from fetching, so that it is tested on small responses; a refresh that
 cannot reach the API fails with one line saying so and leaves the catalog as it was. Shapes
@@ -28,6 +28,7 @@ from typing import Any
 __all__ = [
     "Price",
     "RefreshError",
+    "Shape",
     "apply_prices",
     "aws_prices",
     "azure_prices",
@@ -146,45 +147,85 @@ def _unit_price(sku: Mapping[str, Any]) -> float | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a GCP machine type is made of, as the catalog has it."""
+
+    vcpus: int
+    memory_gib: float
+    gpu_model: str = ""
+    gpu_count: float = 0
+
+
+def _gpu_key(text: str) -> tuple[str, int | None]:
+    """('A100', 80) from 'A100 80GB' or 'A100-80GB'; ('T4', None) from 'Tesla T4'."""
+    words = text.upper().replace("-", " ").split()
+    name, memory = [], None
+    for w in words:
+        if w in ("NVIDIA", "TESLA"):
+            continue
+        if w.endswith("GB") and w[:-2].isdigit():
+            memory = int(w[:-2])
+        else:
+            name.append(w)
+    return "".join(name), memory
+
+
 def gcp_prices(
-    skus: Iterable[Mapping[str, Any]], region: str, shapes: Mapping[str, tuple[int, float]]
+    skus: Iterable[Mapping[str, Any]], region: str, shapes: Mapping[str, Shape]
 ) -> list[Price]:
-    """Prices of the machine types in `shapes` (name -> vCPUs, GiB) from per-unit SKUs:
-    "<FAMILY> Instance Core running in ..." and "<FAMILY> Instance Ram running in ...",
-    on demand (OnDemand) and spot (Preemptible)."""
-    unit: dict[tuple[str, str, str], float] = {}  # (family, core|ram, OnDemand|Preemptible)
+    """Prices of the machine types in `shapes` from per-unit SKUs: "<FAMILY> Instance Core
+    running in ...", "<FAMILY> Instance Ram running in ..." and "Nvidia <MODEL> GPU running
+    in ...", on demand (OnDemand) and spot (Preemptible). A GPU model with a memory size
+    ("A100-80GB") takes the SKU that names it, one without ("A100") the SKU that does not."""
+    unit: dict[tuple[str, str, str], float] = {}  # (family, core|ram, usage)
+    gpu: dict[tuple[str, int | None, str], float] = {}  # (model, memory, usage)
     for sku in skus:
         if region not in sku.get("serviceRegions", []):
             continue
         category = sku.get("category", {})
         if category.get("resourceFamily") != "Compute":
             continue
-        m = re.match(
-            r"^(?:Spot Preemptible )?(\w+) (?:AMD |Arm )?Instance (Core|Ram)",
-            sku.get("description", ""),
-        )
         price = _unit_price(sku)
-        if not m or price is None:
-            continue
         usage = category.get("usageType", "OnDemand")
-        unit[(m.group(1).upper(), m.group(2).lower(), usage)] = price
+        description = sku.get("description", "")
+        if price is None:
+            continue
+        if m := re.match(r"^(?:Spot Preemptible )?Nvidia (.+?) GPU running in", description):
+            gpu[(*_gpu_key(m.group(1)), usage)] = price
+        elif m := re.match(
+            r"^(?:Spot Preemptible )?(\w+) (?:AMD |Arm )?Instance (Core|Ram)", description
+        ):
+            unit[(m.group(1).upper(), m.group(2).lower(), usage)] = price
     prices = []
-    for name, (vcpus, memory) in sorted(shapes.items()):
+    for name, shape in sorted(shapes.items()):
         fam = _GCP_FAMILY.match(name)
         if not fam:
             continue
         family = fam.group(1).upper()
 
-        def total(
-            usage: str, family: str = family, vcpus: int = vcpus, memory: float = memory
-        ) -> float | None:
+        def total(usage: str, family: str = family, shape: Shape = shape) -> float | None:
             core, ram = unit.get((family, "core", usage)), unit.get((family, "ram", usage))
-            return vcpus * core + memory * ram if core is not None and ram is not None else None
+            if core is None or ram is None:
+                return None
+            host = shape.vcpus * core + shape.memory_gib * ram
+            if not shape.gpu_count:
+                return host
+            per_gpu = gpu.get((*_gpu_key(shape.gpu_model), usage))
+            return host + shape.gpu_count * per_gpu if per_gpu is not None else None
 
         ondemand, spot = total("OnDemand"), total("Preemptible")
         if ondemand is not None or spot is not None:
             prices.append(
-                Price(region, name, ondemand, spot, vcpus, memory, "gcp cloud billing catalog")
+                Price(
+                    region,
+                    name,
+                    ondemand,
+                    spot,
+                    shape.vcpus,
+                    shape.memory_gib,
+                    "gcp cloud billing catalog",
+                )
             )
     return prices
 
@@ -262,9 +303,14 @@ def refresh(folder: Path, cloud: str, fetch: Fetch, today: str | None = None) ->
                 token = page.get("nextPageToken")
                 url = GCP_SKUS.format(key=key) + f"&pageToken={token}" if token else None
             shapes = {
-                r["instance_type"]: (int(float(r["vcpus"])), float(r["memory_gib"]))
+                r["instance_type"]: Shape(
+                    int(float(r["vcpus"])),
+                    float(r["memory_gib"]),
+                    r["gpu_model"],
+                    float(r["gpu_count"] or 0),
+                )
                 for r in rows
-                if r["region"] == region and not r["gpu_model"]
+                if r["region"] == region
             }
             prices += gcp_prices(skus, region, shapes)
         else:

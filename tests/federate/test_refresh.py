@@ -15,6 +15,7 @@ import pytest
 from federate.catalog import load
 from federate.refresh import (
     RefreshError,
+    Shape,
     apply_prices,
     aws_prices,
     azure_prices,
@@ -195,6 +196,10 @@ GCP_SKUS = [
         "Spot Preemptible N2 Instance Ram running in Americas", "Preemptible", "us-central1", 0.001
     ),
     _gcp_sku("N2 Instance Core running in Netherlands", "OnDemand", "europe-west4", 0.05),
+    _gcp_sku("A2 Instance Core running in Americas", "OnDemand", "us-central1", 0.031611),
+    _gcp_sku("A2 Instance Ram running in Americas", "OnDemand", "us-central1", 0.004237),
+    _gcp_sku("Nvidia Tesla A100 GPU running in Americas", "OnDemand", "us-central1", 2.933908),
+    _gcp_sku("Nvidia A100 80GB GPU running in Americas", "OnDemand", "us-central1", 3.92808),
 ]
 
 
@@ -214,12 +219,21 @@ def test_azure_items_give_on_demand_and_spot_per_region() -> None:
 
 
 def test_gcp_types_are_priced_from_core_and_ram_skus() -> None:
-    [price] = gcp_prices(
-        GCP_SKUS, "us-central1", {"n2-standard-32": (32, 128.0), "e2-small": (2, 2.0)}
-    )
-    assert price.instance_type == "n2-standard-32"
-    assert price.ondemand == pytest.approx(32 * 0.031611 + 128 * 0.004237)
-    assert price.spot == pytest.approx(32 * 0.0077 + 128 * 0.001)
+    shapes = {
+        "n2-standard-32": Shape(32, 128.0),
+        "e2-small": Shape(2, 2.0),  # no e2 SKUs in the response: left alone
+        "a2-highgpu-1g": Shape(12, 85.0, "A100", 1),
+        "a2-ultragpu-1g": Shape(12, 170.0, "A100-80GB", 1),
+    }
+    prices = {p.instance_type: p for p in gcp_prices(GCP_SKUS, "us-central1", shapes)}
+    assert sorted(prices) == ["a2-highgpu-1g", "a2-ultragpu-1g", "n2-standard-32"]
+    n2 = prices["n2-standard-32"]
+    assert n2.ondemand == pytest.approx(32 * 0.031611 + 128 * 0.004237)
+    assert n2.spot == pytest.approx(32 * 0.0077 + 128 * 0.001)
+    host = 12 * 0.031611
+    assert prices["a2-highgpu-1g"].ondemand == pytest.approx(host + 85 * 0.004237 + 2.933908)
+    assert prices["a2-ultragpu-1g"].ondemand == pytest.approx(host + 170 * 0.004237 + 3.92808)
+    assert prices["a2-highgpu-1g"].spot is None  # no spot SKUs for A2 in the response
 
 
 def test_refresh_applies_prices_to_a_copy_of_the_catalog(tmp_path: Path) -> None:
