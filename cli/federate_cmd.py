@@ -91,6 +91,7 @@ def compare(
     from federate.placement import cloud_sites
     from federate.placement import compare as compare_sites
     from federate.policy import Policy, PolicyError, load_policy
+    from federate.sites import bucket_locations
     from orchestrator.errors import SquallError
     from orchestrator.federation import workload_of
     from orchestrator.fuzzfile import load_file
@@ -114,7 +115,10 @@ def compare(
         policy = replace(policy, spot=spot)
     if budget is not None:
         policy = replace(policy, budget_usd=budget)
-    buckets = {}
+    try:
+        buckets = bucket_locations(sites_file) if sites_file else {}
+    except PolicyError as exc:
+        die(str(exc), EXIT_USAGE)
     for item in bucket:
         name, sep, where = item.partition("=")
         if not sep or ":" not in where:

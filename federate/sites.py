@@ -9,6 +9,8 @@ site (this machine). Each becomes a `Site` whose node shape is priced from an in
         shape: {cores: 64, memory-gib: 256, gpus: 4, gpu-model: A100, fabric: infiniband}
         price: {core-hour: 0.01, gpu-hour: 0.40}
         reads-free: [aws:us-west-2]  # stores it reads without fees (a private link)
+    buckets:                       # where the team's object stores live
+      genomes: aws:us-west-2
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .catalog import InstanceType
 from .placement import Site
 from .policy import PolicyError
 
-__all__ = ["local_site", "onprem_sites"]
+__all__ = ["bucket_locations", "local_site", "onprem_sites"]
 
 
 def _shape_type(
@@ -72,6 +74,20 @@ def onprem_sites(path: Path) -> list[Site]:
             )
         )
     return sites
+
+
+def bucket_locations(path: Path) -> dict[str, str]:
+    """The `buckets:` section: bucket name -> CLOUD:REGION."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    buckets = data.get("buckets") or {}
+    if not isinstance(buckets, dict) or not all(
+        isinstance(v, str) and ":" in v for v in buckets.values()
+    ):
+        raise PolicyError(f"{path}: buckets maps a bucket name to CLOUD:REGION")
+    return {str(k): v for k, v in buckets.items()}
 
 
 def local_site(

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from federate.catalog import Catalog, load
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
 from federate.policy import Policy, PolicyError, load_policy
-from federate.sites import local_site, onprem_sites
+from federate.sites import bucket_locations, local_site, onprem_sites
 from substrate.inventory import read_cpus, read_gpus, read_memory_bytes
 
 from .data import RemoteFacts, describe
@@ -74,6 +74,7 @@ class Placer:
             policy = load_policy(self.policy_file) if self.policy_file else Policy()
             catalog = load(self.catalog_dir) if self.catalog_dir else None
             sites = self._sites(catalog)
+            buckets = bucket_locations(self.sites_file) if self.sites_file else {}
         except (PolicyError, OSError, ValueError) as exc:
             raise InvalidInput(f"cannot place {name}: {exc}") from None
         if self.force_site is not None:
@@ -82,7 +83,13 @@ class Placer:
                 raise InvalidInput(f"no site named {self.force_site!r}")
             policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
         estimates = compare(
-            workload_of(wf, name, look=self._look, history=self._history(name)),
+            workload_of(
+                wf,
+                name,
+                buckets,
+                look=self._look,
+                history=self._history(name),
+            ),
             catalog or Catalog("", [], {}),
             sites,
             policy,

@@ -69,3 +69,14 @@ def test_a_site_without_a_shape_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("sites:\n  lab: {nodes: 2}\n")
     with pytest.raises(PolicyError, match="site 'lab' needs `nodes` and `shape`"):
         onprem_sites(path)
+
+
+def test_the_sites_file_says_where_buckets_live(tmp_path: Path) -> None:
+    from federate.sites import bucket_locations
+
+    path = tmp_path / "sites.yaml"
+    path.write_text(SITES + "buckets:\n  genomes: aws:us-west-2\n")
+    assert bucket_locations(path) == {"genomes": "aws:us-west-2"}
+    path.write_text("buckets:\n  genomes: us-west-2\n")
+    with pytest.raises(PolicyError, match="buckets maps a bucket name to CLOUD:REGION"):
+        bucket_locations(path)
