@@ -25,6 +25,7 @@ __all__ = [
     "EgressFees",
     "InstanceType",
     "Tier",
+    "catalog_date",
     "continent",
     "load",
 ]
@@ -225,12 +226,23 @@ def _egress(path: Path) -> dict[tuple[str, str], EgressFees]:
     return fees
 
 
+def catalog_date(path: Path) -> str:
+    """The date of a catalog folder: `date:` in its catalog.yaml (written by a refresh), else
+    the newest date its README names (the reference snapshot), else "undated"."""
+    meta = path / "catalog.yaml"
+    if meta.exists():
+        m = re.search(r"^date:\s*['\"]?(\d{4}-\d{2}-\d{2})", meta.read_text(), re.M)
+        if m:
+            return m.group(1)
+    readme = path / "README.md"
+    found = re.findall(r"\d{4}-\d{2}-\d{2}", readme.read_text()) if readme.exists() else []
+    return max(found) if found else "undated"
+
+
 def load(path: Path, date: str = "") -> Catalog:
     """A catalog folder (instances.csv, egress.csv)."""
     if not date:
-        readme = path / "README.md"
-        found = re.findall(r"\d{4}-\d{2}-\d{2}", readme.read_text()) if readme.exists() else []
-        date = max(found) if found else "undated"
+        date = catalog_date(path)
     return Catalog(
         date=date, instances=_instances(path / "instances.csv"), egress=_egress(path / "egress.csv")
     )

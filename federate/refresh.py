@@ -263,7 +263,27 @@ def apply_prices(folder: Path, cloud: str, prices: Iterable[Price], date: str) -
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+    _stamp(folder, cloud, date)
     return changed
+
+
+def _stamp(folder: Path, cloud: str, date: str) -> None:
+    """Record in catalog.yaml when each cloud's prices were last refreshed; the catalog's date
+    is the newest of them."""
+    meta = folder / "catalog.yaml"
+    refreshed: dict[str, str] = {}
+    if meta.exists():
+        for line in meta.read_text().splitlines():
+            m = re.match(r"^\s+(aws|gcp|azure):\s*(\S+)", line)
+            if m:
+                refreshed[m.group(1)] = m.group(2)
+    refreshed[cloud] = date
+    text = f"date: {max(refreshed.values())}\nrefreshed:\n" + "".join(
+        f"  {c}: {d}\n" for c, d in sorted(refreshed.items())
+    )
+    tmp = meta.with_name(".catalog.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, meta)
 
 
 def _rows(folder: Path, cloud: str) -> list[dict[str, str]]:

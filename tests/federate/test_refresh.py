@@ -257,6 +257,10 @@ def test_refresh_applies_prices_to_a_copy_of_the_catalog(tmp_path: Path) -> None
     before = {(i.region, i.name): i for i in load(CATALOG).instances}
     assert after[("eu-west-1", "hpc7a.96xlarge")] == before[("eu-west-1", "hpc7a.96xlarge")]
     assert apply_prices(folder, "aws", [], "2026-11-22") == 0
+    assert load(folder).date == "2026-11-22"  # catalog.yaml now dates it
+    assert (
+        folder / "catalog.yaml"
+    ).read_text() == "date: 2026-11-22\nrefreshed:\n  aws: 2026-11-22\n"
 
 
 def test_refresh_without_network_says_so_and_changes_nothing(tmp_path: Path) -> None:
