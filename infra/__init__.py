@@ -1,5 +1,6 @@
 """Pulumi programs that build one ephemeral cluster per run from a `ClusterSpec`.
 
-One ComponentResource per cloud; nothing is created at import. Built by the infra issue;
-until then this package is empty and `Pulumi.yaml` has no program to run.
+`spec.py` holds the spec and the safety rules every cloud shares. The per-cloud programs (one
+ComponentResource each; nothing created at import) are still to come, so `Pulumi.yaml` has no
+program to run yet.
 """
