@@ -68,11 +68,7 @@ class RunAccess:
             key = TaskKey(job, index)
             if attempt is None:
                 return _Where(run.id, key, 0, False)
-            live = task.state in _LIVE and attempt.state not in (
-                TaskState.FINISHED,
-                TaskState.FAILED,
-                TaskState.CANCELLED,
-            )
+            live = task.state in _LIVE and not attempt.state.ended
             agent = s.scalars(
                 select(Agent).where(Agent.run_id == run.id, Agent.name == attempt.node)
             ).first()

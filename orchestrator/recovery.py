@@ -26,7 +26,6 @@ from .store import Agent, Event, Job, Run, RunState, Store, Task, TaskState
 __all__ = ["orphaned_runs", "recover"]
 
 STALE = timedelta(seconds=6 * HEARTBEAT)
-_ENDED = (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED, TaskState.SKIPPED)
 
 
 def _owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
@@ -96,14 +95,14 @@ def recover(
         now = datetime.now(UTC)
         with store.session() as s:
             for task in s.scalars(select(Task).join(Task.job).where(Job.run_id == run_id)):
-                if task.state not in _ENDED:
+                if not task.state.ended:
                     task.state = TaskState.FAILED
                     for attempt in task.attempts:
-                        if attempt.state not in _ENDED:
+                        if not attempt.state.ended:
                             attempt.state, attempt.message = TaskState.FAILED, "orchestrator died"
                             attempt.finished_at = now
             for job in s.scalars(select(Job).where(Job.run_id == run_id)):
-                if job.state not in _ENDED:
+                if not job.state.ended:
                     job.state, job.reason = TaskState.FAILED, "orchestrator died"
             run = s.get_one(Run, run_id)
             run.state, run.reason, run.finished_at = RunState.FAILED, reason, now

@@ -56,7 +56,6 @@ _PHASE = {
     TaskState.SKIPPED: Phase.SKIPPED,
 }
 _STATE = {phase: state for state, phase in _PHASE.items()}
-_ENDED = (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED, TaskState.SKIPPED)
 
 
 def log_path(data_dir: Path, run_id: str, key: TaskKey, attempt: int) -> Path:
@@ -185,11 +184,11 @@ class RunLoop:
             for task in s.scalars(
                 select(Task).join(Task.job).where(JobRow.run_id == self.run_id)
             ).all():
-                if task.state not in _ENDED:
+                if not task.state.ended:
                     task.state = TaskState.CANCELLED
                     self.phase[TaskKey(task.job.name, task.index)] = Phase.CANCELLED
             for job in s.scalars(select(JobRow).where(JobRow.run_id == self.run_id)).all():
-                if job.state not in _ENDED:
+                if not job.state.ended:
                     job.state, job.reason = TaskState.CANCELLED, why
 
     # ---- state ----------------------------------------------------------------------------
@@ -219,7 +218,7 @@ class RunLoop:
             self.keys[name].append(key)
             if job_state is not TaskState.PENDING:
                 self.jobs_started.add(name)
-            if job_state in _ENDED:
+            if job_state.ended:
                 self.jobs_ended.add(name)
 
     def _task_row(self, s: Any, key: TaskKey) -> Task:
@@ -261,7 +260,7 @@ class RunLoop:
                 job = self._job_row(s, name)
                 job.state, job.reason = TaskState.FAILED, f"cannot be placed: {why}"
                 for task in job.tasks:
-                    if task.state not in _ENDED:
+                    if not task.state.ended:
                         task.state = TaskState.FAILED
                         self.phase[TaskKey(name, task.index)] = Phase.FAILED
                 s.add(Event(run_id=self.run_id, kind="job", subject=name, message=job.reason))

@@ -75,6 +75,16 @@ class TaskState(enum.Enum):
     CANCELLED = "CANCELLED"
     SKIPPED = "SKIPPED"  # a dependency failed
 
+    @property
+    def ended(self) -> bool:
+        """Whether nothing more will happen to a task, job or attempt in this state."""
+        return self in (
+            TaskState.FINISHED,
+            TaskState.FAILED,
+            TaskState.CANCELLED,
+            TaskState.SKIPPED,
+        )
+
 
 class TransferState(enum.Enum):
     PENDING = "PENDING"
