@@ -20,7 +20,8 @@ from substrate.client import connect
 from .errors import Conflict, InvalidInput, NotFound
 from .runloop import log_path
 from .scheduler import TaskKey
-from .store import Agent, Attempt, Job, Run, Store, Task, TaskState
+from .store import Agent, Attempt, Job, Store, Task, TaskState
+from .views import run_named
 
 __all__ = ["RunAccess", "TaskNotRunning"]
 
@@ -49,9 +50,7 @@ class RunAccess:
 
     def _where(self, name: str, job: str, index: int) -> _Where:
         with self.store.session() as s:
-            run = s.scalars(select(Run).where((Run.name == name) | (Run.id == name))).first()
-            if run is None:
-                raise NotFound(f"no run named {name!r}")
+            run = run_named(s, name)
             task = s.scalars(
                 select(Task)
                 .join(Task.job)

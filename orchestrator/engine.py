@@ -30,13 +30,14 @@ from substrate.client import connect
 
 from .data import TransferError
 from .data.staging import Staging
-from .errors import Conflict, InvalidInput, NotFound, SquallError
+from .errors import Conflict, InvalidInput, SquallError
 from .fuzzfile import Workflow, load_text
 from .provision import Cluster, NodeSlice, Provisioner
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference
 from .store import Agent, Event, Job, Run, RunState, Store, Task, Volume
+from .views import run_named
 
 __all__ = ["HEARTBEAT", "TERMINAL", "Engine", "RunOutcome", "identity", "request_cancel"]
 
@@ -251,9 +252,7 @@ class Engine:
         """Retry the failed egress of an ended run (or, with `release`, give up and free
         its volumes). Raises TransferError if it fails again; returns volumes still kept."""
         with self.store.session() as s:
-            run = s.scalars(select(Run).where(Run.name == name)).one_or_none()
-            if run is None:
-                raise NotFound(f"no run named {name!r}")
+            run = run_named(s, name)
             if run.state not in TERMINAL:
                 raise Conflict(f"run {name} is {run.state.value}; wait for it to end")
             run_id = run.id
@@ -315,9 +314,7 @@ class Engine:
 def request_cancel(store: Store, name: str) -> RunState:
     """Ask the owner of run `name` (or id) to cancel it, from any process; its state now."""
     with store.session() as s:
-        run = s.scalars(select(Run).where((Run.name == name) | (Run.id == name))).first()
-        if run is None:
-            raise NotFound(f"no run named {name!r}")
+        run = run_named(s, name)
         if run.state not in TERMINAL:
             run.cancel_requested = True
             s.add(Event(run_id=run.id, kind="run", message="cancel requested"))

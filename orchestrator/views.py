@@ -9,24 +9,30 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from .errors import NotFound
 from .store import Attempt, Event, Job, Run, Store, Task, Transfer
 
-__all__ = ["find_run", "run_events", "run_list", "run_summary"]
+__all__ = ["find_run", "run_events", "run_list", "run_named", "run_summary"]
 
 
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
+def run_named(s: Session, name: str) -> Run:
+    """The run called `name` (or with that id), in session `s`."""
+    run = s.scalars(select(Run).where((Run.name == name) | (Run.id == name))).first()
+    if run is None:
+        raise NotFound(f"no run named {name!r}; `squall workflow list` shows them")
+    return run
+
+
 def find_run(store: Store, name: str) -> str:
     """The id of the run called `name` (or with that id)."""
     with store.session() as s:
-        run_id = s.scalars(select(Run.id).where((Run.name == name) | (Run.id == name))).first()
-    if run_id is None:
-        raise NotFound(f"no run named {name!r}; `squall workflow list` shows them")
-    return run_id
+        return run_named(s, name).id
 
 
 def run_summary(store: Store, run_id: str) -> dict[str, Any]:
