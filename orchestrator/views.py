@@ -4,11 +4,11 @@ shared by `squall run`'s live view, `squall workflow status/list` and the server
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .errors import NotFound
@@ -38,26 +38,42 @@ def find_run(store: Store, name: str) -> str:
 def run_summary(store: Store, run_id: str) -> dict[str, Any]:
     with store.session() as s:
         run = s.get_one(Run, run_id)
-        jobs = []
-        for job in s.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id)):
-            states = Counter(t.state.value for t in job.tasks)
-            attempts = s.scalars(
-                select(Attempt).join(Attempt.task).where(Task.job_id == job.id)
-            ).all()
-            jobs.append(
-                {
-                    "name": job.name,
-                    "kind": job.kind,
-                    "state": job.state.value,
-                    "reason": job.reason,
-                    "tasks": len(job.tasks),
-                    "task_states": dict(sorted(states.items())),
-                    "attempts": len(attempts),
-                    "nodes": sorted({a.node for a in attempts}),
-                    "started_at": _iso(job.started_at),
-                    "finished_at": _iso(job.finished_at),
-                }
-            )
+        # counted by the database, not loaded: the live view asks several times a second,
+        # while the engine writes, and a job may have thousands of tasks
+        states: defaultdict[int, dict[str, int]] = defaultdict(dict)
+        for job_id, state, count in s.execute(
+            select(Task.job_id, Task.state, func.count())
+            .join(Task.job)
+            .where(Job.run_id == run_id)
+            .group_by(Task.job_id, Task.state)
+        ):
+            states[job_id][state.value] = count
+        attempts: Counter[int] = Counter()
+        nodes: defaultdict[int, set[str]] = defaultdict(set)
+        for job_id, node, count in s.execute(
+            select(Task.job_id, Attempt.node, func.count())
+            .join(Attempt.task)
+            .join(Task.job)
+            .where(Job.run_id == run_id)
+            .group_by(Task.job_id, Attempt.node)
+        ):
+            attempts[job_id] += count
+            nodes[job_id].add(node)
+        jobs = [
+            {
+                "name": job.name,
+                "kind": job.kind,
+                "state": job.state.value,
+                "reason": job.reason,
+                "tasks": sum(states[job.id].values()),
+                "task_states": dict(sorted(states[job.id].items())),
+                "attempts": attempts[job.id],
+                "nodes": sorted(nodes[job.id]),
+                "started_at": _iso(job.started_at),
+                "finished_at": _iso(job.finished_at),
+            }
+            for job in s.scalars(select(Job).where(Job.run_id == run_id).order_by(Job.id))
+        ]
         transfers = [
             {
                 "direction": t.direction,
