@@ -28,6 +28,7 @@ __all__ = [
     "SiteEstimate",
     "cloud_sites",
     "compare",
+    "gpu_key",
     "gpu_matches",
     "transfer_fee",
 ]
@@ -65,7 +66,7 @@ def cloud_sites(catalog: Catalog) -> list[Site]:
     ]
 
 
-def _gpu_base(model: str) -> tuple[str, int | None]:
+def gpu_key(model: str) -> tuple[str, int | None]:
     """('H100', 80) from 'NVIDIA H100 80GB HBM3' or 'H100-80GB'; memory None if not given."""
     words = model.upper().replace("-", " ").replace("_", " ").split()
     name, memory = [], None
@@ -84,8 +85,8 @@ def gpu_matches(wanted: str, model: str) -> bool:
     both say it)."""
     if not wanted:
         return True
-    w, wm = _gpu_base(wanted)
-    m, mm = _gpu_base(model)
+    w, wm = gpu_key(wanted)
+    m, mm = gpu_key(model)
     return w == m and (wm is None or mm is None or wm == mm)
 
 

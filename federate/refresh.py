@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .placement import gpu_key
+
 __all__ = [
     "Price",
     "RefreshError",
@@ -157,20 +159,6 @@ class Shape:
     gpu_count: float = 0
 
 
-def _gpu_key(text: str) -> tuple[str, int | None]:
-    """('A100', 80) from 'A100 80GB' or 'A100-80GB'; ('T4', None) from 'Tesla T4'."""
-    words = text.upper().replace("-", " ").split()
-    name, memory = [], None
-    for w in words:
-        if w in ("NVIDIA", "TESLA"):
-            continue
-        if w.endswith("GB") and w[:-2].isdigit():
-            memory = int(w[:-2])
-        else:
-            name.append(w)
-    return "".join(name), memory
-
-
 def gcp_prices(
     skus: Iterable[Mapping[str, Any]], region: str, shapes: Mapping[str, Shape]
 ) -> list[Price]:
@@ -192,7 +180,7 @@ def gcp_prices(
         if price is None:
             continue
         if m := re.match(r"^(?:Spot Preemptible )?Nvidia (.+?) GPU running in", description):
-            gpu[(*_gpu_key(m.group(1)), usage)] = price
+            gpu[(*gpu_key(m.group(1)), usage)] = price
         elif m := re.match(
             r"^(?:Spot Preemptible )?(\w+) (?:AMD |Arm )?Instance (Core|Ram)", description
         ):
@@ -211,7 +199,7 @@ def gcp_prices(
             host = shape.vcpus * core + shape.memory_gib * ram
             if not shape.gpu_count:
                 return host
-            per_gpu = gpu.get((*_gpu_key(shape.gpu_model), usage))
+            per_gpu = gpu.get((*gpu_key(shape.gpu_model), usage))
             return host + shape.gpu_count * per_gpu if per_gpu is not None else None
 
         ondemand, spot = total("OnDemand"), total("Preemptible")
