@@ -16,19 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from substrate.inventory import read_cpus, read_gpus, read_memory_bytes
-
 from .engine import Engine
-from .errors import InvalidInput
 from .fuzzfile import Workflow
 from .placing import Placer
-from .provision import LocalProvisioner, NodeSlice
+from .provision import LocalProvisioner, NodeSlice, this_machine
 from .secrets import SecretStore
 from .store import Store
 
 __all__ = ["LocalSettings", "local_engine", "local_nodes"]
-
-MEMORY_SHARE = 0.9  # of this machine's memory, the rest left to the system
 
 
 def _data_dir() -> Path:
@@ -61,25 +56,15 @@ class LocalSettings:
 
 def local_nodes(wf: Workflow, nodes: int = 1) -> list[NodeSlice]:
     """`nodes` agents that each may lease the whole machine (more than one oversubscribes
-    it), after checking that every job and service fits on it at all."""
-    cpus = read_cpus()
-    cores = len({(c.socket, c.core) for c in cpus})
-    memory = int(read_memory_bytes() * MEMORY_SHARE)
-    gpus = tuple(g.index for g in read_gpus())
-    for name, c in wf.containers.items():
-        r = c.resource
-        needs = []
-        if r.cores > cores:
-            needs.append(f"{r.cores} cores (this machine has {cores})")
-        if (r.memory_per_node or 0) > memory:
-            needs.append(f"{r.memory_per_node} bytes of memory (Squall may use {memory})")
-        gpu_count = sum(v for k, v in r.devices.items() if "gpu" in k.lower())
-        if gpu_count > len(gpus):
-            needs.append(f"{gpu_count} GPU(s) (this machine has {len(gpus)})")
-        if needs:
-            raise InvalidInput(f"{name} cannot run on this machine: it needs {', '.join(needs)}")
-    ids = tuple(c.id for c in sorted(cpus, key=lambda c: (c.numa_node, c.id)))
-    return [NodeSlice(cpus=ids, memory_bytes=memory, gpus=gpus) for _ in range(max(nodes, 1))]
+    it). Whether every job fits on it at all was settled at PLACING: federation prices this
+    machine as a site of its own shape and refuses it, with the reason, when a job does not."""
+    del wf  # every workflow gets the whole machine
+    machine = this_machine()
+    gpus = tuple(g.index for g in machine.gpus)
+    return [
+        NodeSlice(cpus=machine.cpu_ids, memory_bytes=machine.memory_bytes, gpus=gpus)
+        for _ in range(max(nodes, 1))
+    ]
 
 
 def local_engine(settings: LocalSettings) -> Engine:

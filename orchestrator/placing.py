@@ -21,12 +21,12 @@ from federate.catalog import Catalog, load
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
 from federate.policy import Policy, PolicyError, load_policy
 from federate.sites import bucket_locations, local_site, onprem_sites
-from substrate.inventory import read_cpus, read_gpus, read_memory_bytes
 
 from .data import RemoteFacts, describe
 from .errors import InvalidInput
 from .federation import workload_of
 from .fuzzfile.model import Workflow
+from .provision import this_machine
 from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
@@ -137,14 +137,13 @@ class Placer:
 
 def candidate_sites(catalog: Catalog | None, sites_file: Path | None) -> list[Site]:
     """This machine, the on-prem sites of `sites_file`, and the catalog's cloud regions."""
-    cpus = read_cpus()
-    gpus = read_gpus()
+    machine = this_machine()
     sites = [
         local_site(
-            cores=len({(c.socket, c.core) for c in cpus}),
-            memory_gib=read_memory_bytes() * 0.9 / 2**30,
-            gpus=len(gpus),
-            gpu_model=gpus[0].model if gpus else "",
+            cores=machine.cores,
+            memory_gib=machine.memory_bytes / 2**30,
+            gpus=len(machine.gpus),
+            gpu_model=machine.gpus[0].model if machine.gpus else "",
         )
     ]
     if sites_file is not None:

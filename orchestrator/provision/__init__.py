@@ -6,14 +6,16 @@ the agents' gRPC API.
 """
 
 from .base import AgentEndpoint, Cluster, NodeSlice, Provisioner, ProvisionError
-from .local import LocalProvisioner, slice_machine
+from .local import LocalProvisioner, Machine, slice_machine, this_machine
 
 __all__ = [
     "AgentEndpoint",
     "Cluster",
     "LocalProvisioner",
+    "Machine",
     "NodeSlice",
     "ProvisionError",
     "Provisioner",
     "slice_machine",
+    "this_machine",
 ]

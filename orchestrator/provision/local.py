@@ -17,19 +17,43 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
+from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
 
 from .base import AgentEndpoint, Cluster, NodeSlice, ProvisionError
 
-__all__ = ["LocalProvisioner", "slice_machine"]
+__all__ = ["LocalProvisioner", "Machine", "slice_machine", "this_machine"]
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
+MEMORY_SHARE = 0.9  # of this machine's memory, the rest left to the system
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """What the local site has to give: CPUs in NUMA order, whole cores, memory Squall may
+    use, and GPUs."""
+
+    cpu_ids: tuple[int, ...]
+    cores: int
+    memory_bytes: int
+    gpus: tuple[Gpu, ...]
+
+
+def this_machine() -> Machine:
+    cpus = read_cpus()
+    return Machine(
+        cpu_ids=tuple(c.id for c in sorted(cpus, key=lambda c: (c.numa_node, c.id))),
+        cores=len({(c.socket, c.core) for c in cpus}),
+        memory_bytes=int(read_memory_bytes() * MEMORY_SHARE),
+        gpus=tuple(read_gpus()),
+    )
 
 
 def slice_machine(
