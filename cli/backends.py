@@ -15,6 +15,7 @@ from api.squall.v1 import control_pb2_grpc as rpc
 from orchestrator.errors import Conflict, InvalidInput, NotFound, SquallError, UsageError
 
 from .contexts import Context
+from .live import TERMINAL
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "ServerError", "open_backend"]
 
@@ -81,7 +82,7 @@ class LocalBackend:
             if events:
                 after = events[-1]["id"]
             yield summary, events
-            if summary["state"] in ("FINISHED", "FAILED", "CANCELLED"):
+            if summary["state"] in TERMINAL:
                 return
             time.sleep(0.25)
 

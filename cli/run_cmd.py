@@ -7,16 +7,42 @@ import secrets
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 
+from .live import TERMINAL, watch
 from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, print_json
 
-__all__ = ["run"]
+if TYPE_CHECKING:
+    from orchestrator.engine import Engine
+
+__all__ = ["run", "start_local_engine"]
 
 EXIT_FAILED = 1
 SHOWN_LINES = 20  # of each job's output, at the end of a run
+
+
+def start_local_engine(
+    nodes: int, site: str | None, search: list[str], insecure: list[str]
+) -> Engine:
+    """The local site's engine as the flags ask (registries default to the environment's),
+    after failing and cleaning up any run whose orchestrator died."""
+    from orchestrator.local_site import LocalSettings, local_engine
+    from orchestrator.recovery import recover
+
+    settings = LocalSettings(nodes=nodes, site=site)
+    if search:
+        settings.search_registries = search
+    if insecure:
+        settings.insecure_registries = insecure
+    engine = local_engine(settings)
+    for orphan, why in recover(
+        engine.store, {engine.provisioner.site: engine.provisioner}, engine.staging
+    ):
+        err.print(f"[yellow]recovered[/] {escape(orphan)}: {escape(why)}")
+    return engine
 
 
 def run(
@@ -71,8 +97,6 @@ def run(
     """
     from orchestrator.engine import request_cancel
     from orchestrator.errors import SquallError
-    from orchestrator.local_site import LocalSettings, local_engine
-    from orchestrator.recovery import recover
     from orchestrator.views import run_events, run_summary
 
     try:
@@ -88,16 +112,9 @@ def run(
         print_diagnostic(d)
     if not checked.ok:
         die(f"{file} is not a valid Fuzzfile; nothing was started", EXIT_INVALID)
-    settings = LocalSettings(nodes=nodes, site=site)
-    if search_registry:
-        settings.search_registries = search_registry
-    if insecure_registry:
-        settings.insecure_registries = insecure_registry
     run_name = name or f"{getpass.getuser()}/{file.stem}-{secrets.token_hex(2)}"
     try:
-        engine = local_engine(settings)
-        for orphan, why in recover(engine.store, {"local": engine.provisioner}, engine.staging):
-            err.print(f"[yellow]recovered[/] {orphan}: {why}")
+        engine = start_local_engine(nodes, site, search_registry, insecure_registry)
         run_id = engine.submit(run_name, text)
     except SquallError as exc:
         die(str(exc), exc.exit_code)
@@ -124,11 +141,9 @@ def run(
         new = run_events(engine.store, run_id, after=seen[0])
         if new:
             seen[0] = new[-1]["id"]
-        if summary["state"] in ("FINISHED", "FAILED", "CANCELLED") and not ended.is_set():
+        if summary["state"] in TERMINAL and not ended.is_set():
             summary = {**summary, "state": "TEARDOWN"}  # not over until the engine returns
         return summary, new
-
-    from .live import watch
 
     live = output is Format.text and sys.stderr.isatty()
     while True:
@@ -158,8 +173,6 @@ def _wait(ended: threading.Event, fetch: Any) -> dict[str, Any]:
 
 
 def _print_end(summary: dict[str, Any], data_dir: Path) -> None:
-    from rich.markup import escape
-
     from .output import out
 
     colour = "green" if summary["state"] == "FINISHED" else "bold red"

@@ -47,24 +47,17 @@ def server(
     """
     from orchestrator.api import serve
     from orchestrator.errors import SquallError
-    from orchestrator.local_site import LocalSettings, local_engine
-    from orchestrator.recovery import recover
+
+    from .run_cmd import start_local_engine
 
     if (tls_cert is None) != (tls_key is None):
         die("give both --tls-cert and --tls-key, or neither", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    settings = LocalSettings(nodes=nodes)
-    if search_registry:
-        settings.search_registries = search_registry
-    if insecure_registry:
-        settings.insecure_registries = insecure_registry
     try:
-        engine = local_engine(settings)
-        token = _token(token_file or settings.data_dir / "server-token", create=token_file is None)
+        engine = start_local_engine(nodes, None, search_registry, insecure_registry)
+        token = _token(token_file or engine.data_dir / "server-token", create=token_file is None)
         tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
-        for name, why in recover(engine.store, {"local": engine.provisioner}, engine.staging):
-            err.print(f"recovered {name}: {why}")
         grpc_server, port, servicer = serve(engine, listen, token, tls=tls)
     except (SquallError, ValueError, OSError) as exc:
         die(str(exc), getattr(exc, "exit_code", EXIT_USAGE))
