@@ -38,14 +38,20 @@ CATALOG = typer.Option(
 OUTPUT = typer.Option(Format.text, "--output", "-o", help="text for people, json for scripts.")
 
 
-def _catalog(path: Path | None) -> Catalog:
-    from federate.catalog import load
-
+def _catalog_folder(path: Path | None) -> Path:
+    """--catalog, else $SQUALL_CATALOG."""
     folder = path or (
         Path(os.environ["SQUALL_CATALOG"]) if os.environ.get("SQUALL_CATALOG") else None
     )
     if folder is None:
         die("no catalog: give --catalog DIR or set SQUALL_CATALOG", EXIT_USAGE)
+    return folder
+
+
+def _catalog(path: Path | None) -> Catalog:
+    from federate.catalog import load
+
+    folder = _catalog_folder(path)
     try:
         return load(folder)
     except (OSError, ValueError, KeyError) as exc:
@@ -323,11 +329,7 @@ def refresh(
     from federate.refresh import RefreshError, http_fetch
     from federate.refresh import refresh as run_refresh
 
-    folder = catalog_dir or (
-        Path(os.environ["SQUALL_CATALOG"]) if os.environ.get("SQUALL_CATALOG") else None
-    )
-    if folder is None:
-        die("no catalog: give --catalog DIR or set SQUALL_CATALOG", EXIT_USAGE)
+    folder = _catalog_folder(catalog_dir)
     if cloud not in ("aws", "gcp", "azure"):
         die(f"unknown cloud {cloud!r}: aws, gcp or azure", EXIT_USAGE)
     try:
