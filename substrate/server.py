@@ -8,7 +8,6 @@ port 0. Errors map to precise status codes: UNAUTHENTICATED, NOT_FOUND, RESOURCE
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 import queue
 import threading
@@ -23,6 +22,7 @@ from api.substrate.v1 import agent_pb2 as pb
 from api.substrate.v1 import agent_pb2_grpc as rpc
 
 from .agent import Agent
+from .auth import TokenAuth
 from .images import ImageError
 from .leases import Lease, LeaseError, LeaseSpec, NoSuchLease
 from .logstore import STDERR, STDOUT
@@ -48,41 +48,6 @@ _STATE = {
     TaskState.CANCELLED: pb.TASK_STATE_CANCELLED,
     TaskState.FAILED: pb.TASK_STATE_FAILED,
 }
-
-
-class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Refuses every call whose `authorization` metadata is not `Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("the agent needs a token")
-        self._expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        given = str(metadata.get("authorization", "")).encode()
-        if handler is None or hmac.compare_digest(given, self._expected):
-            return handler
-        return _denied(handler)
-
-
-def _denied(handler: Any) -> Any:
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong agent token")
-
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        deny,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 def _lease_pb(lease: Lease) -> pb.Lease:
@@ -315,7 +280,7 @@ def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64)
     """Start serving `agent` on `address`; returns the server and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
-        interceptors=[TokenAuth(agent.config.token)],
+        interceptors=[TokenAuth(agent.config.token, "agent token")],
     )
     rpc.add_AgentServicer_to_server(AgentServicer(agent), server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port(address)

@@ -23,12 +23,12 @@ from google.protobuf import json_format
 
 from api.squall.v1 import control_pb2 as pb
 from api.squall.v1 import control_pb2_grpc as rpc
+from substrate.auth import TokenAuth
 
 from ..access import RunAccess
 from ..engine import TERMINAL, Engine, request_cancel
 from ..errors import Conflict, InvalidInput, NotFound, SquallError
 from ..views import find_run, run_events, run_list, run_summary
-from .auth import TokenAuth
 
 __all__ = ["ControlServer", "serve"]
 
@@ -202,6 +202,8 @@ def serve(
     workers: int = 64,
 ) -> tuple[grpc.Server, int, ControlServer]:
     """Start serving on `address` (with TLS when given a certificate chain and key)."""
+    if len(token) < 16:
+        raise ValueError("the server token must be at least 16 characters")
     servicer = ControlServer(engine)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control-rpc"),

@@ -1,5 +1,6 @@
-"""Bearer-token authentication for the control API: every call, streams included, must carry
-`authorization: Bearer <token>`; the comparison is constant-time."""
+"""Bearer-token authentication for a gRPC server: every call, streams included, must carry
+`authorization: Bearer <token>`, compared in constant time. The agent uses it, and so does
+the orchestrator's control API."""
 
 from __future__ import annotations
 
@@ -20,19 +21,24 @@ _KINDS = {
 
 
 class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, token: str) -> None:
-        if len(token) < 16:
-            raise ValueError("the server token must be at least 16 characters")
+    """Refuses every call whose `authorization` metadata is not `Bearer <token>`, saying
+    "missing or wrong <what>"."""
+
+    def __init__(self, token: str, what: str = "token") -> None:
+        if not token:
+            raise ValueError(f"no {what} given")
         self._expected = f"Bearer {token}".encode()
+        self._refusal = f"missing or wrong {what}"
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
         given = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
         if handler is None or hmac.compare_digest(given, self._expected):
             return handler
+        refusal = self._refusal
 
         def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
 
         make = _KINDS[(handler.request_streaming, handler.response_streaming)]
         return make(
