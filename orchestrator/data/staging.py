@@ -68,11 +68,7 @@ class Staging:
     # ---- volumes ------------------------------------------------------------------------
 
     def path(self, run_id: str, volume: VolumeSpec) -> Path:
-        if volume.host_path:
-            raise InvalidInput(
-                f"volume {volume.name!r}: HOST volumes are not supported; use an ephemeral "
-                "or persistent volume"
-            )
+        """Where a volume lives (HOST volumes were refused when the run was submitted)."""
         if volume.persistent:
             name = volume.persistent_name or volume.name
             return self.data_dir / "volumes" / volume.scope / name
