@@ -117,7 +117,7 @@ class RunLoop:
         self.active: dict[TaskKey, _Active] = {}
         self.phase: dict[TaskKey, Phase] = {}
         self.service_host: dict[str, str] = {}
-        self.unplaceable: dict[TaskKey, str] = {}
+        self.unplaceable: dict[str, str] = {}  # job -> why the last node refused it
         self.refused: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes now full
         self.ids: dict[TaskKey, tuple[int, int]] = {}  # task row id, job row id
         self.attempts: dict[TaskKey, int] = {}  # attempts made so far
@@ -249,14 +249,11 @@ class RunLoop:
 
     def _fail_unplaceable(self, keys: list[TaskKey]) -> None:
         """Nothing runs and nothing could start: what is ready cannot fit on any node."""
-        names = sorted({k.name for k in keys}) or ["(nothing is ready)"]
+        if not keys:
+            raise RuntimeError("the scheduler is stuck: nothing runs and nothing is ready")
         with self.store.session() as s:
-            for name in names:
-                if name not in self.wf.containers:
-                    continue
-                why = self.unplaceable.get(
-                    next(k for k in keys if k.name == name), "no node can hold it"
-                )
+            for name in sorted({k.name for k in keys}):
+                why = self.unplaceable.get(name, "no node can hold it")
                 job = self._job_row(s, name)
                 job.state, job.reason = TaskState.FAILED, f"cannot be placed: {why}"
                 for task in job.tasks:
@@ -264,8 +261,6 @@ class RunLoop:
                         task.state = TaskState.FAILED
                         self.phase[TaskKey(name, task.index)] = Phase.FAILED
                 s.add(Event(run_id=self.run_id, kind="job", subject=name, message=job.reason))
-        if names == ["(nothing is ready)"]:
-            raise RuntimeError("the scheduler is stuck: nothing runs and nothing is ready")
 
     # ---- starting -------------------------------------------------------------------------
 
@@ -304,7 +299,7 @@ class RunLoop:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     grpc.StatusCode.INVALID_ARGUMENT,
                 ):
-                    self.unplaceable[key] = exc.details() or exc.code().name
+                    self.unplaceable[key.name] = exc.details() or exc.code().name
                     self.refused[key.name].add(node)
                     continue  # full, or too small: try the next node, or later
                 raise

@@ -190,3 +190,26 @@ def test_a_persistent_volume_outlives_its_run(engine: Engine) -> None:
     log = engine.data_dir / "runs" / second.run_id / "logs" / "bump" / "0.1.log"
     assert log.read_text().strip() == "2"
     assert (engine.data_dir / "volumes" / "user" / "counter" / "marks").read_text() == "x\nx\n"
+
+
+def test_a_job_no_node_can_hold_fails_with_the_reason_and_the_rest_runs(engine: Engine) -> None:
+    outcome = engine.run(
+        "user/too-big",
+        fuzzfile(f"""
+        jobs:
+          huge:
+            {IMAGE}
+            command: [/bin/true]
+            resource: {{cpu: {{cores: 64}}}}
+          fine:
+            {IMAGE}
+            command: [/bin/true]
+    """),
+    )
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason == "failed: huge"
+    with engine.store.session() as s:
+        jobs = {j.name: j for j in s.scalars(select(Job).where(Job.run_id == outcome.run_id))}
+        assert jobs["huge"].state is TaskState.FAILED
+        assert jobs["huge"].reason.startswith("cannot be placed: ")
+        assert jobs["fine"].state is TaskState.FINISHED
