@@ -125,6 +125,7 @@ class RunLoop:
         self.jobs_started: set[str] = set()
         self.jobs_ended: set[str] = set()
         self.stop = threading.Event()
+        self.cancel_checked = -POLL  # when the cancel flag was last read (monotonic)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -167,6 +168,12 @@ class RunLoop:
                 channel.close()
 
     def _cancel_requested(self) -> bool:
+        """Read the run's cancel flag at most every POLL seconds: the loop turns once per
+        ended task, and a thousand-task array need not read the run row a thousand times."""
+        now = time.monotonic()
+        if now - self.cancel_checked < POLL:
+            return False
+        self.cancel_checked = now
         with self.store.session() as s:
             return bool(s.get_one(Run, self.run_id).cancel_requested)
 
