@@ -50,6 +50,8 @@ class NodeGroup(_Model):
     fabric: Fabric = Fabric.NONE
     efa_interfaces: int = Field(default=0, ge=0)  # AWS: attach all the type supports
     compact: bool = False  # one placement group / compact policy / proximity group
+    gpus: int = Field(default=0, ge=0)  # per node, as the type has them (GCP attaches them)
+    gpu_model: str = ""  # e.g. "H100", "A100 80GB": the catalog's name for the model
 
     @model_validator(mode="after")
     def _fabric_rules(self) -> NodeGroup:
@@ -102,6 +104,7 @@ class ClusterSpec(_Model):
     node_groups: tuple[NodeGroup, ...] = Field(min_length=1)
     network: Network
     bootstrap: Bootstrap
+    buckets: tuple[str, ...] = ()  # object-store buckets the nodes may read and write
 
     @model_validator(mode="after")
     def _cluster_rules(self) -> ClusterSpec:

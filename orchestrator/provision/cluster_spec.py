@@ -50,6 +50,7 @@ def cluster_spec(
     bootstrap: Bootstrap,
     ttl: timedelta = DEFAULT_TTL,
     now: datetime | None = None,
+    buckets: tuple[str, ...] = (),
 ) -> ClusterSpec:
     site = estimate.site
     if site.kind != "cloud":
@@ -61,7 +62,8 @@ def cluster_spec(
     groups: list[NodeGroup] = []
     taken: set[str] = set()
     for plan in estimate.jobs:
-        fabric, efa = _fabric(types[plan.instance])
+        kind = types[plan.instance]
+        fabric, efa = _fabric(kind)
         groups.append(
             NodeGroup(
                 name=_group_name(plan.job, taken),
@@ -72,6 +74,8 @@ def cluster_spec(
                 fabric=fabric,
                 efa_interfaces=efa,
                 compact=plan.job in multinode and plan.nodes > 1 and fabric is not Fabric.NONE,
+                gpus=int(kind.gpu_count),
+                gpu_model=kind.gpu_model,
             )
         )
     return ClusterSpec(
@@ -82,4 +86,5 @@ def cluster_spec(
         node_groups=tuple(groups),
         network=network,
         bootstrap=bootstrap,
+        buckets=buckets,
     )

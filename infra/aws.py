@@ -1,0 +1,285 @@
+"""The AWS program: one run's cluster in its own VPC (or an existing subnet).
+
+What it gets right, each asserted by tests/infra/test_aws.py:
+- the security group admits all traffic between the nodes (EFA needs it, both ways) and the
+  agent port from the orchestrator's address only; never from 0.0.0.0/0;
+- a cluster placement group only for compact groups (multi-node on a fabric): around one node
+  it would only narrow the capacity EC2 can place it in;
+- every EFA interface the type has, laid out as AWS documents for multi-card types (p4d,
+  p5, hpc7a): an ENA primary interface, then one EFA-only interface per network card;
+- a type with more than one interface gets no auto-assigned public IP (EC2 refuses it), so
+  each node gets an Elastic IP on its primary interface instead;
+- IMDSv2 only, an instance profile that may touch the run's buckets and nothing else, spot
+  as one-time requests that terminate (nothing restarts behind the ledger's back);
+- tags on every resource that takes them, and on the instances, volumes and interfaces the
+  launch template makes.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from .bootstrap import startup_script
+from .spec import ClusterSpec, Fabric, NodeGroup
+
+__all__ = ["build"]
+
+_ALL = {"protocol": "-1", "from_port": 0, "to_port": 0}
+
+
+def build(spec: ClusterSpec) -> list[dict[str, Any]]:
+    """Declare the cluster; return one {name, group, address} per node (Outputs inside)."""
+    provider = aws.Provider(
+        "aws",
+        region=spec.site.region,
+        default_tags=aws.ProviderDefaultTagsArgs(tags=spec.tags),
+    )
+    opts = pulumi.ResourceOptions(provider=provider)
+    tags = {**spec.tags, "Name": spec.stack_name}
+    public = spec.network.subnet_id is None
+    if public:
+        vpc_id, subnet_id = _network(spec, tags, opts)
+    else:
+        subnet_id = spec.network.subnet_id
+        vpc_id = aws.ec2.get_subnet_output(
+            id=subnet_id, opts=pulumi.InvokeOutputOptions(provider=provider)
+        ).vpc_id
+    sg = aws.ec2.SecurityGroup(
+        "nodes",
+        description=f"squall run {spec.run_id}: node to node, agent port from the orchestrator",
+        vpc_id=vpc_id,
+        ingress=[
+            aws.ec2.SecurityGroupIngressArgs(**_ALL, self=True, description="node to node"),
+            aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp",
+                from_port=spec.network.agent_port,
+                to_port=spec.network.agent_port,
+                cidr_blocks=[spec.network.orchestrator_cidr],
+                description="squall agent API, from the orchestrator only",
+            ),
+        ],
+        egress=[
+            aws.ec2.SecurityGroupEgressArgs(**_ALL, self=True, description="node to node (EFA)"),
+            aws.ec2.SecurityGroupEgressArgs(
+                **_ALL, cidr_blocks=["0.0.0.0/0"], description="images and data"
+            ),
+        ],
+        tags=tags,
+        opts=opts,
+    )
+    profile = _instance_profile(spec, tags, opts) if spec.buckets else None
+    agents: list[dict[str, Any]] = []
+    for group in spec.node_groups:
+        agents += _group(spec, group, subnet_id, sg, profile, public, tags, opts)
+    return agents
+
+
+def _network(
+    spec: ClusterSpec, tags: dict[str, str], opts: pulumi.ResourceOptions
+) -> tuple[pulumi.Output[str], pulumi.Output[str]]:
+    cidr = ipaddress.ip_network(spec.network.cidr, strict=False)
+    vpc = aws.ec2.Vpc(
+        "vpc",
+        cidr_block=str(cidr),
+        enable_dns_hostnames=True,
+        enable_dns_support=True,
+        tags=tags,
+        opts=opts,
+    )
+    gateway = aws.ec2.InternetGateway("gateway", vpc_id=vpc.id, tags=tags, opts=opts)
+    subnet = aws.ec2.Subnet(
+        "subnet",
+        vpc_id=vpc.id,
+        cidr_block=str(
+            next(cidr.subnets(new_prefix=max(cidr.prefixlen, min(cidr.prefixlen + 1, 28))))
+        ),
+        availability_zone=spec.site.zone,
+        tags=tags,
+        opts=opts,
+    )
+    routes = aws.ec2.RouteTable(
+        "routes",
+        vpc_id=vpc.id,
+        routes=[aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", gateway_id=gateway.id)],
+        tags=tags,
+        opts=opts,
+    )
+    aws.ec2.RouteTableAssociation(
+        "routes", subnet_id=subnet.id, route_table_id=routes.id, opts=opts
+    )
+    return vpc.id, subnet.id
+
+
+def _instance_profile(
+    spec: ClusterSpec, tags: dict[str, str], opts: pulumi.ResourceOptions
+) -> aws.iam.InstanceProfile:
+    """The nodes may list, read and write the run's buckets, and nothing else."""
+    role = aws.iam.Role(
+        "nodes",
+        description=f"squall run {spec.run_id}: the run's buckets only",
+        assume_role_policy=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"Service": "ec2.amazonaws.com"},
+                        "Action": "sts:AssumeRole",
+                    }
+                ],
+            }
+        ),
+        tags=tags,
+        opts=opts,
+    )
+    aws.iam.RolePolicy(
+        "buckets",
+        role=role.id,
+        policy=json.dumps(bucket_policy(spec.buckets)),
+        opts=opts,
+    )
+    return aws.iam.InstanceProfile("nodes", role=role.name, tags=tags, opts=opts)
+
+
+def bucket_policy(buckets: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+                "Resource": [f"arn:aws:s3:::{b}" for b in buckets],
+            },
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:ListMultipartUploadParts",
+                ],
+                "Resource": [f"arn:aws:s3:::{b}/*" for b in buckets],
+            },
+        ],
+    }
+
+
+def network_interfaces(
+    group: NodeGroup, subnet_id: Any, sg_id: Any, public: bool
+) -> list[aws.ec2.LaunchTemplateNetworkInterfaceArgs]:
+    """AWS's layout for EFA on multi-card types: the primary interface is ENA (card 0,
+    device 0) and carries the node's IP; then one EFA-only interface per network card, at
+    device index 1 on card 0 and device index 0 on every other card."""
+
+    def nic(card: int, device: int, kind: str | None) -> aws.ec2.LaunchTemplateNetworkInterfaceArgs:
+        return aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+            device_index=device,
+            network_card_index=card,
+            interface_type=kind,
+            subnet_id=subnet_id,
+            security_groups=[sg_id],
+            delete_on_termination="true",
+            # EC2 auto-assigns a public IP only to single-interface launches
+            associate_public_ip_address="true" if public and only and kind is None else None,
+        )
+
+    cards = group.efa_interfaces if group.fabric is Fabric.EFA else 0
+    only = cards == 0
+    return [nic(0, 0, None)] + [nic(c, 1 if c == 0 else 0, "efa-only") for c in range(cards)]
+
+
+def _group(
+    spec: ClusterSpec,
+    group: NodeGroup,
+    subnet_id: Any,
+    sg: aws.ec2.SecurityGroup,
+    profile: aws.iam.InstanceProfile | None,
+    public: bool,
+    tags: dict[str, str],
+    opts: pulumi.ResourceOptions,
+) -> list[dict[str, Any]]:
+    placement_group = (
+        aws.ec2.PlacementGroup(f"{group.name}-placement", strategy="cluster", tags=tags, opts=opts)
+        if group.compact
+        else None
+    )
+    nics = network_interfaces(group, subnet_id, sg.id, public)
+    script = base64.b64encode(startup_script(spec, group).encode()).decode()
+    made = {**tags, "squall-group": group.name}
+    template = aws.ec2.LaunchTemplate(
+        f"{group.name}-template",
+        description=f"squall run {spec.run_id}, group {group.name}",
+        image_id=group.image,  # an AMI id, or resolve:ssm:/path/to/parameter
+        instance_type=group.instance_type,
+        network_interfaces=nics,
+        placement=aws.ec2.LaunchTemplatePlacementArgs(
+            group_name=placement_group.name if placement_group else None,
+            availability_zone=spec.site.zone,
+        ),
+        iam_instance_profile=(
+            aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn) if profile else None
+        ),
+        instance_market_options=(
+            aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(
+                market_type="spot",
+                spot_options=aws.ec2.LaunchTemplateInstanceMarketOptionsSpotOptionsArgs(
+                    spot_instance_type="one-time",
+                    instance_interruption_behavior="terminate",
+                ),
+            )
+            if group.spot
+            else None
+        ),
+        metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
+            http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=2
+        ),
+        user_data=pulumi.Output.secret(script),
+        tag_specifications=[
+            aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=made)
+            for kind in ("instance", "volume", "network-interface", "spot-instances-request")
+            if kind != "spot-instances-request" or group.spot
+        ],
+        tags=tags,
+        opts=opts,
+    )
+    agents = []
+    for i in range(group.count):
+        name = f"{group.name}-{i}"
+        node = aws.ec2.Instance(
+            name,
+            launch_template=aws.ec2.InstanceLaunchTemplateArgs(
+                id=template.id, version=template.latest_version.apply(str)
+            ),
+            placement_group=placement_group.name if placement_group else None,
+            root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
+                volume_size=group.disk_gib, volume_type="gp3", delete_on_termination=True
+            ),
+            tags={**made, "Name": f"{spec.stack_name}-{name}"},
+            opts=opts,
+        )
+        if not public:
+            ip = node.private_ip
+        elif len(nics) == 1:
+            ip = node.public_ip
+        else:
+            ip = aws.ec2.Eip(
+                f"{name}-ip",
+                domain="vpc",
+                network_interface=node.primary_network_interface_id,
+                tags=made,
+                opts=opts,
+            ).public_ip
+        agents.append(
+            {
+                "name": name,
+                "group": group.name,
+                "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
+            }
+        )
+    return agents

@@ -1,0 +1,191 @@
+"""The AWS program under Pulumi's mocks (no AWS account, no `pulumi` CLI here: every resource
+goes to tests/infra/mocks.py, which records it and answers as EC2 would)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pulumi
+import pytest
+
+from federate.catalog import load
+from infra import program
+from infra.spec import Fabric, Network, NodeGroup
+
+from .mocks import RecordingMocks, install
+from .specs import CATALOG, ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed
+
+INSTANCE = "aws:ec2/instance:Instance"
+TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+PLACEMENT = "aws:ec2/placementGroup:PlacementGroup"
+# resources EC2/IAM cannot tag
+SECRET_SIG, SECRET_VALUE = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
+UNTAGGABLE = {
+    "aws:ec2/routeTableAssociation:RouteTableAssociation",
+    "aws:iam/rolePolicy:RolePolicy",
+}
+
+
+def run(spec, invokes=None) -> tuple[RecordingMocks, list[str]]:
+    """Build `spec`'s program under fresh mocks; return the record and the agent addresses."""
+    mocks = install(spec.stack_name, invokes)
+    seen: list[str] = []
+
+    @pulumi.runtime.test
+    def build():
+        agents = program.build(spec)
+        return pulumi.Output.all(*[a["address"] for a in agents]).apply(seen.extend)
+
+    build()
+    return mocks, seen
+
+
+def test_a_four_node_gpu_mpi_job_gets_efa_on_every_card_in_one_cluster_placement_group():
+    spec = placed("aws", gpu_mpi(nodes=4))
+    [group] = spec.node_groups
+    kind = {(t.region, t.name): t for t in load(CATALOG).instances}[
+        (spec.site.region, group.instance_type)
+    ]
+    mocks, addresses = run(spec)
+
+    nodes = mocks.of(INSTANCE)
+    [pg] = mocks.of(PLACEMENT)
+    [template] = mocks.of(TEMPLATE)
+    assert len(nodes) == 4 and pg.inputs["strategy"] == "cluster"
+    assert len({n.inputs["placementGroup"] for n in nodes}) == 1
+    assert nodes[0].inputs["placementGroup"].startswith(pg.name)
+    assert template.inputs["placement"]["groupName"] == nodes[0].inputs["placementGroup"]
+    assert template.inputs["instanceType"] == group.instance_type
+
+    nics = template.inputs["networkInterfaces"]
+    efa = [n for n in nics if n.get("interfaceType") == "efa-only"]
+    assert kind.efa_interfaces > 1 and len(efa) == kind.efa_interfaces
+    assert sorted(int(n["networkCardIndex"]) for n in efa) == list(range(kind.efa_interfaces))
+    slots = [(int(n["networkCardIndex"]), int(n["deviceIndex"])) for n in nics]
+    assert len(set(slots)) == len(slots), "two interfaces on one card and device index"
+    primary = nics[0]
+    assert (int(primary["networkCardIndex"]), int(primary["deviceIndex"])) == (0, 0)
+    assert "interfaceType" not in primary  # ENA: an EFA-only interface cannot be primary
+
+    # several interfaces: EC2 gives no public IP at launch, so each node gets an Elastic IP
+    eips = mocks.of("aws:ec2/eip:Eip")
+    assert len(eips) == 4 and all(e.inputs["domain"] == "vpc" for e in eips)
+    assert len(addresses) == 4 and all(a.endswith(":7431") for a in addresses)
+    assert len(set(addresses)) == 4
+
+
+def test_one_cpu_node_gets_no_placement_group_and_a_public_ip_on_its_one_interface():
+    mocks, addresses = run(placed("aws", cpu_job()))
+    assert mocks.of(PLACEMENT) == []
+    [template] = mocks.of(TEMPLATE)
+    assert "groupName" not in template.inputs.get("placement", {})
+    [nic] = template.inputs["networkInterfaces"]
+    assert nic["associatePublicIpAddress"] == "true" and "interfaceType" not in nic
+    assert "instanceMarketOptions" not in template.inputs
+    assert mocks.of("aws:ec2/eip:Eip") == []
+    assert len(mocks.of(INSTANCE)) == 1 and len(addresses) == 1
+
+
+def test_spot_sets_one_time_spot_options_that_terminate():
+    spec = placed("aws", cpu_job(), spot=True)
+    assert spec.node_groups[0].spot
+    mocks, _ = run(spec)
+    [template] = mocks.of(TEMPLATE)
+    market = template.inputs["instanceMarketOptions"]
+    assert market["marketType"] == "spot"
+    assert market["spotOptions"] == {
+        "spotInstanceType": "one-time",
+        "instanceInterruptionBehavior": "terminate",
+    }
+
+
+def test_the_agent_port_is_open_to_the_orchestrator_only_and_nodes_to_each_other():
+    mocks, _ = run(placed("aws", gpu_mpi(nodes=2)))
+    [sg] = mocks.of("aws:ec2/securityGroup:SecurityGroup")
+    ingress = sg.inputs["ingress"]
+    assert all("0.0.0.0/0" not in r.get("cidrBlocks", []) for r in ingress)
+    assert all("::/0" not in r.get("ipv6CidrBlocks", []) for r in ingress)
+    [agent] = [r for r in ingress if r.get("cidrBlocks")]
+    assert (agent["protocol"], agent["fromPort"], agent["toPort"]) == ("tcp", 7431, 7431)
+    assert agent["cidrBlocks"] == [ORCHESTRATOR]
+    [peers] = [r for r in ingress if r.get("self")]
+    assert peers["protocol"] == "-1"
+    assert any(r.get("self") and r["protocol"] == "-1" for r in sg.inputs["egress"])  # EFA
+
+
+def test_every_resource_carries_the_run_owner_and_expiry_tags():
+    spec = placed("aws", gpu_mpi(nodes=2))
+    spec = spec.model_copy(update={"buckets": ("results-bucket",)})
+    mocks, _ = run(spec)
+    resources = [r for r in mocks.created if not r.typ.startswith("pulumi:providers:")]
+    assert len(resources) >= 10
+    for r in resources:
+        if r.typ in UNTAGGABLE:
+            continue
+        tags = r.inputs.get("tags", {})
+        assert tags.get("squall-run") == spec.run_id, r.typ
+        assert tags.get("squall-expires-at") == "2026-11-23T12:00:00Z", r.typ
+        assert tags.get("squall-owner") == "me", r.typ
+    [provider] = [r for r in mocks.created if r.typ == "pulumi:providers:aws"]
+    assert json.loads(provider.inputs["defaultTags"])["tags"] == spec.tags
+    [template] = mocks.of(TEMPLATE)
+    made = {t["resourceType"]: t["tags"] for t in template.inputs["tagSpecifications"]}
+    assert {"instance", "volume", "network-interface"} <= set(made)
+    assert all(t["squall-run"] == spec.run_id for t in made.values())
+
+
+def test_the_instance_profile_reaches_the_runs_buckets_and_nothing_else():
+    spec = placed("aws", cpu_job()).model_copy(update={"buckets": ("in-data", "out-data")})
+    mocks, _ = run(spec)
+    [policy] = mocks.of("aws:iam/rolePolicy:RolePolicy")
+    statements = json.loads(policy.inputs["policy"])["Statement"]
+    resources = {res for s in statements for res in s["Resource"]}
+    assert resources == {
+        "arn:aws:s3:::in-data",
+        "arn:aws:s3:::out-data",
+        "arn:aws:s3:::in-data/*",
+        "arn:aws:s3:::out-data/*",
+    }
+    assert all(s["Effect"] == "Allow" and "*" not in s["Action"] for s in statements)
+    [template] = mocks.of(TEMPLATE)
+    assert template.inputs["iamInstanceProfile"]["arn"].startswith("arn:")
+    # no buckets: no role at all
+    mocks, _ = run(placed("aws", cpu_job()))
+    assert mocks.of("aws:iam/role:Role") == []
+
+
+def test_the_boot_script_starts_the_agent_with_the_join_token_and_is_a_secret():
+    mocks, _ = run(placed("aws", cpu_job()))
+    [template] = mocks.of(TEMPLATE)
+    wire = template.inputs["userData"]
+    assert wire[SECRET_SIG] == SECRET_VALUE, "the boot script (with the token) is not a secret"
+    script = base64.b64decode(wire["value"]).decode()
+    assert script.startswith("#!/bin/sh")
+    assert "agent --listen 0.0.0.0:7431" in script and TOKEN in script
+    assert template.inputs["metadataOptions"]["httpTokens"] == "required"
+
+
+def test_an_existing_subnet_makes_no_network_and_reaches_nodes_on_private_addresses():
+    group = NodeGroup(name="work", instance_type="c7i.4xlarge", count=2, image="ami-0123")
+    network = Network(subnet_id="subnet-0abc", orchestrator_cidr="10.0.0.5/32")
+    spec = by_hand("aws", "us-east-2", group, network=network)
+    mocks, addresses = run(spec, {"aws:ec2/getSubnet:getSubnet": {"vpcId": "vpc-0existing"}})
+    assert mocks.of("aws:ec2/vpc:Vpc") == [] and mocks.of("aws:ec2/subnet:Subnet") == []
+    [sg] = mocks.of("aws:ec2/securityGroup:SecurityGroup")
+    assert sg.inputs["vpcId"] == "vpc-0existing"
+    assert all(a.startswith("10.42.") for a in addresses)
+
+
+@pytest.mark.parametrize("fabric", [Fabric.EFA])
+def test_a_compact_group_of_one_is_refused_by_the_spec(fabric):
+    with pytest.raises(ValueError, match="compact placement"):
+        NodeGroup(
+            name="g",
+            instance_type="p5.48xlarge",
+            count=1,
+            image="ami-1",
+            fabric=fabric,
+            efa_interfaces=32,
+            compact=True,
+        )
