@@ -52,7 +52,8 @@ def test_a_four_node_gpu_mpi_job_gets_efa_on_every_card_in_one_cluster_placement
     nodes = mocks.of(INSTANCE)
     [pg] = mocks.of(PLACEMENT)
     [template] = mocks.of(TEMPLATE)
-    assert len(nodes) == 4 and pg.inputs["strategy"] == "cluster"
+    assert len(nodes) == 4
+    assert pg.inputs["strategy"] == "cluster"
     assert len({n.inputs["placementGroup"] for n in nodes}) == 1
     assert nodes[0].inputs["placementGroup"].startswith(pg.name)
     assert template.inputs["placement"]["groupName"] == nodes[0].inputs["placementGroup"]
@@ -60,7 +61,8 @@ def test_a_four_node_gpu_mpi_job_gets_efa_on_every_card_in_one_cluster_placement
 
     nics = template.inputs["networkInterfaces"]
     efa = [n for n in nics if n.get("interfaceType") == "efa-only"]
-    assert kind.efa_interfaces > 1 and len(efa) == kind.efa_interfaces
+    assert kind.efa_interfaces > 1
+    assert len(efa) == kind.efa_interfaces
     assert sorted(int(n["networkCardIndex"]) for n in efa) == list(range(kind.efa_interfaces))
     slots = [(int(n["networkCardIndex"]), int(n["deviceIndex"])) for n in nics]
     assert len(set(slots)) == len(slots), "two interfaces on one card and device index"
@@ -70,8 +72,10 @@ def test_a_four_node_gpu_mpi_job_gets_efa_on_every_card_in_one_cluster_placement
 
     # several interfaces: EC2 gives no public IP at launch, so each node gets an Elastic IP
     eips = mocks.of("aws:ec2/eip:Eip")
-    assert len(eips) == 4 and all(e.inputs["domain"] == "vpc" for e in eips)
-    assert len(addresses) == 4 and all(a.endswith(":7431") for a in addresses)
+    assert len(eips) == 4
+    assert all(e.inputs["domain"] == "vpc" for e in eips)
+    assert len(addresses) == 4
+    assert all(a.endswith(":7431") for a in addresses)
     assert len(set(addresses)) == 4
 
 
@@ -81,10 +85,12 @@ def test_one_cpu_node_gets_no_placement_group_and_a_public_ip_on_its_one_interfa
     [template] = mocks.of(TEMPLATE)
     assert "groupName" not in template.inputs.get("placement", {})
     [nic] = template.inputs["networkInterfaces"]
-    assert nic["associatePublicIpAddress"] == "true" and "interfaceType" not in nic
+    assert nic["associatePublicIpAddress"] == "true"
+    assert "interfaceType" not in nic
     assert "instanceMarketOptions" not in template.inputs
     assert mocks.of("aws:ec2/eip:Eip") == []
-    assert len(mocks.of(INSTANCE)) == 1 and len(addresses) == 1
+    assert len(mocks.of(INSTANCE)) == 1
+    assert len(addresses) == 1
 
 
 def test_spot_sets_one_time_spot_options_that_terminate():
@@ -162,7 +168,8 @@ def test_the_boot_script_starts_the_agent_with_the_join_token_and_is_a_secret():
     assert wire[SECRET_SIG] == SECRET_VALUE, "the boot script (with the token) is not a secret"
     script = base64.b64decode(wire["value"]).decode()
     assert script.startswith("#!/bin/sh")
-    assert "agent --listen 0.0.0.0:7431" in script and TOKEN in script
+    assert "agent --listen 0.0.0.0:7431" in script
+    assert TOKEN in script
     assert template.inputs["metadataOptions"]["httpTokens"] == "required"
 
 
@@ -171,7 +178,8 @@ def test_an_existing_subnet_makes_no_network_and_reaches_nodes_on_private_addres
     network = Network(subnet_id="subnet-0abc", orchestrator_cidr="10.0.0.5/32")
     spec = by_hand("aws", "us-east-2", group, network=network)
     mocks, addresses = run(spec, {"aws:ec2/getSubnet:getSubnet": {"vpcId": "vpc-0existing"}})
-    assert mocks.of("aws:ec2/vpc:Vpc") == [] and mocks.of("aws:ec2/subnet:Subnet") == []
+    assert mocks.of("aws:ec2/vpc:Vpc") == []
+    assert mocks.of("aws:ec2/subnet:Subnet") == []
     [sg] = mocks.of("aws:ec2/securityGroup:SecurityGroup")
     assert sg.inputs["vpcId"] == "vpc-0existing"
     assert all(a.startswith("10.42.") for a in addresses)
