@@ -4,7 +4,7 @@ about workflows. The orchestrator turns a placement into one; the Pulumi program
 The rules that keep a cluster safe and cheap are checked here, once, for every cloud:
 - the agent port is opened only to the orchestrator's address, never to the whole internet;
 - a fabric fits its cloud (EFA on AWS, InfiniBand on Azure, GPUDirect on GCP);
-- compact placement only where it pays: more than one node on a fabric (a placement group
+- compact placement only where it pays: the nodes of one multi-node job (a placement group
   around a single node only narrows the capacity it can be placed in);
 - every node group is tagged with the run, its owner and when the cluster expires.
 """
@@ -59,9 +59,9 @@ class NodeGroup(_Model):
             raise ValueError(f"{self.name}: an EFA group needs efa_interfaces >= 1")
         if self.fabric is not Fabric.EFA and self.efa_interfaces:
             raise ValueError(f"{self.name}: efa_interfaces without the EFA fabric")
-        if self.compact and (self.count < 2 or self.fabric is Fabric.NONE):
+        if self.compact and self.count < 2:
             raise ValueError(
-                f"{self.name}: compact placement is for 2 or more nodes on a fabric; it "
+                f"{self.name}: compact placement is for 2 or more nodes; it "
                 "would only shrink the capacity a single or plain node can get"
             )
         return self

@@ -73,7 +73,7 @@ def cluster_spec(
                 image=image,
                 fabric=fabric,
                 efa_interfaces=efa,
-                compact=plan.job in multinode and plan.nodes > 1 and fabric is not Fabric.NONE,
+                compact=plan.job in multinode and plan.nodes > 1,
                 gpus=int(kind.gpu_count),
                 gpu_model=kind.gpu_model,
             )

@@ -38,6 +38,17 @@ class RecordingMocks(pulumi.runtime.Mocks):
             "selfLink": f"https://compute.mock/{args.typ}/{args.name}",
             "ipAddress": f"198.51.{n // 250}.{n % 250 + 1}",
         }
+        if args.typ == "gcp:compute/instance:Instance":  # GCP computes the addresses
+            state["networkInterfaces"] = [
+                {
+                    **nic,
+                    "networkIp": state["privateIp"],
+                    "accessConfigs": [
+                        {**c, "natIp": state["publicIp"]} for c in nic.get("accessConfigs", [])
+                    ],
+                }
+                for nic in args.inputs.get("networkInterfaces", [])
+            ]
         rid = f"{args.name}-id"
         if args.typ.startswith("azure-native:"):
             rid = f"/subscriptions/mock/resourceGroups/rg/providers/{args.typ}/{args.name}"

@@ -1,0 +1,218 @@
+"""The GCP program: one run's cluster in its own VPC network (or an existing subnetwork).
+
+What it gets right, each asserted by tests/infra/test_gcp.py:
+- firewall rules: all protocols between the run's nodes, the agent port from the
+  orchestrator's address only;
+- a compact-placement resource policy (COLLOCATED) only for compact groups;
+- GPUs as guest accelerators of the model the catalog priced (A2/A3/G2 bundle theirs: the
+  accelerator named is the one the machine type carries), and TERMINATE on host maintenance,
+  which GPUs and compact placement require;
+- gVNIC on every node, and Tier-1 egress bandwidth on the families and sizes that offer it;
+- spot as the SPOT provisioning model, deleted (not stopped) when preempted;
+- the boot script as the startup-script, marked secret; labels (GCP's lower-case form of the
+  run's tags) on every resource that takes them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pulumi
+import pulumi_gcp as gcp
+
+from .bootstrap import startup_script
+from .spec import ClusterSpec, NodeGroup
+
+__all__ = ["accelerator", "build", "labels", "machine_type", "tier_1"]
+
+# the catalog's GPU model names -> GCP accelerator types
+_ACCELERATORS = {
+    "H100": "nvidia-h100-80gb",
+    "H100-MEGA": "nvidia-h100-mega-80gb",
+    "H200": "nvidia-h200-141gb",
+    "B200": "nvidia-b200",
+    "A100": "nvidia-tesla-a100",
+    "A100-80GB": "nvidia-a100-80gb",
+    "L4": "nvidia-l4",
+    "T4": "nvidia-tesla-t4",
+    "V100": "nvidia-tesla-v100",
+    "P100": "nvidia-tesla-p100",
+    "P4": "nvidia-tesla-p4",
+}
+# families with Tier-1 (per-VM egress up to 200 Gbps) at 30 vCPUs or more
+_TIER_1 = {"n2", "n2d", "c2", "c2d", "c3", "c3d", "c4", "c4a", "c4d", "h3", "m3", "z3"}
+_HYPERDISK_ONLY = {"c4", "c4a", "c4d", "n4", "x4", "a4", "a3-ultragpu"}
+
+
+def machine_type(name: str) -> str:
+    """The catalog writes N1 + attached GPUs as `n1-standard-16+2xT4`; GCP wants the N1 part."""
+    return name.split("+", 1)[0]
+
+
+def accelerator(group: NodeGroup) -> str | None:
+    if not group.gpus:
+        return None
+    model = group.gpu_model.upper()
+    if model == "H100" and machine_type(group.instance_type).startswith("a3-mega"):
+        model = "H100-MEGA"
+    try:
+        return _ACCELERATORS[model]
+    except KeyError:
+        raise ValueError(
+            f"{group.name}: no GCP accelerator type known for GPU model {group.gpu_model!r}"
+        ) from None
+
+
+def tier_1(name: str) -> bool:
+    family, *rest = machine_type(name).split("-")
+    vcpus = next((int(p) for p in rest if p.isdigit()), 0)
+    return family in _TIER_1 and vcpus >= 30
+
+
+def labels(spec: ClusterSpec) -> dict[str, str]:
+    """GCP labels allow [a-z0-9_-] and 63 characters."""
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
+
+    return {clean(k): clean(v) for k, v in spec.tags.items()}
+
+
+def build(spec: ClusterSpec) -> list[dict[str, Any]]:
+    provider = gcp.Provider("gcp", region=spec.site.region, default_labels=labels(spec))
+    opts = pulumi.ResourceOptions(provider=provider)
+    invoke = pulumi.InvokeOutputOptions(provider=provider)
+    tag = f"squall-{spec.run_id}"[:63]
+    public = spec.network.subnet_id is None
+    if public:
+        network = gcp.compute.Network("network", auto_create_subnetworks=False, mtu=8896, opts=opts)
+        subnet = gcp.compute.Subnetwork(
+            "subnet",
+            network=network.id,
+            region=spec.site.region,
+            ip_cidr_range=spec.network.cidr,
+            opts=opts,
+        )
+        network_id, subnet_id = network.id, subnet.id
+    else:
+        existing = gcp.compute.get_subnetwork_output(self_link=spec.network.subnet_id, opts=invoke)
+        network_id, subnet_id = existing.network, spec.network.subnet_id
+    gcp.compute.Firewall(
+        "nodes",
+        network=network_id,
+        description=f"squall run {spec.run_id}: node to node",
+        allows=[gcp.compute.FirewallAllowArgs(protocol="all")],
+        source_tags=[tag],
+        target_tags=[tag],
+        opts=opts,
+    )
+    gcp.compute.Firewall(
+        "agent",
+        network=network_id,
+        description=f"squall run {spec.run_id}: the agent API, from the orchestrator only",
+        allows=[
+            gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[str(spec.network.agent_port)])
+        ],
+        source_ranges=[spec.network.orchestrator_cidr],
+        target_tags=[tag],
+        opts=opts,
+    )
+    zone = (
+        spec.site.zone
+        or gcp.compute.get_zones_output(region=spec.site.region, status="UP", opts=invoke).names[0]
+    )
+    agents: list[dict[str, Any]] = []
+    for group in spec.node_groups:
+        agents += _group(spec, group, zone, subnet_id, public, tag, opts)
+    return agents
+
+
+def _group(
+    spec: ClusterSpec,
+    group: NodeGroup,
+    zone: Any,
+    subnet_id: Any,
+    public: bool,
+    tag: str,
+    opts: pulumi.ResourceOptions,
+) -> list[dict[str, Any]]:
+    policy = (
+        gcp.compute.ResourcePolicy(
+            f"{group.name}-compact",
+            region=spec.site.region,
+            group_placement_policy=gcp.compute.ResourcePolicyGroupPlacementPolicyArgs(
+                collocation="COLLOCATED", vm_count=group.count
+            ),
+            opts=opts,
+        )
+        if group.compact
+        else None
+    )
+    kind = machine_type(group.instance_type)
+    gpu = accelerator(group)
+    family = "a3-ultragpu" if kind.startswith("a3-ultragpu") else kind.split("-")[0]
+    scheduling = gcp.compute.InstanceSchedulingArgs(
+        # GPUs cannot live-migrate, nor can VMs under a compact policy
+        on_host_maintenance="TERMINATE" if gpu or group.compact or group.spot else "MIGRATE",
+        automatic_restart=not group.spot,
+        preemptible=group.spot,
+        provisioning_model="SPOT" if group.spot else "STANDARD",
+        instance_termination_action="DELETE" if group.spot else None,
+    )
+    script = pulumi.Output.secret(startup_script(spec, group))
+    agents = []
+    for i in range(group.count):
+        name = f"{group.name}-{i}"
+        node = gcp.compute.Instance(
+            name,
+            machine_type=kind,
+            zone=zone,
+            boot_disk=gcp.compute.InstanceBootDiskArgs(
+                auto_delete=True,
+                initialize_params=gcp.compute.InstanceBootDiskInitializeParamsArgs(
+                    image=group.image,
+                    size=group.disk_gib,
+                    type="hyperdisk-balanced" if family in _HYPERDISK_ONLY else "pd-balanced",
+                ),
+            ),
+            network_interfaces=[
+                gcp.compute.InstanceNetworkInterfaceArgs(
+                    subnetwork=subnet_id,
+                    nic_type="GVNIC",
+                    access_configs=[gcp.compute.InstanceNetworkInterfaceAccessConfigArgs()]
+                    if public
+                    else None,
+                )
+            ],
+            network_performance_config=(
+                gcp.compute.InstanceNetworkPerformanceConfigArgs(
+                    total_egress_bandwidth_tier="TIER_1"
+                )
+                if tier_1(kind)
+                else None
+            ),
+            guest_accelerators=(
+                [gcp.compute.InstanceGuestAcceleratorArgs(type=gpu, count=group.gpus)]
+                if gpu
+                else None
+            ),
+            scheduling=scheduling,
+            resource_policies=policy.self_link if policy else None,
+            metadata_startup_script=script,
+            labels={**labels(spec), "squall-group": group.name},
+            tags=[tag],
+            allow_stopping_for_update=False,
+            opts=opts,
+        )
+        ip = node.network_interfaces.apply(
+            lambda nics: nics[0]["access_configs"][0]["nat_ip"] if public else nics[0]["network_ip"]
+        )
+        agents.append(
+            {
+                "name": name,
+                "group": group.name,
+                "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
+            }
+        )
+    return agents

@@ -1,0 +1,137 @@
+"""The GCP program under Pulumi's mocks (no GCP project, no `pulumi` CLI here: every resource
+goes to tests/infra/mocks.py, which records it and answers as Compute Engine would)."""
+
+from __future__ import annotations
+
+import pulumi
+import pytest
+
+from infra import program
+from infra.gcp import accelerator, machine_type, tier_1
+from infra.spec import NodeGroup
+
+from .mocks import RecordingMocks, install
+from .specs import ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed
+
+INSTANCE = "gcp:compute/instance:Instance"
+POLICY = "gcp:compute/resourcePolicy:ResourcePolicy"
+ZONES = {"gcp:compute/getZones:getZones": {"names": ["us-east1-b", "us-east1-c"]}}
+
+
+def run(spec) -> tuple[RecordingMocks, list[str]]:
+    mocks = install(spec.stack_name, ZONES)
+    seen: list[str] = []
+
+    @pulumi.runtime.test
+    def build():
+        agents = program.build(spec)
+        return pulumi.Output.all(*[a["address"] for a in agents]).apply(seen.extend)
+
+    build()
+    return mocks, seen
+
+
+@pytest.mark.parametrize(("model", "family"), [("H100", "a3-"), ("A100", "a2-")])
+def test_an_a3_or_a2_mpi_workflow_gets_accelerators_compact_placement_and_terminate(model, family):
+    spec = placed("gcp", gpu_mpi(nodes=2, model=model))
+    [group] = spec.node_groups
+    assert group.instance_type.startswith(family)
+    mocks, addresses = run(spec)
+    nodes = mocks.of(INSTANCE)
+    [policy] = mocks.of(POLICY)
+    assert len(nodes) == 2
+    assert policy.inputs["groupPlacementPolicy"] == {"collocation": "COLLOCATED", "vmCount": 2}
+    for node in nodes:
+        [gpu] = node.inputs["guestAccelerators"]
+        assert gpu == {"type": accelerator(group), "count": 8}
+        assert gpu["type"].startswith("nvidia-")
+        assert node.inputs["scheduling"]["onHostMaintenance"] == "TERMINATE"
+        assert node.inputs["resourcePolicies"].endswith(policy.name)
+        assert node.inputs["networkInterfaces"][0]["nicType"] == "GVNIC"
+        assert node.inputs["machineType"] == group.instance_type
+    assert sorted(addresses) == sorted(set(addresses))
+    assert all(a.startswith("198.51.") and a.endswith(":7431") for a in addresses)
+
+
+def test_a_single_cpu_node_gets_no_placement_policy_and_migrates_on_maintenance():
+    mocks, _ = run(placed("gcp", cpu_job()))
+    assert mocks.of(POLICY) == []
+    [node] = mocks.of(INSTANCE)
+    assert "guestAccelerators" not in node.inputs
+    assert node.inputs["scheduling"]["onHostMaintenance"] == "MIGRATE"
+    assert node.inputs["zone"] == "us-east1-b"  # the region's first zone that is UP (invoke)
+
+
+def test_spot_nodes_are_spot_and_deleted_when_preempted():
+    mocks, _ = run(placed("gcp", cpu_job(), spot=True))
+    [node] = mocks.of(INSTANCE)
+    scheduling = node.inputs["scheduling"]
+    assert scheduling["provisioningModel"] == "SPOT"
+    assert scheduling["preemptible"] is True
+    assert scheduling["automaticRestart"] is False
+    assert scheduling["instanceTerminationAction"] == "DELETE"
+
+
+def test_firewall_opens_the_agent_port_to_the_orchestrator_only():
+    mocks, _ = run(placed("gcp", gpu_mpi(nodes=2)))
+    rules = mocks.of("gcp:compute/firewall:Firewall")
+    assert len(rules) == 2
+    for rule in rules:
+        assert "0.0.0.0/0" not in rule.inputs.get("sourceRanges", [])
+    [agent] = [r for r in rules if r.inputs.get("sourceRanges")]
+    assert agent.inputs["sourceRanges"] == [ORCHESTRATOR]
+    assert agent.inputs["allows"] == [{"protocol": "tcp", "ports": ["7431"]}]
+    [nodes] = [r for r in rules if r.inputs.get("sourceTags")]
+    assert nodes.inputs["sourceTags"] == nodes.inputs["targetTags"]
+
+
+def test_labels_and_the_startup_script():
+    spec = placed("gcp", cpu_job())
+    mocks, _ = run(spec)
+    [node] = mocks.of(INSTANCE)
+    labels = node.inputs["labels"]
+    assert labels["squall-run"] == spec.run_id
+    assert labels["squall-expires-at"] == "2026-11-23t12-00-00z"
+    script = node.inputs["metadataStartupScript"]["value"]  # a secret on the wire
+    assert "agent --listen 0.0.0.0:7431" in script
+    assert TOKEN in script
+    [provider] = [r for r in mocks.created if r.typ == "pulumi:providers:gcp"]
+    assert '"squall-run"' in provider.inputs["defaultLabels"]
+
+
+def test_tier_1_networking_only_where_the_type_offers_it():
+    assert tier_1("n2-standard-32")
+    assert tier_1("c3-standard-88-lssd")
+    assert not tier_1("n2-standard-16")
+    assert not tier_1("e2-standard-32")
+    assert machine_type("n1-standard-16+2xT4") == "n1-standard-16"
+    group = NodeGroup(
+        name="big", instance_type="c3-standard-176", count=1, image="projects/p/global/images/i"
+    )
+    mocks, _ = run(by_hand("gcp", "us-central1", group))
+    [node] = mocks.of(INSTANCE)
+    assert node.inputs["networkPerformanceConfig"] == {"totalEgressBandwidthTier": "TIER_1"}
+
+
+def test_an_n1_with_attached_t4s_names_the_n1_type_and_the_t4_accelerator():
+    group = NodeGroup(
+        name="infer",
+        instance_type="n1-standard-16+2xT4",
+        count=1,
+        image="projects/p/global/images/i",
+        gpus=2,
+        gpu_model="T4",
+    )
+    mocks, _ = run(by_hand("gcp", "us-central1", group))
+    [node] = mocks.of(INSTANCE)
+    assert node.inputs["machineType"] == "n1-standard-16"
+    assert node.inputs["guestAccelerators"] == [{"type": "nvidia-tesla-t4", "count": 2}]
+    assert node.inputs["scheduling"]["onHostMaintenance"] == "TERMINATE"
+
+
+def test_an_unknown_gpu_model_is_a_clear_error():
+    group = NodeGroup(
+        name="x", instance_type="n1-standard-8", count=1, image="i", gpus=1, gpu_model="Z9000"
+    )
+    with pytest.raises(ValueError, match="no GCP accelerator type known for GPU model 'Z9000'"):
+        accelerator(group)
