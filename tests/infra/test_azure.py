@@ -1,0 +1,126 @@
+"""The Azure program under Pulumi's mocks (no subscription, no `pulumi` CLI here: every resource
+goes to tests/infra/mocks.py, which records it and answers as ARM would)."""
+
+from __future__ import annotations
+
+import base64
+
+import pulumi
+import pytest
+
+from infra import program
+from infra.azure import accelerated_networking, image_reference
+
+from .mocks import RecordingMocks, install
+from .specs import ORCHESTRATOR, TOKEN, cpu_job, placed
+
+VM = "azure-native:compute:VirtualMachine"
+PPG = "azure-native:compute:ProximityPlacementGroup"
+AVSET = "azure-native:compute:AvailabilitySet"
+
+
+def run(spec) -> tuple[RecordingMocks, list[str]]:
+    mocks = install(spec.stack_name)
+    seen: list[str] = []
+
+    @pulumi.runtime.test
+    def build():
+        agents = program.build(spec)
+        return pulumi.Output.all(*[a["address"] for a in agents]).apply(seen.extend)
+
+    build()
+    return mocks, seen
+
+
+def hpc_mpi(nodes: int = 4):
+    from federate.workload import JobNeeds
+
+    return JobNeeds(
+        "cfd",
+        cores=96,
+        memory_gib=300,
+        nodes=nodes,
+        multinode=True,
+        runtime_hours=3,
+        runtime_source="annotation",
+    )
+
+
+def test_an_hb_series_workflow_gets_infiniband_vms_in_one_proximity_placement_group():
+    spec = placed("azure", hpc_mpi(nodes=4))
+    [group] = spec.node_groups
+    assert group.instance_type.startswith(("Standard_HB", "Standard_HX", "Standard_HC"))
+    assert group.fabric.value == "infiniband"
+    mocks, addresses = run(spec)
+    vms = mocks.of(VM)
+    [ppg] = mocks.of(PPG)
+    [avset] = mocks.of(AVSET)
+    assert len(vms) == 4
+    assert {vm.inputs["hardwareProfile"]["vmSize"] for vm in vms} == {group.instance_type}
+    ppg_id = {vm.inputs["proximityPlacementGroup"]["id"] for vm in vms}
+    assert len(ppg_id) == 1
+    assert ppg_id.pop().endswith(ppg.name)
+    # one availability set: what puts Azure VMs on one InfiniBand fabric
+    assert {vm.inputs["availabilitySet"]["id"] for vm in vms} == {
+        f"/subscriptions/mock/resourceGroups/rg/providers/{AVSET}/{avset.name}"
+    }
+    assert avset.inputs["proximityPlacementGroup"]["id"].endswith(ppg.name)
+    assert ppg.inputs["intent"] == {"vmSizes": [group.instance_type]}
+    nics = mocks.of("azure-native:network:NetworkInterface")
+    assert len(nics) == 4
+    assert all(n.inputs["enableAcceleratedNetworking"] is True for n in nics)
+    assert len(set(addresses)) == 4
+    assert all(a.endswith(":7431") for a in addresses)
+
+
+def test_one_node_gets_no_proximity_group_and_spot_is_evicted_by_deletion():
+    mocks, _ = run(placed("azure", cpu_job(), spot=True))
+    assert mocks.of(PPG) == []
+    assert mocks.of(AVSET) == []
+    [vm] = mocks.of(VM)
+    assert (vm.inputs["priority"], vm.inputs["evictionPolicy"]) == ("Spot", "Delete")
+    assert vm.inputs["billingProfile"] == {"maxPrice": -1}
+
+
+def test_the_nsg_admits_the_agent_port_from_the_orchestrator_only():
+    mocks, _ = run(placed("azure", hpc_mpi(nodes=2)))
+    [nsg] = mocks.of("azure-native:network:NetworkSecurityGroup")
+    [rule] = nsg.inputs["securityRules"]
+    assert rule["sourceAddressPrefix"] == ORCHESTRATOR
+    assert (rule["destinationPortRange"], rule["direction"], rule["access"]) == (
+        "7431",
+        "Inbound",
+        "Allow",
+    )
+    for nic in mocks.of("azure-native:network:NetworkInterface"):
+        assert nic.inputs["networkSecurityGroup"]["id"].endswith(nsg.name)
+
+
+def test_custom_data_tags_and_no_password():
+    spec = placed("azure", cpu_job())
+    mocks, _ = run(spec)
+    [vm] = mocks.of(VM)
+    wire = vm.inputs["osProfile"]  # a secret on the wire, as the custom data in it is
+    assert wire["4dabf18193072939515e22adb298388d"] == "1b47061264138c4ac30d75fd1eb44270"
+    profile = wire["value"]
+    script = base64.b64decode(profile["customData"]).decode()
+    assert "agent --listen 0.0.0.0:7431" in script
+    assert TOKEN in script
+    linux = profile["linuxConfiguration"]
+    assert linux["disablePasswordAuthentication"] is True
+    assert "adminPassword" not in profile
+    assert linux["ssh"]["publicKeys"][0]["keyData"].startswith("ssh-ed25519 ")
+    for r in mocks.created:
+        if r.typ in {"azure-native:network:Subnet"} or r.typ.startswith("pulumi:providers:"):
+            continue  # a subnet takes no tags
+        assert r.inputs["tags"]["squall-run"] == spec.run_id, r.typ
+        assert r.inputs["tags"]["squall-expires-at"] == "2026-11-23T12:00:00Z", r.typ
+
+
+def test_image_references_and_accelerated_networking():
+    assert image_reference("Debian:debian-12:12-gen2:latest").publisher == "Debian"
+    assert image_reference("/subscriptions/s/resourceGroups/g/providers/x/images/i").id
+    with pytest.raises(ValueError, match="publisher:offer:sku:version"):
+        image_reference("debian-12")
+    assert accelerated_networking("Standard_HB176rs_v4")
+    assert not accelerated_networking("Standard_B2s")
