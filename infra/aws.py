@@ -30,8 +30,6 @@ from .spec import ClusterSpec, Fabric, NodeGroup
 
 __all__ = ["build"]
 
-_ALL = {"protocol": "-1", "from_port": 0, "to_port": 0}
-
 
 def build(spec: ClusterSpec) -> list[dict[str, Any]]:
     """Declare the cluster; return one {name, group, address} per node (Outputs inside)."""
@@ -43,6 +41,8 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
     opts = pulumi.ResourceOptions(provider=provider)
     tags = {**spec.tags, "Name": spec.stack_name}
     public = spec.network.subnet_id is None
+    vpc_id: Any
+    subnet_id: Any
     if public:
         vpc_id, subnet_id = _network(spec, tags, opts)
     else:
@@ -55,7 +55,9 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
         description=f"squall run {spec.run_id}: node to node, agent port from the orchestrator",
         vpc_id=vpc_id,
         ingress=[
-            aws.ec2.SecurityGroupIngressArgs(**_ALL, self=True, description="node to node"),
+            aws.ec2.SecurityGroupIngressArgs(
+                protocol="-1", from_port=0, to_port=0, self=True, description="node to node"
+            ),
             aws.ec2.SecurityGroupIngressArgs(
                 protocol="tcp",
                 from_port=spec.network.agent_port,
@@ -65,9 +67,15 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
             ),
         ],
         egress=[
-            aws.ec2.SecurityGroupEgressArgs(**_ALL, self=True, description="node to node (EFA)"),
             aws.ec2.SecurityGroupEgressArgs(
-                **_ALL, cidr_blocks=["0.0.0.0/0"], description="images and data"
+                protocol="-1", from_port=0, to_port=0, self=True, description="node to node (EFA)"
+            ),
+            aws.ec2.SecurityGroupEgressArgs(
+                protocol="-1",
+                from_port=0,
+                to_port=0,
+                cidr_blocks=["0.0.0.0/0"],
+                description="images and data",
             ),
         ],
         tags=tags,

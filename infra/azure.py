@@ -222,10 +222,10 @@ def _group(
             # the admin key is new on every program run; it must not replace running VMs
             opts=pulumi.ResourceOptions(ignore_changes=["osProfile"]),
         )
-        ip = (
+        ip: Any = (
             address.ip_address
             if address
-            else nic.ip_configurations.apply(lambda c: c[0]["private_ip_address"])
+            else nic.ip_configurations.apply(lambda c: c[0]["private_ip_address"] if c else None)
         )
         agents.append(
             {

@@ -48,10 +48,20 @@ def startup_script(spec: ClusterSpec, group: NodeGroup) -> str:
             f"install -d -m 0700 {AGENT_DIR} /var/lib/squall/agent",
             "umask 077",
             f"printf %s {shlex.quote(token)} > {AGENT_DIR}/agent.token",
-            f"cat > {AGENT_DIR}/orchestrator-ca.pem <<'SQUALL_CA'",
-            spec.bootstrap.ca_certificate.strip(),
-            "SQUALL_CA",
-            f"echo {shlex.quote(spec.bootstrap.orchestrator)} > {AGENT_DIR}/orchestrator",
+            *(
+                [
+                    f"cat > {AGENT_DIR}/orchestrator-ca.pem <<'SQUALL_CA'",
+                    spec.bootstrap.ca_certificate.strip(),
+                    "SQUALL_CA",
+                ]
+                if spec.bootstrap.ca_certificate
+                else []
+            ),
+            *(
+                [f"echo {shlex.quote(spec.bootstrap.orchestrator)} > {AGENT_DIR}/orchestrator"]
+                if spec.bootstrap.orchestrator
+                else []
+            ),
             "cat > /etc/systemd/system/squall-agent.service <<'SQUALL_UNIT'",
             unit.rstrip(),
             "SQUALL_UNIT",

@@ -85,6 +85,8 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
     invoke = pulumi.InvokeOutputOptions(provider=provider)
     tag = f"squall-{spec.run_id}"[:63]
     public = spec.network.subnet_id is None
+    network_id: Any
+    subnet_id: Any
     if public:
         network = gcp.compute.Network("network", auto_create_subnetworks=False, mtu=8896, opts=opts)
         subnet = gcp.compute.Subnetwork(

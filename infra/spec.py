@@ -91,8 +91,8 @@ class Network(_Model):
 
 
 class Bootstrap(_Model):
-    orchestrator: str = Field(pattern=r"^[^:\s]+:\d+$")  # host:port the agents call back
-    ca_certificate: str = Field(min_length=1)  # PEM the agents trust
+    orchestrator: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")  # host:port
+    ca_certificate: str = ""  # PEM the agents trust for the orchestrator ("" : none given)
     join_token: SecretStr  # never printed: SecretStr hides it in repr and logs
 
 

@@ -32,7 +32,9 @@ from .data import TransferError
 from .data.staging import Staging
 from .errors import Conflict, InvalidInput, SquallError
 from .fuzzfile import Workflow, load_text
-from .provision import Cluster, NodeSlice, Provisioner
+from .placing import Placement
+from .provision import Cluster, NodeSlice, Provisioner, ProvisionError
+from .provision.cloud import CloudProvisioner
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference
@@ -77,7 +79,8 @@ class Engine:
         data_dir: Path,
         secrets: SecretStore | None = None,
         ca_file: str | None = None,
-        placer: Callable[[Workflow, str], dict[str, Any]] | None = None,
+        placer: Callable[[Workflow, str], Placement] | None = None,
+        clouds: CloudProvisioner | None = None,
     ) -> None:
         self.store = store
         self.provisioner = provisioner
@@ -86,6 +89,7 @@ class Engine:
         self.secrets = secrets or SecretStore(data_dir / "secrets")
         self.staging = Staging(store, data_dir, self.secrets, ca_file=ca_file)
         self.placer = placer  # None: always this provisioner's site
+        self.clouds = clouds  # None: cloud placements are refused
 
     # ---- submitting -----------------------------------------------------------------------
 
@@ -169,7 +173,7 @@ class Engine:
         finally:
             if cluster is not None:
                 self._set_run(run_id, RunState.TEARDOWN)
-                self.provisioner.down(cluster)
+                reason += self._down(run_id, cluster)
             kept = self.staging.release(run_id)
             if kept:
                 reason += (
@@ -186,15 +190,26 @@ class Engine:
         self._set_run(run_id, RunState.PLACING)
         with self.store.session() as s:
             name = s.get_one(Run, run_id).name
-        placement: dict[str, Any] = (
-            self.placer(wf, name) if self.placer else {"site": self.provisioner.site}
+        decision = (
+            self.placer(wf, name) if self.placer else Placement({"site": self.provisioner.site})
         )
+        placement, chosen = decision.record, decision.chosen
         site = placement.get("site")
-        if site != self.provisioner.site:
+        cloud = chosen is not None and chosen.site.kind == "cloud" and self.clouds is not None
+        if site != self.provisioner.site and not cloud:
             with self.store.session() as s:
                 s.get_one(Run, run_id).placement = placement
             return RunState.FAILED, _not_here(placement, self.provisioner.site), None
-        nodes = self.nodes(wf)
+        if cloud and wf.volumes:
+            with self.store.session() as s:
+                s.get_one(Run, run_id).placement = placement
+            return (
+                RunState.FAILED,
+                f"federation placed it on {site}, and volumes on cloud sites are not "
+                "supported yet (only on this machine): run it with --site local",
+                None,
+            )
+        nodes = [] if cloud else self.nodes(wf)
         placement["nodes"] = [
             {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
             for n in nodes
@@ -212,7 +227,7 @@ class Engine:
         if self._cancelled(run_id):
             return RunState.CANCELLED, "cancelled by request", None
         self._set_run(run_id, RunState.PROVISIONING)
-        cluster = self.provisioner.up(run_id, nodes)
+        cluster = self._cloud_up(run_id, decision) if cloud else self.provisioner.up(run_id, nodes)
         with self.store.session() as s:
             s.add_all(
                 Agent(run_id=run_id, name=a.name, address=a.address, token=a.token, pid=a.pid)
@@ -247,6 +262,43 @@ class Engine:
             self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
         return state, reason, cluster
+
+    def _cloud_up(self, run_id: str, decision: Placement) -> Cluster:
+        """Size a cluster as federation priced it and bring its stack up (progress goes into
+        the run's events). A stack that fails is destroyed before this raises."""
+        assert self.clouds is not None
+        assert decision.chosen
+        assert decision.workload
+        with self.store.session() as s:
+            owner = s.get_one(Run, run_id).owner
+        spec = self.clouds.spec_for(run_id, owner, decision.workload, decision.chosen)
+        with self.store.session() as s:
+            s.get_one(Run, run_id).placement = {
+                **decision.record,
+                "cluster": {
+                    "stack": spec.stack_name,
+                    "expires_at": spec.expires_at.isoformat(),
+                    "groups": [
+                        {"name": g.name, "type": g.instance_type, "count": g.count}
+                        for g in spec.node_groups
+                    ],
+                },
+            }
+        return self.clouds.up(spec, self._reporter_line(run_id, "provision"))
+
+    def _down(self, run_id: str, cluster: Cluster) -> str:
+        """Take the cluster down; what to add to the run's reason if that failed."""
+        if cluster.site == self.provisioner.site or self.clouds is None:
+            self.provisioner.down(cluster)
+            return ""
+        try:
+            self.clouds.down(cluster, self._reporter_line(run_id, "provision"))
+        except ProvisionError as exc:
+            return f"; {exc} (`squall stack gc` retries)"
+        return ""
+
+    def _reporter_line(self, run_id: str, kind: str) -> Callable[[str], None]:
+        return lambda message: self._event(run_id, kind, message)
 
     def retry_egress(self, name: str, *, release: bool = False) -> list[str]:
         """Retry the failed egress of an ended run (or, with `release`, give up and free

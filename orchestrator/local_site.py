@@ -20,6 +20,8 @@ from .engine import Engine
 from .fuzzfile import Workflow
 from .placing import Placer
 from .provision import LocalProvisioner, NodeSlice, this_machine
+from .provision.cloud import CloudProvisioner, CloudSettings
+from .provision.stacks import StackDriver, StackSettings
 from .secrets import SecretStore
 from .store import Store
 
@@ -82,5 +84,9 @@ def local_engine(settings: LocalSettings) -> Engine:
         lambda wf: local_nodes(wf, settings.nodes),
         data_dir=settings.data_dir,
         secrets=secrets,
-        placer=Placer.from_environment(settings.site, secrets, store).place,
+        placer=Placer.from_environment(settings.site, secrets, store).decide,
+        clouds=CloudProvisioner(
+            StackDriver(store, StackSettings.from_environment(settings.data_dir)),
+            CloudSettings.from_environment(),
+        ),
     )

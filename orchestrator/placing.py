@@ -21,6 +21,7 @@ from federate.catalog import Catalog, load
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
 from federate.policy import Policy, PolicyError, load_policy
 from federate.sites import bucket_locations, local_site, onprem_sites
+from federate.workload import Workload
 
 from .data import RemoteFacts, describe
 from .errors import InvalidInput
@@ -31,7 +32,17 @@ from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
 
-__all__ = ["Placer", "candidate_sites"]
+__all__ = ["Placement", "Placer", "candidate_sites"]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Federation's answer: the record kept with the run, and (to size a cloud cluster) the
+    chosen site's estimate and the workload it priced."""
+
+    record: dict[str, Any]
+    chosen: SiteEstimate | None = None
+    workload: Workload | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +81,9 @@ class Placer:
 
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
         """The placement record: the chosen site, its estimate, and the runners-up."""
+        return self.decide(wf, name).record
+
+    def decide(self, wf: Workflow, name: str) -> Placement:
         try:
             policy = load_policy(self.policy_file) if self.policy_file else Policy()
             catalog = load(self.catalog_dir) if self.catalog_dir else None
@@ -82,14 +96,9 @@ class Placer:
             if not sites:
                 raise InvalidInput(f"no site named {self.force_site!r}")
             policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
+        workload = workload_of(wf, name, buckets, look=self._look, history=self._history(name))
         estimates = compare(
-            workload_of(
-                wf,
-                name,
-                buckets,
-                look=self._look,
-                history=self._history(name),
-            ),
+            workload,
             catalog or Catalog("", [], {}),
             sites,
             policy,
@@ -102,7 +111,7 @@ class Placer:
             "estimate": _brief(chosen) if chosen else None,
             "alternatives": [_brief(e) for e in estimates[:6] if e is not chosen],
         }
-        return record
+        return Placement(record, chosen, workload)
 
     def _history(self, name: str) -> dict[str, float]:
         """Median hours per task of each job over the last ten finished runs named like this

@@ -58,7 +58,7 @@ def make_engine(tmp_path: Path, registry: Registry):  # type: ignore[no-untyped-
             provisioner,
             lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
             data_dir=tmp_path / "data",
-            placer=placer.place,
+            placer=placer.decide,
         )
 
     return make

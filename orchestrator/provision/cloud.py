@@ -1,0 +1,121 @@
+"""Cloud sites: a cluster per run from a Pulumi stack (see stacks.py), reached, like every
+site, only through its agents' gRPC API.
+
+What the orchestrator must be told (environment, or `squall doctor` says what is missing):
+- $SQUALL_ORCHESTRATOR_CIDR: this orchestrator's address as the clouds see it (a /32, or its
+  network). The agent port is opened to it and to nothing else.
+- $SQUALL_IMAGE_AWS, $SQUALL_IMAGE_GCP, $SQUALL_IMAGE_AZURE: the node image per cloud (an AMI
+  or resolve:ssm: parameter; a GCP image path; an Azure publisher:offer:sku:version), built
+  with `squall` in it: each node starts `squall agent` at boot.
+- optional: $SQUALL_ORCHESTRATOR_ADDRESS (host:port, written on the nodes), $SQUALL_CLUSTER_TTL
+  (hours after which `squall stack gc` destroys a cluster whatever its run, default 24).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from pydantic import SecretStr
+
+from federate.placement import SiteEstimate
+from federate.workload import Workload
+from infra.spec import Bootstrap, ClusterSpec, Network
+
+from .base import AgentEndpoint, Cluster, ProvisionError
+from .cluster_spec import DEFAULT_TTL, cluster_spec
+from .stacks import StackDriver
+
+__all__ = ["CloudProvisioner", "CloudSettings"]
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CloudSettings:
+    orchestrator_cidr: str | None = None
+    orchestrator_address: str | None = None
+    images: dict[str, str] = field(default_factory=dict)
+    ttl: timedelta = DEFAULT_TTL
+
+    @classmethod
+    def from_environment(cls) -> CloudSettings:
+        env = os.environ
+        images = {
+            cloud: env[f"SQUALL_IMAGE_{cloud.upper()}"]
+            for cloud in ("aws", "gcp", "azure")
+            if env.get(f"SQUALL_IMAGE_{cloud.upper()}")
+        }
+        try:
+            ttl = timedelta(hours=float(env.get("SQUALL_CLUSTER_TTL", "24")))
+        except ValueError:
+            raise ProvisionError("SQUALL_CLUSTER_TTL is a number of hours") from None
+        return cls(
+            env.get("SQUALL_ORCHESTRATOR_CIDR") or None,
+            env.get("SQUALL_ORCHESTRATOR_ADDRESS") or None,
+            images,
+            ttl,
+        )
+
+    def missing(self, cloud: str) -> list[str]:
+        """What must still be set before a cluster can be made on `cloud`."""
+        out = []
+        if not self.orchestrator_cidr:
+            out.append(
+                "SQUALL_ORCHESTRATOR_CIDR (this orchestrator's address, e.g. 203.0.113.7/32)"
+            )
+        if cloud not in self.images:
+            out.append(f"SQUALL_IMAGE_{cloud.upper()} (the node image, with squall in it)")
+        return out
+
+
+class CloudProvisioner:
+    def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
+        self.stacks = stacks
+        self.settings = settings
+
+    def spec_for(
+        self,
+        run_id: str,
+        owner: str,
+        workload: Workload,
+        estimate: SiteEstimate,
+        buckets: tuple[str, ...] = (),
+    ) -> ClusterSpec:
+        cloud = estimate.site.cloud
+        missing = self.settings.missing(cloud)
+        if missing:
+            raise ProvisionError(f"{estimate.site.name} needs {'; '.join(missing)}")
+        assert self.settings.orchestrator_cidr is not None
+        try:
+            return cluster_spec(
+                run_id,
+                owner,
+                workload,
+                estimate,
+                image=self.settings.images[cloud],
+                network=Network(orchestrator_cidr=self.settings.orchestrator_cidr),
+                bootstrap=Bootstrap(
+                    orchestrator=self.settings.orchestrator_address,
+                    join_token=SecretStr(secrets.token_urlsafe(32)),
+                ),
+                ttl=self.settings.ttl,
+                buckets=buckets,
+            )
+        except ValueError as exc:  # pydantic's, with the field that is wrong
+            raise ProvisionError(f"cannot size a cluster for {estimate.site.name}: {exc}") from None
+
+    def up(self, spec: ClusterSpec, report: Report) -> Cluster:
+        token = spec.bootstrap.join_token.get_secret_value()
+        agents = self.stacks.up(spec, report)
+        return Cluster(
+            run_id=spec.run_id,
+            site=f"{spec.site.cloud}:{spec.site.region}",
+            agents=tuple(AgentEndpoint(a["name"], a["address"], token) for a in agents),
+        )
+
+    def down(self, cluster: Cluster, report: Report) -> None:
+        self.stacks.destroy(self.stacks.name_of(cluster.run_id), report)

@@ -1,0 +1,165 @@
+"""A stand-in for the `pulumi` CLI, for the provisioner's tests.
+
+There is no Pulumi CLI on this machine (it is not on PyPI, Debian or npm, and no cloud could be
+reached anyway), so the Automation API is pointed at this script through its own seam,
+`PulumiCommand(root=...)`, which runs `<root>/bin/pulumi`. It keeps each stack as a JSON file in
+the file backend's folder and answers the commands the SDK sends, in the shapes the SDK parses.
+`up` does not run the program (the programs are tested under mocks in tests/infra): it "creates"
+one instance per node of the spec in the stack's config and answers with agents, whose addresses
+come from $FAKE_PULUMI_AGENTS (a JSON list; real local agents in the engine tests) or are made up.
+
+Knobs: $FAKE_PULUMI_LOG (append each argv as a JSON line), $FAKE_PULUMI_FAIL=up|destroy (fail
+that command after doing half of it), $FAKE_PULUMI_SLOW_UP=SECONDS (sleep inside `up`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    args = [a for a in argv if a != "--non-interactive"]
+    if os.environ.get("FAKE_PULUMI_LOG"):
+        with open(os.environ["FAKE_PULUMI_LOG"], "a") as f:
+            f.write(json.dumps(args) + "\n")
+    if args == ["version"]:
+        print("v3.272.0")
+        return 0
+    backend = os.environ.get("PULUMI_BACKEND_URL", "")
+    if not backend.startswith("file://"):
+        return fail(f"error: the fake handles file:// backends only, not {backend!r}")
+    if not os.environ.get("PULUMI_CONFIG_PASSPHRASE"):
+        return fail("error: passphrase must be set with PULUMI_CONFIG_PASSPHRASE")
+    root = Path(backend.removeprefix("file://")) / ".fake"
+    root.mkdir(parents=True, exist_ok=True)
+    name = value_of(args, "--stack")
+    if args[:2] == ["stack", "init"]:
+        name = args[2]
+        if (root / f"{name}.json").exists():
+            return fail(f"error: stack '{name}' already exists")
+        save(root, name, {"config": {}, "resources": [], "outputs": {}, "history": []})
+        return 0
+    if args[:2] == ["stack", "rm"]:
+        name = args[-1]
+        state = load(root, name)
+        if state is None:
+            return fail(f"error: no stack named '{name}' found")
+        if state["resources"]:
+            return fail(f"error: '{name}' still has resources; removal rejected")
+        (root / f"{name}.json").unlink()
+        return 0
+    state = load(root, name) if name else None
+    if state is None:
+        return fail(f"error: no stack named '{name}' found")
+    if args[:2] == ["stack", "select"]:
+        return 0
+    if args[:2] == ["config", "set-all"]:
+        for flag, pair in zip(args, args[1:], strict=False):
+            if flag in ("--plaintext", "--secret"):
+                key, _, value = pair.partition("=")
+                state["config"][key] = {"value": value, "secret": flag == "--secret"}
+        save(root, name, state)
+        return 0
+    if args[:2] == ["stack", "output"]:
+        print(json.dumps(state["outputs"]))
+        return 0
+    if args[:2] == ["stack", "history"]:
+        print(json.dumps(state["history"][-1:]))
+        return 0
+    if args[0] == "up":
+        return up(root, name, state)
+    if args[0] == "destroy":
+        return destroy(root, name, state)
+    return fail(f"error: the fake does not know {' '.join(args)!r}")
+
+
+def up(root: Path, name: str, state: dict) -> int:
+    spec = json.loads(state["config"]["squall:spec"]["value"])
+    given = json.loads(Path(os.environ["FAKE_PULUMI_AGENTS"]).read_text()) if os.environ.get(
+        "FAKE_PULUMI_AGENTS"
+    ) else []
+    nodes = [(g["name"], i) for g in spec["node_groups"] for i in range(g["count"])]
+    failing = os.environ.get("FAKE_PULUMI_FAIL") == "up"
+    print(f"Updating ({name}):")
+    agents = []
+    for n, (group, i) in enumerate(nodes):
+        if failing and n == len(nodes) // 2:
+            save(root, name, state)
+            print(f"    {group}-{i}  creating failed", flush=True)
+            return fail(f"error: creating instance ({group}-{i}): InsufficientInstanceCapacity")
+        time.sleep(float(os.environ.get("FAKE_PULUMI_SLOW_UP", "0")) / max(len(nodes), 1))
+        state["resources"].append({"name": f"{group}-{i}", "tags": spec_tags(spec)})
+        save(root, name, state)
+        print(f" +  {group}-{i}  created", flush=True)
+        port = spec["network"]["agent_port"]
+        address = given[n] if n < len(given) else f"192.0.2.{n + 1}:{port}"
+        agents.append({"name": f"{group}-{i}", "group": group, "address": address})
+    state["outputs"] = {"agents": agents}
+    state["history"].append(entry("update", len(nodes)))
+    save(root, name, state)
+    print(f"Resources:\n    + {len(nodes)} created")
+    return 0
+
+
+def destroy(root: Path, name: str, state: dict) -> int:
+    print(f"Destroying ({name}):")
+    if os.environ.get("FAKE_PULUMI_FAIL") == "destroy" and state["resources"]:
+        gone = state["resources"].pop()
+        save(root, name, state)
+        print(f" -  {gone['name']}  deleted")
+        return fail("error: deleting security group: DependencyViolation")
+    while state["resources"]:
+        gone = state["resources"].pop()
+        print(f" -  {gone['name']}  deleted", flush=True)
+    state["outputs"] = {}
+    state["history"].append(entry("destroy", 0))
+    save(root, name, state)
+    return 0
+
+
+def spec_tags(spec: dict) -> dict:
+    return {"squall-run": spec["run_id"], "squall-expires-at": spec["expires_at"]}
+
+
+def entry(kind: str, count: int) -> dict:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {
+        "version": 1,
+        "kind": kind,
+        "startTime": now,
+        "endTime": now,
+        "message": "",
+        "environment": {},
+        "config": {},
+        "result": "succeeded",
+        "resourceChanges": {"create" if kind == "update" else "delete": count},
+    }
+
+
+def value_of(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def load(root: Path, name: str | None) -> dict | None:
+    path = root / f"{name}.json"
+    return json.loads(path.read_text()) if name and path.exists() else None
+
+
+def save(root: Path, name: str, state: dict) -> None:
+    tmp = root / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(root / f"{name}.json")
+
+
+def fail(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 255
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
