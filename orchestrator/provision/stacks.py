@@ -83,10 +83,14 @@ class StackDriver:
     def __init__(self, store: Store, settings: StackSettings) -> None:
         self.store = store
         self.settings = settings
+        self._cli: auto.PulumiCommand | None = None
 
     # ---- the Automation API -----------------------------------------------------------------
 
     def _command(self) -> auto.PulumiCommand:
+        """The CLI, found once (the SDK runs `pulumi version` to check it)."""
+        if self._cli is not None:
+            return self._cli
         try:
             from pulumi import automation as auto
         except ImportError:
@@ -96,7 +100,8 @@ class StackDriver:
             raise ProvisionError(
                 f"cloud sites need the pulumi CLI, which is not on PATH: {INSTALL_HINT}"
             )
-        return auto.PulumiCommand(root=str(Path(cli).resolve().parent.parent))
+        self._cli = auto.PulumiCommand(root=str(Path(cli).resolve().parent.parent))
+        return self._cli
 
     def _stack(self, name: str, spec: ClusterSpec | None) -> auto.Stack:
         """Select the run's stack (create it when `spec` is given). The inline program holds
@@ -280,9 +285,10 @@ def _lines(report: Report) -> Callable[[str], None]:
 
 
 def _why(exc: BaseException) -> str:
-    """One line: a CommandError's stderr says what went wrong; its repr is a page."""
-    stderr = getattr(exc, "stderr", None)
-    if stderr:
-        lines = [line for line in str(stderr).splitlines() if line.strip()]
-        return lines[-1].strip() if lines else type(exc).__name__
-    return str(exc) or type(exc).__name__
+    """One line. A CommandError's text is the whole output of the command (code, stdout,
+    stderr); the line that says what went wrong is its last `error:` line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else type(exc).__name__

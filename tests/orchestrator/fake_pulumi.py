@@ -80,9 +80,11 @@ def main(argv: list[str]) -> int:
 
 def up(root: Path, name: str, state: dict) -> int:
     spec = json.loads(state["config"]["squall:spec"]["value"])
-    given = json.loads(Path(os.environ["FAKE_PULUMI_AGENTS"]).read_text()) if os.environ.get(
-        "FAKE_PULUMI_AGENTS"
-    ) else []
+    given = (
+        json.loads(Path(os.environ["FAKE_PULUMI_AGENTS"]).read_text())
+        if os.environ.get("FAKE_PULUMI_AGENTS")
+        else []
+    )
     nodes = [(g["name"], i) for g in spec["node_groups"] for i in range(g["count"])]
     failing = os.environ.get("FAKE_PULUMI_FAIL") == "up"
     print(f"Updating ({name}):")
