@@ -8,10 +8,12 @@ from . import (
     agent_cmd,
     app_cmd,
     context_cmd,
+    doctor_cmd,
     federate_cmd,
     run_cmd,
     secret_cmd,
     server_cmd,
+    stack_cmd,
     workflow_cmd,
 )
 
@@ -40,6 +42,8 @@ app.add_typer(secret_cmd.app, name="secret")
 app.add_typer(federate_cmd.federate_app, name="federate")
 app.add_typer(federate_cmd.catalog_app, name="catalog")
 app.command(name="agent")(agent_cmd.agent)
+app.add_typer(stack_cmd.app, name="stack")
+app.command(name="doctor")(doctor_cmd.doctor)
 
 
 def _version(value: bool) -> None:

@@ -284,7 +284,10 @@ class Engine:
                     ],
                 },
             }
-        return self.clouds.up(spec, self._reporter_line(run_id, "provision"))
+        cluster = self.clouds.up(spec, self._reporter_line(run_id, "provision"))
+        with self.store.session() as s:
+            s.get_one(Run, run_id).site = cluster.site
+        return cluster
 
     def _down(self, run_id: str, cluster: Cluster) -> str:
         """Take the cluster down; what to add to the run's reason if that failed."""

@@ -85,8 +85,10 @@ def local_engine(settings: LocalSettings) -> Engine:
         data_dir=settings.data_dir,
         secrets=secrets,
         placer=Placer.from_environment(settings.site, secrets, store).decide,
-        clouds=CloudProvisioner(
-            StackDriver(store, StackSettings.from_environment(settings.data_dir)),
-            CloudSettings.from_environment(),
-        ),
+        clouds=CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment()),
     )
+
+
+def stack_driver(settings: LocalSettings, store: Store | None = None) -> StackDriver:
+    """The Pulumi stacks of this data directory's runs, and their ledger."""
+    return StackDriver(store or settings.store(), StackSettings.from_environment(settings.data_dir))

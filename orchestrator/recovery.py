@@ -21,7 +21,7 @@ from sqlalchemy import select
 from .data.staging import Staging
 from .engine import HEARTBEAT, TERMINAL, identity
 from .provision import AgentEndpoint, Cluster, Provisioner
-from .store import Agent, Event, Job, Run, RunState, Store, Task, TaskState
+from .store import Agent, Event, Job, Run, RunState, Stack, StackState, Store, Task, TaskState
 
 __all__ = ["orphaned_runs", "recover"]
 
@@ -64,6 +64,16 @@ def orphaned_runs(store: Store) -> list[str]:
     return orphans
 
 
+def _open_stack(store: Store, run_id: str) -> bool:
+    with store.session() as s:
+        return (
+            s.scalar(
+                select(Stack.id).where(Stack.run_id == run_id, Stack.state != StackState.DESTROYED)
+            )
+            is not None
+        )
+
+
 def recover(
     store: Store, provisioners: Mapping[str, Provisioner], staging: Staging
 ) -> list[tuple[str, str]]:
@@ -87,7 +97,9 @@ def recover(
             f"its orchestrator ({owner or 'none'}) stopped while it was {was.value}; "
             "the cluster was torn down"
         )
-        if agents and provisioner is None:
+        if _open_stack(store, run_id):
+            reason += "; its cloud stack stays open in the ledger until `squall stack gc`"
+        elif agents and provisioner is None:
             reason += f"; no provisioner for site {site!r} here: its agents may still run"
         kept = staging.release(run_id)
         if kept:
