@@ -1,0 +1,172 @@
+"""The engine on a cloud placement, end to end except for the cloud itself.
+
+No cloud and no `pulumi` CLI can be reached here, so: federation is forced onto aws:us-east-2
+from the test catalog; the Automation API drives tests/orchestrator/fake_pulumi.py through the
+SDK's CLI seam; and the "nodes" that stack reports are real local agents started by the test
+(the fake reads their addresses from $FAKE_PULUMI_AGENTS). The join token the real boot script
+would hand the nodes is fixed to the test agents' token by patching `secrets.token_urlsafe`.
+Everything after the stack (gRPC to the agents, crun containers, the store) is real.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.engine import Engine, request_cancel
+from orchestrator.fuzzfile import Workflow
+from orchestrator.placing import Placer
+from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice
+from orchestrator.provision.cloud import CloudProvisioner, CloudSettings
+from orchestrator.provision.stacks import StackDriver, StackSettings
+from orchestrator.store import Event, Run, RunState, Stack, StackState, Store
+from tests.substrate.registry import Registry
+
+CATALOG = Path(__file__).resolve().parents[1] / "catalog"
+TOKEN = "test-agents-token-0123456789abcdef"
+IMAGE = "image: {uri: docker://busybox:1.36}"
+SITE = "aws:us-east-2"
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Iterator[Cluster]:
+    """Two real agents standing in for the two cloud nodes the stack will report."""
+    monkeypatch.setattr("secrets.token_urlsafe", lambda n=32: TOKEN)
+    site = LocalProvisioner(
+        tmp_path / "nodes",
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+    )
+    cluster = site.up("nodes", [NodeSlice(cpus=(0, 1), memory_bytes=2**30)] * 2)
+    agents = tmp_path / "agents.json"
+    agents.write_text(json.dumps([a.address for a in cluster.agents]))
+    monkeypatch.setenv("FAKE_PULUMI_AGENTS", str(agents))
+    yield cluster
+    site.down(cluster)
+
+
+@pytest.fixture
+def engine(tmp_path: Path, nodes: Cluster) -> Engine:
+    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+
+    def never(_: Workflow) -> list[NodeSlice]:
+        raise AssertionError("a cloud run asked for local nodes")
+
+    return Engine(
+        store,
+        LocalProvisioner(tmp_path / "site"),
+        never,
+        data_dir=tmp_path / "data",
+        placer=Placer(catalog_dir=CATALOG, force_site=SITE).decide,
+        clouds=CloudProvisioner(
+            StackDriver(store, StackSettings(tmp_path / "stacks")),
+            CloudSettings(orchestrator_cidr="127.0.0.1/32", images={"aws": "ami-0123456789"}),
+        ),
+    )
+
+
+def two_jobs(second: str) -> str:
+    return "version: v4\n" + textwrap.dedent(f"""
+        jobs:
+          first:
+            {IMAGE}
+            command: [/bin/sh, -c, "echo first"]
+          second:
+            {IMAGE}
+            command: [/bin/sh, -c, "{second}"]
+    """)
+
+
+def stack_of(engine: Engine, run_id: str) -> Stack:
+    with engine.store.session() as s:
+        row = s.scalars(select(Stack).where(Stack.run_id == run_id)).one()
+        s.expunge(row)
+        return row
+
+
+def events(engine: Engine, run_id: str, kind: str) -> list[str]:
+    with engine.store.session() as s:
+        return list(
+            s.scalars(select(Event.message).where(Event.run_id == run_id, Event.kind == kind))
+        )
+
+
+def test_a_cloud_run_brings_its_stack_up_runs_on_its_agents_and_destroys_it(engine, fake_pulumi):
+    outcome = engine.run("me/cloud-ok", two_jobs("echo second"))
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    stack = stack_of(engine, outcome.run_id)
+    assert stack.name == f"squall-{outcome.run_id}"
+    assert (stack.state, stack.site) == (StackState.DESTROYED, SITE)
+    verbs = fake_pulumi.verbs()
+    assert verbs.index("up") < verbs.index("destroy") < verbs.index("stack rm")
+    with engine.store.session() as s:
+        run = s.get_one(Run, outcome.run_id)
+        assert run.site == SITE
+        cluster = run.placement["cluster"]
+        assert cluster["stack"] == stack.name
+        assert sum(g["count"] for g in cluster["groups"]) == 2
+    progress = events(engine, outcome.run_id, "provision")
+    assert any("created" in line for line in progress)  # `up`'s output, streamed
+    assert any("destroyed" in line for line in progress)
+
+
+def test_a_failed_job_still_destroys_the_stack(engine):
+    outcome = engine.run("me/cloud-fail", two_jobs("exit 3"))
+    assert outcome.state is RunState.FAILED
+    assert stack_of(engine, outcome.run_id).state is StackState.DESTROYED
+
+
+def test_a_cancelled_run_destroys_the_stack(engine):
+    run_id = engine.submit("me/cloud-cancel", two_jobs("sleep 300"))
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with engine.store.session() as s:
+                if s.get_one(Run, run_id).state is RunState.RUNNING:
+                    break
+            time.sleep(0.1)
+        request_cancel(engine.store, "me/cloud-cancel")
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    outcome = engine.execute(run_id)
+    canceller.join()
+    assert outcome.state is RunState.CANCELLED, outcome.reason
+    assert stack_of(engine, run_id).state is StackState.DESTROYED
+
+
+def test_a_failed_up_fails_the_run_with_the_reason_and_leaves_nothing(engine, monkeypatch):
+    monkeypatch.setenv("FAKE_PULUMI_FAIL", "up")
+    outcome = engine.run("me/cloud-noroom", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert "InsufficientInstanceCapacity" in outcome.reason
+    assert stack_of(engine, outcome.run_id).state is StackState.DESTROYED
+
+
+def test_without_the_cli_a_cloud_placement_fails_at_once_in_one_line(engine, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    outcome = engine.run("me/cloud-nocli", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert "pulumi CLI, which is not on PATH: install" in outcome.reason
+    assert "\n" not in outcome.reason
+    with engine.store.session() as s:
+        assert s.scalars(select(Stack)).all() == []
+
+
+def test_volumes_are_refused_on_a_cloud_site_before_anything_starts(engine, fake_pulumi):
+    text = two_jobs("echo second") + textwrap.dedent("""
+        volumes:
+          scratch: {reference: volume://user/ephemeral}
+    """)
+    outcome = engine.run("me/cloud-volumes", text)
+    assert outcome.state is RunState.FAILED
+    assert "volumes on cloud sites are not supported yet" in outcome.reason
+    assert "up" not in fake_pulumi.verbs()
