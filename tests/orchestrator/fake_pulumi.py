@@ -94,10 +94,10 @@ def up(root: Path, name: str, state: dict) -> int:
             save(root, name, state)
             print(f"    {group}-{i}  creating failed", flush=True)
             return fail(f"error: creating instance ({group}-{i}): InsufficientInstanceCapacity")
-        time.sleep(float(os.environ.get("FAKE_PULUMI_SLOW_UP", "0")) / max(len(nodes), 1))
         state["resources"].append({"name": f"{group}-{i}", "tags": spec_tags(spec)})
         save(root, name, state)
         print(f" +  {group}-{i}  created", flush=True)
+        time.sleep(float(os.environ.get("FAKE_PULUMI_SLOW_UP", "0")) / len(nodes))
         port = spec["network"]["agent_port"]
         address = given[n] if n < len(given) else f"192.0.2.{n + 1}:{port}"
         agents.append({"name": f"{group}-{i}", "group": group, "address": address})
