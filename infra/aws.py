@@ -256,14 +256,13 @@ def _group(
         tags=tags,
         opts=opts,
     )
+    version = template.latest_version.apply(str)
     agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
         node = aws.ec2.Instance(
             name,
-            launch_template=aws.ec2.InstanceLaunchTemplateArgs(
-                id=template.id, version=template.latest_version.apply(str)
-            ),
+            launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id, version=version),
             placement_group=placement_group.name if placement_group else None,
             root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
                 volume_size=group.disk_gib, volume_type="gp3", delete_on_termination=True

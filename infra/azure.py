@@ -141,7 +141,8 @@ def _group(
             proximity_placement_group=compute.SubResourceArgs(id=placement.id),
             tags=tags,
         )
-    script = base64.b64encode(startup_script(spec, group).encode()).decode()
+    script = pulumi.Output.secret(base64.b64encode(startup_script(spec, group).encode()).decode())
+    image = image_reference(group.image)
     agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
@@ -179,7 +180,7 @@ def _group(
             location=where,
             hardware_profile=compute.HardwareProfileArgs(vm_size=group.instance_type),
             storage_profile=compute.StorageProfileArgs(
-                image_reference=image_reference(group.image),
+                image_reference=image,
                 os_disk=compute.OSDiskArgs(
                     create_option="FromImage",
                     delete_option="Delete",
@@ -192,7 +193,7 @@ def _group(
             os_profile=compute.OSProfileArgs(
                 computer_name=name,
                 admin_username=ADMIN,
-                custom_data=pulumi.Output.secret(script),
+                custom_data=script,
                 linux_configuration=compute.LinuxConfigurationArgs(
                     disable_password_authentication=True,
                     ssh=compute.SshConfigurationArgs(
