@@ -98,3 +98,49 @@ def test_stack_destroy_refuses_an_unknown_run_and_doctor_reports_the_cli(tmp_pat
     no_cli = {**e, "PATH": str(tmp_path / "nowhere")}
     doctor = json.loads(squall(no_cli, "doctor", "-o", "json").stdout)
     assert not {c["check"]: c for c in doctor}["pulumi CLI"]["ok"]
+
+
+def test_gc_reports_aws_resources_tagged_by_a_run_the_ledger_does_not_explain(tmp_path):
+    """AWS is moto_server here (the Resource Groups Tagging API over EC2); nothing real."""
+    import boto3
+
+    from tests.orchestrator.servers import S3Server
+
+    moto = S3Server(tmp_path)
+    try:
+        ec2 = boto3.client(
+            "ec2",
+            endpoint_url=moto.endpoint,
+            region_name="us-east-2",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        leaked = "9b2e8c1d-0000-4000-8000-00000000beef"
+        ec2.run_instances(
+            ImageId="ami-12345678",
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": "squall-run", "Value": leaked}]}
+            ],
+        )
+        e = {
+            **env(tmp_path),
+            "SQUALL_AWS_ENDPOINT": moto.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
+        gc = squall(e, "stack", "gc", "--aws-region", "us-east-2", "-o", "json")
+        assert gc.returncode == 0, gc.stderr
+        report = json.loads(gc.stdout)
+        [orphan] = report["orphans"]
+        assert orphan["run_id"] == leaked
+        assert orphan["resource"].startswith("arn:aws:ec2:us-east-2:")
+        assert report["destroyed"] == []
+        # reported, never deleted
+        [reservation] = ec2.describe_instances()["Reservations"]
+        assert reservation["Instances"][0]["State"]["Name"] == "running"
+        text = squall(e, "stack", "gc", "--aws-region", "us-east-2")
+        assert f"untracked aws:us-east-2 {orphan['resource']} (squall-run={leaked})" in text.stdout
+    finally:
+        moto.stop()

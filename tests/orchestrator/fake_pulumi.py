@@ -14,6 +14,7 @@ that command after doing half of it), $FAKE_PULUMI_SLOW_UP=SECONDS (sleep inside
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
     if args[:2] == ["stack", "select"]:
         return 0
     if args[:2] == ["config", "set-all"]:
-        for flag, pair in zip(args, args[1:], strict=False):
+        for flag, pair in itertools.pairwise(args):
             if flag in ("--plaintext", "--secret"):
                 key, _, value = pair.partition("=")
                 state["config"][key] = {"value": value, "secret": flag == "--secret"}

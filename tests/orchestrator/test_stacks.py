@@ -62,7 +62,8 @@ def test_a_stack_is_recorded_configured_brought_up_and_destroyed_in_order(driver
         "stack rm",
     ]
     up = next(c for c in fake_pulumi.calls() if c[0] == "up" or c[1:2] == ["up"])
-    assert "--stack" in up and spec.stack_name in up
+    assert "--stack" in up
+    assert spec.stack_name in up
     assert fake_pulumi.stacks(driver.settings.state_dir / "state") == {}  # removed
     # the join token never went on a command line (the inline program holds it)
     assert all(TOKEN not in " ".join(c) for c in fake_pulumi.calls())
