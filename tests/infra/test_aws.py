@@ -6,14 +6,12 @@ from __future__ import annotations
 import base64
 import json
 
-import pulumi
 import pytest
 
 from federate.catalog import load
-from infra import program
 from infra.spec import Fabric, Network, NodeGroup
 
-from .mocks import RecordingMocks, install
+from .mocks import run
 from .specs import CATALOG, ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed
 
 INSTANCE = "aws:ec2/instance:Instance"
@@ -25,20 +23,6 @@ UNTAGGABLE = {
     "aws:ec2/routeTableAssociation:RouteTableAssociation",
     "aws:iam/rolePolicy:RolePolicy",
 }
-
-
-def run(spec, invokes=None) -> tuple[RecordingMocks, list[str]]:
-    """Build `spec`'s program under fresh mocks; return the record and the agent addresses."""
-    mocks = install(spec.stack_name, invokes)
-    seen: list[str] = []
-
-    @pulumi.runtime.test
-    def build():
-        agents = program.build(spec)
-        return pulumi.Output.all(*[a["address"] for a in agents]).apply(seen.extend)
-
-    build()
-    return mocks, seen
 
 
 def test_a_four_node_gpu_mpi_job_gets_efa_on_every_card_in_one_cluster_placement_group():

@@ -5,31 +5,16 @@ from __future__ import annotations
 
 import base64
 
-import pulumi
 import pytest
 
-from infra import program
 from infra.azure import accelerated_networking, image_reference
 
-from .mocks import RecordingMocks, install
+from .mocks import run
 from .specs import ORCHESTRATOR, TOKEN, cpu_job, placed
 
 VM = "azure-native:compute:VirtualMachine"
 PPG = "azure-native:compute:ProximityPlacementGroup"
 AVSET = "azure-native:compute:AvailabilitySet"
-
-
-def run(spec) -> tuple[RecordingMocks, list[str]]:
-    mocks = install(spec.stack_name)
-    seen: list[str] = []
-
-    @pulumi.runtime.test
-    def build():
-        agents = program.build(spec)
-        return pulumi.Output.all(*[a["address"] for a in agents]).apply(seen.extend)
-
-    build()
-    return mocks, seen
 
 
 def hpc_mpi(nodes: int = 4):

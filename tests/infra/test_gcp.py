@@ -3,14 +3,13 @@ goes to tests/infra/mocks.py, which records it and answers as Compute Engine wou
 
 from __future__ import annotations
 
-import pulumi
 import pytest
 
-from infra import program
 from infra.gcp import accelerator, machine_type, tier_1
 from infra.spec import NodeGroup
 
-from .mocks import RecordingMocks, install
+from .mocks import RecordingMocks
+from .mocks import run as build_under_mocks
 from .specs import ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed
 
 INSTANCE = "gcp:compute/instance:Instance"
@@ -19,16 +18,7 @@ ZONES = {"gcp:compute/getZones:getZones": {"names": ["us-east1-b", "us-east1-c"]
 
 
 def run(spec) -> tuple[RecordingMocks, list[str]]:
-    mocks = install(spec.stack_name, ZONES)
-    seen: list[str] = []
-
-    @pulumi.runtime.test
-    def build():
-        agents = program.build(spec)
-        return pulumi.Output.all(*[a["address"] for a in agents]).apply(seen.extend)
-
-    build()
-    return mocks, seen
+    return build_under_mocks(spec, ZONES)
 
 
 @pytest.mark.parametrize(("model", "family"), [("H100", "a3-"), ("A100", "a2-")])
