@@ -337,9 +337,15 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
     server.communicate()
     # the agents notice their owner is gone and stop, with their containers
     wait_for("the agents to stop", lambda: agents_of(run_id) == [], timeout=30)
-    assert (
-        "sleep 300"
-        not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    # and their containers: crun's init dies with crun, and the kernel then kills the rest
+    # of the container's PID namespace, which can take a moment after the agent has gone
+    wait_for(
+        "the container's processes to end",
+        lambda: (
+            "sleep 300"
+            not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        ),
+        timeout=10,
     )
     # the run is still recorded as running, by a dead owner, until an orchestrator starts
     env.vars["SQUALL_CONTEXT"] = "local"
