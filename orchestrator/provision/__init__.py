@@ -1,8 +1,9 @@
 """Provisioners turn a placement into a running cluster of substrate agents, and back.
 
-One protocol, one module per kind of site: `local` (agents as processes on this machine) now,
-the Pulumi-driven cloud provisioner later. The engine talks to whatever comes up only through
-the agents' gRPC API.
+`local` runs agents as processes on this machine. `cloud` sizes a `ClusterSpec` from
+federation's estimate and brings it up as a Pulumi stack (`stacks`, with the ledger that
+`squall stack gc` works from). Either way, the engine talks to what comes up only through the
+agents' gRPC API.
 """
 
 from .base import AgentEndpoint, Cluster, NodeSlice, Provisioner, ProvisionError
