@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .live import TERMINAL
 from .output import EXIT_INVALID, Format, die, err, out, print_json
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def destroy(
     if entry and entry["state"] == "DESTROYED":
         err.print(f"{escape(name)} was destroyed already")
         return
-    if entry and entry["run_state"] not in (None, "FINISHED", "FAILED", "CANCELLED") and not force:
+    if entry and entry["run_state"] not in (None, *TERMINAL) and not force:
         die(
             f"run {entry['run']} is {entry['run_state']}: cancel it first "
             "(squall workflow cancel), or pass --force",

@@ -38,13 +38,13 @@ from .provision.cloud import CloudProvisioner
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference
-from .store import Agent, Event, Job, Run, RunState, Store, Task, Volume
+from .store import RUN_ENDED, Agent, Event, Job, Run, RunState, Store, Task, Volume
 from .views import run_named
 
 __all__ = ["HEARTBEAT", "TERMINAL", "Engine", "RunOutcome", "identity", "request_cancel"]
 
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
-TERMINAL = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
+TERMINAL = RUN_ENDED
 
 
 def identity() -> str:

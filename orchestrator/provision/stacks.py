@@ -28,7 +28,7 @@ from sqlalchemy import select
 from infra.config import SPEC_KEY, spec_config
 from infra.spec import ClusterSpec
 
-from ..store import Run, RunState, Stack, StackState, Store
+from ..store import RUN_ENDED, Run, Stack, StackState, Store
 from .base import ProvisionError
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ INSTALL_HINT = (
     "manager) and put it on PATH; `squall doctor` checks"
 )
 SDK_HINT = "install Squall's cloud extra: pip install 'squall[cloud]'"
-_ENDED = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
 
 Report = Callable[[str], None]
 
@@ -253,7 +252,7 @@ class StackDriver:
                 st.name
                 for st, run in rows
                 if run is None
-                or run.state in _ENDED
+                or run.state in RUN_ENDED
                 or (st.expires_at is not None and _aware(st.expires_at) <= now)
             ]
 

@@ -1,6 +1,7 @@
 """The orchestrator's state: SQLAlchemy models, SQLite or PostgreSQL, Alembic migrations."""
 
 from .models import (
+    RUN_ENDED,
     Agent,
     Attempt,
     Base,
@@ -19,6 +20,7 @@ from .models import (
 from .store import Store, default_url
 
 __all__ = [
+    "RUN_ENDED",
     "Agent",
     "Attempt",
     "Base",

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "RUN_ENDED",
     "Agent",
     "Attempt",
     "Base",
@@ -91,6 +92,9 @@ class TransferState(enum.Enum):
     RUNNING = "RUNNING"
     DONE = "DONE"
     FAILED = "FAILED"
+
+
+RUN_ENDED = (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)  # nothing more happens
 
 
 class StackState(enum.Enum):
