@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,26 +197,24 @@ class Engine:
         placement, chosen = decision.record, decision.chosen
         site = placement.get("site")
         cloud = chosen is not None and chosen.site.kind == "cloud" and self.clouds is not None
+        refused = ""
         if site != self.provisioner.site and not cloud:
-            with self.store.session() as s:
-                s.get_one(Run, run_id).placement = placement
-            return RunState.FAILED, _not_here(placement, self.provisioner.site), None
-        if cloud and wf.volumes:
-            with self.store.session() as s:
-                s.get_one(Run, run_id).placement = placement
-            return (
-                RunState.FAILED,
+            refused = _not_here(placement, self.provisioner.site)
+        elif cloud and wf.volumes:
+            refused = (
                 f"federation placed it on {site}, and volumes on cloud sites are not "
-                "supported yet (only on this machine): run it with --site local",
-                None,
+                "supported yet (only on this machine): run it with --site local"
             )
-        nodes = [] if cloud else self.nodes(wf)
-        placement["nodes"] = [
-            {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
-            for n in nodes
-        ]
+        nodes = [] if cloud or refused else self.nodes(wf)
+        if nodes:
+            placement["nodes"] = [
+                {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
+                for n in nodes
+            ]
         with self.store.session() as s:
             s.get_one(Run, run_id).placement = placement
+        if refused:
+            return RunState.FAILED, refused, None
         if placement.get("estimate"):
             estimate = placement["estimate"]
             self._event(
@@ -284,7 +283,7 @@ class Engine:
                     ],
                 },
             }
-        cluster = self.clouds.up(spec, self._reporter_line(run_id, "provision"))
+        cluster = self.clouds.up(spec, partial(self._reporter(run_id, "provision"), ""))
         with self.store.session() as s:
             s.get_one(Run, run_id).site = cluster.site
         return cluster
@@ -295,13 +294,10 @@ class Engine:
             self.provisioner.down(cluster)
             return ""
         try:
-            self.clouds.down(cluster, self._reporter_line(run_id, "provision"))
+            self.clouds.down(cluster, partial(self._reporter(run_id, "provision"), ""))
         except ProvisionError as exc:
             return f"; {exc} (`squall stack gc` retries)"
         return ""
-
-    def _reporter_line(self, run_id: str, kind: str) -> Callable[[str], None]:
-        return lambda message: self._event(run_id, kind, message)
 
     def retry_egress(self, name: str, *, release: bool = False) -> list[str]:
         """Retry the failed egress of an ended run (or, with `release`, give up and free
