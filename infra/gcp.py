@@ -163,6 +163,7 @@ def _group(
         instance_termination_action="DELETE" if group.spot else None,
     )
     script = pulumi.Output.secret(startup_script(spec, group))
+    node_labels = {**labels(spec), "squall-group": group.name}
     agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
@@ -202,7 +203,7 @@ def _group(
             scheduling=scheduling,
             resource_policies=policy.self_link if policy else None,
             metadata_startup_script=script,
-            labels={**labels(spec), "squall-group": group.name},
+            labels=node_labels,
             tags=[tag],
             allow_stopping_for_update=False,
             opts=opts,
