@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -27,11 +26,9 @@ from infra.spec import Bootstrap, ClusterSpec, Network
 
 from .base import AgentEndpoint, Cluster, ProvisionError
 from .cluster_spec import DEFAULT_TTL, cluster_spec
-from .stacks import StackDriver
+from .stacks import Report, StackDriver
 
 __all__ = ["CloudProvisioner", "CloudSettings"]
-
-Report = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
