@@ -339,14 +339,26 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
     wait_for("the agents to stop", lambda: agents_of(run_id) == [], timeout=30)
     # and their containers: crun's init dies with crun, and the kernel then kills the rest
     # of the container's PID namespace, which can take a moment after the agent has gone
-    wait_for(
-        "the container's processes to end",
-        lambda: (
-            "sleep 300"
-            not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-        ),
-        timeout=10,
-    )
+    try:
+        wait_for(
+            "the container's processes to end",
+            lambda: (
+                "sleep 300"
+                not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+            ),
+            timeout=10,
+        )
+    except AssertionError:  # say which processes, where, so that a leak can be traced
+        ps = subprocess.run(
+            ["ps", "-eo", "pid,ppid,pgid,sid,stat,etime,args"], capture_output=True, text=True
+        ).stdout
+        left = [line.split() for line in ps.splitlines() if "sleep 300" in line]
+        where = {
+            pid: Path(f"/proc/{pid}/cgroup").read_text(errors="replace")
+            for pid, *_ in left
+            if Path(f"/proc/{pid}/cgroup").exists()
+        }
+        raise AssertionError(f"still running: {left}; cgroups: {where}; ps:\n{ps}") from None
     # the run is still recorded as running, by a dead owner, until an orchestrator starts
     env.vars["SQUALL_CONTEXT"] = "local"
     assert status()["state"] == "RUNNING"
