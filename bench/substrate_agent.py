@@ -157,7 +157,7 @@ def main() -> None:
         search_registries=(registry.address,),
         insecure_registries=(registry.address,),
     )
-    agent = Agent(config, read_inventory(), available(config.data_dir))
+    agent = Agent(config, read_inventory(), available(config.data_dir, config.userns, weak=True))
     agent.start()
     server, port = create_server(agent)
     channel, stub = connect(f"127.0.0.1:{port}", "bench")

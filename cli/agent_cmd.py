@@ -32,12 +32,26 @@ def agent(
     insecure_registry: list[str] = typer.Option(
         [], help="Registry reached over plain HTTP, repeatable (local test registries)."
     ),
+    weak_runtimes: bool = typer.Option(
+        False,
+        help="Also offer bwrap and process, which confine jobs less than crun (development).",
+    ),
+    pod_network: bool = typer.Option(
+        True, help="Jobs get a namespace on the node's bridge; --no-pod-network: loopback only."
+    ),
+    deny_network: list[str] = typer.Option(
+        [], help="CIDR jobs may never reach (the control plane's address), repeatable."
+    ),
 ) -> None:
     """Run a node agent until interrupted.
 
     The agent serves the node API (leases, tasks, logs, exec, port-forward) over gRPC.
     Several agents can share one machine, each owning a slice given by --cpus and --memory.
     It prints `listening on HOST:PORT` first, then logs to stderr.
+
+    Jobs run confined (crun: user namespace, seccomp, minimal capabilities, default
+    devices, a network namespace of their own that cannot reach this machine); README.md
+    says what a job can and cannot do to its node.
 
     **Examples**
 
@@ -61,10 +75,15 @@ def agent(
         argv += ["--gpus", gpus]
     if default_runtime:
         argv += ["--default-runtime", default_runtime]
+    if weak_runtimes:
+        argv.append("--weak-runtimes")
+    if not pod_network:
+        argv.append("--no-pod-network")
     for flag, values in (
         ("--label", label),
         ("--search-registry", search_registry),
         ("--insecure-registry", insecure_registry),
+        ("--deny-network", deny_network),
     ):
         for value in values:
             argv += [flag, value]

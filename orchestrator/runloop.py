@@ -76,6 +76,7 @@ class _Active:
     node: int  # index into the cluster's agents
     lease_id: str
     agent_task_id: str = ""
+    address: str = ""  # on its node's pod network (where a service is reached)
     stopping: bool = False  # a service we stopped, or a task we cancelled
 
 
@@ -346,6 +347,7 @@ class RunLoop:
             self.active[key] = active
             return
         active.agent_task_id = reply.task_id
+        active.address = reply.address or self.hosts[node]
         probe = isinstance(container, Service) and container.readiness_probe is not None
         state = TaskState.RUNNING if probe or isinstance(container, Job) else TaskState.READY
         with self.store.session() as s:
@@ -360,7 +362,7 @@ class RunLoop:
         self.phase[key] = _PHASE[state]
         self.active[key] = active
         if isinstance(container, Service):
-            self.service_host[key.name] = self.hosts[node]
+            self.service_host[key.name] = active.address
             if probe:
                 threading.Thread(target=self._probe, args=(container, active), daemon=True).start()
         threading.Thread(target=self._await, args=(active,), daemon=True).start()
@@ -394,7 +396,7 @@ class RunLoop:
                 pb.Mount(source=str(self.mounts[m.volume]), destination=m.path) for m in c.mounts
             ],
             files=[pb.File(path=p, content=data) for p, data in files.items()],
-            network=pb.NETWORK_ISOLATED if isolated else pb.NETWORK_HOST,
+            network=pb.NETWORK_ISOLATED if isolated else pb.NETWORK_POD,
             timeout_seconds=timeout or 0,
         )
 
@@ -407,7 +409,7 @@ class RunLoop:
         probe = service.readiness_probe
         assert probe is not None
         ports = {p.name: p.port for p in service.ports}
-        stub, host = self.stubs[active.node], self.hosts[active.node]
+        stub, host = self.stubs[active.node], active.address
 
         def run_exec(command: list[str], timeout: float) -> int:
             return _exec_exit_code(stub, active.agent_task_id, command, timeout)

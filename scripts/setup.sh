@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install Squall into it.
 #   --runtime  also the tools that run workflows on this machine: crun/bubblewrap, skopeo,
-#              umoci, and (for the demo's local images) docker-registry and busybox-static
+#              umoci, the default seccomp profile, nftables and iproute2 (jobs' confinement and
+#              network), and (for the demo's local images) docker-registry and busybox-static
 #   --test     the runtime tools, PostgreSQL, openssl, and the test and lint tools
 # Installs what is missing from Debian when we are root.
 set -euo pipefail
@@ -32,9 +33,12 @@ if [[ -n "$runtime" ]]; then
   # container tools, a registry and an image to build from; the tests add PostgreSQL
   missing=()
   for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
-              busybox:busybox-static taskset:util-linux nsenter:util-linux; do
+              busybox:busybox-static taskset:util-linux nsenter:util-linux nft:nftables \
+              ip:iproute2; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
+  # the seccomp profile Podman and CRI-O use, which job containers run under
+  [[ -f /usr/share/containers/seccomp.json ]] || missing+=(golang-github-containers-common)
   if [[ -n "$extras" ]]; then
     command -v openssl >/dev/null || missing+=(openssl)
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)

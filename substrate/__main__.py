@@ -16,8 +16,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .agent import Agent, AgentConfig
+from .agent import USERNS_BASE, Agent, AgentConfig
+from .confine import ConfinementError
 from .inventory import parse_cpu_list, read_inventory
+from .network import DENY, POOL, NetworkError
 from .runtimes import available
 from .server import create_server
 
@@ -43,6 +45,36 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="registry reached over plain HTTP (a local test registry)",
+    )
+    p.add_argument(
+        "--weak-runtimes",
+        action="store_true",
+        help="also offer bwrap and process, which confine jobs less than crun (no user "
+        "namespace or seccomp profile; process runs on the host): for development",
+    )
+    p.add_argument(
+        "--userns-base",
+        type=int,
+        default=USERNS_BASE,
+        help="host uid (and gid) that root in a job's container maps to; the 65535 after it "
+        f"are the container's other users (default {USERNS_BASE})",
+    )
+    p.add_argument(
+        "--no-pod-network",
+        action="store_true",
+        help="give jobs loopback alone instead of a namespace on the node's bridge",
+    )
+    p.add_argument(
+        "--pod-pool",
+        default=POOL,
+        help=f"where the node's container subnet (a free /24) is taken from (default {POOL})",
+    )
+    p.add_argument(
+        "--deny-network",
+        action="append",
+        default=[],
+        help="a CIDR jobs may never reach, such as the control plane's address; repeatable "
+        f"(always: {', '.join(DENY)})",
     )
     p.add_argument(
         "--owner-pid",
@@ -100,9 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         labels=labels,
         search_registries=tuple(args.search_registry) or ("docker.io",),
         insecure_registries=tuple(args.insecure_registry),
+        userns_base=args.userns_base,
+        pod_network=not args.no_pod_network,
+        pod_pool=args.pod_pool,
+        deny_networks=(*DENY, *args.deny_network),
     )
-    agent = Agent(config, inventory, available(args.data_dir))
-    agent.start()
+    try:
+        runtimes = available(args.data_dir, config.userns, weak=args.weak_runtimes)
+        agent = Agent(config, inventory, runtimes)
+        agent.start()
+    except (ConfinementError, NetworkError) as exc:
+        print(f"substrate: {exc}", file=sys.stderr)
+        return 2
     server, port = create_server(agent, args.listen)
     host = args.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{port}", flush=True)

@@ -11,17 +11,20 @@ from pathlib import Path
 
 from . import __version__
 from .cgroups import Cgroups
+from .confine import UserNamespace
 from .images import ImageCache, ImageError
 from .inventory import Inventory
 from .leases import Lease, LeaseSpec, LeaseTable
 from .logstore import LogStore
-from .runtimes import Runtime, TaskSpec
+from .network import DENY, POOL, PodNetwork
+from .runtimes import CrunRuntime, Runtime, TaskSpec
 from .tasks import Task, TaskError, TaskManager
 
 __all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger("substrate")
-OCI_RUNTIMES = ("crun", "bwrap")  # preferred first
+OCI_RUNTIMES = ("crun", "bwrap")  # preferred first (bwrap only where it was accepted)
+USERNS_BASE = 0x60000000  # host uid of root in job containers (and the 65535 after it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,14 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     search_registries: tuple[str, ...] = ("docker.io",)
     insecure_registries: tuple[str, ...] = ()
+    userns_base: int = USERNS_BASE
+    pod_network: bool = True  # job containers on the node's bridge (False: loopback only)
+    pod_pool: str = POOL
+    deny_networks: tuple[str, ...] = DENY  # never forwarded to from a job
+
+    @property
+    def userns(self) -> UserNamespace:
+        return UserNamespace(self.userns_base)
 
     @property
     def agent_id(self) -> str:
@@ -52,10 +63,18 @@ class Agent:
         self.leases = LeaseTable(inventory)
         self.logs = LogStore(config.data_dir / "logs")
         self.images = ImageCache(
-            config.data_dir / "images", config.search_registries, config.insecure_registries
+            config.data_dir / "images",
+            config.search_registries,
+            config.insecure_registries,
+            userns=config.userns,
         )
         self.cgroups = Cgroups(config.agent_id)
-        self.tasks = TaskManager(config.data_dir, self.logs, runtimes, self.cgroups)
+        self.network = (
+            PodNetwork(config.agent_id, pool=config.pod_pool, deny=config.deny_networks)
+            if config.pod_network
+            else None
+        )
+        self.tasks = TaskManager(config.data_dir, self.logs, runtimes, self.cgroups, self.network)
         self.default_runtime = config.default_runtime or next(
             (name for name in OCI_RUNTIMES if name in runtimes), ""
         )
@@ -65,11 +84,20 @@ class Agent:
     def start(self) -> None:
         for task_id in self.tasks.reap_orphans(log.warning):
             log.warning("reaped task %s", task_id)
+        if self.network is not None:
+            self.network.start()
         self._expirer.start()
 
     def stop(self) -> None:
+        """Refuse new work, end every task (and anything left in their cgroups), then
+        remove the node's network and cgroups."""
         self._stop.set()
         self.tasks.shutdown()
+        if self.network is not None:
+            self.network.stop()
+        for runtime in self.runtimes.values():
+            if isinstance(runtime, CrunRuntime):
+                runtime.remove_roots()
         self.cgroups.remove_parent()
 
     # ---- leases -----------------------------------------------------------------------

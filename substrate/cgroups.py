@@ -1,10 +1,12 @@
-"""Per-task cgroups: CPU pinning, memory and process-count limits, and OOM-kill detection.
+"""Per-task cgroups: CPU pinning, memory and process-count limits, the device allow-list,
+and OOM-kill detection.
 
 The agent owns `squall/<agent id>/` in every hierarchy and makes one child per task. Works on
-cgroup v1 (one directory per controller: cpuset, memory, pids; the hybrid layout of this
-project's VMs) and on v2 (one unified directory). A task joins its cgroup through a tiny
-shell wrapper that writes its own pid to `cgroup.procs` and then execs the task, so nothing
-runs between fork and exec in the (threaded) agent.
+cgroup v1 (one directory per controller: cpuset, memory, pids, devices; the hybrid layout of
+this project's VMs) and on v2 (one unified directory; device rules there are eBPF programs,
+which this agent does not load: see `confine.py` for what keeps devices out on v2). A task
+joins its cgroup through a tiny shell wrapper that writes its own pid to `cgroup.procs` and
+then execs the task, so nothing runs between fork and exec in the (threaded) agent.
 
 Without root or a writable cgroup tree, `Cgroups.available` is false and tasks run without
 limits (CPU pinning then falls back to `taskset`).
@@ -12,15 +14,20 @@ limits (CPU pinning then falls back to `taskset`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .confine import Device
+
 __all__ = ["Cgroups", "TaskCgroup"]
 
-V1_CONTROLLERS = ("cpuset", "memory", "pids")
+V1_CONTROLLERS = ("cpuset", "memory", "pids", "devices")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +108,21 @@ class Cgroups:
         )
         TaskCgroup(tuple(dirs), self.version).remove(attempts=5)
 
+    def kill_all(self, rounds: int = 100) -> None:
+        """SIGKILL every process in every task cgroup of this agent, until none is left,
+        and remove those cgroups (a process that escaped its task's process group, such as
+        a container started in a session of its own, is still in its cgroup)."""
+        for cgroup in self.leftovers():
+            for _ in range(rounds):
+                pids = cgroup.pids()
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.01)
+            cgroup.remove()
+
     def leftovers(self) -> list[TaskCgroup]:
         """Task cgroups that exist under this agent's parent (from an agent that died)."""
         if self.version == 1:
@@ -117,10 +139,20 @@ class Cgroups:
         return []
 
     def create(
-        self, task_id: str, *, cpus: tuple[int, ...], memory_bytes: int = 0, pids_max: int = 0
+        self,
+        task_id: str,
+        *,
+        cpus: tuple[int, ...],
+        memory_bytes: int = 0,
+        pids_max: int = 0,
+        devices: Sequence[Device] | None = None,
     ) -> TaskCgroup:
+        """A task's cgroup; `devices` (None: any) are the only devices it may open."""
         if self.version == 1:
-            return self._create_v1(task_id, cpus, memory_bytes, pids_max)
+            group = self._create_v1(task_id, cpus, memory_bytes, pids_max)
+            if devices is not None:
+                allow_devices_v1(group.dirs[3], devices)
+            return group
         if self.version == 2:
             return self._create_v2(task_id, cpus, memory_bytes, pids_max)
         raise OSError("cgroups are not available to this agent (not root, or no cgroupfs)")
@@ -140,7 +172,7 @@ class Cgroups:
                         for f in ("cpuset.cpus", "cpuset.mems"):
                             (path / f).write_text((parent / f).read_text())
             dirs.append(path)
-        cpuset, memory, pids = dirs
+        cpuset, memory, pids, _ = dirs
         if cpus:
             (cpuset / "cpuset.cpus").write_text(",".join(map(str, cpus)))
         if memory_bytes:
@@ -172,3 +204,10 @@ class Cgroups:
         if pids_max:
             (task / "pids.max").write_text(str(pids_max))
         return TaskCgroup((task,), 2)
+
+
+def allow_devices_v1(cgroup: Path, devices: Sequence[Device]) -> None:
+    """Deny every device, then allow `devices` (read, write, mknod as the rules say)."""
+    (cgroup / "devices.deny").write_text("a")
+    for device in devices:
+        (cgroup / "devices.allow").write_text(device.cgroup_rule())

@@ -3,7 +3,8 @@
 
 Layout under `<data>/images/`:
     oci/          one OCI image layout holding every pulled image (blobs shared by digest)
-    rootfs/<d>/   the unpacked root filesystem of the manifest with digest <d>
+    rootfs/<d>/   the unpacked root filesystem of the manifest with digest <d>, its owners
+                  shifted into the jobs' user namespace (`<d>-u<base>`) when there is one
     sif/<d>.sif   a SIF file, by the digest of its blob
     refs.json     resolved reference -> digest (a pulled tag is reused, not re-pulled)
 
@@ -24,6 +25,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .confine import UserNamespace
 
 __all__ = ["Image", "ImageCache", "ImageError", "parse_reference"]
 
@@ -105,10 +108,12 @@ class ImageCache:
         root: Path,
         search_registries: tuple[str, ...] = ("docker.io",),
         insecure_registries: tuple[str, ...] = (),
+        userns: UserNamespace | None = None,
     ) -> None:
         self.root = root
         self.search = search_registries
         self.insecure = set(insecure_registries)
+        self.userns = userns
         (root / "rootfs").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._pulls: dict[str, _Pull] = {}
@@ -186,7 +191,7 @@ class ImageCache:
 
         def cached() -> Image | None:
             digest = self._refs().get(key)
-            if digest and (self.root / "rootfs" / _hex(digest)).is_dir():
+            if digest and self._rootfs(digest).is_dir():
                 return self._image(key, digest, cached=True)
             return None
 
@@ -265,13 +270,14 @@ class ImageCache:
             if proc.wait() != 0:
                 raise ImageError(f"pull of {key} failed: {_reason(err)}")
         digest = self._manifest_digest(layout, tag)
-        target = self.root / "rootfs" / _hex(digest)
+        target = self._rootfs(digest)
         if not target.is_dir():
             progress(f"unpacking {digest[:19]}")
             staging = Path(tempfile.mkdtemp(dir=self.root / "rootfs", prefix=".unpack-"))
             shutil.rmtree(staging)
+            shift = self.userns.umoci_flags() if self.userns is not None else []
             result = subprocess.run(
-                ["umoci", "raw", "unpack", "--image", f"{layout}:{tag}", str(staging)],
+                ["umoci", "raw", "unpack", *shift, "--image", f"{layout}:{tag}", str(staging)],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -299,13 +305,17 @@ class ImageCache:
         return Image(
             reference=key,
             digest=digest,
-            rootfs=self.root / "rootfs" / _hex(digest),
+            rootfs=self._rootfs(digest),
             env=tuple(c.get("Env") or ()),
             entrypoint=tuple(c.get("Entrypoint") or ()),
             cmd=tuple(c.get("Cmd") or ()),
             workdir=c.get("WorkingDir") or "",
             cached=cached,
         )
+
+    def _rootfs(self, digest: str) -> Path:
+        suffix = f"-u{self.userns.base}" if self.userns is not None else ""
+        return self.root / "rootfs" / f"{_hex(digest)}{suffix}"
 
 
 def _hex(digest: str) -> str:

@@ -75,6 +75,7 @@ def _status_pb(task: Task) -> pb.TaskStatus:
         finished_at=task.finished_at,
         message=task.message,
         pid=task.pid,
+        address=task.address,
     )
 
 
@@ -225,7 +226,8 @@ class AgentServicer(rpc.AgentServicer):
             timeout=request.timeout_seconds,
             script=request.script,
         )
-        return pb.RunResponse(task_id=self.agent.run(spec, request.lease_id).id)
+        task = self.agent.run(spec, request.lease_id)
+        return pb.RunResponse(task_id=task.id, address=task.address)
 
     @_status_codes
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.TaskStatus:

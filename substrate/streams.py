@@ -210,10 +210,9 @@ def port_forward_stream(
     port = first.start.port
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is outside 1-65535")
+    own_network = task.spec.isolated_network or bool(task.spec.netns)
     netns_pid = (
-        agent.runtimes[task.spec.runtime].namespace_pid(task.pid, task.dir)
-        if task.spec.isolated_network
-        else None
+        agent.runtimes[task.spec.runtime].namespace_pid(task.pid, task.dir) if own_network else None
     )
     try:
         conn = connect_in_netns(netns_pid, port)

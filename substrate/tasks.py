@@ -22,9 +22,12 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any
 
+from . import network
 from .cgroups import Cgroups, TaskCgroup
+from .confine import DEFAULT_DEVICES, device_of
 from .images import Image
 from .logstore import STDERR, STDOUT, LogStore, LogWriter
+from .network import NetworkError, PodNetwork
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec
 
@@ -70,6 +73,7 @@ class Task:
     cgroup: TaskCgroup | None = None
     done: threading.Event = field(default_factory=threading.Event)
     stop_reason: TaskState | None = None  # set when the agent ends it (cancel, timeout)
+    address: str = ""  # on the node's pod network (empty: none, or an isolated network)
 
 
 SCRIPT_PATH = "/.squall/script"
@@ -106,15 +110,22 @@ class TaskManager:
     """Starts, watches, signals and cancels the tasks of one agent."""
 
     def __init__(
-        self, data_dir: Path, logs: LogStore, runtimes: dict[str, Runtime], cgroups: Cgroups
+        self,
+        data_dir: Path,
+        logs: LogStore,
+        runtimes: dict[str, Runtime],
+        cgroups: Cgroups,
+        network: PodNetwork | None = None,
     ) -> None:
         self.root = data_dir / "tasks"
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs = logs
         self.runtimes = runtimes
         self.cgroups = cgroups
+        self.network = network
         self._tasks: dict[str, Task] = {}
         self._lock = threading.Lock()
+        self._stopping = False  # set once: no task starts after it
 
     # ---- queries ------------------------------------------------------------------
 
@@ -149,22 +160,30 @@ class TaskManager:
         if runtime is None:
             have = ", ".join(sorted(self.runtimes))
             raise TaskError(f"unknown runtime {spec.runtime!r}; this node has: {have}")
+        if self._is_stopping():
+            raise TaskError("this agent is stopping: it starts no more tasks")
         task_id = uuid.uuid4().hex[:12]
         task_dir = self.root / task_id
         task_dir.mkdir(parents=True)
         spec = _with_script(spec, runtime, task_dir)
         task = Task(task_id, spec, lease_id, cpus, task_dir, image=image)
         try:
+            if self.network is not None and runtime.needs_image and not spec.isolated_network:
+                attached = self.network.attach(task_id)
+                spec = task.spec = replace(spec, netns=attached.netns)
+                task.address = attached.address
             launch = runtime.launch(spec, cpus, task.dir, image)
-        except RuntimeRefused as exc:
-            runtime.release(task.dir)
+        except (RuntimeRefused, NetworkError) as exc:
+            self._release(task)
             raise TaskError(str(exc)) from None
         if self.cgroups.available:
+            devices = [*DEFAULT_DEVICES, *(device_of(n) for n in spec.device_nodes)]
             task.cgroup = self.cgroups.create(
-                task_id, cpus=cpus, memory_bytes=memory_bytes, pids_max=PIDS_MAX
+                task_id, cpus=cpus, memory_bytes=memory_bytes, pids_max=PIDS_MAX, devices=devices
             )
-        with self._lock:
-            self._tasks[task_id] = task
+        if not self._register(task):  # the agent began to stop while it was prepared
+            self._clean_up(task)
+            raise TaskError("this agent is stopping: it starts no more tasks")
         writer = self.logs.writer(task_id)
         try:
             task.proc = self.popen(task, launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -174,7 +193,11 @@ class TaskManager:
             reason = f"cannot start {launch.argv[0]!r}: {exc.strerror or exc}"
             self._finish(task, TaskState.FAILED, message=reason)
             return task
-        task.pid = task.proc.pid
+        with self._lock:
+            task.pid = task.proc.pid
+            stopped_before_start = task.stop_reason is not None
+        if stopped_before_start:  # cancelled (or the agent stopped) while it was starting
+            self._kill_group(task, signal.SIGKILL)
         task.started_at = time.time()
         self._save(task)
         pumps = [
@@ -186,14 +209,37 @@ class TaskManager:
         threading.Thread(target=self._watch, args=(task, pumps, writer), daemon=True).start()
         return task
 
+    def _is_stopping(self) -> bool:
+        with self._lock:
+            return self._stopping
+
+    def _register(self, task: Task) -> bool:
+        """Record a prepared task, unless the agent is stopping (then False)."""
+        with self._lock:
+            if self._stopping:
+                return False
+            self._tasks[task.id] = task
+            return True
+
     @staticmethod
     def popen(task: Task, launch: Launch, **streams: Any) -> subprocess.Popen[bytes]:
         """Start `launch` in the task's cgroup (pinned with taskset when there is none),
         in a process group of its own so that signals reach everything it starts."""
         argv = task.cgroup.join_argv(launch.argv) if task.cgroup else launch.pinned_argv()
-        streams.setdefault("stdin", subprocess.DEVNULL)
+        # a pipe, never /dev/null: a runtime may chown the container's stdio to its root
+        closed_stdin = "stdin" not in streams
+        streams.setdefault("stdin", subprocess.PIPE)
         streams.setdefault("start_new_session", True)
-        return subprocess.Popen(argv, env=launch.env, cwd=launch.cwd, **streams)
+        try:
+            proc = subprocess.Popen(
+                argv, env=launch.env, cwd=launch.cwd, pass_fds=launch.pass_fds, **streams
+            )
+        finally:
+            for fd in launch.pass_fds:
+                os.close(fd)
+        if closed_stdin and proc.stdin is not None:
+            proc.stdin.close()
+        return proc
 
     @staticmethod
     def _pump(stream: IO[bytes] | None, writer: LogWriter, which: int) -> None:
@@ -250,11 +296,16 @@ class TaskManager:
             time.sleep(0.01)
 
     def _clean_up(self, task: Task) -> None:
-        """Remove the task's cgroup and release what its runtime prepared."""
+        """Remove the task's cgroup and release what its runtime and network prepared."""
         self._kill_leftovers(task)
         if task.cgroup is not None:
             task.cgroup.remove()
+        self._release(task)
+
+    def _release(self, task: Task) -> None:
         self.runtimes[task.spec.runtime].release(task.dir)
+        if self.network is not None:
+            self.network.detach(task.id)
 
     def _finish(
         self, task: Task, state: TaskState, code: int = 0, sig: int = 0, message: str = ""
@@ -278,8 +329,13 @@ class TaskManager:
         task = self.get(task_id)
         if task.done.is_set():
             return task
-        task.stop_reason = TaskState.CANCELLED
-        task.message = reason or "cancelled"
+        with self._lock:
+            task.stop_reason = TaskState.CANCELLED
+            task.message = reason or "cancelled"
+            starting = not task.pid  # still starting: `run` kills it as soon as it has a pid
+        if starting:
+            task.done.wait()
+            return task
         self._kill_group(task, signal.SIGTERM)
         if not task.done.wait(grace):
             self._kill_group(task, signal.SIGKILL)
@@ -299,13 +355,25 @@ class TaskManager:
         return [t.id for t in running]
 
     def shutdown(self, grace: float = 2.0) -> None:
+        """Refuse new tasks, cancel the running ones (in parallel), then kill whatever is
+        still in a task cgroup of this agent: nothing a task started outlives the agent."""
         with self._lock:
+            self._stopping = True
             running = [t for t in self._tasks.values() if not t.done.is_set()]
-        for task in running:
-            self.cancel(task.id, grace, "the agent stopped")
+        threads = [
+            threading.Thread(target=self.cancel, args=(t.id, grace, "the agent stopped"))
+            for t in running
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        self.cgroups.kill_all()
 
     @staticmethod
     def _kill_group(task: Task, sig: int) -> None:
+        if task.pid <= 0:  # not started: killpg(0) would signal the agent's own group
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(task.pid, sig)
 
@@ -327,13 +395,16 @@ class TaskManager:
         os.replace(tmp, task.dir / "state.json")
 
     def reap_orphans(self, log: Callable[[str], None] = lambda _: None) -> list[str]:
-        """Kill and clean up the tasks that a previous agent on this data dir left behind."""
+        """Kill and clean up what a previous agent on this data dir left behind: its tasks'
+        processes (by pid, then everything in its task cgroups), root filesystems, crun
+        state and network namespaces, including tasks that died while starting."""
         killed = []
-        for state_file in self.root.glob("*/state.json"):
+        states = []
+        for task_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             try:
-                state = json.loads(state_file.read_text())
+                state = json.loads((task_dir / "state.json").read_text())
             except (OSError, ValueError):
-                continue
+                state = {"id": task_dir.name}  # died before it was recorded
             if state.get("finished"):
                 continue
             pid = state.get("pid") or 0
@@ -342,14 +413,13 @@ class TaskManager:
                     os.killpg(pid, signal.SIGKILL)
                 killed.append(state["id"])
                 log(f"killed task {state['id']} (pid {pid}) left by a previous agent")
-            runtime = self.runtimes.get(state.get("runtime", ""))
-            if runtime is not None:
-                runtime.release(state_file.parent)
+            states.append((task_dir, state))
+        self.cgroups.kill_all()  # before the mounts go: nothing may still use them
+        for task_dir, state in states:
+            named = self.runtimes.get(state.get("runtime", ""))
+            for runtime in [named] if named is not None else list(self.runtimes.values()):
+                runtime.release(task_dir)
+            network.remove(task_dir.name)
             state.update(finished=True, state=TaskState.CANCELLED.value)
-            state_file.write_text(json.dumps(state))
-        for cgroup in self.cgroups.leftovers():
-            for pid in cgroup.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            cgroup.remove()
+            (task_dir / "state.json").write_text(json.dumps(state))
         return killed

@@ -1,14 +1,19 @@
 """Container runtimes: each turns a task spec into the command that starts it.
 
-`process` runs on the host with no image, for development only; it is used only when a
-request names it, never as a fallback. `crun` runs OCI bundles (preferred); `bwrap` runs the
-same images in bubblewrap namespaces where crun is missing or the agent is not root;
-`apptainer` runs SIF images (`oras://`) where Apptainer is installed.
+`crun` runs OCI images confined (user namespace, seccomp, minimal capabilities, device
+allow-list, a network namespace of its own): the default, and the only OCI runtime an agent
+offers unless it is told to accept weaker ones. `apptainer` runs SIF images (`oras://`)
+where Apptainer is installed. Weaker, opt-in (`weak=True`, the agent's `--weak-runtimes`):
+`bwrap` (the same images in bubblewrap namespaces: no user namespace or seccomp profile, so
+root in the job is root on the host's files it can see) and `process` (the host itself, no
+image, for developing the agent; used only when a request names it).
 """
 
+import hashlib
 import os
 from pathlib import Path
 
+from ..confine import UserNamespace
 from .apptainer import ApptainerRuntime
 from .base import Launch, Runtime, RuntimeRefused, TaskSpec
 from .bwrap import BwrapRuntime
@@ -28,13 +33,20 @@ __all__ = [
 ]
 
 
-def available(data_dir: Path) -> dict[str, Runtime]:
-    """The runtimes this node can use, by name (crun keeps its state under data_dir)."""
-    found: dict[str, Runtime] = {"process": ProcessRuntime()}
+ROOTS = Path("/run/squall/roots")  # where crun's task roots are mounted (see crun.py)
+
+
+def available(data_dir: Path, userns: UserNamespace, *, weak: bool = False) -> dict[str, Runtime]:
+    """The runtimes this node can use, by name (crun keeps its state under data_dir); the
+    weak ones only when asked for."""
+    found: dict[str, Runtime] = {}
     if CrunRuntime.present() and os.geteuid() == 0:
-        found["crun"] = CrunRuntime(data_dir / "crun")
-    if BwrapRuntime.present():
-        found["bwrap"] = BwrapRuntime()
+        roots = ROOTS / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        found["crun"] = CrunRuntime(data_dir / "crun", userns, roots)
     if ApptainerRuntime.present():
         found["apptainer"] = ApptainerRuntime()
+    if weak:
+        found["process"] = ProcessRuntime()
+        if BwrapRuntime.present():
+            found["bwrap"] = BwrapRuntime()
     return found

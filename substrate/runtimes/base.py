@@ -47,6 +47,7 @@ class TaskSpec:
     timeout: float = 0.0
     device_nodes: tuple[str, ...] = ()  # host device files the task may use (leased GPUs)
     script: str = ""  # instead of command: a #! script run with `args`
+    netns: str = ""  # set by the agent: the network namespace to join (its pod network)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class Launch:
     env: dict[str, str]
     cwd: str
     cpus: tuple[int, ...] = ()
+    pass_fds: tuple[int, ...] = ()  # descriptors the process inherits (closed after the start)
 
     def pinned_argv(self) -> list[str]:
         """argv behind `taskset`, which pins the process to `cpus` before it starts.

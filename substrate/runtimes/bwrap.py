@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..confine import CAPABILITIES
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
-    DEFAULT_CAPS,
     EnterWithNsenter,
     children,
     hostname,
@@ -81,8 +81,10 @@ class BwrapRuntime(EnterWithNsenter):
         for key, value in image_env(spec, image).items():
             args += ["--setenv", key, value]
         args += ["--cap-drop", "ALL"]
-        for cap in DEFAULT_CAPS:
+        for cap in CAPABILITIES:
             args += ["--cap-add", cap]
+        if spec.netns and not spec.isolated_network:  # join the node's pod network first
+            args = ["nsenter", f"--net={spec.netns}", "--", *args]
         return Launch(argv=[*args, "--", *argv], env={}, cwd=str(task_dir), cpus=cpus)
 
     def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:

@@ -1,4 +1,12 @@
-"""The `crun` runtime: OCI bundles (a generated config.json and an overlay root) run by crun.
+"""The `crun` runtime: OCI containers (a generated config and an overlay root) run by crun.
+
+The confined runtime, and the default: each task runs in a user namespace (root in the
+container is an unprivileged host uid), with a seccomp profile, a minimal capability set,
+`no_new_privs`, the default devices only, volumes bind-mounted `nosuid,nodev` through an
+idmapped mount, and its own network namespace (the node's pod network, or loopback alone for
+an isolated network); see `confine.py`. The config, which holds the job's environment and so
+its secrets, is handed to crun in memory (a memfd), never written to disk. Commands run in a
+task with `crun exec`, under the same confinement.
 
 Limits and OOM detection come from the task's cgroup, which the agent creates and crun is
 started in (`--cgroup-manager=disabled`: crun leaves cgroups alone, so the container stays in
@@ -12,17 +20,18 @@ outside that namespace changes (measured and described in the project's runtime 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..confine import CAPABILITIES, UserNamespace, seccomp_profile
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
-    DEFAULT_CAPS,
-    EnterWithNsenter,
     hostname,
     image_argv,
     image_env,
@@ -55,13 +64,18 @@ def _hide_cgroup2() -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
 
 
-class CrunRuntime(EnterWithNsenter):
+class CrunRuntime:
     name = "crun"
     needs_image = True
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, userns: UserNamespace, roots: Path) -> None:
         self.state_dir = state_dir
+        self.userns = userns
+        # crun sets up the root from inside the user namespace, where the agent's data
+        # directory (mode 0700 ancestors) cannot be traversed: roots are mounted here
+        self.roots = roots
         self.prefix = _hide_cgroup2() if hybrid_cgroups() else []
+        self.seccomp = seccomp_profile()  # fails now, at agent start, if there is none
 
     @staticmethod
     def present() -> bool:
@@ -82,14 +96,40 @@ class CrunRuntime(EnterWithNsenter):
     ) -> Launch:
         image = oci_image(self.name, image)
         cwd = working_dir(spec, image)
-        root = mount_overlay(image.rootfs, task_dir)
-        populate(root, spec, cwd)
+        _traversable(self.roots)
+        root = mount_overlay(image.rootfs, task_dir, self.userns.root, self.roots / task_dir.name)
+        populate(root, spec, cwd, self.userns.root)
+        config = oci_config(spec, image, root, cwd, self.userns, self.seccomp)
+        fd = _memfd("config.json", config)  # in memory only: it holds the job's secrets
         bundle = task_dir / "bundle"
         bundle.mkdir(exist_ok=True)
-        config = oci_config(spec, image, root, cwd)
-        (bundle / "config.json").write_text(json.dumps(config, indent=1))
-        argv = self._crun("run", "--bundle", str(bundle), _container_id(task_dir))
-        return Launch(argv=argv, env={}, cwd=str(task_dir), cpus=cpus)
+        argv = self._crun(
+            "run",
+            "--config",
+            f"/proc/self/fd/{fd}",
+            "--bundle",
+            str(bundle),
+            _container_id(task_dir),
+        )
+        return Launch(argv=argv, env={}, cwd=str(task_dir), cpus=cpus, pass_fds=(fd,))
+
+    def exec_launch(
+        self,
+        spec: TaskSpec,
+        task_pid: int,
+        task_dir: Path,
+        image: Image | None,
+        command: list[str],
+        env: dict[str, str],
+    ) -> Launch:
+        """`command` in the running container, with its capabilities, seccomp profile and
+        user (`crun exec`), not as the agent."""
+        assert image is not None
+        self.namespace_pid(task_pid, task_dir)  # waits for the container to be running
+        process = _process(image_env(spec, image, env), command, working_dir(spec, image))
+        fd = _memfd("process.json", process)  # the environment stays off the command line
+        argv = self._crun("exec", "--process", f"/proc/self/fd/{fd}", _container_id(task_dir))
+        return Launch(argv=argv, env={}, cwd=str(task_dir), pass_fds=(fd,))
 
     def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
         """The container's first process, as `crun state` reports it once it is running."""
@@ -116,16 +156,61 @@ class CrunRuntime(EnterWithNsenter):
         cid = _container_id(task_dir)
         if (self.state_dir / cid).exists():
             subprocess.run(self._crun("delete", "--force", cid), capture_output=True, check=False)
-        unmount_overlay(task_dir)
+        unmount_overlay(task_dir, self.roots / task_dir.name)
+        shutil.rmtree(task_dir / "bundle", ignore_errors=True)
+
+    def remove_roots(self) -> None:
+        """Remove the (empty) folder of this agent's mount points; call when it stops."""
+        with contextlib.suppress(OSError):
+            self.roots.rmdir()
+
+
+def _traversable(path: Path) -> None:
+    """Make `path` and its parents up to /run searchable (0711) by anyone."""
+    path.mkdir(parents=True, exist_ok=True)
+    for d in (path, *path.parents):
+        if d == Path("/run") or d == d.parent:
+            break
+        if d.stat().st_mode & 0o111 != 0o111:
+            d.chmod(0o711)
+
+
+def _memfd(name: str, document: dict[str, Any]) -> int:
+    """`document` as JSON in an anonymous in-memory file, for crun to read by its fd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(document).encode())
+    return fd
+
+
+def _process(env: dict[str, str], args: list[str], cwd: str) -> dict[str, Any]:
+    """The OCI `process` of a task or an exec: root of the container's user namespace, the
+    confined capability set, no new privileges."""
+    caps = list(CAPABILITIES)
+    return {
+        "terminal": False,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": [f"{k}={v}" for k, v in env.items()],
+        "cwd": cwd,
+        "capabilities": dict.fromkeys(("bounding", "effective", "permitted"), caps),
+        "noNewPrivileges": True,
+    }
 
 
 def _container_id(task_dir: Path) -> str:
     return f"squall-{task_dir.name}"
 
 
-def oci_config(spec: TaskSpec, image: Image, root: Path, cwd: str) -> dict[str, Any]:
-    """The OCI runtime spec (v1.0.2) of a task: process, root, mounts and namespaces."""
-    caps = list(DEFAULT_CAPS)
+def oci_config(
+    spec: TaskSpec,
+    image: Image,
+    root: Path,
+    cwd: str,
+    userns: UserNamespace,
+    seccomp: dict[str, Any],
+) -> dict[str, Any]:
+    """The OCI runtime spec (v1.0.2) of a task: process, root, mounts, namespaces and
+    confinement."""
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {
@@ -161,37 +246,44 @@ def oci_config(spec: TaskSpec, image: Image, root: Path, cwd: str) -> dict[str, 
     ]
     for m in spec.mounts:
         mode = "ro" if m.read_only else "rw"
+        # idmap: the job's root writes as the host's root would, and reads what it owns
+        options = ["rbind", mode, "nosuid", "nodev", "idmap"]
         mounts.append(
+            {"destination": m.destination, "type": "bind", "source": m.source, "options": options}
+        )
+    devices = []
+    for node in spec.device_nodes:  # the leased GPUs' device files
+        st = os.stat(node)
+        devices.append(
             {
-                "destination": m.destination,
-                "type": "bind",
-                "source": m.source,
-                "options": ["rbind", mode],
+                "path": node,
+                "type": "c",
+                "major": os.major(st.st_rdev),
+                "minor": os.minor(st.st_rdev),
+                "fileMode": st.st_mode & 0o777,
+                "uid": 0,
+                "gid": 0,
             }
         )
-    for node in spec.device_nodes:
-        mounts.append(
-            {"destination": node, "type": "bind", "source": node, "options": ["bind", "rw"]}
-        )
-    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
-    if spec.isolated_network:
-        namespaces.append({"type": "network"})
+    namespaces: list[dict[str, str]] = [
+        {"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "cgroup")
+    ]
+    if spec.isolated_network or not spec.netns:
+        namespaces.append({"type": "network"})  # loopback only
+    else:
+        namespaces.append({"type": "network", "path": spec.netns})
     return {
         "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 0, "gid": 0},
-            "args": image_argv(spec, image),
-            "env": [f"{k}={v}" for k, v in image_env(spec, image).items()],
-            "cwd": cwd,
-            "capabilities": dict.fromkeys(("bounding", "effective", "permitted"), caps),
-            "noNewPrivileges": True,
-        },
+        "process": _process(image_env(spec, image), image_argv(spec, image), cwd),
         "root": {"path": str(root), "readonly": False},
         "hostname": hostname(spec.name),
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
+            "uidMappings": userns.oci_mappings(),
+            "gidMappings": userns.oci_mappings(),
+            "devices": devices,
+            "seccomp": seccomp,
             "maskedPaths": [
                 "/proc/acpi",
                 "/proc/kcore",

@@ -2,23 +2,27 @@
 
 As root, each task gets a copy-on-write root: an overlay of the cached image (read-only
 lower) and a per-task upper directory, so tasks write freely and never change the cache.
+Every name written into that root (injected files, mount points, the working directory) is
+resolved inside it (`substrate.paths`): an image or a job that plants a link cannot make the
+agent write outside the root.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..paths import IN_ROOT, PathEscape, make_dirs, write_file
 from .base import Launch, RuntimeRefused, TaskSpec
 
 if TYPE_CHECKING:
     from ..images import Image
 
 __all__ = [
-    "DEFAULT_CAPS",
     "EnterWithNsenter",
     "children",
     "hostname",
@@ -33,24 +37,6 @@ __all__ = [
 
 _libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2  # umount2 flag: detach now, clean up when no longer busy
-
-# Docker's default capability set (moby's oci/caps/defaults.go).
-DEFAULT_CAPS = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-)
 
 
 def oci_image(runtime: str, image: Image | None) -> Image:
@@ -92,11 +78,19 @@ def hostname(name: str) -> str:
     return clean[:63] or "task"
 
 
-def mount_overlay(lower: Path, task_dir: Path) -> Path:
-    """Mount the task's copy-on-write root at task_dir/rootfs and return it."""
-    upper, work, merged = (task_dir / d for d in ("upper", "work", "rootfs"))
+def mount_overlay(
+    lower: Path, task_dir: Path, owner: tuple[int, int] | None = None, at: Path | None = None
+) -> Path:
+    """Mount the task's copy-on-write root at `at` (default task_dir/rootfs) and return it;
+    `owner` owns its top (the container's root, in a user namespace)."""
+    upper, work = task_dir / "upper", task_dir / "work"
+    merged = at or task_dir / "rootfs"
     for d in (upper, work, merged):
         d.mkdir(exist_ok=True)
+        if owner is not None:
+            os.chown(d, *owner)
+    if owner is not None:  # the root directory's mode comes from the upper one
+        upper.chmod(lower.stat().st_mode & 0o7777)
     options = f"lowerdir={lower},upperdir={upper},workdir={work}".encode()
     # mount(2) directly: a `mount` process per task costs milliseconds of launch time
     if _libc.mount(b"overlay", str(merged).encode(), b"overlay", 0, options) != 0:
@@ -105,26 +99,30 @@ def mount_overlay(lower: Path, task_dir: Path) -> Path:
     return merged
 
 
-def populate(root: Path, spec: TaskSpec, cwd: str) -> None:
-    """Create mount points and the working directory, and write the injected files."""
-    for path in [*(m.destination for m in spec.mounts), cwd]:
-        (root / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    for f in spec.files:
-        target = root / f.path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(f.content)
-        target.chmod(f.mode)
+def populate(root: Path, spec: TaskSpec, cwd: str, owner: tuple[int, int] | None = None) -> None:
+    """Create mount points and the working directory, and write the injected files, all
+    inside `root` (links in the image are followed as the container would, never out)."""
+    try:
+        for path in [*(m.destination for m in spec.mounts), cwd]:
+            make_dirs(root, path, IN_ROOT, owner)
+        for f in spec.files:
+            write_file(root, f.path, f.content, f.mode, IN_ROOT, owner)
+    except PathEscape as exc:
+        raise RuntimeRefused(f"cannot prepare the task's root: {exc.strerror}") from None
     for m in spec.mounts:
         if not Path(m.source).exists():
             raise RuntimeRefused(f"mount source {m.source} does not exist on this node")
 
 
-def unmount_overlay(task_dir: Path) -> None:
-    merged = task_dir / "rootfs"
+def unmount_overlay(task_dir: Path, at: Path | None = None) -> None:
+    merged = at or task_dir / "rootfs"
     if merged.is_dir() and os.path.ismount(merged):
         _libc.umount2(str(merged).encode(), MNT_DETACH)
     for d in ("upper", "work"):
         shutil.rmtree(task_dir / d, ignore_errors=True)
+    if at is not None:
+        with contextlib.suppress(OSError):
+            at.rmdir()
 
 
 def children(pid: int) -> list[int]:

@@ -62,7 +62,7 @@ def agent(tmp_path: Path, registry: Registry) -> Iterator[Running]:
         search_registries=(registry.address,),
         insecure_registries=(registry.address,),
     )
-    instance = Agent(config, read_inventory(), available(config.data_dir))
+    instance = Agent(config, read_inventory(), available(config.data_dir, config.userns, weak=True))
     instance.start()
     server, port = create_server(instance, "127.0.0.1:0")
     channel, stub = connect(f"127.0.0.1:{port}", TOKEN)

@@ -301,6 +301,7 @@ def test_a_restarted_agent_leaves_no_stray_processes(tmp_path: Path, registry: R
         registry.address,
         "--insecure-registry",
         registry.address,
+        "--weak-runtimes",
     ]
 
     def start() -> tuple[subprocess.Popen[str], str]:
@@ -383,7 +384,7 @@ def test_tasks_see_only_their_leased_gpus(tmp_path: Path) -> None:
         gpus=(Gpu(0, "nvidia", "NVIDIA H100", 80 << 30), Gpu(1, "nvidia", "NVIDIA H100", 80 << 30)),
     )
     config = AgentConfig(data_dir=tmp_path / "agent", token=TOKEN)
-    agent = Agent(config, inventory, available(config.data_dir))
+    agent = Agent(config, inventory, available(config.data_dir, config.userns, weak=True))
     agent.start()
     try:
 

@@ -55,16 +55,26 @@ class _Network:
 class _NetworkEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Network.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     NETWORK_UNSPECIFIED: _Network.ValueType  # 0
-    """read as HOST"""
-    NETWORK_HOST: _Network.ValueType  # 1
+    """read as POD"""
+    NETWORK_POD: _Network.ValueType  # 1
+    """a network namespace of the task's own on the node's pod network (reaches the run's
+    other tasks and the outside, never the node itself); loopback only where the agent
+    runs without a pod network
+    """
     NETWORK_ISOLATED: _Network.ValueType  # 2
+    """loopback only"""
 
 class Network(_Network, metaclass=_NetworkEnumTypeWrapper): ...
 
 NETWORK_UNSPECIFIED: Network.ValueType  # 0
-"""read as HOST"""
-NETWORK_HOST: Network.ValueType  # 1
+"""read as POD"""
+NETWORK_POD: Network.ValueType  # 1
+"""a network namespace of the task's own on the node's pod network (reaches the run's
+other tasks and the outside, never the node itself); loopback only where the agent
+runs without a pod network
+"""
 NETWORK_ISOLATED: Network.ValueType  # 2
+"""loopback only"""
 Global___Network: _TypeAlias = Network  # noqa: Y015
 
 class _TaskState:
@@ -768,15 +778,21 @@ class RunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    address: _builtins.str
+    """the task's address on its node's pod network, where other jobs reach it (its services);
+    empty for an isolated network or a runtime without one
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -796,6 +812,7 @@ class TaskStatus(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     name: _builtins.str
     lease_id: _builtins.str
@@ -808,6 +825,8 @@ class TaskStatus(_message.Message):
     finished_at: _builtins.float
     message: _builtins.str
     pid: _builtins.int
+    address: _builtins.str
+    """as in RunResponse"""
     def __init__(
         self,
         *,
@@ -821,10 +840,11 @@ class TaskStatus(_message.Message):
         finished_at: _builtins.float = ...,
         message: _builtins.str = ...,
         pid: _builtins.int = ...,
+        address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "finished_at", b"finished_at", "lease_id", b"lease_id", "message", b"message", "name", b"name", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "exit_code", b"exit_code", "finished_at", b"finished_at", "lease_id", b"lease_id", "message", b"message", "name", b"name", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

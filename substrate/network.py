@@ -1,0 +1,258 @@
+"""The node's pod network: every job container gets a network namespace of its own.
+
+The agent owns one bridge per node (`sqb<agent id>`, the first free /24 of the pool) in the
+network namespace it runs in. Each task gets a namespace (`/run/netns/sq<task id>`) with a
+veth on that bridge, an address of the subnet and a default route through the bridge, so
+containers of the node reach each other, the containers of other nodes (routed), and the
+outside (masqueraded). An nftables table of the agent's own keeps them away from the node
+itself: nothing arriving from the bridge is delivered to the node (not the agent's port, not
+a control plane listening on it, not loopback), and nothing is forwarded to the addresses in
+`deny` (by default link-local, where clouds serve instance credentials).
+
+Everything is made at agent start and per task, and removed at task end and agent stop; an
+agent that starts on the data directory of one that died removes what that one left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import ipaddress
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Attachment", "NetworkError", "PodNetwork", "netns_path", "remove"]
+
+POOL = "10.224.0.0/12"
+DENY = ("169.254.0.0/16",)
+NETNS_DIR = Path("/run/netns")
+LOCK = Path("/run/squall-network.lock")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetworkError(Exception):
+    """The pod network cannot be set up or a task cannot be attached; says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A task's network namespace and its address on the node's bridge."""
+
+    netns: str  # the namespace's path, for the runtime to join
+    address: str
+
+
+def netns_path(task_id: str) -> Path:
+    return NETNS_DIR / f"sq{task_id}"
+
+
+def _ip(*args: str, batch: str | None = None, netns: str | None = None) -> str:
+    cmd = ["ip", *(["-n", netns] if netns else []), *(["-batch", "-"] if batch else args)]
+    result = subprocess.run(cmd, input=batch, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        what = batch.strip().replace("\n", "; ") if batch else " ".join(args)
+        raise NetworkError(f"ip {what}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _nft(script: str) -> None:
+    result = subprocess.run(
+        ["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise NetworkError(f"nft: {result.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    """One agent at a time picks a subnet on this machine."""
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _networks_in_use() -> list[ipaddress.IPv4Network]:
+    used = []
+    for entry in json.loads(_ip("-j", "-4", "addr") or "[]"):
+        for a in entry.get("addr_info", []):
+            used.append(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    for route in json.loads(_ip("-j", "-4", "route") or "[]"):
+        if route.get("dst") not in (None, "default"):
+            used.append(ipaddress.IPv4Network(route["dst"], strict=False))
+    return used
+
+
+def _set_in_netns(path: str, settings: dict[str, str]) -> None:
+    """Write sysctls of the network namespace at `path` (a thread joins it: setns changes
+    only the calling thread, and /proc/sys/net follows the thread that opens it)."""
+    errors: list[OSError] = []
+
+    def inside() -> None:
+        try:
+            with open(path, "rb") as ns:
+                if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
+            for key, value in settings.items():
+                Path("/proc/sys", *key.split(".")).write_text(value)
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=inside)
+    thread.start()
+    thread.join()
+    if errors:
+        raise NetworkError(str(errors[0]))
+
+
+class PodNetwork:
+    """The bridge, firewall and per-task namespaces of one agent."""
+
+    def __init__(self, agent_id: str, *, pool: str = POOL, deny: Sequence[str] = DENY) -> None:
+        self.bridge = f"sqb{agent_id[:12]}"
+        self.table = f"squall_{agent_id[:12]}"
+        self.pool = ipaddress.IPv4Network(pool)
+        self.deny = [str(ipaddress.ip_network(d)) for d in deny]
+        self.subnet: ipaddress.IPv4Network | None = None
+        self._free: list[ipaddress.IPv4Address] = []
+        self._given: dict[str, ipaddress.IPv4Address] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        assert self.subnet is not None
+        return next(self.subnet.hosts())
+
+    def start(self) -> None:
+        """Make (or take back, after a crash) the bridge, then the firewall."""
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        with _host_lock():
+            self.subnet = self._existing() or self._make_bridge()
+        hosts = list(self.subnet.hosts())
+        self._free = hosts[1:]
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        self._firewall()
+
+    def _existing(self) -> ipaddress.IPv4Network | None:
+        try:
+            out = json.loads(_ip("-j", "-4", "addr", "show", "dev", self.bridge) or "[]")
+        except NetworkError:
+            return None
+        for entry in out:
+            for a in entry.get("addr_info", []):
+                return ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False)
+        _ip("link", "del", self.bridge)  # a bridge without its address: start again
+        return None
+
+    def _make_bridge(self) -> ipaddress.IPv4Network:
+        used = _networks_in_use()
+        for subnet in self.pool.subnets(new_prefix=24):
+            if not any(subnet.overlaps(u) for u in used):
+                break
+        else:
+            raise NetworkError(f"no free /24 left in the pod pool {self.pool}")
+        gateway = next(subnet.hosts())
+        _ip(
+            batch=f"link add {self.bridge} type bridge\n"
+            f"addr add {gateway}/{subnet.prefixlen} dev {self.bridge}\n"
+            f"link set {self.bridge} up\n"
+        )
+        return subnet
+
+    def _firewall(self) -> None:
+        assert self.subnet is not None
+        br, table = self.bridge, self.table
+        deny = ", ".join(self.deny)
+        deny_rule = f'iifname "{br}" ip daddr {{ {deny} }} drop' if self.deny else ""
+        _nft(
+            f"table inet {table}\n"
+            f"delete table inet {table}\n"
+            f"table inet {table} {{\n"
+            "  chain input {\n"
+            "    type filter hook input priority filter - 10; policy accept;\n"
+            f'    iifname "{br}" ct state established,related accept\n'
+            f'    iifname "{br}" drop\n'
+            "  }\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority filter - 10; policy accept;\n"
+            f"    {deny_rule}\n"
+            f'    iifname "{br}" accept\n'
+            f'    oifname "{br}" ct state established,related accept\n'
+            "  }\n"
+            "  chain postrouting {\n"
+            "    type nat hook postrouting priority srcnat; policy accept;\n"
+            f'    ip saddr {self.subnet} ip daddr != {self.pool} oifname != "{br}" masquerade\n'
+            "  }\n"
+            "}\n"
+        )
+
+    def stop(self) -> None:
+        """Remove the firewall table and the bridge (call after every task has ended)."""
+        with contextlib.suppress(NetworkError):
+            _nft(f"table inet {self.table}\ndelete table inet {self.table}\n")
+        with contextlib.suppress(NetworkError):
+            _ip("link", "del", self.bridge)
+
+    # ---- tasks --------------------------------------------------------------------------
+
+    def attach(self, task_id: str) -> Attachment:
+        """A new namespace for the task, on the bridge, with an address of the subnet."""
+        assert self.subnet is not None, "start() the network first"
+        with self._lock:
+            if not self._free:
+                raise NetworkError(f"every address of {self.subnet} is in use on this node")
+            address = self._free.pop(0)
+            self._given[task_id] = address
+        name, veth = f"sq{task_id}", f"sqv{task_id}"[:15]
+        try:
+            _ip(
+                batch=f"netns add {name}\n"
+                f"link add {veth} type veth peer name eth0 netns {name}\n"
+                f"link set {veth} master {self.bridge} up\n"
+            )
+            _ip(
+                netns=name,
+                batch=f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
+                "link set lo up\n"
+                "link set eth0 up\n"
+                f"route add default via {self.gateway}\n",
+            )
+            # root in the job is not root of this namespace: let it bind low ports and ping
+            _set_in_netns(
+                str(netns_path(task_id)),
+                {
+                    "net.ipv4.ip_unprivileged_port_start": "0",
+                    "net.ipv4.ping_group_range": "0 2147483647",
+                },
+            )
+        except NetworkError:
+            self.detach(task_id)
+            raise
+        return Attachment(str(netns_path(task_id)), str(address))
+
+    def detach(self, task_id: str) -> None:
+        """Remove the task's veth and namespace and give its address back."""
+        remove(task_id)
+        with self._lock:
+            address = self._given.pop(task_id, None)
+            if address is not None:
+                self._free.append(address)
+
+
+def remove(task_id: str) -> None:
+    """Remove a task's veth and namespace, whoever made them (an agent that died)."""
+    with contextlib.suppress(NetworkError):
+        _ip("link", "del", f"sqv{task_id}"[:15])
+    if netns_path(task_id).exists():
+        with contextlib.suppress(NetworkError):
+            _ip("netns", "del", f"sq{task_id}")
