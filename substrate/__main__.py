@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         f"(always: {', '.join(DENY)})",
     )
     p.add_argument(
+        "--clean-up",
+        action="store_true",
+        help="do not serve: remove what an agent on this data dir left behind (its tasks' "
+        "processes, mounts, containers, network namespaces, bridge, firewall and cgroups), "
+        "then exit",
+    )
+    p.add_argument(
         "--owner-pid",
         type=int,
         help="stop (and end every task) when this process exits: the orchestrator that "
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.token_file
         else os.environ.get("SQUALL_AGENT_TOKEN", "")
     )
+    if args.clean_up:
+        token = token or "unused"  # nothing is served
     if not token:
         print("substrate: no token: give --token-file or set SQUALL_AGENT_TOKEN", file=sys.stderr)
         return 2
@@ -138,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         deny_networks=(*DENY, *args.deny_network),
     )
     try:
-        runtimes = available(args.data_dir, config.userns, weak=args.weak_runtimes)
+        runtimes = available(args.data_dir, config.userns, weak=args.weak_runtimes or args.clean_up)
         agent = Agent(config, inventory, runtimes)
+        if args.clean_up:
+            for task_id in agent.clean_up():
+                print(f"killed task {task_id}")
+            return 0
         agent.start()
     except (ConfinementError, NetworkError) as exc:
         print(f"substrate: {exc}", file=sys.stderr)

@@ -93,6 +93,16 @@ class Agent:
         remove the node's network and cgroups."""
         self._stop.set()
         self.tasks.shutdown()
+        self._remove_node_state()
+
+    def clean_up(self) -> list[str]:
+        """What an agent that died on this data dir left, removed without serving: its
+        tasks' processes, roots, containers and namespaces, its network and cgroups."""
+        reaped = self.tasks.reap_orphans(log.warning)
+        self._remove_node_state()
+        return reaped
+
+    def _remove_node_state(self) -> None:
         if self.network is not None:
             self.network.stop()
         for runtime in self.runtimes.values():

@@ -8,17 +8,29 @@ directories made before the first job, filled by ingress, emptied by egress afte
 
 Every transfer is a `Transfer` row, committed before it starts and after it ends, with its
 progress and error; secrets are resolved only here, at the moment of the copy.
+
+A volume is a tree that jobs write: any name in it may be a link planted by a job (of this
+run, or of an earlier run of a persistent volume). Ingress downloads into a private staging
+file and then places it into the volume, and egress reads from the volume, both through
+`substrate.paths` with no link followed: a link, a device or a FIFO in a volume is refused
+with its name, never read or written through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sqlalchemy import select
+
+from substrate.paths import BENEATH, PathEscape, make_dirs, open_dir, open_regular
 
 from ..errors import InvalidInput
 from ..fuzzfile.model import Transfer as TransferSpec
@@ -28,19 +40,85 @@ from ..secrets import SecretStore
 from ..store import Store, Transfer, TransferState, Volume
 from .transfers import TransferCache, TransferError, TransferPolicy, fetch, push
 
-__all__ = ["Staging", "volume_path_in"]
+__all__ = ["Staging", "place", "reading"]
 
 Report = Callable[[str, str], None]  # (subject, message): the engine turns these into events
 
 
-def volume_path_in(root: Path, uri: str, what: str) -> Path:
-    """The file that `file://PATH` names inside the volume at `root`; never outside it."""
+def _volume_file(uri: str, what: str) -> str:
+    """The path inside a volume that `file://PATH` names (relative, without '..')."""
     if not uri.startswith("file://"):
         raise InvalidInput(f"{what}: {uri!r} must be file://PATH inside the volume")
     rel = PurePosixPath(uri.removeprefix("file://").lstrip("/"))
     if not rel.parts or ".." in rel.parts:
         raise InvalidInput(f"{what}: {uri!r} must name a file inside the volume, without '..'")
-    return root.joinpath(*rel.parts)
+    return str(rel)
+
+
+def _one_name(name: str, what: str) -> str:
+    """A single path component (a persistent volume's name, its scope)."""
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise InvalidInput(f"{what} {name!r} must be one name, without '/' or '..'")
+    return name
+
+
+def place(volume: Path, rel: str, staged: Path) -> None:
+    """Move the staged file `staged` to `rel` inside `volume`, making its folders, through
+    no link: whatever is at `rel` (a file, a link a job left) is replaced."""
+    parent, _, name = rel.rpartition("/")
+    make_dirs(volume, parent, BENEATH)
+    with open_dir(volume, parent, BENEATH) as dir_fd:
+        try:
+            os.rename(staged, name, dst_dir_fd=dir_fd)
+        except IsADirectoryError:
+            raise PathEscape(errno.EISDIR, f"{rel!r} in the volume is a directory") from None
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = f".{name}.squall-{os.urandom(4).hex()}"
+            with open(staged, "rb") as src:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            staged.unlink()
+
+
+@contextlib.contextmanager
+def reading(volume: Path, rel: str) -> Iterator[Path]:
+    """A path that reads the regular file `rel` of `volume` as it is now (an open descriptor
+    of it, reached through no link); links, devices and FIFOs are refused."""
+    fd = open_regular(volume, rel, BENEATH)
+    try:
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _ingress(source: str, staged: Path, volume: Path, rel: str, **fetch_args: Any) -> bool:
+    """Fetch `source` into the private file `staged`, then place it in the volume; True
+    when it came from the cache."""
+    hit: bool = fetch(source, staged, **fetch_args)
+    try:
+        place(volume, rel, staged)
+    except OSError as exc:  # a link, or a directory where the file goes: refused
+        raise TransferError(
+            f"{source}: cannot write {rel} in the volume: {exc.strerror or exc}"
+        ) from None
+    return hit
+
+
+def _egress(volume: Path, rel: str, source: str, destination: str, **push_args: Any) -> None:
+    """Push the regular file `rel` of the volume, reached through no link."""
+    try:
+        with reading(volume, rel) as src:
+            push(src, destination, **push_args)
+    except FileNotFoundError:
+        raise TransferError(
+            f"{destination}: the source {source} does not exist in the volume"
+        ) from None
+    except OSError as exc:  # a link, a device, a FIFO: refused, never followed
+        raise TransferError(f"{destination}: refused: {exc.strerror or exc}") from None
 
 
 def _policy(spec: TransferSpec) -> TransferPolicy:
@@ -70,9 +148,9 @@ class Staging:
     def path(self, run_id: str, volume: VolumeSpec) -> Path:
         """Where a volume lives (HOST volumes were refused when the run was submitted)."""
         if volume.persistent:
-            name = volume.persistent_name or volume.name
-            return self.data_dir / "volumes" / volume.scope / name
-        return self.data_dir / "runs" / run_id / "volumes" / volume.name
+            name = _one_name(volume.persistent_name or volume.name, "persistent volume")
+            return self.data_dir / "volumes" / _one_name(volume.scope, "volume scope") / name
+        return self.data_dir / "runs" / run_id / "volumes" / _one_name(volume.name, "volume")
 
     def create(self, run_id: str, wf: Workflow) -> dict[str, Path]:
         """Make every volume's directory (recorded first); returns name -> host path."""
@@ -127,15 +205,21 @@ class Staging:
 
     def ingress(self, run_id: str, wf: Workflow, paths: dict[str, Path], report: Report) -> None:
         """Fill the volumes; the first transfer that fails after its retries raises."""
+        staging = self.data_dir / "runs" / run_id / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
         for name, volume in wf.volumes.items():
             for spec in volume.ingress:
-                dest = volume_path_in(paths[name], spec.destination.uri, f"volume {name} ingress")
+                rel = _volume_file(spec.destination.uri, f"volume {name} ingress")
                 row = self._record(run_id, name, "ingress", spec)
                 creds = self._credentials(spec.source.secret)
+                staged = staging / f"ingress-{row.id}"
+
                 copy = functools.partial(
-                    fetch,
+                    _ingress,
                     spec.source.uri,
-                    dest,
+                    staged,
+                    paths[name],
+                    rel,
                     files=wf.files,
                     credentials=creds,
                     policy=_policy(spec),
@@ -143,6 +227,7 @@ class Staging:
                     ca_file=self.ca_file,
                 )
                 self._transfer(row, spec.source.uri, report, copy)
+        shutil.rmtree(staging, ignore_errors=True)
 
     def plan_egress(self, run_id: str, wf: Workflow) -> None:
         """Record the run's egress as owed, before any job runs: if the orchestrator dies
@@ -179,16 +264,20 @@ class Staging:
             ).all()
         errors = []
         for row in rows:
-            src = volume_path_in(paths[row.volume], row.source, f"volume {row.volume} egress")
+            rel = _volume_file(row.source, f"volume {row.volume} egress")
             creds = self._credentials(row.secret or None)
+            policy = TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1))
+
+            copy = functools.partial(
+                _egress,
+                paths[row.volume],
+                rel,
+                row.source,
+                row.destination,
+                credentials=creds,
+                policy=policy,
+            )
             try:
-                copy = functools.partial(
-                    push,
-                    src,
-                    row.destination,
-                    credentials=creds,
-                    policy=TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1)),
-                )
                 self._transfer(row, row.destination, report, copy)
             except TransferError as exc:
                 errors.append(str(exc))

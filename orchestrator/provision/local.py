@@ -3,7 +3,10 @@
 Each agent owns a slice (CPUs, memory) and its own data directory, serves gRPC on a free
 loopback port and is reached only through that API, as a cloud node would be. Agents run in
 their own session, so a Ctrl-C at the terminal reaches the orchestrator, which then stops
-them in order (TERM, then KILL after a grace).
+them in order (TERM, then KILL after a grace). Once they are gone, whatever an agent that did
+not stop cleanly left (its tasks' processes, mounts, network namespaces, bridge, cgroups) is
+removed by `substrate --clean-up` on its data directory, and the run's agent directories
+(tokens, task state, image copies) are deleted.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,16 +203,36 @@ class LocalProvisioner:
     def down(self, cluster: Cluster) -> None:
         procs = self._procs.pop(cluster.run_id, None)
         if procs is not None:
-            self._stop(procs)
+            clean = self._stop(procs)
+        else:
+            # a cluster this process did not start (its orchestrator died): find its agents
+            # by the pids on record, and only if they are still that run's agents
+            for agent in cluster.agents:
+                if agent.pid and _is_agent_of(agent.pid, cluster.run_id):
+                    _stop_group(agent.pid)
+            clean = False
+        self._remove(cluster.run_id, clean)
+
+    def _remove(self, run_id: str, clean: bool) -> None:
+        """Delete the run's agent directories, first cleaning up after any agent that did
+        not stop cleanly (the data directories are how its leftovers are found)."""
+        home = self.root / run_id
+        if not home.is_dir():
             return
-        # a cluster this process did not start (its orchestrator died): find its agents by
-        # the pids on record, and only if they are still that run's agents
-        for agent in cluster.agents:
-            if agent.pid and _is_agent_of(agent.pid, cluster.run_id):
-                _stop_group(agent.pid)
+        if not clean:
+            for data in sorted(home.glob("*/data")):
+                subprocess.run(
+                    [self.python, "-m", "substrate", "--data-dir", str(data), "--clean-up"],
+                    capture_output=True,
+                    timeout=120,
+                    check=False,
+                )
+        shutil.rmtree(home, ignore_errors=True)
 
     @staticmethod
-    def _stop(procs: list[subprocess.Popen[str]]) -> None:
+    def _stop(procs: list[subprocess.Popen[str]]) -> bool:
+        """Stop the agents; True when every one exited by itself after its TERM."""
+        clean = True
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -219,8 +243,10 @@ class LocalProvisioner:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            clean = clean and proc.returncode == 0
             if proc.stdout is not None:
                 proc.stdout.close()
+        return clean
 
 
 def _is_agent_of(pid: int, run_id: str) -> bool:

@@ -33,16 +33,18 @@ __all__ = [
 ]
 
 
-ROOTS = Path("/run/squall/roots")  # where crun's task roots are mounted (see crun.py)
+# crun's task roots are mounted, and its state (which holds a running container's config, and
+# so its environment) kept, in memory under /run, never on the agent's disk; see crun.py
+ROOTS = Path("/run/squall/roots")
+STATE = Path("/run/squall/crun")
 
 
 def available(data_dir: Path, userns: UserNamespace, *, weak: bool = False) -> dict[str, Runtime]:
-    """The runtimes this node can use, by name (crun keeps its state under data_dir); the
-    weak ones only when asked for."""
+    """The runtimes this node can use, by name; the weak ones only when asked for."""
     found: dict[str, Runtime] = {}
     if CrunRuntime.present() and os.geteuid() == 0:
-        roots = ROOTS / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
-        found["crun"] = CrunRuntime(data_dir / "crun", userns, roots)
+        node = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        found["crun"] = CrunRuntime(STATE / node, userns, ROOTS / node)
     if ApptainerRuntime.present():
         found["apptainer"] = ApptainerRuntime()
     if weak:

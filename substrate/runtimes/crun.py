@@ -160,9 +160,11 @@ class CrunRuntime:
         shutil.rmtree(task_dir / "bundle", ignore_errors=True)
 
     def remove_roots(self) -> None:
-        """Remove the (empty) folder of this agent's mount points; call when it stops."""
-        with contextlib.suppress(OSError):
-            self.roots.rmdir()
+        """Remove the (empty) folders of this agent's mount points and crun state; call when
+        it stops."""
+        for folder in (self.roots, self.state_dir):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _traversable(path: Path) -> None:

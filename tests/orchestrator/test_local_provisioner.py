@@ -11,6 +11,7 @@ import pytest
 from api.substrate.v1 import agent_pb2 as pb
 from orchestrator.provision import LocalProvisioner, NodeSlice, ProvisionError, slice_machine
 from substrate.client import connect
+from tests.substrate.registry import Registry
 
 MiB = 2**20
 
@@ -25,8 +26,10 @@ def test_slices_are_disjoint_and_follow_numa() -> None:
         slice_machine(cpus, 2**30, nodes=2, cores=1, memory=2**30)
 
 
-def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path) -> None:
-    provisioner = LocalProvisioner(tmp_path)
+def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path, registry: Registry) -> None:
+    provisioner = LocalProvisioner(
+        tmp_path, search_registries=[registry.address], insecure_registries=[registry.address]
+    )
     nodes = [
         NodeSlice(cpus=(0,), memory_bytes=256 * MiB),
         NodeSlice(cpus=(1,), memory_bytes=256 * MiB),
@@ -46,7 +49,7 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path) -> None:
             task = stub.Run(
                 pb.RunRequest(
                     lease_id=lease.id,
-                    runtime="process",
+                    image="docker://busybox:1.36",
                     command=["/bin/sh", "-c", "cat /proc/self/status"],
                 )
             )
@@ -63,6 +66,8 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path) -> None:
         provisioner.down(cluster)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    # the run's agent state (tokens, task state, images) is gone with it
+    assert not (tmp_path / "run-1").exists()
     provisioner.down(cluster)  # twice is harmless
 
 

@@ -36,6 +36,8 @@ def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
         if not link.exists():
             link.symlink_to("busybox")
     (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    # an absolute link, as images hold them: followed on the host, it would lead to the host's /
+    (rootfs / "etc" / "escape").symlink_to("/")
     (rootfs / "tmp").chmod(0o1777)
     layer = work / "rootfs.tar"
     with tarfile.open(layer, "w") as tar:

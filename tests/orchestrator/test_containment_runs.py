@@ -1,0 +1,148 @@
+"""Whole workflows that try to reach the host through their volumes, run by the engine on the
+local site (real agents, crun, busybox from the local registry, SQLite)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.engine import Engine
+from orchestrator.fuzzfile import Workflow
+from orchestrator.provision import LocalProvisioner, NodeSlice
+from orchestrator.store import RunState, Store, Transfer
+from tests.substrate.registry import Registry
+
+IMAGE = "image: {uri: docker://busybox:1.36}"
+
+
+@pytest.fixture
+def engine(tmp_path: Path, registry: Registry) -> Engine:
+    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+    provisioner = LocalProvisioner(
+        tmp_path / "site",
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+    )
+
+    def one_node(_: Workflow) -> list[NodeSlice]:
+        return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
+
+    return Engine(store, provisioner, one_node, data_dir=tmp_path / "data")
+
+
+def fuzzfile(body: str) -> str:
+    return "version: v4\n" + textwrap.dedent(body)
+
+
+def test_egress_refuses_a_link_to_a_host_file(engine: Engine, tmp_path: Path) -> None:
+    """`ln -s /etc/shadow /data/out` then egress `file://out` copied the host's file out."""
+    secret = tmp_path / "host-only"
+    secret.write_text("the host's secret\n")
+    leak, fifo_leak = tmp_path / "leak", tmp_path / "fifo-leak"
+    outcome = engine.run(
+        "user/leak",
+        fuzzfile(f"""
+        volumes:
+          data:
+            egress:
+              - {{source: {{uri: file://out}}, destination: {{uri: "file://{leak}"}}}}
+              - {{source: {{uri: file://pipe}}, destination: {{uri: "file://{fifo_leak}"}}}}
+        jobs:
+          plant:
+            {IMAGE}
+            command: [/bin/sh, -c, "ln -s {secret} /data/out && mkfifo /data/pipe"]
+            mounts: {{/data: {{volume: data}}}}
+    """),
+    )
+    assert outcome.state is RunState.FAILED
+    assert "refused" in outcome.reason
+    assert not leak.exists()
+    assert not fifo_leak.exists()
+    with engine.store.session() as s:
+        errors = sorted(s.scalars(select(Transfer.error).where(Transfer.run_id == outcome.run_id)))
+    assert all("refused" in e for e in errors), errors
+
+
+def test_ingress_never_writes_through_a_link_left_in_a_persistent_volume(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A link left in a persistent volume by one run made the next run's ingress write
+    through it, as root, anywhere on the host."""
+    victim_file = tmp_path / "victim-file"
+    victim_file.write_text("untouched\n")
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    plant = fuzzfile(f"""
+        volumes:
+          keep: {{name: shared}}
+        jobs:
+          plant:
+            {IMAGE}
+            command:
+              - /bin/sh
+              - -c
+              - ln -s {victim_file} /keep/in.txt && ln -s {victim_dir} /keep/sub
+            mounts: {{/keep: {{volume: keep}}}}
+    """)
+    assert engine.run("user/plant", plant).state is RunState.FINISHED
+    volume = engine.data_dir / "volumes" / "user" / "shared"
+    assert (volume / "in.txt").is_symlink()
+
+    def ingress(destination: str) -> str:
+        return fuzzfile(f"""
+            files:
+              payload: "written by ingress\\n"
+            volumes:
+              keep:
+                name: shared
+                ingress:
+                  - {{source: {{uri: file://payload}}, destination: {{uri: "{destination}"}}}}
+            jobs:
+              read:
+                {IMAGE}
+                command: [/bin/cat, /keep/in.txt]
+                mounts: {{/keep: {{volume: keep}}}}
+        """)
+
+    # the link at the destination is replaced by the file, not followed
+    assert engine.run("user/over-link", ingress("file://in.txt")).state is RunState.FINISHED
+    assert victim_file.read_text() == "untouched\n"
+    assert not (volume / "in.txt").is_symlink()
+    assert (volume / "in.txt").read_text() == "written by ingress\n"
+    # a link on the way to the destination is refused
+    through = engine.run("user/through-link", ingress("file://sub/x"))
+    assert through.state is RunState.FAILED
+    assert "link" in through.reason
+    assert list(victim_dir.iterdir()) == []
+
+
+def test_a_job_sees_volumes_as_its_own_root_and_writes_them_as_the_hosts(
+    engine: Engine,
+) -> None:
+    """Root in the job is not root on the host, yet a volume behaves as a job expects:
+    owned by its root, and what it writes is the host's root's, readable by egress."""
+    outcome = engine.run(
+        "user/owner",
+        fuzzfile(f"""
+        volumes:
+          keep: {{name: owned}}
+        jobs:
+          write:
+            {IMAGE}
+            command:
+              - /bin/sh
+              - -c
+              - id -u; stat -c %u /keep; echo x > /keep/f; cat /proc/self/uid_map
+            mounts: {{/keep: {{volume: keep}}}}
+    """),
+    )
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    log = engine.data_dir / "runs" / outcome.run_id / "logs" / "write" / "0.1.log"
+    uid, owner, *mapping = log.read_text().split()
+    assert (uid, owner) == ("0", "0")
+    assert mapping[:2] == ["0", "1610612736"]  # root of the job is an unprivileged host uid
+    written = engine.data_dir / "volumes" / "user" / "owned" / "f"
+    assert written.stat().st_uid == 0
