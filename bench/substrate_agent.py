@@ -6,7 +6,8 @@ Launch: one `/bin/true`, from request to exit, p50 and p99, for
   subprocess          subprocess.run(["/bin/true"]) on the host
   crun run            a bare `crun run` of a prepared bundle of the same image
   agent Run+Wait      the agent's Run RPC and a Wait for the end (crun runtime: overlay root,
-                      cgroup, crun, cleanup), over gRPC on loopback
+                      cgroup, pod network namespace, crun, cleanup), over gRPC on loopback
+Both crun rows run the same confined config (user namespace, seccomp, capabilities).
 Port-forward: bytes from a TCP server on 127.0.0.1 to this process,
   direct TCP          a plain socket copy over loopback
   agent PortForward   the same bytes through the agent's PortForward stream
@@ -57,19 +58,22 @@ def timed(fn, n: int) -> list[float]:
     return out
 
 
-def bench_launch(stub, lease_id: str, image, work: Path, n: int) -> None:
+def bench_launch(stub, lease_id: str, image, work: Path, n: int, userns) -> None:
     print(f"launch of /bin/true, {n} times each")
     print(f"  {'subprocess':20} {percentiles(timed(lambda: subprocess.run(['/bin/true']), n))}")
 
     # a bare crun bundle of the same image, prepared once (as a peer would have it)
-    crun = CrunRuntime(work / "crun-state")
+    at = Path("/run/squall/roots/bench-bare")  # traversable from the user namespace
+    crun = CrunRuntime(work / "crun-state", userns, at.parent)
     task_dir = work / "bare"
     task_dir.mkdir()
-    root = mount_overlay(image.rootfs, task_dir)
+    at.parent.mkdir(parents=True, exist_ok=True)
+    root = mount_overlay(image.rootfs, task_dir, userns.root, at)
     from substrate.runtimes.base import TaskSpec
 
     spec = TaskSpec(name="bare", runtime="crun", command=("/bin/true",))
-    (task_dir / "config.json").write_text(json.dumps(oci_config(spec, image, root, "/")))
+    config = oci_config(spec, image, root, "/", userns, crun.seccomp)
+    (task_dir / "config.json").write_text(json.dumps(config))
     counter = iter(range(10**9))
 
     def bare_crun() -> None:
@@ -79,7 +83,7 @@ def bench_launch(stub, lease_id: str, image, work: Path, n: int) -> None:
     try:
         print(f"  {'crun run':20} {percentiles(timed(bare_crun, n))}")
     finally:
-        unmount_overlay(task_dir)
+        unmount_overlay(task_dir, at)
 
     def agent_run() -> None:
         task = stub.Run(
@@ -164,7 +168,7 @@ def main() -> None:
     try:
         lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="bench", cores=1, ttl_seconds=3600))
         image = agent.images.get("docker://busybox:1.36")
-        bench_launch(stub, lease.id, image, work, args.launches)
+        bench_launch(stub, lease.id, image, work, args.launches, config.userns)
         anchor = stub.Run(
             pb.RunRequest(lease_id=lease.id, runtime="process", command=["sleep", "600"])
         ).task_id

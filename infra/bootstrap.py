@@ -24,7 +24,7 @@ Wants=network-online.target
 
 [Service]
 ExecStart={squall} agent --listen 0.0.0.0:{port} --token-file {dir}/agent.token \\
-  --data-dir /var/lib/squall/agent
+  --data-dir /var/lib/squall/agent --deny-network {control_plane}
 Restart=on-failure
 RestartSec=2
 
@@ -36,7 +36,13 @@ WantedBy=multi-user.target
 def startup_script(spec: ClusterSpec, group: NodeGroup) -> str:
     """The boot script of every node of `group`."""
     token = spec.bootstrap.join_token.get_secret_value()
-    unit = _UNIT.format(squall="/usr/local/bin/squall", port=spec.network.agent_port, dir=AGENT_DIR)
+    unit = _UNIT.format(
+        squall="/usr/local/bin/squall",
+        port=spec.network.agent_port,
+        dir=AGENT_DIR,
+        # jobs never reach the orchestrator (nor, as on every node, the node itself)
+        control_plane=shlex.quote(spec.network.orchestrator_cidr),
+    )
     return "\n".join(
         [
             "#!/bin/sh",

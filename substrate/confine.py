@@ -8,7 +8,10 @@ default device allow-list, no NET_RAW, user namespaces for pods):
   ports, not to make devices or raw packets.
 - Seccomp: the profile Podman and CRI-O use (`/usr/share/containers/seccomp.json`, Debian's
   `golang-github-containers-common`), turned into the OCI form for the capabilities above
-  and this machine's architecture, as the containers tools themselves do.
+  and this machine's architecture, as the containers tools themselves do; then tightened as
+  containerd's RuntimeDefault is for a job without `CAP_SYS_ADMIN`: Podman's profile lets a
+  container make nested namespaces and mounts (for rootless builds), which a job does not
+  need and which is the way into much of the kernel's attack surface.
 - Devices: the OCI default nodes (null, zero, full, random, urandom, tty, ptmx and the
   container's own ptys), plus the device files of the GPUs a lease grants; everything else is
   denied by the task's device cgroup (v1) and cannot be made (no `CAP_MKNOD`, user namespace).
@@ -145,6 +148,56 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:2])
 
 
+# Denied (EPERM) to a job without CAP_SYS_ADMIN, as containerd's default profile does:
+# namespaces, mounts and the kernel keyring.
+_TIGHTEN = (
+    "unshare",
+    "setns",
+    "mount",
+    "umount",
+    "umount2",
+    "pivot_root",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "mount_setattr",
+    "keyctl",
+    "add_key",
+    "request_key",
+)
+# clone with any namespace flag is refused; clone3 (whose flags seccomp cannot see) answers
+# ENOSYS, so that the C library falls back to clone
+_CLONE_NS_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+
+
+def _tightened(syscalls: list[dict[str, Any]], caps: frozenset[str]) -> list[dict[str, Any]]:
+    if "CAP_SYS_ADMIN" in caps:
+        return syscalls
+    out = []
+    for rule in syscalls:
+        if rule["action"] == "SCMP_ACT_ALLOW":
+            names = [n for n in rule["names"] if n not in (*_TIGHTEN, "clone", "clone3")]
+            if not names:
+                continue
+            rule = {**rule, "names": names}
+        out.append(rule)
+    return [
+        *out,
+        {"names": list(_TIGHTEN), "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+        {
+            "names": ["clone"],
+            "action": "SCMP_ACT_ALLOW",
+            "args": [
+                {"index": 0, "value": _CLONE_NS_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}
+            ],
+        },
+        {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38},
+    ]
+
+
 @functools.cache
 def seccomp_profile(
     path: Path = SECCOMP_PROFILE, caps: tuple[str, ...] = CAPABILITIES
@@ -183,7 +236,7 @@ def seccomp_profile(
     section: dict[str, Any] = {
         "defaultAction": profile["defaultAction"],
         "architectures": architectures,
-        "syscalls": syscalls,
+        "syscalls": _tightened(syscalls, granted),
     }
     if profile.get("defaultErrnoRet") is not None:
         section["defaultErrnoRet"] = profile["defaultErrnoRet"]

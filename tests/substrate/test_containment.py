@@ -119,6 +119,20 @@ def test_a_job_is_not_host_root_and_holds_no_dangerous_privilege(agent: Running)
         agent.stub.Cancel(pb.CancelRequest(task_id=task, grace_seconds=1))
 
 
+def test_a_job_cannot_make_namespaces_or_mounts(agent: Running) -> None:
+    """Podman's profile, alone, lets a job make a nested user namespace (full capabilities
+    inside it: the way into much of the kernel); the profile is tightened as containerd's."""
+    _, out = finished(
+        agent,
+        "unshare -U true && echo NESTED-USERNS; unshare -n true && echo NESTED-NETNS;"
+        " mount -t tmpfs none /tmp && echo MOUNTED; (sleep 0 &) && echo FORK-OK",
+    )
+    assert out.count("Operation not permitted") >= 2, out
+    assert "NESTED" not in out
+    assert "MOUNTED" not in out
+    assert "FORK-OK" in out  # a plain clone still works
+
+
 def test_a_job_cannot_make_or_open_host_devices(agent: Running) -> None:
     """A job could `mknod` the host's /dev/kvm or console and open it."""
     before = os.stat("/dev/null")
