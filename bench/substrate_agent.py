@@ -7,7 +7,8 @@ Launch: one `/bin/true`, from request to exit, p50 and p99, for
   crun run            a bare `crun run` of a prepared bundle of the same image
   agent Run+Wait      the agent's Run RPC and a Wait for the end (crun runtime: overlay root,
                       cgroup, pod network namespace, crun, cleanup), over gRPC on loopback
-Both crun rows run the same confined config (user namespace, seccomp, capabilities).
+Both crun rows run the same confined config (user namespace, seccomp compiled once,
+capabilities); the bare one has no network namespace of the pod network and no cgroup.
 Port-forward: bytes from a TCP server on 127.0.0.1 to this process,
   direct TCP          a plain socket copy over loopback
   agent PortForward   the same bytes through the agent's PortForward stream
@@ -73,6 +74,7 @@ def bench_launch(stub, lease_id: str, image, work: Path, n: int, userns) -> None
 
     spec = TaskSpec(name="bare", runtime="crun", command=("/bin/true",))
     config = oci_config(spec, image, root, "/", userns, crun.seccomp)
+    config["annotations"] = {"run.oci.seccomp_bpf_data": crun.seccomp_bpf}  # as the agent
     (task_dir / "config.json").write_text(json.dumps(config))
     counter = iter(range(10**9))
 

@@ -24,7 +24,7 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -108,11 +108,33 @@ def _ingress(source: str, staged: Path, volume: Path, rel: str, **fetch_args: An
     return hit
 
 
-def _egress(volume: Path, rel: str, source: str, destination: str, **push_args: Any) -> None:
-    """Push the regular file `rel` of the volume, reached through no link."""
+def _egress(
+    volume: Path,
+    rel: str,
+    source: str,
+    destination: str,
+    target: tuple[Path, str] | None = None,
+    **push_args: Any,
+) -> None:
+    """Push the regular file `rel` of the volume, reached through no link; to `target` (an
+    egress folder and a path in it) through no link either, when one is given."""
     try:
         with reading(volume, rel) as src:
-            push(src, destination, **push_args)
+            if target is None:
+                push(src, destination, **push_args)
+                return
+            root, inside = target
+            root.mkdir(parents=True, exist_ok=True)
+            staged = root / f".squall-egress-{os.urandom(6).hex()}"
+            try:
+                shutil.copyfile(src, staged)
+                place(root, inside, staged)
+            finally:
+                staged.unlink(missing_ok=True)
+            progress = push_args.get("progress")
+            if progress is not None:
+                size = os.stat(src).st_size
+                progress(size, size)
     except FileNotFoundError:
         raise TransferError(
             f"{destination}: the source {source} does not exist in the volume"
@@ -136,12 +158,41 @@ class Staging:
         secrets: SecretStore,
         *,
         ca_file: str | None = None,
+        egress_dirs: Sequence[Path] | None = None,
     ) -> None:
         self.store = store
         self.data_dir = data_dir
         self.secrets = secrets
         self.cache = TransferCache(data_dir / "cache" / "ingress")
         self.ca_file = ca_file
+        # where `file:///` egress may write on this machine (None: wherever this process
+        # may, as for `squall run`; a server writes only under the folders it was given)
+        self.egress_dirs = None if egress_dirs is None else tuple(egress_dirs)
+
+    def check_egress(self, wf: Workflow) -> None:
+        """Refuse, before anything starts, a `file:///` egress this orchestrator may not
+        write."""
+        for name, volume in wf.volumes.items():
+            for spec in volume.egress:
+                if spec.destination.uri.startswith("file://"):
+                    self._local_target(spec.destination.uri, f"volume {name} egress")
+
+    def _local_target(self, uri: str, what: str) -> tuple[Path, str] | None:
+        """For a restricted orchestrator, the egress folder and the path inside it that
+        `file:///PATH` names; None when local files may go anywhere."""
+        if self.egress_dirs is None:
+            return None
+        path = PurePosixPath(uri.removeprefix("file://"))
+        if not path.is_absolute() or ".." in path.parts:
+            raise InvalidInput(f"{what}: {uri!r} must be file:///ABSOLUTE/PATH without '..'")
+        for root in self.egress_dirs:
+            if path.is_relative_to(root) and path != PurePosixPath(root):
+                return root, str(path.relative_to(root))
+        allowed = ", ".join(map(str, self.egress_dirs)) or "none: give `--egress-dir DIR`"
+        raise InvalidInput(
+            f"{what}: {uri} is outside the folders this server writes local files to "
+            f"({allowed}); egress to s3:// instead, or ask for the folder to be allowed"
+        )
 
     # ---- volumes ------------------------------------------------------------------------
 
@@ -174,7 +225,7 @@ class Staging:
     def release(self, run_id: str, *, force: bool = False) -> list[str]:
         """Delete the run's ephemeral volumes unless an egress out of them failed (or
         `force`); returns the names kept."""
-        kept = []
+        kept, doomed = [], []
         with self.store.session() as s:
             failed = set(
                 s.scalars(
@@ -192,8 +243,10 @@ class Staging:
                     vol.state = "KEPT"
                     kept.append(vol.name)
                     continue
-                shutil.rmtree(vol.path, ignore_errors=True)
+                doomed.append(vol.path)
                 vol.state = "DELETED"
+        for path in doomed:  # after the commit: the store is not held while files go
+            shutil.rmtree(path, ignore_errors=True)
         return kept
 
     def _set_volumes(self, run_id: str, state: str) -> None:
@@ -268,12 +321,18 @@ class Staging:
             creds = self._credentials(row.secret or None)
             policy = TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1))
 
+            target = (
+                self._local_target(row.destination, f"volume {row.volume} egress")
+                if row.destination.startswith("file://")
+                else None
+            )
             copy = functools.partial(
                 _egress,
                 paths[row.volume],
                 rel,
                 row.source,
                 row.destination,
+                target=target,
                 credentials=creds,
                 policy=policy,
             )

@@ -20,6 +20,7 @@ outside that namespace changes (measured and described in the project's runtime 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..confine import CAPABILITIES, UserNamespace, seccomp_profile
+from ..confine import CAPABILITIES, UserNamespace, seccomp_bpf, seccomp_profile
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
     hostname,
@@ -76,6 +77,8 @@ class CrunRuntime:
         self.roots = roots
         self.prefix = _hide_cgroup2() if hybrid_cgroups() else []
         self.seccomp = seccomp_profile()  # fails now, at agent start, if there is none
+        # compiled once here, instead of by crun at every start (see confine.py)
+        self.seccomp_bpf = base64.b64encode(seccomp_bpf(self.seccomp)).decode()
 
     @staticmethod
     def present() -> bool:
@@ -100,6 +103,7 @@ class CrunRuntime:
         root = mount_overlay(image.rootfs, task_dir, self.userns.root, self.roots / task_dir.name)
         populate(root, spec, cwd, self.userns.root)
         config = oci_config(spec, image, root, cwd, self.userns, self.seccomp)
+        config["annotations"] = {"run.oci.seccomp_bpf_data": self.seccomp_bpf}
         fd = _memfd("config.json", config)  # in memory only: it holds the job's secrets
         bundle = task_dir / "bundle"
         bundle.mkdir(exist_ok=True)
