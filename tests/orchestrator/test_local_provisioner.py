@@ -4,6 +4,7 @@ gRPC on loopback, and gone after `down`."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,59 @@ def _agents_of(run_id: str) -> list[int]:
             if not _zombie(pid) and pid != os.getpid():
                 found.append(pid)
     return found
+
+
+def test_a_killed_agent_leaves_nothing_once_its_cluster_is_taken_down(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """An agent killed outright (SIGKILL: no clean-up of its own) leaves its container
+    running in a session of its own, its cgroups, root mount, network namespace, bridge and
+    firewall. Taking the cluster down from another orchestrator (as recovery does) removes
+    every one of them, found through the agent's data directory."""
+    import hashlib
+    import json
+    import signal
+    import subprocess
+
+    provisioner = LocalProvisioner(
+        tmp_path, search_registries=[registry.address], insecure_registries=[registry.address]
+    )
+    cluster = provisioner.up("run-k", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)])
+    [agent] = cluster.agents
+    channel, stub = connect(agent.address, agent.token)
+    lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
+    task = stub.Run(
+        pb.RunRequest(lease_id=lease.id, image="docker://busybox:1.36", command=["sleep", "300"])
+    )
+    channel.close()
+    data = tmp_path / "run-k" / "node-0" / "data"
+    node = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:12]
+    groups = [g for g in (Path("/sys/fs/cgroup/pids/squall") / node).iterdir() if g.is_dir()]
+    deadline = time.monotonic() + 10
+    while True:  # crun, then the container's `sleep`
+        procs = {int(p) for g in groups for p in (g / "cgroup.procs").read_text().split()}
+        if len(procs) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(procs) >= 2
+    netns = Path(f"/run/netns/sq{task.task_id}")
+    assert netns.exists()
+    # as if its orchestrator had died: this one forgets it, and the agent is killed outright
+    [proc] = provisioner._procs.pop("run-k")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in procs)  # orphaned
+
+    LocalProvisioner(tmp_path).down(cluster)  # not the provisioner that started it
+
+    assert all(not Path(f"/proc/{p}").exists() or _zombie(p) for p in procs)
+    assert not any(g.exists() for g in groups)
+    assert not netns.exists()
+    links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True).stdout)
+    assert not [link["ifname"] for link in links if node in link["ifname"]]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert f"squall_{node}" not in tables
+    assert not Path(f"/run/squall/roots/{node}").exists()
+    assert not (tmp_path / "run-k").exists()
