@@ -22,6 +22,8 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -36,6 +38,8 @@ NETNS_DIR = Path("/run/netns")
 LOCK = Path("/run/squall-network.lock")
 CLONE_NEWNET = 0x40000000
 MNT_DETACH = 2
+MS_BIND = 0x1000
+SIOCBRADDIF, SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x89A2, 0x8913, 0x8914, 0x1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -94,19 +98,24 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def _set_in_netns(path: str, settings: dict[str, str]) -> None:
-    """Write sysctls of the network namespace at `path` (a thread joins it: setns changes
-    only the calling thread, and /proc/sys/net follows the thread that opens it)."""
+def _new_netns(path: Path, settings: dict[str, str]) -> None:
+    """A network namespace pinned at `path` (as `ip netns add` makes them), with `settings`
+    (sysctls) written in it. A thread of its own makes it: unshare changes only the calling
+    thread, and /proc/sys/net follows the thread that opens it."""
     errors: list[OSError] = []
 
     def inside() -> None:
         try:
-            with open(path, "rb") as ns:
-                if _libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {path}: {os.strerror(err)}")
+            path.touch(mode=0o444, exist_ok=False)
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare: {os.strerror(err)}")
             for key, value in settings.items():
                 Path("/proc/sys", *key.split(".")).write_text(value)
+            ns = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+            if _libc.mount(ns, os.fsencode(path), None, MS_BIND, None) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mount {path}: {os.strerror(err)}")
         except OSError as exc:
             errors.append(exc)
 
@@ -114,7 +123,20 @@ def _set_in_netns(path: str, settings: dict[str, str]) -> None:
     thread.start()
     thread.join()
     if errors:
-        raise NetworkError(str(errors[0]))
+        raise NetworkError(f"cannot make the network namespace {path}: {errors[0]}")
+
+
+def _enslave(veth: str, bridge: str) -> None:
+    """Put `veth` on `bridge` and bring it up (two ioctls, no process)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            index = socket.if_nametoindex(veth)
+            fcntl.ioctl(sock, SIOCBRADDIF, struct.pack("16si20x", bridge.encode(), index))
+            request = struct.pack("16sH22x", veth.encode(), 0)
+            flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", veth.encode(), flags | IFF_UP))
+    except OSError as exc:
+        raise NetworkError(f"cannot put {veth} on {bridge}: {exc.strerror or exc}") from None
 
 
 class PodNetwork:
@@ -228,26 +250,23 @@ class PodNetwork:
             self._given[task_id] = address
         name, veth = f"sq{task_id}", f"sqv{task_id}"[:15]
         try:
-            _ip(
-                batch=f"netns add {name}\n"
-                f"link add {veth} type veth peer name eth0 netns {name}\n"
-                f"link set {veth} master {self.bridge} up\n"
-            )
-            _ip(
-                netns=name,
-                batch=f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
-                "link set lo up\n"
-                "link set eth0 up\n"
-                f"route add default via {self.gateway}\n",
-            )
             # root in the job is not root of this namespace: let it bind low ports and ping
-            _set_in_netns(
-                str(netns_path(task_id)),
+            _new_netns(
+                netns_path(task_id),
                 {
                     "net.ipv4.ip_unprivileged_port_start": "0",
                     "net.ipv4.ping_group_range": "0 2147483647",
                 },
             )
+            _ip(  # one process: the pair is made inside, its other end sent out to the node
+                netns=name,
+                batch=f"link add eth0 type veth peer name {veth} netns {os.getpid()}\n"
+                f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
+                "link set lo up\n"
+                "link set eth0 up\n"
+                f"route add default via {self.gateway}\n",
+            )
+            _enslave(veth, self.bridge)
         except NetworkError:
             self.detach(task_id)
             raise
