@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from .live import TERMINAL, watch
-from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, print_json
+from .output import EXIT_INVALID, Format, die, err, print_json
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine
@@ -25,14 +25,19 @@ SHOWN_LINES = 20  # of each job's output, at the end of a run
 
 
 def start_local_engine(
-    nodes: int, site: str | None, search: list[str], insecure: list[str]
+    nodes: int,
+    site: str | None,
+    search: list[str],
+    insecure: list[str],
+    egress_dirs: list[Path] | None = None,
 ) -> Engine:
     """The local site's engine as the flags ask (registries default to the environment's),
-    after failing and cleaning up any run whose orchestrator died."""
+    after failing and cleaning up any run whose orchestrator died. `egress_dirs`: where
+    `file:///` egress may write (None: anywhere this process may)."""
     from orchestrator.local_site import LocalSettings, local_engine
     from orchestrator.recovery import recover
 
-    settings = LocalSettings(nodes=nodes, site=site)
+    settings = LocalSettings(nodes=nodes, site=site, egress_dirs=egress_dirs)
     if search:
         settings.search_registries = search
     if insecure:
@@ -96,14 +101,13 @@ def run(
         squall run pipeline.yaml --name me/pipeline-1 -o json | jq .state
     """
     from orchestrator.engine import request_cancel
-    from orchestrator.errors import SquallError
+    from orchestrator.errors import SquallError, describe
+    from orchestrator.fuzzfile import load_text
     from orchestrator.views import run_events, run_summary
 
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        die(f"cannot read {file}: {exc.strerror}", EXIT_USAGE)
-    from orchestrator.fuzzfile import load_text
+    from .workflow_ops import read_fuzzfile
+
+    text = read_fuzzfile(file)
 
     from .output import print_diagnostic
 
@@ -155,7 +159,7 @@ def run(
             request_cancel(engine.store, run_name)
     ended.wait()
     if failure:
-        die(f"the engine stopped: {failure[0]}", EXIT_INVALID)
+        die(f"the engine stopped: {describe(failure[0])}", EXIT_INVALID)
     summary = run_summary(engine.store, run_id)
     if output is Format.json:
         print_json(summary)

@@ -31,13 +31,20 @@ def server(
     insecure_registry: list[str] = typer.Option(
         [], "--insecure-registry", help="See `squall run`."
     ),
+    egress_dir: list[Path] = typer.Option(
+        [],
+        "--egress-dir",
+        help="A folder `file:///` egress may write into (repeatable). Without one, workflows "
+        "started through this server cannot write files on its machine.",
+    ),
 ) -> None:
     """Serve Squall's gRPC control-plane API; run each started workflow on the local site.
 
     Every call must carry the token. Without --tls-cert/--tls-key the API is plaintext:
     keep it on loopback. On start, runs left behind by a server that died are torn down
     and failed with the reason; on SIGTERM or Ctrl-C, the runs this server owns are
-    cancelled and their clusters taken down before it exits.
+    cancelled and their clusters taken down before it exits. A workflow's `file:///`
+    egress writes on this machine, as this server's user: only under an --egress-dir.
 
     **Examples**
 
@@ -55,7 +62,8 @@ def server(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        engine = start_local_engine(nodes, None, search_registry, insecure_registry)
+        egress_dirs = [d.resolve() for d in egress_dir]
+        engine = start_local_engine(nodes, None, search_registry, insecure_registry, egress_dirs)
         token = _token(token_file or engine.data_dir / "server-token", create=token_file is None)
         tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
         grpc_server, port, servicer = serve(engine, listen, token, tls=tls)

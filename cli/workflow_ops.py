@@ -57,6 +57,18 @@ def _show(summary: dict[str, Any]) -> None:
     out.print(render(summary, []))
 
 
+def read_fuzzfile(file: Path) -> str:
+    """The file's text; what cannot be sent (too large, not UTF-8) is refused here."""
+    from orchestrator.fuzzfile import FuzzfileError
+    from orchestrator.fuzzfile.loader import read_source
+
+    try:
+        return read_source(file)
+    except FuzzfileError as exc:
+        unreadable = any(d.code == "io" for d in exc.diagnostics)
+        die(str(exc), EXIT_USAGE if unreadable else exc.exit_code)
+
+
 def start(
     name: str = typer.Argument(..., help="A unique name for the run, e.g. me/gromacs-1."),
     file: Path = typer.Argument(..., help="The Fuzzfile.", show_default=False),
@@ -71,10 +83,7 @@ def start(
         squall workflow start me/pipeline-1 pipeline.yaml
         squall workflow start me/pipeline-2 pipeline.yaml --watch
     """
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        die(f"cannot read {file}: {exc.strerror}", EXIT_USAGE)
+    text = read_fuzzfile(file)
     backend = _backend(context)
     summary = _guard(lambda: backend.start(name, text))
     if watch:

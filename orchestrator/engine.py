@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -31,7 +31,7 @@ from substrate.client import connect
 
 from .data import TransferError
 from .data.staging import Staging
-from .errors import Conflict, InvalidInput, SquallError
+from .errors import Conflict, InvalidInput, SquallError, StoreError, describe
 from .fuzzfile import Workflow, load_text
 from .placing import Placement
 from .provision import Cluster, NodeSlice, Provisioner, ProvisionError
@@ -82,13 +82,16 @@ class Engine:
         ca_file: str | None = None,
         placer: Callable[[Workflow, str], Placement] | None = None,
         clouds: CloudProvisioner | None = None,
+        egress_dirs: Sequence[Path] | None = None,
     ) -> None:
         self.store = store
         self.provisioner = provisioner
         self.nodes = nodes
         self.data_dir = data_dir
         self.secrets = secrets or SecretStore(data_dir / "secrets")
-        self.staging = Staging(store, data_dir, self.secrets, ca_file=ca_file)
+        self.staging = Staging(
+            store, data_dir, self.secrets, ca_file=ca_file, egress_dirs=egress_dirs
+        )
         self.placer = placer  # None: always this provisioner's site
         self.clouds = clouds  # None: cloud placements are refused
 
@@ -99,6 +102,7 @@ class Engine:
         workflow = load_text(text, name).unwrap()
         _supported(workflow)
         self._check_secrets(workflow)
+        self.staging.check_egress(workflow)
         run_id = str(uuid.uuid4())
         run = Run(
             id=run_id,
@@ -163,15 +167,17 @@ class Engine:
         beat = threading.Thread(target=self._heartbeat, args=(run_id, stop_heartbeat), daemon=True)
         beat.start()
         cluster: Cluster | None = None
+        brought_up: list[Cluster] = []  # the cluster is taken down even if a later phase raises
         state, reason = RunState.FAILED, "the orchestrator stopped"
         try:
-            state, reason, cluster = self._phases(run_id, workflow)
+            state, reason, cluster = self._phases(run_id, workflow, brought_up)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, SquallError):
-                raise  # a defect: the volumes stay, as after a crash
+            reason = describe(exc)
+            if not isinstance(exc, SquallError) or isinstance(exc, StoreError):
+                raise  # a defect, or the store failing: the volumes stay, as after a crash
             self.staging.skip_egress(run_id)  # it failed before any result was made
         finally:
+            cluster = cluster or (brought_up[0] if brought_up else None)
             if cluster is not None:
                 self._set_run(run_id, RunState.TEARDOWN)
                 reason += self._down(run_id, cluster)
@@ -187,7 +193,9 @@ class Engine:
             run = s.get_one(Run, run_id)
             return RunOutcome(run_id, run.state, run.reason)
 
-    def _phases(self, run_id: str, wf: Workflow) -> tuple[RunState, str, Cluster | None]:
+    def _phases(
+        self, run_id: str, wf: Workflow, brought_up: list[Cluster]
+    ) -> tuple[RunState, str, Cluster | None]:
         self._set_run(run_id, RunState.PLACING)
         with self.store.session() as s:
             name = s.get_one(Run, run_id).name
@@ -227,6 +235,7 @@ class Engine:
             return RunState.CANCELLED, "cancelled by request", None
         self._set_run(run_id, RunState.PROVISIONING)
         cluster = self._cloud_up(run_id, decision) if cloud else self.provisioner.up(run_id, nodes)
+        brought_up.append(cluster)
         with self.store.session() as s:
             s.add_all(
                 Agent(run_id=run_id, name=a.name, address=a.address, token=a.token, pid=a.pid)

@@ -4,15 +4,27 @@
     ├── InvalidInput            the input was read and is wrong (a Fuzzfile, a template)
     │   ├── NotFound            it names something that does not exist (a run, a job)
     │   └── Conflict            it clashes with what exists (a name taken, a task not running)
-    └── UsageError              the request itself is malformed (a bad option value)
+    ├── UsageError              the request itself is malformed (a bad option value)
+    └── StoreError              the store failed, or stayed busy past its retries: nothing is
+                                wrong with the input, and trying again later may work
 
 The CLI exits with `exit_code`; the gRPC API will map the same categories to status codes.
-Foreign errors (YAML, pydantic, the file system) are translated where they enter.
+Foreign errors (YAML, pydantic, the file system) are translated where they enter; database
+errors are translated here (`StoreError.of`, `describe`), so that no SQL statement or
+parameter ever reaches a run's reason, an event or an error shown to a person.
 """
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "InvalidInput", "NotFound", "SquallError", "UsageError"]
+__all__ = [
+    "Conflict",
+    "InvalidInput",
+    "NotFound",
+    "SquallError",
+    "StoreError",
+    "UsageError",
+    "describe",
+]
 
 
 class SquallError(Exception):
@@ -39,3 +51,36 @@ class UsageError(SquallError):
     """The request is malformed: an option value that cannot be used."""
 
     exit_code = 2
+
+
+class StoreError(SquallError):
+    """The store failed or stayed busy; the message is one line without SQL."""
+
+    @classmethod
+    def of(cls, exc: BaseException, where: str, *, busy: bool, tries: int = 1) -> StoreError:
+        """`exc`, a database error met at the store `where`, as a person should read it.
+        `busy`: another transaction held what it needed (a lock, a deadlock); `tries`: how
+        many times the store tried before giving up."""
+        gist = _database_gist(exc)
+        if not busy:
+            return cls(f"the store at {where} failed: {gist}")
+        retried = f"; retried {tries - 1} times" if tries > 1 else ""
+        return cls(f"the store at {where} is busy ({gist}){retried}")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as a run's reason, an event or an API error shows it: its kind and its
+    message; for a database error, one line of what the database said, without SQL."""
+    return f"{type(exc).__name__}: {_database_gist(exc)}"
+
+
+def _database_gist(exc: BaseException) -> str:
+    """What the database said, in one line. SQLAlchemy's errors carry the DB-API error
+    (`orig`) and append the SQL statement, its parameters and a link on lines of their own;
+    other errors are returned whole."""
+    if not type(exc).__module__.startswith("sqlalchemy"):
+        return str(exc)
+    said = getattr(exc, "orig", None)
+    text = str(said if isinstance(said, BaseException) else exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.split(" (Background on this error at:")[0]

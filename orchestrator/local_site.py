@@ -51,6 +51,8 @@ class LocalSettings:
     )
     nodes: int = 1  # agents; more than one shares the machine's CPUs (oversubscribed)
     site: str | None = None  # force a site (`--site local`); None: federation decides
+    # where `file:///` egress may write (None: anywhere this process may, for `squall run`)
+    egress_dirs: Sequence[Path] | None = None
 
     def store(self) -> Store:
         return Store(self.store_url or f"sqlite:///{self.data_dir / 'squall.db'}")
@@ -85,6 +87,7 @@ def local_engine(settings: LocalSettings) -> Engine:
         data_dir=settings.data_dir,
         secrets=secrets,
         placer=Placer.from_environment(settings.site, secrets, store).decide,
+        egress_dirs=settings.egress_dirs,
         clouds=CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment()),
     )
 

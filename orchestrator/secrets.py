@@ -29,6 +29,8 @@ def parse_reference(ref: str) -> tuple[str, str]:
             f"{ref!r} is not a secret reference; write secret://user/NAME or secret://group/NAME"
         )
     scope, name = m.groups()
+    if name in (".", ".."):  # a file name under the scope's folder, never the folder itself
+        raise InvalidInput(f"{ref!r}: a secret's name cannot be {name!r}")
     return ("group" if scope == "account" else scope), name
 
 

@@ -3,7 +3,13 @@ of this process (its owner), with the same engine and store as `squall run`.
 
 Errors map to status codes by category: NotFound -> NOT_FOUND, Conflict ->
 FAILED_PRECONDITION (ALREADY_EXISTS for a taken name), other InvalidInput ->
-INVALID_ARGUMENT; anything unexpected is INTERNAL with its message, and logged.
+INVALID_ARGUMENT; anything unexpected is INTERNAL with its message (a database error's without
+its SQL), and logged.
+
+Whatever a client sends, the server answers and goes on serving: a Fuzzfile is validated
+at a bounded cost (`orchestrator.fuzzfile.limits`), one that is not UTF-8 gets a diagnostic
+saying where (not a failure to decode the request), and a request larger than
+`MAX_REQUEST_BYTES` is refused by gRPC (RESOURCE_EXHAUSTED) before it is read.
 """
 
 from __future__ import annotations
@@ -27,14 +33,43 @@ from substrate.auth import TokenAuth
 
 from ..access import RunAccess
 from ..engine import TERMINAL, Engine, request_cancel
-from ..errors import Conflict, InvalidInput, NotFound, SquallError
+from ..errors import Conflict, InvalidInput, NotFound, SquallError, describe
+from ..fuzzfile import FuzzfileError
+from ..fuzzfile.limits import MAX_FUZZFILE_BYTES
+from ..fuzzfile.loader import load_bytes
 from ..views import find_run, run_events, run_list, run_summary
+from .requests import RawStartWorkflowRequest, start_workflow_deserializer
 
-__all__ = ["ControlServer", "serve"]
+__all__ = ["MAX_REQUEST_BYTES", "ControlServer", "serve"]
 
 log = logging.getLogger("squall.server")
 F = TypeVar("F", bound=Callable[..., Any])
 WATCH_POLL = 0.25
+
+# The largest request the server reads: a Fuzzfile at its limit with room to spare, so that
+# one somewhat over it is told so by a diagnostic; gRPC refuses larger ones unread.
+MAX_REQUEST_BYTES = 2 * MAX_FUZZFILE_BYTES
+# Error details travel in a trailer, which clients refuse past 8 KiB (percent-encoded).
+MAX_DETAILS_BYTES = 2000
+
+
+def _details(message: str) -> str:
+    """`message` cut to whole lines that fit in `MAX_DETAILS_BYTES`, saying what was cut."""
+    if len(message.encode()) <= MAX_DETAILS_BYTES:
+        return message
+    budget = MAX_DETAILS_BYTES - 100  # for the last line, which says what was cut
+    lines = message.splitlines()
+    kept: list[str] = []
+    for line in lines:
+        budget -= len(line.encode()) + 1
+        if budget < 0:
+            break
+        kept.append(line)
+    if not kept:  # one very long line
+        return message.encode()[: MAX_DETAILS_BYTES - 100].decode(errors="ignore") + " [...]"
+    dropped = len(lines) - len(kept)
+    kept.append(f"... ({dropped} more lines: `squall workflow validate` shows them all)")
+    return "\n".join(kept)
 
 
 def _code(exc: SquallError) -> grpc.StatusCode:
@@ -54,9 +89,9 @@ def _status_codes(method: F) -> F:
 
     def fail(context: Any, exc: Exception) -> None:
         if isinstance(exc, SquallError):
-            context.abort(_code(exc), str(exc))
+            context.abort(_code(exc), _details(str(exc)))
         log.exception("%s failed", method.__name__)
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        context.abort(grpc.StatusCode.INTERNAL, _details(describe(exc)))
 
     @functools.wraps(method)
     def unary(self: Any, request: Any, context: Any) -> Any:
@@ -95,7 +130,13 @@ class ControlServer(rpc.ControlServicer):
         return _workflow(run_summary(self.engine.store, find_run(self.engine.store, name)))
 
     @_status_codes
-    def StartWorkflow(self, request: pb.StartWorkflowRequest, context: Any) -> pb.Workflow:
+    def StartWorkflow(
+        self, request: pb.StartWorkflowRequest | RawStartWorkflowRequest, context: Any
+    ) -> pb.Workflow:
+        if isinstance(request, RawStartWorkflowRequest):  # not UTF-8: say where
+            if request.name is None:
+                raise InvalidInput("the workflow name is not UTF-8 text")
+            raise FuzzfileError(load_bytes(request.fuzzfile, request.name).diagnostics)
         if not request.name:
             raise InvalidInput("a workflow needs a name, e.g. user/gromacs-1")
         user = dict(context.invocation_metadata()).get("x-squall-user", "")
@@ -193,6 +234,27 @@ class ControlServer(rpc.ControlServicer):
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def _add_servicer(servicer: ControlServer, server: grpc.Server) -> None:
+    """The generated registration, but with StartWorkflow's own request deserializer."""
+    handlers: dict[str, dict[str, Any]] = {}
+
+    class Collect:  # stands in for the server to receive the generated method handlers
+        def add_generic_rpc_handlers(self, _: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, found: dict[str, Any]) -> None:
+            handlers[service] = found
+
+    rpc.add_ControlServicer_to_server(servicer, Collect())  # type: ignore[no-untyped-call]
+    if "StartWorkflow" not in handlers.get("squall.v1.Control", {}):
+        raise RuntimeError("the generated stubs no longer register methods by name: regenerate")
+    for service, methods in handlers.items():
+        start = methods["StartWorkflow"]
+        methods["StartWorkflow"] = start._replace(request_deserializer=start_workflow_deserializer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+        server.add_registered_method_handlers(service, methods)
+
+
 def serve(
     engine: Engine,
     address: str,
@@ -208,8 +270,9 @@ def serve(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control-rpc"),
         interceptors=[TokenAuth(token)],
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
-    rpc.add_ControlServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    _add_servicer(servicer, server)
     if tls is not None:
         credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
         port = server.add_secure_port(address, credentials)

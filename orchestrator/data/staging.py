@@ -245,8 +245,11 @@ class Staging:
                     continue
                 doomed.append(vol.path)
                 vol.state = "DELETED"
+        runs = (self.data_dir / "runs").resolve()
         for path in doomed:  # after the commit: the store is not held while files go
-            shutil.rmtree(path, ignore_errors=True)
+            # a path read back from the store: only ever a run's own folder is deleted
+            if Path(path).resolve().is_relative_to(runs) and Path(path).resolve() != runs:
+                shutil.rmtree(path, ignore_errors=True)
         return kept
 
     def _set_volumes(self, run_id: str, state: str) -> None:

@@ -1,13 +1,17 @@
 """Load a Fuzzfile: YAML with positions -> version schema -> `Workflow` -> rules.
 
-`load_text`/`load_file` never raise for a bad document: every problem becomes a `Diagnostic`
-with file, line, column and field path, and all of them are reported together. Only the
-stages that can run do: rules need a document that passed the schema.
+`load_text`/`load_bytes`/`load_file` never raise for a bad document, however hostile: every
+problem becomes a `Diagnostic` with file, line, column and field path, and all of them are
+reported together; the cost is bounded by `limits`. Only the stages that can run do: rules
+need a document that passed the schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +20,19 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import InvalidInput
 from .diagnostics import Diagnostic, FieldPath, Severity, format_path
+from .limits import MAX_FUZZFILE_BYTES
 from .model import Workflow
 from .normalize import normalize
 from .rules import run_rules
 from .schema import DOCUMENT_MODELS, LEGACY_KEYS, allowed_keys
-from .source import SourceDocument, SourceError, parse_yaml
+from .source import SourceDocument, SourceError, check_size, decode, parse_yaml
 
-__all__ = ["FuzzfileError", "LoadResult", "load_file", "load_text"]
+__all__ = ["FuzzfileError", "LoadResult", "load_bytes", "load_file", "load_text", "read_source"]
+
+log = logging.getLogger("squall.fuzzfile")
+
+# A message quotes values from the file; past this many characters its middle is cut.
+MAX_MESSAGE = 1000
 
 
 class FuzzfileError(InvalidInput):
@@ -63,24 +73,72 @@ class LoadResult:
         return self.workflow
 
 
-def load_file(path: str | Path) -> LoadResult:
-    """Load and validate the Fuzzfile at `path`."""
+def read_source(path: str | Path) -> str:
+    """The text of the Fuzzfile at `path`, read no further than the size limit; raises
+    `FuzzfileError` when it cannot be read, is too large or is not UTF-8."""
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return LoadResult(
-            name,
-            diagnostics=[
-                Diagnostic(Severity.ERROR, f"cannot read file: {reason}", (), name, code="io")
-            ],
-        )
-    return load_text(text, name)
+        with open(path, "rb") as f:
+            data = f.read(MAX_FUZZFILE_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size  # 0 for a pipe or a device: unknown
+            if len(data) > MAX_FUZZFILE_BYTES:
+                check_size(max(size, len(data)), name, at_least=size < len(data))
+        return decode(data, name)
+    except SourceError as exc:
+        raise FuzzfileError(exc.diagnostics) from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        diagnostic = Diagnostic(Severity.ERROR, f"cannot read file: {reason}", (), name, code="io")
+        raise FuzzfileError([diagnostic]) from None
+
+
+def load_file(path: str | Path) -> LoadResult:
+    """Load and validate the Fuzzfile at `path`."""
+    try:
+        text = read_source(path)
+    except FuzzfileError as exc:
+        return LoadResult(str(path), diagnostics=exc.diagnostics)
+    return load_text(text, str(path))
+
+
+def load_bytes(data: bytes, file: str = "<bytes>") -> LoadResult:
+    """Load and validate a Fuzzfile's bytes (UTF-8), as received from a client."""
+    try:
+        text = decode(data, file)
+    except SourceError as exc:
+        return LoadResult(file, diagnostics=exc.diagnostics)
+    return load_text(text, file)
 
 
 def load_text(text: str, file: str = "<string>") -> LoadResult:
     """Load and validate Fuzzfile text; `file` names it in diagnostics."""
+    try:
+        result = _load(text, file)
+    except Exception as exc:  # a defect of the loader: still a diagnostic, never a crash
+        log.exception("validating %s failed", file)
+        message = f"internal error while validating: {type(exc).__name__}: {exc}"
+        diagnostic = Diagnostic(Severity.ERROR, message, (), file, code="internal")
+        result = LoadResult(file, diagnostics=[diagnostic])
+    result.diagnostics = [_clipped(d) for d in result.diagnostics]
+    return result
+
+
+def _clipped(d: Diagnostic) -> Diagnostic:
+    """`d` with its message and hint cut in the middle where they quote too much."""
+    message, hint = _clip(d.message), _clip(d.hint) if d.hint else d.hint
+    if message is d.message and hint is d.hint:
+        return d
+    return dataclasses.replace(d, message=message, hint=hint)
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_MESSAGE:
+        return text
+    keep = MAX_MESSAGE // 2
+    return f"{text[:keep]} [... {len(text) - 2 * keep:,} characters ...] {text[-keep:]}"
+
+
+def _load(text: str, file: str) -> LoadResult:
     result = LoadResult(file)
     try:
         source = parse_yaml(text, file)
@@ -248,7 +306,13 @@ def _describe(value: Any) -> str:
         return "nothing (null)"
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
-    return repr(value)
+    text = repr(value)
+    if len(text) > _QUOTED:
+        return f"{text[: _QUOTED - 20]}... ({len(text):,} characters)"
+    return text
+
+
+_QUOTED = 80  # characters of a value quoted in a message
 
 
 def _explain(
@@ -274,12 +338,17 @@ def _explain(
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{_describe(value)} is not allowed here", f"use one of {expected}", "bad-value"
+    if kind == "int_parsing_size":
+        return f"{_describe(value)} is too large for a whole number", None, "bad-value"
     if kind == "int_from_float":
         return f"expected a whole number, got {_describe(value)}", None, "bad-type"
     for suffix in ("_type", "_parsing"):
         if kind.endswith(suffix) and kind.removesuffix(suffix) in _TYPE_NAMES:
             wanted = _TYPE_NAMES[kind.removesuffix(suffix)]
             return f"expected {wanted}, got {_describe(value)}", None, "bad-type"
+    if kind == "less_than_equal":
+        bound = err.get("ctx", {}).get("le")
+        return f"{_describe(value)} is too large; it must be at most {bound}", None, "bad-value"
     if kind in ("greater_than", "greater_than_equal"):
         bound = err.get("ctx", {})
         rule = f"greater than {bound['gt']}" if "gt" in bound else f"at least {bound.get('ge')}"

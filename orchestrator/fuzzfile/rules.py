@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from . import model as m
 from .diagnostics import FieldPath, Severity
+from .limits import MAX_TASKS_PER_ARRAY, MAX_TASKS_PER_WORKFLOW
+from .paths import container_path_problem, mount_path_problem, name_problem, volume_file_problem
 
 __all__ = ["RULES", "Finding", "find_cycle", "run_rules"]
 
@@ -62,12 +64,23 @@ def _warning(code: str, path: FieldPath, message: str, hint: str | None = None) 
 
 
 def _nearest(name: str, choices: list[str]) -> str:
+    """A hint: the closest of `choices`, or some of them. Bounded in cost and length however
+    many there are (difflib compares with each: a few hundred are cheap)."""
     import difflib
 
-    close = difflib.get_close_matches(name, choices, n=1)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return "declared: " + (", ".join(sorted(choices)) if choices else "none")
+    if len(choices) <= _COMPARED_CHOICES:
+        close = difflib.get_close_matches(name, choices, n=1)
+        if close:
+            return f"did you mean {close[0]!r}?"
+    if not choices:
+        return "declared: none"
+    shown = sorted(choices)[:_LISTED_CHOICES]
+    more = f" and {len(choices) - len(shown):,} more" if len(choices) > len(shown) else ""
+    return "declared: " + ", ".join(shown) + more
+
+
+_COMPARED_CHOICES = 200
+_LISTED_CHOICES = 20
 
 
 # ---- the workflow as a whole -------------------------------------------------------------
@@ -99,7 +112,16 @@ def _unique_names(wf: m.Workflow) -> Iterator[Finding]:
 @rule("name-format")
 def _dns_names(wf: m.Workflow) -> Iterator[Finding]:
     for c in wf.containers.values():
-        if len(c.name) > 63:
+        problem = name_problem(c.name)
+        if problem is not None:
+            yield _error(
+                "name-format",
+                c.origin,
+                f"name {c.name!r} {problem}; names of jobs and services become directory "
+                "and host names",
+                "use lowercase letters, digits and -",
+            )
+        elif len(c.name) > 63:
             yield _error(
                 "name-format",
                 c.origin,
@@ -176,8 +198,8 @@ def find_cycle(wf: m.Workflow) -> list[str] | None:
         # graphlib lists each node before one that depends on it: reverse to read "depends on"
         cycle = list(reversed(exc.args[1]))[:-1]
         # start at the node written last, so the reported edge is the one that closes the loop
-        order = list(names)
-        start = max(range(len(cycle)), key=lambda i: order.index(cycle[i]))
+        order = {name: i for i, name in enumerate(names)}
+        start = max(range(len(cycle)), key=lambda i: order[cycle[i]])
         cycle = cycle[start:] + cycle[:start]
         return [*cycle, cycle[0]]
     return None
@@ -228,6 +250,30 @@ def _mounts(wf: m.Workflow) -> Iterator[Finding]:
             seen[mount.path] = mount
 
 
+@rule("container-paths")
+def _container_paths(wf: m.Workflow) -> Iterator[Finding]:
+    seen: set[FieldPath] = set()  # mounts from defaults.job are in every job: report them once
+    for c in wf.containers.values():
+        if c.cwd is not None and (problem := container_path_problem(c.cwd)):
+            yield _error("container-path", (*c.origin, "cwd"), f"cwd {c.cwd!r} {problem}")
+        for path in c.files:
+            if problem := container_path_problem(path):
+                where = (*c.origin, "files", path)
+                yield _error("container-path", where, f"file path {path!r} {problem}")
+        for mount in c.mounts:
+            problem = mount_path_problem(mount.path)
+            v1 = mount.origin[-1] != mount.path  # v1 mounts are keyed by volume: `location`
+            where = (*mount.origin, "location") if v1 else mount.origin
+            if problem is not None and where not in seen:
+                seen.add(where)
+                yield _error(
+                    "mount-path",
+                    where,
+                    f"mount path {mount.path!r} {problem}",
+                    "mount volumes on a directory of their own, such as /data or /scratch",
+                )
+
+
 @rule("files")
 def _file_references(wf: m.Workflow) -> Iterator[Finding]:
     keys = list(wf.files)
@@ -272,6 +318,8 @@ def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
                     f"ingress destination {t.destination.uri!r} is not a path in the volume",
                     "write file://PATH/IN/VOLUME",
                 )
+            else:
+                yield from _volume_file(t.destination, "ingress destination")
         for t in vol.egress:
             if not t.source.uri.startswith("file://"):
                 yield _error(
@@ -280,7 +328,14 @@ def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
                     f"egress source {t.source.uri!r} is not a path in the volume",
                     "write file://PATH/IN/VOLUME",
                 )
+            else:
+                yield from _volume_file(t.source, "egress source")
             dest = t.destination.uri
+            if dest.startswith("file:///") and (
+                problem := container_path_problem(dest.removeprefix("file://"))
+            ):
+                where = (*t.destination.origin, "uri")
+                yield _error("transfer-path", where, f"egress destination {dest!r} {problem}")
             local = dest.startswith("file:///")  # Squall: a path on the orchestrator's machine
             if not local and (not dest.startswith(_TRANSFER_SCHEMES) or dest.startswith("file://")):
                 yield _error(
@@ -292,9 +347,34 @@ def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
                 )
 
 
+def _volume_file(location: m.Location, what: str) -> Iterator[Finding]:
+    problem = volume_file_problem(location.uri.removeprefix("file://"))
+    if problem is not None:
+        yield _error(
+            "transfer-path",
+            (*location.origin, "uri"),
+            f"{what} {location.uri!r} {problem}",
+            "write file://PATH/IN/VOLUME, such as file://inputs/data.tar.gz",
+        )
+
+
 @rule("volumes")
 def _volume_fields(wf: m.Workflow) -> Iterator[Finding]:
     for vol in wf.volumes.values():
+        if problem := name_problem(vol.name):
+            yield _error(
+                "volume-name",
+                vol.origin,
+                f"volume name {vol.name!r} {problem}; volume names become directory names",
+                "use letters, digits, -, _ and .",
+            )
+        if vol.persistent_name is not None and (problem := name_problem(vol.persistent_name)):
+            yield _error(  # v4 `name:` (a v1 reference's name is checked by the schema)
+                "volume-name",
+                (*vol.origin, "name"),
+                f"persistent volume name {vol.persistent_name!r} {problem}",
+                "name an existing persistent volume: letters, digits, -, _ and ., no '/'",
+            )
         if vol.host_path is not None:
             yield _warning(
                 "deprecated-host-volume",
@@ -339,6 +419,15 @@ def _task_arrays(wf: m.Workflow) -> Iterator[Finding]:
                 f"task-array ends ({ta.end}) before it starts ({ta.start})",
                 "make `end` greater than or equal to `start`",
             )
+        elif ta.size > MAX_TASKS_PER_ARRAY:
+            yield _error(
+                "too-many-tasks",
+                (*ta.origin, "end"),
+                f"task-array has {ta.size:,} tasks; a task array may have at most "
+                f"{MAX_TASKS_PER_ARRAY:,}",
+                "split the work into fewer, larger tasks (each task can loop over several "
+                "items using FB_TASK_ID)",
+            )
         if ta.concurrency is not None and ta.concurrency > MAX_CONCURRENCY:
             yield _error(
                 "task-array-concurrency",
@@ -353,6 +442,23 @@ def _task_arrays(wf: m.Workflow) -> Iterator[Finding]:
                 "a job with both task-array and multinode runs a multi-node gang per task",
                 "check that this is what you want",
             )
+
+
+@rule("task-count")
+def _task_count(wf: m.Workflow) -> Iterator[Finding]:
+    total = len(wf.services)
+    for job in wf.jobs.values():
+        ta = job.task_array
+        total += 1 if ta is None else min(max(ta.size, 0), MAX_TASKS_PER_ARRAY)
+        if total > MAX_TASKS_PER_WORKFLOW:
+            yield _error(
+                "too-many-tasks",
+                ta.origin if ta is not None else job.origin,
+                f"with job {job.name!r} the workflow has more than {MAX_TASKS_PER_WORKFLOW:,} "
+                f"tasks (jobs, task-array tasks and services), the most a workflow may have",
+                "split the work into fewer, larger tasks, or into several workflows",
+            )
+            return
 
 
 @rule("multinode")
@@ -374,16 +480,18 @@ def _services(wf: m.Workflow) -> Iterator[Finding]:
     needed = {d.name for c in wf.containers.values() for d in c.depends_on}
     for name, svc in wf.services.items():
         ports = [p.name for p in svc.ports]
+        declared: set[str] = set()
         for i, port in enumerate(svc.ports):
-            if port.name in ports[:i]:
+            if port.name in declared:
                 yield _error(
                     "duplicate-port",
                     (*svc.origin, "network", "ports", i, "name"),
                     f"port name {port.name!r} is declared twice",
                     "give each port its own name",
                 )
+            declared.add(port.name)
         for ep in svc.endpoints:
-            if ep.port_name not in ports:
+            if ep.port_name not in declared:
                 yield _error(
                     "unknown-port",
                     (*ep.origin, "port-name"),

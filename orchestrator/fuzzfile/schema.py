@@ -21,8 +21,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeInt,
-    PositiveInt,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -89,22 +87,28 @@ def _image_uri(value: str) -> str:
 
 
 def _secret_ref(value: str) -> str:
-    if not _SECRET_RE.match(value):
+    if not _SECRET_RE.match(value) or _dot_segment(value):
         raise PydanticCustomError(
             "secret_ref",
             "{ref} is not a secret reference; write secret://SCOPE/NAME with SCOPE one of "
-            "user, group, organization",
+            "user, group, organization (NAME: letters, digits, -, _ and ., but not . or ..)",
             {"ref": repr(value)},
         )
     return value
 
 
+def _dot_segment(value: str) -> bool:
+    """Whether a reference has a `.` or `..` segment, which would name a directory."""
+    return any(part in (".", "..") for part in value.split("://", 1)[-1].split("/"))
+
+
 def _volume_ref(value: str) -> str:
-    if not _VOLUME_RE.match(value):
+    if not _VOLUME_RE.match(value) or _dot_segment(value):
         raise PydanticCustomError(
             "volume_ref",
             "{ref} is not a volume reference; write volume://user/ephemeral, "
-            "volume://user/persistent/NAME or volume://SCOPE/CLASS[/NAME] (SCOPE: user or group)",
+            "volume://user/persistent/NAME or volume://SCOPE/CLASS[/NAME] (SCOPE: user or group; "
+            "CLASS and NAME: letters, digits, -, _ and ., but not . or ..)",
             {"ref": repr(value)},
         )
     return value
@@ -125,9 +129,20 @@ def _env_entry(value: str) -> str:
             "environment secrets must be user-scoped: write secret://user/NAME, not {ref}",
             {"ref": repr(rest)},
         )
+    if rest.startswith("secret://"):
+        _secret_ref(rest)
     return value
 
 
+# Whole numbers are 64-bit, as the platform (Go) reads them: a larger one is refused here
+# rather than met downstream (a sleep, a range, a row in the store).
+INT64_MAX = 2**63 - 1
+NonNegativeInt = Annotated[int, Field(ge=0, le=INT64_MAX)]
+PositiveInt = Annotated[int, Field(gt=0, le=INT64_MAX)]
+# Probe timings are 32-bit, as in Kubernetes (the waits they become cannot be longer).
+INT32_MAX = 2**31 - 1
+ProbeCount = Annotated[int, Field(ge=0, le=INT32_MAX)]
+PositiveProbeCount = Annotated[int, Field(gt=0, le=INT32_MAX)]
 AbsPath = Annotated[str, AfterValidator(_absolute)]
 ImageRef = Annotated[str, AfterValidator(_image_uri)]
 SecretRef = Annotated[str, AfterValidator(_secret_ref)]
@@ -328,11 +343,11 @@ class Probe(_Model):
     http_get: HttpGetAction | None = Field(None, alias="http-get")
     tcp_socket: TcpSocketAction | None = Field(None, alias="tcp-socket")
     grpc: GrpcAction | None = None
-    initial_delay_seconds: NonNegativeInt | None = Field(None, alias="initial-delay-seconds")
-    period_seconds: PositiveInt | None = Field(None, alias="period-seconds")
-    timeout_seconds: PositiveInt | None = Field(None, alias="timeout-seconds")
-    success_threshold: PositiveInt | None = Field(None, alias="success-threshold")
-    failure_threshold: PositiveInt | None = Field(None, alias="failure-threshold")
+    initial_delay_seconds: ProbeCount | None = Field(None, alias="initial-delay-seconds")
+    period_seconds: PositiveProbeCount | None = Field(None, alias="period-seconds")
+    timeout_seconds: PositiveProbeCount | None = Field(None, alias="timeout-seconds")
+    success_threshold: PositiveProbeCount | None = Field(None, alias="success-threshold")
+    failure_threshold: PositiveProbeCount | None = Field(None, alias="failure-threshold")
 
     @model_validator(mode="after")
     def _one_action(self) -> Probe:

@@ -1,25 +1,34 @@
 """Read Fuzzfile YAML into plain data plus the line and column of every key and value.
 
-PyYAML's composer (libyaml where installed) gives nodes with positions; this module walks
-them itself so that it can (a) keep a position for every field path, (b) resolve plain
-scalars with the YAML 1.2 core schema that Fuzzfiles are written in (so `on`, `no`, `1:30`
-and `2026-06-05` stay strings, as a Go YAML parser would read them), (c) refuse duplicate
-keys, multi-document streams and alias bombs with a clear error.
+`compose.py` gives nodes with positions (libyaml's parser, a composer bounded in size and
+depth); this module walks them itself so that it can (a) keep a position for every field
+path, (b) resolve plain scalars with the YAML 1.2 core schema that Fuzzfiles are written in
+(so `on`, `no`, `1:30` and `2026-06-05` stay strings, as a Go YAML parser would read them),
+(c) refuse duplicate keys, multi-document streams and alias bombs with a clear error.
+Whatever the text, the result is a `SourceDocument` or a `SourceError`: nothing else escapes.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .compose import (
+    MERGE_TAG,
+    STR_TAG,
+    LimitError,
+    compose_documents,
+    reader_error_position,
+    too_deep,
+)
 from .diagnostics import Diagnostic, FieldPath, Severity
+from .limits import MAX_DEPTH, MAX_FUZZFILE_BYTES, MAX_NODES, describe_bytes
 
-__all__ = ["Position", "SourceDocument", "SourceError", "parse_yaml"]
-
-_Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+__all__ = ["Position", "SourceDocument", "SourceError", "check_size", "decode", "parse_yaml"]
 
 # YAML 1.2 core schema, https://yaml.org/spec/1.2.2/#1032-tag-resolution
 _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
@@ -31,10 +40,8 @@ _FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
 _INF = re.compile(r"^[-+]?\.(?:inf|Inf|INF)$")
 _NAN = re.compile(r"^\.(?:nan|NaN|NAN)$")
 
-# A document may share nodes through aliases; this bounds what such sharing can expand to.
-_MAX_NODES = 200_000
-_STR_TAG = "tag:yaml.org,2002:str"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Whole numbers that a Go parser reads as such (int64 or uint64); the widest has 20 digits.
+_GO_INT_MIN, _GO_INT_MAX, _GO_INT_DIGITS = -(2**63), 2**64 - 1, 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +100,7 @@ _IMPLICIT_TAGS = {
 
 def _scalar(node: yaml.ScalarNode) -> Any:
     text: str = node.value
-    if node.style or node.tag == _STR_TAG:  # libyaml gives plain scalars style "", PyYAML None
+    if node.style or node.tag == STR_TAG:  # libyaml gives plain scalars style "", PyYAML None
         return text  # quoted and block scalars, plain strings and explicit !!str
     if node.tag not in _IMPLICIT_TAGS:
         raise _WalkError(f"unsupported YAML tag {node.tag!r}", node, "remove the tag")
@@ -102,11 +109,11 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     if _BOOL.match(text):
         return text.lower() == "true"
     if _INT10.match(text):
-        return int(text)
+        return _whole_number(text, text, 10)
     if _INT8.match(text):
-        return int(text[2:], 8)
+        return _whole_number(text, text[2:], 8)
     if _INT16.match(text):
-        return int(text[2:], 16)
+        return _whole_number(text, text[2:], 16)
     if _FLOAT.match(text):
         return float(text)
     if _INF.match(text):
@@ -114,6 +121,20 @@ def _scalar(node: yaml.ScalarNode) -> Any:
     if _NAN.match(text):
         return float("nan")
     return text  # YAML 1.1-only forms (yes, on, 1:30, dates) are strings in YAML 1.2
+
+
+def _whole_number(text: str, digits: str, base: int) -> int | float | str:
+    """An integer as a Go YAML parser reads it: a whole number when it fits in 64 bits; past
+    that a float when decimal and finite, else the text. (Python's own conversion of a long
+    decimal is refused past 4,300 digits, and would cost quadratic time before that.)"""
+    if len(digits.lstrip("+-0")) <= _GO_INT_DIGITS or base != 10:
+        value = int(digits, base)
+        if _GO_INT_MIN <= value <= _GO_INT_MAX:
+            return value
+    if base != 10:
+        return text
+    approx = float(text)
+    return text if math.isinf(approx) else approx
 
 
 class _WalkError(Exception):
@@ -132,11 +153,13 @@ class _Walker:
 
     def walk(self, node: yaml.Node, path: FieldPath) -> Any:
         self.count += 1
-        if self.count > _MAX_NODES:
-            raise _WalkError(
-                f"the document expands to more than {_MAX_NODES} nodes through aliases",
-                node,
+        if self.count > MAX_NODES:
+            raise LimitError(
+                f"the document expands to more than {MAX_NODES:,} values, lists and mappings "
+                "through aliases",
+                node.start_mark,
                 "remove the aliases (*name) that repeat large parts of the document",
+                "too-many-nodes",
             )
         self.doc.values.setdefault(path, _mark(node))
         if isinstance(node, yaml.ScalarNode):
@@ -144,6 +167,8 @@ class _Walker:
         self.doc.containers.add(path)
         if id(node) in self.stack:
             raise _WalkError("an alias refers to a node that contains it (a cycle)", node)
+        if len(self.stack) >= MAX_DEPTH:  # aliases in aliases nest deeper than what they are
+            raise too_deep(node.start_mark)
         self.stack.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
@@ -155,7 +180,7 @@ class _Walker:
     def _mapping(self, node: yaml.Node, path: FieldPath) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
+            if key_node.tag == MERGE_TAG:
                 self._merge(out, value_node, path)
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
@@ -212,14 +237,100 @@ def _syntax_error(exc: yaml.MarkedYAMLError, file: str) -> SourceError:
     return _error(file, f"YAML syntax error: {problem}", mark, "yaml-syntax", hint)
 
 
+def _size(size: int, at_least: bool) -> str:
+    return f"more than {describe_bytes(MAX_FUZZFILE_BYTES)}" if at_least else describe_bytes(size)
+
+
+def check_size(size: int, file: str, *, at_least: bool = False) -> None:
+    """Raise `SourceError` when `size` (bytes of UTF-8; `at_least` that many, when the rest
+    was not read) is beyond what a Fuzzfile may be."""
+    if size > MAX_FUZZFILE_BYTES:
+        raise SourceError(
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    f"the file is {_size(size, at_least)}; a Fuzzfile may be at most "
+                    f"{describe_bytes(MAX_FUZZFILE_BYTES)}",
+                    (),
+                    file,
+                    hint="move large inline `files:` into a volume's ingress "
+                    "(https://, s3://) and refer to them from there",
+                    code="too-large",
+                )
+            ]
+        )
+
+
+def decode(data: bytes, file: str) -> str:
+    """The text of a Fuzzfile's bytes (UTF-8), or `SourceError` saying where it is not."""
+    check_size(len(data), file)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1
+        raise SourceError(
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    f"the file is not UTF-8 text: byte 0x{data[exc.start]:02x} cannot start or "
+                    "continue a character here",
+                    (),
+                    file,
+                    data.count(b"\n", 0, exc.start) + 1,
+                    column,
+                    "save the file as UTF-8",
+                    "encoding",
+                )
+            ]
+        ) from None
+
+
 def parse_yaml(text: str, file: str = "<string>") -> SourceDocument:
     """Parse one YAML document into a `SourceDocument`, or raise `SourceError`."""
+    if len(text) > MAX_FUZZFILE_BYTES:  # a character is at least one byte: no need to encode
+        check_size(len(text), file)
+    check_size(len(text.encode("utf-8", "surrogatepass")), file)
     doc = SourceDocument(data=None, file=file)
     try:
-        nodes = list(yaml.compose_all(text, Loader=_Loader))
+        nodes = compose_documents(text)
+    except LimitError as exc:
+        raise _error(file, str(exc), exc.mark, exc.code, exc.hint) from None
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc, file) from None
-    except (yaml.YAMLError, ValueError) as exc:  # reader errors: bad encoding, control chars
+    except yaml.reader.ReaderError as exc:  # a character that YAML does not allow
+        line, column = reader_error_position(text, exc)
+        raise SourceError(
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    f"cannot read YAML: {exc.reason} (character #x{exc.character:04x})",
+                    (),
+                    file,
+                    line,
+                    column,
+                    "remove the character, or write it as an escape in a double-quoted string",
+                    "yaml-syntax",
+                )
+            ]
+        ) from None
+    except UnicodeEncodeError as exc:  # a lone surrogate: text that no UTF-8 file holds
+        line_start = text.rfind("\n", 0, exc.start) + 1
+        raise SourceError(
+            [
+                Diagnostic(
+                    Severity.ERROR,
+                    f"the text is not Unicode: {text[exc.start]!r} is half of a surrogate pair",
+                    (),
+                    file,
+                    text.count("\n", 0, exc.start) + 1,
+                    exc.start - line_start + 1,
+                    "send the text as UTF-8",
+                    "encoding",
+                )
+            ]
+        ) from None
+    except (yaml.YAMLError, ValueError) as exc:
         raise _error(file, f"cannot read YAML: {exc}", None, "yaml-syntax") from None
     if len(nodes) != 1:
         message = "the file is empty" if not nodes else "the file holds several YAML documents"
@@ -229,10 +340,10 @@ def parse_yaml(text: str, file: str = "<string>") -> SourceDocument:
     walker = _Walker(doc)
     try:
         doc.data = walker.walk(nodes[0], ())
+    except LimitError as exc:
+        raise _error(file, str(exc), exc.mark, exc.code, exc.hint) from None
     except _WalkError as exc:
         raise _error(file, str(exc), exc.node.start_mark, "yaml-structure", exc.hint) from None
-    except RecursionError:
-        raise _error(file, "the document is nested too deeply", None, "yaml-structure") from None
     if walker.errors:
         raise SourceError(walker.errors)
     return doc

@@ -15,7 +15,14 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["UnitError", "format_size", "parse_duration", "parse_size"]
+__all__ = [
+    "MAX_DURATION",
+    "MAX_SIZE",
+    "UnitError",
+    "format_size",
+    "parse_duration",
+    "parse_size",
+]
 
 
 class UnitError(ValueError):
@@ -38,12 +45,30 @@ _SIZE_UNITS: dict[str, int] = {
     "pib": 2**50,
     "eib": 2**60,
 }
+# The largest size and duration: Go's int64 counts of bytes and of nanoseconds (~292 years).
+MAX_SIZE = 2**63 - 1
+MAX_DURATION = (2**63 - 1) / 10**9
 _SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[A-Za-z]*)\s*$")
 _SIZE_HINT = "write a number with an optional unit, such as 536870912, 512MiB, 14GiB or 1GB"
 
 
 def parse_size(value: object) -> int:
     """Return the number of bytes that a size such as `14GiB`, `1GB` or `512` stands for."""
+    size = _size(value)
+    if size > MAX_SIZE:
+        raise UnitError(f"size {_quote(value)} is 8EiB or more; sizes are 64-bit counts of bytes")
+    return size
+
+
+def _quote(value: object) -> str:
+    """A value for a message: short, and no huge int converted to text (Python refuses)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "(a number of more than 19 digits)"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text):,} characters)"
+
+
+def _size(value: object) -> int:
     if isinstance(value, bool):
         raise UnitError(f"{value!r} is not a size; {_SIZE_HINT}")
     if isinstance(value, int):
@@ -94,6 +119,13 @@ _DURATION_HINT = "write a Go duration such as 30s, 10m, 1h30m or 10m0s"
 
 def parse_duration(value: object) -> float:
     """Return the seconds that a Go-style duration such as `1h30m` or `10m0s` stands for."""
+    seconds = _duration(value)
+    if seconds > MAX_DURATION:
+        raise UnitError(f"duration {_quote(value)} is longer than Go's longest, about 292 years")
+    return seconds
+
+
+def _duration(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise UnitError(f"expected a duration, got {type(value).__name__}; {_DURATION_HINT}")
     if isinstance(value, int | float):

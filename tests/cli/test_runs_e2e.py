@@ -5,6 +5,7 @@ server killed mid-run and started again, and a run cancelled with Ctrl-C."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -12,9 +13,11 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +89,40 @@ def agents_of(run_id: str) -> list[int]:
         if b"substrate" in argv and f"run={run_id}".encode() in argv:
             pids.append(int(proc.name))
     return pids
+
+
+def run_cgroups(env: Env, run_id: str) -> list[Path]:
+    """The task cgroup folders of a run's agents (named after each agent's data dir)."""
+    groups = []
+    for data in sorted((env.data / "site" / run_id).glob("*/data")):
+        agent = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:12]
+        for controller in ("pids", "memory", "cpuset", "devices"):
+            parent = Path("/sys/fs/cgroup") / controller / "squall" / agent
+            groups += [d for d in parent.iterdir() if d.is_dir()] if parent.is_dir() else []
+    return groups
+
+
+def cgroup_pids(groups: list[Path]) -> set[int]:
+    pids: set[int] = set()
+    for group in groups:
+        try:
+            pids |= {int(p) for p in (group / "cgroup.procs").read_text().split()}
+        except OSError:
+            continue
+    return pids
+
+
+def alive(pids: set[int]) -> list[int]:
+    """Those of `pids` still running (a zombie has ended)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
 
 
 def wait_for(what: str, check, timeout: float = 60):  # type: ignore[no-untyped-def]
@@ -173,7 +210,10 @@ def test_ctrl_c_cancels_a_squall_run_and_takes_its_cluster_down(env: Env, tmp_pa
 
 @pytest.fixture
 def server(env: Env) -> Iterator[subprocess.Popen[str]]:
-    proc = env.popen("server", "--listen", "127.0.0.1:0", "--nodes", "2")
+    egress = env.data.parent / "out"  # where file:/// egress of its workflows may go
+    proc = env.popen(
+        "server", "--listen", "127.0.0.1:0", "--nodes", "2", "--egress-dir", str(egress)
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("serving on "), proc.stderr.read() if proc.stderr else ""
@@ -333,32 +373,23 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
     run_id = status()["id"]
     agents = agents_of(run_id)
     assert len(agents) == 2
+    # the run's own processes: everything in its agents' task cgroups (the container's
+    # `sleep 300` among them), found through the agents' data directories
+    groups = run_cgroups(env, run_id)
+    procs = wait_for("the container to be in its cgroup", lambda: cgroup_pids(groups))
     server.kill()  # no chance to clean up
     server.communicate()
-    # the agents notice their owner is gone and stop, with their containers
+    # the agents notice their owner is gone and stop, with their containers, and remove
+    # the cgroups of their tasks; the kernel ends the rest of a container's PID namespace a
+    # moment after its init has gone
     wait_for("the agents to stop", lambda: agents_of(run_id) == [], timeout=30)
-    # and their containers: crun's init dies with crun, and the kernel then kills the rest
-    # of the container's PID namespace, which can take a moment after the agent has gone
     try:
-        wait_for(
-            "the container's processes to end",
-            lambda: (
-                "sleep 300"
-                not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-            ),
-            timeout=10,
-        )
+        wait_for("the run's processes to end", lambda: not alive(procs), timeout=10)
     except AssertionError:  # say which processes, where, so that a leak can be traced
-        ps = subprocess.run(
-            ["ps", "-eo", "pid,ppid,pgid,sid,stat,etime,args"], capture_output=True, text=True
-        ).stdout
-        left = [line.split() for line in ps.splitlines() if "sleep 300" in line]
-        where = {
-            pid: Path(f"/proc/{pid}/cgroup").read_text(errors="replace")
-            for pid, *_ in left
-            if Path(f"/proc/{pid}/cgroup").exists()
-        }
-        raise AssertionError(f"still running: {left}; cgroups: {where}; ps:\n{ps}") from None
+        raise AssertionError(
+            f"still running: {alive(procs)}; cgroups: {cgroup_pids(groups)}"
+        ) from None
+    assert not [g for g in groups if g.exists()], "the agents left their task cgroups"
     # the run is still recorded as running, by a dead owner, until an orchestrator starts
     env.vars["SQUALL_CONTEXT"] = "local"
     assert status()["state"] == "RUNNING"
@@ -376,6 +407,8 @@ def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(
         pushed = env.run("workflow", "egress", "me/orphan")
         assert pushed.returncode == 0, pushed.stderr
         assert result.read_text() == "partial\n"
+        # and nothing of the dead run's agents is left on disk (tokens, task state)
+        assert not (env.data / "site" / run_id).exists()
     finally:
         successor.terminate()
         successor.communicate(timeout=60)
@@ -417,6 +450,63 @@ def test_the_server_speaks_tls_to_a_context_that_trusts_its_ca(env: Env, tmp_pat
             "plain": False,
         }
         assert "token" not in json.dumps(listed)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+
+
+# ---- many at once -----------------------------------------------------------------------------
+
+
+def test_fifty_workflows_started_at_once_through_the_server_all_finish(env: Env) -> None:
+    """Fifty clients start a workflow at the same moment: the server runs them all, each in
+    a thread of its own over one store, and no run fails because another held the store."""
+    import grpc
+
+    from api.squall.v1 import control_pb2 as pb
+    from api.squall.v1 import control_pb2_grpc as rpc
+
+    count = 50
+    text = (
+        "version: v4\njobs:\n  hi:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [/bin/true]\n"
+    )
+    proc = env.popen("server", "--listen", "127.0.0.1:0")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("serving on "), proc.stderr.read() if proc.stderr else ""
+        channel = grpc.insecure_channel(line.split()[-1])
+        stub = rpc.ControlStub(channel)  # type: ignore[no-untyped-call]
+        token = (env.data / "server-token").read_text().strip()
+        metadata = (("authorization", f"Bearer {token}"),)
+        names = [f"me/many-{i}" for i in range(count)]
+        together = threading.Barrier(count)
+
+        def start(name: str) -> str:
+            """'' once started, or why not."""
+            together.wait()
+            request = pb.StartWorkflowRequest(name=name, fuzzfile=text)
+            try:
+                stub.StartWorkflow(request, metadata=metadata, timeout=60)
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+            return ""
+
+        with ThreadPoolExecutor(count) as pool:
+            answers = dict(zip(names, pool.map(start, names), strict=True))
+        assert {n: a for n, a in answers.items() if a} == {}
+
+        def ended() -> dict[str, tuple[str, str]] | None:
+            request = pb.ListWorkflowsRequest(pattern="me/many-*")
+            runs = stub.ListWorkflows(request, metadata=metadata, timeout=60).workflows
+            states = {r.name: (r.state, r.reason) for r in runs}
+            done = all(state in ("FINISHED", "FAILED", "CANCELLED") for state, _ in states.values())
+            return states if done and len(states) == count else None
+
+        final = wait_for("every run to end", ended, timeout=240)
+        assert {n: s for n, s in final.items() if s != ("FINISHED", "")} == {}
+        channel.close()
     finally:
         proc.terminate()
         proc.communicate(timeout=60)

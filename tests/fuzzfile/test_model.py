@@ -265,6 +265,9 @@ def test_probe_ports_are_numbers_or_names(port: str, ok: bool) -> None:
 
 def test_unreadable_documents_are_errors_not_crashes() -> None:
     deep = load_text("version: v4\njobs: " + "[" * 5000 + "]" * 5000, "deep.yaml")
-    assert deep.errors[0].message == "the document is nested too deeply"
+    assert (
+        deep.errors[0].message == "the document nests lists and mappings more than 64 levels deep"
+    )
+    assert (deep.errors[0].code, deep.errors[0].line) == ("too-deep", 2)
     binary = load_text("\x00\x01 bad", "bin.yaml")
     assert "control characters are not allowed" in binary.errors[0].message

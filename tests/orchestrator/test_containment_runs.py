@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.engine import Engine
+from orchestrator.errors import InvalidInput
 from orchestrator.fuzzfile import Workflow
 from orchestrator.provision import LocalProvisioner, NodeSlice
-from orchestrator.store import RunState, Store, Transfer
+from orchestrator.store import Run, RunState, Store, Transfer
 from tests.substrate.registry import Registry
 
 IMAGE = "image: {uri: docker://busybox:1.36}"
@@ -146,3 +147,58 @@ def test_a_job_sees_volumes_as_its_own_root_and_writes_them_as_the_hosts(
     assert mapping[:2] == ["0", "1610612736"]  # root of the job is an unprivileged host uid
     written = engine.data_dir / "volumes" / "user" / "owned" / "f"
     assert written.stat().st_uid == 0
+
+
+def test_a_server_writes_local_egress_only_under_its_egress_folders(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """Through a server, `file:///` egress wrote anywhere on its machine as its user (root):
+    `/etc/cron.d/x` included. A server now writes only under its `--egress-dir`s, through
+    no link, and refuses any other destination before the run starts."""
+    allowed = tmp_path / "results"
+    engine = Engine(
+        Store(f"sqlite:///{tmp_path / 'squall.db'}"),
+        LocalProvisioner(
+            tmp_path / "site",
+            search_registries=[registry.address],
+            insecure_registries=[registry.address],
+        ),
+        lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
+        data_dir=tmp_path / "data",
+        egress_dirs=[allowed],
+    )
+
+    def egress_to(target: Path) -> str:
+        return fuzzfile(f"""
+            volumes:
+              data:
+                egress:
+                  - {{source: {{uri: file://r.txt}}, destination: {{uri: "file://{target}"}}}}
+            jobs:
+              make:
+                {IMAGE}
+                command: [/bin/sh, -c, "echo result > /data/r.txt"]
+                mounts: {{/data: {{volume: data}}}}
+        """)
+
+    outside = tmp_path / "elsewhere" / "cron-job"
+    with pytest.raises(InvalidInput, match="outside the folders this server writes"):
+        engine.submit("user/outside", egress_to(outside))
+    with pytest.raises(InvalidInput, match=r"'\.\.'"):
+        engine.submit("user/dotdot", egress_to(Path(f"{allowed}/../elsewhere/x")))
+    with engine.store.session() as s:
+        assert s.scalars(select(Run)).all() == []  # nothing was recorded
+    # inside, a link planted at the target (or on the way) is not written through
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    allowed.mkdir()
+    (allowed / "r.txt").symlink_to(victim)
+    outcome = engine.run("user/inside", egress_to(allowed / "r.txt"))
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    assert victim.read_text() == "untouched\n"
+    assert (allowed / "r.txt").read_text() == "result\n"
+    (allowed / "sub").symlink_to(tmp_path / "elsewhere-dir")
+    (tmp_path / "elsewhere-dir").mkdir()
+    through = engine.run("user/through", egress_to(allowed / "sub" / "r.txt"))
+    assert through.state is RunState.FAILED
+    assert list((tmp_path / "elsewhere-dir").iterdir()) == []
