@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import secrets
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -150,13 +151,22 @@ def run(
         return summary, new
 
     live = output is Format.text and sys.stderr.isatty()
-    while True:
-        try:
-            summary = watch(fetch, live=live) if output is Format.text else _wait(ended, fetch)
-            break
-        except KeyboardInterrupt:
-            err.print("[yellow]cancelling[/]: stopping the run and taking its cluster down...")
-            request_cancel(engine.store, run_name)
+    # Ctrl-C asks for the cancel from a thread of its own: an exception raised wherever the
+    # main thread happens to be (inside a store transaction) could leave the store locked
+    cancelling = threading.Event()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        if cancelling.is_set():
+            return
+        cancelling.set()
+        err.print("[yellow]cancelling[/]: stopping the run and taking its cluster down...")
+        threading.Thread(target=request_cancel, args=(engine.store, run_name), daemon=True).start()
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        summary = watch(fetch, live=live) if output is Format.text else _wait(ended, fetch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     ended.wait()
     if failure:
         die(f"the engine stopped: {describe(failure[0])}", EXIT_INVALID)

@@ -172,6 +172,9 @@ class Store:
                 session.close()
                 if not _busy(exc) or tries >= TRIES:
                     raise StoreError.of(exc, self.location, busy=_busy(exc), tries=tries) from exc
+            except BaseException:  # an interrupt: never leave the write lock taken
+                session.close()
+                raise
             time.sleep(_pause(tries))
             tries += 1
 
