@@ -73,6 +73,9 @@ def local_nodes(wf: Workflow, nodes: int = 1) -> list[NodeSlice]:
 
 def local_engine(settings: LocalSettings) -> Engine:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # private, whatever made it: it holds secrets and tokens, and volumes whose files jobs
+    # wrote as root (a job's setuid file there must be out of every other user's reach)
+    settings.data_dir.chmod(0o700)
     provisioner = LocalProvisioner(
         settings.data_dir / "site",
         search_registries=settings.search_registries,

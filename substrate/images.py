@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .confine import UserNamespace
+from .paths import remove_tree
 
 __all__ = ["Image", "ImageCache", "ImageError", "parse_reference"]
 
@@ -234,7 +235,7 @@ class ImageCache:
             except Exception as exc:  # the SDK raises ValueError and requests' errors
                 raise ImageError(f"pull of {ref} failed: {exc}") from None
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging)
             self._remember(ref, digest)
             progress(f"pulled {ref} ({digest})")
             return Image(reference=ref, digest=digest, rootfs=path, sif=path)
@@ -283,7 +284,7 @@ class ImageCache:
                 check=False,
             )
             if result.returncode != 0:
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging)
                 raise ImageError(f"cannot unpack {key}: {_reason(result.stderr)}")
             os.replace(staging, target)
         self._remember(key, digest)

@@ -22,7 +22,9 @@ import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -34,8 +36,10 @@ __all__ = [
     "Resolve",
     "make_dirs",
     "open_dir",
+    "open_in",
     "open_regular",
     "relative_parts",
+    "remove_tree",
     "write_file",
 ]
 
@@ -227,3 +231,27 @@ def open_regular(top: str | os.PathLike[str], path: str, resolve: Resolve) -> in
             os.close(probe)
     finally:
         os.close(top_fd)
+
+
+def open_in(top: str | os.PathLike[str], path: str, flags: int, resolve: Resolve) -> int:
+    """A descriptor of `path` inside `top`, opened with `flags` (a device, say)."""
+    rel = "/".join(relative_parts(path)) or "."
+    top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _openat2(top_fd, rel, flags, 0, resolve)
+    finally:
+        os.close(top_fd)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a tree that a job may have made as deep as it liked: Python's `rmtree` recurses
+    (and raises RecursionError, whatever `ignore_errors` says) past about a thousand levels;
+    GNU rm does not. Links are removed, never followed; other file systems are not entered."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(
+            ["rm", "-rf", "--one-file-system", "--", os.fspath(path)],
+            capture_output=True,
+            check=False,
+        )

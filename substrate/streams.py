@@ -7,11 +7,13 @@ so input and output flow at the same time.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import queue
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import termios
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from api.substrate.v1 import agent_pb2 as pb
 
+from .paths import IN_ROOT, PathEscape, open_in
 from .tasks import TaskError, TaskState
 
 if TYPE_CHECKING:
@@ -31,6 +34,7 @@ __all__ = ["exec_stream", "port_forward_stream"]
 
 _END = object()
 CLONE_NEWNET = 0x40000000
+TIOCGPTPEER = 0x5441  # the slave of a pty master, opened from the master (Linux 4.13)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -113,16 +117,22 @@ def open_pty(root: str) -> tuple[int, int]:
     """A pty pair from the devpts instance seen under `root` (a task's `/proc/PID/root`).
 
     Allocating it from the task's own /dev/ptmx lets programs inside name their terminal
-    (`tty` prints /dev/pts/N instead of "not a tty").
+    (`tty` prints /dev/pts/N instead of "not a tty"). The task owns its /dev: `ptmx` is
+    resolved inside its root (never a link out to the host's files) and must be the pty
+    multiplexer; the other end comes from the master itself (TIOCGPTPEER), not by path.
     """
-    master = os.open(f"{root}/dev/ptmx", os.O_RDWR | os.O_NOCTTY)
     try:
-        name = ctypes.create_string_buffer(64)
-        if _libc.unlockpt(master) != 0 or _libc.ptsname_r(master, name, len(name)) != 0:
+        master = open_in(root, "/dev/ptmx", os.O_RDWR | os.O_NOCTTY, IN_ROOT)
+    except PathEscape as exc:
+        raise OSError(exc.errno, f"cannot set up a terminal: {exc.strerror}") from None
+    try:
+        st = os.fstat(master)
+        if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (5, 2):
+            raise OSError(errno.EPERM, "cannot set up a terminal: the task's /dev/ptmx is not one")
+        if _libc.unlockpt(master) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"cannot set up a terminal: {os.strerror(err)}")
-        # ptsname gives the path inside the devpts instance: /dev/pts/N
-        slave = os.open(f"{root}{name.value.decode()}", os.O_RDWR | os.O_NOCTTY)
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     except OSError:
         os.close(master)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,9 +32,12 @@ from .network import NetworkError, PodNetwork
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec
 
+log = logging.getLogger("substrate")
+
 __all__ = ["NoSuchTask", "Task", "TaskError", "TaskManager", "TaskState"]
 
 DEFAULT_GRACE = 5.0
+KILL_WAIT = 30.0  # after SIGKILL, how long a cancel waits for the task's end to be recorded
 PIDS_MAX = 4096  # per task: a fork bomb stops here
 
 
@@ -265,7 +269,10 @@ class TaskManager:
         writer.close()
         sig = -code if code < 0 else 0
         oom = task.cgroup is not None and task.cgroup.oom_killed()
-        self._clean_up(task)
+        try:
+            self._clean_up(task)
+        except Exception as exc:  # the task has ended whatever its clean-up met
+            log.error("task %s: clean-up failed: %s", task.id, exc)
         if oom and task.stop_reason is None:
             why = "killed by the kernel: it used more memory than its lease allows"
             self._finish(task, TaskState.OOM_KILLED, code if code >= 0 else 128 + sig, sig, why)
@@ -297,15 +304,19 @@ class TaskManager:
 
     def _clean_up(self, task: Task) -> None:
         """Remove the task's cgroup and release what its runtime and network prepared."""
-        self._kill_leftovers(task)
-        if task.cgroup is not None:
-            task.cgroup.remove()
-        self._release(task)
+        try:
+            self._kill_leftovers(task)
+            if task.cgroup is not None:
+                task.cgroup.remove()
+        finally:
+            self._release(task)
 
     def _release(self, task: Task) -> None:
-        self.runtimes[task.spec.runtime].release(task.dir)
-        if self.network is not None:
-            self.network.detach(task.id)
+        try:
+            self.runtimes[task.spec.runtime].release(task.dir)
+        finally:
+            if self.network is not None:
+                self.network.detach(task.id)
 
     def _finish(
         self, task: Task, state: TaskState, code: int = 0, sig: int = 0, message: str = ""
@@ -334,12 +345,13 @@ class TaskManager:
             task.message = reason or "cancelled"
             starting = not task.pid  # still starting: `run` kills it as soon as it has a pid
         if starting:
-            task.done.wait()
+            task.done.wait(KILL_WAIT)
             return task
         self._kill_group(task, signal.SIGTERM)
         if not task.done.wait(grace):
             self._kill_group(task, signal.SIGKILL)
-            task.done.wait()
+            if not task.done.wait(KILL_WAIT):
+                log.error("task %s did not end %gs after SIGKILL", task.id, KILL_WAIT)
         return task
 
     def cancel_lease(self, lease_id: str, reason: str, grace: float = DEFAULT_GRACE) -> list[str]:

@@ -30,7 +30,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from substrate.paths import BENEATH, PathEscape, make_dirs, open_dir, open_regular
+from substrate.paths import (
+    BENEATH,
+    PathEscape,
+    make_dirs,
+    open_dir,
+    open_regular,
+    remove_tree,
+)
 
 from ..errors import InvalidInput
 from ..fuzzfile.model import Transfer as TransferSpec
@@ -249,7 +256,7 @@ class Staging:
         for path in doomed:  # after the commit: the store is not held while files go
             # a path read back from the store: only ever a run's own folder is deleted
             if Path(path).resolve().is_relative_to(runs) and Path(path).resolve() != runs:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path)
         return kept
 
     def _set_volumes(self, run_id: str, state: str) -> None:
@@ -283,7 +290,7 @@ class Staging:
                     ca_file=self.ca_file,
                 )
                 self._transfer(row, spec.source.uri, report, copy)
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
 
     def plan_egress(self, run_id: str, wf: Workflow) -> None:
         """Record the run's egress as owed, before any job runs: if the orchestrator dies

@@ -15,7 +15,6 @@ import contextlib
 import os
 import secrets
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import grpc
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
+from substrate.paths import remove_tree
 
 from .base import AgentEndpoint, Cluster, NodeSlice, ProvisionError
 
@@ -227,7 +227,7 @@ class LocalProvisioner:
                     timeout=120,
                     check=False,
                 )
-        shutil.rmtree(home, ignore_errors=True)
+        remove_tree(home)
 
     @staticmethod
     def _stop(procs: list[subprocess.Popen[str]]) -> bool:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..confine import CAPABILITIES, UserNamespace, seccomp_bpf, seccomp_profile
+from ..paths import remove_tree
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
     hostname,
@@ -99,7 +100,7 @@ class CrunRuntime:
     ) -> Launch:
         image = oci_image(self.name, image)
         cwd = working_dir(spec, image)
-        _traversable(self.roots)
+        _private_to(self.roots, self.userns.root)
         root = mount_overlay(image.rootfs, task_dir, self.userns.root, self.roots / task_dir.name)
         populate(root, spec, cwd, self.userns.root)
         config = oci_config(spec, image, root, cwd, self.userns, self.seccomp)
@@ -161,7 +162,7 @@ class CrunRuntime:
         if (self.state_dir / cid).exists():
             subprocess.run(self._crun("delete", "--force", cid), capture_output=True, check=False)
         unmount_overlay(task_dir, self.roots / task_dir.name)
-        shutil.rmtree(task_dir / "bundle", ignore_errors=True)
+        remove_tree(task_dir / "bundle")
 
     def remove_roots(self) -> None:
         """Remove the (empty) folders of this agent's mount points and crun state; call when
@@ -171,14 +172,20 @@ class CrunRuntime:
                 folder.rmdir()
 
 
-def _traversable(path: Path) -> None:
-    """Make `path` and its parents up to /run searchable (0711) by anyone."""
+def _private_to(path: Path, owner: tuple[int, int]) -> None:
+    """Make `path` a folder only `owner` (the jobs' root) may enter, under parents up to /run
+    that anyone may pass through (0711) but not list: crun, inside the user namespace, can
+    reach the roots mounted in it, and no other user of the host can."""
     path.mkdir(parents=True, exist_ok=True)
-    for d in (path, *path.parents):
+    for d in path.parents:
         if d == Path("/run") or d == d.parent:
             break
-        if d.stat().st_mode & 0o111 != 0o111:
+        if d.stat().st_mode & 0o777 != 0o711:
             d.chmod(0o711)
+    st = path.stat()
+    if (st.st_uid, st.st_gid) != owner or st.st_mode & 0o777 != 0o700:
+        os.chown(path, *owner)
+        path.chmod(0o700)
 
 
 def _memfd(name: str, document: dict[str, Any]) -> int:
@@ -243,11 +250,14 @@ def oci_config(
             "source": "mqueue",
             "options": ["nosuid", "noexec", "nodev"],
         },
+        # sysfs cannot be mounted anew in a network namespace the container's user namespace
+        # does not own (the pod network's); crun would then bind the host's read-write:
+        # bind it read-only, all the way down, instead
         {
             "destination": "/sys",
-            "type": "sysfs",
-            "source": "sysfs",
-            "options": ["nosuid", "noexec", "nodev", "ro"],
+            "type": "bind",
+            "source": "/sys",
+            "options": ["rbind", "nosuid", "noexec", "nodev", "rro"],
         },
     ]
     for m in spec.mounts:

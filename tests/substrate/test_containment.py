@@ -305,3 +305,62 @@ def test_signalling_a_task_that_has_no_process_yet_signals_nothing(agent: Runnin
     assert starting.pid == 0
     # were this killpg(0, SIGKILL), it would kill this test's own process group
     agent.agent.tasks._kill_group(starting, signal.SIGKILL)
+
+
+def test_a_terminal_is_never_opened_through_a_link_the_job_planted(
+    agent: Running, tmp_path: Path
+) -> None:
+    """The agent opened the task's /dev/ptmx by path, as root: a job that made it a link to
+    a host file had the agent open that host file read-write (and learn what exists)."""
+    from tests.substrate.test_agent_api import _exec
+
+    host_file = tmp_path / "host-only"
+    host_file.write_text("host\n")
+    task = run(agent, f"rm /dev/ptmx; ln -s {host_file} /dev/ptmx; sleep 30")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the link is in place
+            out, _, _ = _exec(agent, task, ["/bin/sh", "-c", "readlink /dev/ptmx"])
+            if out.strip() == str(host_file).encode():
+                break
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as info:
+            _exec(agent, task, ["/bin/sh"], tty=True)
+        # resolved inside the task's root, where no such file exists (the host's was opened
+        # before, and failed later, with "Invalid argument")
+        assert "No such file or directory" in info.value.details()
+    finally:
+        agent.stub.Cancel(pb.CancelRequest(task_id=task, grace_seconds=1))
+
+
+def test_a_job_that_nests_folders_without_end_still_ends_and_leaves_nothing(
+    agent: Running,
+) -> None:
+    """1,500 nested folders made the clean-up's recursive delete raise: the task never ended,
+    and its namespace, address and files stayed."""
+    task = run(agent, "i=0; while [ $i -lt 1500 ]; do mkdir d && cd d || break; i=$((i+1)); done")
+    status = agent.wait(task, timeout=120)
+    assert status.state == pb.TASK_STATE_EXITED, status
+    assert status.exit_code == 0
+    assert not Path(f"/run/netns/sq{task}").exists()
+    assert not (agent.data_dir / "tasks" / task / "upper").exists()
+
+
+def test_the_root_is_private_nosuid_and_sys_is_read_only(agent: Running) -> None:
+    """Any user of the host could read a running job's files under the roots' folder; /sys
+    was the host's sysfs, read-write."""
+    task = run(agent, "grep ' / / ' /proc/self/mountinfo; touch /sys/kernel/x; sleep 30")
+    try:
+        roots = agent.agent.runtimes["crun"].roots  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while not any(roots.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = roots.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (USERNS_BASE, 0o700)
+        time.sleep(0.5)
+        out = output(agent, task)
+        mount_options = out.splitlines()[0].split()[5].split(",")
+        assert {"nosuid", "nodev"} <= set(mount_options)
+        assert "Read-only file system" in out
+    finally:
+        agent.stub.Cancel(pb.CancelRequest(task_id=task, grace_seconds=1))
