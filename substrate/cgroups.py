@@ -65,6 +65,17 @@ class TaskCgroup:
                 continue
         return sorted(found)
 
+    def kill(self, rounds: int = 50) -> None:
+        """SIGKILL everything in this cgroup until it is empty (or `rounds` have passed)."""
+        for _ in range(rounds):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
     def remove(self, attempts: int = 20) -> None:
         """rmdir every directory; the kernel may report EBUSY briefly after the last exit."""
         for d in self.dirs:
@@ -113,14 +124,7 @@ class Cgroups:
         and remove those cgroups (a process that escaped its task's process group, such as
         a container started in a session of its own, is still in its cgroup)."""
         for cgroup in self.leftovers():
-            for _ in range(rounds):
-                pids = cgroup.pids()
-                if not pids:
-                    break
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.01)
+            cgroup.kill(rounds)
             cgroup.remove()
 
     def leftovers(self) -> list[TaskCgroup]:

@@ -291,16 +291,8 @@ class TaskManager:
 
     @staticmethod
     def _kill_leftovers(task: Task) -> None:
-        if task.cgroup is None:
-            return
-        for _ in range(50):
-            pids = task.cgroup.pids()
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.01)
+        if task.cgroup is not None:
+            task.cgroup.kill()
 
     def _clean_up(self, task: Task) -> None:
         """Remove the task's cgroup and release what its runtime and network prepared."""

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.substrate.registry import free_port
+from orchestrator.engine import Engine
+from orchestrator.fuzzfile import Workflow
+from orchestrator.provision import LocalProvisioner, NodeSlice
+from orchestrator.store import Store
+from tests.substrate.registry import Registry, free_port
 
 
 def _bin(name: str) -> str:
@@ -52,3 +56,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'squall.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture
+def engine(tmp_path: Path, registry: Registry) -> Engine:
+    """The engine on the local site: one real agent process on both CPUs, images from the
+    session's registry, the store on SQLite in the test's folder."""
+    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+    provisioner = LocalProvisioner(
+        tmp_path / "site",
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+    )
+
+    def one_node(_: Workflow) -> list[NodeSlice]:
+        return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
+
+    return Engine(store, provisioner, one_node, data_dir=tmp_path / "data")

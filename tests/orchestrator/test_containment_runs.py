@@ -3,7 +3,6 @@ local site (real agents, crun, busybox from the local registry, SQLite)."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,31 +10,10 @@ from sqlalchemy import select
 
 from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
-from orchestrator.fuzzfile import Workflow
 from orchestrator.provision import LocalProvisioner, NodeSlice
 from orchestrator.store import Run, RunState, Store, Transfer
+from tests.orchestrator.test_engine import IMAGE, fuzzfile
 from tests.substrate.registry import Registry
-
-IMAGE = "image: {uri: docker://busybox:1.36}"
-
-
-@pytest.fixture
-def engine(tmp_path: Path, registry: Registry) -> Engine:
-    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-    provisioner = LocalProvisioner(
-        tmp_path / "site",
-        search_registries=[registry.address],
-        insecure_registries=[registry.address],
-    )
-
-    def one_node(_: Workflow) -> list[NodeSlice]:
-        return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
-
-    return Engine(store, provisioner, one_node, data_dir=tmp_path / "data")
-
-
-def fuzzfile(body: str) -> str:
-    return "version: v4\n" + textwrap.dedent(body)
 
 
 def test_egress_refuses_a_link_to_a_host_file(engine: Engine, tmp_path: Path) -> None:

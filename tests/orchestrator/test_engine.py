@@ -11,28 +11,10 @@ from sqlalchemy import select
 
 from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
-from orchestrator.fuzzfile import Workflow
-from orchestrator.provision import LocalProvisioner, NodeSlice
-from orchestrator.store import Attempt, Event, Job, Run, RunState, Store, Task, TaskState
-from tests.substrate.registry import Registry
+from orchestrator.store import Attempt, Event, Job, Run, RunState, Task, TaskState
 
 IMAGE = "image: {uri: docker://busybox:1.36}"
 SHOW_TOKEN = """'echo "${#TOKEN} ${TOKEN%-value}"'"""  # length, and a part
-
-
-@pytest.fixture
-def engine(tmp_path: Path, registry: Registry) -> Engine:
-    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-    provisioner = LocalProvisioner(
-        tmp_path / "site",
-        search_registries=[registry.address],
-        insecure_registries=[registry.address],
-    )
-
-    def one_node(_: Workflow) -> list[NodeSlice]:
-        return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
-
-    return Engine(store, provisioner, one_node, data_dir=tmp_path / "data")
 
 
 def fuzzfile(body: str) -> str:
