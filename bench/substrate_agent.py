@@ -64,11 +64,10 @@ def bench_launch(stub, lease_id: str, image, work: Path, n: int, userns) -> None
     print(f"  {'subprocess':20} {percentiles(timed(lambda: subprocess.run(['/bin/true']), n))}")
 
     # a bare crun bundle of the same image, prepared once (as a peer would have it)
-    at = Path("/run/squall/roots/bench-bare")  # traversable from the user namespace
+    at = Path("/run/squall/roots/bench/bare")  # reachable from the user namespace
     crun = CrunRuntime(work / "crun-state", userns, at.parent)
     task_dir = work / "bare"
     task_dir.mkdir()
-    at.parent.mkdir(parents=True, exist_ok=True)
     root = mount_overlay(image.rootfs, task_dir, userns.root, at)
     from substrate.runtimes.base import TaskSpec
 
@@ -86,6 +85,7 @@ def bench_launch(stub, lease_id: str, image, work: Path, n: int, userns) -> None
         print(f"  {'crun run':20} {percentiles(timed(bare_crun, n))}")
     finally:
         unmount_overlay(task_dir, at)
+        crun.remove_roots()
 
     def agent_run() -> None:
         task = stub.Run(

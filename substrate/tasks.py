@@ -349,14 +349,16 @@ class TaskManager:
     def cancel_lease(self, lease_id: str, reason: str, grace: float = DEFAULT_GRACE) -> list[str]:
         """Cancel every running task of a lease; their ids."""
         running = [t for t in self.in_lease(lease_id) if not t.done.is_set()]
-        threads = [
-            threading.Thread(target=self.cancel, args=(t.id, grace, reason)) for t in running
-        ]
+        self._cancel_all(running, grace, reason)
+        return [t.id for t in running]
+
+    def _cancel_all(self, tasks: list[Task], grace: float, reason: str) -> None:
+        """Cancel `tasks` at once (each has its grace), and return when all have ended."""
+        threads = [threading.Thread(target=self.cancel, args=(t.id, grace, reason)) for t in tasks]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        return [t.id for t in running]
 
     def shutdown(self, grace: float = 2.0) -> None:
         """Refuse new tasks, cancel the running ones (in parallel), then kill whatever is
@@ -364,14 +366,7 @@ class TaskManager:
         with self._lock:
             self._stopping = True
             running = [t for t in self._tasks.values() if not t.done.is_set()]
-        threads = [
-            threading.Thread(target=self.cancel, args=(t.id, grace, "the agent stopped"))
-            for t in running
-        ]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        self._cancel_all(running, grace, "the agent stopped")
         self.cgroups.kill_all()
 
     @staticmethod

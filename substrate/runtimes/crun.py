@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..confine import CAPABILITIES, UserNamespace, seccomp_bpf, seccomp_profile
+from ..confine import CAPABILITIES, UserNamespace, device_of, seccomp_bpf, seccomp_profile
 from ..paths import remove_tree
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
@@ -76,6 +76,7 @@ class CrunRuntime:
         # crun sets up the root from inside the user namespace, where the agent's data
         # directory (mode 0700 ancestors) cannot be traversed: roots are mounted here
         self.roots = roots
+        _private_to(roots, userns.root)
         self.prefix = _hide_cgroup2() if hybrid_cgroups() else []
         self.seccomp = seccomp_profile()  # fails now, at agent start, if there is none
         # compiled once here, instead of by crun at every start (see confine.py)
@@ -100,7 +101,6 @@ class CrunRuntime:
     ) -> Launch:
         image = oci_image(self.name, image)
         cwd = working_dir(spec, image)
-        _private_to(self.roots, self.userns.root)
         root = mount_overlay(image.rootfs, task_dir, self.userns.root, self.roots / task_dir.name)
         populate(root, spec, cwd, self.userns.root)
         config = oci_config(spec, image, root, cwd, self.userns, self.seccomp)
@@ -267,20 +267,18 @@ def oci_config(
         mounts.append(
             {"destination": m.destination, "type": "bind", "source": m.source, "options": options}
         )
-    devices = []
-    for node in spec.device_nodes:  # the leased GPUs' device files
-        st = os.stat(node)
-        devices.append(
-            {
-                "path": node,
-                "type": "c",
-                "major": os.major(st.st_rdev),
-                "minor": os.minor(st.st_rdev),
-                "fileMode": st.st_mode & 0o777,
-                "uid": 0,
-                "gid": 0,
-            }
-        )
+    devices = [  # the leased GPUs' device files
+        {
+            "path": d.path,
+            "type": "c",
+            "major": d.major,
+            "minor": d.minor,
+            "fileMode": d.mode,
+            "uid": 0,
+            "gid": 0,
+        }
+        for d in map(device_of, spec.device_nodes)
+    ]
     namespaces: list[dict[str, str]] = [
         {"type": t} for t in ("pid", "ipc", "uts", "mount", "user", "cgroup")
     ]

@@ -6,7 +6,7 @@ import glob
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,18 +58,33 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+MakeEngine = Callable[..., Engine]
+
+
 @pytest.fixture
-def engine(tmp_path: Path, registry: Registry) -> Engine:
-    """The engine on the local site: one real agent process on both CPUs, images from the
-    session's registry, the store on SQLite in the test's folder."""
-    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-    provisioner = LocalProvisioner(
-        tmp_path / "site",
-        search_registries=[registry.address],
-        insecure_registries=[registry.address],
-    )
+def make_engine(tmp_path: Path, registry: Registry) -> MakeEngine:
+    """Engines on the local site: real agent processes (`nodes` of them, sharing this
+    machine's two CPUs), images from the session's registry, the store on SQLite in the
+    test's folder."""
 
-    def one_node(_: Workflow) -> list[NodeSlice]:
-        return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
+    def make(nodes: int = 1, ca_file: str | None = None) -> Engine:
+        store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+        provisioner = LocalProvisioner(
+            tmp_path / "site",
+            search_registries=[registry.address],
+            insecure_registries=[registry.address],
+        )
 
-    return Engine(store, provisioner, one_node, data_dir=tmp_path / "data")
+        def cluster(_: Workflow) -> list[NodeSlice]:
+            # oversubscribed on purpose: more tasks can run at once than there are cores
+            return [NodeSlice(cpus=(0, 1), memory_bytes=2**30) for _ in range(nodes)]
+
+        return Engine(store, provisioner, cluster, data_dir=tmp_path / "data", ca_file=ca_file)
+
+    return make
+
+
+@pytest.fixture
+def engine(make_engine: MakeEngine) -> Engine:
+    """One engine of one node."""
+    return make_engine()

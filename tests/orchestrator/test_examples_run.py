@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -14,38 +14,14 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.engine import Engine
-from orchestrator.fuzzfile import Workflow
-from orchestrator.provision import LocalProvisioner, NodeSlice
-from orchestrator.store import Attempt, Event, Job, RunState, Store, Task, TaskState
+from orchestrator.store import Attempt, Event, Job, RunState, Task, TaskState
+from tests.orchestrator.conftest import MakeEngine
 from tests.orchestrator.servers import FileServer, S3Server
-from tests.substrate.registry import Registry
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BOOK = b"".join(
     f"line {i}: the quick brown fox jumps over the lazy dog\n".encode() for i in range(4000)
 )
-
-MakeEngine = Callable[..., Engine]
-
-
-@pytest.fixture
-def make_engine(tmp_path: Path, registry: Registry) -> MakeEngine:
-    def make(nodes: int = 1, ca_file: str | None = None) -> Engine:
-        store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-        provisioner = LocalProvisioner(
-            tmp_path / "site",
-            search_registries=[registry.address],
-            insecure_registries=[registry.address],
-        )
-
-        def cluster(_: Workflow) -> list[NodeSlice]:
-            # nodes that share this machine's two CPUs: oversubscribed on purpose, so that
-            # more tasks can run at once than there are cores
-            return [NodeSlice(cpus=(0, 1), memory_bytes=2**30) for _ in range(nodes)]
-
-        return Engine(store, provisioner, cluster, data_dir=tmp_path / "data", ca_file=ca_file)
-
-    return make
 
 
 @pytest.fixture
