@@ -406,7 +406,10 @@ def port_forward(
             for output in backend.port_forward(requests()):
                 conn.sendall(output.data)
         except Exception as exc:  # one connection failing must not stop the others
-            err.print(f"[yellow]connection closed[/]: {escape(str(exc))}")
+            from orchestrator.errors import SquallError, describe
+
+            why = str(exc) if isinstance(exc, SquallError) else describe(exc)
+            err.print(f"[yellow]connection closed[/]: {escape(why)}")
         finally:
             inbox.put(None)
             conn.close()

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import grpc
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -31,8 +32,10 @@ from substrate.client import connect
 
 from .data import TransferError
 from .data.staging import Staging
-from .errors import Conflict, InvalidInput, SquallError, StoreError, describe
+from .errors import Conflict, InvalidInput, SquallError, StoreError, describe, rpc_gist
 from .fuzzfile import Workflow, load_text
+from .fuzzfile.model import Image
+from .fuzzfile.variables import legacy_secret_references, secret_references
 from .placing import Placement
 from .provision import Cluster, NodeSlice, Provisioner, ProvisionError
 from .provision.cloud import CloudProvisioner
@@ -42,7 +45,15 @@ from .secrets import SecretStore, parse_reference
 from .store import RUN_ENDED, Agent, Event, Job, Run, RunState, Store, Task, Volume
 from .views import run_named
 
-__all__ = ["HEARTBEAT", "TERMINAL", "Engine", "RunOutcome", "identity", "request_cancel"]
+__all__ = [
+    "HEARTBEAT",
+    "TERMINAL",
+    "Engine",
+    "PullError",
+    "RunOutcome",
+    "identity",
+    "request_cancel",
+]
 
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
 TERMINAL = RUN_ENDED
@@ -51,6 +62,10 @@ TERMINAL = RUN_ENDED
 def identity() -> str:
     """This orchestrator process, as runs record their owner: host:pid."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PullError(SquallError):
+    """An image of the workflow could not be pulled on a node; says which and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +143,19 @@ class Engine:
         return run_id
 
     def _check_secrets(self, wf: Workflow) -> None:
-        refs = {
-            v for c in wf.containers.values() for v in c.env.values() if v.startswith("secret://")
-        }
+        """Every secret the workflow names is set (image secrets hold a login), or nothing
+        is recorded: env values (`secret://` and legacy placeholders), image credentials
+        (`image.secret` and the legacy `secrets:` map) and transfer credentials."""
+        refs: set[str] = set()
+        logins: set[str] = set()
+        for c in wf.containers.values():
+            for value in c.env.values():
+                refs.update(secret_references(value))
+            if c.image.secret:
+                logins.add(c.image.secret)
+            for value in (c.image.legacy_secrets or {}).values():
+                refs.update(legacy_secret_references(value))
+        refs |= logins
         for volume in wf.volumes.values():
             for t in (*volume.ingress, *volume.egress):
                 refs.update(x for x in (t.source.secret, t.destination.secret) if x)
@@ -146,6 +171,8 @@ class Engine:
                 f"the workflow uses secrets that are not set: {', '.join(missing)}; set each "
                 "with `squall secret set REF` (the value is read from stdin)"
             )
+        for ref in sorted(logins):
+            self.secrets.login(ref)  # refuses a secret that holds no username and password
 
     # ---- running --------------------------------------------------------------------------
 
@@ -326,15 +353,44 @@ class Engine:
         return self.staging.release(run_id, force=release)
 
     def _pull_images(self, run_id: str, wf: Workflow, cluster: Cluster) -> None:
+        """Pull every image on every node, with its registry credentials, read from the
+        secrets now and handed to the agent in the request (its puller keeps them off disk).
+        A pull that fails raises PullError: the image, the node and the registry's reason."""
+        images: dict[tuple[str, str, tuple[tuple[str, str], ...]], Image] = {}
+        for c in wf.containers.values():
+            legacy = tuple(sorted((c.image.legacy_secrets or {}).items()))
+            images.setdefault((c.image.uri, c.image.secret or "", legacy), c.image)
         for agent in cluster.agents:
             channel, stub = connect(agent.address, agent.token)
             try:
-                for uri in sorted({c.image.uri for c in wf.containers.values()}):
-                    for progress in stub.PullImage(pb.PullImageRequest(reference=uri)):
-                        if progress.done:
-                            self._event(run_id, "image", f"{agent.name}: {progress.message}", uri)
+                for key in sorted(images):
+                    image = images[key]
+                    request = pb.PullImageRequest(
+                        reference=image.uri, credentials=self._login(image)
+                    )
+                    try:
+                        for progress in stub.PullImage(request):
+                            if progress.done:
+                                message = f"{agent.name}: {progress.message}"
+                                self._event(run_id, "image", message, image.uri)
+                    except grpc.RpcError as exc:
+                        why = " ".join((exc.details() or rpc_gist(exc)).split())
+                        raise PullError(
+                            f"image {image.uri} cannot be pulled on {agent.name}: {why}"
+                        ) from None
             finally:
                 channel.close()
+
+    def _login(self, image: Image) -> pb.RegistryCredentials | None:
+        """The registry credentials of `image`, from its secret or its legacy map."""
+        if image.secret:
+            username, password = self.secrets.login(image.secret)
+        elif image.legacy_secrets:
+            username = self.secrets.fill(image.legacy_secrets["username"])
+            password = self.secrets.fill(image.legacy_secrets["password"])
+        else:
+            return None
+        return pb.RegistryCredentials(username=username, password=password)
 
     # ---- records ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ __all__ = [
     "StoreError",
     "UsageError",
     "describe",
+    "rpc_gist",
 ]
 
 
@@ -70,8 +71,24 @@ class StoreError(SquallError):
 
 def describe(exc: BaseException) -> str:
     """An exception as a run's reason, an event or an API error shows it: its kind and its
-    message; for a database error, one line of what the database said, without SQL."""
+    message; for a database error, one line of what the database said, without SQL; for a
+    failed gRPC call (an agent's), its status and details on one line, not the call object."""
+    if _is_rpc_error(exc):
+        return rpc_gist(exc)
     return f"{type(exc).__name__}: {_database_gist(exc)}"
+
+
+def _is_rpc_error(exc: BaseException) -> bool:
+    # by module, as for the database: this module is imported where grpc is not needed
+    return type(exc).__module__.startswith("grpc") and callable(getattr(exc, "details", None))
+
+
+def rpc_gist(exc: BaseException) -> str:
+    """A failed gRPC call as one line: `STATUS: details`."""
+    code = getattr(exc, "code", lambda: None)()
+    details = " ".join(str(getattr(exc, "details", lambda: "")() or "").split())
+    name = getattr(code, "name", "") or "RPC failed"
+    return f"{name}: {details}" if details else name
 
 
 def _database_gist(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import grpc
 import httpx
 
+from .errors import rpc_gist
 from .fuzzfile.model import Probe
 
 __all__ = ["check"]
@@ -77,6 +78,8 @@ def check(probe: Probe, host: str, ports: Mapping[str, int], exec_fn: ExecFn) ->
                     call(_health_request(probe.grpc_service or ""), timeout=timeout)
                 )
             return status == _SERVING, "SERVING" if status == _SERVING else f"status {status}"
-    except (OSError, httpx.HTTPError, grpc.RpcError, ValueError) as exc:
+    except grpc.RpcError as exc:
+        return False, rpc_gist(exc)  # not the call object's repr
+    except (OSError, httpx.HTTPError, ValueError) as exc:
         return False, str(exc) or type(exc).__name__
     return False, f"unknown probe action {probe.action!r}"

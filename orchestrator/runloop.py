@@ -28,6 +28,7 @@ from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
 from .fuzzfile.model import Affinity, Job, Service, Workflow
+from .fuzzfile.variables import expand, secret_references
 from .probes import check
 from .provision import Cluster
 from .scheduler import ENDED, Phase, TaskKey, decide, job_phase
@@ -161,12 +162,20 @@ class RunLoop:
                 {k.name for k, p in self.phase.items() if p in (Phase.FAILED, Phase.SKIPPED)}
             )
             if failed:
-                return RunState.FAILED, "failed: " + ", ".join(failed)
+                return RunState.FAILED, "failed: " + ", ".join(map(self._with_tasks, failed))
             return RunState.FINISHED, ""
         finally:
             self.stop.set()
             for channel in self.channels:
                 channel.close()
+
+    def _with_tasks(self, name: str) -> str:
+        """A failed job's name, and for an array the indexes that failed: `count[3, 7-9]`."""
+        c = self.wf.containers[name]
+        failed = [k.index for k in self.keys[name] if self.phase[k] is Phase.FAILED]
+        if not failed or not isinstance(c, Job) or c.task_array is None:
+            return name
+        return f"{name}[{_ranges(failed)}]"
 
     def _cancel_requested(self) -> bool:
         """Read the run's cancel flag at most every POLL seconds: the loop turns once per
@@ -383,13 +392,15 @@ class RunLoop:
             files[path] = content.encode()
         isolated = isinstance(c, Job) and c.isolated_network
         timeout = c.policy.timeout if isinstance(c, Job) else None
+        # $VAR in command and args, from this env less its secrets (fuzzfile/variables.py)
+        plain = {k: v for k, v in env.items() if not secret_references(c.env.get(k, ""))}
         return pb.RunRequest(
             lease_id=lease_id,
             name=c.name,
             image=c.image.uri,
-            command=list(c.command or ()),
+            command=[expand(item, plain) for item in c.command or ()],
             script=c.script or "",
-            args=list(c.args),
+            args=[expand(item, plain) for item in c.args],
             env=env,
             cwd=c.cwd or "",
             mounts=[
@@ -401,7 +412,7 @@ class RunLoop:
         )
 
     def _env_value(self, value: str) -> str:
-        return self.secrets.get(value) if value.startswith("secret://") else value
+        return self.secrets.fill(value)
 
     # ---- services -------------------------------------------------------------------------
 
@@ -499,18 +510,12 @@ class RunLoop:
             )
             s.execute(update(Task).where(Task.id == active.task_db_id).values(state=task_state))
             job_id = self.ids[active.key][1]
-            if task_state is TaskState.FAILED:
+            if phase in ENDED and name not in self.jobs_ended:  # its last task: the whole array
+                reason = self._failed_tasks(s, name, job_id) if phase is Phase.FAILED else ""
                 s.execute(
                     update(JobRow)
                     .where(JobRow.id == job_id)
-                    .values(state=TaskState.FAILED, reason=message, finished_at=now)
-                )
-                self.jobs_ended.add(name)
-            elif phase in ENDED and name not in self.jobs_ended:
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id)
-                    .values(state=_STATE[phase], finished_at=now)
+                    .values(state=_STATE[phase], reason=reason, finished_at=now)
                 )
                 self.jobs_ended.add(name)
             s.add(
@@ -522,6 +527,21 @@ class RunLoop:
                 )
             )
 
+    def _failed_tasks(self, s: Any, name: str, job_id: int) -> str:
+        """Why a job failed: how its task ended, or for an array which tasks failed and how
+        (read from the store, so that a run taken over by another process says the same)."""
+        rows = s.execute(
+            select(Task.index, Attempt.message)
+            .join(Attempt.task)
+            .where(Task.job_id == job_id, Task.state == TaskState.FAILED)
+            .order_by(Task.index, Attempt.number)
+        ).all()
+        last: dict[int, str] = dict(rows)  # each task's last attempt (ordered by number)
+        container = self.wf.containers[name]
+        if not isinstance(container, Job) or container.task_array is None:
+            return next(iter(last.values()), "failed")
+        return failed_tasks(last)
+
     def _renew_leases(self) -> None:
         while not self.stop.wait(LEASE_TTL / 3):
             for active in list(self.active.values()):
@@ -531,6 +551,37 @@ class RunLoop:
                     )
                 except grpc.RpcError:
                     continue  # ended meanwhile; its result is on the way
+
+
+def failed_tasks(messages: Mapping[int, str]) -> str:
+    """`tasks 3, 7-9 failed (exit 1); task 12 failed (timed out)`: failed indexes by how
+    they failed, consecutive ones as ranges, at most _SHOWN ranges per way."""
+    by_how: defaultdict[str, list[int]] = defaultdict(list)
+    for index, message in sorted(messages.items()):
+        exited = message.startswith("exited (exit ")  # `exit 1`, not `exited (exit 1)`
+        how = message.removeprefix("exited (").removesuffix(")") if exited else message
+        by_how[how or "failed"].append(index)
+    parts = []
+    for how, indexes in by_how.items():
+        noun = "task" if len(indexes) == 1 else "tasks"
+        parts.append(f"{noun} {_ranges(indexes)} failed ({how})")
+    return "; ".join(parts)
+
+
+_SHOWN = 10
+
+
+def _ranges(indexes: list[int]) -> str:
+    """Sorted indexes as `1-3, 7`, the first _SHOWN ranges and how many more indexes."""
+    runs: list[list[int]] = []
+    for i in indexes:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    shown = [f"{a}-{b}" if b > a else str(a) for a, b in runs[:_SHOWN]]
+    rest = sum(b - a + 1 for a, b in runs[_SHOWN:])
+    return ", ".join(shown) + (f" and {rest} more" if rest else "")
 
 
 def _outcome(status: Any) -> tuple[bool, int | None, str]:

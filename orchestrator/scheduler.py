@@ -3,6 +3,8 @@
 The engine keeps task states (in the store) and asks `decide` after every change. Rules:
 
 - A job's tasks are its task-array indexes (`FB_TASK_ID`), or one task; a service is one task.
+- Every task of an array runs even when some fail; the job then fails, and what depends on
+  it is skipped.
 - A job starts when every dependency is met: FINISHED, or RUNNING for a service (RUNNING means
   its readiness probe passed; without a probe, started). At most `concurrency` tasks of an
   array run at once.
@@ -64,12 +66,13 @@ def tasks_of(container: Job | Service) -> list[TaskKey]:
 
 
 def job_phase(keys: list[TaskKey], states: Mapping[TaskKey, Phase]) -> Phase:
-    """A job's phase from its tasks'. A failed task fails the job (retries happen inside a
-    task, as attempts); a job is finished when all its tasks are."""
+    """A job's phase from its tasks'. Every task of an array runs, whatever the others did:
+    the job fails once all have ended and one failed (retries happen inside a task, as
+    attempts); it is finished when all its tasks are."""
     phases = [states.get(k, Phase.PENDING) for k in keys]
-    if Phase.FAILED in phases:
-        return Phase.FAILED
     if all(p in ENDED for p in phases):
+        if Phase.FAILED in phases:
+            return Phase.FAILED
         if all(p is Phase.FINISHED for p in phases):
             return Phase.FINISHED
         return Phase.CANCELLED if Phase.CANCELLED in phases else Phase.SKIPPED

@@ -1,9 +1,11 @@
 """Secrets that Fuzzfiles name as `secret://SCOPE/NAME`: kept in private files, read when a
 container starts or a transfer runs, and never written to a log, an event or the store.
 
-A secret is one value (env values) or a mapping of credentials (transfers: JSON or YAML with
-accessKeyId, secretAccessKey, sessionToken, region, endpoint). Scopes are `user` and `group`
-(`account` is read as `group`, as Fuzzball does); `organization` and `cluster` are kept apart.
+A secret is one value (env values) or a mapping of credentials, JSON or YAML (transfers:
+accessKeyId, secretAccessKey, sessionToken, region, endpoint; images: username, password).
+Scopes are `user` and `group` (`account` is read as `group`, as Fuzzball does); `organization`
+and `cluster` are kept apart. Env values and an image's legacy `secrets:` map may also hold
+`${{ secret "NAME" }}` placeholders, which stand for `secret://user/NAME`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidInput
+from .fuzzfile.variables import fill_legacy_secrets
 
 __all__ = ["SecretStore", "parse_reference"]
 
@@ -75,6 +78,27 @@ class SecretStore:
                 '{"accessKeyId": ..., "secretAccessKey": ..., "endpoint": ...}'
             )
         return {str(k): str(v) for k, v in data.items() if v is not None}
+
+    def fill(self, value: str) -> str:
+        """An env value (or a legacy image credential) with its secrets in: the value of a
+        `secret://...` reference, or the text with each placeholder replaced."""
+        if value.startswith("secret://"):
+            return self.get(value)
+        return fill_legacy_secrets(value, self.get)
+
+    def login(self, ref: str) -> tuple[str, str]:
+        """The registry username and password kept in the image secret `ref`."""
+        self.get(ref)  # says so when it is not set
+        try:
+            data = self.credentials(ref)
+        except InvalidInput:
+            data = {}
+        if not data.get("username") or not data.get("password"):
+            raise InvalidInput(
+                f"{ref} is an image secret and must hold a mapping with a username and a "
+                'password, such as {"username": "robot", "password": "..."}'
+            )
+        return data["username"], data["password"]
 
     def delete(self, ref: str) -> bool:
         try:

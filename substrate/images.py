@@ -9,7 +9,8 @@ Layout under `<data>/images/`:
     refs.json     resolved reference -> digest (a pulled tag is reused, not re-pulled)
 
 Concurrent pulls of one reference happen once: later callers wait for the first and share
-its result. Credentials go to skopeo in a private auth file, never on a command line.
+its result. Credentials go to skopeo in an auth file that lives only in memory (a memfd,
+read through /proc/self/fd), never on disk or a command line; to oras by its basic auth.
 """
 
 from __future__ import annotations
@@ -251,25 +252,31 @@ class ImageCache:
         cmd = ["skopeo", "copy", "--retry-times", "2", key, f"oci:{layout}:{tag}"]
         if ref.registry in self.insecure:
             cmd.insert(2, "--src-tls-verify=false")
-        with tempfile.TemporaryDirectory(prefix="squall-auth-") as private:
-            if credentials is not None:
-                auth = Path(private) / "auth.json"
-                token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
-                auth.write_text(json.dumps({"auths": {ref.registry: {"auth": token}}}))
-                auth.chmod(0o600)
-                cmd[2:2] = ["--src-authfile", str(auth)]
-            progress(f"pulling {key}")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            assert proc.stdout is not None
-            assert proc.stderr is not None
-            for line in proc.stdout:
-                if line.strip():
-                    progress(line.strip())
-            err = proc.stderr.read()
-            proc.stdout.close()
-            proc.stderr.close()
-            if proc.wait() != 0:
-                raise ImageError(f"pull of {key} failed: {_reason(err)}")
+        auth = _auth_file(ref.registry, credentials) if credentials is not None else None
+        if auth is not None:
+            cmd[2:2] = ["--src-authfile", f"/proc/self/fd/{auth}"]  # skopeo's own fd `auth`
+        progress(f"pulling {key}")
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=() if auth is None else (auth,),
+            )
+        finally:
+            if auth is not None:
+                os.close(auth)
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        for line in proc.stdout:
+            if line.strip():
+                progress(line.strip())
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        if proc.wait() != 0:
+            raise ImageError(f"pull of {key} failed: {_refusal(_reason(err), credentials)}")
         digest = self._manifest_digest(layout, tag)
         target = self._rootfs(digest)
         if not target.is_dir():
@@ -321,6 +328,24 @@ class ImageCache:
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[-1]
+
+
+def _auth_file(registry: str, credentials: tuple[str, str]) -> int:
+    """A containers-auth.json for `registry` in an anonymous memory file (memfd): the
+    credentials touch no disk, and the file is gone once skopeo and we close it."""
+    token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+    fd = os.memfd_create("squall-registry-auth", os.MFD_CLOEXEC)
+    os.write(fd, json.dumps({"auths": {registry: {"auth": token}}}).encode())
+    return fd
+
+
+def _refusal(reason: str, credentials: tuple[str, str] | None) -> str:
+    """The registry's reason, saying so when it is about the credentials."""
+    if "unauthorized" not in reason.lower() and "authentication required" not in reason.lower():
+        return reason
+    if credentials is None:
+        return f"the registry requires authentication and no credentials were given ({reason})"
+    return f"authentication failed: the registry refused the credentials ({reason})"
 
 
 def _reason(stderr: str) -> str:

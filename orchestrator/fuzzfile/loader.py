@@ -364,6 +364,8 @@ def _explain(
         "port",
         "env_secret_scope",
         "probe_action",
+        "image_secrets",
+        "transfer_secrets",
     ):
         return err["msg"], None, kind.replace("_", "-")
     return err["msg"], None, "invalid"

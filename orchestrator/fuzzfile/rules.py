@@ -16,6 +16,7 @@ from . import model as m
 from .diagnostics import FieldPath, Severity
 from .limits import MAX_TASKS_PER_ARRAY, MAX_TASKS_PER_WORKFLOW
 from .paths import container_path_problem, mount_path_problem, name_problem, volume_file_problem
+from .variables import legacy_secret_references, secret_references, variables
 
 __all__ = ["RULES", "Finding", "find_cycle", "run_rules"]
 
@@ -404,6 +405,61 @@ def _command_or_script(wf: m.Workflow) -> Iterator[Finding]:
                 "the `secrets:` map on an image is deprecated",
                 "store the credentials as a secret and write image.secret: secret://user/NAME",
             )
+            if c.image.secret is not None:
+                yield _error(
+                    "image-secret-twice",
+                    (*c.image.origin, "secrets"),
+                    "an image has either `secret` or the legacy `secrets:` map, not both",
+                    "keep `secret: secret://user/NAME` and remove `secrets:`",
+                )
+
+
+# Variables Squall sets in every container, or in tasks of an array; FB_ENDPOINT_* come from
+# the services a job depends on and are not judged here.
+_FB_ALWAYS = frozenset({"FB_WORKFLOW_ID"})
+
+
+@rule("variables")
+def _variables(wf: m.Workflow) -> Iterator[Finding]:
+    """`$NAME` in command and args: warn where it will stay as written (see variables.py)."""
+    for c in wf.containers.values():
+        if any(legacy_secret_references(v) for v in c.env.values()):
+            yield _warning(
+                "deprecated-secret-placeholder",
+                (*c.origin, "env"),
+                'the `${{ secret "NAME" }}` placeholder is deprecated',
+                "write NAME=secret://user/NAME",
+            )
+        secret = {k for k, v in c.env.items() if secret_references(v)}
+        defined = set(c.env) | _FB_ALWAYS
+        if isinstance(c, m.Job) and c.task_array is not None:
+            defined.add("FB_TASK_ID")
+        for field in ("command", "args"):
+            for i, item in enumerate(getattr(c, field) or ()):
+                for name in dict.fromkeys(variables(item)):
+                    if name in secret:
+                        yield _warning(
+                            "variable-secret",
+                            (*c.origin, field, i),
+                            f"${name} holds a secret, and secrets are never put on a command "
+                            "line: it is passed as written",
+                            f"let the program read {name} from its environment, or a shell "
+                            "(`script:`, or `sh -c`) expand it",
+                        )
+                    elif _never_set(name, defined):
+                        yield _warning(
+                            "variable-undefined",
+                            (*c.origin, field, i),
+                            f"${name} is never set here, so it is passed as written",
+                            "FB_TASK_ID is set only in the tasks of a task array; "
+                            "FB_WORKFLOW_ID in every container (write $$ for a literal $)",
+                        )
+
+
+def _never_set(name: str, defined: set[str]) -> bool:
+    """A variable of Squall's (FB_*) that a container will not have."""
+    fb = name.startswith("FB_") and not name.startswith("FB_ENDPOINT_")
+    return fb and name not in defined
 
 
 @rule("task-array")

@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from .diagnostics import FieldPath
 from .units import UnitError, parse_duration, parse_size
+from .variables import legacy_secret_references
 
 __all__ = ["DOCUMENT_MODELS", "DocumentV1", "DocumentV4", "allowed_keys", "model_fields_by_alias"]
 
@@ -131,7 +132,50 @@ def _env_entry(value: str) -> str:
         )
     if rest.startswith("secret://"):
         _secret_ref(rest)
+    _legacy_placeholders(rest, env=True)
     return value
+
+
+def _legacy_placeholders(value: str, *, env: bool) -> None:
+    """The `${{ secret "NAME" }}` placeholders of `value` name valid secrets (§6.3)."""
+    for ref in legacy_secret_references(value):
+        _secret_ref(ref)
+        if env and not ref.startswith("secret://user/"):
+            raise PydanticCustomError(
+                "env_secret_scope",
+                "environment secrets must be user-scoped: write secret://user/NAME, not {ref}",
+                {"ref": repr(ref)},
+            )
+
+
+def _image_secrets(value: dict[str, str]) -> dict[str, str]:
+    """The legacy `secrets:` map of an image (§6.3): a username and a password, the password
+    a placeholder, since the Fuzzfile is kept with the run."""
+    if sorted(value) != ["password", "username"]:
+        raise PydanticCustomError(
+            "image_secrets",
+            "an image's `secrets:` map holds `username` and `password` (found: {keys}); "
+            "better, store both as one secret and write image.secret: secret://user/NAME",
+            {"keys": ", ".join(sorted(value)) or "none"},
+        )
+    if not legacy_secret_references(value["password"]):
+        raise PydanticCustomError(
+            "image_secrets",
+            "the image's password is written in the Fuzzfile, which is kept with the run; "
+            "store it with `squall secret set secret://user/NAME` and write password: "
+            '${{ secret "NAME" }}',
+        )
+    for text in value.values():
+        _legacy_placeholders(text, env=False)
+    return value
+
+
+def _transfer_secrets(value: dict[str, str]) -> dict[str, str]:
+    raise PydanticCustomError(
+        "transfer_secrets",
+        "a `secrets:` map on a transfer is not supported; store the credentials as one secret "
+        "(`squall secret set secret://user/NAME`) and write secret: secret://user/NAME",
+    )
 
 
 # Whole numbers are 64-bit, as the platform (Go) reads them: a larger one is refused here
@@ -191,7 +235,8 @@ class URI(_Model):
 
     uri: str
     secret: SecretRef | None = None
-    secrets: StrMap | None = None  # legacy 2023 form, §6.3: deprecated
+    # legacy 2023 form, §6.3: refused on transfers, whose credentials it cannot say
+    secrets: Annotated[StrMap, AfterValidator(_transfer_secrets)] | None = None
     decryption_secret: SecretRef | None = Field(None, alias="decryption-secret")
 
 
@@ -199,6 +244,7 @@ class ImageURI(URI):
     """The image of a job or service (§4.6.1): `docker://` or `oras://`."""
 
     uri: ImageRef
+    secrets: Annotated[StrMap, AfterValidator(_image_secrets)] | None = None  # deprecated
 
 
 class Timeout(_Model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from orchestrator.fuzzfile import Workflow, load_text
-from orchestrator.scheduler import Phase, TaskKey, decide
+from orchestrator.scheduler import Phase, TaskKey, decide, job_phase
 
 IMAGE = "image: {uri: docker://busybox:1.36}"
 
@@ -66,6 +66,22 @@ def test_task_array_concurrency_and_task_ids() -> None:
     states[TaskKey("arr", 1)] = Phase.FINISHED
     assert decide(w, states).start == [TaskKey("arr", 3)]
     assert [len(wave) for wave in run_all(w)] == [2, 2, 1]
+
+
+def test_a_failed_task_of_an_array_lets_the_others_run_then_fails_the_job() -> None:
+    w = wf(f"""
+        jobs:
+          arr: {{{IMAGE}, task-array: {{start: 1, end: 4, concurrency: 2}}}}
+          after: {{{IMAGE}, depends-on: [{{name: arr}}]}}
+    """)
+    states = {TaskKey("arr", 1): Phase.FAILED, TaskKey("arr", 2): Phase.RUNNING}
+    d = decide(w, states)
+    assert d.start == [TaskKey("arr", 3)]  # the array goes on
+    assert d.skip == {}  # and what waits on it waits for all of it
+    assert job_phase([TaskKey("arr", i) for i in range(1, 5)], states) is Phase.RUNNING
+    states.update({TaskKey("arr", i): Phase.FINISHED for i in (2, 3, 4)})
+    assert job_phase([TaskKey("arr", i) for i in range(1, 5)], states) is Phase.FAILED
+    assert decide(w, states).skip == {"after": "dependency 'arr' failed"}
 
 
 def test_a_failure_skips_dependents_but_not_independent_branches() -> None:
