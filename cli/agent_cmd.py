@@ -25,6 +25,11 @@ def agent(
     memory: str = typer.Option(None, help="Memory this agent may lease, e.g. 8GiB."),
     gpus: str = typer.Option(None, help="GPU indexes this agent may lease, e.g. 0,1."),
     default_runtime: str = typer.Option("", help="Runtime for requests that name none."),
+    sif_runtime: str = typer.Option(
+        "",
+        help="Runtime for oras:// (SIF) images when a request names none [default: the "
+        "default runtime; `apptainer` where Apptainer is installed].",
+    ),
     label: list[str] = typer.Option([], help="KEY=VALUE label, repeatable."),
     search_registry: list[str] = typer.Option(
         [], help="Registry for unqualified image names, repeatable [default: docker.io]."
@@ -75,6 +80,8 @@ def agent(
         argv += ["--gpus", gpus]
     if default_runtime:
         argv += ["--default-runtime", default_runtime]
+    if sif_runtime:
+        argv += ["--sif-runtime", sif_runtime]
     if weak_runtimes:
         argv.append("--weak-runtimes")
     if not pod_network:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install Squall into it.
 #   --runtime  also the tools that run workflows on this machine: crun/bubblewrap, skopeo,
-#              umoci, the default seccomp profile, nftables and iproute2 (jobs' confinement and
-#              network), and (for the demo's local images) docker-registry and busybox-static
-#   --test     the runtime tools, PostgreSQL, openssl, and the test and lint tools
+#              umoci, squashfs-tools (SIF images), the default seccomp profile, nftables and
+#              iproute2 (jobs' confinement and network), and (for the demo's local images)
+#              docker-registry and busybox-static
+#   --test     the runtime tools, PostgreSQL, openssl, siftool (SIF), and the test and lint tools
 # Installs what is missing from Debian when we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,13 +35,14 @@ if [[ -n "$runtime" ]]; then
   missing=()
   for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
               busybox:busybox-static taskset:util-linux nsenter:util-linux nft:nftables \
-              ip:iproute2; do
+              ip:iproute2 unsquashfs:squashfs-tools; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
   # the seccomp profile Podman and CRI-O use, which job containers run under
   [[ -f /usr/share/containers/seccomp.json ]] || missing+=(golang-github-containers-common)
   if [[ -n "$extras" ]]; then
     command -v openssl >/dev/null || missing+=(openssl)
+    command -v siftool >/dev/null || missing+=(siftool)  # the SIF maintainers' own reader
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   fi
   [[ ${#missing[@]} -eq 0 ]] || need_apt "${missing[@]}"

@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-bytes", type=int, help="memory this agent may lease (default: all)")
     p.add_argument("--gpus", help="GPU indexes this agent may lease, e.g. 0,1 (default: all)")
     p.add_argument("--default-runtime", default="", help="runtime for requests that name none")
+    p.add_argument(
+        "--sif-runtime",
+        default="",
+        help="runtime for oras:// (SIF) images when a request names none (default: the "
+        "default runtime, which runs their squashfs root; `apptainer` where it is installed)",
+    )
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument(
         "--search-registry",
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         token=token,
         default_runtime=args.default_runtime,
+        sif_runtime=args.sif_runtime,
         labels=labels,
         search_registries=tuple(args.search_registry) or ("docker.io",),
         insecure_registries=tuple(args.insecure_registry),

@@ -32,6 +32,7 @@ class AgentConfig:
     data_dir: Path
     token: str
     default_runtime: str = ""  # empty: the first OCI runtime present (never `process`)
+    sif_runtime: str = ""  # for oras:// (SIF) images naming none; empty: the default runtime
     lease_check_interval: float = 0.5
     labels: dict[str, str] = field(default_factory=dict)
     search_registries: tuple[str, ...] = ("docker.io",)
@@ -135,12 +136,8 @@ class Agent:
     def run(self, spec: TaskSpec, lease_id: str) -> Task:
         """Start a task in a lease, pulling its image first when the cache lacks it."""
         lease = self.leases.get(lease_id)
-        if not spec.runtime and spec.image.startswith("oras://"):
-            if "apptainer" not in self.runtimes:
-                raise TaskError(
-                    f"{spec.image} is a SIF image, which needs Apptainer; this node has none"
-                )
-            spec = replace(spec, runtime="apptainer")
+        if not spec.runtime and spec.image.startswith("oras://") and self.config.sif_runtime:
+            spec = replace(spec, runtime=self.config.sif_runtime)  # e.g. apptainer, if chosen
         if not spec.runtime:
             if not self.default_runtime:
                 raise TaskError(

@@ -1,11 +1,13 @@
 """The node's image cache: `docker://` references pulled with skopeo and unpacked with umoci;
-`oras://` references (Apptainer SIF files in an OCI registry) pulled with the oras SDK.
+`oras://` references (Apptainer SIF files in an OCI registry) pulled with the oras SDK, and
+their squashfs root file system extracted (`sifroot.py`) so that crun runs them like the rest.
 
 Layout under `<data>/images/`:
     oci/          one OCI image layout holding every pulled image (blobs shared by digest)
-    rootfs/<d>/   the unpacked root filesystem of the manifest with digest <d>, its owners
-                  shifted into the jobs' user namespace (`<d>-u<base>`) when there is one
-    sif/<d>.sif   a SIF file, by the digest of its blob
+    rootfs/<d>/   the unpacked root filesystem of the manifest (or SIF blob) with digest <d>,
+                  its owners shifted into the jobs' user namespace (`<d>-u<base>`) when
+                  there is one
+    sif/<d>.sif   a SIF file, by the digest of its blob (what Apptainer runs, where chosen)
     refs.json     resolved reference -> digest (a pulled tag is reused, not re-pulled)
 
 Concurrent pulls of one reference happen once: later callers wait for the first and share
@@ -27,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import sifroot
 from .confine import UserNamespace
 from .paths import remove_tree
+from .sif import SifError
 
 __all__ = ["Image", "ImageCache", "ImageError", "parse_reference"]
 
@@ -51,7 +55,8 @@ class Image:
     cmd: tuple[str, ...] = ()
     workdir: str = ""
     cached: bool = False  # no pull was needed
-    sif: Path | None = None  # set for oras:// images: a SIF file, run only by Apptainer
+    sif: Path | None = None  # set for oras:// images: the SIF file (rootfs: its root)
+    env_scripts: str = ""  # a folder of scripts sourced before the command (SIF images)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +214,8 @@ class ImageCache:
         def cached() -> Image | None:
             digest = self._refs().get(ref)
             path = self.root / "sif" / f"{_hex(digest)}.sif" if digest else None
-            if digest and path is not None and path.is_file():
-                return Image(reference=ref, digest=digest, rootfs=path, cached=True, sif=path)
+            if digest and path is not None and path.is_file() and self._rootfs(digest).is_dir():
+                return self._sif_image(ref, digest, cached=True)
             return None
 
         def pull() -> Image:
@@ -237,11 +242,38 @@ class ImageCache:
                 raise ImageError(f"pull of {ref} failed: {exc}") from None
             finally:
                 remove_tree(staging)
+            self._unpack_sif(ref, path, digest, progress)
             self._remember(ref, digest)
             progress(f"pulled {ref} ({digest})")
-            return Image(reference=ref, digest=digest, rootfs=path, sif=path)
+            return self._sif_image(ref, digest, cached=False)
 
         return self._once(ref, cached, pull, progress)
+
+    def _unpack_sif(self, ref: str, path: Path, digest: str, progress: Progress) -> None:
+        """The SIF's root file system in the cache, unless it is there already."""
+        target = self._rootfs(digest)
+        if target.is_dir():
+            return
+        progress(f"unpacking {digest[:19]}")
+        try:
+            sifroot.unpack(path, target, self.userns)
+        except SifError as exc:
+            path.unlink(missing_ok=True)
+            raise ImageError(f"{ref} cannot run here: {exc}") from None
+
+    def _sif_image(self, ref: str, digest: str, *, cached: bool) -> Image:
+        rootfs = self._rootfs(digest)
+        found = sifroot.defaults(rootfs)
+        return Image(
+            reference=ref,
+            digest=digest,
+            rootfs=rootfs,
+            env=(f"APPTAINER_CONTAINER={ref}", f"SINGULARITY_CONTAINER={ref}"),
+            entrypoint=found.entrypoint,
+            cached=cached,
+            sif=self.root / "sif" / f"{_hex(digest)}.sif",
+            env_scripts=found.env_scripts,
+        )
 
     def _pull(
         self, ref: Reference, credentials: tuple[str, str] | None, progress: Progress

@@ -2,8 +2,10 @@
 
 `crun` runs OCI images confined (user namespace, seccomp, minimal capabilities, device
 allow-list, a network namespace of its own): the default, and the only OCI runtime an agent
-offers unless it is told to accept weaker ones. `apptainer` runs SIF images (`oras://`)
-where Apptainer is installed. Weaker, opt-in (`weak=True`, the agent's `--weak-runtimes`):
+offers unless it is told to accept weaker ones. It runs SIF images (`oras://`) too, from the
+squashfs root the image cache extracts (`sifroot.py`). `apptainer` runs SIF images where
+Apptainer is installed and a request (or the agent's `--sif-runtime`) names it. Weaker,
+opt-in (`weak=True`, the agent's `--weak-runtimes`):
 `bwrap` (the same images in bubblewrap namespaces: no user namespace or seccomp profile, so
 root in the job is root on the host's files it can see) and `process` (the host itself, no
 image, for developing the agent; used only when a request names it).

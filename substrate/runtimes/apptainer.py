@@ -1,4 +1,5 @@
-"""The `apptainer` runtime: SIF images (`oras://`) run by Apptainer, when it is installed.
+"""The `apptainer` runtime: SIF images (`oras://`) run by Apptainer, when it is installed and
+chosen (a request's runtime, or the agent's `--sif-runtime`); crun runs them otherwise.
 
 `apptainer exec --containall --cleanenv` gives the task its own PID and IPC namespaces, a
 clean environment and no host home; binds carry the job's mounts and injected files, `--nv`

@@ -19,6 +19,7 @@ from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
     EnterWithNsenter,
     children,
+    container_argv,
     hostname,
     image_argv,
     image_env,
@@ -50,7 +51,7 @@ class BwrapRuntime(EnterWithNsenter):
         self, spec: TaskSpec, cpus: tuple[int, ...], task_dir: Path, image: Image | None
     ) -> Launch:
         image = oci_image(self.name, image)
-        argv = image_argv(spec, image)
+        argv = container_argv(spec, image, image_argv(spec, image))
         cwd = working_dir(spec, image)
         args = [
             "bwrap",

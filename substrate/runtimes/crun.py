@@ -34,6 +34,7 @@ from ..confine import CAPABILITIES, UserNamespace, device_of, seccomp_bpf, secco
 from ..paths import remove_tree
 from .base import Launch, RuntimeRefused, TaskSpec
 from .rootfs import (
+    container_argv,
     hostname,
     image_argv,
     image_env,
@@ -131,7 +132,8 @@ class CrunRuntime:
         user (`crun exec`), not as the agent."""
         assert image is not None
         self.namespace_pid(task_pid, task_dir)  # waits for the container to be running
-        process = _process(image_env(spec, image, env), command, working_dir(spec, image))
+        inner = container_argv(spec, image, command, env)
+        process = _process(image_env(spec, image, env), inner, working_dir(spec, image))
         fd = _memfd("process.json", process)  # the environment stays off the command line
         argv = self._crun("exec", "--process", f"/proc/self/fd/{fd}", _container_id(task_dir))
         return Launch(argv=argv, env={}, cwd=str(task_dir), pass_fds=(fd,))
@@ -288,7 +290,9 @@ def oci_config(
         namespaces.append({"type": "network", "path": spec.netns})
     return {
         "ociVersion": "1.0.2",
-        "process": _process(image_env(spec, image), image_argv(spec, image), cwd),
+        "process": _process(
+            image_env(spec, image), container_argv(spec, image, image_argv(spec, image)), cwd
+        ),
         "root": {"path": str(root), "readonly": False},
         "hostname": hostname(spec.name),
         "mounts": mounts,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..paths import IN_ROOT, PathEscape, make_dirs, remove_tree, write_file
+from ..sifroot import sourcing_argv
 from .base import Launch, RuntimeRefused, TaskSpec
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EnterWithNsenter",
     "children",
+    "container_argv",
     "hostname",
     "image_argv",
     "image_env",
@@ -40,14 +42,10 @@ MS_NOSUID, MS_NODEV = 0x2, 0x4
 
 
 def oci_image(runtime: str, image: Image | None) -> Image:
-    """The task's image, which an OCI runtime needs and which must not be a SIF file."""
+    """The task's image, which an OCI runtime needs (a SIF image too: its root file system
+    was extracted when it was pulled)."""
     if image is None:
         raise RuntimeRefused(f"the {runtime} runtime runs images: give the task an image")
-    if image.sif is not None:
-        raise RuntimeRefused(
-            f"{image.reference} is a SIF image, which needs the apptainer runtime; "
-            "this node has no Apptainer"
-        )
     return image
 
 
@@ -59,6 +57,17 @@ def image_argv(spec: TaskSpec, image: Image) -> list[str]:
     if not argv:
         raise RuntimeRefused(f"{image.reference} has no entrypoint or cmd; give a command")
     return argv
+
+
+def container_argv(
+    spec: TaskSpec, image: Image, argv: list[str], extra: dict[str, str] | None = None
+) -> list[str]:
+    """`argv` as an OCI runtime starts it: behind the sourcing of the image's environment
+    scripts when it has them (a SIF image, as Apptainer does), the job's variables winning."""
+    if not image.env_scripts:
+        return argv
+    keep = [*spec.env, "HOSTNAME", *(extra or {})]
+    return sourcing_argv(image.env_scripts, keep, argv)
 
 
 def image_env(spec: TaskSpec, image: Image, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -166,6 +175,6 @@ class EnterWithNsenter:
             "--root",
             "--wd",
             "--",
-            *command,
+            *container_argv(spec, image, command, env),
         ]
         return Launch(argv=argv, env=image_env(spec, image, env), cwd="/")

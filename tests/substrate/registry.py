@@ -21,9 +21,8 @@ def missing_tools() -> list[str]:
     return [tool for tool in REQUIRED if shutil.which(tool) is None]
 
 
-def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
-    """An OCI layout at work/oci holding a busybox image (one layer, cmd /bin/sh)."""
-    rootfs = work / "rootfs"
+def busybox_root(rootfs: Path) -> Path:
+    """A root file system at `rootfs`: busybox-static, its applets, /etc/passwd, /tmp."""
     for d in ("bin", "tmp", "etc", "root", "www"):
         (rootfs / d).mkdir(parents=True, exist_ok=True)
     busybox = Path(shutil.which("busybox") or "/bin/busybox").resolve()
@@ -39,6 +38,12 @@ def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
     # an absolute link, as images hold them: followed on the host, it would lead to the host's /
     (rootfs / "etc" / "escape").symlink_to("/")
     (rootfs / "tmp").chmod(0o1777)
+    return rootfs
+
+
+def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
+    """An OCI layout at work/oci holding a busybox image (one layer, cmd /bin/sh)."""
+    rootfs = busybox_root(work / "rootfs")
     layer = work / "rootfs.tar"
     with tarfile.open(layer, "w") as tar:
         tar.add(rootfs, arcname=".")

@@ -15,6 +15,7 @@ from api.substrate.v1 import agent_pb2 as pb
 from substrate.images import ImageCache, ImageError
 from tests.substrate.conftest import Running, code_of
 from tests.substrate.registry import Registry, build_busybox_image, free_port
+from tests.substrate.sif_images import build_sif, push_sif
 from tests.substrate.test_agent_api import _exec
 
 IMAGE = "docker://busybox:1.36"
@@ -216,32 +217,20 @@ def test_private_registry_credentials(agent: Running, tmp_path: Path) -> None:
         private.stop()
 
 
-def test_oras_sif_images_are_pulled_cached_and_refused_without_apptainer(
-    agent: Running, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_oras_sif_images_are_pulled_and_cached(
+    agent: Running, registry: Registry, tmp_path: Path
 ) -> None:
-    import oras.client
-
-    sif = tmp_path / "hello.sif"
-    sif.write_bytes(b"SIF_MAGIC" + os.urandom(4096))  # a stand-in: only Apptainer reads SIFs
-    client = oras.client.OrasClient(hostname=registry.address, insecure=True)
-    monkeypatch.chdir(tmp_path)  # the SDK names the blob by its path relative to here
-    assert (
-        client.push(target=f"{registry.address}/sifs/hello:1.0", files=["hello.sif"]).status_code
-        == 201
-    )
-    ref = f"oras://{registry.address}/sifs/hello:1.0"
+    """(Running them under crun: tests/substrate/test_sif.py.)"""
+    sif = build_sif(tmp_path)
+    ref = push_sif(registry.address, sif, "sifs/hello:1.0")
     first = list(agent.stub.PullImage(pb.PullImageRequest(reference=ref)))
     assert first[-1].done
+    assert [p.message for p in first if p.message.startswith("unpacking")]
     cached = agent.agent.images.get(ref)
     assert cached.cached
     assert cached.sif is not None
     assert cached.sif.read_bytes() == sif.read_bytes()
-    lease = agent.lease()
-    with pytest.raises(grpc.RpcError) as info:
-        agent.stub.Run(
-            pb.RunRequest(lease_id=lease.id, image=ref, runtime="crun", command=["true"])
-        )
-    assert "needs the apptainer runtime" in info.value.details()
+    assert (cached.rootfs / "bin" / "busybox").is_file()
     with pytest.raises(grpc.RpcError) as info:
         list(
             agent.stub.PullImage(
@@ -268,7 +257,7 @@ def test_sif_images_run_with_apptainer_when_it_is_installed(
     agent: Running, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mocked: Apptainer itself (see FAKE_APPTAINER). Everything else is real."""
-    import oras.client
+    from dataclasses import replace
 
     from substrate.runtimes import ApptainerRuntime
 
@@ -280,18 +269,17 @@ def test_sif_images_run_with_apptainer_when_it_is_installed(
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("APPTAINER_ARGV_LOG", str(log))
     agent.agent.runtimes["apptainer"] = ApptainerRuntime()
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "app.sif").write_bytes(b"SIF_MAGIC" + os.urandom(64))
-    client = oras.client.OrasClient(hostname=registry.address, insecure=True)
-    client.push(target=f"{registry.address}/sifs/app:2.0", files=["app.sif"])
+    # the agent's --sif-runtime: SIF images go to Apptainer when no runtime is named
+    agent.agent.config = replace(agent.agent.config, sif_runtime="apptainer")
+    ref = push_sif(registry.address, build_sif(tmp_path / "sif"), "sifs/app:2.0")
     data = tmp_path / "data"
     data.mkdir()
     lease = agent.lease(cores=1)
     reply = agent.stub.Run(
-        pb.RunRequest(  # no runtime named: a SIF image goes to apptainer
+        pb.RunRequest(  # no runtime named: a SIF image goes to the --sif-runtime
             lease_id=lease.id,
             name="sif-job",
-            image=f"oras://{registry.address}/sifs/app:2.0",
+            image=ref,
             command=["/bin/sh", "-c", "echo ran; exit 5"],
             cwd="/data",
             env={"K": "v"},
