@@ -41,7 +41,7 @@ def create(
     **Examples**
 
         squall context create lab --server 127.0.0.1:7433 \\
-            --token-file ~/.local/share/squall/server-token
+            --token-file "${SQUALL_DATA_DIR:-$HOME/.local/share/squall}/server-token"
         printf "%s" "$TOKEN" | squall context create prod \\
             --server squall.example.org:443 --ca-file ca.pem
     """

@@ -4,7 +4,6 @@ every site, and the instance types behind the figures."""
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,10 +11,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .output import EXIT_INVALID, EXIT_USAGE, Format, die, out, print_json
+from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, out, print_json
 
 if TYPE_CHECKING:
     from federate.catalog import Catalog
+    from orchestrator.store import Store
 
 __all__ = ["catalog_app", "federate_app"]
 
@@ -33,35 +33,50 @@ catalog_app = typer.Typer(
 CATALOG = typer.Option(
     None,
     "--catalog",
-    help="A catalog folder (instances.csv, egress.csv). Default: $SQUALL_CATALOG.",
+    help="A catalog folder (Squall's JSON files, or the snapshot's instances.csv and "
+    "egress.csv). Default: $SQUALL_CATALOG, else the catalog shipped with Squall.",
 )
 OUTPUT = typer.Option(Format.text, "--output", "-o", help="text for people, json for scripts.")
 
 
-def _catalog_folder(path: Path | None) -> Path:
-    """--catalog, else $SQUALL_CATALOG."""
-    folder = path or (
-        Path(os.environ["SQUALL_CATALOG"]) if os.environ.get("SQUALL_CATALOG") else None
-    )
-    if folder is None:
-        die("no catalog: give --catalog DIR or set SQUALL_CATALOG", EXIT_USAGE)
-    return folder
+def _catalog_folder(path: Path | None) -> Path | None:
+    """--catalog, else $SQUALL_CATALOG, else None (the shipped catalog)."""
+    if path is not None:
+        return path
+    return Path(os.environ["SQUALL_CATALOG"]) if os.environ.get("SQUALL_CATALOG") else None
 
 
 def _catalog(path: Path | None) -> Catalog:
-    from federate.catalog import load
+    from federate.catalog import open_catalog
 
     folder = _catalog_folder(path)
     try:
-        return load(folder)
+        return open_catalog(folder)
     except (OSError, ValueError, KeyError) as exc:
         die(f"cannot read the catalog in {folder}: {exc}", EXIT_USAGE)
+
+
+def _history() -> Store | None:
+    """This machine's store, for the runtimes of earlier runs (as PLACING reads them), when
+    there is one; compare never creates it."""
+    from orchestrator.local_site import LocalSettings
+
+    settings = LocalSettings()
+    if not settings.store_url and not (settings.data_dir / "squall.db").exists():
+        return None
+    try:
+        return settings.store()
+    except Exception as exc:  # a store that cannot be opened: say so, price without it
+        err.print(f"[yellow]warning[/]: runtimes of earlier runs left out: {escape(str(exc))}")
+        return None
 
 
 @federate_app.command()
 def compare(
     file: Path = typer.Argument(..., help="The Fuzzfile.", show_default=False),
-    policy_file: Path | None = typer.Option(None, "--policy", help="A team policy (YAML)."),
+    policy_file: Path | None = typer.Option(
+        None, "--policy", help="A team policy (YAML); default $SQUALL_POLICY."
+    ),
     sites_file: Path | None = typer.Option(
         None, "--sites", help="On-prem sites (YAML); default $SQUALL_SITES."
     ),
@@ -81,27 +96,41 @@ def compare(
         "--free-allowance",
         help="Count the clouds' monthly free egress (off: a run should not rely on it).",
     ),
+    name: str | None = typer.Option(
+        None,
+        "--name",
+        help="The run's name, as `squall run --name` takes it: earlier runs named like it "
+        "(me/pipeline-7 is like me/pipeline-3) give the jobs' runtimes. Default: USER/FILE-new.",
+    ),
+    offline: bool = typer.Option(
+        False,
+        "--offline",
+        help="Do not ask the data sources for their sizes (nor buckets for their regions): "
+        "annotations only.",
+    ),
     output: Format = OUTPUT,
 ) -> None:
     """Price a workflow at every site and show the cheapest first, with why others are out.
 
-    Each row: the instance type x nodes per job, compute $, data $ (ingress from where the
-    data lives, egress to where results go, tiered), the total and the expected duration
-    (the critical path). Figures that rest on guesses (runtimes without an annotation,
-    sizes without metadata) are listed under the table.
+    The same function PLACING uses (`squall run`, `squall server`), with the same
+    configuration ($SQUALL_CATALOG or the shipped catalog, $SQUALL_POLICY, $SQUALL_SITES),
+    the same runtimes of earlier runs and the same look at the data sources; the flags add
+    to it. Each row: the instance type x nodes per job, compute $, data $ (ingress from where
+    the data lives, egress to where results go, tiered), the total and the expected duration
+    (the critical path). Figures that rest on guesses (runtimes without an annotation, sizes
+    without metadata) are listed under the table.
 
     **Example**
 
-        squall federate compare train.yaml --catalog catalog/ --bucket data=aws:us-west-2
+        squall federate compare examples/pipeline.yaml --bucket data=aws:us-west-2
     """
-    from federate.placement import cloud_sites
-    from federate.placement import compare as compare_sites
-    from federate.policy import Policy, PolicyError, load_policy
-    from federate.sites import bucket_locations
+    import getpass
+
     from orchestrator.errors import SquallError
-    from orchestrator.federation import workload_of
     from orchestrator.fuzzfile import load_file
-    from orchestrator.placing import candidate_sites
+    from orchestrator.local_site import LocalSettings
+    from orchestrator.placing import Placer
+    from orchestrator.secrets import SecretStore
 
     from .output import print_diagnostic
 
@@ -110,68 +139,34 @@ def compare(
         for d in result.errors:
             print_diagnostic(d)
         die(f"{file} is not a valid Fuzzfile", EXIT_INVALID)
-    catalog = _catalog(catalog_dir)
-    if sites_file is None and os.environ.get("SQUALL_SITES"):
-        sites_file = Path(os.environ["SQUALL_SITES"])
-    try:
-        policy = load_policy(policy_file) if policy_file else Policy()
-    except PolicyError as exc:
-        die(str(exc), EXIT_USAGE)
-    if spot is not None:
-        policy = replace(policy, spot=spot)
-    if budget is not None:
-        policy = replace(policy, budget_usd=budget)
-    try:
-        buckets = bucket_locations(sites_file) if sites_file else {}
-    except PolicyError as exc:
-        die(str(exc), EXIT_USAGE)
+    buckets = {}
     for item in bucket:
-        name, sep, where = item.partition("=")
+        key, sep, where = item.partition("=")
         if not sep or ":" not in where:
             die(f"{item!r}: write BUCKET=CLOUD:REGION, e.g. data=aws:us-west-2", EXIT_USAGE)
-        buckets[name] = where
+        buckets[key] = where
+    placer = Placer.from_environment(
+        secrets=SecretStore(LocalSettings().data_dir / "secrets"),
+        store=_history(),
+    )
+    placer.catalog_dir = _catalog_folder(catalog_dir)
+    placer.policy_file = policy_file or placer.policy_file
+    placer.sites_file = sites_file or placer.sites_file
+    placer.buckets = buckets
+    placer.spot, placer.budget_usd = spot, budget
+    placer.free_allowance, placer.clouds_only = free_allowance, clouds_only
+    placer.look_up_sources = not offline
     try:
-        workload = workload_of(result.workflow, file.stem, buckets)
+        comparison = placer.compare(result.workflow, name or f"{getpass.getuser()}/{file.stem}-new")
     except SquallError as exc:
         die(str(exc), exc.exit_code)
-    try:
-        sites = candidate_sites(catalog, sites_file) if not clouds_only else cloud_sites(catalog)
-    except PolicyError as exc:
-        die(str(exc), EXIT_USAGE)
-    estimates = compare_sites(workload, catalog, sites, policy, free_allowance=free_allowance)
-    rows = [_row(e) for e in estimates]
+    data = comparison.as_dict()
     if output is Format.json:
-        print_json({"catalog_date": catalog.date, "workflow": workload.name, "sites": rows})
+        print_json(data)
     else:
-        _table(rows, catalog.date)
-    if not any(r["feasible"] for r in rows):
+        _table(data["sites"], f"{data['catalog_date']} ({data['catalog']})")
+    if data["chosen"] is None:
         raise typer.Exit(EXIT_INVALID)
-
-
-def _row(e: Any) -> dict[str, Any]:
-    return {
-        "site": e.site.name,
-        "feasible": e.feasible,
-        "reasons": e.reasons,
-        "jobs": [
-            {
-                "job": p.job,
-                "instance": p.instance,
-                "nodes": p.nodes,
-                "hours": p.hours,
-                "usd_per_hour": p.usd_per_hour,
-                "spot": p.spot,
-                "cost_usd": round(p.cost, 4),
-                "runtime_source": p.runtime_source,
-            }
-            for p in e.jobs
-        ],
-        "compute_usd": round(e.compute_usd, 4),
-        "data_usd": round(e.data_usd, 4),
-        "total_usd": round(e.total_usd, 4),
-        "hours": e.hours,
-        "guesses": e.guesses,
-    }
 
 
 def _table(rows: list[dict[str, Any]], date: str) -> None:
@@ -201,14 +196,46 @@ def _table(rows: list[dict[str, Any]], date: str) -> None:
         out.print("[bold red]no site is feasible[/]")
 
 
+def _freshness(catalog: Catalog) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Per cloud: its date, age, sources and notes; and a warning when any is old."""
+    from federate.catalog import STALE_DAYS, age_days
+
+    clouds = {}
+    for cloud, meta in sorted(catalog.meta.items()):
+        age = age_days(meta.date)
+        clouds[cloud] = {
+            "date": meta.date,
+            "age_days": age,
+            "stale": age is None or age > STALE_DAYS,
+            "sources": list(meta.sources),
+            "notes": list(meta.notes),
+        }
+    old = [c for c, v in clouds.items() if v["stale"]]
+    if not old:
+        return clouds, None
+    ages = ", ".join(
+        f"{c} {clouds[c]['date']}"
+        + (f" ({clouds[c]['age_days']} days)" if clouds[c]["age_days"] is not None else "")
+        for c in old
+    )
+    warning = (
+        f"prices older than {STALE_DAYS} days: {ages}. Refresh them (needs network) with "
+        f"`squall catalog refresh --cloud {old[0]} --catalog DIR` for each cloud (a new DIR "
+        "starts from the catalog shipped with Squall), then set SQUALL_CATALOG=DIR"
+    )
+    return clouds, warning
+
+
 @catalog_app.command()
 def show(
     catalog_dir: Path | None = CATALOG,
     output: Format = OUTPUT,
 ) -> None:
-    """Summarise the catalog: its date, and per region how many types and the fee to the
-    internet."""
+    """Say which catalog is in use (--catalog, $SQUALL_CATALOG, else the one shipped with
+    Squall), the date and sources of each cloud's figures (with a warning when they are old),
+    and per region how many types and the fee to the internet."""
     catalog = _catalog(catalog_dir)
+    clouds, warning = _freshness(catalog)
     regions = catalog.regions()
     rows: list[dict[str, Any]] = [
         {
@@ -224,9 +251,25 @@ def show(
         }
         for cloud, region in regions
     ]
+    if warning:
+        err.print(f"[yellow]warning[/]: {escape(warning)}")
     if output is Format.json:
-        print_json({"date": catalog.date, "regions": rows})
+        print_json(
+            {
+                "catalog": catalog.origin,
+                "date": catalog.date,
+                "clouds": clouds,
+                "warning": warning,
+                "regions": rows,
+            }
+        )
         return
+    out.print(f"catalog: [bold]{escape(catalog.origin)}[/]")
+    for cloud, info in clouds.items():
+        age = f" ({info['age_days']} days old)" if info["age_days"] is not None else ""
+        out.print(f"  {cloud}: data of {info['date']}{age}")
+        for source in info["sources"]:
+            out.print(f"    [dim]source: {escape(source)}[/]")
     table = Table(
         box=None, pad_edge=False, title=f"catalog of {catalog.date}", title_justify="left"
     )
@@ -317,23 +360,43 @@ def search(
 @catalog_app.command()
 def refresh(
     cloud: str = typer.Option(..., "--cloud", help="aws, gcp or azure."),
-    catalog_dir: Path | None = CATALOG,
+    catalog_dir: Path | None = typer.Option(
+        None,
+        "--catalog",
+        help="The folder to write (Squall's format). Default: $SQUALL_CATALOG. A new or "
+        "empty folder starts from the catalog shipped with Squall.",
+    ),
 ) -> None:
-    """Update the catalog's prices from the cloud's public pricing API.
+    """Update a catalog's prices from the cloud's public pricing API.
 
     AWS: the Price List bulk files (no account). Azure: the Retail Prices API (no account).
     GCP: the Cloud Billing Catalog API (an API key in $GOOGLE_API_KEY). Every row that
-    changes records the source and today's date. Needs network access; without it the
-    refresh fails with the host it could not reach and the catalog stays as it was.
+    changes records the source and today's date, and so does the cloud's header. Needs
+    network access; without it the refresh fails with the host it could not reach and the
+    catalog stays as it was. The shipped catalog is never changed: point $SQUALL_CATALOG at
+    the folder to use what the refresh wrote.
+
+    **Example**
+
+        squall catalog refresh --cloud aws --catalog ~/squall-catalog
+        export SQUALL_CATALOG=~/squall-catalog
     """
     from federate.refresh import RefreshError, http_fetch
     from federate.refresh import refresh as run_refresh
 
     folder = _catalog_folder(catalog_dir)
+    if folder is None:
+        die(
+            "refresh writes into a folder of its own: give --catalog DIR (a new folder starts "
+            "from the catalog shipped with Squall), then set SQUALL_CATALOG=DIR to use it",
+            EXIT_USAGE,
+        )
     if cloud not in ("aws", "gcp", "azure"):
         die(f"unknown cloud {cloud!r}: aws, gcp or azure", EXIT_USAGE)
     try:
         changed = run_refresh(folder, cloud, http_fetch)
-    except RefreshError as exc:
+    except (RefreshError, OSError, ValueError) as exc:
         die(str(exc), 3)
     out.print(f"{cloud}: {changed} row(s) changed in {escape(str(folder))}")
+    if os.environ.get("SQUALL_CATALOG") != str(folder):
+        out.print(f"use it: export SQUALL_CATALOG={escape(str(folder))}")

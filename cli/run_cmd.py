@@ -77,9 +77,10 @@ def run(
     site: str | None = typer.Option(
         None,
         "--site",
-        help="Run here whatever federation would choose: `--site local`. Default: federation "
-        "prices this machine, the sites in $SQUALL_SITES and the clouds in $SQUALL_CATALOG "
-        "under $SQUALL_POLICY, and the run goes ahead only if this machine is the choice.",
+        help="Force a site: `--site local` runs here whatever federation would choose, "
+        "`--site aws:us-east-2` on that cloud region. Default: federation prices this machine, "
+        "the sites in $SQUALL_SITES and the clouds of the catalog ($SQUALL_CATALOG, else the "
+        "one shipped with Squall) under $SQUALL_POLICY, as `squall federate compare` shows.",
     ),
     output: Format = typer.Option(
         Format.text, "--output", "-o", help="text: a live view; json: the run's summary at the end."
@@ -99,7 +100,7 @@ def run(
     **Examples**
 
         squall run examples/hello.yaml
-        squall run pipeline.yaml --name me/pipeline-1 -o json | jq .state
+        squall run examples/pipeline.yaml --name me/pipeline-1 -o json | jq .state
     """
     from orchestrator.engine import request_cancel
     from orchestrator.errors import SquallError, describe

@@ -50,7 +50,7 @@ def server(
 
         squall server --listen 127.0.0.1:7433
         squall context create here --server 127.0.0.1:7433 \\
-            --token-file ~/.local/share/squall/server-token
+            --token-file "${SQUALL_DATA_DIR:-$HOME/.local/share/squall}/server-token"
     """
     from orchestrator.api import serve
     from orchestrator.errors import SquallError

@@ -80,8 +80,8 @@ def start(
 
     **Examples**
 
-        squall workflow start me/pipeline-1 pipeline.yaml
-        squall workflow start me/pipeline-2 pipeline.yaml --watch
+        squall workflow start me/pipeline-1 examples/pipeline.yaml
+        squall workflow start me/pipeline-2 examples/pipeline.yaml --watch
     """
     text = read_fuzzfile(file)
     backend = _backend(context)

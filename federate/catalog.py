@@ -1,37 +1,43 @@
 """The price catalog: instance types per cloud and region, and data-transfer fees, dated and
 with the source of every figure.
 
-`load(path)` reads a catalog folder: `instances.csv` (one row per cloud, region and type) and
-`egress.csv` (fees per cloud, source region and destination class, with volume tiers). The
-columns are those of the dated reference snapshot the tests use; the egress tiers, which
-that snapshot states in words ("first 100 GB/month free", "next 40 TB/month"), are read into
-explicit per-GB bands here, the one place that knows how.
+A catalog comes from one of two places:
+- the one that ships inside the package (`federate/data/`, one JSON file per cloud in
+  Squall's own format, see `catalog_file.py`), written by `scripts/build-catalog.py` from the
+  dated reference snapshot; `shipped()` reads it;
+- a folder named by the user (`--catalog`, `$SQUALL_CATALOG`): Squall's own format (what
+  `squall catalog refresh` writes), or the reference snapshot's CSV layout (`snapshot.py`).
+`load(folder)` reads either.
 
-Units: memory in GiB, prices in USD per hour and per GB. GCP publishes per GiB; its fees are
-converted to per GB. A TB in a tier is 1,024 GB, as the clouds bill it.
+Units: memory in GiB, prices in USD per hour and per GB (10^9 bytes). A TB in a volume tier is
+1,024 GB, as the clouds bill it.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import re
-from collections import defaultdict
+import datetime as dt
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 __all__ = [
+    "STALE_DAYS",
     "Catalog",
+    "CloudMeta",
     "EgressFees",
     "InstanceType",
     "Tier",
-    "catalog_date",
+    "age_days",
     "continent",
     "load",
+    "open_catalog",
+    "shipped",
 ]
 
-GIB_PER_GB = 1e9 / 2**30  # a per-GiB price times this is the per-GB price
 FABRICS = ("efa", "infiniband", "gpudirect-tcpx", "gpudirect-tcpxo", "gpudirect-rdma")
+CLOUDS = ("aws", "gcp", "azure")
+STALE_DAYS = 90  # `catalog show` warns about prices older than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +101,22 @@ class EgressFees:
         return cost
 
 
+@dataclass(frozen=True, slots=True)
+class CloudMeta:
+    """Where one cloud's figures come from, and the date of the data."""
+
+    date: str  # YYYY-MM-DD, or "undated"
+    sources: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
 @dataclass(slots=True)
 class Catalog:
-    date: str
+    date: str  # the oldest of its clouds' dates
     instances: list[InstanceType]
     egress: dict[tuple[str, str], EgressFees]
+    meta: dict[str, CloudMeta] = field(default_factory=dict)  # per cloud
+    origin: str = ""  # where it was read from, as a person reads it
 
     def regions(self) -> list[tuple[str, str]]:
         return sorted({(i.cloud, i.region) for i in self.instances})
@@ -118,131 +135,48 @@ def continent(cloud: str, region: str) -> str:
     return "NA"
 
 
-def _float(text: str) -> float | None:
-    return float(text) if text.strip() else None
+def age_days(date: str, today: dt.date | None = None) -> int | None:
+    """How many days old a catalog date is (None: undated)."""
+    try:
+        day = dt.date.fromisoformat(date)
+    except ValueError:
+        return None
+    return ((today or dt.date.today()) - day).days
 
 
-def _instances(path: Path) -> list[InstanceType]:
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append(
-                InstanceType(
-                    cloud=r["cloud"],
-                    region=r["region"],
-                    name=r["instance_type"],
-                    vcpus=int(float(r["vcpus"])),
-                    memory_gib=float(r["memory_gib"]),
-                    gpu_model=r["gpu_model"],
-                    gpu_count=float(r["gpu_count"] or 0),
-                    gpu_memory_gib=float(r["gpu_memory_gib"] or 0),
-                    price_ondemand=_float(r["price_ondemand_usd_hr"]),
-                    price_spot=_float(r["price_spot_usd_hr"]),
-                    fabric=r["hpc_network"] or "none",
-                    network_gbps=_float(r["network_gbps"]),
-                    efa_interfaces=int(r["max_efa_interfaces"] or 0),
-                    arch=r["arch"],
-                    source=r["source"],
-                )
-            )
-    return rows
+def load(path: Path) -> Catalog:
+    """A catalog folder: Squall's own format (`aws.json`, `gcp.json`, `azure.json`), or the
+    reference snapshot's layout (`instances.csv`, `egress.csv`). Raises OSError or ValueError
+    with what is wrong."""
+    from . import catalog_file, snapshot
 
-
-_AMOUNT = r"(\d+(?:\.\d+)?)\s*(GB|TB|GiB|TiB)"
-
-
-def _gb(amount: str, unit: str) -> float:
-    scale = {"GB": 1.0, "TB": 1024.0, "GiB": 2**30 / 1e9, "TiB": 2**40 / 1e9}[unit]
-    return float(amount) * scale
-
-
-def _internet_tiers(rows: list[dict[str, str]]) -> tuple[Tier, ...]:
-    """Volume bands from the snapshot's words, in the order the rows give them."""
-    tiers: list[Tier] = []
-    start = 0.0
-    for r in rows:
-        note = r["tier_note"]
-        if "Standard Tier" in note:
-            continue  # Premium (the default network tier) is what a VM egresses on
-        price = float(r["usd_per_gb"]) * (GIB_PER_GB if r["cloud"] == "gcp" else 1.0)
-        if (m := re.search(r"first " + _AMOUNT, note)) or (
-            m := re.search(r"up to " + _AMOUNT, note)
-        ):
-            end = _gb(*m.groups())
-        elif m := re.search(r"next " + _AMOUNT, note):
-            end = start + _gb(*m.groups())
-        elif m := re.search(r"(\d+)-(\d+)\s*(TiB|TB)", note):
-            end = _gb(m.group(2), m.group(3))
-        elif re.search(r">\s*" + _AMOUNT, note):
-            end = math.inf
-        else:
-            raise ValueError(
-                f"cannot read the egress tier {note!r} ({r['cloud']} {r['from_region']})"
-            )
-        tiers.append(Tier(end, price))
-        start = end
-    if tiers and tiers[-1].upto_gb != math.inf:
-        tiers.append(Tier(math.inf, tiers[-1].usd_per_gb))
-    return tuple(tiers)
-
-
-def _egress(path: Path) -> dict[tuple[str, str], EgressFees]:
-    grouped: defaultdict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            grouped[(r["cloud"], r["from_region"])].append(r)
-    fees = {}
-    for (cloud, region), rows in grouped.items():
-        scale = GIB_PER_GB if cloud == "gcp" else 1.0
-
-        def rate(to: str, rows: list[dict[str, str]] = rows, scale: float = scale) -> float:
-            found = [
-                float(r["usd_per_gb"]) * scale
-                for r in rows
-                if r["to"] == to and "only the" not in r["tier_note"]
-            ]
-            return found[0] if found else 0.0
-
-        pairs = {}
-        for r in rows:
-            if m := re.search(r"only the (\S+)<->(\S+) pair", r["tier_note"]):
-                other = m.group(2) if m.group(1) == region else m.group(1)
-                pairs[other] = float(r["usd_per_gb"]) * scale
-        same_region = [
-            float(r["usd_per_gb"]) * scale
-            for r in rows
-            if r["to"] == "same-region" and "object storage" in r["tier_note"]
-        ]
-        fees[(cloud, region)] = EgressFees(
-            cloud=cloud,
-            region=region,
-            internet=_internet_tiers([r for r in rows if r["to"] == "internet"]),
-            same_region=same_region[0] if same_region else 0.0,
-            same_continent=rate("inter-region-same-continent"),
-            pairs=pairs,
-            other_continent=rate("inter-region"),
-            sources=tuple(sorted({r["source"] for r in rows})),
-        )
-    return fees
-
-
-def catalog_date(path: Path) -> str:
-    """The date of a catalog folder: `date:` in its catalog.yaml (written by a refresh), else
-    the newest date its README names (the reference snapshot), else "undated"."""
-    meta = path / "catalog.yaml"
-    if meta.exists():
-        m = re.search(r"^date:\s*['\"]?(\d{4}-\d{2}-\d{2})", meta.read_text(), re.M)
-        if m:
-            return m.group(1)
-    readme = path / "README.md"
-    found = re.findall(r"\d{4}-\d{2}-\d{2}", readme.read_text()) if readme.exists() else []
-    return max(found) if found else "undated"
-
-
-def load(path: Path, date: str = "") -> Catalog:
-    """A catalog folder (instances.csv, egress.csv)."""
-    if not date:
-        date = catalog_date(path)
-    return Catalog(
-        date=date, instances=_instances(path / "instances.csv"), egress=_egress(path / "egress.csv")
+    if catalog_file.holds_catalog(path):
+        return catalog_file.read(path, origin=str(path))
+    if (path / "instances.csv").exists():
+        return snapshot.load_snapshot(path)
+    raise FileNotFoundError(
+        f"no catalog in {path}: expected {', '.join(f'{c}.json' for c in CLOUDS)} "
+        "(what `squall catalog refresh` writes) or the snapshot's instances.csv and egress.csv"
     )
+
+
+SHIPPED = "shipped with Squall"
+
+
+@cache
+def _shipped() -> Catalog:
+    from . import catalog_file
+
+    folder = resources.files(__package__) / "data"
+    with resources.as_file(folder) as path:
+        return catalog_file.read(path, origin=SHIPPED)
+
+
+def shipped() -> Catalog:
+    """The catalog inside the package (read once per process; do not change it)."""
+    return _shipped()
+
+
+def open_catalog(folder: Path | None) -> Catalog:
+    """`folder`'s catalog, or the shipped one when none is named."""
+    return load(folder) if folder is not None else shipped()

@@ -357,8 +357,13 @@ def compare(
     *,
     free_allowance: bool = False,
 ) -> list[SiteEstimate]:
-    """Every site's estimate: the feasible ones cheapest first, then the others with why."""
+    """Every site's estimate: the feasible ones cheapest first, then the others with why. At
+    equal cost, this machine comes before an on-prem site, and that before a cloud."""
     estimates = [
         estimate(s, workload, catalog, policy, free_allowance=free_allowance) for s in sites
     ]
-    return sorted(estimates, key=lambda e: (not e.feasible, e.total_usd, e.site.name))
+    rank = {"local": 0, "onprem": 1}
+    return sorted(
+        estimates,
+        key=lambda e: (not e.feasible, e.total_usd, rank.get(e.site.kind, 2), e.site.name),
+    )

@@ -1,4 +1,6 @@
-"""`squall catalog refresh`: prices from the clouds' public pricing APIs into a catalog folder.
+"""`squall catalog refresh`: prices from the clouds' public pricing APIs into a catalog folder,
+written in Squall's own format (`catalog_file.py`). A new or empty folder starts from the
+catalog shipped with Squall; point $SQUALL_CATALOG at it to use it.
 
 - AWS: the Price List bulk API (no credentials): one offer file per region, JSON, with every
   EC2 product's attributes (vCPUs, memory, GPUs) and on-demand terms. Rows of the catalog's
@@ -16,15 +18,16 @@ and types the APIs do not describe (Azure, GCP) are kept from the catalog; only 
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import catalog_file
+from .catalog import Catalog, CloudMeta, shipped
 from .placement import gpu_key
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "gcp_prices",
     "http_fetch",
     "refresh",
+    "starting_point",
 ]
 
 Fetch = Callable[[str], Any]  # URL -> parsed JSON
@@ -221,74 +225,88 @@ def gcp_prices(
 # ---- applying ---------------------------------------------------------------------------------
 
 
-def apply_prices(folder: Path, cloud: str, prices: Iterable[Price], date: str) -> int:
-    """Write the prices into `folder/instances.csv` (atomically); how many rows changed."""
-    path = folder / "instances.csv"
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = list(reader.fieldnames or [])
-        rows = list(reader)
+def apply_prices(
+    catalog: Catalog, cloud: str, prices: Iterable[Price], date: str, what: str = ""
+) -> tuple[Catalog, int]:
+    """`catalog` with `cloud`'s rows repriced (a new catalog; the shipped one is never
+    changed), dated `date`; and how many rows changed. `what` names the API for the header."""
+    prices = list(prices)
     by_key = {(p.region, p.instance_type): p for p in prices}
+    # a type's shape is one for all regions: what any region's offer says applies to all
+    vcpus = {p.instance_type: p.vcpus for p in prices if p.vcpus is not None}
+    memory = {p.instance_type: p.memory_gib for p in prices if p.memory_gib is not None}
     changed = 0
-    for row in rows:
-        p = by_key.get((row["region"], row["instance_type"])) if row["cloud"] == cloud else None
-        if p is None:
+    rows = []
+    for row in catalog.instances:
+        if row.cloud != cloud:
+            rows.append(row)
             continue
-        before = dict(row)
-        if p.ondemand is not None:
-            row["price_ondemand_usd_hr"] = f"{p.ondemand:g}"
-        if p.spot is not None:
-            row["price_spot_usd_hr"] = f"{p.spot:g}"
-        if p.vcpus is not None:
-            row["vcpus"] = str(p.vcpus)
-        if p.memory_gib is not None:
-            row["memory_gib"] = f"{p.memory_gib:g}"
-        row["source"] = f"{p.source} ({date})"
-        changed += row != before
-    tmp = path.with_name(".instances.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    _stamp(folder, cloud, date)
-    return changed
-
-
-def _stamp(folder: Path, cloud: str, date: str) -> None:
-    """Record in catalog.yaml when each cloud's prices were last refreshed; the catalog's date
-    is the newest of them."""
-    meta = folder / "catalog.yaml"
-    refreshed: dict[str, str] = {}
-    if meta.exists():
-        for line in meta.read_text().splitlines():
-            m = re.match(r"^\s+(aws|gcp|azure):\s*(\S+)", line)
-            if m:
-                refreshed[m.group(1)] = m.group(2)
-    refreshed[cloud] = date
-    text = f"date: {max(refreshed.values())}\nrefreshed:\n" + "".join(
-        f"  {c}: {d}\n" for c, d in sorted(refreshed.items())
+        new = replace(
+            row,
+            vcpus=vcpus.get(row.name, row.vcpus),
+            memory_gib=memory.get(row.name, row.memory_gib),
+        )
+        p = by_key.get((row.region, row.name))
+        if p is not None:
+            new = replace(
+                new,
+                price_ondemand=row.price_ondemand if p.ondemand is None else p.ondemand,
+                price_spot=row.price_spot if p.spot is None else p.spot,
+            )
+        changed += new != row
+        if p is not None:
+            new = replace(new, source=f"{p.source} ({date})")  # confirmed or changed
+        rows.append(new)
+    meta = dict(catalog.meta)
+    old = meta.get(cloud, CloudMeta(catalog.date))
+    line = f"refreshed {date} from {what or 'the public pricing API'}; rows it did not price "
+    line += "keep their earlier source"
+    meta[cloud] = CloudMeta(
+        date,
+        (line, *(s for s in old.sources if not s.startswith("refreshed "))),
+        old.notes,
     )
-    tmp = meta.with_name(".catalog.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, meta)
+    dates = [m.date for m in meta.values()]
+    oldest = "undated" if "undated" in dates else min(dates)
+    return Catalog(oldest, rows, catalog.egress, meta, catalog.origin), changed
 
 
-def _rows(folder: Path, cloud: str) -> list[dict[str, str]]:
-    with open(folder / "instances.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r["cloud"] == cloud]
+def starting_point(folder: Path) -> Catalog:
+    """What a refresh of `folder` starts from: the catalog in it, or (an empty or new
+    folder) the shipped one."""
+    if catalog_file.holds_catalog(folder):
+        return catalog_file.read(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise RefreshError(
+            f"{folder} holds no catalog in Squall's format (aws.json, gcp.json, azure.json); "
+            "give `catalog refresh` a folder of its own (a new or empty one starts from the "
+            "catalog shipped with Squall)"
+        )
+    return shipped()
+
+
+APIS = {
+    "aws": "the AWS Price List bulk API",
+    "azure": "the Azure Retail Prices API",
+    "gcp": "the GCP Cloud Billing Catalog API",
+}
 
 
 def refresh(folder: Path, cloud: str, fetch: Fetch, today: str | None = None) -> int:
-    """Fetch `cloud`'s prices for the catalog's regions and types; rows changed."""
+    """Fetch `cloud`'s prices for the catalog's regions and types and write the catalog
+    into `folder` in Squall's format (each file atomically; nothing is written when a fetch
+    fails); rows changed."""
     date = today or dt.date.today().isoformat()
-    rows = _rows(folder, cloud)
+    if cloud not in APIS:
+        raise RefreshError(f"unknown cloud {cloud!r}: aws, gcp or azure")
+    catalog = starting_point(folder)
+    rows = [i for i in catalog.instances if i.cloud == cloud]
     if not rows:
         raise RefreshError(f"the catalog in {folder} has no {cloud} rows to refresh")
-    regions = sorted({r["region"] for r in rows})
+    regions = sorted({r.region for r in rows})
     prices: list[Price] = []
     for region in regions:
-        types = {r["instance_type"] for r in rows if r["region"] == region}
+        types = {r.name for r in rows if r.region == region}
         if cloud == "aws":
             prices += aws_prices(fetch(AWS_OFFER.format(region=region)), region, types)
         elif cloud == "azure":
@@ -299,7 +317,7 @@ def refresh(folder: Path, cloud: str, fetch: Fetch, today: str | None = None) ->
                 items += page.get("Items", [])
                 url = page.get("NextPageLink")
             prices += azure_prices(items, region)
-        elif cloud == "gcp":
+        else:
             key = os.environ.get("GOOGLE_API_KEY")
             if not key:
                 raise RefreshError("GCP's billing catalog needs an API key: set GOOGLE_API_KEY")
@@ -311,19 +329,14 @@ def refresh(folder: Path, cloud: str, fetch: Fetch, today: str | None = None) ->
                 token = page.get("nextPageToken")
                 url = GCP_SKUS.format(key=key) + f"&pageToken={token}" if token else None
             shapes = {
-                r["instance_type"]: Shape(
-                    int(float(r["vcpus"])),
-                    float(r["memory_gib"]),
-                    r["gpu_model"],
-                    float(r["gpu_count"] or 0),
-                )
+                r.name: Shape(r.vcpus, r.memory_gib, r.gpu_model, r.gpu_count)
                 for r in rows
-                if r["region"] == region
+                if r.region == region
             }
             prices += gcp_prices(skus, region, shapes)
-        else:
-            raise RefreshError(f"unknown cloud {cloud!r}: aws, gcp or azure")
-    return apply_prices(folder, cloud, prices, date)
+    repriced, changed = apply_prices(catalog, cloud, prices, date, APIS[cloud])
+    catalog_file.write(repriced, folder)
+    return changed
 
 
 def http_fetch(url: str, timeout: float = 60.0) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .provision.cloud import CloudSettings
+from .provision.credentials import CREDENTIALS
 from .provision.stacks import INSTALL_HINT, SDK_HINT, StackSettings, pulumi_cli
 
 __all__ = ["Check", "checks"]
@@ -22,7 +23,7 @@ class Check:
 
 def checks(data_dir: Path) -> list[Check]:
     out = [_sdk(), _cli(), _backend(StackSettings.from_environment(data_dir))]
-    out += [_aws(), _gcp(), _azure()]
+    out += [_credentials(cloud) for cloud in ("aws", "gcp", "azure")]
     settings = CloudSettings.from_environment()
     for cloud in ("aws", "gcp", "azure"):
         missing = settings.missing(cloud)
@@ -71,37 +72,6 @@ def _backend(settings: StackSettings) -> Check:
     return Check("stack backend", True, url + " ($SQUALL_PULUMI_BACKEND)")
 
 
-def _aws() -> Check:
-    try:
-        import boto3
-
-        credentials = boto3.Session().get_credentials()
-    except Exception as exc:  # a broken config file
-        return Check("aws credentials", False, f"{type(exc).__name__}: {exc}")
-    if credentials is None:
-        return Check("aws credentials", False, "none found (environment, ~/.aws, or a role)")
-    return Check("aws credentials", True, f"from {credentials.method}")
-
-
-def _gcp() -> Check:
-    explicit = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or os.environ.get(
-        "GOOGLE_CREDENTIALS"
-    )
-    adc = Path.home() / ".config" / "gcloud" / "application_default_credentials.json"
-    if explicit:
-        return Check("gcp credentials", True, "from the environment")
-    if adc.exists():
-        return Check("gcp credentials", True, "application default credentials (gcloud)")
-    return Check(
-        "gcp credentials",
-        False,
-        "none found (GOOGLE_APPLICATION_CREDENTIALS, or gcloud auth application-default login)",
-    )
-
-
-def _azure() -> Check:
-    if os.environ.get("ARM_CLIENT_ID") or os.environ.get("AZURE_CLIENT_ID"):
-        return Check("azure credentials", True, "a service principal from the environment")
-    if (Path.home() / ".azure" / "azureProfile.json").exists():
-        return Check("azure credentials", True, "the az CLI's login")
-    return Check("azure credentials", False, "none found (ARM_CLIENT_ID..., or az login)")
+def _credentials(cloud: str) -> Check:
+    found, detail = CREDENTIALS[cloud]()
+    return Check(f"{cloud} credentials", found, detail)

@@ -306,7 +306,16 @@ class Engine:
         assert decision.workload
         with self.store.session() as s:
             owner = s.get_one(Run, run_id).owner
-        spec = self.clouds.spec_for(run_id, owner, decision.workload, decision.chosen)
+        try:
+            spec = self.clouds.spec_for(run_id, owner, decision.workload, decision.chosen)
+        except ProvisionError as exc:
+            if decision.record.get("forced"):
+                raise
+            site, total = decision.chosen.site.name, decision.chosen.total_usd
+            raise ProvisionError(  # not asked for: say where it went before what is missing
+                f"federation placed it on {site} (estimated ${total:,.2f}; `squall federate "
+                f"compare` shows why): {exc}"
+            ) from None
         with self.store.session() as s:
             s.get_one(Run, run_id).placement = {
                 **decision.record,

@@ -22,7 +22,7 @@ from federate.workload import DataMove, JobNeeds, Place, Workload
 
 from .data import RemoteFacts
 from .errors import InvalidInput, SquallError
-from .fuzzfile.model import Workflow
+from .fuzzfile.model import Job, Workflow
 from .fuzzfile.units import parse_duration, parse_size
 
 __all__ = ["workload_of"]
@@ -60,7 +60,7 @@ def workload_of(
     `history` gives jobs' hours per task from earlier runs of the same workflow."""
     buckets = dict(buckets or {})
     jobs = []
-    for job in wf.jobs.values():
+    for job in wf.containers.values():  # a service holds a node group too, like a job
         r = job.resource
         ann = r.annotations
         if "squall.io/expected-runtime" in ann:
@@ -72,7 +72,7 @@ def workload_of(
             hours, source = job.policy.timeout / 3600, "timeout (an upper bound)"
         else:
             hours, source = None, "unknown"
-        ta = job.task_array
+        ta = job.task_array if isinstance(job, Job) else None
         jobs.append(
             JobNeeds(
                 name=job.name,

@@ -1,30 +1,39 @@
 """PLACING: ask federation where a workflow should run, and keep its answer with the run.
 
 The candidates are the local site (this machine, free to use, but data pulled from a cloud
-costs that cloud's egress), the on-prem sites in the sites file, and, when a catalog is
-configured, every cloud region in it. Federation prices each under the team's policy; the
-engine runs where it says only if it can provision that site, else the run fails and says
-where it would have gone. `--site NAME` forces a site.
+costs that cloud's egress), the on-prem sites in the sites file, and every cloud region of
+the catalog (the one shipped with Squall unless $SQUALL_CATALOG names another). Federation
+prices each under the team's policy; the engine runs where it says only if it can provision
+that site, else the run fails and says where it would have gone. `--site NAME` forces a site.
+
+`Placer.compare` is the one code path: PLACING decides from it and `squall federate compare`
+shows it, so for the same workflow, configuration and history they give the same answer. A
+script can call it too:
+
+    placer = Placer.from_environment()
+    comparison = placer.compare(workflow, "me/pipeline-1")
+    comparison.chosen, comparison.as_dict()
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
-from federate.catalog import Catalog, load
+from federate.catalog import Catalog, open_catalog
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
 from federate.policy import Policy, PolicyError, load_policy
 from federate.sites import bucket_locations, local_site, onprem_sites
 from federate.workload import Workload
 
 from .data import RemoteFacts, describe
-from .errors import InvalidInput
+from .errors import UsageError
 from .federation import workload_of
 from .fuzzfile.model import Workflow
 from .provision import this_machine
@@ -32,7 +41,7 @@ from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
 
-__all__ = ["Placement", "Placer", "candidate_sites"]
+__all__ = ["Comparison", "Placement", "Placer", "candidate_sites"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +54,61 @@ class Placement:
     workload: Workload | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Every candidate site's estimate for one workflow, the feasible ones cheapest first,
+    then the others with why: what PLACING chooses from and what `compare` shows."""
+
+    workload: Workload
+    estimates: list[SiteEstimate]
+    catalog_date: str
+    catalog_origin: str
+    forced: bool = False
+
+    @property
+    def chosen(self) -> SiteEstimate | None:
+        return next((e for e in self.estimates if e.feasible), None)
+
+    def record(self) -> dict[str, Any]:
+        """What is kept with the run: the chosen site, its estimate, and the runners-up."""
+        chosen = self.chosen
+        return {
+            "catalog_date": self.catalog_date,
+            "forced": self.forced,
+            "site": chosen.site.name if chosen else None,
+            "estimate": _brief(chosen) if chosen else None,
+            "alternatives": [_brief(e) for e in self.estimates[:6] if e is not chosen],
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything, as plain data (what `compare -o json` prints)."""
+        chosen = self.chosen
+        return {
+            "workflow": self.workload.name,
+            "catalog": self.catalog_origin,
+            "catalog_date": self.catalog_date,
+            "chosen": chosen.site.name if chosen else None,
+            "total_usd": round(chosen.total_usd, 4) if chosen else None,
+            "sites": [_row(e) for e in self.estimates],
+        }
+
+
 @dataclass(slots=True)
 class Placer:
-    catalog_dir: Path | None = None
+    catalog_dir: Path | None = None  # None: the catalog shipped with Squall
     policy_file: Path | None = None
     sites_file: Path | None = None
     force_site: str | None = None
     secrets: SecretStore | None = None  # to ask s3 sources for their size and region
     ca_file: str | None = None
     store: Store | None = None  # earlier runs, for runtimes
+    # what `squall federate compare` may add to the configuration
+    buckets: Mapping[str, str] = field(default_factory=dict)  # BUCKET -> CLOUD:REGION
+    spot: bool | None = None  # overrides the policy
+    budget_usd: float | None = None  # overrides the policy
+    free_allowance: bool = False
+    clouds_only: bool = False
+    look_up_sources: bool = True  # ask sources for sizes and buckets for regions
 
     @classmethod
     def from_environment(
@@ -76,7 +131,9 @@ class Placer:
             store=store,
         )
 
-    def _sites(self, catalog: Catalog | None) -> list[Site]:
+    def _sites(self, catalog: Catalog) -> list[Site]:
+        if self.clouds_only:
+            return cloud_sites(catalog)
         return candidate_sites(catalog, self.sites_file)
 
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
@@ -84,34 +141,47 @@ class Placer:
         return self.decide(wf, name).record
 
     def decide(self, wf: Workflow, name: str) -> Placement:
+        comparison = self.compare(wf, name)
+        return Placement(comparison.record(), comparison.chosen, comparison.workload)
+
+    def compare(self, wf: Workflow, name: str) -> Comparison:
+        """Price `wf` (to run as `name`) at every candidate site. Raises UsageError, in one
+        line, when the configuration cannot be read or the forced site does not exist."""
         try:
             policy = load_policy(self.policy_file) if self.policy_file else Policy()
-            catalog = load(self.catalog_dir) if self.catalog_dir else None
+            catalog = open_catalog(self.catalog_dir)
             sites = self._sites(catalog)
             buckets = bucket_locations(self.sites_file) if self.sites_file else {}
         except (PolicyError, OSError, ValueError) as exc:
-            raise InvalidInput(f"cannot place {name}: {exc}") from None
+            raise UsageError(f"cannot place {name}: {exc}") from None
+        buckets |= self.buckets
+        if self.spot is not None:
+            policy = replace(policy, spot=self.spot)
+        if self.budget_usd is not None:
+            policy = replace(policy, budget_usd=self.budget_usd)
         if self.force_site is not None:
+            known = [s.name for s in sites]
             sites = [s for s in sites if s.name == self.force_site]
             if not sites:
-                raise InvalidInput(f"no site named {self.force_site!r}")
+                raise UsageError(
+                    f"no site named {self.force_site!r}; the sites are {', '.join(known)}"
+                )
             policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
-        workload = workload_of(wf, name, buckets, look=self._look, history=self._history(name))
-        estimates = compare(
-            workload,
-            catalog or Catalog("", [], {}),
-            sites,
-            policy,
+        workload = workload_of(
+            wf,
+            name,
+            buckets,
+            look=self._look if self.look_up_sources else None,
+            history=self._history(name),
         )
-        chosen = next((e for e in estimates if e.feasible), None)
-        record: dict[str, Any] = {
-            "catalog_date": catalog.date if catalog else None,
-            "forced": self.force_site is not None,
-            "site": chosen.site.name if chosen else None,
-            "estimate": _brief(chosen) if chosen else None,
-            "alternatives": [_brief(e) for e in estimates[:6] if e is not chosen],
-        }
-        return Placement(record, chosen, workload)
+        estimates = compare(workload, catalog, sites, policy, free_allowance=self.free_allowance)
+        return Comparison(
+            workload,
+            estimates,
+            catalog.date,
+            catalog.origin,
+            forced=self.force_site is not None,
+        )
 
     def _history(self, name: str) -> dict[str, float]:
         """Median hours per task of each job over the last ten finished runs named like this
@@ -172,5 +242,31 @@ def _brief(e: SiteEstimate) -> dict[str, Any]:
         "data_usd": e.data_usd,
         "hours": e.hours,
         "jobs": {p.job: f"{p.instance} x{p.nodes}" for p in e.jobs},
+        "guesses": e.guesses,
+    }
+
+
+def _row(e: SiteEstimate) -> dict[str, Any]:
+    return {
+        "site": e.site.name,
+        "feasible": e.feasible,
+        "reasons": e.reasons,
+        "jobs": [
+            {
+                "job": p.job,
+                "instance": p.instance,
+                "nodes": p.nodes,
+                "hours": p.hours,
+                "usd_per_hour": p.usd_per_hour,
+                "spot": p.spot,
+                "cost_usd": round(p.cost, 4),
+                "runtime_source": p.runtime_source,
+            }
+            for p in e.jobs
+        ],
+        "compute_usd": round(e.compute_usd, 4),
+        "data_usd": round(e.data_usd, 4),
+        "total_usd": round(e.total_usd, 4),
+        "hours": e.hours,
         "guesses": e.guesses,
     }

@@ -1,6 +1,10 @@
 """Cloud sites: a cluster per run from a Pulumi stack (see stacks.py), reached, like every
 site, only through its agents' gRPC API.
 
+Before anything is made, a cloud run checks what it needs here, in this order, and fails with
+one line naming the first thing missing: the Pulumi SDK (`pip install 'squall[cloud]'`), the
+`pulumi` CLI, the settings below, the cloud's credentials (`credentials.py`).
+
 What the orchestrator must be told (environment, or `squall doctor` says what is missing):
 - $SQUALL_ORCHESTRATOR_CIDR: this orchestrator's address as the clouds see it (a /32, or its
   network). The agent port is opened to it and to nothing else.
@@ -26,6 +30,7 @@ from infra.spec import Bootstrap, ClusterSpec, Network
 
 from .base import AgentEndpoint, Cluster, ProvisionError
 from .cluster_spec import DEFAULT_TTL, cluster_spec
+from .credentials import CREDENTIALS
 from .stacks import Report, StackDriver
 
 __all__ = ["CloudProvisioner", "CloudSettings"]
@@ -74,6 +79,20 @@ class CloudProvisioner:
         self.stacks = stacks
         self.settings = settings
 
+    def check(self, site: str, cloud: str) -> None:
+        """Everything a cluster on `cloud` needs from this machine, before anything is made:
+        the Pulumi SDK and CLI, the settings, the cloud's credentials. The first one missing
+        is a ProvisionError of one line that says what to install or set."""
+        self.stacks.check()
+        missing = self.settings.missing(cloud)
+        if missing:
+            raise ProvisionError(f"{site} needs {'; '.join(missing)}")
+        found, detail = CREDENTIALS[cloud]()
+        if not found:
+            raise ProvisionError(
+                f"{site} needs {cloud} credentials: {detail}; `squall doctor` checks"
+            )
+
     def spec_for(
         self,
         run_id: str,
@@ -83,9 +102,7 @@ class CloudProvisioner:
         buckets: tuple[str, ...] = (),
     ) -> ClusterSpec:
         cloud = estimate.site.cloud
-        missing = self.settings.missing(cloud)
-        if missing:
-            raise ProvisionError(f"{estimate.site.name} needs {'; '.join(missing)}")
+        self.check(estimate.site.name, cloud)
         assert self.settings.orchestrator_cidr is not None
         try:
             return cluster_spec(

@@ -86,6 +86,11 @@ class StackDriver:
 
     # ---- the Automation API -----------------------------------------------------------------
 
+    def check(self) -> None:
+        """Raise ProvisionError, in one line saying what to install, unless the Pulumi SDK
+        (the `cloud` extra) and the `pulumi` CLI are both here."""
+        self._command()
+
     def _command(self) -> auto.PulumiCommand:
         """The CLI, found once (the SDK runs `pulumi version` to check it)."""
         if self._cli is not None:
@@ -144,10 +149,10 @@ class StackDriver:
         """Record the stack, bring it up, and return its agents ({name, group, address}).
         On failure it is destroyed before this raises; if that fails too, the ledger keeps
         it open for `squall stack gc`."""
+        self._command()  # no ledger row for a stack that could never start
         from pulumi import automation as auto
 
         name = spec.stack_name
-        self._command()  # no ledger row for a stack that could never start
         with self.store.session() as s:
             if s.scalar(select(Stack).where(Stack.name == name)) is not None:
                 raise ProvisionError(f"stack {name} is already in the ledger")
@@ -186,6 +191,7 @@ class StackDriver:
 
     def destroy(self, name: str, report: Report) -> None:
         """Destroy the stack's resources, remove the stack, and close its ledger entry."""
+        self._command()  # without the SDK or the CLI: one line, and the entry stays open
         from pulumi import automation as auto
 
         self._set(name, StackState.DESTROYING)

@@ -29,6 +29,8 @@ def env(tmp_path: Path) -> dict[str, str]:
         "SQUALL_CATALOG": str(ROOT / "tests" / "catalog"),
         "SQUALL_ORCHESTRATOR_CIDR": "198.51.100.10/32",
         "SQUALL_IMAGE_AWS": "ami-0123456789",
+        "AWS_ACCESS_KEY_ID": "testing",  # found, never used: the stack is the fake's
+        "AWS_SECRET_ACCESS_KEY": "testing",
         "FAKE_PULUMI_SLOW_UP": "120",  # `up` is still running when the orchestrator is killed
     }
 

@@ -81,7 +81,7 @@ def test_compare_follows_the_data_and_explains_itself(tmp_path: Path) -> None:
     assert "size from annotation" in text.stdout
 
 
-def test_bad_policy_and_missing_catalog_are_clear(tmp_path: Path) -> None:
+def test_bad_policy_is_clear_and_no_flags_needs_no_catalog(tmp_path: Path) -> None:
     wf = tmp_path / "crunch.yaml"
     wf.write_text(WORKFLOW)
     policy = tmp_path / "policy.yaml"
@@ -89,14 +89,17 @@ def test_bad_policy_and_missing_catalog_are_clear(tmp_path: Path) -> None:
     bad = squall("federate", "compare", str(wf), "--catalog", CATALOG, "--policy", str(policy))
     assert bad.returncode == 2
     assert "unknown keys ['allowed-cloud']" in bad.stderr
-    missing = subprocess.run(
-        [SQUALL, "federate", "compare", str(wf)],
+    bare = subprocess.run(  # nothing configured: the catalog shipped with Squall
+        [SQUALL, "federate", "compare", str(wf), "--offline", "-o", "json"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
-    assert missing.returncode == 2
-    assert "no catalog" in missing.stderr
+    assert bare.returncode == 0, bare.stderr
+    found = json.loads(bare.stdout)
+    assert (found["catalog"], found["catalog_date"]) == ("shipped with Squall", "2026-04-02")
+    assert found["chosen"] == found["sites"][0]["site"]
+    assert {r["site"] for r in found["sites"]} >= {"local", "aws:us-east-1", "gcp:us-central1"}
 
 
 def test_catalog_search_finds_efa_h100_types() -> None:
@@ -108,3 +111,33 @@ def test_catalog_search_finds_efa_h100_types() -> None:
     assert all(r["fabric"] == "efa" and "H100" in r["gpu_model"] for r in rows)
     prices = [r["price_ondemand"] for r in rows if r["price_ondemand"] is not None]
     assert prices == sorted(prices)
+
+
+def test_a_cloud_site_is_known_with_nothing_configured_and_what_is_missing_is_one_line(
+    tmp_path: Path,
+) -> None:
+    """`--site aws:us-east-1` on a machine with no catalog, no pulumi CLI and no settings:
+    the shipped catalog knows the region; the run stops before anything is made."""
+    wf = tmp_path / "hello.yaml"
+    wf.write_text(
+        "version: v4\njobs:\n  hello:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [/bin/true]\n"
+    )
+    (tmp_path / "empty").mkdir()
+    run = subprocess.run(
+        [SQUALL, "run", str(wf), "--site", "aws:us-east-1", "--name", "me/burst-1", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PATH": str(tmp_path / "empty"),  # no pulumi CLI
+            "HOME": str(tmp_path),
+            "SQUALL_DATA_DIR": str(tmp_path / "data"),
+        },
+    )
+    assert run.returncode == 1, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["placement"]["site"] == "aws:us-east-1"
+    assert summary["placement"]["catalog_date"] == "2026-04-02"
+    assert "cloud sites need the pulumi CLI, which is not on PATH: install" in summary["reason"]
+    assert "\n" not in summary["reason"]

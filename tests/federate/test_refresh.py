@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from federate.catalog import load
+from federate import catalog_file
+from federate.catalog import load, shipped
 from federate.refresh import (
     RefreshError,
     Shape,
@@ -25,6 +26,7 @@ from federate.refresh import (
 )
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalog"
+SHIPPED = Path(__file__).resolve().parents[2] / "federate" / "data"
 
 AWS_OFFER = {
     "publicationDate": "2026-11-01T00:00:00Z",
@@ -236,11 +238,11 @@ def test_gcp_types_are_priced_from_core_and_ram_skus() -> None:
     assert prices["a2-highgpu-1g"].spot is None  # no spot SKUs for A2 in the response
 
 
-def test_refresh_applies_prices_to_a_copy_of_the_catalog(tmp_path: Path) -> None:
+def test_refresh_writes_squalls_format_and_changes_only_what_the_api_priced(
+    tmp_path: Path,
+) -> None:
     folder = tmp_path / "catalog"
-    shutil.copytree(CATALOG, folder)
-    for f in folder.iterdir():
-        f.chmod(0o644)
+    catalog_file.write(load(CATALOG), folder)  # the reference snapshot, in Squall's format
     urls: list[str] = []
 
     def fetch(url: str) -> object:  # the offer for us-east-2; the other regions' are empty
@@ -250,29 +252,60 @@ def test_refresh_applies_prices_to_a_copy_of_the_catalog(tmp_path: Path) -> None
     changed = refresh(folder, "aws", fetch, today="2026-11-22")
     assert len(urls) == 4  # one offer file per AWS region in the catalog
     assert changed == 1  # hpc7a.96xlarge in us-east-2; the offer names no other catalog type
-    after = {(i.region, i.name): i for i in load(folder).instances}
+    refreshed = load(folder)
+    after = {(i.region, i.name): i for i in refreshed.instances}
     hpc = after[("us-east-2", "hpc7a.96xlarge")]
     assert hpc.price_ondemand == 7.5
     assert hpc.source == "aws price list 2026-11-01T00:00:00Z (2026-11-22)"
     before = {(i.region, i.name): i for i in load(CATALOG).instances}
     assert after[("eu-west-1", "hpc7a.96xlarge")] == before[("eu-west-1", "hpc7a.96xlarge")]
-    assert apply_prices(folder, "aws", [], "2026-11-22") == 0
-    assert load(folder).date == "2026-11-22"  # catalog.yaml now dates it
+    assert refreshed.meta["aws"].date == "2026-11-22"
     assert (
-        folder / "catalog.yaml"
-    ).read_text() == "date: 2026-11-22\nrefreshed:\n  aws: 2026-11-22\n"
+        refreshed.meta["aws"]
+        .sources[0]
+        .startswith("refreshed 2026-11-22 from the AWS Price List bulk API")
+    )
+    assert refreshed.meta["gcp"] == load(CATALOG).meta["gcp"]  # other clouds as they were
+    assert refreshed.date == load(CATALOG).date  # the oldest cloud dates the catalog
+    unchanged, none = apply_prices(refreshed, "aws", [], "2026-11-23")
+    assert none == 0
+    assert unchanged.instances == refreshed.instances
+
+
+def test_a_new_folder_starts_from_the_shipped_catalog_which_never_changes(
+    tmp_path: Path,
+) -> None:
+    shipped_files = {p.name: p.read_bytes() for p in SHIPPED.glob("*.json")}
+    folder = tmp_path / "new"
+
+    def fetch(url: str) -> object:
+        return AWS_OFFER if "/us-east-2/" in url else {"products": {}, "terms": {}}
+
+    assert refresh(folder, "aws", fetch, today="2026-11-22") == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["aws.json", "azure.json", "gcp.json"]
+    mine = load(folder)
+    assert len(mine.instances) == len(shipped().instances)
+    assert (folder / "gcp.json").read_bytes() == shipped_files["gcp.json"]
+    assert {p.name: p.read_bytes() for p in SHIPPED.glob("*.json")} == shipped_files
+    assert shipped().meta["aws"].date == "2026-04-02"
+    # a folder holding something else is refused, not overwritten
+    other = tmp_path / "snapshot"
+    shutil.copytree(CATALOG, other)
+    with pytest.raises(RefreshError, match="holds no catalog in Squall's format"):
+        refresh(other, "aws", fetch)
+    assert not (other / "aws.json").exists()
 
 
 def test_refresh_without_network_says_so_and_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(RefreshError, match=r"cannot reach 127\.0\.0\.1 .*needs network access"):
         http_fetch("http://127.0.0.1:9/offers/index.json", timeout=2)
     folder = tmp_path / "catalog"
-    shutil.copytree(CATALOG, folder)
-    before = (folder / "instances.csv").read_bytes()
+    catalog_file.write(load(CATALOG), folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def offline(url: str) -> object:
         raise RefreshError("cannot reach pricing.us-east-1.amazonaws.com")
 
     with pytest.raises(RefreshError):
         refresh(folder, "aws", offline)
-    assert (folder / "instances.csv").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -11,6 +11,7 @@ Everything after the stack (gRPC to the agents, crun containers, the store) is r
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 import threading
 import time
@@ -53,7 +54,10 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
 
 
 @pytest.fixture
-def engine(tmp_path: Path, nodes: Cluster) -> Engine:
+def engine(tmp_path: Path, nodes: Cluster, monkeypatch) -> Engine:
+    # credentials the check before a cloud run finds; the fake stack never uses them
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
 
     def never(_: Workflow) -> list[NodeSlice]:
@@ -170,3 +174,60 @@ def test_volumes_are_refused_on_a_cloud_site_before_anything_starts(engine, fake
     assert outcome.state is RunState.FAILED
     assert "volumes on cloud sites are not supported yet" in outcome.reason
     assert "up" not in fake_pulumi.verbs()
+
+
+def test_without_the_cloud_extra_a_cloud_run_fails_in_one_line_saying_what_to_install(
+    engine, monkeypatch, fake_pulumi
+):
+    """The `cloud` extra (the Pulumi SDKs) is not installed: its import fails."""
+    monkeypatch.setitem(sys.modules, "pulumi", None)
+    monkeypatch.setitem(sys.modules, "pulumi.automation", None)
+    outcome = engine.run("me/cloud-nosdk", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert "pip install 'squall[cloud]'" in outcome.reason
+    assert "\n" not in outcome.reason
+    assert "Traceback" not in outcome.reason
+    assert "ModuleNotFound" not in outcome.reason
+    assert fake_pulumi.calls() == []
+    with engine.store.session() as s:
+        assert s.scalars(select(Stack)).all() == []
+
+
+def test_missing_settings_and_credentials_fail_a_cloud_run_in_one_line_each(
+    engine, monkeypatch, fake_pulumi, tmp_path
+):
+    assert engine.clouds is not None
+    engine.clouds.settings = CloudSettings(images={"aws": "ami-0123456789"})
+    outcome = engine.run("me/cloud-nocidr", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason.endswith(
+        f"{SITE} needs SQUALL_ORCHESTRATOR_CIDR (this orchestrator's address, e.g. 203.0.113.7/32)"
+    )
+
+    engine.clouds.settings = CloudSettings("127.0.0.1/32", images={"aws": "ami-0123456789"})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # not on EC2: no instance role
+    outcome = engine.run("me/cloud-nocreds", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert f"{SITE} needs aws credentials: none found (AWS_ACCESS_KEY_ID" in outcome.reason
+    assert outcome.reason.endswith("`squall doctor` checks")
+    assert "\n" not in outcome.reason
+    assert "up" not in fake_pulumi.verbs()
+    with engine.store.session() as s:
+        assert s.scalars(select(Stack)).all() == []
+
+    # not forced: federation chose the cloud (the policy keeps the run off this machine)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("allowed-sites: [lab]\nallowed-clouds: [aws]\nallowed-regions: [us-east-2]\n")
+    engine.placer = Placer(catalog_dir=CATALOG, policy_file=policy).decide
+    outcome = engine.run("me/cloud-chosen", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason.startswith(f"ProvisionError: federation placed it on {SITE} (estimated $")
+    assert outcome.reason.endswith(
+        f"{SITE} needs aws credentials: none found (AWS_ACCESS_KEY_ID"
+        "..., aws configure or sso login, or a role); `squall doctor` "
+        "checks"
+    )

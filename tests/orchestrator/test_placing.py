@@ -189,3 +189,71 @@ jobs:
     assert "nap: runtime from history" in record["estimate"]["guesses"]
     best = record["alternatives"][0]
     assert 1 / 3600 <= best["hours"] < 10 / 3600  # about the second it took, not an hour
+
+
+def test_compare_and_placing_choose_the_same_site_at_the_same_price(
+    make_engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One code path: the team's policy and sites file from the environment, the catalog
+    shipped with Squall, the runtime of an earlier run from the store, the bucket's region
+    from the sites file. `compare` is run as a user runs it (the CLI, in-process)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from orchestrator.fuzzfile import load_text
+
+    for name in ("SQUALL_CATALOG", "SQUALL_STORE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # the s3 look fails at once here
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("allowed-sites: [lab]\nallowed-clouds: [gcp, azure]\n")
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("buckets:\n  genomes: aws:us-west-2\n")
+    monkeypatch.setenv("SQUALL_POLICY", str(policy))
+    monkeypatch.setenv("SQUALL_SITES", str(sites))
+    nap = "version: v4\njobs:\n  crunch:\n    image: {uri: docker://busybox:1.36}\n"
+    nap += "    command: [sleep, '1']\n"
+    first = make_engine(Placer(force_site="local")).run("me/crunch-1", nap)
+    assert first.state is RunState.FINISHED, first.reason
+
+    workflow = """version: v4
+volumes:
+  data:
+    annotations: {squall.io/ingress-size: 500GB}
+    ingress:
+      - source: {uri: s3://genomes/reads.tar}
+        destination: {uri: file://reads.tar}
+jobs:
+  crunch:
+    image: {uri: docker://busybox:1.36}
+    command: [/bin/true]
+    mounts: {/data: {volume: data}}
+"""
+    placer = Placer.from_environment()
+    engine = make_engine(placer)
+    placer.store = engine.store
+    placed = engine.run("me/crunch-2", workflow)
+    assert placed.state is RunState.FAILED  # placed on a cloud: nothing starts here
+    with engine.store.session() as s:
+        record = s.get_one(Run, placed.run_id).placement
+    assert record["site"].split(":")[0] in ("gcp", "azure")  # the policy's clouds
+    assert "crunch: runtime from history" in record["estimate"]["guesses"]
+    assert record["estimate"]["hours"] < 10 / 3600  # the second the first run took
+
+    file = tmp_path / "crunch.yaml"
+    file.write_text(workflow)
+    monkeypatch.setenv("SQUALL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SQUALL_STORE_URL", engine.store.url)
+    shown = CliRunner().invoke(
+        app, ["federate", "compare", str(file), "--name", "me/crunch-3", "-o", "json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    compared = json.loads(shown.stdout)
+    assert compared["chosen"] == record["site"]
+    assert compared["total_usd"] == pytest.approx(record["estimate"]["total_usd"])
+    assert compared["sites"][0]["guesses"] == record["estimate"]["guesses"]
+    # and PLACING itself, asked directly, gives the same comparison
+    again = placer.compare(load_text(workflow, "w").unwrap(), "me/crunch-3")
+    assert again.as_dict()["sites"] == compared["sites"]
