@@ -469,9 +469,3 @@ def _supported(wf: Workflow) -> None:
             f"multinode jobs are not supported yet ({', '.join(multinode)}); run them on one "
             "node for now"
         )
-    for name, v in wf.volumes.items():
-        if v.host_path:
-            raise InvalidInput(
-                f"volume {name!r}: HOST volumes are not supported; use an ephemeral or "
-                "persistent volume"
-            )

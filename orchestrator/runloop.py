@@ -27,6 +27,7 @@ from sqlalchemy import func, select, update
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
+from .fuzzfile.endpoints import endpoint_env
 from .fuzzfile.model import Affinity, Job, Service, Workflow
 from .fuzzfile.variables import expand, secret_references
 from .probes import check
@@ -381,17 +382,16 @@ class RunLoop:
         env["FB_WORKFLOW_ID"] = self.run_id
         if isinstance(c, Job) and c.task_array is not None:
             env["FB_TASK_ID"] = str(key.index)
+        env.update(endpoint_env(self.wf, c))
         files = {}
-        if self.service_host:
-            hosts = ["127.0.0.1 localhost"]
-            hosts += [f"{h} {name}.svc {name}" for name, h in sorted(self.service_host.items())]
-            files["/etc/hosts"] = ("\n".join(hosts) + "\n").encode()
+        if self.service_host or isinstance(c, Service):
+            files["/etc/hosts"] = self._hosts(c)
         for path, content in c.files.items():
             if content.startswith("file://"):
                 content = self.wf.files[content.removeprefix("file://")]
             files[path] = content.encode()
         isolated = isinstance(c, Job) and c.isolated_network
-        timeout = c.policy.timeout if isinstance(c, Job) else None
+        timeout = c.policy.timeout  # a service's too: it fails when its time is up
         # $VAR in command and args, from this env less its secrets (fuzzfile/variables.py)
         plain = {k: v for k, v in env.items() if not secret_references(c.env.get(k, ""))}
         return pb.RunRequest(
@@ -410,6 +410,19 @@ class RunLoop:
             network=pb.NETWORK_ISOLATED if isolated else pb.NETWORK_POD,
             timeout_seconds=timeout or 0,
         )
+
+    def _hosts(self, c: Job | Service) -> bytes:
+        """/etc/hosts: the run's services by name (NAME.svc), a service itself included (at
+        loopback: its own address is known only once it runs)."""
+        hosts = [
+            "127.0.0.1 localhost" + (f" {c.name}.svc {c.name}" if isinstance(c, Service) else "")
+        ]
+        hosts += [
+            f"{h} {name}.svc {name}"
+            for name, h in sorted(self.service_host.items())
+            if name != c.name
+        ]
+        return ("\n".join(hosts) + "\n").encode()
 
     def _env_value(self, value: str) -> str:
         return self.secrets.fill(value)

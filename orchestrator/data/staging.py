@@ -43,6 +43,7 @@ from ..errors import InvalidInput
 from ..fuzzfile.model import Transfer as TransferSpec
 from ..fuzzfile.model import Volume as VolumeSpec
 from ..fuzzfile.model import Workflow
+from ..fuzzfile.units import format_size
 from ..secrets import SecretStore
 from ..store import Store, Transfer, TransferState, Volume
 from .transfers import TransferCache, TransferError, TransferPolicy, fetch, push
@@ -50,6 +51,34 @@ from .transfers import TransferCache, TransferError, TransferPolicy, fetch, push
 __all__ = ["Staging", "place", "reading"]
 
 Report = Callable[[str, str], None]  # (subject, message): the engine turns these into events
+
+
+def _check_room(name: str, path: Path, size: int) -> None:
+    """A volume's `size` is the capacity it asks for: the free space of the storage it is on
+    and what it holds already (a persistent volume), counted only when the free space alone
+    falls short. A volume that cannot have it fails the run at STAGING, before any job."""
+    free = shutil.disk_usage(path).free
+    if free >= size:
+        return
+    held = _bytes_in(path)
+    if free + held < size:
+        raise InvalidInput(
+            f"volume {name!r} asks for {format_size(size)} (size), and the site's volume "
+            f"storage has {format_size(free + held)} for it"
+        )
+
+
+def _bytes_in(path: Path) -> int:
+    """Bytes that the files under `path` occupy (no link followed)."""
+    total, todo = 0, [path]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+                else:
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
 
 
 def _volume_file(uri: str, what: str) -> str:
@@ -204,7 +233,7 @@ class Staging:
     # ---- volumes ------------------------------------------------------------------------
 
     def path(self, run_id: str, volume: VolumeSpec) -> Path:
-        """Where a volume lives (HOST volumes were refused when the run was submitted)."""
+        """Where a volume lives (HOST volumes are refused at validation)."""
         if volume.persistent:
             name = _one_name(volume.persistent_name or volume.name, "persistent volume")
             return self.data_dir / "volumes" / _one_name(volume.scope, "volume scope") / name
@@ -226,6 +255,9 @@ class Staging:
                 )
         for path in paths.values():
             path.mkdir(parents=True, exist_ok=True)
+        for name, v in wf.volumes.items():
+            if v.size is not None:
+                _check_room(name, paths[name], v.size)
         self._set_volumes(run_id, "READY")
         return paths
 

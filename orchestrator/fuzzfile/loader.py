@@ -355,6 +355,9 @@ def _explain(
         return f"{_describe(value)} is too small; it must be {rule}", None, "bad-value"
     if kind in ("size", "duration"):
         return err["msg"], None, f"bad-{kind}"
+    if kind == "refused":  # a field Squall refuses, with its reason (schema._refused)
+        ctx = err["ctx"]
+        return str(ctx["message"]), str(ctx["hint"]), str(ctx["code"])
     if kind in (
         "absolute_path",
         "image_uri",

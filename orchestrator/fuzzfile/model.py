@@ -85,18 +85,16 @@ class Transfer:
 class Volume:
     """Storage for a run: ephemeral (lives for one run) or persistent (named, survives runs).
 
-    `provisioner` is the v4 provisioner or v1 storage class when one was named, else None
-    (automatic). `scope` is `user` or `group` (v1 `account` is read as `group`).
+    `scope` is `user` or `group` (v1 `account` is read as `group`). `size` (bytes) must be
+    free where the volume is made.
     """
 
     name: str
     persistent: bool = False
     persistent_name: str | None = None
-    provisioner: str | None = None
     scope: str = "user"
     size: int | None = None
     annotations: Mapping[str, str] = field(default_factory=dict)
-    host_path: str | None = None  # deprecated v1 HOST volumes
     ingress: tuple[Transfer, ...] = ()
     egress: tuple[Transfer, ...] = ()
     origin: FieldPath = field(default=(), compare=False, repr=False)
@@ -117,7 +115,6 @@ class Image:
 
     uri: str
     secret: str | None = None
-    decryption_secret: str | None = None
     legacy_secrets: Mapping[str, str] | None = None
     origin: FieldPath = field(default=(), compare=False, repr=False)
 
@@ -128,13 +125,16 @@ class Resource:
 
     cores: int = 1
     affinity: Affinity = Affinity.CORE
-    sockets: int | None = None
     threads: bool = False
     memory: int | None = None
     memory_by_core: bool = False
     devices: Mapping[str, int] = field(default_factory=dict)
     exclusive: bool = False
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # where each annotation was written: the job's own section, or defaults.job's
+    annotation_origins: Mapping[str, FieldPath] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def memory_per_node(self) -> int | None:
@@ -194,7 +194,6 @@ class Endpoint:
     protocol: str = "http"
     type: str = "subdomain"
     scope: str = "group"
-    per_replica: bool = False
     annotations: Mapping[str, str] = field(default_factory=dict)
     origin: FieldPath = field(default=(), compare=False, repr=False)
 
@@ -244,22 +243,19 @@ class Job(Container):
     policy: Policy = Policy()
     task_array: TaskArray | None = None
     isolated_network: bool = False
-    expose_tcp: tuple[int, ...] = ()
-    expose_udp: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Service(Container):
-    """A long-running container; `persist` keeps it up until the run ends."""
+    """A long-running container; `persist` keeps it up until the run ends. `host_network`
+    (`network.host`) asks that jobs reach it at NAME.svc, which every service is."""
 
     persist: bool = False
     host_network: bool = False
     ports: tuple[ServicePort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     readiness_probe: Probe | None = None
-    policy: Policy = Policy()
-    autoscaler: Mapping[str, object] | None = None
-    dynamic_config: Mapping[str, object] | None = None
+    policy: Policy = Policy()  # its time limit; services are never retried
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

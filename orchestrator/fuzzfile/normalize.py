@@ -61,8 +61,6 @@ def _volume(name: str, vol: s.VolumeV1 | s.VolumeV4, origin: FieldPath) -> m.Vol
         scope, klass, custom = parse_volume_reference(vol.reference)
         common.update(_storage_class(klass, custom), scope=scope)
     if isinstance(vol, s.VolumeV1):
-        if vol.reference is None and vol.type == "HOST":
-            common["host_path"] = vol.path
         return m.Volume(**common)
     if vol.reference is None:
         use = vol.use
@@ -70,17 +68,15 @@ def _volume(name: str, vol: s.VolumeV1 | s.VolumeV4, origin: FieldPath) -> m.Vol
             common.update(persistent=True, persistent_name=vol.name)
         elif use == "persistent":
             common["persistent"] = True
-        common["provisioner"] = None if use in (None, "ephemeral", "persistent") else use
     return m.Volume(**common, size=vol.size, annotations=dict(vol.annotations or {}))
 
 
 def _storage_class(klass: str, custom: str | None) -> dict[str, Any]:
-    """What a v1 storage class name means; `ephemeral` ignores its custom name (§4.5)."""
+    """What a storage class name means; `ephemeral` ignores its custom name (§4.5). No other
+    class gets here: the schema refuses provisioners, which Squall's sites do not have."""
     if klass == "ephemeral":
         return {}
-    if klass == "persistent":
-        return {"persistent": True, "persistent_name": custom}
-    return {"provisioner": klass, "persistent": custom is not None, "persistent_name": custom}
+    return {"persistent": True, "persistent_name": custom}
 
 
 def _transfers(items: list[s.Transfer] | None, origin: FieldPath) -> tuple[m.Transfer, ...]:
@@ -110,7 +106,9 @@ def _job(name: str, job: s.JobV1 | s.JobV4, defaults: Any, origin: FieldPath) ->
         mounts = {mt.path: mt for mt in _mounts(defaults.mounts, ("defaults", "job"))}
         mounts.update({mt.path: mt for mt in base["mounts"]})
         base["mounts"] = tuple(mounts.values())
-        base["resource"] = _resource(job.resource, defaults.resource)
+        base["resource"] = _resource(
+            job.resource, defaults.resource, (*origin, "resource"), ("defaults", "job", "resource")
+        )
     ta = job.task_array
     return m.Job(
         **base,
@@ -126,8 +124,6 @@ def _job(name: str, job: s.JobV1 | s.JobV4, defaults: Any, origin: FieldPath) ->
             else None
         ),
         isolated_network=bool(network and network.isolated),
-        expose_tcp=tuple(network.expose_tcp or ()) if network else (),
-        expose_udp=tuple(network.expose_udp or ()) if network else (),
     )
 
 
@@ -148,7 +144,6 @@ def _service(name: str, svc: s.ServiceV1 | s.ServiceV4, origin: FieldPath) -> m.
                 protocol=e.protocol,
                 type=e.type,
                 scope=e.scope,
-                per_replica=bool(e.per_replica),
                 annotations=dict(e.annotations or {}),
                 origin=(*origin, "network", "endpoints", i),
             )
@@ -156,12 +151,6 @@ def _service(name: str, svc: s.ServiceV1 | s.ServiceV4, origin: FieldPath) -> m.
         ),
         readiness_probe=_probe(svc.readiness_probe),
         policy=_policy(svc.policy, None),
-        autoscaler=svc.autoscaler.model_dump(by_alias=True, exclude_none=True)
-        if svc.autoscaler
-        else None,
-        dynamic_config=svc.dynamic_config.model_dump(by_alias=True, exclude_none=True)
-        if svc.dynamic_config
-        else None,
     )
 
 
@@ -171,7 +160,6 @@ def _container_fields(name: str, c: Any, origin: FieldPath) -> dict[str, Any]:
         "image": m.Image(
             uri=c.image.uri,
             secret=c.image.secret,
-            decryption_secret=c.image.decryption_secret,
             legacy_secrets=dict(c.image.secrets) if c.image.secrets is not None else None,
             origin=(*origin, "image"),
         ),
@@ -182,7 +170,7 @@ def _container_fields(name: str, c: Any, origin: FieldPath) -> dict[str, Any]:
         "cwd": c.cwd,
         "mounts": _mounts(c.mounts, origin),
         "files": dict(c.files or {}),
-        "resource": _resource(c.resource, None),
+        "resource": _resource(c.resource, None, (*origin, "resource")),
         "multinode": (
             m.Multinode(
                 nodes=c.multinode.nodes,
@@ -235,7 +223,7 @@ def _dependencies(c: Any, origin: FieldPath) -> tuple[m.Dependency, ...]:
     )
 
 
-def _policy(own: s.Policy | None, default: s.Policy | None) -> m.Policy:
+def _policy(own: s.Policy | s.ServicePolicy | None, default: s.Policy | None) -> m.Policy:
     def pick(attr: str, sub: str) -> Any:
         for p in (own, default):
             section = getattr(p, attr, None) if p else None
@@ -247,8 +235,14 @@ def _policy(own: s.Policy | None, default: s.Policy | None) -> m.Policy:
     return m.Policy(timeout=pick("timeout", "execute"), retries=pick("retry", "attempts"))
 
 
-def _resource(own: s.Resource | None, default: s.Resource | None) -> m.Resource:
-    """Merge a job's resource section over the defaults' one, field by field."""
+def _resource(
+    own: s.Resource | None,
+    default: s.Resource | None,
+    own_at: FieldPath,
+    default_at: FieldPath = (),
+) -> m.Resource:
+    """Merge a job's resource section (at `own_at`) over the defaults' one (at `default_at`),
+    field by field."""
 
     def pick(*path: str) -> Any:
         for r in (own, default):
@@ -263,16 +257,18 @@ def _resource(own: s.Resource | None, default: s.Resource | None) -> m.Resource:
     values = {
         "cores": pick("cpu", "cores"),
         "affinity": pick("cpu", "affinity"),
-        "sockets": pick("cpu", "sockets"),
         "threads": pick("cpu", "threads"),
         "memory": pick("memory", "size"),
         "memory_by_core": pick("memory", "by_core"),
         "devices": pick("devices"),
         "exclusive": pick("exclusive"),
     }
-    annotations = {
-        **((default.annotations or {}) if default else {}),
-        **((own.annotations or {}) if own else {}),
+    defaults_of = default.annotations if default and default.annotations else {}
+    own_of = own.annotations if own and own.annotations else {}
+    annotations = {**defaults_of, **own_of}
+    origins = {
+        **{k: (*default_at, "annotations", k) for k in defaults_of},
+        **{k: (*own_at, "annotations", k) for k in own_of},
     }
     result = replace(result, **{k: v for k, v in values.items() if v is not None})
     return replace(
@@ -280,6 +276,7 @@ def _resource(own: s.Resource | None, default: s.Resource | None) -> m.Resource:
         affinity=m.Affinity(result.affinity),
         devices=dict(result.devices),
         annotations=annotations,
+        annotation_origins=origins,
     )
 
 

@@ -13,17 +13,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import model as m
+from .annotations import KEYS, Place
+from .annotations import problem as annotation_problem
 from .diagnostics import FieldPath, Severity
+from .endpoints import endpoint_url, env_suffix
 from .limits import MAX_TASKS_PER_ARRAY, MAX_TASKS_PER_WORKFLOW
 from .paths import container_path_problem, mount_path_problem, name_problem, volume_file_problem
 from .variables import legacy_secret_references, secret_references, variables
 
 __all__ = ["RULES", "Finding", "find_cycle", "run_rules"]
 
+_READ_KEYS = {place: set(keys) for place, keys in KEYS.items()}
 # The platform caps task-array concurrency at 200 (spec §4.6.6).
 MAX_CONCURRENCY = 200
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-_TRANSFER_SCHEMES = ("s3://", "http://", "https://", "ftp://", "file://", "hf://")
+# What orchestrator/data/transfers.py can fetch (ingress) and write (egress): any other
+# scheme would fail at STAGING or EGRESS, after the cluster is paid for.
+_INGRESS_SCHEMES = ("s3://", "http://", "https://", "file://")
+_EGRESS_SCHEMES = ("s3://", "file:///")
+_SCHEME_HINTS = {
+    "hf": "Squall does not download from Hugging Face by hf://: ingress each file by "
+    "https://huggingface.co/ORG/REPO/resolve/REVISION/FILE, or download the model in a job",
+    "ftp": "Squall does not fetch ftp://: ingress the file by https:// or s3://, or fetch it "
+    "in a job",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,13 +318,16 @@ def _file_references(wf: m.Workflow) -> Iterator[Finding]:
 def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
     for vol in wf.volumes.values():
         for t in vol.ingress:
-            if not t.source.uri.startswith(_TRANSFER_SCHEMES):
+            if not t.source.uri.startswith(_INGRESS_SCHEMES):
                 yield _error(
                     "transfer-uri",
                     (*t.source.origin, "uri"),
-                    f"ingress source {t.source.uri!r} has no supported scheme",
-                    "use s3://, https://, http://, ftp://, hf:// or file://NAME from `files:`",
+                    f"ingress source {t.source.uri!r} has a scheme Squall cannot fetch",
+                    _scheme_hint(
+                        t.source.uri, "use s3://, https://, http:// or file://NAME from `files:`"
+                    ),
                 )
+            yield from _needless_secret(t.destination, "ingress destination")
             if not t.destination.uri.startswith("file://"):
                 yield _error(
                     "transfer-uri",
@@ -331,21 +347,41 @@ def _transfer_uris(wf: m.Workflow) -> Iterator[Finding]:
                 )
             else:
                 yield from _volume_file(t.source, "egress source")
+            yield from _needless_secret(t.source, "egress source")
             dest = t.destination.uri
             if dest.startswith("file:///") and (
                 problem := container_path_problem(dest.removeprefix("file://"))
             ):
                 where = (*t.destination.origin, "uri")
                 yield _error("transfer-path", where, f"egress destination {dest!r} {problem}")
-            local = dest.startswith("file:///")  # Squall: a path on the orchestrator's machine
-            if not local and (not dest.startswith(_TRANSFER_SCHEMES) or dest.startswith("file://")):
+            # file:///PATH is Squall's: a path on the orchestrator's machine
+            if not dest.startswith(_EGRESS_SCHEMES):
                 yield _error(
                     "transfer-uri",
                     (*t.destination.origin, "uri"),
-                    f"egress destination {t.destination.uri!r} has no supported scheme",
-                    "use s3://BUCKET/KEY (or another object store URI), or file:///ABSOLUTE/PATH "
-                    "on the orchestrator's machine",
+                    f"egress destination {t.destination.uri!r} has a scheme Squall cannot write to",
+                    _scheme_hint(
+                        dest,
+                        "use s3://BUCKET/KEY, or file:///ABSOLUTE/PATH on the "
+                        "orchestrator's machine",
+                    ),
                 )
+
+
+def _scheme_hint(uri: str, default: str) -> str:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    return _SCHEME_HINTS.get(scheme, default)
+
+
+def _needless_secret(location: m.Location, what: str) -> Iterator[Finding]:
+    """A secret on the volume's side of a transfer would be read by nothing."""
+    if location.secret is not None:
+        yield _error(
+            "transfer-secret",
+            (*location.origin, "secret"),
+            f"the {what} is a path in the volume, which needs no secret",
+            "put the secret on the other side of the transfer (the s3:// or https:// one)",
+        )
 
 
 def _volume_file(location: m.Location, what: str) -> Iterator[Finding]:
@@ -375,13 +411,6 @@ def _volume_fields(wf: m.Workflow) -> Iterator[Finding]:
                 (*vol.origin, "name"),
                 f"persistent volume name {vol.persistent_name!r} {problem}",
                 "name an existing persistent volume: letters, digits, -, _ and ., no '/'",
-            )
-        if vol.host_path is not None:
-            yield _warning(
-                "deprecated-host-volume",
-                vol.origin,
-                "HOST volumes (`type: HOST` with `path`) are deprecated",
-                "use a persistent volume: reference: volume://user/persistent/NAME",
             )
 
 
@@ -563,3 +592,56 @@ def _services(wf: m.Workflow) -> Iterator[Finding]:
                 "starts",
                 "set persist: true, or make a job depend on it",
             )
+
+
+@rule("endpoints")
+def _endpoints(wf: m.Workflow) -> Iterator[Finding]:
+    """Endpoints become FB_ENDPOINT_* variables (endpoints.py): one name, one endpoint."""
+    owners: dict[str, tuple[str, str]] = {}  # variable suffix -> service, endpoint
+    for svc in wf.services.values():
+        declared = {p.name for p in svc.ports}
+        for ep in svc.endpoints:
+            suffix = env_suffix(ep.name)
+            if suffix in owners:
+                other_service, other = owners[suffix]
+                yield _error(
+                    "duplicate-endpoint",
+                    (*ep.origin, "name"),
+                    f"endpoint {ep.name!r} of service {svc.name!r} and endpoint {other!r} of "
+                    f"{other_service!r} would both set FB_ENDPOINT_URL_{suffix}",
+                    "give each endpoint of the workflow its own name",
+                )
+            owners.setdefault(suffix, (svc.name, ep.name))
+            if ep.scope == "public" and ep.port_name in declared:
+                yield _warning(
+                    "endpoint-not-public",
+                    (*ep.origin, "scope"),
+                    f"Squall publishes no endpoint to the internet: {ep.name!r} is reached at "
+                    f"{endpoint_url(svc, ep)} from the run's containers, and from outside only "
+                    "by whoever may reach the run",
+                    f"reach it with `squall workflow port-forward RUN {svc.name} LOCAL:PORT`",
+                )
+
+
+@rule("annotations")
+def _annotations(wf: m.Workflow) -> Iterator[Finding]:
+    """squall.io/* annotations are Squall's: known at their place, with values that parse."""
+    found: dict[FieldPath, tuple[Place, str, str]] = {}  # path -> place, key, value
+    for key, value in wf.annotations.items():
+        found[("annotations", key)] = (Place.WORKFLOW, key, value)
+    for c in wf.containers.values():
+        place = Place.JOB if isinstance(c, m.Job) else Place.SERVICE
+        for key, value in c.resource.annotations.items():
+            at = c.resource.annotation_origins.get(key, (*c.origin, "resource", "annotations"))
+            found.setdefault(at, (place, key, value))  # defaults.job's: once, not per job
+        for ep in c.endpoints if isinstance(c, m.Service) else ():
+            for key, value in ep.annotations.items():
+                found[(*ep.origin, "annotations", key)] = (Place.ENDPOINT, key, value)
+    for vol in wf.volumes.values():
+        for key, value in vol.annotations.items():
+            found[(*vol.origin, "annotations", key)] = (Place.VOLUME, key, value)
+    for at, (place, key, value) in found.items():
+        wrong = annotation_problem(place, key, value)
+        if wrong is not None:
+            code = "bad-annotation" if key in _READ_KEYS.get(place, ()) else "unknown-annotation"
+            yield _error(code, at, wrong[0], wrong[1])

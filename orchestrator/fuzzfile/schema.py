@@ -115,6 +115,40 @@ def _volume_ref(value: str) -> str:
     return value
 
 
+_STORAGE_CLASSES = ("ephemeral", "persistent")
+
+
+def _no_provisioner(name: str, hint: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "refused",
+        "{message}",
+        {
+            "message": f"Squall has no provisioner or storage class {name!r}: each site keeps "
+            "volumes in one storage of its own, ephemeral or persistent",
+            "hint": hint,
+            "code": "provisioner",
+        },
+    )
+
+
+def _volume_class(value: str) -> str:
+    klass = value.removeprefix("volume://").split("/")[1]
+    if klass not in _STORAGE_CLASSES:
+        raise _no_provisioner(
+            klass, "write volume://user/ephemeral or volume://user/persistent/NAME"
+        )
+    return value
+
+
+def _volume_use(value: str) -> str:
+    if value not in _STORAGE_CLASSES:
+        raise _no_provisioner(
+            value,
+            "write use: ephemeral, or name: NAME (with use: persistent) for a persistent volume",
+        )
+    return value
+
+
 def _env_entry(value: str) -> str:
     key, sep, rest = value.partition("=")
     if not sep or not _ENV_KEY_RE.match(key):
@@ -178,6 +212,39 @@ def _transfer_secrets(value: dict[str, str]) -> dict[str, str]:
     )
 
 
+def _refused(code: str, message: str, hint: str, *, allow: Any = None) -> AfterValidator:
+    """A field Squall refuses with its reason (only the value `allow` passes): it stays in
+    the schema, so that it is reported where it is written, with the reason and a hint
+    (see `tests/fuzzfile/test_reference_coverage.py`)."""
+
+    def check(value: Any) -> Any:
+        if value is None or value == allow:
+            return value
+        raise PydanticCustomError(
+            "refused", "{message}", {"message": message, "hint": hint, "code": code}
+        )
+
+    return AfterValidator(check)
+
+
+# Device kinds the agents lease (substrate/leases.py): any other would never be granted.
+DEVICE_KINDS = ("nvidia.com/gpu", "amd.com/gpu")
+
+
+def _device_kind(value: str) -> str:
+    if value not in DEVICE_KINDS:
+        raise PydanticCustomError(
+            "refused",
+            "{message}",
+            {
+                "message": f"Squall's nodes offer no {value!r} devices",
+                "hint": "the devices a job can lease are " + " and ".join(DEVICE_KINDS),
+                "code": "device-kind",
+            },
+        )
+    return value
+
+
 # Whole numbers are 64-bit, as the platform (Go) reads them: a larger one is refused here
 # rather than met downstream (a sleep, a range, a row in the store).
 INT64_MAX = 2**63 - 1
@@ -190,7 +257,7 @@ PositiveProbeCount = Annotated[int, Field(gt=0, le=INT32_MAX)]
 AbsPath = Annotated[str, AfterValidator(_absolute)]
 ImageRef = Annotated[str, AfterValidator(_image_uri)]
 SecretRef = Annotated[str, AfterValidator(_secret_ref)]
-VolumeRef = Annotated[str, AfterValidator(_volume_ref)]
+VolumeRef = Annotated[str, AfterValidator(_volume_ref), AfterValidator(_volume_class)]
 EnvEntry = Annotated[str, AfterValidator(_env_entry)]
 _PORT_NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,13}[a-z0-9])?$")  # a Kubernetes port name
 
@@ -237,7 +304,18 @@ class URI(_Model):
     secret: SecretRef | None = None
     # legacy 2023 form, §6.3: refused on transfers, whose credentials it cannot say
     secrets: Annotated[StrMap, AfterValidator(_transfer_secrets)] | None = None
-    decryption_secret: SecretRef | None = Field(None, alias="decryption-secret")
+    decryption_secret: (
+        Annotated[
+            SecretRef,
+            _refused(
+                "decryption-secret",
+                "a transfer has nothing to decrypt: `decryption-secret` belongs to encrypted "
+                "SIF images",
+                "remove decryption-secret; credentials go in secret: secret://user/NAME",
+            ),
+        ]
+        | None
+    ) = Field(None, alias="decryption-secret")
 
 
 class ImageURI(URI):
@@ -245,6 +323,17 @@ class ImageURI(URI):
 
     uri: ImageRef
     secrets: Annotated[StrMap, AfterValidator(_image_secrets)] | None = None  # deprecated
+    decryption_secret: (
+        Annotated[
+            SecretRef,
+            _refused(
+                "decryption-secret",
+                "encrypted SIF images are not supported: Squall cannot decrypt them",
+                "use an image that is not encrypted",
+            ),
+        ]
+        | None
+    ) = Field(None, alias="decryption-secret")
 
 
 class Timeout(_Model):
@@ -262,6 +351,25 @@ class Policy(_Model):
     retry: Retry | None = None
 
 
+class ServicePolicy(_Model):
+    """`policy` on a service: its time limit holds; it is never restarted."""
+
+    timeout: Timeout | None = None
+    retry: (
+        Annotated[
+            Retry,
+            _refused(
+                "service-retry",
+                "Squall does not restart a service that ended: the jobs that use it would "
+                "still hold its old address",
+                "remove retry; let the service's own script restart its server, or retry the "
+                "jobs that use it",
+            ),
+        ]
+        | None
+    ) = None
+
+
 class Transfer(_Model):
     """One ingress or egress item of a volume (§4.5)."""
 
@@ -273,7 +381,21 @@ class Transfer(_Model):
 class Cpu(_Model):
     cores: PositiveInt | None = None
     affinity: Annotated[Literal["NUMA", "SOCKET", "CORE"], BeforeValidator(_upper)] | None = None
-    sockets: PositiveInt | None = None
+    # the reference gives `sockets` no meaning (all cores on N sockets? spread evenly over N?)
+    sockets: (
+        Annotated[
+            PositiveInt,
+            _refused(
+                "sockets",
+                "Squall does not place cores by a count of sockets: the Fuzzfile reference "
+                "does not say what `sockets` asks for (the cores on at most N sockets, or "
+                "spread evenly over N), and Squall will not guess",
+                "remove sockets; affinity: SOCKET keeps a job's cores on as few sockets as "
+                "possible, affinity: NUMA on as few NUMA nodes",
+            ),
+        ]
+        | None
+    ) = None
     threads: bool | None = None
 
 
@@ -287,7 +409,7 @@ class Resource(_Model):
 
     cpu: Cpu | None = None
     memory: Memory | None = None
-    devices: dict[str, NonNegativeInt] | None = None
+    devices: dict[Annotated[str, AfterValidator(_device_kind)], NonNegativeInt] | None = None
     exclusive: bool | None = None
     annotations: StrMap | None = None
 
@@ -310,12 +432,26 @@ class TaskArray(_Model):
     concurrency: PositiveInt | None = None
 
 
+_EXPOSE = (
+    "expose",
+    "Squall publishes no job ports: every job has a network namespace of its own, and since "
+    "nothing can wait for a job's port to open, other jobs reach servers as services",
+    "remove it: a port of a running job is reached with `squall workflow port-forward RUN JOB "
+    "LOCAL:PORT` without being declared; a server that other jobs use is a service with "
+    "network.ports, reached at SERVICE.svc:PORT",
+)
+
+
 class JobNetwork(_Model):
     """v1 job networking (§4.6.7)."""
 
     isolated: bool | None = None
-    expose_tcp: list[Port] | None = Field(None, alias="expose-tcp")
-    expose_udp: list[Port] | None = Field(None, alias="expose-udp")
+    expose_tcp: Annotated[list[Port], _refused(*_EXPOSE, allow=[])] | None = Field(
+        None, alias="expose-tcp"
+    )
+    expose_udp: Annotated[list[Port], _refused(*_EXPOSE, allow=[])] | None = Field(
+        None, alias="expose-udp"
+    )
 
 
 class Dependency(_Model):
@@ -345,7 +481,19 @@ class ServiceEndpoint(_Model):
     scope: Annotated[
         Literal["user", "group", "organization", "public"], BeforeValidator(_lower)
     ] = "group"
-    per_replica: bool | None = Field(None, alias="per-replica")  # newer catalogs, §9
+    per_replica: (
+        Annotated[
+            bool,
+            _refused(
+                "per-replica",
+                "Squall runs one replica of a service, so there is no replica to give an "
+                "endpoint of its own",
+                "remove per-replica",
+                allow=False,
+            ),
+        ]
+        | None
+    ) = Field(None, alias="per-replica")  # newer catalogs, §9
     annotations: StrMap | None = None
 
 
@@ -507,9 +655,30 @@ class _Service(_Container):
     persist: bool | None = None
     network: ServiceNetwork | None = None
     readiness_probe: Probe | None = Field(None, alias="readiness-probe")
-    policy: Policy | None = None  # unverified on services (§4.7); accepted
-    autoscaler: Autoscaler | None = None
-    dynamic_config: DynamicConfig | None = Field(None, alias="dynamic-config")
+    policy: ServicePolicy | None = None  # unverified on services (§4.7); the time limit holds
+    autoscaler: (
+        Annotated[
+            Autoscaler,
+            _refused(
+                "autoscaler",
+                "Squall runs one replica of each service and scales none",
+                "remove autoscaler: the service runs as one replica",
+            ),
+        ]
+        | None
+    ) = None
+    dynamic_config: (
+        Annotated[
+            DynamicConfig,
+            _refused(
+                "dynamic-config",
+                "dynamic-config follows the replicas of an autoscaled service, and Squall runs "
+                "one replica of each service",
+                "remove dynamic-config",
+            ),
+        ]
+        | None
+    ) = Field(None, alias="dynamic-config")
 
 
 class JobV1(_Job):
@@ -553,17 +722,32 @@ class DefaultsV4(_Model):
 # ---- volumes (§4.5) --------------------------------------------------------------------
 
 
+_HOST = (
+    "host-volume",
+    "HOST volumes (`type: HOST` with `path`) are not supported: a job sees no directory of "
+    "its node but its volumes",
+    "use a persistent volume: reference: volume://user/persistent/NAME",
+)
+
+
 class VolumeV1(_Model):
     reference: VolumeRef | None = None
     name: str | None = None  # informational in v1
-    type: Annotated[Literal["EPHEMERAL", "HOST"], BeforeValidator(_upper)] | None = None
-    path: str | None = None  # deprecated, HOST volumes
+    type: (
+        Annotated[
+            Literal["EPHEMERAL", "HOST"],
+            BeforeValidator(_upper),
+            _refused(*_HOST, allow="EPHEMERAL"),
+        ]
+        | None
+    ) = None
+    path: Annotated[str, _refused(*_HOST)] | None = None  # deprecated, HOST volumes
     ingress: list[Transfer] | None = None
     egress: list[Transfer] | None = None
 
 
 class VolumeV4(_Model):
-    use: str | None = None
+    use: Annotated[str, AfterValidator(_volume_use)] | None = None
     name: str | None = None  # an existing persistent volume
     size: Size | None = None
     annotations: StrMap | None = None

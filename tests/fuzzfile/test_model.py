@@ -147,26 +147,22 @@ def test_volumes_normalise() -> None:
 
 
 @pytest.mark.parametrize(
-    ("v4_volume", "persistent", "name", "provisioner"),
+    ("v4_volume", "persistent", "name"),
     [
-        ("{}", False, None, None),
-        ("{use: ephemeral}", False, None, None),
-        ("{use: persistent, name: cache}", True, "cache", None),
-        ("{name: cache}", True, "cache", None),
-        ("{use: fast-nvme}", False, None, "fast-nvme"),
-        ("{use: fast-nvme, name: cache, size: 1TiB}", True, "cache", "fast-nvme"),
-        ("{reference: volume://account/persistent/x}", True, "x", None),
-        ("{reference: volume://user/ephemeral/ignored}", False, None, None),
+        ("{}", False, None),
+        ("{use: ephemeral}", False, None),
+        ("{use: persistent, name: cache}", True, "cache"),
+        ("{name: cache, size: 1TiB}", True, "cache"),
+        ("{reference: volume://account/persistent/x}", True, "x"),
+        ("{reference: volume://user/ephemeral/ignored}", False, None),
     ],
 )
-def test_v4_volume_forms(
-    v4_volume: str, persistent: bool, name: str | None, provisioner: str | None
-) -> None:
+def test_v4_volume_forms(v4_volume: str, persistent: bool, name: str | None) -> None:
     wf = load(
         f"version: v4\nvolumes:\n  v: {v4_volume}\njobs:\n  j:\n    image: {{uri: docker://a}}\n"
     )
     vol = wf.volumes["v"]
-    assert (vol.persistent, vol.persistent_name, vol.provisioner) == (persistent, name, provisioner)
+    assert (vol.persistent, vol.persistent_name) == (persistent, name)
 
 
 def test_empty_volume_body_is_an_ephemeral_volume() -> None:
