@@ -35,13 +35,12 @@ from .data.staging import Staging
 from .errors import Conflict, InvalidInput, SquallError, StoreError, describe, rpc_gist
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
-from .fuzzfile.variables import legacy_secret_references, secret_references
 from .placing import Placement
 from .provision import Cluster, NodeSlice, Provisioner, ProvisionError
 from .provision.cloud import CloudProvisioner
 from .runloop import RunLoop
 from .scheduler import tasks_of
-from .secrets import SecretStore, parse_reference
+from .secrets import SecretStore, parse_reference, referenced_secrets
 from .store import RUN_ENDED, Agent, Event, Job, Run, RunState, Store, Task, Volume
 from .views import run_named
 
@@ -53,6 +52,7 @@ __all__ = [
     "RunOutcome",
     "identity",
     "request_cancel",
+    "unsupported",
 ]
 
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
@@ -115,7 +115,9 @@ class Engine:
     def submit(self, name: str, text: str, owner: str | None = None) -> str:
         """Check a workflow and record it as a PENDING run; nothing starts. Its id."""
         workflow = load_text(text, name).unwrap()
-        _supported(workflow)
+        why = unsupported(workflow)
+        if why:
+            raise InvalidInput(why)
         self._check_secrets(workflow)
         self.staging.check_egress(workflow)
         run_id = str(uuid.uuid4())
@@ -146,21 +148,8 @@ class Engine:
         """Every secret the workflow names is set (image secrets hold a login), or nothing
         is recorded: env values (`secret://` and legacy placeholders), image credentials
         (`image.secret` and the legacy `secrets:` map) and transfer credentials."""
-        refs: set[str] = set()
-        logins: set[str] = set()
-        for c in wf.containers.values():
-            for value in c.env.values():
-                refs.update(secret_references(value))
-            if c.image.secret:
-                logins.add(c.image.secret)
-            for value in (c.image.legacy_secrets or {}).values():
-                refs.update(legacy_secret_references(value))
-        refs |= logins
-        for volume in wf.volumes.values():
-            for t in (*volume.ingress, *volume.egress):
-                refs.update(x for x in (t.source.secret, t.destination.secret) if x)
         missing = []
-        for ref in sorted(refs):
+        for ref in referenced_secrets(wf):
             parse_reference(ref)
             try:
                 self.secrets.get(ref)
@@ -171,7 +160,7 @@ class Engine:
                 f"the workflow uses secrets that are not set: {', '.join(missing)}; set each "
                 "with `squall secret set REF` (the value is read from stdin)"
             )
-        for ref in sorted(logins):
+        for ref in sorted({c.image.secret for c in wf.containers.values() if c.image.secret}):
             self.secrets.login(ref)  # refuses a secret that holds no username and password
 
     # ---- running --------------------------------------------------------------------------
@@ -461,11 +450,12 @@ def _not_here(placement: dict[str, Any], here: str) -> str:
     )
 
 
-def _supported(wf: Workflow) -> None:
-    """What the engine cannot run yet is refused before anything starts."""
+def unsupported(wf: Workflow) -> str:
+    """Why the engine cannot run `wf` yet ("" when it can): refused before anything starts."""
     multinode = sorted(n for n, c in wf.containers.items() if c.multinode)
     if multinode:
-        raise InvalidInput(
+        return (
             f"multinode jobs are not supported yet ({', '.join(multinode)}); run them on one "
             "node for now"
         )
+    return ""

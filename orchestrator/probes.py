@@ -58,7 +58,7 @@ def check(probe: Probe, host: str, ports: Mapping[str, int], exec_fn: ExecFn) ->
             code = exec_fn(list(probe.command), timeout)
             return code == 0, f"exit status {code}"
         port = _port(probe, ports)
-        target = probe.host or host
+        target = host
         if probe.action == "tcp-socket":
             with socket.create_connection((target, port), timeout=timeout):
                 return True, "connected"

@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from .errors import InvalidInput
-from .fuzzfile.variables import fill_legacy_secrets
+from .fuzzfile.model import Workflow
+from .fuzzfile.variables import fill_legacy_secrets, legacy_secret_references, secret_references
 
-__all__ = ["SecretStore", "parse_reference"]
+__all__ = ["SecretStore", "parse_reference", "referenced_secrets"]
 
 _REF = re.compile(r"^secret://(user|group|account|organization|cluster)/([A-Za-z0-9_.-]{1,128})$")
 
@@ -115,3 +116,20 @@ class SecretStore:
             for p in self.root.glob("*/*")
             if p.is_file() and not p.name.startswith(".")
         )
+
+
+def referenced_secrets(wf: Workflow) -> list[str]:
+    """Every secret `wf` names, sorted: env values (`secret://` and legacy placeholders),
+    image credentials (`image.secret` and the legacy `secrets:` map) and transfers."""
+    refs: set[str] = set()
+    for c in wf.containers.values():
+        for value in c.env.values():
+            refs.update(secret_references(value))
+        if c.image.secret:
+            refs.add(c.image.secret)
+        for value in (c.image.legacy_secrets or {}).values():
+            refs.update(legacy_secret_references(value))
+    for volume in wf.volumes.values():
+        for t in (*volume.ingress, *volume.egress):
+            refs.update(x for x in (t.source.secret, t.destination.secret) if x)
+    return sorted(refs)

@@ -207,7 +207,6 @@ class Probe:
     port: int | str | None = None
     path: str | None = None
     scheme: str | None = None
-    host: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     grpc_service: str | None = None
     initial_delay: int = 0

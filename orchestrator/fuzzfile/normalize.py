@@ -303,13 +303,10 @@ def _probe(p: s.Probe | None) -> m.Probe | None:
             port=h.port,
             path=h.path,
             scheme=h.scheme,
-            host=h.host,
             headers={x.name: x.value for x in h.http_headers or []},
             **timing,
         )
     if p.tcp_socket is not None:
-        return m.Probe(
-            action="tcp-socket", port=p.tcp_socket.port, host=p.tcp_socket.host, **timing
-        )
+        return m.Probe(action="tcp-socket", port=p.tcp_socket.port, **timing)
     assert p.grpc is not None  # the schema admits exactly one action
     return m.Probe(action="grpc", port=p.grpc.port, grpc_service=p.grpc.service, **timing)

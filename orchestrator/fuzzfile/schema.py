@@ -512,17 +512,27 @@ class ExecAction(_Model):
     command: list[str]
 
 
+# The orchestrator runs http-get, tcp-socket and grpc probes itself: a `host` would make it
+# connect wherever a Fuzzfile says (its own network, a cloud's metadata service).
+_PROBE_HOST = (
+    "probe-host",
+    "Squall probes a service at its own address only: a probe `host` would make the "
+    "orchestrator connect wherever the workflow says, outside the run",
+    "remove host; the probe reaches the service's port on the service itself",
+)
+
+
 class HttpGetAction(_Model):
     path: str = "/"
     port: PortOrName
-    host: str | None = None
+    host: Annotated[str, _refused(*_PROBE_HOST)] | None = None
     scheme: Annotated[Literal["HTTP", "HTTPS"], BeforeValidator(_upper)] = "HTTP"
     http_headers: list[HttpHeader] | None = Field(None, alias="http-headers")
 
 
 class TcpSocketAction(_Model):
     port: PortOrName
-    host: str | None = None
+    host: Annotated[str, _refused(*_PROBE_HOST)] | None = None
 
 
 class GrpcAction(_Model):

@@ -144,6 +144,7 @@ HOST_VOLUME = "host-volume"
 DECRYPTION = "decryption-secret"
 TRANSFER_SECRET = "transfer-secret"
 TRANSFER_SECRETS = "transfer-secrets"
+PROBE_HOST = "probe-host"
 
 
 def _container(kind: str) -> dict[str, Fate]:
@@ -291,15 +292,23 @@ FIELDS: dict[str, Fate] = {
     "services.*.readiness-probe.http-get.http-headers.[].value": Honoured(
         PROBES + "test_http_get_path_port_name_and_headers"
     ),
-    "services.*.readiness-probe.http-get.host": Honoured(
-        PROBES + "test_http_get_host_overrides_the_services_address"
+    "services.*.readiness-probe.http-get.host": Refused(
+        service(
+            "    readiness-probe:\n      http-get:\n        port: web\n"
+            "        host: 169.254.169.254  # <-\n"
+        ),
+        PROBE_HOST,
     ),
     "services.*.readiness-probe.http-get.scheme": Honoured(PROBES + "test_http_get_https_scheme"),
     "services.*.readiness-probe.tcp-socket.port": Honoured(
         PROBES + "test_tcp_socket_open_and_closed_port"
     ),
-    "services.*.readiness-probe.tcp-socket.host": Honoured(
-        PROBES + "test_tcp_socket_open_and_closed_port"
+    "services.*.readiness-probe.tcp-socket.host": Refused(
+        service(
+            "    readiness-probe:\n      tcp-socket:\n        port: web\n"
+            "        host: 10.0.0.1  # <-\n"
+        ),
+        PROBE_HOST,
     ),
     "services.*.readiness-probe.grpc.port": Honoured(
         PROBES + "test_grpc_health_check_with_its_service_name"

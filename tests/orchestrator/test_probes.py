@@ -69,12 +69,6 @@ def test_http_get_path_port_name_and_headers(web: tuple[int, list]) -> None:
     assert seen == [("/ok", "yes"), ("/starting", None)]
 
 
-def test_http_get_host_overrides_the_services_address(web: tuple[int, list]) -> None:
-    port, _ = web
-    probe = _probe(f"{{http-get: {{path: /ok, port: {port}, host: 127.0.0.1}}}}")
-    assert check(probe, "192.0.2.1", {}, _no_exec)[0]  # 192.0.2.1: TEST-NET, never reached
-
-
 def test_http_get_https_scheme(tmp_path: Path) -> None:
     server = FileServer(tmp_path, {"ok": b"fine"})
     try:
