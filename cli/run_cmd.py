@@ -207,4 +207,5 @@ def _print_end(summary: dict[str, Any], data_dir: Path) -> None:
         out.print(f"[bold]── {escape(job['name'])}[/]{more}")
         for line in shown:
             out.print(escape(line), markup=False, highlight=False)
-    out.print(f"logs: squall workflow log {escape(summary['name'])} JOB  ({escape(str(logs))})")
+    if logs.is_dir():  # some task ran
+        out.print(f"logs: squall workflow log {escape(summary['name'])} JOB  ({escape(str(logs))})")

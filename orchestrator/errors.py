@@ -70,11 +70,14 @@ class StoreError(SquallError):
 
 
 def describe(exc: BaseException) -> str:
-    """An exception as a run's reason, an event or an API error shows it: its kind and its
-    message; for a database error, one line of what the database said, without SQL; for a
-    failed gRPC call (an agent's), its status and details on one line, not the call object."""
+    """An exception as a run's reason, an event or an API error shows it, in one line:
+    Squall's own errors as they are written; a failed gRPC call (an agent's) as its status
+    and details, not the call object; a database error as what the database said, without
+    SQL; any other as its kind and its message."""
     if _is_rpc_error(exc):
         return rpc_gist(exc)
+    if isinstance(exc, SquallError):  # written for people already
+        return " ".join(str(exc).split())
     return f"{type(exc).__name__}: {_database_gist(exc)}"
 
 

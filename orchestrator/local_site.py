@@ -83,13 +83,15 @@ def local_engine(settings: LocalSettings) -> Engine:
     )
     secrets = SecretStore(settings.data_dir / "secrets")
     store = settings.store()
+    placer = Placer.from_environment(settings.site, secrets, store)
+    placer.check_site()  # a --site that names no site is refused before anything is recorded
     return Engine(
         store,
         provisioner,
         lambda wf: local_nodes(wf, settings.nodes),
         data_dir=settings.data_dir,
         secrets=secrets,
-        placer=Placer.from_environment(settings.site, secrets, store).decide,
+        placer=placer.decide,
         egress_dirs=settings.egress_dirs,
         clouds=CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment()),
     )

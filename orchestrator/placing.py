@@ -160,12 +160,7 @@ class Placer:
         if self.budget_usd is not None:
             policy = replace(policy, budget_usd=self.budget_usd)
         if self.force_site is not None:
-            known = [s.name for s in sites]
-            sites = [s for s in sites if s.name == self.force_site]
-            if not sites:
-                raise UsageError(
-                    f"no site named {self.force_site!r}; the sites are {', '.join(known)}"
-                )
+            sites = [self._forced(sites)]
             policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
         workload = workload_of(
             wf,
@@ -182,6 +177,24 @@ class Placer:
             catalog.origin,
             forced=self.force_site is not None,
         )
+
+    def check_site(self) -> None:
+        """Raise UsageError, in one line, when the forced site is not one of the candidates:
+        called before a run is recorded, so that a typo records nothing."""
+        if self.force_site is None:
+            return
+        try:
+            sites = self._sites(open_catalog(self.catalog_dir))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the sites: {exc}") from None
+        self._forced(sites)
+
+    def _forced(self, sites: list[Site]) -> Site:
+        for site in sites:
+            if site.name == self.force_site:
+                return site
+        known = ", ".join(s.name for s in sites)
+        raise UsageError(f"no site named {self.force_site!r}; the sites are {known}")
 
     def _history(self, name: str) -> dict[str, float]:
         """Median hours per task of each job over the last ten finished runs named like this

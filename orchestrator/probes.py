@@ -64,7 +64,9 @@ def check(probe: Probe, host: str, ports: Mapping[str, int], exec_fn: ExecFn) ->
                 return True, "connected"
         if probe.action == "http-get":
             scheme = (probe.scheme or "http").lower()
-            url = f"{scheme}://{target}:{port}{probe.path or '/'}"
+            url = httpx.URL(f"{scheme}://{target}:{port}{probe.path or '/'}")
+            if url.host != target.strip("[]") or url.port != port:  # the path stays a path
+                return False, f"the probe's path {probe.path!r} is not a path of the service"
             reply = httpx.get(url, headers=dict(probe.headers), timeout=timeout, verify=False)
             return 200 <= reply.status_code < 400, f"HTTP {reply.status_code}"
         if probe.action == "grpc":

@@ -75,6 +75,21 @@ def _absolute(value: str) -> str:
     return value
 
 
+_URL_PATH = re.compile(r"^/[^\s#\\]*$")  # a path and query: no spaces, fragment or backslash
+
+
+def _probe_path(value: str) -> str:
+    """An HTTP probe's path: it follows `host:port` in the URL the orchestrator fetches, so
+    it must begin with `/` (`@other-host/` would make it another host's)."""
+    if not _URL_PATH.match(value):
+        raise PydanticCustomError(
+            "probe_path",
+            "{quoted} is not a URL path; write it from its first /, such as /healthz",
+            {"quoted": repr(value)},
+        )
+    return value
+
+
 def _image_uri(value: str) -> str:
     if not value.startswith(("docker://", "oras://")):
         scheme = value.split("://", 1)[0] + "://" if "://" in value else "no scheme"
@@ -523,7 +538,7 @@ _PROBE_HOST = (
 
 
 class HttpGetAction(_Model):
-    path: str = "/"
+    path: Annotated[str, AfterValidator(_probe_path)] = "/"
     port: PortOrName
     host: Annotated[str, _refused(*_PROBE_HOST)] | None = None
     scheme: Annotated[Literal["HTTP", "HTTPS"], BeforeValidator(_upper)] = "HTTP"

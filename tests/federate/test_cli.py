@@ -141,3 +141,25 @@ def test_a_cloud_site_is_known_with_nothing_configured_and_what_is_missing_is_on
     assert summary["placement"]["catalog_date"] == "2026-04-02"
     assert "cloud sites need the pulumi CLI, which is not on PATH: install" in summary["reason"]
     assert "\n" not in summary["reason"]
+
+
+def test_a_site_that_does_not_exist_is_refused_before_a_run_is_recorded(tmp_path: Path) -> None:
+    wf = tmp_path / "hello.yaml"
+    wf.write_text(
+        "version: v4\njobs:\n  hello:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [/bin/true]\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SQUALL_DATA_DIR": str(tmp_path / "d")}
+    run = subprocess.run(
+        [SQUALL, "run", str(wf), "--site", "aws:nowhere-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "no site named 'aws:nowhere-1'; the sites are local, aws:" in run.stderr
+    listed = subprocess.run(
+        [SQUALL, "workflow", "list", "-o", "json"], capture_output=True, text=True, env=env
+    )
+    assert json.loads(listed.stdout) == []  # nothing was recorded

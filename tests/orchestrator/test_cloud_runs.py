@@ -225,7 +225,7 @@ def test_missing_settings_and_credentials_fail_a_cloud_run_in_one_line_each(
     engine.placer = Placer(catalog_dir=CATALOG, policy_file=policy).decide
     outcome = engine.run("me/cloud-chosen", two_jobs("echo second"))
     assert outcome.state is RunState.FAILED
-    assert outcome.reason.startswith(f"ProvisionError: federation placed it on {SITE} (estimated $")
+    assert outcome.reason.startswith(f"federation placed it on {SITE} (estimated $")
     assert outcome.reason.endswith(
         f"{SITE} needs aws credentials: none found (AWS_ACCESS_KEY_ID"
         "..., aws configure or sso login, or a role); `squall doctor` "

@@ -146,7 +146,7 @@ def test_an_image_that_does_not_exist_fails_with_one_readable_line(
     outcome = engine.run("user/missing-image", workflow("{uri: docker://busybox:no-such-tag}"))
     assert outcome.state is RunState.FAILED
     reason = outcome.reason
-    assert reason.startswith("PullError: image docker://busybox:no-such-tag cannot be pulled")
+    assert reason.startswith("image docker://busybox:no-such-tag cannot be pulled")
     assert f"{registry.address}/busybox:no-such-tag" in reason
     assert "manifest unknown" in reason
     assert "\n" not in reason

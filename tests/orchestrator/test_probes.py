@@ -1,5 +1,5 @@
 """Readiness probes (`orchestrator/probes.py`) against real servers on loopback: each action
-and the fields of the Fuzzfile that shape it (port by number or name, path, scheme, host,
+and the fields of the Fuzzfile that shape it (port by number or name, path, scheme,
 headers, gRPC service, timeout). `exec` probes and the timings (initial delay, period,
 success threshold) are shown by a whole run in test_fidelity_runs.py."""
 
@@ -128,3 +128,14 @@ def test_grpc_health_check_with_its_service_name() -> None:
         assert asked == [b"\x0a\x03api", b""]
     finally:
         server.stop(None)
+
+
+def test_a_path_cannot_turn_the_probe_to_another_host(web: tuple[int, list]) -> None:
+    """Validation refuses such a path (tests/fuzzfile/broken/96-*); a probe that got one
+    anyway still connects only to the service, never to the host the path names."""
+    port, seen = web
+    sneaky = Probe(action="http-get", port=port, path=f"@127.0.0.1:{port}/ok")
+    ok, why = check(sneaky, "192.0.2.1", {}, _no_exec)  # 192.0.2.1: TEST-NET, never reached
+    assert not ok
+    assert "not a path of the service" in why
+    assert seen == []

@@ -174,9 +174,7 @@ def test_a_run_failed_by_a_busy_store_says_so_without_sql(tmp_path: Path, impati
     with store.session() as s:
         run = s.get_one(Run, run_id)
         assert run.state is RunState.FAILED
-        assert run.reason == (
-            f"StoreError: the store at {path} is busy (database is locked); retried 4 times"
-        )
+        assert run.reason == (f"the store at {path} is busy (database is locked); retried 4 times")
 
 
 def test_a_database_error_reads_as_one_line_without_its_statement_or_parameters(
