@@ -1,7 +1,8 @@
 """The `substrate` node agent: gRPC server, inventory, leases, container runtimes, logs, exec.
 
 It ships inside node images, so it imports nothing of Squall's but the API stubs, and
-depends only on grpcio and protobuf. Start one with `python -m substrate --help`.
+depends only on grpcio, protobuf and httpx (its oras:// pulls). Start one with
+`python -m substrate --help`.
 """
 
 __version__ = "0.1.0"

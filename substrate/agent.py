@@ -150,8 +150,8 @@ class Agent:
         if runtime is not None and runtime.needs_image:
             if not spec.image:
                 raise TaskError(f"the {spec.runtime} runtime needs an image")
-            try:
-                image = self.images.get(spec.image)
+            try:  # the holder pulled it with its login (PullImage); a Run carries none
+                image = self.images.get(spec.image, check_access=False)
             except ImageError as exc:
                 raise TaskError(str(exc)) from None
         spec = with_devices(spec, lease.devices)

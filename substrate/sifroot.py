@@ -1,11 +1,14 @@
 """A SIF image as a root file system that the OCI runtimes (crun) run, without Apptainer.
 
-`unpack` finds the primary system partition (`sif.py`), extracts its squashfs with
-`unsquashfs` (squashfs-tools) straight from its offset in the file, and shifts every owner
-into the jobs' user namespace (container uid N is host uid base+N), as `umoci --uid-map` does
-for OCI images. The shift walks the fresh tree by descriptors opened beneath its top with no
-link followed (`paths.open_in`, `BENEATH`), changes each entry itself (never what a link
-points to), counts a hard-linked file once and restores the set-id bits that chown clears.
+`unpack` finds the primary system partition (`sif.py`), sums the sizes of the files its
+listing (`unsquashfs -lln`) names and refuses a root larger than the cap or the free space of
+the file system it goes to (a few KiB of squashfs can hold terabytes of zeros), extracts the
+squashfs with `unsquashfs` (squashfs-tools) straight from its offset in the file, and shifts
+every owner into the jobs' user namespace (container uid N is host uid base+N), as
+`umoci --uid-map` does for OCI images. The shift walks the fresh tree by descriptors opened
+beneath its top with no link followed (`paths.open_in`, `BENEATH`), changes each entry itself
+(never what a link points to), counts a hard-linked file once and restores the set-id bits
+that chown clears.
 unsquashfs itself refuses names that would lead outside its destination (squashfs-tools 4.5.1
 and later fix CVE-2021-40153 and CVE-2021-41072; Debian 12 ships 4.5.1).
 
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +39,24 @@ from .confine import UserNamespace
 from .paths import BENEATH, IN_ROOT, PathEscape, open_in, remove_tree
 from .sif import SifError, primary_partition
 
-__all__ = ["ENV_SCRIPTS", "RUNSCRIPT", "SifDefaults", "defaults", "sourcing_argv", "unpack"]
+__all__ = [
+    "ENV_SCRIPTS",
+    "MAX_ROOT_BYTES",
+    "RUNSCRIPT",
+    "SifDefaults",
+    "defaults",
+    "free_bytes",
+    "root_size",
+    "sourcing_argv",
+    "unpack",
+]
 
 ENV_SCRIPTS = "/.singularity.d/env"
 RUNSCRIPT = "/.singularity.d/runscript"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ROOT_BYTES = 64 * 2**30
+# a line of `unsquashfs -lln`: mode, uid/gid, size (major,minor for devices), date, name
+_LISTED = re.compile(r"([-dl])[-rwxsStT]{9} +\d+/\d+ +(\d+) ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +67,24 @@ class SifDefaults:
     env_scripts: str = ""
 
 
-def unpack(sif: Path, target: Path, userns: UserNamespace | None) -> None:
+def unpack(
+    sif: Path, target: Path, userns: UserNamespace | None, max_bytes: int = MAX_ROOT_BYTES
+) -> None:
     """The SIF's root file system at `target`, owners shifted into `userns`; raises
-    `SifError` with a one-line reason. A tree made meanwhile by another pull is kept."""
+    `SifError` with a one-line reason, and refuses, before writing it, a root that would be
+    larger than `max_bytes` or than the free space where `target` goes. A tree made
+    meanwhile by another pull is kept."""
     partition = primary_partition(sif)
+    free = free_bytes(target.parent)
+    limit = min(max_bytes, free)
+    size = root_size(sif, partition.offset, limit)
+    if size > limit:
+        room = (
+            f"the {_human(max_bytes)} one image may take on this node"
+            if max_bytes <= free
+            else f"the {_human(free)} free where images are kept"
+        )
+        raise SifError(f"its root file system would take {_human(size)}, more than {room}")
     staging = target.with_name(f".unsquash-{target.name}-{os.urandom(4).hex()}")
     command = [
         "unsquashfs",
@@ -85,6 +117,47 @@ def unpack(sif: Path, target: Path, userns: UserNamespace | None) -> None:
         raise SifError(f"its root file system cannot be prepared: {exc.strerror}") from None
     finally:
         remove_tree(staging)
+
+
+def free_bytes(path: Path) -> int:
+    """The space left to an unprivileged writer of `path`'s file system."""
+    return shutil.disk_usage(path).free
+
+
+def root_size(sif: Path, offset: int, limit: int) -> int:
+    """The sum of the sizes of the files, folders and links the squashfs at `offset` holds
+    (what unsquashfs would write: sparse and hard-linked files counted whole), reading its
+    listing only until the sum passes `limit`."""
+    command = ["unsquashfs", "-lln", "-offset", str(offset), str(sif)]
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=stderr, text=True, errors="replace"
+            )
+        except FileNotFoundError:
+            raise SifError("unsquashfs is not installed on this node (squashfs-tools)") from None
+        assert proc.stdout is not None
+        total = 0
+        with proc:
+            for line in proc.stdout:
+                listed = _LISTED.match(line)
+                if listed is not None:
+                    total += int(listed[2])
+                    if total > limit:
+                        proc.kill()
+                        return total
+            code = proc.wait()
+        if code != 0:
+            stderr.seek(0)
+            err = stderr.read().decode(errors="replace")
+            lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+            reason = lines[-1] if lines else "no error output"
+            raise SifError(f"its squashfs root file system cannot be listed: {reason}")
+    return total
+
+
+def _human(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def shift_owners(top: Path, userns: UserNamespace) -> None:

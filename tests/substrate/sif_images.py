@@ -132,14 +132,19 @@ def build_sif(work: Path, **kw: object) -> Path:
     return write_sif(work / "busybox.sif", image, **kw)  # type: ignore[arg-type]
 
 
-def push_sif(address: str, sif: Path, name: str) -> str:
+def push_sif(address: str, sif: Path, name: str, credentials: tuple[str, str] | None = None) -> str:
     """Push `sif` to the registry at `address` as `name` (REPO:TAG), as `apptainer push
-    oras://` does, and return its oras:// reference."""
+    oras://` does, and return its oras:// reference. With `credentials`, the registry is the
+    HTTPS one with a login (its certificate made by the test, so not verified)."""
     import oras.client
 
     config = sif.with_suffix(".config.json")
     config.write_text(json.dumps({}))
-    client = oras.client.OrasClient(hostname=address, insecure=True)
+    if credentials is None:
+        client = oras.client.OrasClient(hostname=address, insecure=True)
+    else:
+        client = oras.client.OrasClient(hostname=address, tls_verify=False, auth_backend="basic")
+        client.auth.set_basic_auth(*credentials)
     response = client.push(
         target=f"{address}/{name}",
         files=[f"{sif}:{SIF_LAYER}"],

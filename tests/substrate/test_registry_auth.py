@@ -1,29 +1,43 @@
 """Registry credentials in the image cache: pulled from a registry that requires a login
-(docker-registry with htpasswd, HTTPS), the credentials handed to skopeo in memory only."""
+(docker-registry with htpasswd, HTTPS), the credentials handed to skopeo in memory only; a
+private SIF (oras://) pulled with the same login; a private image in the cache given only to
+a caller whose login the registry takes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from substrate.images import ImageCache, ImageError
+from substrate.images import Image, ImageCache, ImageError, _reason
 from tests.substrate.registry import Registry, build_busybox_image
+from tests.substrate.sif_images import build_sif, push_sif
 
 PASSWORD = "pw-" + os.urandom(8).hex()
+RIGHT = ("robot", PASSWORD)
+WRONG = ("robot", "wrong-" + PASSWORD)
 
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     work = tmp_path_factory.mktemp("private-registry")
-    reg = Registry(work, credentials=("robot", PASSWORD))
+    reg = Registry(work, credentials=RIGHT)
     reg.push(build_busybox_image(work / "image"), "1.36", "team/busybox:1.36")
+    push_sif(reg.address, build_sif(work / "sif"), "team/busybox-sif:1.0", RIGHT)
     yield reg
     reg.stop()
+
+
+def refs(private: Registry) -> dict[str, str]:
+    return {
+        "docker": f"docker://{private.address}/team/busybox:1.36",
+        "oras": f"oras://{private.address}/team/busybox-sif:1.0",
+    }
 
 
 def test_credentials_reach_skopeo_in_memory_only(
@@ -58,3 +72,108 @@ def test_no_credentials_for_a_private_registry_says_so(private: Registry, tmp_pa
     cache = ImageCache(tmp_path, (), (private.address,))
     with pytest.raises(ImageError, match="requires authentication and no credentials"):
         cache.get(f"docker://{private.address}/team/busybox:1.36")
+
+
+def refused(cache: ImageCache, ref: str, credentials: tuple[str, str] | None) -> str:
+    """The one line `cache.get` fails with, checked to hold no secret."""
+    with pytest.raises(ImageError) as info:
+        cache.get(ref, credentials)
+    message = str(info.value)
+    assert "\n" not in message
+    assert PASSWORD not in message
+    return message
+
+
+def test_a_private_sif_is_pulled_with_the_right_login_only(
+    private: Registry, tmp_path: Path
+) -> None:
+    ref = refs(private)["oras"]
+    cache = ImageCache(tmp_path, (), (private.address,))
+    assert refused(cache, ref, None).startswith(
+        f"pull of {ref} failed: the registry requires authentication and no credentials were "
+        "given ("
+    )
+    assert refused(cache, ref, WRONG).startswith(
+        f"pull of {ref} failed: authentication failed: the registry refused the credentials ("
+    )
+    assert not list(tmp_path.glob("sif/*"))
+    image = cache.get(ref, RIGHT)
+    assert not image.cached
+    assert (image.rootfs / "bin" / "busybox").is_file()
+    assert image.entrypoint == ("/.singularity.d/runscript",)
+
+
+@pytest.mark.parametrize("kind", ["docker", "oras"])
+def test_a_cached_private_image_is_given_only_to_a_login_the_registry_takes(
+    private: Registry, tmp_path: Path, kind: str
+) -> None:
+    ref = refs(private)[kind]
+    cache = ImageCache(tmp_path, (), (private.address,))
+    first = cache.get(ref, RIGHT)
+    assert not first.cached
+    assert "requires authentication and no credentials" in refused(cache, ref, None)
+    assert "authentication failed: the registry refused" in refused(cache, ref, WRONG)
+    again = cache.get(ref, RIGHT)
+    assert again.cached
+    assert again.rootfs == first.rootfs
+    # a new process (the agent restarted) knows nobody: it asks the registry first
+    restarted = ImageCache(tmp_path, (), (private.address,))
+    assert "requires authentication and no credentials" in refused(restarted, ref, None)
+    assert restarted.get(ref, RIGHT).cached
+    assert "authentication failed: the registry refused" in refused(restarted, ref, WRONG)
+
+
+@pytest.mark.parametrize("kind", ["docker", "oras"])
+def test_a_caller_without_the_login_does_not_share_a_pull_in_flight(
+    private: Registry, tmp_path: Path, kind: str
+) -> None:
+    """Callers waiting on one pull share its outcome only when they hold the same login."""
+    ref = refs(private)[kind]
+    cache = ImageCache(tmp_path, (), (private.address,))
+    outcomes: dict[str, object] = {}
+
+    def pull(name: str, login: tuple[str, str] | None) -> None:
+        try:
+            outcomes[name] = cache.get(ref, login)
+        except ImageError as exc:
+            outcomes[name] = exc
+
+    threads = [
+        threading.Thread(target=pull, args=(name, login))
+        for name, login in [("right", RIGHT), ("none", None), ("wrong", WRONG), ("again", RIGHT)]
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(outcomes["right"], Image)
+    assert isinstance(outcomes["again"], Image)
+    assert "requires authentication and no credentials" in str(outcomes["none"])
+    assert "authentication failed: the registry refused" in str(outcomes["wrong"])
+
+
+def test_an_image_pulled_anonymously_is_reused_without_asking_the_registry(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = f"docker://{registry.address}/busybox:1.36"
+    cache = ImageCache(tmp_path, (), (registry.address,))
+    assert not cache.get(ref).cached
+
+    def no_request(*_: object, **__: object) -> None:
+        raise AssertionError("the registry was asked about a public image")
+
+    monkeypatch.setattr("substrate.images.RegistryClient", no_request)
+    assert cache.get(ref).cached
+    assert cache.get(ref, RIGHT).cached  # anyone may have what was pulled without a login
+
+
+def test_skopeos_quoted_reason_is_given_without_its_escapes() -> None:
+    stderr = (
+        'time="2026-01-02T03:04:05Z" level=fatal msg="initializing source docker://x.io/a:1: '
+        'pinging container registry x.io: Get \\"https://x.io/v2/\\": dial tcp: lookup x.io: '
+        'no such host"\n'
+    )
+    assert _reason(stderr) == (
+        "initializing source docker://x.io/a:1: pinging container registry x.io: "
+        'Get "https://x.io/v2/": dial tcp: lookup x.io: no such host'
+    )

@@ -2,8 +2,9 @@
 `siftool`), the image cache that extracts a SIF's squashfs root with its owners shifted into
 the jobs' user namespace, and the agent running it under crun, confined like any image.
 
-Everything is real: SIFs built here (tests/substrate/sif_images.py), the local registry,
-the oras SDK, unsquashfs, crun and the agent over gRPC.
+Everything is real: SIFs built here (tests/substrate/sif_images.py), the local registry
+(pushed to with the oras SDK, pulled from by the agent's own client), unsquashfs, crun and the
+agent over gRPC. Registries that lie or fail: tests/substrate/test_oras_pulls.py.
 """
 
 from __future__ import annotations
