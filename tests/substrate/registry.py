@@ -11,7 +11,6 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 REQUIRED = ("umoci", "skopeo", "docker-registry", "bwrap", "crun", "busybox")
@@ -174,8 +173,6 @@ class Registry:
 
 def _bcrypt(password: str) -> str:
     """A bcrypt hash (the registry's htpasswd backend accepts only bcrypt)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt  # the system's libxcrypt; deprecated in Python, fine for a test
+    import bcrypt
 
-    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
