@@ -8,7 +8,6 @@ from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from .output import EXIT_USAGE, Format, die, out, print_json
 
@@ -91,6 +90,8 @@ def list_(
     output: Format = typer.Option(Format.text, "--output", "-o", help="text or json."),
 ) -> None:
     """List contexts; the current one is marked (tokens are never shown)."""
+    from rich.table import Table
+
     from .contexts import LOCAL, ContextFile
 
     contexts = ContextFile()

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, out, print_json
 
@@ -170,6 +169,8 @@ def compare(
 
 
 def _table(rows: list[dict[str, Any]], date: str) -> None:
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False, title=f"catalog of {date}", title_justify="left")
     for column in ("SITE", "INSTANCES", "COMPUTE $", "DATA $", "TOTAL $", "HOURS", "WHY NOT"):
         table.add_column(column, overflow="fold")
@@ -234,6 +235,8 @@ def show(
     """Say which catalog is in use (--catalog, $SQUALL_CATALOG, else the one shipped with
     Squall), the date and sources of each cloud's figures (with a warning when they are old),
     and per region how many types and the fee to the internet."""
+    from rich.table import Table
+
     catalog = _catalog(catalog_dir)
     clouds, warning = _freshness(catalog)
     regions = catalog.regions()
@@ -299,6 +302,8 @@ def search(
 
         squall catalog search --gpu H100 --fabric efa
     """
+    from rich.table import Table
+
     from federate.placement import gpu_matches
 
     catalog = _catalog(catalog_dir)

@@ -9,15 +9,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Group
-from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
 from .output import err
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 __all__ = ["TERMINAL", "render", "watch"]
 
@@ -59,6 +58,10 @@ def _tasks(job: dict[str, Any]) -> str:
 
 
 def render(summary: dict[str, Any], recent: list[dict[str, Any]]) -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     state = summary["state"]
     head = Text.from_markup(
         f"[bold]{escape(summary['name'])}[/]  [{_COLOUR.get(state, 'bold')}]{state}[/]"
@@ -121,6 +124,8 @@ def watch(fetch: Fetch, *, live: bool, interval: float = 0.25) -> dict[str, Any]
             if summary["state"] in TERMINAL:
                 return summary
             time.sleep(max(interval, 1.0))
+    from rich.live import Live
+
     summary, new = fetch()
     recent.extend(new)
     with Live(render(summary, list(recent)), console=err, refresh_per_second=8) as view:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
-import secrets
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +13,8 @@ from .live import TERMINAL, watch
 from .output import EXIT_INVALID, Format, die, err, print_json
 
 if TYPE_CHECKING:
+    import threading
+
     from orchestrator.engine import Engine
 
 __all__ = ["run", "start_local_engine"]
@@ -102,6 +100,11 @@ def run(
         squall run examples/hello.yaml
         squall run examples/pipeline.yaml --name me/pipeline-1 -o json | jq .state
     """
+    import getpass
+    import secrets
+    import signal
+    import threading
+
     from orchestrator.engine import request_cancel
     from orchestrator.errors import SquallError, describe
     from orchestrator.fuzzfile import load_text

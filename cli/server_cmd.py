@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import secrets
-import signal
-import threading
 from pathlib import Path
 
 import typer
@@ -52,6 +48,10 @@ def server(
         squall context create here --server 127.0.0.1:7433 \\
             --token-file "${SQUALL_DATA_DIR:-$HOME/.local/share/squall}/server-token"
     """
+    import logging
+    import signal
+    import threading
+
     from orchestrator.api import serve
     from orchestrator.errors import SquallError
 
@@ -81,6 +81,8 @@ def server(
 
 
 def _token(path: Path, *, create: bool) -> str:
+    import secrets
+
     if path.exists():
         token = path.read_text().strip()
         if not token:

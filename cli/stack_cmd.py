@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from .live import TERMINAL
 from .output import EXIT_INVALID, Format, die, err, out, print_json
@@ -49,6 +48,8 @@ def list_(
         squall stack list
         squall stack list --all -o json
     """
+    from rich.table import Table
+
     rows = _driver().ledger(everything=everything)
     if output is Format.json:
         print_json(rows)

@@ -4,19 +4,13 @@ machine's store or on a server (see `squall context`)."""
 from __future__ import annotations
 
 import os
-import queue
-import select
-import signal
-import socket
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from .output import EXIT_USAGE, Format, die, err, out, print_json
 
@@ -144,6 +138,8 @@ def list_(
     context: str | None = CONTEXT,
 ) -> None:
     """List runs, newest first."""
+    from rich.table import Table
+
     backend = _backend(context)
     rows = _guard(lambda: backend.runs(pattern))
     if output is Format.json:
@@ -259,6 +255,10 @@ def exec_(
         squall workflow exec me/train-1 trainer -- nvidia-smi
         squall workflow exec me/train-1 trainer --tty -- /bin/sh
     """
+    import queue
+    import signal
+    import threading
+
     from api.squall.v1 import control_pb2 as pb
 
     backend = _backend(context)
@@ -362,6 +362,11 @@ def port_forward(
     Each connection to LOCAL becomes one stream to REMOTE inside the job's network. Runs
     until Ctrl-C; prints `forwarding ADDRESS:PORT -> REMOTE` once it listens.
     """
+    import queue
+    import select
+    import socket
+    import threading
+
     from api.squall.v1 import control_pb2 as pb
 
     local, sep, remote = ports.partition(":")

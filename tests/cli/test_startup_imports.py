@@ -1,0 +1,86 @@
+"""The CLI imports what a command needs when it runs: `squall --help` and `squall workflow
+validate` start without the network, store and cloud libraries (issue 13's start-up goal;
+bench/cli_startup.py has the times). Checked in a fresh interpreter, not by timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+HELLO = ROOT / "examples" / "hello.yaml"
+
+# Never needed to print help or to validate a file.
+HEAVY = (
+    "grpc",
+    "google.protobuf",
+    "api.squall",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "boto3",
+    "botocore",
+    "httpx",
+    "pulumi",
+    "ruamel",
+    "orchestrator.engine",
+    "orchestrator.store",
+    "orchestrator.api",
+    "orchestrator.provision",
+    "federate",
+    "substrate",
+    "rich.live",
+)
+# Help needs no Fuzzfile machinery either.
+HELP_ONLY = ("pydantic", "yaml", "orchestrator")
+
+_RUN = """
+import json, sys
+sys.argv = ["squall", *json.loads(sys.argv[1])]
+from cli.main import main
+try:
+    main()
+except SystemExit:
+    pass
+finally:
+    with open(OUT, "w") as fh:
+        json.dump(sorted(sys.modules), fh)
+"""
+
+
+def modules_after(tmp_path: Path, *args: str) -> set[str]:
+    """The modules loaded by the time `squall ARGS` has finished, in a fresh interpreter."""
+    out = tmp_path / "modules.json"
+    code = f"OUT = {str(out)!r}\n" + _RUN
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(args))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(out.read_text()))
+
+
+def loaded(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def test_help_imports_no_heavy_library(tmp_path: Path) -> None:
+    modules = modules_after(tmp_path, "--help")
+    assert "cli.main" in modules
+    assert loaded(modules, HEAVY + HELP_ONLY) == []
+
+
+@pytest.mark.parametrize("args", [(str(HELLO),), ("-o", "json", str(HELLO))])
+def test_validate_imports_only_the_fuzzfile_machinery(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    modules = modules_after(tmp_path, "workflow", "validate", *args)
+    assert "orchestrator.fuzzfile.schema" in modules  # it did validate
+    assert loaded(modules, HEAVY) == []
