@@ -12,7 +12,14 @@ from google.protobuf import json_format
 
 from api.squall.v1 import control_pb2 as pb
 from api.squall.v1 import control_pb2_grpc as rpc
-from orchestrator.errors import Conflict, InvalidInput, NotFound, SquallError, UsageError
+from orchestrator.errors import (
+    CATEGORY_TRAILER,
+    Category,
+    SquallError,
+    UsageError,
+    category_of,
+    error_for,
+)
 
 from .contexts import Context
 from .live import TERMINAL
@@ -25,7 +32,7 @@ Summary = dict[str, Any]
 class ServerError(SquallError):
     """The server could not be reached, or refused for a reason that is not the input's."""
 
-    exit_code = 3
+    category = Category.SERVER
 
 
 class Backend(Protocol):
@@ -105,18 +112,22 @@ class LocalBackend:
 
 
 def _error(exc: grpc.RpcError, server: str) -> SquallError:
+    """A failed call as the error of its category (`orchestrator.errors.ERRORS`): the status
+    and the category the server sent with it."""
     code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(details)
-    if code in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
-        return Conflict(details)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput(details)
+    trailers = getattr(exc, "trailing_metadata", lambda: None)() or ()
+    sent = next((str(v) for k, v in trailers if k == CATEGORY_TRAILER), None)
+    category = category_of(code.name, sent)
+    if category not in (Category.SERVER, Category.INTERNAL):
+        return error_for(category, details)
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return ServerError(f"{server} refused the token: {details}")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ServerError(f"cannot reach the server at {server}: {details}")
-    return ServerError(f"{server}: {code.name}: {details}")
+        error = ServerError(f"{server} refused the token: {details}")
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        error = ServerError(f"cannot reach the server at {server}: {details}")
+    else:
+        error = ServerError(f"{server}: {code.name}: {details}")
+    error.category = category
+    return error
 
 
 def _summary(message: pb.Workflow) -> Summary:

@@ -32,7 +32,16 @@ from substrate.client import connect
 
 from .data import TransferError
 from .data.staging import Staging
-from .errors import Conflict, InvalidInput, SquallError, StoreError, describe, rpc_gist
+from .errors import (
+    AlreadyExists,
+    Category,
+    Conflict,
+    InvalidInput,
+    SquallError,
+    StoreError,
+    describe,
+    rpc_gist,
+)
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
 from .placing import Placement
@@ -66,6 +75,8 @@ def identity() -> str:
 
 class PullError(SquallError):
     """An image of the workflow could not be pulled on a node; says which and why."""
+
+    category = Category.PULL
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +152,7 @@ class Engine:
             with self.store.session() as s:
                 s.add(run)
         except IntegrityError:
-            raise Conflict(f"a run named {name!r} exists already; pick another name") from None
+            raise AlreadyExists(f"a run named {name!r} exists already; pick another name") from None
         return run_id
 
     def _check_secrets(self, wf: Workflow) -> None:

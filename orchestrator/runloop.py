@@ -122,6 +122,7 @@ class RunLoop:
         self.service_host: dict[str, str] = {}
         self.unplaceable: dict[str, str] = {}  # job -> why the last node refused it
         self.refused: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes now full
+        self.too_small: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes never
         self.ids: dict[TaskKey, tuple[int, int]] = {}  # task row id, job row id
         self.attempts: dict[TaskKey, int] = {}  # attempts made so far
         self.keys: defaultdict[str, list[TaskKey]] = defaultdict(list)  # tasks of each job
@@ -146,6 +147,8 @@ class RunLoop:
                 for name in decision.stop:
                     self._stop_service(name)
                 started = self._start_all(decision.start)
+                if self._fail_never_fits(decision.start):
+                    continue  # decide again: what depends on it is skipped
                 if decision.done and not self.active:
                     break
                 if not self.active and not started and not decision.skip:
@@ -280,6 +283,17 @@ class RunLoop:
                         self.phase[TaskKey(name, task.index)] = Phase.FAILED
                 s.add(Event(run_id=self.run_id, kind="job", subject=name, message=job.reason))
 
+    def _fail_never_fits(self, keys: list[TaskKey]) -> bool:
+        """Fail at once, with the reason, the jobs that every node refused as too large for
+        it (not for lack of room now, which waits); whether there were any."""
+        names = sorted(
+            {k.name for k in keys if len(self.too_small[k.name]) == len(self.stubs)}
+            - self.jobs_ended
+        )
+        if names:
+            self._fail_unplaceable([k for k in keys if k.name in names])
+        return bool(names)
+
     # ---- starting -------------------------------------------------------------------------
 
     def _start_all(self, keys: list[TaskKey]) -> int:
@@ -319,6 +333,8 @@ class RunLoop:
                 ):
                     self.unplaceable[key.name] = exc.details() or exc.code().name
                     self.refused[key.name].add(node)
+                    if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self.too_small[key.name].add(node)  # never fits there: not asked again
                     continue  # full, or too small: try the next node, or later
                 raise
             self._launch(key, container, node, lease.id)
@@ -490,8 +506,9 @@ class RunLoop:
 
     def _finish(self, active: _Active, status: Any) -> None:
         del self.active[active.key]
-        for nodes in self.refused.values():
-            nodes.discard(active.node)  # it has room again
+        for name, nodes in self.refused.items():
+            if active.node not in self.too_small[name]:
+                nodes.discard(active.node)  # it has room again
         with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
             self.stubs[active.node].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=active.lease_id))
         ok, code, message = _outcome(status)

@@ -8,6 +8,10 @@ decides whether the task sees every hardware thread or one per core. `affinity` 
   the fullest such group is used (best fit, which keeps large groups whole for large jobs);
   otherwise groups are taken largest first, which needs the fewest groups.
 
+A refusal says whether waiting can help: `LeaseError` (no room now: what is held must be
+released first), `LeaseNeverFits` (this node is too small for the request, whatever it holds)
+and `BadLeaseRequest` (the request itself is malformed).
+
 The table is pure bookkeeping with an injected clock; the agent stops the tasks of expired
 leases before it releases them.
 """
@@ -24,7 +28,15 @@ from dataclasses import dataclass, field, replace
 
 from .inventory import Cpu, Inventory
 
-__all__ = ["Lease", "LeaseError", "LeaseSpec", "LeaseTable", "NoSuchLease"]
+__all__ = [
+    "BadLeaseRequest",
+    "Lease",
+    "LeaseError",
+    "LeaseNeverFits",
+    "LeaseSpec",
+    "LeaseTable",
+    "NoSuchLease",
+]
 
 DEFAULT_TTL = 30.0
 DEVICE_VENDORS = {"nvidia.com/gpu": "nvidia", "amd.com/gpu": "amd"}
@@ -32,6 +44,15 @@ DEVICE_VENDORS = {"nvidia.com/gpu": "nvidia", "amd.com/gpu": "amd"}
 
 class LeaseError(Exception):
     """The node cannot grant the lease now; the message says what is short."""
+
+
+class LeaseNeverFits(LeaseError):
+    """The node can never grant the lease, however much is free: it asks for more cores,
+    memory or devices than the node has."""
+
+
+class BadLeaseRequest(LeaseNeverFits):
+    """The request is malformed (no cores, an unknown affinity): no node grants it."""
 
 
 class NoSuchLease(LeaseError):
@@ -94,11 +115,9 @@ class LeaseTable:
             raise NoSuchLease(f"no lease {lease_id!r} (released or expired?)") from None
 
     def acquire(self, spec: LeaseSpec) -> Lease:
-        """Grant `spec` or raise `LeaseError` saying what is short."""
-        if spec.cores < 1:
-            raise LeaseError("a lease needs at least one core")
-        if spec.affinity not in ("CORE", "SOCKET", "NUMA"):
-            raise LeaseError(f"unknown affinity {spec.affinity!r}; use CORE, SOCKET or NUMA")
+        """Grant `spec` or raise `LeaseError` saying what is short (`LeaseNeverFits` when
+        the node is too small for it, `BadLeaseRequest` when it is malformed)."""
+        self._check_fits(spec)
         with self._lock:
             if any(lease.exclusive for lease in self._leases.values()):
                 raise LeaseError("the node is held by an exclusive lease")
@@ -154,6 +173,25 @@ class LeaseTable:
         now = self.clock()
         with self._lock:
             return [lease for lease in self._leases.values() if lease.expires_at <= now]
+
+    def _check_fits(self, spec: LeaseSpec) -> None:
+        """Refuse what this node could not grant even with nothing held."""
+        if spec.cores < 1:
+            raise BadLeaseRequest("a lease needs at least one core")
+        if spec.affinity not in ("CORE", "SOCKET", "NUMA"):
+            raise BadLeaseRequest(f"unknown affinity {spec.affinity!r}; use CORE, SOCKET or NUMA")
+        if spec.cores > len(self._cores):
+            raise LeaseNeverFits(f"asked for {spec.cores} cores; this node has {len(self._cores)}")
+        memory = spec.memory_bytes * (spec.cores if spec.memory_by_core else 1)
+        if memory > self.inventory.memory_bytes:
+            raise LeaseNeverFits(
+                f"asked for {memory} bytes of memory; this node has {self.inventory.memory_bytes}"
+            )
+        for kind, count in spec.devices.items():
+            vendor = DEVICE_VENDORS.get(kind)
+            have = sum(1 for g in self.inventory.gpus if vendor and g.vendor == vendor)
+            if count > have:
+                raise LeaseNeverFits(f"asked for {count} {kind}; this node has {have}")
 
     # ---- choosing -----------------------------------------------------------------
 

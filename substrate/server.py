@@ -2,7 +2,8 @@
 
 `create_server(agent, address)` returns the started server and its bound port, so tests bind
 port 0. Errors map to precise status codes: UNAUTHENTICATED, NOT_FOUND, RESOURCE_EXHAUSTED
-(a lease the node cannot grant), FAILED_PRECONDITION, INVALID_ARGUMENT, UNIMPLEMENTED.
+(a lease the node cannot grant now), FAILED_PRECONDITION (a lease larger than the node, or a
+task that cannot run), INVALID_ARGUMENT (a malformed request), UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from api.substrate.v1 import agent_pb2_grpc as rpc
 from .agent import Agent
 from .auth import TokenAuth
 from .images import ImageError
-from .leases import Lease, LeaseError, LeaseSpec, NoSuchLease
+from .leases import BadLeaseRequest, Lease, LeaseError, LeaseNeverFits, LeaseSpec, NoSuchLease
 from .logstore import STDERR, STDOUT
 from .runtimes import RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec, MountSpec
@@ -85,6 +86,10 @@ def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
     def abort(context: Any, exc: Exception) -> None:
         if isinstance(exc, NoSuchLease | NoSuchTask | FileNotFoundError):
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        if isinstance(exc, BadLeaseRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, LeaseNeverFits):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if isinstance(exc, LeaseError):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if isinstance(exc, TaskError | RuntimeRefused):

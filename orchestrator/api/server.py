@@ -1,10 +1,9 @@
 """`squall server`: the control-plane API over gRPC, running each started workflow in a thread
 of this process (its owner), with the same engine and store as `squall run`.
 
-Errors map to status codes by category: NotFound -> NOT_FOUND, Conflict ->
-FAILED_PRECONDITION (ALREADY_EXISTS for a taken name), other InvalidInput ->
-INVALID_ARGUMENT; anything unexpected is INTERNAL with its message (a database error's without
-its SQL), and logged.
+Errors map to status codes by category, by the one table in `orchestrator.errors` (`ERRORS`),
+and carry their category's name in the `squall-category` trailer; anything unexpected is
+INTERNAL with its message (a database error's without its SQL), and logged.
 
 Whatever a client sends, the server answers and goes on serving: a Fuzzfile is validated
 at a bounded cost (`orchestrator.fuzzfile.limits`), one that is not UTF-8 gets a diagnostic
@@ -33,7 +32,7 @@ from substrate.auth import TokenAuth
 
 from ..access import RunAccess
 from ..engine import TERMINAL, Engine, request_cancel
-from ..errors import Conflict, InvalidInput, NotFound, SquallError, describe
+from ..errors import CATEGORY_TRAILER, InvalidInput, NotFound, SquallError, describe, status_of
 from ..fuzzfile import FuzzfileError
 from ..fuzzfile.limits import MAX_FUZZFILE_BYTES
 from ..fuzzfile.loader import load_bytes
@@ -72,26 +71,18 @@ def _details(message: str) -> str:
     return "\n".join(kept)
 
 
-def _code(exc: SquallError) -> grpc.StatusCode:
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, Conflict):
-        if "exists already" in str(exc):
-            return grpc.StatusCode.ALREADY_EXISTS
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
-
-
 def _status_codes(method: F) -> F:
     """Turn Squall's errors into gRPC status codes, for unary and streaming methods."""
 
     def fail(context: Any, exc: Exception) -> None:
         if isinstance(exc, SquallError):
-            context.abort(_code(exc), _details(str(exc)))
-        log.exception("%s failed", method.__name__)
-        context.abort(grpc.StatusCode.INTERNAL, _details(describe(exc)))
+            message = str(exc)  # written for people, diagnostics on lines of their own
+        else:
+            log.exception("%s failed", method.__name__)
+            message = describe(exc)
+        status, category = status_of(exc)
+        context.set_trailing_metadata(((CATEGORY_TRAILER, category.value),))
+        context.abort(grpc.StatusCode[status], _details(message))
 
     @functools.wraps(method)
     def unary(self: Any, request: Any, context: Any) -> Any:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SquallError
+from ..errors import Category, SquallError
 
 __all__ = [
     "RemoteFacts",
@@ -43,6 +43,8 @@ CHUNK = 1 << 20
 
 class TransferError(SquallError):
     """A transfer that failed after its retries; the message names the source and the cause."""
+
+    category = Category.TRANSFER
 
 
 @dataclass(frozen=True, slots=True)

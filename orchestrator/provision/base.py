@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import SquallError
+from ..errors import Category, SquallError
 
 __all__ = ["AgentEndpoint", "Cluster", "NodeSlice", "ProvisionError", "Provisioner"]
 
 
 class ProvisionError(SquallError):
     """A cluster could not be brought up (nothing of it is left running) or taken down."""
+
+    category = Category.PROVISION
 
 
 @dataclass(frozen=True, slots=True)

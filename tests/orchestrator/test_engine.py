@@ -195,3 +195,38 @@ def test_a_job_no_node_can_hold_fails_with_the_reason_and_the_rest_runs(engine: 
         assert jobs["huge"].state is TaskState.FAILED
         assert jobs["huge"].reason.startswith("cannot be placed: ")
         assert jobs["fine"].state is TaskState.FINISHED
+
+
+def test_a_job_too_large_for_every_node_fails_at_once_and_one_short_of_room_waits(
+    engine: Engine,
+) -> None:
+    outcome = engine.run(
+        "user/at-once",
+        fuzzfile(f"""
+        jobs:
+          slow:
+            {IMAGE}
+            command: [sleep, "2"]
+            resource: {{cpu: {{cores: 1}}, exclusive: true}}
+          waits:
+            {IMAGE}
+            command: [/bin/true]
+          huge:
+            {IMAGE}
+            command: [/bin/true]
+            resource: {{cpu: {{cores: 64}}}}
+    """),
+    )
+    assert outcome.reason == "failed: huge"
+    with engine.store.session() as s:
+        events = s.scalars(
+            select(Event).where(Event.run_id == outcome.run_id).order_by(Event.id)
+        ).all()
+        said = [(e.subject, e.message) for e in events]
+        jobs = {j.name: j for j in s.scalars(select(Job).where(Job.run_id == outcome.run_id))}
+    assert jobs["waits"].state is TaskState.FINISHED
+    huge = said.index(("huge", "cannot be placed: asked for 64 cores; this node has 2"))
+    slow = said.index(("slow[0]", "attempt 1: exited (exit 0)"))
+    waits = said.index(("waits[0]", "attempt 1: exited (exit 0)"))
+    assert huge < slow  # at once, not when the node fell idle
+    assert slow < waits  # no room while `slow` held the node: it waited, and ran

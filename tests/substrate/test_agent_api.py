@@ -161,7 +161,9 @@ def test_release_stops_running_tasks(agent: Running) -> None:
 def test_errors_have_precise_codes(agent: Running) -> None:
     stub = agent.stub
     too_big = pb.AcquireLeaseRequest(holder="t", cores=1000)
-    assert code_of(lambda: stub.AcquireLease(too_big)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code_of(lambda: stub.AcquireLease(too_big)) == grpc.StatusCode.FAILED_PRECONDITION
+    no_cores = pb.AcquireLeaseRequest(holder="t", cores=0)
+    assert code_of(lambda: stub.AcquireLease(no_cores)) == grpc.StatusCode.INVALID_ARGUMENT
     run = pb.RunRequest(lease_id="nope", command=["true"], runtime="process")
     assert code_of(lambda: stub.Run(run)) == grpc.StatusCode.NOT_FOUND
     assert (
@@ -416,3 +418,14 @@ def test_exec_terminal_resize(agent: Running) -> None:
     )
     assert code == 0
     assert out.split() == [b"40", b"132"]
+
+
+def test_a_lease_with_no_room_now_is_resource_exhausted(agent: Running) -> None:
+    if agent.stub.ListLeases(pb.ListLeasesRequest()).leases:  # another test's: no room now
+        assert code_of(lambda: agent.lease(exclusive=True)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return
+    held = agent.lease(exclusive=True)
+    try:
+        assert code_of(lambda: agent.lease()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        agent.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.id))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from substrate.inventory import Cpu, Gpu, Inventory
-from substrate.leases import LeaseError, LeaseSpec, LeaseTable, NoSuchLease
+from substrate.leases import (
+    BadLeaseRequest,
+    LeaseError,
+    LeaseNeverFits,
+    LeaseSpec,
+    LeaseTable,
+    NoSuchLease,
+)
 
 GiB = 2**30
 
@@ -159,3 +166,21 @@ def test_expiry_and_renewal() -> None:
 def test_bad_requests(cores: int, affinity: str, error: str) -> None:
     with pytest.raises(LeaseError, match=error):
         LeaseTable(node()).acquire(LeaseSpec("a", cores=cores, affinity=affinity))
+
+
+def test_a_request_the_node_can_never_grant_is_told_apart_from_no_room_now() -> None:
+    table = LeaseTable(node())
+    held = table.acquire(LeaseSpec("a", cores=15))
+    with pytest.raises(LeaseError) as now:  # waits: cores come free when `a` ends
+        table.acquire(LeaseSpec("b", cores=2))
+    assert not isinstance(now.value, LeaseNeverFits)
+    table.release(held.id)
+    table.acquire(LeaseSpec("x", exclusive=True))  # the answer does not depend on what is held
+    with pytest.raises(LeaseNeverFits, match="asked for 17 cores; this node has 16"):
+        table.acquire(LeaseSpec("b", cores=17))
+    with pytest.raises(LeaseNeverFits, match="bytes of memory; this node has"):
+        table.acquire(LeaseSpec("b", cores=2, memory_bytes=40 * GiB, memory_by_core=True))
+    with pytest.raises(LeaseNeverFits, match=r"asked for 3 nvidia\.com/gpu; this node has 2"):
+        table.acquire(LeaseSpec("b", devices={"nvidia.com/gpu": 3}))
+    with pytest.raises(BadLeaseRequest):
+        table.acquire(LeaseSpec("b", cores=0))
