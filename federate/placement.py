@@ -48,6 +48,8 @@ class Site:
     types: tuple[InstanceType, ...] = ()
     max_nodes: int | None = None  # on-prem: how many nodes there are
     free_from: frozenset[str] = frozenset()  # places (str(Place)) it reads without fees
+    # what it cannot run yet, declared by its provider: (feature of a workload, why) pairs
+    cannot: tuple[tuple[str, str], ...] = ()
 
     @property
     def place(self) -> Place:
@@ -304,7 +306,10 @@ def estimate(
     *,
     free_allowance: bool = False,
 ) -> SiteEstimate:
-    est = SiteEstimate(site=site, feasible=True, reasons=_policy_reasons(site, workload, policy))
+    gaps = [why for feature, why in site.cannot if feature in workload.features]
+    est = SiteEstimate(
+        site=site, feasible=True, reasons=[*gaps, *_policy_reasons(site, workload, policy)]
+    )
     plans: dict[tuple[object, ...], tuple[JobPlan | None, str]] = {}  # DAGs repeat shapes
     for job in workload.jobs:
         shape = _shape(job)

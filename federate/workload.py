@@ -60,3 +60,5 @@ class Workload:
     jobs: tuple[JobNeeds, ...]
     data: tuple[DataMove, ...] = ()
     tags: frozenset[str] = field(default_factory=frozenset)
+    # what it uses that a site may not offer yet (`volumes`, `multinode`); see Site.cannot
+    features: frozenset[str] = field(default_factory=frozenset)

@@ -235,11 +235,6 @@ class Engine:
         refused = ""
         if site != self.provisioner.site and not cloud:
             refused = _not_here(placement, self.provisioner.site)
-        elif cloud and wf.volumes:
-            refused = (
-                f"federation placed it on {site}, and volumes on cloud sites are not "
-                "supported yet (only on this machine): run it with --site local"
-            )
         nodes = [] if cloud or refused else self.nodes(wf)
         if nodes:
             placement["nodes"] = [

@@ -120,4 +120,7 @@ def workload_of(
                 moves.append(
                     DataMove(direction, uri, _place(uri, location, tags, buckets), size, how)
                 )
-    return Workload(name, tuple(jobs), tuple(moves))
+    features = {"volumes"} if wf.volumes else set()
+    if any(c.multinode for c in wf.containers.values()):
+        features.add("multinode")
+    return Workload(name, tuple(jobs), tuple(moves), features=frozenset(features))

@@ -36,7 +36,8 @@ from .data import RemoteFacts, describe
 from .errors import UsageError
 from .federation import workload_of
 from .fuzzfile.model import Workflow
-from .provision import this_machine
+from .provision import LocalProvisioner, this_machine
+from .provision.cloud import CloudProvisioner
 from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
@@ -150,7 +151,7 @@ class Placer:
         try:
             policy = load_policy(self.policy_file) if self.policy_file else Policy()
             catalog = open_catalog(self.catalog_dir)
-            sites = self._sites(catalog)
+            sites = [_with_gaps(site) for site in self._sites(catalog)]
             buckets = bucket_locations(self.sites_file) if self.sites_file else {}
         except (PolicyError, OSError, ValueError) as exc:
             raise UsageError(f"cannot place {name}: {exc}") from None
@@ -225,6 +226,12 @@ class Placer:
     def _look(self, uri: str, secret: str | None) -> RemoteFacts:
         credentials = self.secrets.credentials(secret) if secret and self.secrets else None
         return describe(uri, credentials=credentials, ca_file=self.ca_file)
+
+
+def _with_gaps(site: Site) -> Site:
+    """`site` with what its provider declares it cannot run yet (federation reads it)."""
+    cannot = {"local": LocalProvisioner.cannot, "cloud": CloudProvisioner.cannot}.get(site.kind)
+    return replace(site, cannot=tuple(cannot.items())) if cannot else site
 
 
 def candidate_sites(catalog: Catalog | None, sites_file: Path | None) -> list[Site]:

@@ -9,7 +9,9 @@ For each workflow, in the order the engine meets them: refused at validation (wi
 file, line, field and why), refused when submitted (what the engine cannot run yet), or
 placed by federation, the same code PLACING runs, with the catalog shipped with Squall and
 no policy: "runs here" when this machine is the choice, else the cloud region, instance
-types and price it would run at. "Here" is a reference machine (CORES, MEMORY_GIB), so the
+types and price it would run at; "no site can run it yet" when only what a site's provider
+declares it cannot do yet (cloud nodes get no volumes yet) keeps it out, with the site it
+would go to then. "Here" is a reference machine (CORES, MEMORY_GIB), so the
 table does not change with the machine that writes it. Secrets a workflow needs before it
 starts, and SIF images (run under crun), are named.
 
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from federate.catalog import Catalog  # noqa: E402
-from federate.placement import Site, cloud_sites  # noqa: E402
+from federate.placement import Site, SiteEstimate, cloud_sites  # noqa: E402
 from federate.sites import local_site  # noqa: E402
 from orchestrator.engine import unsupported  # noqa: E402
 from orchestrator.fuzzfile import LoadResult, load_file, load_text  # noqa: E402
@@ -84,17 +86,32 @@ def describe(name: str, result: LoadResult) -> Row:
     comparison = _ReferencePlacer(look_up_sources=False).compare(wf, "corpus/" + name)
     chosen = comparison.chosen
     if chosen is None:
+        # the sites that only a gap their provider declares keeps out: where it would go next
+        waiting = [
+            e
+            for e in comparison.estimates
+            if e.reasons and set(e.reasons) <= {why for _, why in e.site.cannot}
+        ]
+        if waiting:
+            best = min(waiting, key=lambda e: e.total_usd)
+            then = f"then {best.site.name} for ${best.total_usd:,.2f} ({_shapes(best)})"
+            return Row(
+                name, f"no site can run it yet: {best.reasons[0]}", "; ".join([then, *notes])
+            )
         reasons = sorted({r for e in comparison.estimates for r in e.reasons})
         return Row(name, "no site can run it", "; ".join(reasons[:3] + notes))
     if chosen.site.name == "local":
         return Row(name, "runs here", "; ".join(notes) or "")
-    shapes = ", ".join(sorted({f"{p.job}: {p.instance} x{p.nodes}" for p in chosen.jobs}))
     price = f"${chosen.total_usd:,.2f}"
     return Row(
         name,
         f"would run at {chosen.site.name} for {price}",
-        "; ".join([shapes, *notes]),
+        "; ".join([_shapes(chosen), *notes]),
     )
+
+
+def _shapes(e: SiteEstimate) -> str:
+    return ", ".join(sorted({f"{p.job}: {p.instance} x{p.nodes}" for p in e.jobs}))
 
 
 def rows() -> Iterator[Row]:

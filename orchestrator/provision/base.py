@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,9 +44,12 @@ class Cluster:
 
 
 class Provisioner(Protocol):
-    """Brings a cluster up for a run and always takes it down again."""
+    """Brings a cluster up for a run and always takes it down again. `cannot` declares what
+    its sites cannot run yet (a workflow feature -> why); federation reads it, so such a site
+    is an infeasible candidate with its reason, never a refusal after PLACING."""
 
     site: str
+    cannot: Mapping[str, str]
 
     def up(self, run_id: str, nodes: list[NodeSlice]) -> Cluster:
         """Start one agent per node; on failure, stop what started and raise."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -75,6 +76,12 @@ class CloudSettings:
 
 
 class CloudProvisioner:
+    """A cluster of cloud VMs per run, as a Pulumi stack (a site is `CLOUD:REGION`)."""
+
+    cannot: Mapping[str, str] = {
+        "volumes": "volumes are not carried to cloud nodes yet (this machine has them)",
+    }
+
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
         self.stacks = stacks
         self.settings = settings

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,7 @@ class LocalProvisioner:
     """Starts and stops agent processes under `root/<run id>/<node>`."""
 
     site = "local"
+    cannot: Mapping[str, str] = {}  # this machine runs whatever the engine does
 
     def __init__(
         self,

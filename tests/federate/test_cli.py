@@ -9,6 +9,7 @@ from pathlib import Path
 
 CATALOG = str(Path(__file__).resolve().parents[1] / "catalog")
 SQUALL = str(Path(sys.executable).parent / "squall")
+GAP = "volumes are not carried to cloud nodes yet (this machine has them)"
 
 WORKFLOW = """version: v4
 volumes:
@@ -46,12 +47,17 @@ def test_compare_follows_the_data_and_explains_itself(tmp_path: Path) -> None:
         CATALOG,
         "--bucket",
         "genomes=aws:us-west-2",
+        "--clouds-only",
         "-o",
         "json",
     )
-    assert near.returncode == 0, near.stderr
+    # the data's own region is the cheapest; but cloud nodes get no volumes yet, which the
+    # cloud provider declares, so no cloud site can take it today, and compare says why
+    assert near.returncode == 1, near.stderr
     sites = json.loads(near.stdout)["sites"]
     assert sites[0]["site"] == "aws:us-west-2"
+    assert sites[0]["total_usd"] == min(r["total_usd"] for r in sites)
+    assert sites[0]["reasons"] == [GAP]
     assert sites[0]["jobs"][0]["instance"] == "c8in.12xlarge"
     # the runtime is annotated; the size is an annotation, not metadata: a guess, said so
     assert sites[0]["guesses"] == ["s3://genomes/reads.tar: size from annotation"]
@@ -67,18 +73,26 @@ def test_compare_follows_the_data_and_explains_itself(tmp_path: Path) -> None:
         "genomes=aws:us-west-2",
         "--policy",
         str(policy),
+        "--clouds-only",
         "-o",
         "json",
     )
     rows = json.loads(limited.stdout)["sites"]
-    assert rows[0]["site"].startswith("gcp:")
     aws = next(r for r in rows if r["site"] == "aws:us-west-2")
-    assert aws["reasons"] == ["policy: cloud aws is not allowed"]
+    assert aws["reasons"] == [GAP, "policy: cloud aws is not allowed"]
+    assert all(r["reasons"] == [GAP] for r in rows if r["site"].startswith("gcp:"))
     text = squall(
-        "federate", "compare", str(wf), "--catalog", CATALOG, "--bucket", "genomes=aws:us-west-2"
+        "federate",
+        "compare",
+        str(wf),
+        "--catalog",
+        CATALOG,
+        "--bucket",
+        "genomes=aws:us-west-2",
+        "--clouds-only",
     )
-    assert "chosen: aws:us-west-2" in text.stdout
-    assert "size from annotation" in text.stdout
+    assert text.returncode == 1
+    assert "no site is feasible" in text.stdout
 
 
 def test_bad_policy_is_clear_and_no_flags_needs_no_catalog(tmp_path: Path) -> None:
@@ -95,10 +109,10 @@ def test_bad_policy_is_clear_and_no_flags_needs_no_catalog(tmp_path: Path) -> No
         text=True,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
-    assert bare.returncode == 0, bare.stderr
+    assert bare.returncode in (0, 1), bare.stderr  # 1: this machine is too small for it
     found = json.loads(bare.stdout)
     assert (found["catalog"], found["catalog_date"]) == ("shipped with Squall", "2026-04-02")
-    assert found["chosen"] == found["sites"][0]["site"]
+    assert found["chosen"] in (None, "local")  # clouds take no volumes yet
     assert {r["site"] for r in found["sites"]} >= {"local", "aws:us-east-1", "gcp:us-central1"}
 
 

@@ -75,6 +75,6 @@ def test_services_are_priced_and_this_machine_wins_a_tie(bare: Path) -> None:
     small = compare(bare / "cloudcommander.yaml")
     assert small["chosen"] == "local"  # free here, and it fits
     gpu = compare(bare / "nim_flux_webui.yaml")
-    cloud = next(s for s in gpu["sites"] if ":" in s["site"] and s["feasible"])
+    cloud = next(s for s in gpu["sites"] if ":" in s["site"])  # priced, feasible or not
     assert {j["job"] for j in cloud["jobs"]} == {"nim", "nim-stub", "open-webui"}
     assert cloud["compute_usd"] > 0

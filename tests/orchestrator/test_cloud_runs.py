@@ -165,14 +165,19 @@ def test_without_the_cli_a_cloud_placement_fails_at_once_in_one_line(engine, mon
         assert s.scalars(select(Stack)).all() == []
 
 
-def test_volumes_are_refused_on_a_cloud_site_before_anything_starts(engine, fake_pulumi):
+def test_volumes_make_a_cloud_site_infeasible_and_nothing_starts(engine, fake_pulumi):
+    """The cloud provider declares that its nodes get no volumes yet; federation reads it, so
+    the forced cloud site is no candidate, with that reason, and no stack is made."""
     text = two_jobs("echo second") + textwrap.dedent("""
         volumes:
           scratch: {reference: volume://user/ephemeral}
     """)
     outcome = engine.run("me/cloud-volumes", text)
     assert outcome.state is RunState.FAILED
-    assert "volumes on cloud sites are not supported yet" in outcome.reason
+    assert outcome.reason == (
+        "no site is feasible (aws:us-east-2: volumes are not carried to cloud nodes yet "
+        "(this machine has them))"
+    )
     assert "up" not in fake_pulumi.verbs()
 
 
