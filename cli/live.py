@@ -41,10 +41,6 @@ def _elapsed(summary: dict[str, Any]) -> str:
         return ""
     begin = datetime.fromisoformat(start)
     end = datetime.fromisoformat(summary["finished_at"]) if summary.get("finished_at") else None
-    if begin.tzinfo is None:
-        begin = begin.replace(tzinfo=UTC)
-    if end is not None and end.tzinfo is None:
-        end = end.replace(tzinfo=UTC)
     seconds = ((end or datetime.now(UTC)) - begin).total_seconds()
     return f"{seconds:.1f}s"
 

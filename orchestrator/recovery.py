@@ -40,8 +40,6 @@ def _owner_alive(owner: str, heartbeat: datetime | None, now: datetime) -> bool:
         return True
     if heartbeat is None:
         return False
-    if heartbeat.tzinfo is None:  # SQLite hands back naive UTC
-        heartbeat = heartbeat.replace(tzinfo=UTC)
     return now - heartbeat < STALE
 
 
@@ -59,7 +57,7 @@ def orphaned_runs(store: Store) -> list[str]:
         if owner:
             if not _owner_alive(owner, heartbeat, now):
                 orphans.append(run_id)
-        elif created.replace(tzinfo=created.tzinfo or UTC) < now - STALE:
+        elif created < now - STALE:
             orphans.append(run_id)  # submitted, never picked up, long ago
     return orphans
 

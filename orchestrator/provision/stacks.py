@@ -259,7 +259,7 @@ class StackDriver:
                 for st, run in rows
                 if run is None
                 or run.state in RUN_ENDED
-                or (st.expires_at is not None and _aware(st.expires_at) <= now)
+                or (st.expires_at is not None and st.expires_at <= now)
             ]
 
     def name_of(self, run_or_stack: str) -> str:
@@ -275,10 +275,6 @@ class StackDriver:
             if row is None:
                 raise ProvisionError(f"no stack for {run_or_stack!r} in the ledger")
             return row.name
-
-
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _lines(report: Report) -> Callable[[str], None]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, StatementError
 
 from orchestrator.store import (
     Attempt,
@@ -69,6 +70,30 @@ def test_a_run_with_jobs_tasks_attempts_and_events_survives_reopening(store_url:
         assert s.scalar(select(Job).where(Job.run_id == run.id)) is None
         assert s.scalar(select(Event).where(Event.run_id == run.id)) is None
     again.close()
+
+
+def test_times_come_back_aware_and_in_utc_and_naive_ones_are_refused(store_url: str) -> None:
+    """One column type for every timestamp: SQLite keeps no zone, PostgreSQL does; either
+    way a time reads back aware, in UTC, equal to what was written; a naive time (whose zone
+    nobody knows) is refused rather than stored as if it were UTC."""
+    store = Store(store_url)
+    paris = datetime(2026, 12, 3, 9, 30, tzinfo=timezone(timedelta(hours=1)))
+    run = new_run(heartbeat_at=paris)
+    with store.session() as s:
+        s.add(run)
+    with store.session() as s:
+        loaded = s.get_one(Run, run.id)
+        assert loaded.heartbeat_at == paris
+        assert loaded.heartbeat_at.tzinfo is UTC
+        assert loaded.heartbeat_at.hour == 8
+        assert loaded.created_at.tzinfo is UTC
+    naive = datetime(2026, 12, 3, 9, 30)
+    with (
+        pytest.raises(StatementError, match="a naive datetime cannot be stored"),
+        store.session() as s,
+    ):
+        s.add(new_run(heartbeat_at=naive))
+    store.close()
 
 
 def test_constraints_hold(store_url: str) -> None:
