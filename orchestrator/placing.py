@@ -234,7 +234,7 @@ def _with_gaps(site: Site) -> Site:
     return replace(site, cannot=tuple(cannot.items())) if cannot else site
 
 
-def candidate_sites(catalog: Catalog | None, sites_file: Path | None) -> list[Site]:
+def candidate_sites(catalog: Catalog, sites_file: Path | None) -> list[Site]:
     """This machine, the on-prem sites of `sites_file`, and the catalog's cloud regions."""
     machine = this_machine()
     sites = [
@@ -247,9 +247,7 @@ def candidate_sites(catalog: Catalog | None, sites_file: Path | None) -> list[Si
     ]
     if sites_file is not None:
         sites += onprem_sites(sites_file)
-    if catalog is not None:
-        sites += cloud_sites(catalog)
-    return sites
+    return sites + cloud_sites(catalog)
 
 
 def _brief(e: SiteEstimate) -> dict[str, Any]:
