@@ -18,6 +18,7 @@ import contextlib
 import os
 import shlex
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ class Cgroups:
         self.root = root
         self.parent = Path("squall") / agent_id
         self.version = self._detect()
+        # tasks start concurrently: the first ones must not race to make (and fill) the
+        # agent's own cgroup directories
+        self._creating = threading.Lock()
 
     def _detect(self) -> int:
         if os.geteuid() != 0:
@@ -153,12 +157,14 @@ class Cgroups:
     ) -> TaskCgroup:
         """A task's cgroup; `devices` (None: any) are the only devices it may open."""
         if self.version == 1:
-            group = self._create_v1(task_id, cpus, memory_bytes, pids_max)
+            with self._creating:
+                group = self._create_v1(task_id, cpus, memory_bytes, pids_max)
             if devices is not None:
                 allow_devices_v1(group.dirs[3], devices)
             return group
         if self.version == 2:
-            return self._create_v2(task_id, cpus, memory_bytes, pids_max)
+            with self._creating:
+                return self._create_v2(task_id, cpus, memory_bytes, pids_max)
         raise OSError("cgroups are not available to this agent (not root, or no cgroupfs)")
 
     def _create_v1(
