@@ -74,13 +74,9 @@ def squall(work: Path, registry: str, slots: int, name: str, text: str) -> dict[
     from orchestrator.views import run_summary
 
     summary = run_summary(engine.store, outcome.run_id)
-    starts = [j["started_at"] for j in summary["jobs"]]
-    ends = [j["finished_at"] for j in summary["jobs"]]
-    from datetime import datetime
-
-    running = (
-        datetime.fromisoformat(max(ends)) - datetime.fromisoformat(min(starts))
-    ).total_seconds()
+    starts = [j.started_at for j in summary.jobs if j.started_at is not None]
+    ends = [j.finished_at for j in summary.jobs if j.finished_at is not None]
+    running = (max(ends) - min(starts)).total_seconds()
     return {"total_s": total, "running_s": running}
 
 

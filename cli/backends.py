@@ -1,5 +1,7 @@
 """Where `squall workflow ...` commands act: this machine's store (local mode) or a server
-(a context). Both speak the control API's messages, so each command is written once."""
+(a context). Both give the same typed views (`orchestrator.view_types`: the local backend
+reads them from the store, the remote one from the control API's messages), so each command
+is written once."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import json_format
 
 from api.squall.v1 import control_pb2 as pb
 from api.squall.v1 import control_pb2_grpc as rpc
@@ -20,13 +21,11 @@ from orchestrator.errors import (
     category_of,
     error_for,
 )
+from orchestrator.view_types import EventView, RunListItem, RunUpdate, RunView
 
 from .contexts import Context
-from .live import TERMINAL
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "ServerError", "open_backend"]
-
-Summary = dict[str, Any]
 
 
 class ServerError(SquallError):
@@ -36,11 +35,14 @@ class ServerError(SquallError):
 
 
 class Backend(Protocol):
-    def start(self, name: str, text: str) -> Summary: ...
-    def status(self, name: str) -> Summary: ...
-    def runs(self, pattern: str) -> list[Summary]: ...
-    def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]: ...
-    def cancel(self, name: str) -> Summary: ...
+    def start(self, name: str, text: str) -> RunView: ...
+    def status(self, name: str) -> RunView: ...
+    def runs(self, pattern: str) -> list[RunListItem]: ...
+    def watch(self, name: str) -> Iterator[RunUpdate]:
+        """The run and its new events until it has ended (the last update)."""
+        ...
+
+    def cancel(self, name: str) -> RunView: ...
     def logs(self, name: str, job: str, index: int, follow: bool) -> Iterator[bytes]: ...
     def exec(self, requests: Iterator[pb.ExecInput]) -> Iterator[pb.ExecOutput]: ...
     def port_forward(
@@ -59,41 +61,29 @@ class LocalBackend:
         self.store = settings.store()
         self.access = RunAccess(self.store, settings.data_dir)
 
-    def start(self, name: str, text: str) -> Summary:
+    def start(self, name: str, text: str) -> RunView:
         raise UsageError(
             "`workflow start` needs a server: start one with `squall server`, point the CLI at "
             "it with `squall context create` and `squall context use`; or run the workflow "
             "here, in this process, with `squall run FILE`"
         )
 
-    def status(self, name: str) -> Summary:
+    def status(self, name: str) -> RunView:
         from orchestrator.views import find_run, run_summary
 
         return run_summary(self.store, find_run(self.store, name))
 
-    def runs(self, pattern: str) -> list[Summary]:
+    def runs(self, pattern: str) -> list[RunListItem]:
         from orchestrator.views import run_list
 
         return run_list(self.store, pattern)
 
-    def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]:
-        import time
+    def watch(self, name: str) -> Iterator[RunUpdate]:
+        from orchestrator.views import find_run, watch
 
-        from orchestrator.views import find_run, run_events, run_summary
+        return watch(self.store, find_run(self.store, name))
 
-        run_id = find_run(self.store, name)
-        after = 0
-        while True:
-            summary = run_summary(self.store, run_id)
-            events = run_events(self.store, run_id, after)
-            if events:
-                after = events[-1]["id"]
-            yield summary, events
-            if summary["state"] in TERMINAL:
-                return
-            time.sleep(0.25)
-
-    def cancel(self, name: str) -> Summary:
+    def cancel(self, name: str) -> RunView:
         from orchestrator.engine import request_cancel
 
         request_cancel(self.store, name)
@@ -130,19 +120,6 @@ def _error(exc: grpc.RpcError, server: str) -> SquallError:
     return error
 
 
-def _summary(message: pb.Workflow) -> Summary:
-    data = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    for key in ("created_at", "started_at", "finished_at"):
-        data[key] = data.get(key) or None
-    for job in data.get("jobs", []):
-        for key in ("started_at", "finished_at"):
-            job[key] = job.get(key) or None
-    data["placement"] = data.get("placement") or None
-    return data
-
-
 class RemoteBackend:
     """A Squall server, through its gRPC API."""
 
@@ -173,33 +150,28 @@ class RemoteBackend:
         except grpc.RpcError as exc:
             raise _error(exc, self.server) from None
 
-    def start(self, name: str, text: str) -> Summary:
-        return _summary(
-            self._call(self.stub.StartWorkflow, pb.StartWorkflowRequest(name=name, fuzzfile=text))
-        )
+    def start(self, name: str, text: str) -> RunView:
+        request = pb.StartWorkflowRequest(name=name, fuzzfile=text)
+        return RunView.from_message(self._call(self.stub.StartWorkflow, request))
 
-    def status(self, name: str) -> Summary:
-        return _summary(self._call(self.stub.GetWorkflow, pb.GetWorkflowRequest(name=name)))
+    def status(self, name: str) -> RunView:
+        request = pb.GetWorkflowRequest(name=name)
+        return RunView.from_message(self._call(self.stub.GetWorkflow, request))
 
-    def runs(self, pattern: str) -> list[Summary]:
+    def runs(self, pattern: str) -> list[RunListItem]:
         reply = self._call(self.stub.ListWorkflows, pb.ListWorkflowsRequest(pattern=pattern))
-        keys = ("id", "name", "owner", "site", "state", "reason", "created_at")
-        return [{k: _summary(w)[k] for k in keys} for w in reply.workflows]
+        return [RunListItem.from_message(w) for w in reply.workflows]
 
-    def watch(self, name: str) -> Iterator[tuple[Summary, list[dict[str, Any]]]]:
+    def watch(self, name: str) -> Iterator[RunUpdate]:
+        """The server's stream of updates: it sends one when something changed, and ends
+        after the one in which the run has ended (`orchestrator.views.watch` on its side)."""
         for update in self._stream(self.stub.WatchWorkflow, pb.WatchWorkflowRequest(name=name)):
-            events = [
-                json_format.MessageToDict(
-                    e, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                )
-                for e in update.events
-            ]
-            for e in events:
-                e["id"] = int(e["id"])
-            yield _summary(update.workflow), events
+            events = tuple(EventView.from_message(e) for e in update.events)
+            yield RunView.from_message(update.workflow), events
 
-    def cancel(self, name: str) -> Summary:
-        return _summary(self._call(self.stub.CancelWorkflow, pb.CancelWorkflowRequest(name=name)))
+    def cancel(self, name: str) -> RunView:
+        request = pb.CancelWorkflowRequest(name=name)
+        return RunView.from_message(self._call(self.stub.CancelWorkflow, request))
 
     def logs(self, name: str, job: str, index: int, follow: bool) -> Iterator[bytes]:
         request = pb.LogsRequest(name=name, job=job, index=index, follow=follow)

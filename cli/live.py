@@ -1,13 +1,13 @@
 """The live view of a run: a table of its jobs redrawn in place on a terminal, or one line
-per event when stdout is not one (CI logs, pipes). Fed by a function that returns the run's
-summary and its new events, so the same view serves `squall run` (reading the store) and
-`squall workflow status --watch` (reading a server)."""
+per event when stdout is not one (CI logs, pipes). Fed by the updates of one watch loop
+(`orchestrator.views.watch`: the run and its new events, until it ends), read from the store
+(`squall run`, local `status --watch`) or streamed by a server."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +18,11 @@ from .output import err
 if TYPE_CHECKING:
     from rich.console import Group
 
-__all__ = ["TERMINAL", "render", "watch"]
+    from orchestrator.view_types import EventView, JobView, RunUpdate, RunView
 
-TERMINAL = ("FINISHED", "FAILED", "CANCELLED")
-Fetch = Callable[[], tuple[dict[str, Any], list[dict[str, Any]]]]
+__all__ = ["render", "watch"]
+
+PROGRESS_EVERY = 1.0  # seconds: the line view's progress lines of task arrays, at most
 
 _COLOUR = {
     "FINISHED": "green",
@@ -35,99 +36,99 @@ _COLOUR = {
 }
 
 
-def _elapsed(summary: dict[str, Any]) -> str:
-    start = summary.get("started_at") or summary.get("created_at")
-    if not start:
-        return ""
-    begin = datetime.fromisoformat(start)
-    end = datetime.fromisoformat(summary["finished_at"]) if summary.get("finished_at") else None
-    seconds = ((end or datetime.now(UTC)) - begin).total_seconds()
+def _elapsed(run: RunView) -> str:
+    begin = run.started_at or run.created_at
+    seconds = ((run.finished_at or datetime.now(UTC)) - begin).total_seconds()
     return f"{seconds:.1f}s"
 
 
-def _tasks(job: dict[str, Any]) -> str:
-    if job["tasks"] == 1:
+def _tasks(job: JobView) -> str:
+    if job.tasks == 1:
         return ""
-    done = job["task_states"].get("FINISHED", 0)
-    running = sum(job["task_states"].get(s, 0) for s in ("RUNNING", "STARTING", "READY"))
-    return f"{done}/{job['tasks']} done, {running} running"
+    done = job.task_states.get("FINISHED", 0)
+    running = sum(job.task_states.get(s, 0) for s in ("RUNNING", "STARTING", "READY"))
+    return f"{done}/{job.tasks} done, {running} running"
 
 
-def render(summary: dict[str, Any], recent: list[dict[str, Any]]) -> Group:
+def render(run: RunView, recent: Sequence[EventView]) -> Group:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    state = summary["state"]
+    state = run.state
     head = Text.from_markup(
-        f"[bold]{escape(summary['name'])}[/]  [{_COLOUR.get(state, 'bold')}]{state}[/]"
-        f"  on {escape(summary['site'] or '?')}  {_elapsed(summary)}"
+        f"[bold]{escape(run.name)}[/]  [{_COLOUR.get(state, 'bold')}]{state}[/]"
+        f"  on {escape(run.site or '?')}  {_elapsed(run)}"
     )
     table = Table(box=None, pad_edge=False, show_edge=False)
     for column in ("JOB", "STATE", "TASKS", "ATTEMPTS", "REASON"):
         table.add_column(column, overflow="fold")
-    for job in summary["jobs"]:
-        name = job["name"] + (" (service)" if job["kind"] == "service" else "")
+    for job in run.jobs:
+        name = job.name + (" (service)" if job.kind == "service" else "")
         table.add_row(
             escape(name),
-            f"[{_COLOUR.get(job['state'], '')}]{job['state']}[/]",
+            f"[{_COLOUR.get(job.state, '')}]{job.state}[/]",
             _tasks(job),
-            str(job["attempts"]),
-            escape(job["reason"]),
+            str(job.attempts),
+            escape(job.reason),
         )
     lines = [
-        Text(
-            f"  {e['kind']:<8} {e['subject'] + ': ' if e['subject'] else ''}{e['message']}",
-            style="dim",
-        )
+        Text(f"  {e.kind:<8} {e.subject + ': ' if e.subject else ''}{e.message}", style="dim")
         for e in recent
     ]
     parts: list[Any] = [head, table, *lines]
-    if state in TERMINAL and summary["reason"]:
-        parts.append(Text.from_markup(f"[bold]reason[/]: {escape(summary['reason'])}"))
+    if run.ended and run.reason:
+        parts.append(Text.from_markup(f"[bold]reason[/]: {escape(run.reason)}"))
     return Group(*parts)
 
 
-def _routine(event: dict[str, Any], arrays: set[str]) -> bool:
+def _routine(event: EventView, arrays: set[str]) -> bool:
     """A task of an array that went well: counted in the progress line, not shown."""
-    job = event["subject"].partition("[")[0]
-    return event["kind"] == "task" and job in arrays and event["message"].endswith("(exit 0)")
+    job = event.subject.partition("[")[0]
+    return event.kind == "task" and job in arrays and event.message.endswith("(exit 0)")
 
 
-def _line(event: dict[str, Any]) -> str:
-    at = event["at"][11:19] if event.get("at") else ""
-    subject = f"{event['subject']}: " if event["subject"] else ""
-    return f"{at} {event['kind']:<8} {subject}{event['message']}"
+def _line(event: EventView) -> str:
+    subject = f"{event.subject}: " if event.subject else ""
+    return f"{event.at:%H:%M:%S} {event.kind:<8} {subject}{event.message}"
 
 
-def watch(fetch: Fetch, *, live: bool, interval: float = 0.25) -> dict[str, Any]:
-    """Show the run until it ends; its last summary."""
-    recent: deque[dict[str, Any]] = deque(maxlen=6)
-    if not live:
-        shown: dict[str, str] = {}
-        while True:
-            summary, new = fetch()
-            arrays = {j["name"] for j in summary["jobs"] if j["tasks"] > 1}
-            for event in new:
-                if _routine(event, arrays):
-                    continue
+def watch(updates: Iterable[RunUpdate], *, live: bool) -> RunView:
+    """Show the run as `updates` come, until they end; the run as last seen."""
+    if live:
+        return _live(iter(updates))
+    shown: dict[str, str] = {}
+    progressed = 0.0
+    last: RunView | None = None
+    for last, new in updates:
+        arrays = {j.name for j in last.jobs if j.tasks > 1}
+        for event in new:
+            if not _routine(event, arrays):
                 err.print(escape(_line(event)))
-            for job in summary["jobs"]:  # arrays: one progress line when it moved
-                progress = _tasks(job)
-                if job["name"] in arrays and progress != shown.get(job["name"]):
-                    shown[job["name"]] = progress
-                    err.print(escape(f"         {'tasks':<8} {job['name']}: {progress}"))
-            if summary["state"] in TERMINAL:
-                return summary
-            time.sleep(max(interval, 1.0))
+        if time.monotonic() - progressed < PROGRESS_EVERY and not last.ended:
+            continue
+        progressed = time.monotonic()
+        for job in last.jobs:  # arrays: one progress line when it moved
+            progress = _tasks(job)
+            if job.name in arrays and progress != shown.get(job.name):
+                shown[job.name] = progress
+                err.print(escape(f"         {'tasks':<8} {job.name}: {progress}"))
+    if last is None:
+        raise RuntimeError("the watch ended before its first update")
+    return last
+
+
+def _live(updates: Iterator[RunUpdate]) -> RunView:
     from rich.live import Live
 
-    summary, new = fetch()
+    recent: deque[EventView] = deque(maxlen=6)
+    first = next(updates, None)
+    if first is None:
+        raise RuntimeError("the watch ended before its first update")
+    run, new = first
     recent.extend(new)
-    with Live(render(summary, list(recent)), console=err, refresh_per_second=8) as view:
-        while summary["state"] not in TERMINAL:
-            time.sleep(interval)
-            summary, new = fetch()
+    with Live(render(run, recent), console=err, refresh_per_second=8) as view:
+        for run, new in updates:
             recent.extend(new)
-            view.update(render(summary, list(recent)))
-    return summary
+            view.update(render(run, recent))
+    return run

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from .live import TERMINAL, watch
+from .live import watch
 from .output import EXIT_INVALID, Format, die, err, print_json
 
 if TYPE_CHECKING:
-    import threading
-
     from orchestrator.engine import Engine
+    from orchestrator.view_types import RunView
 
 __all__ = ["run", "start_local_engine"]
 
@@ -108,7 +107,8 @@ def run(
     from orchestrator.engine import request_cancel
     from orchestrator.errors import SquallError, describe
     from orchestrator.fuzzfile import load_text
-    from orchestrator.views import run_events, run_summary
+    from orchestrator.views import run_summary
+    from orchestrator.views import watch as follow
 
     from .workflow_ops import read_fuzzfile
 
@@ -143,17 +143,6 @@ def run(
 
     worker = threading.Thread(target=work, name="engine", daemon=True)
     worker.start()
-    seen = [0]
-
-    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        summary = run_summary(engine.store, run_id)
-        new = run_events(engine.store, run_id, after=seen[0])
-        if new:
-            seen[0] = new[-1]["id"]
-        if summary["state"] in TERMINAL and not ended.is_set():
-            summary = {**summary, "state": "TEARDOWN"}  # not over until the engine returns
-        return summary, new
-
     live = output is Format.text and sys.stderr.isatty()
     # Ctrl-C asks for the cancel from a thread of its own: an exception raised wherever the
     # main thread happens to be (inside a store transaction) could leave the store locked
@@ -168,7 +157,11 @@ def run(
 
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
-        summary = watch(fetch, live=live) if output is Format.text else _wait(ended, fetch)
+        if output is Format.text:  # the run is over when the engine returns, cluster down
+            watch(follow(engine.store, run_id, owner_done=ended.is_set), live=live)
+        else:
+            while not ended.wait(0.25):  # short waits: Ctrl-C's handler runs between them
+                pass
     finally:
         signal.signal(signal.SIGINT, previous)
     ended.wait()
@@ -176,39 +169,32 @@ def run(
         die(f"the engine stopped: {describe(failure[0])}", EXIT_INVALID)
     summary = run_summary(engine.store, run_id)
     if output is Format.json:
-        print_json(summary)
+        print_json(summary.to_json())
     else:
         _print_end(summary, engine.data_dir)
-    if summary["state"] != "FINISHED":
+    if summary.state != "FINISHED":
         raise typer.Exit(EXIT_FAILED)
 
 
-def _wait(ended: threading.Event, fetch: Any) -> dict[str, Any]:
-    while not ended.wait(0.25):
-        pass
-    summary: dict[str, Any] = fetch()[0]
-    return summary
-
-
-def _print_end(summary: dict[str, Any], data_dir: Path) -> None:
+def _print_end(summary: RunView, data_dir: Path) -> None:
     from .output import out
 
-    colour = "green" if summary["state"] == "FINISHED" else "bold red"
-    reason = f": {escape(summary['reason'])}" if summary["reason"] else ""
-    out.print(f"[{colour}]{summary['state']}[/] {escape(summary['name'])}{reason}")
-    logs = data_dir / "runs" / summary["id"] / "logs"
-    for job in summary["jobs"]:
-        if job["kind"] != "job" or job["tasks"] != 1 or not job["attempts"]:
+    colour = "green" if summary.state == "FINISHED" else "bold red"
+    reason = f": {escape(summary.reason)}" if summary.reason else ""
+    out.print(f"[{colour}]{summary.state}[/] {escape(summary.name)}{reason}")
+    logs = data_dir / "runs" / summary.id / "logs"
+    for job in summary.jobs:
+        if job.kind != "job" or job.tasks != 1 or not job.attempts:
             continue
-        kept = logs / job["name"] / f"0.{job['attempts']}.log"
+        kept = logs / job.name / f"0.{job.attempts}.log"
         try:
             lines = kept.read_text(errors="replace").splitlines()
         except OSError:
             continue
         shown = lines[-SHOWN_LINES:]
         more = f" (last {len(shown)} of {len(lines)} lines)" if len(lines) > len(shown) else ""
-        out.print(f"[bold]── {escape(job['name'])}[/]{more}")
+        out.print(f"[bold]── {escape(job.name)}[/]{more}")
         for line in shown:
             out.print(escape(line), markup=False, highlight=False)
     if logs.is_dir():  # some task ran
-        out.print(f"logs: squall workflow log {escape(summary['name'])} JOB  ({escape(str(logs))})")
+        out.print(f"logs: squall workflow log {escape(summary.name)} JOB  ({escape(str(logs))})")

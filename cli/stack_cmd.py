@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from .live import TERMINAL
 from .output import EXIT_INVALID, Format, die, err, out, print_json
 
 if TYPE_CHECKING:
@@ -87,6 +86,7 @@ def destroy(
         squall stack destroy squall-0f8fad5b-d9cb-469f-a165-70867728950e
     """
     from orchestrator.provision import ProvisionError
+    from orchestrator.view_types import RUN_ENDED_STATES
 
     driver = _driver()
     try:
@@ -97,7 +97,7 @@ def destroy(
     if entry and entry["state"] == "DESTROYED":
         err.print(f"{escape(name)} was destroyed already")
         return
-    if entry and entry["run_state"] not in (None, *TERMINAL) and not force:
+    if entry and entry["run_state"] not in (None, *RUN_ENDED_STATES) and not force:
         die(
             f"run {entry['run']} is {entry['run_state']}: cancel it first "
             "(squall workflow cancel), or pass --force",

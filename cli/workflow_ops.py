@@ -3,16 +3,22 @@ machine's store or on a server (see `squall context`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.markup import escape
 
 from .output import EXIT_USAGE, Format, die, err, out, print_json
+
+if TYPE_CHECKING:
+    from orchestrator.view_types import RunUpdate, RunView
+
+    from .backends import Backend
 
 __all__ = ["cancel", "egress", "exec_", "list_", "log", "port_forward", "start", "status"]
 
@@ -23,9 +29,10 @@ CONTEXT = typer.Option(
     help="Server context to use (default: the current one; see `squall context`).",
 )
 EXIT_FAILED = 1
+T = TypeVar("T")
 
 
-def _backend(context: str | None) -> Any:
+def _backend(context: str | None) -> Backend:
     from orchestrator.errors import SquallError
 
     from .backends import open_backend
@@ -36,7 +43,8 @@ def _backend(context: str | None) -> Any:
         die(str(exc), exc.exit_code)
 
 
-def _guard(call: Any) -> Any:
+def _guard(call: Callable[[], T]) -> T:
+    """What `call` returns; a failure of Squall's said in one line, with its exit code."""
     from orchestrator.errors import SquallError
 
     try:
@@ -45,7 +53,7 @@ def _guard(call: Any) -> Any:
         die(str(exc), exc.exit_code)
 
 
-def _show(summary: dict[str, Any]) -> None:
+def _show(summary: RunView) -> None:
     from .live import render
 
     out.print(render(summary, []))
@@ -83,25 +91,25 @@ def start(
     if watch:
         summary = _follow(backend, name)
     if output is Format.json:
-        print_json(summary)
+        print_json(summary.to_json())
     else:
-        out.print(f"started {escape(summary['name'])} ({summary['id']}): {summary['state']}")
-    if watch and summary["state"] != "FINISHED":
+        out.print(f"started {escape(summary.name)} ({summary.id}): {summary.state}")
+    if watch and summary.state != "FINISHED":
         raise typer.Exit(EXIT_FAILED)
 
 
-def _follow(backend: Any, name: str) -> dict[str, Any]:
+def _follow(backend: Backend, name: str) -> RunView:
     from .live import watch as live_watch
 
-    updates = backend.watch(name)
-    latest: dict[str, Any] = {}
+    def updates() -> Iterator[RunUpdate]:
+        from orchestrator.errors import SquallError
 
-    def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        summary, events = _guard(lambda: next(updates, None)) or (latest, [])
-        latest.update(summary)
-        return summary, events
+        try:
+            yield from backend.watch(name)
+        except SquallError as exc:
+            die(str(exc), exc.exit_code)
 
-    return live_watch(fetch, live=sys.stderr.isatty())
+    return live_watch(updates(), live=sys.stderr.isatty())
 
 
 def status(
@@ -119,15 +127,15 @@ def status(
     if watch:
         summary = _follow(backend, name)
         if output is Format.json:
-            print_json(summary)
+            print_json(summary.to_json())
         else:
             _show(summary)
-        if summary["state"] != "FINISHED":
+        if summary.state != "FINISHED":
             raise typer.Exit(EXIT_FAILED)
         return
     summary = _guard(lambda: backend.status(name))
     if output is Format.json:
-        print_json(summary)
+        print_json(summary.to_json())
     else:
         _show(summary)
 
@@ -143,18 +151,18 @@ def list_(
     backend = _backend(context)
     rows = _guard(lambda: backend.runs(pattern))
     if output is Format.json:
-        print_json(rows)
+        print_json([r.to_json() for r in rows])
         return
     table = Table(box=None, pad_edge=False)
     for column in ("NAME", "STATE", "SITE", "CREATED", "REASON"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
-            escape(r["name"]),
-            r["state"],
-            escape(r["site"]),
-            (r["created_at"] or "")[:19],
-            escape(r["reason"]),
+            escape(r.name),
+            r.state,
+            escape(r.site),
+            r.created_at.isoformat()[:19],
+            escape(r.reason),
         )
     out.print(table)
 
@@ -194,15 +202,15 @@ def log(
         _guard(lambda: stream(job_name, index))
         return
     summary = _guard(lambda: backend.status(name))
-    for entry in summary["jobs"]:
-        if not entry["attempts"]:
+    for entry in summary.jobs:
+        if not entry.attempts:
             continue
-        sys.stdout.write(f"== {entry['name']} ==\n")
+        sys.stdout.write(f"== {entry.name} ==\n")
         sys.stdout.flush()
-        if entry["tasks"] > 1:
-            sys.stdout.write(f"(a task array: squall workflow log {name} {entry['name']}[INDEX])\n")
+        if entry.tasks > 1:
+            sys.stdout.write(f"(a task array: squall workflow log {name} {entry.name}[INDEX])\n")
             continue
-        _guard(lambda n=entry["name"]: stream(n, 0))
+        _guard(functools.partial(stream, entry.name, 0))
 
 
 def cancel(
@@ -214,9 +222,9 @@ def cancel(
     backend = _backend(context)
     summary = _guard(lambda: backend.cancel(name))
     if output is Format.json:
-        print_json(summary)
+        print_json(summary.to_json())
     else:
-        out.print(f"cancel requested for {escape(summary['name'])} ({summary['state']})")
+        out.print(f"cancel requested for {escape(summary.name)} ({summary.state})")
 
 
 def egress(

@@ -24,26 +24,24 @@ from concurrent import futures
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format
 
 from api.squall.v1 import control_pb2 as pb
 from api.squall.v1 import control_pb2_grpc as rpc
 from substrate.auth import TokenAuth
 
 from ..access import RunAccess
-from ..engine import TERMINAL, Engine, request_cancel
+from ..engine import Engine, request_cancel
 from ..errors import CATEGORY_TRAILER, InvalidInput, NotFound, SquallError, describe, status_of
 from ..fuzzfile import FuzzfileError
 from ..fuzzfile.limits import MAX_FUZZFILE_BYTES
 from ..fuzzfile.loader import load_bytes
-from ..views import find_run, run_events, run_list, run_summary
+from ..views import find_run, run_list, run_summary, watch
 from .requests import RawStartWorkflowRequest, start_workflow_deserializer
 
 __all__ = ["MAX_REQUEST_BYTES", "ControlServer", "serve"]
 
 log = logging.getLogger("squall.server")
 F = TypeVar("F", bound=Callable[..., Any])
-WATCH_POLL = 0.25
 
 # The largest request the server reads: a Fuzzfile at its limit with room to spare, so that
 # one somewhat over it is told so by a diagnostic; gRPC refuses larger ones unread.
@@ -101,16 +99,6 @@ def _status_codes(method: F) -> F:
     return streaming if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
 
 
-def _workflow(summary: dict[str, Any]) -> pb.Workflow:
-    message = pb.Workflow()
-    clean = {k: ("" if v is None else v) for k, v in summary.items() if k != "placement"}
-    clean["jobs"] = [{k: ("" if v is None else v) for k, v in j.items()} for j in summary["jobs"]]
-    json_format.ParseDict(clean, message)
-    if summary.get("placement"):
-        message.placement.update(summary["placement"])
-    return message
-
-
 class ControlServer(rpc.ControlServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -118,7 +106,7 @@ class ControlServer(rpc.ControlServicer):
         self.runs: dict[str, threading.Thread] = {}
 
     def _summary(self, name: str) -> pb.Workflow:
-        return _workflow(run_summary(self.engine.store, find_run(self.engine.store, name)))
+        return run_summary(self.engine.store, find_run(self.engine.store, name)).to_message()
 
     @_status_codes
     def StartWorkflow(
@@ -137,7 +125,7 @@ class ControlServer(rpc.ControlServicer):
         )
         self.runs[run_id] = thread
         thread.start()
-        return _workflow(run_summary(self.engine.store, run_id))
+        return run_summary(self.engine.store, run_id).to_message()
 
     def _execute(self, run_id: str) -> None:
         try:
@@ -156,42 +144,21 @@ class ControlServer(rpc.ControlServicer):
         self, request: pb.ListWorkflowsRequest, context: Any
     ) -> pb.ListWorkflowsResponse:
         rows = run_list(self.engine.store, request.pattern or "*")
-        return pb.ListWorkflowsResponse(
-            workflows=[
-                pb.Workflow(
-                    id=r["id"],
-                    name=r["name"],
-                    owner=r["owner"],
-                    site=r["site"],
-                    state=r["state"],
-                    reason=r["reason"],
-                    created_at=r["created_at"] or "",
-                )
-                for r in rows
-            ]
-        )
+        return pb.ListWorkflowsResponse(workflows=[r.to_message() for r in rows])
 
     @_status_codes
     def WatchWorkflow(
         self, request: pb.WatchWorkflowRequest, context: Any
     ) -> Iterator[pb.WorkflowUpdate]:
-        store = self.engine.store
-        run_id = find_run(store, request.name)
-        after, last = 0, None
-        while context.is_active():
-            summary = run_summary(store, run_id)
-            events = run_events(store, run_id, after)
-            if events:
-                after = events[-1]["id"]
-            if events or summary != last:
-                yield pb.WorkflowUpdate(
-                    workflow=_workflow(summary),
-                    events=[pb.Event(**e) for e in events],
-                )
-                last = summary
-            if summary["state"] in {s.value for s in TERMINAL}:
+        last = None
+        for run, events in watch(self.engine.store, find_run(self.engine.store, request.name)):
+            if not context.is_active():
                 return
-            time.sleep(WATCH_POLL)
+            if events or run != last:  # only what changed goes out
+                yield pb.WorkflowUpdate(
+                    workflow=run.to_message(), events=[e.to_message() for e in events]
+                )
+                last = run
 
     @_status_codes
     def CancelWorkflow(self, request: pb.CancelWorkflowRequest, context: Any) -> pb.Workflow:

@@ -22,10 +22,9 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61pi/squall/v1/control.proto\x12\tsquall.v1\x1a\x1cgoogle/protobuf/struct.proto\"6\n\x14StartWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x66uzzfile\x18\x02 \x01(\t\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x14ListWorkflowsRequest\x12\x0f\n\x07pattern\x18\x01 \x01(\t\"?\n\x15ListWorkflowsResponse\x12&\n\tworkflows\x18\x01 \x03(\x0b\x32\x13.squall.v1.Workflow\"$\n\x14WatchWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x43\x61ncelWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8d\x02\n\tJobStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05tasks\x18\x05 \x01(\x05\x12\x39\n\x0btask_states\x18\x06 \x03(\x0b\x32$.squall.v1.JobStatus.TaskStatesEntry\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\r\n\x05nodes\x18\x08 \x03(\t\x12\x12\n\nstarted_at\x18\t \x01(\t\x12\x13\n\x0b\x66inished_at\x18\n \x01(\t\x1a\x31\n\x0fTaskStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x8a\x01\n\x0eTransferStatus\x12\x11\n\tdirection\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\nbytes_done\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x9b\x02\n\x08Workflow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12*\n\tplacement\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\nstarted_at\x18\t \x01(\t\x12\x13\n\x0b\x66inished_at\x18\n \x01(\t\x12\"\n\x04jobs\x18\x0b \x03(\x0b\x32\x14.squall.v1.JobStatus\x12,\n\ttransfers\x18\x0c \x03(\x0b\x32\x19.squall.v1.TransferStatus\"O\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\n\n\x02\x61t\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"Y\n\x0eWorkflowUpdate\x12%\n\x08workflow\x18\x01 \x01(\x0b\x32\x13.squall.v1.Workflow\x12 \n\x06\x65vents\x18\x02 \x03(\x0b\x32\x10.squall.v1.Event\"G\n\x0bLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\x18\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"-\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\"z\n\tExecStart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x0b\n\x03tty\x18\x05 \x01(\x08\x12%\n\x04size\x18\x06 \x01(\x0b\x32\x17.squall.v1.TerminalSize\"\x8e\x01\n\tExecInput\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.squall.v1.ExecStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12)\n\x06resize\x18\x03 \x01(\x0b\x32\x17.squall.v1.TerminalSizeH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x04 \x01(\x08H\x00\x42\x07\n\x05input\"O\n\nExecOutput\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x08\n\x06output\"J\n\x10PortForwardStart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04port\x18\x04 \x01(\r\"j\n\x10PortForwardInput\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.squall.v1.PortForwardStartH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05\x63lose\x18\x03 \x01(\x08H\x00\x42\x07\n\x05input\"!\n\x11PortForwardOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xbd\x04\n\x07\x43ontrol\x12\x45\n\rStartWorkflow\x12\x1f.squall.v1.StartWorkflowRequest\x1a\x13.squall.v1.Workflow\x12\x41\n\x0bGetWorkflow\x12\x1d.squall.v1.GetWorkflowRequest\x1a\x13.squall.v1.Workflow\x12R\n\rListWorkflows\x12\x1f.squall.v1.ListWorkflowsRequest\x1a .squall.v1.ListWorkflowsResponse\x12M\n\rWatchWorkflow\x12\x1f.squall.v1.WatchWorkflowRequest\x1a\x19.squall.v1.WorkflowUpdate0\x01\x12G\n\x0e\x43\x61ncelWorkflow\x12 .squall.v1.CancelWorkflowRequest\x1a\x13.squall.v1.Workflow\x12\x35\n\x04Logs\x12\x16.squall.v1.LogsRequest\x1a\x13.squall.v1.LogChunk0\x01\x12\x37\n\x04\x45xec\x12\x14.squall.v1.ExecInput\x1a\x15.squall.v1.ExecOutput(\x01\x30\x01\x12L\n\x0bPortForward\x12\x1b.squall.v1.PortForwardInput\x1a\x1c.squall.v1.PortForwardOutput(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61pi/squall/v1/control.proto\x12\tsquall.v1\"6\n\x14StartWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x66uzzfile\x18\x02 \x01(\t\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x14ListWorkflowsRequest\x12\x0f\n\x07pattern\x18\x01 \x01(\t\"?\n\x15ListWorkflowsResponse\x12&\n\tworkflows\x18\x01 \x03(\x0b\x32\x13.squall.v1.Workflow\"$\n\x14WatchWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x43\x61ncelWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8d\x02\n\tJobStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05tasks\x18\x05 \x01(\x05\x12\x39\n\x0btask_states\x18\x06 \x03(\x0b\x32$.squall.v1.JobStatus.TaskStatesEntry\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\r\n\x05nodes\x18\x08 \x03(\t\x12\x12\n\nstarted_at\x18\t \x01(\t\x12\x13\n\x0b\x66inished_at\x18\n \x01(\t\x1a\x31\n\x0fTaskStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x8a\x01\n\x0eTransferStatus\x12\x11\n\tdirection\x18\x01 \x01(\t\x12\x0e\n\x06volume\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\nbytes_done\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x8d\x02\n\x08Workflow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0eplacement_json\x18\r \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\nstarted_at\x18\t \x01(\t\x12\x13\n\x0b\x66inished_at\x18\n \x01(\t\x12\"\n\x04jobs\x18\x0b \x03(\x0b\x32\x14.squall.v1.JobStatus\x12,\n\ttransfers\x18\x0c \x03(\x0b\x32\x19.squall.v1.TransferStatusJ\x04\x08\x07\x10\x08\"m\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\n\n\x02\x61t\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\x05state\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_state\"Y\n\x0eWorkflowUpdate\x12%\n\x08workflow\x18\x01 \x01(\x0b\x32\x13.squall.v1.Workflow\x12 \n\x06\x65vents\x18\x02 \x03(\x0b\x32\x10.squall.v1.Event\"G\n\x0bLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\x18\n\x08LogChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"-\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\"z\n\tExecStart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x04 \x03(\t\x12\x0b\n\x03tty\x18\x05 \x01(\x08\x12%\n\x04size\x18\x06 \x01(\x0b\x32\x17.squall.v1.TerminalSize\"\x8e\x01\n\tExecInput\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.squall.v1.ExecStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12)\n\x06resize\x18\x03 \x01(\x0b\x32\x17.squall.v1.TerminalSizeH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x04 \x01(\x08H\x00\x42\x07\n\x05input\"O\n\nExecOutput\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x13\n\texit_code\x18\x03 \x01(\x05H\x00\x42\x08\n\x06output\"J\n\x10PortForwardStart\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04port\x18\x04 \x01(\r\"j\n\x10PortForwardInput\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.squall.v1.PortForwardStartH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05\x63lose\x18\x03 \x01(\x08H\x00\x42\x07\n\x05input\"!\n\x11PortForwardOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xbd\x04\n\x07\x43ontrol\x12\x45\n\rStartWorkflow\x12\x1f.squall.v1.StartWorkflowRequest\x1a\x13.squall.v1.Workflow\x12\x41\n\x0bGetWorkflow\x12\x1d.squall.v1.GetWorkflowRequest\x1a\x13.squall.v1.Workflow\x12R\n\rListWorkflows\x12\x1f.squall.v1.ListWorkflowsRequest\x1a .squall.v1.ListWorkflowsResponse\x12M\n\rWatchWorkflow\x12\x1f.squall.v1.WatchWorkflowRequest\x1a\x19.squall.v1.WorkflowUpdate0\x01\x12G\n\x0e\x43\x61ncelWorkflow\x12 .squall.v1.CancelWorkflowRequest\x1a\x13.squall.v1.Workflow\x12\x35\n\x04Logs\x12\x16.squall.v1.LogsRequest\x1a\x13.squall.v1.LogChunk0\x01\x12\x37\n\x04\x45xec\x12\x14.squall.v1.ExecInput\x1a\x15.squall.v1.ExecOutput(\x01\x30\x01\x12L\n\x0bPortForward\x12\x1b.squall.v1.PortForwardInput\x1a\x1c.squall.v1.PortForwardOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,48 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSTATUS_TASKSTATESENTRY']._loaded_options = None
   _globals['_JOBSTATUS_TASKSTATESENTRY']._serialized_options = b'8\001'
-  _globals['_STARTWORKFLOWREQUEST']._serialized_start=72
-  _globals['_STARTWORKFLOWREQUEST']._serialized_end=126
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=128
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=162
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=164
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=203
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=205
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=268
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=270
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=306
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=308
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=345
-  _globals['_JOBSTATUS']._serialized_start=348
-  _globals['_JOBSTATUS']._serialized_end=617
-  _globals['_JOBSTATUS_TASKSTATESENTRY']._serialized_start=568
-  _globals['_JOBSTATUS_TASKSTATESENTRY']._serialized_end=617
-  _globals['_TRANSFERSTATUS']._serialized_start=620
-  _globals['_TRANSFERSTATUS']._serialized_end=758
-  _globals['_WORKFLOW']._serialized_start=761
-  _globals['_WORKFLOW']._serialized_end=1044
-  _globals['_EVENT']._serialized_start=1046
-  _globals['_EVENT']._serialized_end=1125
-  _globals['_WORKFLOWUPDATE']._serialized_start=1127
-  _globals['_WORKFLOWUPDATE']._serialized_end=1216
-  _globals['_LOGSREQUEST']._serialized_start=1218
-  _globals['_LOGSREQUEST']._serialized_end=1289
-  _globals['_LOGCHUNK']._serialized_start=1291
-  _globals['_LOGCHUNK']._serialized_end=1315
-  _globals['_TERMINALSIZE']._serialized_start=1317
-  _globals['_TERMINALSIZE']._serialized_end=1362
-  _globals['_EXECSTART']._serialized_start=1364
-  _globals['_EXECSTART']._serialized_end=1486
-  _globals['_EXECINPUT']._serialized_start=1489
-  _globals['_EXECINPUT']._serialized_end=1631
-  _globals['_EXECOUTPUT']._serialized_start=1633
-  _globals['_EXECOUTPUT']._serialized_end=1712
-  _globals['_PORTFORWARDSTART']._serialized_start=1714
-  _globals['_PORTFORWARDSTART']._serialized_end=1788
-  _globals['_PORTFORWARDINPUT']._serialized_start=1790
-  _globals['_PORTFORWARDINPUT']._serialized_end=1896
-  _globals['_PORTFORWARDOUTPUT']._serialized_start=1898
-  _globals['_PORTFORWARDOUTPUT']._serialized_end=1931
-  _globals['_CONTROL']._serialized_start=1934
-  _globals['_CONTROL']._serialized_end=2507
+  _globals['_STARTWORKFLOWREQUEST']._serialized_start=42
+  _globals['_STARTWORKFLOWREQUEST']._serialized_end=96
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=98
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=132
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=134
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=173
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=175
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=238
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=240
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=276
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=278
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=315
+  _globals['_JOBSTATUS']._serialized_start=318
+  _globals['_JOBSTATUS']._serialized_end=587
+  _globals['_JOBSTATUS_TASKSTATESENTRY']._serialized_start=538
+  _globals['_JOBSTATUS_TASKSTATESENTRY']._serialized_end=587
+  _globals['_TRANSFERSTATUS']._serialized_start=590
+  _globals['_TRANSFERSTATUS']._serialized_end=728
+  _globals['_WORKFLOW']._serialized_start=731
+  _globals['_WORKFLOW']._serialized_end=1000
+  _globals['_EVENT']._serialized_start=1002
+  _globals['_EVENT']._serialized_end=1111
+  _globals['_WORKFLOWUPDATE']._serialized_start=1113
+  _globals['_WORKFLOWUPDATE']._serialized_end=1202
+  _globals['_LOGSREQUEST']._serialized_start=1204
+  _globals['_LOGSREQUEST']._serialized_end=1275
+  _globals['_LOGCHUNK']._serialized_start=1277
+  _globals['_LOGCHUNK']._serialized_end=1301
+  _globals['_TERMINALSIZE']._serialized_start=1303
+  _globals['_TERMINALSIZE']._serialized_end=1348
+  _globals['_EXECSTART']._serialized_start=1350
+  _globals['_EXECSTART']._serialized_end=1472
+  _globals['_EXECINPUT']._serialized_start=1475
+  _globals['_EXECINPUT']._serialized_end=1617
+  _globals['_EXECOUTPUT']._serialized_start=1619
+  _globals['_EXECOUTPUT']._serialized_end=1698
+  _globals['_PORTFORWARDSTART']._serialized_start=1700
+  _globals['_PORTFORWARDSTART']._serialized_end=1774
+  _globals['_PORTFORWARDINPUT']._serialized_start=1776
+  _globals['_PORTFORWARDINPUT']._serialized_end=1882
+  _globals['_PORTFORWARDOUTPUT']._serialized_start=1884
+  _globals['_PORTFORWARDOUTPUT']._serialized_end=1917
+  _globals['_CONTROL']._serialized_start=1920
+  _globals['_CONTROL']._serialized_end=2493
 # @@protoc_insertion_point(module_scope)

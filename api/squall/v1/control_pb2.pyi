@@ -9,7 +9,6 @@ node agents. Every call carries `authorization: Bearer <token>`.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -261,7 +260,7 @@ class Workflow(_message.Message):
     SITE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    PLACEMENT_FIELD_NUMBER: _builtins.int
+    PLACEMENT_JSON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
@@ -274,12 +273,12 @@ class Workflow(_message.Message):
     state: _builtins.str
     """PENDING ... FINISHED, FAILED, CANCELLED"""
     reason: _builtins.str
+    placement_json: _builtins.str
+    """the placement record as JSON text; empty: not placed yet"""
     created_at: _builtins.str
     """ISO 8601, UTC"""
     started_at: _builtins.str
     finished_at: _builtins.str
-    @_builtins.property
-    def placement(self) -> _struct_pb2.Struct: ...
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStatus]: ...
     @_builtins.property
@@ -293,16 +292,16 @@ class Workflow(_message.Message):
         site: _builtins.str = ...,
         state: _builtins.str = ...,
         reason: _builtins.str = ...,
-        placement: _struct_pb2.Struct | None = ...,
+        placement_json: _builtins.str = ...,
         created_at: _builtins.str = ...,
         started_at: _builtins.str = ...,
         finished_at: _builtins.str = ...,
         jobs: _abc.Iterable[Global___JobStatus] | None = ...,
         transfers: _abc.Iterable[Global___TransferStatus] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "jobs", b"jobs", "name", b"name", "owner", b"owner", "placement", b"placement", "reason", b"reason", "site", b"site", "started_at", b"started_at", "state", b"state", "transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "jobs", b"jobs", "name", b"name", "owner", b"owner", "placement_json", b"placement_json", "reason", b"reason", "site", b"site", "started_at", b"started_at", "state", b"state", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -317,11 +316,14 @@ class Event(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     at: _builtins.str
     kind: _builtins.str
     subject: _builtins.str
     message: _builtins.str
+    state: _builtins.str
+    """the new state, for an event that records a state change"""
     def __init__(
         self,
         *,
@@ -330,12 +332,15 @@ class Event(_message.Message):
         kind: _builtins.str = ...,
         subject: _builtins.str = ...,
         message: _builtins.str = ...,
+        state: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_state", b"_state", "state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "id", b"id", "kind", b"kind", "message", b"message", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_state", b"_state", "at", b"at", "id", b"id", "kind", b"kind", "message", b"message", "state", b"state", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__state: _TypeAlias = _typing.Literal["state"]  # noqa: Y015
+    _WhichOneofArgType__state: _TypeAlias = _typing.Literal["_state", b"_state"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__state) -> _WhichOneofReturnType__state | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
 
