@@ -50,12 +50,12 @@ from .provision.cloud import CloudProvisioner
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference, referenced_secrets
+from .states import move_run
 from .store import RUN_ENDED, Agent, Event, Job, Run, RunState, Store, Task, Volume
 from .views import run_named
 
 __all__ = [
     "HEARTBEAT",
-    "TERMINAL",
     "Engine",
     "PullError",
     "RunOutcome",
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
-TERMINAL = RUN_ENDED
 
 
 def identity() -> str:
@@ -147,7 +146,7 @@ class Engine:
                     tasks=[Task(index=k.index) for k in tasks_of(container)],
                 )
             )
-        run.events.append(Event(kind="run", message="submitted"))
+        run.events.append(Event(kind="run", state=RunState.PENDING.value, message="submitted"))
         try:
             with self.store.session() as s:
                 s.add(run)
@@ -344,7 +343,7 @@ class Engine:
         its volumes). Raises TransferError if it fails again; returns volumes still kept."""
         with self.store.session() as s:
             run = run_named(s, name)
-            if run.state not in TERMINAL:
+            if run.state not in RUN_ENDED:
                 raise Conflict(f"run {name} is {run.state.value}; wait for it to end")
             run_id = run.id
             paths = {
@@ -409,19 +408,7 @@ class Engine:
 
     def _set_run(self, run_id: str, state: RunState, reason: str = "") -> None:
         with self.store.session() as s:
-            run = s.get_one(Run, run_id)
-            run.state, run.reason = state, reason or run.reason
-            if state is RunState.RUNNING and run.started_at is None:
-                run.started_at = _now()
-            if state in TERMINAL:
-                run.finished_at = _now()
-            s.add(
-                Event(
-                    run_id=run_id,
-                    kind="run",
-                    message=state.value + (f": {reason}" if reason else ""),
-                )
-            )
+            move_run(s, s.get_one(Run, run_id), state, reason)
 
     def _event(self, run_id: str, kind: str, message: str, subject: str = "") -> None:
         with self.store.session() as s:
@@ -435,7 +422,7 @@ def request_cancel(store: Store, name: str) -> RunState:
     """Ask the owner of run `name` (or id) to cancel it, from any process; its state now."""
     with store.session() as s:
         run = run_named(s, name)
-        if run.state not in TERMINAL:
+        if run.state not in RUN_ENDED:
             run.cancel_requested = True
             s.add(Event(run_id=run.id, kind="run", message="cancel requested"))
         return run.state

@@ -19,9 +19,10 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from .data.staging import Staging
-from .engine import HEARTBEAT, TERMINAL, identity
+from .engine import HEARTBEAT, identity
 from .provision import AgentEndpoint, Cluster, Provisioner
-from .store import Agent, Event, Job, Run, RunState, Stack, StackState, Store, Task, TaskState
+from .states import Moves, move_run
+from .store import RUN_ENDED, Agent, Job, Run, RunState, Stack, StackState, Store, TaskState
 
 __all__ = ["orphaned_runs", "recover"]
 
@@ -49,7 +50,7 @@ def orphaned_runs(store: Store) -> list[str]:
     with store.session() as s:
         rows = s.execute(
             select(Run.id, Run.orchestrator, Run.heartbeat_at, Run.created_at).where(
-                Run.state.not_in(TERMINAL)
+                Run.state.not_in(RUN_ENDED)
             )
         ).all()
     orphans = []
@@ -86,8 +87,8 @@ def recover(
                 for a in s.scalars(select(Agent).where(Agent.run_id == run_id)).all()
             )
             run.orchestrator = identity()  # this process owns the clean-up now
-            run.state = RunState.TEARDOWN
-            s.add(Event(run_id=run_id, kind="run", message="TEARDOWN: recovering an orphan"))
+            if run.state is not RunState.TEARDOWN:
+                move_run(s, run, RunState.TEARDOWN, "recovering an orphan")
         provisioner = provisioners.get(site)
         if agents and provisioner is not None:
             provisioner.down(Cluster(run_id=run_id, site=site, agents=agents))
@@ -102,20 +103,23 @@ def recover(
         kept = staging.release(run_id)
         if kept:
             reason += f"; volume(s) {', '.join(kept)} kept for the egress still owed"
-        now = datetime.now(UTC)
+        died = "orchestrator died"
         with store.session() as s:
-            for task in s.scalars(select(Task).join(Task.job).where(Job.run_id == run_id)):
-                if not task.state.ended:
-                    task.state = TaskState.FAILED
-                    for attempt in task.attempts:
-                        if not attempt.state.ended:
-                            attempt.state, attempt.message = TaskState.FAILED, "orchestrator died"
-                            attempt.finished_at = now
+            moves = Moves(run_id)
             for job in s.scalars(select(Job).where(Job.run_id == run_id)):
+                for task in job.tasks:
+                    if not task.state.ended:
+                        subject = f"{job.name}[{task.index}]"
+                        moves.task(task.id, subject, task.state, TaskState.FAILED, died)
+                        for attempt in task.attempts:
+                            if not attempt.state.ended:
+                                moves.attempt(
+                                    task.id, attempt.number, state=TaskState.FAILED, message=died
+                                )
                 if not job.state.ended:
-                    job.state, job.reason = TaskState.FAILED, "orchestrator died"
-            run = s.get_one(Run, run_id)
-            run.state, run.reason, run.finished_at = RunState.FAILED, reason, now
-            s.add(Event(run_id=run_id, kind="run", message=f"FAILED: {reason}"))
+                    moves.job(job.id, job.name, job.state, TaskState.FAILED, died)
+            s.expire_all()
+            moves.write(s)
+            move_run(s, s.get_one(Run, run_id), RunState.FAILED, reason)
         recovered.append((name, reason))
     return recovered

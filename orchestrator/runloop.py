@@ -1,11 +1,13 @@
-"""The RUNNING phase of one run: start what the scheduler says is ready, apply what ended,
-probe services, obey a cancel, until nothing is left to do.
+"""The RUNNING phase of one run: start what the scheduler says is ready where it fits, apply
+what ended, probe services, obey a cancel, until nothing is left to do.
 
-Every task holds a lease on an agent (renewed in the background) and a thread that waits for
-its end; services that have a readiness probe get a thread that probes them. Those threads
-only post messages to one inbox; the loop applies them one at a time, committing each state
-change to the store before it acts on it. Task phases are mirrored in memory, so the
-scheduler is asked about the whole workflow without reading it back from the database.
+One thread turns the loop; nothing else changes a state. The agents' answers arrive as gRPC
+futures whose callbacks only post a message to the inbox (no thread waits for a task); a few
+pooled threads copy the output of each ended attempt off its node, and a service with a
+readiness probe has a thread that probes it. Each turn drains the inbox, applies every
+message, decides, acquires leases where the capacity count says a task fits, and writes all
+of it in one commit before it asks an agent to start anything: the store always knows an
+attempt before its container exists.
 """
 
 from __future__ import annotations
@@ -16,48 +18,42 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
+from .capacity import Capacity, NodeTotal, Shape
 from .fuzzfile.endpoints import endpoint_env
 from .fuzzfile.model import Affinity, Job, Service, Workflow
 from .fuzzfile.variables import expand, secret_references
 from .probes import check
 from .provision import Cluster
-from .scheduler import ENDED, Phase, TaskKey, decide, job_phase
+from .scheduler import Scheduler, TaskKey
 from .secrets import SecretStore
-from .store import Attempt, Event, Run, RunState, Store, Task, TaskState
+from .states import Moves
+from .store import Attempt, Run, RunState, Store, Task, TaskState
 from .store import Job as JobRow
 
 __all__ = ["RunLoop", "log_path"]
 
 LEASE_TTL = 30.0
 POLL = 0.25  # seconds between looks at the cancel flag when nothing happens
+LOG_COPIERS = 4  # threads that copy ended attempts' output off their nodes
 
+_S = TaskState
 _AFFINITY = {
     Affinity.CORE: pb.AFFINITY_CORE,
     Affinity.SOCKET: pb.AFFINITY_SOCKET,
     Affinity.NUMA: pb.AFFINITY_NUMA,
 }
-_PHASE = {
-    TaskState.PENDING: Phase.PENDING,
-    TaskState.STARTING: Phase.STARTING,
-    TaskState.RUNNING: Phase.RUNNING,
-    TaskState.READY: Phase.READY,
-    TaskState.FINISHED: Phase.FINISHED,
-    TaskState.FAILED: Phase.FAILED,
-    TaskState.CANCELLED: Phase.CANCELLED,
-    TaskState.SKIPPED: Phase.SKIPPED,
-}
-_STATE = {phase: state for state, phase in _PHASE.items()}
 
 
 def log_path(data_dir: Path, run_id: str, key: TaskKey, attempt: int) -> Path:
@@ -69,17 +65,26 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _subject(key: TaskKey) -> str:
+    return f"{key.name}[{key.index}]"
+
+
 @dataclass(slots=True)
 class _Active:
     key: TaskKey
-    task_db_id: int
-    attempt_id: int
     attempt: int
     node: int  # index into the cluster's agents
     lease_id: str
+    shape: Shape
     agent_task_id: str = ""
     address: str = ""  # on its node's pod network (where a service is reached)
     stopping: bool = False  # a service we stopped, or a task we cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class _Launched:
+    active: _Active
+    reply: Any  # pb.RunResponse, or the grpc.RpcError that refused it
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,9 @@ class _Ended:
 @dataclass(frozen=True, slots=True)
 class _Ready:
     key: TaskKey
+
+
+_Message = _Launched | _Ended | _Ready
 
 
 class RunLoop:
@@ -116,74 +124,108 @@ class RunLoop:
             channel, stub = connect(agent.address, agent.token)
             self.channels.append(channel)
             self.stubs.append(stub)
-        self.inbox: queue.Queue[_Ended | _Ready] = queue.Queue()
+        self.inbox: queue.Queue[_Message] = queue.Queue()
+        self.calls: set[grpc.Future] = set()  # futures in flight (a dropped one is cancelled)
+        self.copiers = ThreadPoolExecutor(LOG_COPIERS, thread_name_prefix="log-copy")
+        self.moves = Moves(run_id)
         self.active: dict[TaskKey, _Active] = {}
-        self.phase: dict[TaskKey, Phase] = {}
         self.service_host: dict[str, str] = {}
-        self.unplaceable: dict[str, str] = {}  # job -> why the last node refused it
-        self.refused: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes now full
-        self.too_small: defaultdict[str, set[int]] = defaultdict(set)  # job -> nodes never
+        self.shapes = {name: Shape.of(c.resource) for name, c in wf.containers.items()}
+        self.unplaceable: dict[str, str] = {}  # job -> why no node can hold it
         self.ids: dict[TaskKey, tuple[int, int]] = {}  # task row id, job row id
         self.attempts: dict[TaskKey, int] = {}  # attempts made so far
+        self.last: dict[TaskKey, str] = {}  # how each task's last attempt ended
+        self.job_rows: dict[str, TaskState] = {}  # each job's row, as written
         self.keys: defaultdict[str, list[TaskKey]] = defaultdict(list)  # tasks of each job
-        self.jobs_started: set[str] = set()
-        self.jobs_ended: set[str] = set()
         self.stop = threading.Event()
         self.cancel_checked = -POLL  # when the cancel flag was last read (monotonic)
+        self.sched = Scheduler(wf, self._load())
+        self.capacity = Capacity(
+            [NodeTotal.of(stub.Inventory(pb.InventoryRequest())) for stub in self.stubs]
+        )
 
     # ---- the loop -----------------------------------------------------------------------
 
     def drive(self) -> tuple[RunState, str]:
         renewer = threading.Thread(target=self._renew_leases, daemon=True)
         renewer.start()
-        self._load_phases()
         try:
             while True:
                 if self._cancel_requested():
                     self._cancel_everything("cancelled by request")
                     return RunState.CANCELLED, "cancelled by request"
-                decision = decide(self.wf, self.phase)
-                self._skip(decision.skip)
-                for name in decision.stop:
-                    self._stop_service(name)
-                started = self._start_all(decision.start)
-                if self._fail_never_fits(decision.start):
-                    continue  # decide again: what depends on it is skipped
-                if decision.done and not self.active:
+                started = self._turn()
+                if not self.active and self.sched.done():
                     break
-                if not self.active and not started and not decision.skip:
-                    self._fail_unplaceable(decision.start)
+                if not self.active and not started:
+                    self._fail_unplaceable()
                     continue
-                try:
-                    message = self.inbox.get(timeout=POLL)
-                except queue.Empty:
-                    continue
-                if isinstance(message, _Ready):
-                    self._ready(message.key)
-                else:
-                    self._finish(message.active, message.status)
+                for message in self._messages():
+                    self._apply(message)
             failed = sorted(
-                {k.name for k, p in self.phase.items() if p in (Phase.FAILED, Phase.SKIPPED)}
+                name
+                for name in self.wf.containers
+                if self.sched.job(name) in (_S.FAILED, _S.SKIPPED)
             )
             if failed:
                 return RunState.FAILED, "failed: " + ", ".join(map(self._with_tasks, failed))
             return RunState.FINISHED, ""
         finally:
             self.stop.set()
+            self.copiers.shutdown(wait=True)
             for channel in self.channels:
                 channel.close()
+
+    def _turn(self) -> int:
+        """Skip, stop and start what the scheduler says, write every move of this turn in one
+        commit, then ask the agents to run what was started; how many tasks started."""
+        decision = self.sched.decide()
+        while decision.skip:
+            self._skip(decision.skip)
+            decision.skip = self.sched.decide().skip
+        for name in decision.stop:
+            self._stop_service(name)
+        launches = self._place(self.sched.decide().ready)
+        self._write()
+        for active in launches:
+            self._launch(active)
+        return len(launches)
+
+    def _messages(self) -> list[_Message]:
+        """Every message waiting; at least one, unless POLL passed with none."""
+        try:
+            messages = [self.inbox.get(timeout=POLL)]
+        except queue.Empty:
+            return []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                messages.append(self.inbox.get_nowait())
+        return messages
+
+    def _apply(self, message: _Message) -> None:
+        if isinstance(message, _Launched):
+            self._launched(message.active, message.reply)
+        elif isinstance(message, _Ended):
+            self._finish(message.active, message.status)
+        else:
+            self._ready(message.key)
+
+    def _write(self) -> None:
+        if self.moves:
+            with self.store.session() as s:
+                self.moves.write(s)
 
     def _with_tasks(self, name: str) -> str:
         """A failed job's name, and for an array the indexes that failed: `count[3, 7-9]`."""
         c = self.wf.containers[name]
-        failed = [k.index for k in self.keys[name] if self.phase[k] is Phase.FAILED]
+        failed = [k.index for k in self.keys[name] if self.sched.state(k) is _S.FAILED]
         if not failed or not isinstance(c, Job) or c.task_array is None:
             return name
         return f"{name}[{_ranges(failed)}]"
 
     def _cancel_requested(self) -> bool:
         """Read the run's cancel flag at most every POLL seconds: the loop turns once per
-        ended task, and a thousand-task array need not read the run row a thousand times."""
+        batch of ended tasks, and need not read the run row each time."""
         now = time.monotonic()
         if now - self.cancel_checked < POLL:
             return False
@@ -194,33 +236,35 @@ class RunLoop:
     def _cancel_everything(self, why: str) -> None:
         """Cancel running tasks, wait for them to end, and mark what never ran."""
         for active in self.active.values():
-            active.stopping = True
+            self._cancel(active)
+        while self.active:
+            for message in self._messages():
+                self._apply(message)
+        for name, keys in self.keys.items():
+            for key in keys:
+                if not self.sched.state(key).ended:
+                    self._move(key, _S.CANCELLED, why)
+            if not self.job_rows[name].ended:
+                self._move_job(name, _S.CANCELLED, why)
+        self._write()
+
+    def _cancel(self, active: _Active) -> None:
+        """Stop a task: at once if it runs, as soon as the agent says it started if not."""
+        active.stopping = True
+        if active.agent_task_id:
             with contextlib.suppress(grpc.RpcError):
                 self.stubs[active.node].Cancel(pb.CancelRequest(task_id=active.agent_task_id))
-        while self.active:
-            message = self.inbox.get()
-            if isinstance(message, _Ended):
-                self._finish(message.active, message.status)
-        with self.store.session() as s:
-            for task in s.scalars(
-                select(Task).join(Task.job).where(JobRow.run_id == self.run_id)
-            ).all():
-                if not task.state.ended:
-                    task.state = TaskState.CANCELLED
-                    self.phase[TaskKey(task.job.name, task.index)] = Phase.CANCELLED
-            for job in s.scalars(select(JobRow).where(JobRow.run_id == self.run_id)).all():
-                if not job.state.ended:
-                    job.state, job.reason = TaskState.CANCELLED, why
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _load_phases(self) -> None:
+    def _load(self) -> dict[TaskKey, TaskState]:
         """Task states, row ids and attempt counts, read once; kept in step from here on."""
         with self.store.session() as s:
             rows = s.execute(
                 select(JobRow.name, Task.index, Task.state, Task.id, JobRow.id, JobRow.state)
                 .join(Task.job)
                 .where(JobRow.run_id == self.run_id)
+                .order_by(JobRow.id, Task.index)
             ).all()
             counts = dict(
                 s.execute(
@@ -231,85 +275,140 @@ class RunLoop:
                     .group_by(Attempt.task_id)
                 ).all()
             )
+        states = {}
         for name, index, state, task_id, job_id, job_state in rows:
             key = TaskKey(name, index)
-            self.phase[key] = _PHASE[state]
+            states[key] = state
             self.ids[key] = (task_id, job_id)
             self.attempts[key] = counts.get(task_id, 0)
             self.keys[name].append(key)
-            if job_state is not TaskState.PENDING:
-                self.jobs_started.add(name)
-            if job_state.ended:
-                self.jobs_ended.add(name)
+            self.job_rows[name] = job_state
+        return states
 
-    def _task_row(self, s: Any, key: TaskKey) -> Task:
-        task: Task = s.scalars(
-            select(Task)
-            .join(Task.job)
-            .where(JobRow.run_id == self.run_id, JobRow.name == key.name, Task.index == key.index)
-        ).one()
-        return task
+    def _move(self, key: TaskKey, to: TaskState, message: str = "") -> None:
+        """Move a task (checked, with its event, written at the end of the turn), and its
+        job's row when the job's state follows."""
+        self.moves.task(self.ids[key][0], _subject(key), self.sched.state(key), to, message)
+        self.sched.moved(key, to)
+        job = self.sched.job(key.name)
+        if job is not self.job_rows[key.name] and job is not _S.PENDING:
+            # (a job whose tasks all wait for another attempt stays as it was)
+            self._move_job(key.name, job, self._failed_tasks(key.name) if job is _S.FAILED else "")
 
-    def _job_row(self, s: Any, name: str) -> JobRow:
-        job: JobRow = s.scalars(
-            select(JobRow).where(JobRow.run_id == self.run_id, JobRow.name == name)
-        ).one()
-        return job
+    def _move_job(self, name: str, to: TaskState, reason: str = "") -> None:
+        times = {}
+        if self.job_rows[name] is _S.PENDING and to in (_S.RUNNING, _S.READY):
+            times["started_at"] = _now()
+        if to.ended:
+            times["finished_at"] = _now()
+        job_id = self.ids[self.keys[name][0]][1]
+        self.moves.job(job_id, name, self.job_rows[name], to, reason, **times)
+        self.job_rows[name] = to
 
     def _skip(self, skipped: dict[str, str]) -> None:
-        if not skipped:
-            return
-        with self.store.session() as s:
-            for name, why in skipped.items():
-                job = self._job_row(s, name)
-                job.state, job.reason = TaskState.SKIPPED, why
-                for task in job.tasks:
-                    task.state = TaskState.SKIPPED
-                    self.phase[TaskKey(name, task.index)] = Phase.SKIPPED
-                s.add(Event(run_id=self.run_id, kind="job", subject=name, message=why))
+        for name, why in skipped.items():
+            self._move_job(name, _S.SKIPPED, why)
+            for key in self.keys[name]:
+                if self.sched.state(key) is _S.PENDING:
+                    self.moves.task(self.ids[key][0], _subject(key), _S.PENDING, _S.SKIPPED, why)
+                    self.sched.moved(key, _S.SKIPPED)
 
-    def _fail_unplaceable(self, keys: list[TaskKey]) -> None:
+    def _fail_unplaceable(self) -> None:
         """Nothing runs and nothing could start: what is ready cannot fit on any node."""
-        if not keys:
+        ready = self.sched.decide().ready
+        if not ready:
             raise RuntimeError("the scheduler is stuck: nothing runs and nothing is ready")
-        with self.store.session() as s:
-            for name in sorted({k.name for k in keys}):
-                why = self.unplaceable.get(name, "no node can hold it")
-                job = self._job_row(s, name)
-                job.state, job.reason = TaskState.FAILED, f"cannot be placed: {why}"
-                for task in job.tasks:
-                    if not task.state.ended:
-                        task.state = TaskState.FAILED
-                        self.phase[TaskKey(name, task.index)] = Phase.FAILED
-                s.add(Event(run_id=self.run_id, kind="job", subject=name, message=job.reason))
+        self._fail_jobs(ready)
 
-    def _fail_never_fits(self, keys: list[TaskKey]) -> bool:
-        """Fail at once, with the reason, the jobs that every node refused as too large for
-        it (not for lack of room now, which waits); whether there were any."""
-        names = sorted(
-            {k.name for k in keys if len(self.too_small[k.name]) == len(self.stubs)}
-            - self.jobs_ended
-        )
-        if names:
-            self._fail_unplaceable([k for k in keys if k.name in names])
-        return bool(names)
+    def _fail_jobs(self, names: list[str]) -> None:
+        for name in names:
+            why = f"cannot be placed: {self.unplaceable.get(name, 'no node can hold it')}"
+            self._move_job(name, _S.FAILED, why)
+            for key in self.keys[name]:
+                if self.sched.state(key) is _S.PENDING:
+                    self.moves.task(self.ids[key][0], _subject(key), _S.PENDING, _S.FAILED, why)
+                    self.sched.moved(key, _S.FAILED)
+        self._write()
 
     # ---- starting -------------------------------------------------------------------------
 
-    def _start_all(self, keys: list[TaskKey]) -> int:
-        """Start what fits. A node that refused a job's lease is not asked again for that
-        job until a task ends there: a 1,000-task array costs a refusal or two per task
-        that ends, not one per pending task and node."""
-        started = 0
-        for key in keys:
-            if len(self.refused[key.name]) < len(self.stubs) and self._start(key):
-                started += 1
-        return started
+    def _place(self, ready: list[str]) -> list[_Active]:
+        """Lease a node for each task that may start and fits somewhere now; a shape that
+        fits nowhere is not tried again this turn, and a job that no node could ever hold
+        fails at once."""
+        launches: list[_Active] = []
+        full: set[Shape] = set()
+        never: list[str] = []
+        for name in ready:
+            shape = self.shapes[name]
+            if shape in full:
+                continue
+            if self.capacity.never_fits(shape):
+                never.append(name)
+                continue
+            for key in self.sched.startable(name):
+                active = self._lease(key, shape)
+                if active is None:
+                    if name in self.unplaceable:
+                        never.append(name)
+                    else:
+                        full.add(shape)
+                    break
+                launches.append(active)
+        if never:
+            for name in never:
+                self.unplaceable.setdefault(name, self._never_fits(self.shapes[name]))
+            self._fail_jobs(never)
+        return launches
 
-    def _start(self, key: TaskKey) -> bool:
-        container = self.wf.containers[key.name]
-        r = container.resource
-        lease_request = pb.AcquireLeaseRequest(
+    def _lease(self, key: TaskKey, shape: Shape) -> _Active | None:
+        """A lease for `key` on a node where the count says it fits, recorded as its next
+        attempt; None when no node has room (or none ever will: `unplaceable` says why)."""
+        request = self._lease_request(self.wf.containers[key.name])
+        while (node := self.capacity.take(shape)) is not None:
+            try:
+                lease = self.stubs[node].AcquireLease(request)
+            except grpc.RpcError as exc:
+                self.capacity.refused(node, shape)
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    continue  # the agent counts otherwise: try the next node
+                if exc.code() in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    self.unplaceable[key.name] = exc.details() or exc.code().name
+                    return None
+                raise
+            number = self.attempts[key] + 1
+            self.attempts[key] = number
+            self._move(key, _S.STARTING, f"attempt {number} on node-{node}")
+            self.moves.attempt_started(self.ids[key][0], number, f"node-{node}", lease.id)
+            active = _Active(key, number, node, lease.id, shape)
+            self.active[key] = active
+            return active
+        return None
+
+    def _never_fits(self, shape: Shape) -> str:
+        """Why no node can hold `shape`, in the agent's words (it is asked once)."""
+        request = pb.AcquireLeaseRequest(
+            holder=f"run/{self.run_id}",
+            cores=shape.cores,
+            memory_bytes=shape.memory,
+            devices=dict(shape.devices),
+            exclusive=shape.exclusive,
+            ttl_seconds=1,
+        )
+        try:
+            lease = self.stubs[0].AcquireLease(request)
+        except grpc.RpcError as exc:
+            return str(exc.details() or exc.code().name)
+        with contextlib.suppress(grpc.RpcError):
+            self.stubs[0].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.id))
+        return "no node can hold it"
+
+    def _lease_request(self, c: Job | Service) -> pb.AcquireLeaseRequest:
+        r = c.resource
+        return pb.AcquireLeaseRequest(
             holder=f"run/{self.run_id}",
             cores=r.cores,
             affinity=_AFFINITY[r.affinity],
@@ -320,78 +419,55 @@ class RunLoop:
             exclusive=r.exclusive,
             ttl_seconds=LEASE_TTL,
         )
-        for node, stub in enumerate(self.stubs):
-            if node in self.refused[key.name]:
-                continue
-            try:
-                lease = stub.AcquireLease(lease_request)
-            except grpc.RpcError as exc:
-                if exc.code() in (
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
-                    self.unplaceable[key.name] = exc.details() or exc.code().name
-                    self.refused[key.name].add(node)
-                    if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        self.too_small[key.name].add(node)  # never fits there: not asked again
-                    continue  # full, or too small: try the next node, or later
-                raise
-            self._launch(key, container, node, lease.id)
-            return True
-        return False
 
-    def _launch(self, key: TaskKey, container: Job | Service, node: int, lease_id: str) -> None:
-        number = self.attempts[key] + 1
-        now = _now()
-        with self.store.session() as s:  # recorded before the task is started
-            task_id, job_id = self.ids[key]
-            s.execute(update(Task).where(Task.id == task_id).values(state=TaskState.STARTING))
-            attempt = Attempt(
-                task_id=task_id,
-                number=number,
-                node=f"node-{node}",
-                lease_id=lease_id,
-                started_at=now,
-            )
-            s.add(attempt)
-            if key.name not in self.jobs_started:
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id)
-                    .values(started_at=now, state=TaskState.RUNNING)
-                )
-            s.flush()
-            active = _Active(key, task_id, attempt.id, number, node, lease_id)
-        self.attempts[key] = number
-        self.jobs_started.add(key.name)
-        self.phase[key] = Phase.STARTING
-        try:
-            reply = self.stubs[node].Run(self._run_request(container, key, lease_id))
-        except grpc.RpcError as exc:
-            self.inbox.put(_Ended(active, exc))
-            self.active[key] = active
+    def _call(self, future: grpc.Future, then: Callable[[Any], None]) -> None:
+        """Keep `future` until it is done, then hand its result (or error) to `then`, in
+        gRPC's thread: `then` only posts a message or hands work to a pool."""
+        self.calls.add(future)
+
+        def done(f: grpc.Future) -> None:
+            self.calls.discard(f)
+            try:
+                result: Any = f.result()
+            except grpc.RpcError as exc:
+                result = exc
+            except grpc.FutureCancelledError:
+                return
+            then(result)
+
+        future.add_done_callback(done)
+
+    def _launch(self, active: _Active) -> None:
+        container = self.wf.containers[active.key.name]
+        request = self._run_request(container, active.key, active.lease_id)
+        self._call(
+            self.stubs[active.node].Run.future(request),
+            lambda reply: self.inbox.put(_Launched(active, reply)),
+        )
+
+    def _launched(self, active: _Active, reply: Any) -> None:
+        """The agent answered a Run: the task runs (or could not start)."""
+        if isinstance(reply, grpc.RpcError):
+            self._finish(active, reply)
             return
+        key = active.key
+        container = self.wf.containers[key.name]
         active.agent_task_id = reply.task_id
-        active.address = reply.address or self.hosts[node]
+        active.address = reply.address or self.hosts[active.node]
         probe = isinstance(container, Service) and container.readiness_probe is not None
-        state = TaskState.RUNNING if probe or isinstance(container, Job) else TaskState.READY
-        with self.store.session() as s:
-            s.execute(
-                update(Attempt)
-                .where(Attempt.id == active.attempt_id)
-                .values(agent_task_id=reply.task_id)
-            )
-            s.execute(update(Task).where(Task.id == active.task_db_id).values(state=state))
-            if state is TaskState.READY:
-                self._job_row(s, key.name).state = TaskState.READY
-        self.phase[key] = _PHASE[state]
-        self.active[key] = active
+        state = _S.RUNNING if probe or isinstance(container, Job) else _S.READY
+        self.moves.attempt(self.ids[key][0], active.attempt, agent_task_id=reply.task_id)
+        self._move(key, state, "ready" if state is _S.READY else "running")
         if isinstance(container, Service):
             self.service_host[key.name] = active.address
             if probe:
                 threading.Thread(target=self._probe, args=(container, active), daemon=True).start()
-        threading.Thread(target=self._await, args=(active,), daemon=True).start()
+        self._call(
+            self.stubs[active.node].Wait.future(pb.WaitRequest(task_id=reply.task_id)),
+            lambda status: self._copy_log(active, status),
+        )
+        if active.stopping:
+            self._cancel(active)
 
     def _run_request(self, c: Job | Service, key: TaskKey, lease_id: str) -> pb.RunRequest:
         env = {k: self._env_value(v) for k, v in c.env.items()}
@@ -469,108 +545,72 @@ class RunLoop:
                 return
 
     def _ready(self, key: TaskKey) -> None:
-        if key not in self.active:
+        if key not in self.active or self.sched.state(key) is not _S.RUNNING:
             return  # it ended meanwhile
-        with self.store.session() as s:
-            self._task_row(s, key).state = TaskState.READY
-            self._job_row(s, key.name).state = TaskState.READY
-            s.add(Event(run_id=self.run_id, kind="job", subject=key.name, message="ready"))
-        self.phase[key] = Phase.READY
+        self._move(key, _S.READY, "ready")
 
     def _stop_service(self, name: str) -> None:
         active = self.active.get(TaskKey(name, 0))
         if active is None or active.stopping:
             return
-        active.stopping = True
         self.report("service", name, "stopping: nothing needs it any more")
-        with contextlib.suppress(grpc.RpcError):
-            self.stubs[active.node].Cancel(pb.CancelRequest(task_id=active.agent_task_id))
+        self._cancel(active)
 
     # ---- ending ---------------------------------------------------------------------------
 
-    def _await(self, active: _Active) -> None:
-        try:
-            status: Any = self.stubs[active.node].Wait(pb.WaitRequest(task_id=active.agent_task_id))
-        except grpc.RpcError as exc:
-            status = exc
-        self._keep_log(active)
-        self.inbox.put(_Ended(active, status))
+    def _copy_log(self, active: _Active, status: Any) -> None:
+        self.copiers.submit(self._keep_log_then_post, active, status)
 
-    def _keep_log(self, active: _Active) -> None:
-        """Copy the attempt's output off the agent before its lease (and node) goes."""
+    def _keep_log_then_post(self, active: _Active, status: Any) -> None:
+        """Copy the attempt's output off the agent before its end is recorded (and before
+        its node goes), then post the end; runs in a pooled thread."""
         path = log_path(self.data_dir, self.run_id, active.key, active.attempt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(grpc.RpcError), open(path, "wb") as out:
-            for chunk in self.stubs[active.node].Logs(pb.LogsRequest(task_id=active.agent_task_id)):
-                out.write(chunk.data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(grpc.RpcError), open(path, "wb") as out:
+                logs = self.stubs[active.node].Logs(pb.LogsRequest(task_id=active.agent_task_id))
+                for chunk in logs:
+                    out.write(chunk.data)
+        finally:
+            self.inbox.put(_Ended(active, status))
 
     def _finish(self, active: _Active, status: Any) -> None:
         del self.active[active.key]
-        for name, nodes in self.refused.items():
-            if active.node not in self.too_small[name]:
-                nodes.discard(active.node)  # it has room again
         with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
             self.stubs[active.node].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=active.lease_id))
+        self.capacity.give_back(active.node, active.shape)
         ok, code, message = _outcome(status)
         container = self.wf.containers[active.key.name]
         if active.stopping and isinstance(container, Service):
             ok, message = True, "stopped"
+        retries = (container.policy.retries or 0) if isinstance(container, Job) else 0
         if ok:
-            attempt_state = TaskState.FINISHED
-        else:
-            attempt_state = TaskState.CANCELLED if active.stopping else TaskState.FAILED
-        retries = container.policy.retries if isinstance(container, Job) else 0
-        if ok:
-            task_state = TaskState.FINISHED
+            to = _S.FINISHED
         elif active.stopping:
-            task_state = TaskState.CANCELLED
-        elif (retries or 0) + 1 - active.attempt > 0:
-            task_state = TaskState.PENDING  # another attempt
+            to = _S.CANCELLED
+        elif retries + 1 - active.attempt > 0:
+            to = _S.PENDING  # another attempt
         else:
-            task_state = TaskState.FAILED
-        now = _now()
-        self.phase[active.key] = _PHASE[task_state]
-        name = active.key.name
-        phase = job_phase(self.keys[name], self.phase)
-        with self.store.session() as s:
-            s.execute(
-                update(Attempt)
-                .where(Attempt.id == active.attempt_id)
-                .values(state=attempt_state, exit_code=code, message=message, finished_at=now)
-            )
-            s.execute(update(Task).where(Task.id == active.task_db_id).values(state=task_state))
-            job_id = self.ids[active.key][1]
-            if phase in ENDED and name not in self.jobs_ended:  # its last task: the whole array
-                reason = self._failed_tasks(s, name, job_id) if phase is Phase.FAILED else ""
-                s.execute(
-                    update(JobRow)
-                    .where(JobRow.id == job_id)
-                    .values(state=_STATE[phase], reason=reason, finished_at=now)
-                )
-                self.jobs_ended.add(name)
-            s.add(
-                Event(
-                    run_id=self.run_id,
-                    kind="task",
-                    subject=f"{name}[{active.key.index}]",
-                    message=f"attempt {active.attempt}: {message}",
-                )
-            )
+            to = _S.FAILED
+        self.moves.attempt(
+            self.ids[active.key][0],
+            active.attempt,
+            state=_S.FAILED if to is _S.PENDING else to,
+            exit_code=code,
+            message=message,
+        )
+        self.last[active.key] = message
+        again = "; another attempt follows" if to is _S.PENDING else ""
+        self._move(active.key, to, f"attempt {active.attempt}: {message}{again}")
 
-    def _failed_tasks(self, s: Any, name: str, job_id: int) -> str:
-        """Why a job failed: how its task ended, or for an array which tasks failed and how
-        (read from the store, so that a run taken over by another process says the same)."""
-        rows = s.execute(
-            select(Task.index, Attempt.message)
-            .join(Attempt.task)
-            .where(Task.job_id == job_id, Task.state == TaskState.FAILED)
-            .order_by(Task.index, Attempt.number)
-        ).all()
-        last: dict[int, str] = dict(rows)  # each task's last attempt (ordered by number)
+    def _failed_tasks(self, name: str) -> str:
+        """Why a job failed: how its task ended, or for an array which tasks failed and how."""
+        last = {k.index: self.last.get(k, "failed") for k in self.keys[name]}
+        failed = {i: m for i, m in last.items() if self.sched.state(TaskKey(name, i)) is _S.FAILED}
         container = self.wf.containers[name]
         if not isinstance(container, Job) or container.task_array is None:
-            return next(iter(last.values()), "failed")
-        return failed_tasks(last)
+            return next(iter(failed.values()), "failed")
+        return failed_tasks(failed)
 
     def _renew_leases(self) -> None:
         while not self.stop.wait(LEASE_TTL / 3):

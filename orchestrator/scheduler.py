@@ -1,46 +1,40 @@
-"""What to start, skip and stop next: a pure function of the workflow and where its tasks are.
+"""What may start, what is skipped and what is stopped next, kept up to date as tasks move.
 
-The engine keeps task states (in the store) and asks `decide` after every change. Rules:
+The run loop tells the scheduler each move of a task (`moved`) and asks it what follows
+(`decide`). The work a move costs is proportional to what it changed: each job keeps counts of
+its tasks by state and a queue of its pending tasks, and a job whose state changed looks
+only at the jobs that depend on it. Rules:
 
 - A job's tasks are its task-array indexes (`FB_TASK_ID`), or one task; a service is one task.
 - Every task of an array runs even when some fail; the job then fails, and what depends on
   it is skipped.
-- A job starts when every dependency is met: FINISHED, or RUNNING for a service (RUNNING means
-  its readiness probe passed; without a probe, started). At most `concurrency` tasks of an
-  array run at once.
-- A dependency that failed, was skipped or was cancelled (or a RUNNING dependency on a service
+- A job is ready when every dependency is met: FINISHED, or READY for a service (its readiness
+  probe passed; without a probe, it started). At most `concurrency` tasks of an array run at
+  once.
+- A dependency that failed, was skipped or was cancelled (or a dependency on a running service
   that ended) skips the job and, in turn, what depends on it; independent branches go on.
 - A service with `persist: false` starts only while something still waits on it and is
   stopped once nothing does; a persisting service runs until the run ends (it is cancelled).
 - The run is over when every job has ended and no service is left that must run on.
 
-Placement on nodes (cores, memory, devices) is the engine's business with the agents' leases.
+Where a task runs (nodes, cores, memory, devices) is the run loop's business (`capacity`).
 """
 
 from __future__ import annotations
 
+import bisect
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from .fuzzfile.model import DependencyStatus, Job, Service, Workflow
+from .store import TaskState
 
-__all__ = ["BROKEN", "ENDED", "Decision", "Phase", "TaskKey", "decide", "job_phase", "tasks_of"]
+__all__ = ["Decision", "Scheduler", "TaskKey", "job_state", "tasks_of"]
 
-
-class Phase(StrEnum):
-    PENDING = "PENDING"
-    STARTING = "STARTING"  # asked for, not yet running
-    RUNNING = "RUNNING"
-    READY = "READY"  # a service whose readiness probe passed
-    FINISHED = "FINISHED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    SKIPPED = "SKIPPED"
-
-
-ENDED = frozenset({Phase.FINISHED, Phase.FAILED, Phase.CANCELLED, Phase.SKIPPED})
-BROKEN = frozenset({Phase.FAILED, Phase.CANCELLED, Phase.SKIPPED})
+_S = TaskState
+_ACTIVE = (_S.STARTING, _S.RUNNING, _S.READY)
+_BROKEN = (_S.FAILED, _S.CANCELLED, _S.SKIPPED)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -51,10 +45,9 @@ class TaskKey:
 
 @dataclass(slots=True)
 class Decision:
-    start: list[TaskKey] = field(default_factory=list)
     skip: dict[str, str] = field(default_factory=dict)  # job/service -> why
     stop: list[str] = field(default_factory=list)  # services nothing needs any more
-    done: bool = False  # nothing more will start; the run can wind down
+    ready: list[str] = field(default_factory=list)  # jobs that may start tasks now, oldest first
 
 
 def tasks_of(container: Job | Service) -> list[TaskKey]:
@@ -65,101 +58,174 @@ def tasks_of(container: Job | Service) -> list[TaskKey]:
     return [TaskKey(container.name, 0)]
 
 
-def job_phase(keys: list[TaskKey], states: Mapping[TaskKey, Phase]) -> Phase:
-    """A job's phase from its tasks'. Every task of an array runs, whatever the others did:
-    the job fails once all have ended and one failed (retries happen inside a task, as
-    attempts); it is finished when all its tasks are."""
-    phases = [states.get(k, Phase.PENDING) for k in keys]
-    if all(p in ENDED for p in phases):
-        if Phase.FAILED in phases:
-            return Phase.FAILED
-        if all(p is Phase.FINISHED for p in phases):
-            return Phase.FINISHED
-        return Phase.CANCELLED if Phase.CANCELLED in phases else Phase.SKIPPED
-    if Phase.READY in phases:
-        return Phase.READY
-    if any(p is not Phase.PENDING for p in phases):
-        return Phase.RUNNING
-    return Phase.PENDING
+def job_state(counts: Mapping[TaskState, int], tasks: int) -> TaskState:
+    """A job's state from how many of its `tasks` are in each state. Every task of an array
+    runs, whatever the others did: the job fails once all have ended and one failed (retries
+    happen inside a task, as attempts); it is finished when all its tasks are."""
+    ended = sum(counts.get(s, 0) for s in (_S.FINISHED, *_BROKEN))
+    if ended == tasks:
+        if counts.get(_S.FAILED):
+            return _S.FAILED
+        if counts.get(_S.FINISHED) == tasks:
+            return _S.FINISHED
+        return _S.CANCELLED if counts.get(_S.CANCELLED) else _S.SKIPPED
+    if counts.get(_S.READY):
+        return _S.READY
+    return _S.PENDING if counts.get(_S.PENDING) == tasks else _S.RUNNING
 
 
-def decide(wf: Workflow, states: Mapping[TaskKey, Phase]) -> Decision:
-    """The next moves for a workflow whose tasks are in `states` (absent: PENDING)."""
-    keys = {name: tasks_of(c) for name, c in wf.containers.items()}
-    phase = {name: job_phase(k, states) for name, k in keys.items()}
-    decision = Decision()
-    _skip_broken_dependents(wf, phase, decision)
-    for name in decision.skip:
-        phase[name] = Phase.SKIPPED
-    waiting_on = _waiters(wf, phase)
-    for name, container in wf.containers.items():
-        if phase[name] in ENDED or name in decision.skip:
-            continue
-        on_demand = isinstance(container, Service) and not container.persist
-        if on_demand and not waiting_on[name]:
-            if phase[name] in (Phase.RUNNING, Phase.READY):
-                decision.stop.append(name)
-            continue
-        if not _dependencies_met(container, phase):
-            continue
-        decision.start.extend(_startable(container, keys[name], states))
-    decision.done = not decision.start and all(
-        phase[name] in ENDED or (isinstance(c, Service) and not c.persist and not waiting_on[name])
-        for name, c in wf.containers.items()
-    )
-    return decision
+class _Job:
+    __slots__ = ("container", "counts", "dependents", "limit", "on_demand", "pending", "size")
+
+    def __init__(self, container: Job | Service) -> None:
+        self.container = container
+        keys = tasks_of(container)
+        self.size = len(keys)
+        self.counts: Counter[TaskState] = Counter({_S.PENDING: self.size})
+        self.pending: deque[int] = deque(k.index for k in keys)  # in index order
+        self.limit = (
+            container.task_array.concurrency
+            if isinstance(container, Job) and container.task_array is not None
+            else None
+        )
+        self.on_demand = isinstance(container, Service) and not container.persist
+        self.dependents: list[str] = []
+
+    @property
+    def state(self) -> TaskState:
+        return job_state(self.counts, self.size)
+
+    @property
+    def active(self) -> int:
+        return sum(self.counts[s] for s in _ACTIVE)
 
 
-def _skip_broken_dependents(wf: Workflow, phase: dict[str, Phase], decision: Decision) -> None:
-    """Mark, transitively, what waits on something that failed or can no longer be met."""
-    changed = True
-    while changed:
-        changed = False
+class Scheduler:
+    """The DAG of `wf` and where each of its tasks is (`states`; absent: PENDING)."""
+
+    def __init__(self, wf: Workflow, states: Mapping[TaskKey, TaskState] | None = None) -> None:
+        self.wf = wf
+        self.jobs = {name: _Job(c) for name, c in wf.containers.items()}
         for name, c in wf.containers.items():
-            if name in decision.skip or phase[name] not in (Phase.PENDING,):
-                continue
             for dep in c.depends_on:
-                target = phase.get(dep.name, Phase.PENDING)
-                if dep.name in decision.skip:
-                    target = Phase.SKIPPED
-                gone = dep.status is DependencyStatus.RUNNING and target is Phase.FINISHED
-                if target in BROKEN or gone:
-                    how = "ended" if gone else target.value.lower()
-                    decision.skip[name] = f"dependency {dep.name!r} {how}"
-                    changed = True
-                    break
+                self.jobs[dep.name].dependents.append(name)
+        self.states: dict[TaskKey, TaskState] = {}
+        # containers that have not ended and depend on each name (services that must run)
+        self.waiters: Counter[str] = Counter()
+        for c in wf.containers.values():
+            for dep in c.depends_on:
+                self.waiters[dep.name] += 1
+        self.ready: dict[str, None] = {}  # an ordered set
+        self.skip: dict[str, str] = {}
+        self.stop: dict[str, None] = {}
+        for key, state in (states or {}).items():
+            if state is not _S.PENDING:
+                self.moved(key, state)
+        for name in self.jobs:
+            self._review(name)
+
+    def state(self, key: TaskKey) -> TaskState:
+        return self.states.get(key, _S.PENDING)
+
+    def job(self, name: str) -> TaskState:
+        return self.jobs[name].state
+
+    def moved(self, key: TaskKey, to: TaskState) -> None:
+        """Task `key` is now in state `to`."""
+        job = self.jobs[key.name]
+        was = self.states.get(key, _S.PENDING)
+        if was is to:
+            return
+        before = job.state
+        self.states[key] = to
+        job.counts[was] -= 1
+        job.counts[to] += 1
+        if to is _S.PENDING:
+            bisect.insort(job.pending, key.index)  # another attempt, in index order
+        elif was is _S.PENDING:
+            _discard(job.pending, key.index)
+        after = job.state
+        self._review(key.name)
+        if after is before:
+            return
+        if after.ended and not before.ended:
+            for dep in job.container.depends_on:
+                self.waiters[dep.name] -= 1
+                self._review(dep.name)
+        for name in job.dependents:
+            self._review(name)
+
+    def decide(self) -> Decision:
+        """What to skip and stop (each said once) and which jobs may start tasks now."""
+        decision = Decision(skip=self.skip, stop=list(self.stop), ready=list(self.ready))
+        self.skip, self.stop = {}, {}
+        return decision
+
+    def startable(self, name: str) -> list[TaskKey]:
+        """The tasks of ready job `name` that may start now, in index order: its pending
+        tasks, as many as its concurrency leaves room for."""
+        job = self.jobs[name]
+        if name not in self.ready:
+            return []
+        room = len(job.pending) if job.limit is None else max(0, job.limit - job.active)
+        return [TaskKey(name, i) for i in list(job.pending)[:room]]
+
+    def done(self) -> bool:
+        """Nothing more will start: every job has ended, and every service still running is
+        one that nothing waits on (it is being stopped)."""
+        return (
+            not self.ready
+            and not self.skip
+            and all(
+                job.state.ended or (job.on_demand and not self.waiters[name])
+                for name, job in self.jobs.items()
+            )
+        )
+
+    def _review(self, name: str) -> None:
+        """Whether `name` is ready, to be skipped or to be stopped, after something it
+        depends on (or its own tasks, or what waits on it) moved."""
+        job = self.jobs[name]
+        state = job.state
+        self.ready.pop(name, None)
+        if state.ended:
+            return
+        if job.on_demand and not self.waiters[name]:
+            if state in _ACTIVE:
+                self.stop[name] = None
+            return
+        if state is _S.PENDING and name not in self.skip:
+            why = self._broken(job)
+            if why:
+                self.skip[name] = why
+                return
+        if not job.pending or not self._met(job):
+            return
+        if job.limit is not None and job.active >= job.limit:
+            return
+        self.ready[name] = None
+
+    def _broken(self, job: _Job) -> str:
+        for dep in job.container.depends_on:
+            target = self.jobs[dep.name].state
+            gone = dep.status is DependencyStatus.RUNNING and target is _S.FINISHED
+            if target in _BROKEN or gone:
+                return f"dependency {dep.name!r} {'ended' if gone else target.value.lower()}"
+        return ""
+
+    def _met(self, job: _Job) -> bool:
+        for dep in job.container.depends_on:
+            target = self.jobs[dep.name].state
+            if dep.status is DependencyStatus.FINISHED and target is not _S.FINISHED:
+                return False
+            if dep.status is DependencyStatus.RUNNING and target is not _S.READY:
+                return False
+        return True
 
 
-def _waiters(wf: Workflow, phase: Mapping[str, Phase]) -> dict[str, bool]:
-    """For each name, whether something that has not ended still depends on it."""
-    waiting = dict.fromkeys(wf.containers, False)
-    for name, c in wf.containers.items():
-        if phase[name] in ENDED:
-            continue
-        for dep in c.depends_on:
-            if dep.name in waiting:
-                waiting[dep.name] = True
-    return waiting
-
-
-def _dependencies_met(container: Job | Service, phase: Mapping[str, Phase]) -> bool:
-    for dep in container.depends_on:
-        target = phase.get(dep.name, Phase.PENDING)
-        if dep.status is DependencyStatus.FINISHED and target is not Phase.FINISHED:
-            return False
-        if dep.status is DependencyStatus.RUNNING and target is not Phase.READY:
-            return False
-    return True
-
-
-def _startable(
-    container: Job | Service, keys: list[TaskKey], states: Mapping[TaskKey, Phase]
-) -> list[TaskKey]:
-    pending = [k for k in keys if states.get(k, Phase.PENDING) is Phase.PENDING]
-    limit = None
-    if isinstance(container, Job) and container.task_array is not None:
-        limit = container.task_array.concurrency
-    if limit is None:
-        return pending
-    active = sum(1 for k in keys if states.get(k) in (Phase.STARTING, Phase.RUNNING))
-    return pending[: max(0, limit - active)]
+def _discard(queue: deque[int], index: int) -> None:
+    """Remove `index` from a queue of pending tasks; the first in line in the common case."""
+    if queue and queue[0] == index:
+        queue.popleft()
+    else:
+        queue.remove(index)

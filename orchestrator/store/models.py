@@ -230,6 +230,7 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(_TS, default=now)
     kind: Mapped[str] = mapped_column(String(32))  # run, job, task, transfer, stack, ...
     subject: Mapped[str] = mapped_column(String(255), default="")
+    state: Mapped[str | None] = mapped_column(String(16), default=None)  # a move's new state
     message: Mapped[str] = mapped_column(Text, default="")
 
 

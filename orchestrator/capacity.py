@@ -1,0 +1,129 @@
+"""What each node of a cluster has free, as the orchestrator keeps count of its leases.
+
+Each agent reports its cores, memory and GPUs once (`Inventory`); from then on the run loop
+counts what its own leases hold, so it asks for a lease only on a node where the task fits,
+and a node that frees a slot is offered to the jobs that fit it, not to every pending job.
+The model is the agent's own rule (whole cores, memory, devices by kind, an exclusive lease
+alone on its node): the agent still has the final word, and a refusal the model did not
+foresee marks that node full for that shape of request until something ends there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from api.substrate.v1 import agent_pb2 as pb
+from substrate.leases import DEVICE_VENDORS
+
+from .fuzzfile.model import Resource
+
+__all__ = ["Capacity", "NodeTotal", "Shape"]
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What one task asks of its node."""
+
+    cores: int
+    memory: int
+    devices: tuple[tuple[str, int], ...] = ()
+    exclusive: bool = False
+
+    @classmethod
+    def of(cls, r: Resource) -> Shape:
+        devices = tuple(sorted((k, v) for k, v in r.devices.items() if v))
+        return cls(r.cores, r.memory_per_node or 0, devices, r.exclusive)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTotal:
+    """What a node has: whole cores, memory, and GPUs by device kind."""
+
+    cores: int
+    memory: int
+    devices: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, inventory: pb.InventoryResponse) -> NodeTotal:
+        vendors = Counter(g.vendor for g in inventory.gpus)
+        return cls(
+            cores=len({(c.socket, c.core) for c in inventory.cpus}),
+            memory=inventory.memory_bytes,
+            devices={kind: vendors[v] for kind, v in DEVICE_VENDORS.items() if vendors[v]},
+        )
+
+    def holds(self, shape: Shape) -> bool:
+        """Whether the node could hold `shape` with nothing else on it."""
+        return (
+            shape.cores <= self.cores
+            and shape.memory <= self.memory
+            and all(n <= self.devices.get(kind, 0) for kind, n in shape.devices)
+        )
+
+
+class _Node:
+    __slots__ = ("blocked", "cores", "devices", "exclusive", "leases", "memory", "total")
+
+    def __init__(self, total: NodeTotal) -> None:
+        self.total = total
+        self.cores, self.memory = total.cores, total.memory
+        self.devices: Counter[str] = Counter(total.devices)
+        self.leases = 0
+        self.exclusive = False
+        self.blocked: set[Shape] = set()  # refused by the agent though the count said yes
+
+    def fits(self, shape: Shape) -> bool:
+        return (
+            not self.exclusive
+            and not (shape.exclusive and self.leases)
+            and shape not in self.blocked
+            and shape.cores <= self.cores
+            and shape.memory <= self.memory
+            and all(n <= self.devices[kind] for kind, n in shape.devices)
+        )
+
+    def take(self, shape: Shape, sign: int) -> None:
+        self.cores -= sign * shape.cores
+        self.memory -= sign * shape.memory
+        for kind, n in shape.devices:
+            self.devices[kind] -= sign * n
+        self.leases += sign
+        if shape.exclusive:
+            self.exclusive = sign > 0
+
+
+class Capacity:
+    """Free capacity of each node (by index), kept as leases are taken and given back."""
+
+    def __init__(self, totals: list[NodeTotal]) -> None:
+        self.nodes = [_Node(t) for t in totals]
+
+    def never_fits(self, shape: Shape) -> bool:
+        """No node could hold `shape` even empty."""
+        return not any(n.total.holds(shape) for n in self.nodes)
+
+    def fits_somewhere(self, shape: Shape) -> bool:
+        return any(n.fits(shape) for n in self.nodes)
+
+    def take(self, shape: Shape) -> int | None:
+        """Reserve `shape` on the first node where it fits now; that node, or None."""
+        for i, node in enumerate(self.nodes):
+            if node.fits(shape):
+                node.take(shape, 1)
+                return i
+        return None
+
+    def give_back(self, node: int, shape: Shape) -> None:
+        """A lease of `shape` on `node` ended (or was never granted): its room is free again,
+        and the node may be asked again for shapes it refused."""
+        n = self.nodes[node]
+        n.take(shape, -1)
+        n.blocked.clear()
+
+    def refused(self, node: int, shape: Shape) -> None:
+        """The agent had no room for `shape` though the count said it had: do not ask that
+        node for it again until something ends there."""
+        self.give_back(node, shape)
+        self.nodes[node].blocked.add(shape)
