@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import typer
 
-from . import (
-    agent_cmd,
-    app_cmd,
-    context_cmd,
-    doctor_cmd,
-    federate_cmd,
-    run_cmd,
-    secret_cmd,
-    server_cmd,
-    stack_cmd,
-    workflow_cmd,
-)
+from .lazy import LazyGroup
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main"]
+
+# Each command's module is imported, and the command built, when it is used (cli/lazy.py):
+# name -> "module:attribute", a function (one command) or a Typer app (a command group).
+# `squall --help` lists them in this order.
+COMMANDS = {
+    "run": "cli.run_cmd:run",
+    "server": "cli.server_cmd:server",
+    "agent": "cli.agent_cmd:agent",
+    "doctor": "cli.doctor_cmd:doctor",
+    "workflow": "cli.workflow_cmd:app",
+    "app": "cli.app_cmd:app",
+    "context": "cli.context_cmd:app",
+    "secret": "cli.secret_cmd:app",
+    "federate": "cli.federate_cmd:federate_app",
+    "catalog": "cli.federate_cmd:catalog_app",
+    "stack": "cli.stack_cmd:app",
+}
+
+
+class _Squall(LazyGroup):
+    lazy = COMMANDS
+
 
 app = typer.Typer(
     name="squall",
@@ -32,18 +43,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Squall,
 )
-app.add_typer(workflow_cmd.app, name="workflow")
-app.add_typer(app_cmd.app, name="app")
-app.command(name="run")(run_cmd.run)
-app.command(name="server")(server_cmd.server)
-app.add_typer(context_cmd.app, name="context")
-app.add_typer(secret_cmd.app, name="secret")
-app.add_typer(federate_cmd.federate_app, name="federate")
-app.add_typer(federate_cmd.catalog_app, name="catalog")
-app.command(name="agent")(agent_cmd.agent)
-app.add_typer(stack_cmd.app, name="stack")
-app.command(name="doctor")(doctor_cmd.doctor)
 
 
 def _version(value: bool) -> None:

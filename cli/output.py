@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -46,6 +44,8 @@ class Format(StrEnum):
 
 def print_json(data: Any) -> None:
     """Write `data` as indented JSON on stdout."""
+    import json  # imported here: `squall --help` loads this module and needs no JSON
+
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
@@ -74,6 +74,8 @@ def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 def write_atomic(target: Path, text: str) -> None:
     """Write via a temporary file and rename, so that a crash never leaves half a file."""
+    import tempfile
+
     directory = target.parent if str(target.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
     try:

@@ -306,6 +306,10 @@ class _Model(BaseModel):
         coerce_numbers_to_str=True,  # `command: [blastp, -num_threads, 8]` is in the corpus
         populate_by_name=False,
         str_strip_whitespace=False,
+        # Validators are built when a document is first validated, one per document model
+        # (its nested models inline), not one per model as each class is defined: `squall
+        # workflow validate` starts faster and validates as fast (bench/cli_startup.py).
+        defer_build=True,
     )
 
 

@@ -37,6 +37,18 @@ HEAVY = (
 )
 # Help needs no Fuzzfile machinery either.
 HELP_ONLY = ("pydantic", "yaml", "orchestrator")
+# A command imports its own module alone (cli/lazy.py): validate needs none of these.
+OTHER_COMMANDS = (
+    "cli.run_cmd",
+    "cli.server_cmd",
+    "cli.agent_cmd",
+    "cli.doctor_cmd",
+    "cli.app_cmd",
+    "cli.context_cmd",
+    "cli.secret_cmd",
+    "cli.federate_cmd",
+    "cli.stack_cmd",
+)
 
 _RUN = """
 import json, sys
@@ -84,3 +96,35 @@ def test_validate_imports_only_the_fuzzfile_machinery(
     modules = modules_after(tmp_path, "workflow", "validate", *args)
     assert "orchestrator.fuzzfile.schema" in modules  # it did validate
     assert loaded(modules, HEAVY) == []
+    assert loaded(modules, OTHER_COMMANDS) == []
+
+
+_BUILT = """
+import json, sys
+from pydantic import BaseModel
+from orchestrator.fuzzfile import load_text, schema
+def built():
+    return sorted(
+        name for name, value in vars(schema).items()
+        if isinstance(value, type) and issubclass(value, BaseModel) and value.__pydantic_complete__
+    )
+at_import = built()
+assert load_text(sys.argv[1], "hello.yaml").ok
+print(json.dumps([at_import, built()]))
+"""
+
+
+def test_the_schema_builds_one_validator_when_first_used() -> None:
+    """Importing the Fuzzfile package builds no pydantic validator; validating a v4 file
+    builds the v4 document's (its nested models inline), not one per model nor v1's."""
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILT, HELLO.read_text()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    at_import, after_validating = json.loads(done.stdout)
+    assert at_import == []
+    assert after_validating == ["DocumentV4"]
