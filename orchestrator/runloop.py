@@ -1,13 +1,13 @@
 """The RUNNING phase of one run: start what the scheduler says is ready where it fits, apply
 what ended, probe services, obey a cancel, until nothing is left to do.
 
-One thread turns the loop; nothing else changes a state. The agents' answers arrive as gRPC
-futures whose callbacks only post a message to the inbox (no thread waits for a task); a few
-pooled threads copy the output of each ended attempt off its node, and a service with a
-readiness probe has a thread that probes it. Each turn drains the inbox, applies every
-message, decides, acquires leases where the capacity count says a task fits, and writes all
-of it in one commit before it asks an agent to start anything: the store always knows an
-attempt before its container exists.
+One thread turns the loop, and nothing else changes a state. Its calls to the agents are made
+by `ClusterIO`, whose one asyncio thread posts each answer to the inbox (no thread waits for a
+task); a service with a readiness probe has a thread that probes it. Each turn drains the
+inbox, applies every message, asks the scheduler what follows, asks for leases where the
+capacity count says a task fits, and writes all of it in one commit; a task whose lease came
+is started only after that commit, so the store knows every attempt before its container
+exists.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
 from .capacity import Capacity, NodeTotal, Shape
+from .cluster_io import ClusterIO
 from .fuzzfile.endpoints import endpoint_env
 from .fuzzfile.model import Affinity, Job, Service, Workflow
 from .fuzzfile.variables import expand, secret_references
@@ -46,7 +47,6 @@ __all__ = ["RunLoop", "log_path"]
 
 LEASE_TTL = 30.0
 POLL = 0.25  # seconds between looks at the cancel flag when nothing happens
-LOG_COPIERS = 4  # threads that copy ended attempts' output off their nodes
 
 _S = TaskState
 _AFFINITY = {
@@ -71,14 +71,22 @@ def _subject(key: TaskKey) -> str:
 
 @dataclass(slots=True)
 class _Active:
+    """A task the loop works on: leasing (no lease yet), starting, running or ending."""
+
     key: TaskKey
-    attempt: int
     node: int  # index into the cluster's agents
-    lease_id: str
     shape: Shape
+    attempt: int = 0  # 0 while its lease is asked for
+    lease_id: str = ""
     agent_task_id: str = ""
     address: str = ""  # on its node's pod network (where a service is reached)
     stopping: bool = False  # a service we stopped, or a task we cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class _Leased:
+    active: _Active
+    lease: Any  # pb.Lease, or the grpc.RpcError that refused it
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +103,10 @@ class _Ended:
 
 @dataclass(frozen=True, slots=True)
 class _Ready:
-    key: TaskKey
+    active: _Active
 
 
-_Message = _Launched | _Ended | _Ready
+_Message = _Leased | _Launched | _Ended | _Ready
 
 
 class RunLoop:
@@ -118,17 +126,12 @@ class RunLoop:
     ) -> None:
         self.store, self.run_id, self.wf = store, run_id, wf
         self.mounts, self.secrets, self.data_dir, self.report = mounts, secrets, data_dir, report
+        self.agents = cluster.agents
         self.hosts = [a.address.rsplit(":", 1)[0] for a in cluster.agents]
-        self.channels, self.stubs = [], []
-        for agent in cluster.agents:
-            channel, stub = connect(agent.address, agent.token)
-            self.channels.append(channel)
-            self.stubs.append(stub)
         self.inbox: queue.Queue[_Message] = queue.Queue()
-        self.calls: set[grpc.Future] = set()  # futures in flight (a dropped one is cancelled)
-        self.copiers = ThreadPoolExecutor(LOG_COPIERS, thread_name_prefix="log-copy")
         self.moves = Moves(run_id)
         self.active: dict[TaskKey, _Active] = {}
+        self.leased: list[_Active] = []  # leased this turn: started once the turn is written
         self.service_host: dict[str, str] = {}
         self.shapes = {name: Shape.of(c.resource) for name, c in wf.containers.items()}
         self.unplaceable: dict[str, str] = {}  # job -> why no node can hold it
@@ -139,25 +142,32 @@ class RunLoop:
         self.keys: defaultdict[str, list[TaskKey]] = defaultdict(list)  # tasks of each job
         self.stop = threading.Event()
         self.cancel_checked = -POLL  # when the cancel flag was last read (monotonic)
+        self.renewed = time.monotonic()
         self.sched = Scheduler(wf, self._load())
-        self.capacity = Capacity(
-            [NodeTotal.of(stub.Inventory(pb.InventoryRequest())) for stub in self.stubs]
-        )
+        self.io = ClusterIO(cluster)
+        try:
+            self.capacity = Capacity(
+                [
+                    NodeTotal.of(self.io.call_now(node, "Inventory", pb.InventoryRequest()))
+                    for node in range(len(cluster.agents))
+                ]
+            )
+        except BaseException:
+            self.io.close()
+            raise
 
     # ---- the loop -----------------------------------------------------------------------
 
     def drive(self) -> tuple[RunState, str]:
-        renewer = threading.Thread(target=self._renew_leases, daemon=True)
-        renewer.start()
         try:
             while True:
                 if self._cancel_requested():
                     self._cancel_everything("cancelled by request")
                     return RunState.CANCELLED, "cancelled by request"
-                started = self._turn()
+                asked = self._turn()
                 if not self.active and self.sched.done():
                     break
-                if not self.active and not started:
+                if not self.active and not asked:
                     self._fail_unplaceable()
                     continue
                 for message in self._messages():
@@ -172,24 +182,28 @@ class RunLoop:
             return RunState.FINISHED, ""
         finally:
             self.stop.set()
-            self.copiers.shutdown(wait=True)
-            for channel in self.channels:
-                channel.close()
+            self.io.close()
 
     def _turn(self) -> int:
-        """Skip, stop and start what the scheduler says, write every move of this turn in one
-        commit, then ask the agents to run what was started; how many tasks started."""
+        """Skip, stop and place what the scheduler says, write every move of this turn in one
+        commit, then start the tasks whose lease came; how many leases were asked for."""
         decision = self.sched.decide()
         while decision.skip:
             self._skip(decision.skip)
             decision.skip = self.sched.decide().skip
         for name in decision.stop:
             self._stop_service(name)
-        launches = self._place(self.sched.decide().ready)
+        asked = self._place(self.sched.decide().ready)
         self._write()
-        for active in launches:
+        for active in self.leased:
             self._launch(active)
-        return len(launches)
+        self.leased = []
+        if time.monotonic() - self.renewed > LEASE_TTL / 3:
+            self.renewed = time.monotonic()
+            self.io.renew(
+                ((a.node, a.lease_id) for a in self.active.values() if a.lease_id), LEASE_TTL
+            )
+        return asked
 
     def _messages(self) -> list[_Message]:
         """Every message waiting; at least one, unless POLL passed with none."""
@@ -203,12 +217,14 @@ class RunLoop:
         return messages
 
     def _apply(self, message: _Message) -> None:
-        if isinstance(message, _Launched):
+        if isinstance(message, _Leased):
+            self._leased(message.active, message.lease)
+        elif isinstance(message, _Launched):
             self._launched(message.active, message.reply)
         elif isinstance(message, _Ended):
             self._finish(message.active, message.status)
         else:
-            self._ready(message.key)
+            self._ready(message.active)
 
     def _write(self) -> None:
         if self.moves:
@@ -225,7 +241,7 @@ class RunLoop:
 
     def _cancel_requested(self) -> bool:
         """Read the run's cancel flag at most every POLL seconds: the loop turns once per
-        batch of ended tasks, and need not read the run row each time."""
+        batch of messages, and need not read the run row each time."""
         now = time.monotonic()
         if now - self.cancel_checked < POLL:
             return False
@@ -240,6 +256,12 @@ class RunLoop:
         while self.active:
             for message in self._messages():
                 self._apply(message)
+            self._write()
+            for active in self.leased:  # leased before the cancel came: give them back
+                self.io.unary(
+                    active.node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=active.lease_id)
+                )
+            self.leased = []
         for name, keys in self.keys.items():
             for key in keys:
                 if not self.sched.state(key).ended:
@@ -252,8 +274,7 @@ class RunLoop:
         """Stop a task: at once if it runs, as soon as the agent says it started if not."""
         active.stopping = True
         if active.agent_task_id:
-            with contextlib.suppress(grpc.RpcError):
-                self.stubs[active.node].Cancel(pb.CancelRequest(task_id=active.agent_task_id))
+            self.io.unary(active.node, "Cancel", pb.CancelRequest(task_id=active.agent_task_id))
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -285,10 +306,14 @@ class RunLoop:
             self.job_rows[name] = job_state
         return states
 
-    def _move(self, key: TaskKey, to: TaskState, message: str = "") -> None:
+    def _move(
+        self, key: TaskKey, to: TaskState, message: str = "", was: TaskState | None = None
+    ) -> None:
         """Move a task (checked, with its event, written at the end of the turn), and its
-        job's row when the job's state follows."""
-        self.moves.task(self.ids[key][0], _subject(key), self.sched.state(key), to, message)
+        job's row when the job's state follows. `was`: where the store has the task, when
+        the scheduler already counts it elsewhere (a task whose lease is being asked for)."""
+        was = was or self.sched.state(key)
+        self.moves.task(self.ids[key][0], _subject(key), was, to, message)
         self.sched.moved(key, to)
         job = self.sched.job(key.name)
         if job is not self.job_rows[key.name] and job is not _S.PENDING:
@@ -328,65 +353,72 @@ class RunLoop:
                 if self.sched.state(key) is _S.PENDING:
                     self.moves.task(self.ids[key][0], _subject(key), _S.PENDING, _S.FAILED, why)
                     self.sched.moved(key, _S.FAILED)
-        self._write()
 
     # ---- starting -------------------------------------------------------------------------
 
-    def _place(self, ready: list[str]) -> list[_Active]:
-        """Lease a node for each task that may start and fits somewhere now; a shape that
-        fits nowhere is not tried again this turn, and a job that no node could ever hold
-        fails at once."""
-        launches: list[_Active] = []
+    def _place(self, ready: list[str]) -> int:
+        """Ask for a lease for each task that may start where the count says it fits now; a
+        shape that fits nowhere is not tried again this turn, and a job no node could ever
+        hold fails at once. How many leases were asked for."""
+        asked = 0
         full: set[Shape] = set()
         never: list[str] = []
         for name in ready:
             shape = self.shapes[name]
-            if shape in full:
-                continue
-            if self.capacity.never_fits(shape):
+            if name in self.unplaceable or self.capacity.never_fits(shape):
                 never.append(name)
                 continue
+            if shape in full:
+                continue
+            request = self._lease_request(self.wf.containers[name])
             for key in self.sched.startable(name):
-                active = self._lease(key, shape)
-                if active is None:
-                    if name in self.unplaceable:
-                        never.append(name)
-                    else:
-                        full.add(shape)
+                node = self.capacity.take(shape)
+                if node is None:
+                    full.add(shape)
                     break
-                launches.append(active)
+                active = _Active(key, node, shape)
+                self.active[key] = active
+                self.sched.moved(key, _S.STARTING)  # counted as starting; the store still PENDING
+                self.io.unary(node, "AcquireLease", request, partial(self._post_leased, active))
+                asked += 1
         if never:
             for name in never:
                 self.unplaceable.setdefault(name, self._never_fits(self.shapes[name]))
             self._fail_jobs(never)
-        return launches
+        return asked
 
-    def _lease(self, key: TaskKey, shape: Shape) -> _Active | None:
-        """A lease for `key` on a node where the count says it fits, recorded as its next
-        attempt; None when no node has room (or none ever will: `unplaceable` says why)."""
-        request = self._lease_request(self.wf.containers[key.name])
-        while (node := self.capacity.take(shape)) is not None:
-            try:
-                lease = self.stubs[node].AcquireLease(request)
-            except grpc.RpcError as exc:
-                self.capacity.refused(node, shape)
-                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    continue  # the agent counts otherwise: try the next node
-                if exc.code() in (
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                ):
-                    self.unplaceable[key.name] = exc.details() or exc.code().name
-                    return None
-                raise
-            number = self.attempts[key] + 1
-            self.attempts[key] = number
-            self._move(key, _S.STARTING, f"attempt {number} on node-{node}")
-            self.moves.attempt_started(self.ids[key][0], number, f"node-{node}", lease.id)
-            active = _Active(key, number, node, lease.id, shape)
-            self.active[key] = active
-            return active
-        return None
+    def _post_leased(self, active: _Active, lease: Any) -> None:
+        self.inbox.put(_Leased(active, lease))
+
+    def _leased(self, active: _Active, lease: Any) -> None:
+        """The agent answered a lease request: record the attempt (it starts once this turn
+        is written), or count the node full for that shape, or the job as never fitting."""
+        key = active.key
+        if isinstance(lease, grpc.RpcError) or active.stopping:
+            del self.active[key]
+            self.sched.moved(key, _S.PENDING)  # back in line; the store never saw it leave
+            if not isinstance(lease, grpc.RpcError):  # cancelled meanwhile
+                self.capacity.give_back(active.node, active.shape)
+                self.io.unary(
+                    active.node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id)
+                )
+                return
+            self.capacity.refused(active.node, active.shape)
+            if lease.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return  # the agent counts otherwise: asked again elsewhere, or later
+            if lease.code() in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                self.unplaceable[key.name] = str(lease.details() or lease.code().name)
+                return  # the next turn fails the job
+            raise lease  # the agent is gone, or a defect
+        number = self.attempts[key] + 1
+        self.attempts[key] = number
+        active.attempt, active.lease_id = number, lease.id
+        self._move(key, _S.STARTING, f"attempt {number} on node-{active.node}", was=_S.PENDING)
+        self.moves.attempt_started(self.ids[key][0], number, f"node-{active.node}", lease.id)
+        self.leased.append(active)
 
     def _never_fits(self, shape: Shape) -> str:
         """Why no node can hold `shape`, in the agent's words (it is asked once)."""
@@ -399,11 +431,10 @@ class RunLoop:
             ttl_seconds=1,
         )
         try:
-            lease = self.stubs[0].AcquireLease(request)
+            lease = self.io.call_now(0, "AcquireLease", request)
         except grpc.RpcError as exc:
             return str(exc.details() or exc.code().name)
-        with contextlib.suppress(grpc.RpcError):
-            self.stubs[0].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.id))
+        self.io.unary(0, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id))
         return "no node can hold it"
 
     def _lease_request(self, c: Job | Service) -> pb.AcquireLeaseRequest:
@@ -420,29 +451,15 @@ class RunLoop:
             ttl_seconds=LEASE_TTL,
         )
 
-    def _call(self, future: grpc.Future, then: Callable[[Any], None]) -> None:
-        """Keep `future` until it is done, then hand its result (or error) to `then`, in
-        gRPC's thread: `then` only posts a message or hands work to a pool."""
-        self.calls.add(future)
-
-        def done(f: grpc.Future) -> None:
-            self.calls.discard(f)
-            try:
-                result: Any = f.result()
-            except grpc.RpcError as exc:
-                result = exc
-            except grpc.FutureCancelledError:
-                return
-            then(result)
-
-        future.add_done_callback(done)
-
     def _launch(self, active: _Active) -> None:
-        container = self.wf.containers[active.key.name]
-        request = self._run_request(container, active.key, active.lease_id)
-        self._call(
-            self.stubs[active.node].Run.future(request),
-            lambda reply: self.inbox.put(_Launched(active, reply)),
+        key = active.key
+        self.io.life(
+            active.node,
+            self._run_request(self.wf.containers[key.name], key, active.lease_id),
+            active.lease_id,
+            log_path(self.data_dir, self.run_id, key, active.attempt),
+            started=lambda reply: self.inbox.put(_Launched(active, reply)),
+            ended=lambda status: self.inbox.put(_Ended(active, status)),
         )
 
     def _launched(self, active: _Active, reply: Any) -> None:
@@ -462,10 +479,6 @@ class RunLoop:
             self.service_host[key.name] = active.address
             if probe:
                 threading.Thread(target=self._probe, args=(container, active), daemon=True).start()
-        self._call(
-            self.stubs[active.node].Wait.future(pb.WaitRequest(task_id=reply.task_id)),
-            lambda status: self._copy_log(active, status),
-        )
         if active.stopping:
             self._cancel(active)
 
@@ -525,27 +538,32 @@ class RunLoop:
         probe = service.readiness_probe
         assert probe is not None
         ports = {p.name: p.port for p in service.ports}
-        stub, host = self.stubs[active.node], active.address
+        agent = self.agents[active.node]
+        channel, stub = connect(agent.address, agent.token)
 
         def run_exec(command: list[str], timeout: float) -> int:
             return _exec_exit_code(stub, active.agent_task_id, command, timeout)
 
-        if self.stop.wait(probe.initial_delay):
-            return
-        passes = failures = 0
-        while active.key in self.active and not active.stopping:
-            ok, why = check(probe, host, ports, run_exec)
-            passes, failures = (passes + 1, 0) if ok else (0, failures + 1)
-            if passes >= probe.success_threshold:
-                self.inbox.put(_Ready(active.key))
+        try:
+            if self.stop.wait(probe.initial_delay):
                 return
-            if not ok:
-                self.report("service", active.key.name, f"not ready ({failures}x): {why}")
-            if self.stop.wait(probe.period):
-                return
+            passes = failures = 0
+            while self.active.get(active.key) is active and not active.stopping:
+                ok, why = check(probe, active.address, ports, run_exec)
+                passes, failures = (passes + 1, 0) if ok else (0, failures + 1)
+                if passes >= probe.success_threshold:
+                    self.inbox.put(_Ready(active))
+                    return
+                if not ok:
+                    self.report("service", active.key.name, f"not ready ({failures}x): {why}")
+                if self.stop.wait(probe.period):
+                    return
+        finally:
+            channel.close()
 
-    def _ready(self, key: TaskKey) -> None:
-        if key not in self.active or self.sched.state(key) is not _S.RUNNING:
+    def _ready(self, active: _Active) -> None:
+        key = active.key
+        if self.active.get(key) is not active or self.sched.state(key) is not _S.RUNNING:
             return  # it ended meanwhile
         self._move(key, _S.READY, "ready")
 
@@ -558,26 +576,9 @@ class RunLoop:
 
     # ---- ending ---------------------------------------------------------------------------
 
-    def _copy_log(self, active: _Active, status: Any) -> None:
-        self.copiers.submit(self._keep_log_then_post, active, status)
-
-    def _keep_log_then_post(self, active: _Active, status: Any) -> None:
-        """Copy the attempt's output off the agent before its end is recorded (and before
-        its node goes), then post the end; runs in a pooled thread."""
-        path = log_path(self.data_dir, self.run_id, active.key, active.attempt)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(grpc.RpcError), open(path, "wb") as out:
-                logs = self.stubs[active.node].Logs(pb.LogsRequest(task_id=active.agent_task_id))
-                for chunk in logs:
-                    out.write(chunk.data)
-        finally:
-            self.inbox.put(_Ended(active, status))
-
     def _finish(self, active: _Active, status: Any) -> None:
+        """A task ended (its output kept, its lease given back), or never started."""
         del self.active[active.key]
-        with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
-            self.stubs[active.node].ReleaseLease(pb.ReleaseLeaseRequest(lease_id=active.lease_id))
         self.capacity.give_back(active.node, active.shape)
         ok, code, message = _outcome(status)
         container = self.wf.containers[active.key.name]
@@ -611,16 +612,6 @@ class RunLoop:
         if not isinstance(container, Job) or container.task_array is None:
             return next(iter(failed.values()), "failed")
         return failed_tasks(failed)
-
-    def _renew_leases(self) -> None:
-        while not self.stop.wait(LEASE_TTL / 3):
-            for active in list(self.active.values()):
-                try:
-                    self.stubs[active.node].RenewLease(
-                        pb.RenewLeaseRequest(lease_id=active.lease_id)
-                    )
-                except grpc.RpcError:
-                    continue  # ended meanwhile; its result is on the way
 
 
 def failed_tasks(messages: Mapping[int, str]) -> str:

@@ -1,0 +1,166 @@
+"""The run loop's calls to its cluster's agents: every one made from one thread that runs an
+asyncio loop, so that no call blocks the run loop and no thread is spent per task.
+
+The run loop asks for work (`lease`, `run`, `cancel`, ...) and names a function that gets the
+outcome; that function runs in this module's thread and only posts a message to the run
+loop's inbox. A task's life on its node is one coroutine: start it, wait for its end, copy
+its output into the run's log folder, give its lease back, and only then report the end, so
+that the orchestrator counts a node's room as free only once the agent does too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from api.substrate.v1 import agent_pb2 as pb
+from api.substrate.v1 import agent_pb2_grpc as rpc
+
+from .provision import Cluster
+
+__all__ = ["ClusterIO", "Outcome"]
+
+T = TypeVar("T")
+Outcome = Callable[[Any], None]  # gets a reply, or the grpc.RpcError that refused the call
+
+
+class ClusterIO:
+    """Channels to the agents of `cluster` (by node index), served by one asyncio thread."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="agents", daemon=True)
+        self.thread.start()
+        self.tokens = [(("authorization", f"Bearer {a.token}"),) for a in cluster.agents]
+        self.stubs: list[rpc.AgentStub] = self.wait(
+            self._connect([a.address for a in cluster.agents])
+        )
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _connect(self, addresses: list[str]) -> list[rpc.AgentStub]:
+        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
+        return [rpc.AgentStub(c) for c in self.channels]  # type: ignore[no-untyped-call]
+
+    # ---- from the run loop's thread ------------------------------------------------------
+
+    def wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` in the I/O thread and wait for its result (start-up only)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def call_now(self, node: int, method: str, request: Any) -> Any:
+        """Call `method` on `node`'s agent and wait for the reply (start-up, rare cases)."""
+        return self.wait(self._call(node, method, request))
+
+    def unary(self, node: int, method: str, request: Any, then: Outcome | None = None) -> None:
+        """Call `method` on `node`'s agent; `then` gets the reply or the error."""
+        self._spawn(self._unary(node, method, request, then))
+
+    def life(
+        self,
+        node: int,
+        request: pb.RunRequest,
+        lease_id: str,
+        log: Path,
+        *,
+        started: Outcome,
+        ended: Outcome,
+    ) -> None:
+        """Run a task on `node` in lease `lease_id`: `started` gets the RunResponse (or the
+        error, and then nothing more happens), `ended` its TaskStatus (or the error that lost
+        it) once its output is in `log` and its lease is given back."""
+        self._spawn(self._life(node, request, lease_id, log, started, ended))
+
+    def renew(self, leases: Iterable[tuple[int, str]], ttl: float) -> Future[None]:
+        """Renew leases (node, lease id); those that ended meanwhile are skipped."""
+        return asyncio.run_coroutine_threadsafe(self._renew(list(leases), ttl), self.loop)
+
+    def close(self) -> None:
+        """Cancel what is still in flight, close the channels and stop the thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self.wait(self._close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self.loop.close()
+
+    # ---- in the I/O thread ---------------------------------------------------------------
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        def start() -> None:
+            task = self.loop.create_task(coroutine)
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        self.loop.call_soon_threadsafe(start)
+
+    async def _call(self, node: int, method: str, request: Any, **options: Any) -> Any:
+        return await getattr(self.stubs[node], method)(
+            request, metadata=self.tokens[node], **options
+        )
+
+    async def _unary(self, node: int, method: str, request: Any, then: Outcome | None) -> None:
+        try:
+            reply: Any = await self._call(node, method, request)
+        except grpc.RpcError as exc:
+            reply = exc
+        if then is not None:
+            then(reply)
+
+    async def _life(
+        self,
+        node: int,
+        request: pb.RunRequest,
+        lease_id: str,
+        log: Path,
+        started: Outcome,
+        ended: Outcome,
+    ) -> None:
+        try:
+            reply = await self._call(node, "Run", request)
+        except grpc.RpcError as exc:
+            await self._release(node, lease_id)
+            started(exc)
+            return
+        started(reply)
+        try:
+            status: Any = await self._call(node, "Wait", pb.WaitRequest(task_id=reply.task_id))
+        except grpc.RpcError as exc:
+            status = exc
+        await self._keep_log(node, reply.task_id, log)
+        await self._release(node, lease_id)
+        ended(status)
+
+    async def _keep_log(self, node: int, task_id: str, path: Path) -> None:
+        """Copy an ended task's output off its agent (before its node may go away)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out, contextlib.suppress(grpc.RpcError):
+            stream = self.stubs[node].Logs(
+                pb.LogsRequest(task_id=task_id), metadata=self.tokens[node]
+            )
+            async for chunk in stream:
+                out.write(chunk.data)
+
+    async def _release(self, node: int, lease_id: str) -> None:
+        with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent
+            await self._call(node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
+
+    async def _renew(self, leases: list[tuple[int, str]], ttl: float) -> None:
+        for node, lease_id in leases:
+            with contextlib.suppress(grpc.RpcError):  # ended meanwhile; its end is on the way
+                await self._call(
+                    node, "RenewLease", pb.RenewLeaseRequest(lease_id=lease_id, ttl_seconds=ttl)
+                )
+
+    async def _close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for channel in self.channels:
+            await channel.close()
