@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 
-from .output import EXIT_USAGE, die
+from orchestrator.errors import Category
+
+from .output import die
 
 
 def _default_data_dir() -> Path:
@@ -75,7 +77,7 @@ def agent(
         try:
             argv += ["--memory-bytes", str(parse_size(memory))]
         except UnitError as exc:
-            die(f"--memory: {exc}", EXIT_USAGE)
+            die(f"--memory: {exc}", Category.USAGE)
     if gpus:
         argv += ["--gpus", gpus]
     if default_runtime:

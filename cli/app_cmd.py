@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .output import EXIT_INVALID, die, err, print_diagnostic, write_atomic
+from orchestrator.errors import Category
+
+from .output import die, err, print_diagnostic, write_atomic
 
 app = typer.Typer(
     help="Render application templates (Go-templated Fuzzfiles with a values.yaml).",
@@ -61,7 +63,7 @@ def render(
     try:
         text = render_app(template, values, settings, seed=seed)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
     if check:
         result = load_text(text, f"{template} (rendered)")
         for d in result.diagnostics:
@@ -70,7 +72,7 @@ def render(
             die(
                 "the rendered Fuzzfile is invalid; nothing was written "
                 "(--no-validate prints it anyway)",
-                EXIT_INVALID,
+                Category.INVALID,
             )
     if out_path is None:
         typer.echo(text, nl=False)

@@ -9,7 +9,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from .output import EXIT_USAGE, Format, die, out, print_json
+from orchestrator.errors import Category
+
+from .output import Format, die, out, print_json
 
 __all__ = ["app"]
 
@@ -50,7 +52,7 @@ def create(
 
     token = (token_file.read_text() if token_file else sys.stdin.read()).strip()
     if not token:
-        die("no token given (use --token-file, or pipe it on stdin)", EXIT_USAGE)
+        die("no token given (use --token-file, or pipe it on stdin)", Category.USAGE)
     contexts = ContextFile()
     try:
         contexts.add(
@@ -64,7 +66,7 @@ def create(
         if use:
             contexts.use(name)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
     contexts.save()
     out.print(f"context {escape(name)} -> {escape(server)}" + (" (current)" if use else ""))
 
@@ -80,7 +82,7 @@ def use_(name: str = typer.Argument(..., help="A context name, or `local`.")) ->
     try:
         contexts.use(name)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
     contexts.save()
     out.print(f"using {escape(name)}")
 
@@ -130,7 +132,7 @@ def delete(name: str = typer.Argument(..., help="The context to forget.")) -> No
 
     contexts = ContextFile()
     if contexts.contexts.pop(name, None) is None:
-        die(f"no context {name!r}", 1)
+        die(f"no context {name!r}", Category.NOT_FOUND)
     if contexts.current == name:
         contexts.current = LOCAL
     contexts.save()

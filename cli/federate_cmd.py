@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from .output import EXIT_INVALID, EXIT_USAGE, Format, die, err, out, print_json
+from orchestrator.errors import Category, exit_code
+
+from .output import Format, die, err, out, print_json
 
 if TYPE_CHECKING:
     from federate.catalog import Catalog
@@ -52,7 +54,7 @@ def _catalog(path: Path | None) -> Catalog:
     try:
         return open_catalog(folder)
     except (OSError, ValueError, KeyError) as exc:
-        die(f"cannot read the catalog in {folder}: {exc}", EXIT_USAGE)
+        die(f"cannot read the catalog in {folder}: {exc}", Category.USAGE)
 
 
 def _history() -> Store | None:
@@ -137,12 +139,12 @@ def compare(
     if not result.ok or result.workflow is None:
         for d in result.errors:
             print_diagnostic(d)
-        die(f"{file} is not a valid Fuzzfile", EXIT_INVALID)
+        die(f"{file} is not a valid Fuzzfile", Category.INVALID)
     buckets = {}
     for item in bucket:
         key, sep, where = item.partition("=")
         if not sep or ":" not in where:
-            die(f"{item!r}: write BUCKET=CLOUD:REGION, e.g. data=aws:us-west-2", EXIT_USAGE)
+            die(f"{item!r}: write BUCKET=CLOUD:REGION, e.g. data=aws:us-west-2", Category.USAGE)
         buckets[key] = where
     placer = Placer.from_environment(
         secrets=SecretStore(LocalSettings().data_dir / "secrets"),
@@ -158,14 +160,14 @@ def compare(
     try:
         comparison = placer.compare(result.workflow, name or f"{getpass.getuser()}/{file.stem}-new")
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
     data = comparison.as_dict()
     if output is Format.json:
         print_json(data)
     else:
         _table(data["sites"], f"{data['catalog_date']} ({data['catalog']})")
     if data["chosen"] is None:
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(exit_code(Category.INVALID))
 
 
 def _table(rows: list[dict[str, Any]], date: str) -> None:
@@ -394,14 +396,14 @@ def refresh(
         die(
             "refresh writes into a folder of its own: give --catalog DIR (a new folder starts "
             "from the catalog shipped with Squall), then set SQUALL_CATALOG=DIR to use it",
-            EXIT_USAGE,
+            Category.USAGE,
         )
     if cloud not in ("aws", "gcp", "azure"):
-        die(f"unknown cloud {cloud!r}: aws, gcp or azure", EXIT_USAGE)
+        die(f"unknown cloud {cloud!r}: aws, gcp or azure", Category.USAGE)
     try:
         changed = run_refresh(folder, cloud, http_fetch)
     except (RefreshError, OSError, ValueError) as exc:
-        die(str(exc), 3)
+        die(str(exc), Category.SERVER)  # a price source could not be read
     out.print(f"{cloud}: {changed} row(s) changed in {escape(str(folder))}")
     if os.environ.get("SQUALL_CATALOG") != str(folder):
         out.print(f"use it: export SQUALL_CATALOG={escape(str(folder))}")

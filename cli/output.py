@@ -12,13 +12,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from orchestrator.errors import Category, exit_code
+
 if TYPE_CHECKING:
     from orchestrator.fuzzfile import Diagnostic
 
 __all__ = [
-    "EXIT_INVALID",
-    "EXIT_OK",
-    "EXIT_USAGE",
+    "EXIT_RUN_FAILED",
     "Format",
     "die",
     "err",
@@ -27,9 +27,9 @@ __all__ = [
     "write_atomic",
 ]
 
-EXIT_OK = 0
-EXIT_INVALID = 1  # the input was read and is wrong (validation errors, refused templates)
-EXIT_USAGE = 2  # the command line is wrong, or a file cannot be read (Typer uses 2 too)
+# a run that ended FAILED or CANCELLED (not an error of the command: errors exit with their
+# category's code, from the one table in orchestrator.errors)
+EXIT_RUN_FAILED = 1
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -66,10 +66,11 @@ def print_diagnostic(d: Diagnostic, console: Console = err, indent: str = "") ->
         console.print(f"{indent}    [dim]hint:[/] {escape(d.hint)}")
 
 
-def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print `error: message` on stderr and exit with `code`."""
+def die(message: str, category: Category = Category.USAGE) -> NoReturn:
+    """Print `error: message` on stderr and exit with the code of `category` (USAGE: the
+    command line is wrong, or a file cannot be read; Typer exits 2 for those too)."""
     err.print(f"[bold red]error[/]: {escape(message)}")
-    raise typer.Exit(code)
+    raise typer.Exit(exit_code(category))
 
 
 def write_atomic(target: Path, text: str) -> None:

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
+from orchestrator.errors import Category
+
 from .live import watch
-from .output import EXIT_INVALID, Format, die, err, print_json
+from .output import EXIT_RUN_FAILED, Format, die, err, print_json
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine
@@ -18,7 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["run", "start_local_engine"]
 
-EXIT_FAILED = 1
 SHOWN_LINES = 20  # of each job's output, at the end of a run
 
 
@@ -41,9 +42,9 @@ def start_local_engine(
     if insecure:
         settings.insecure_registries = insecure
     engine = local_engine(settings)
-    for orphan, why in recover(
-        engine.store, {engine.provisioner.site: engine.provisioner}, engine.staging
-    ):
+    # this machine's provider only: a cloud stack is destroyed by `squall stack gc`
+    home = [p for p in engine.providers if p.serves(engine.home)]
+    for orphan, why in recover(engine.store, home, engine.staging):
         err.print(f"[yellow]recovered[/] {escape(orphan)}: {escape(why)}")
     return engine
 
@@ -120,13 +121,13 @@ def run(
     for d in checked.diagnostics:
         print_diagnostic(d)
     if not checked.ok:
-        die(f"{file} is not a valid Fuzzfile; nothing was started", EXIT_INVALID)
+        die(f"{file} is not a valid Fuzzfile; nothing was started", Category.INVALID)
     run_name = name or f"{getpass.getuser()}/{file.stem}-{secrets.token_hex(2)}"
     try:
         engine = start_local_engine(nodes, site, search_registry, insecure_registry)
         run_id = engine.submit(run_name, text)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
 
     failure: list[BaseException] = []
     # an Event, not Thread.join/is_alive: a Ctrl-C that interrupts join() can leave the
@@ -166,14 +167,16 @@ def run(
         signal.signal(signal.SIGINT, previous)
     ended.wait()
     if failure:
-        die(f"the engine stopped: {describe(failure[0])}", EXIT_INVALID)
+        cause = failure[0]
+        why = cause.category if isinstance(cause, SquallError) else Category.INTERNAL
+        die(f"the engine stopped: {describe(cause)}", why)
     summary = run_summary(engine.store, run_id)
     if output is Format.json:
         print_json(summary.to_json())
     else:
         _print_end(summary, engine.data_dir)
     if summary.state != "FINISHED":
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 def _print_end(summary: RunView, data_dir: Path) -> None:

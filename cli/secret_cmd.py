@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from .output import EXIT_USAGE, Format, die, out, print_json
+from orchestrator.errors import Category
+
+from .output import Format, die, out, print_json
 
 if TYPE_CHECKING:
     from orchestrator.secrets import SecretStore
@@ -44,14 +46,14 @@ def set_(ref: str = typer.Argument(..., help="secret://user/NAME or secret://gro
     from orchestrator.errors import SquallError
 
     if sys.stdin.isatty():
-        die("pipe the value on stdin (it is never taken from the command line)", EXIT_USAGE)
+        die("pipe the value on stdin (it is never taken from the command line)", Category.USAGE)
     value = sys.stdin.buffer.read()
     if not value.strip():
-        die("the value on stdin is empty", EXIT_USAGE)
+        die("the value on stdin is empty", Category.USAGE)
     try:
         _store().set(ref, value.rstrip(b"\n") if value.count(b"\n") == 1 else value)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
     out.print(f"set {escape(ref)}")
 
 
@@ -76,7 +78,7 @@ def delete(ref: str = typer.Argument(..., help="The secret to delete.")) -> None
     try:
         found = _store().delete(ref)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
     if not found:
-        die(f"{ref} is not set", 1)
+        die(f"{ref} is not set", Category.NOT_FOUND)
     out.print(f"deleted {escape(ref)}")

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from .output import EXIT_INVALID, Format, die, err, out, print_json
+from orchestrator.errors import Category, exit_code
+
+from .output import Format, die, err, out, print_json
 
 if TYPE_CHECKING:
     from orchestrator.provision.stacks import StackDriver
@@ -92,7 +94,7 @@ def destroy(
     try:
         name = driver.name_of(run)
     except ProvisionError as exc:
-        die(str(exc), EXIT_INVALID)
+        die(str(exc), exc.category)
     entry = next((r for r in driver.ledger(everything=True) if r["stack"] == name), None)
     if entry and entry["state"] == "DESTROYED":
         err.print(f"{escape(name)} was destroyed already")
@@ -101,12 +103,12 @@ def destroy(
         die(
             f"run {entry['run']} is {entry['run_state']}: cancel it first "
             "(squall workflow cancel), or pass --force",
-            EXIT_INVALID,
+            Category.CONFLICT,
         )
     try:
         driver.destroy(name, _say)
     except ProvisionError as exc:
-        die(str(exc), EXIT_INVALID)
+        die(str(exc), exc.category)
     out.print(f"destroyed {escape(name)}")
 
 
@@ -131,13 +133,13 @@ def gc(
         squall stack gc --dry-run
         squall stack gc -o json
     """
+    from orchestrator.local_site import LocalSettings, stack_driver
     from orchestrator.provision import ProvisionError
 
     from .run_cmd import start_local_engine
 
     engine = start_local_engine(1, None, [], [])  # fails runs whose orchestrator died
-    assert engine.clouds is not None
-    driver = engine.clouds.stacks
+    driver = stack_driver(LocalSettings(), engine.store)
     stale = driver.stale()
     destroyed, failed = [], []
     for name in stale:
@@ -172,7 +174,7 @@ def gc(
         for line in report["not_checked"]:
             out.print(f"not checked: {escape(line)}")
     if failed:
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(exit_code(Category.PROVISION))  # a stack could not be destroyed
 
 
 def _orphans(driver: StackDriver, regions: list[str]) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
+from orchestrator.errors import Category, exit_code
+
 from .output import (
-    EXIT_INVALID,
-    EXIT_USAGE,
     Format,
     die,
     err,
@@ -98,7 +98,7 @@ def validate(
                 f"{len(results)} files: {len(results) - len(failed)} valid, {len(failed)} invalid"
             )
     if failed:
-        raise typer.Exit(EXIT_INVALID)
+        raise typer.Exit(exit_code(Category.INVALID))
 
 
 FUZZFILE_SUFFIXES = (".yaml", ".yml", ".fz")
@@ -141,7 +141,7 @@ def _load_valid(file: Path) -> LoadResult:
     if not result.ok:
         for d in result.errors:
             print_diagnostic(d)
-        die(f"{file} is not a valid Fuzzfile; fix the errors above first", EXIT_INVALID)
+        die(f"{file} is not a valid Fuzzfile; fix the errors above first", Category.INVALID)
     return result
 
 
@@ -178,12 +178,15 @@ def upgrade(
     try:
         text = upgrade_text(file.read_text(encoding="utf-8"))
     except UpgradeError as exc:
-        die(f"{file}: {exc}", exc.exit_code)
+        die(f"{file}: {exc}", exc.category)
     after = load_text(text, f"{file} (upgraded)")
     if not after.ok or after.workflow != before.workflow:
         for d in after.errors:
             print_diagnostic(d)
-        die(f"upgrading {file} changed its meaning; nothing was written (please report this)", 3)
+        die(
+            f"upgrading {file} changed its meaning; nothing was written (please report this)",
+            Category.INTERNAL,
+        )
     target = file if in_place else out_path
     if target is None:
         typer.echo(text, nl=False)
@@ -214,7 +217,7 @@ def graph(
     wf = result.workflow
     assert wf is not None
     if dot and output is Format.json:
-        die("use either --dot or -o json", EXIT_USAGE)
+        die("use either --dot or -o json", Category.USAGE)
     if dot:
         typer.echo(render_dot(wf, title=file.stem), nl=False)
     elif output is Format.json:

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from rich.markup import escape
 
-from .output import EXIT_USAGE, Format, die, err, out, print_json
+from orchestrator.errors import Category, SquallError
+
+from .output import EXIT_RUN_FAILED, Format, die, err, out, print_json
 
 if TYPE_CHECKING:
     from orchestrator.view_types import RunUpdate, RunView
@@ -28,29 +30,26 @@ CONTEXT = typer.Option(
     "--context",
     help="Server context to use (default: the current one; see `squall context`).",
 )
-EXIT_FAILED = 1
 T = TypeVar("T")
 
 
 def _backend(context: str | None) -> Backend:
-    from orchestrator.errors import SquallError
 
     from .backends import open_backend
 
     try:
         return open_backend(context)
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
 
 
 def _guard(call: Callable[[], T]) -> T:
     """What `call` returns; a failure of Squall's said in one line, with its exit code."""
-    from orchestrator.errors import SquallError
 
     try:
         return call()
     except SquallError as exc:
-        die(str(exc), exc.exit_code)
+        die(str(exc), exc.category)
 
 
 def _show(summary: RunView) -> None:
@@ -68,7 +67,7 @@ def read_fuzzfile(file: Path) -> str:
         return read_source(file)
     except FuzzfileError as exc:
         unreadable = any(d.code == "io" for d in exc.diagnostics)
-        die(str(exc), EXIT_USAGE if unreadable else exc.exit_code)
+        die(str(exc), Category.USAGE if unreadable else exc.category)
 
 
 def start(
@@ -95,19 +94,18 @@ def start(
     else:
         out.print(f"started {escape(summary.name)} ({summary.id}): {summary.state}")
     if watch and summary.state != "FINISHED":
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 def _follow(backend: Backend, name: str) -> RunView:
     from .live import watch as live_watch
 
     def updates() -> Iterator[RunUpdate]:
-        from orchestrator.errors import SquallError
 
         try:
             yield from backend.watch(name)
         except SquallError as exc:
-            die(str(exc), exc.exit_code)
+            die(str(exc), exc.category)
 
     return live_watch(updates(), live=sys.stderr.isatty())
 
@@ -131,7 +129,7 @@ def status(
         else:
             _show(summary)
         if summary.state != "FINISHED":
-            raise typer.Exit(EXIT_FAILED)
+            raise typer.Exit(EXIT_RUN_FAILED)
         return
     summary = _guard(lambda: backend.status(name))
     if output is Format.json:

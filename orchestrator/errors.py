@@ -45,6 +45,7 @@ __all__ = [
     "category_of",
     "describe",
     "error_for",
+    "exit_code",
     "rpc_gist",
     "status_of",
 ]
@@ -101,7 +102,7 @@ class SquallError(Exception):
     @property
     def exit_code(self) -> int:
         """What the CLI exits with for this error."""
-        return ERRORS[self.category].exit_code
+        return exit_code(self.category)
 
 
 class InvalidInput(SquallError):
@@ -149,6 +150,11 @@ class StoreError(SquallError):
             return cls(f"the store at {where} failed: {gist}")
         retried = f"; retried {tries - 1} times" if tries > 1 else ""
         return cls(f"the store at {where} is busy ({gist}){retried}")
+
+
+def exit_code(category: Category) -> int:
+    """What the CLI exits with for a failure of `category`."""
+    return ERRORS[category].exit_code
 
 
 def status_of(exc: BaseException) -> tuple[str, Category]:

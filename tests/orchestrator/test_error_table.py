@@ -114,7 +114,8 @@ def test_statuses_without_a_category_read_as_their_first() -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, int]]:
     work = tmp_path_factory.mktemp("errors")
     store = Store(f"sqlite:///{work / 'squall.db'}")
-    engine = Engine(store, LocalProvisioner(work / "site"), lambda _: [], data_dir=work / "data")
+    site = LocalProvisioner(work / "site", nodes=lambda _: [])
+    engine = Engine(store, [site], data_dir=work / "data")
     server, port, _ = control.serve(engine, "127.0.0.1:0", TOKEN, workers=4)
     try:
         yield engine, port
@@ -201,3 +202,26 @@ def test_no_server_there_is_exit_3(tmp_path: Path) -> None:
         RemoteBackend(Context("t", f"127.0.0.1:{port}", TOKEN)).status("me/x")
     assert caught.value.category is Category.SERVER
     assert _cli(port, tmp_path, "workflow", "status", "me/x") == 3
+
+
+def test_the_cli_takes_every_exit_code_from_the_table() -> None:
+    """No command names an exit code of its own: `die` takes a category, and `typer.Exit`
+    gets a code from the table, the run's outcome (EXIT_RUN_FAILED) or a process's own
+    (exec, the agent)."""
+    import ast
+
+    offenders = []
+    for path in sorted(Path("cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            name = ast.unparse(node.func)
+            if name == "die" and len(node.args) > 1:
+                code = node.args[1]
+            elif name == "typer.Exit":
+                code = node.args[0]
+            else:
+                continue
+            if isinstance(code, ast.Constant):
+                offenders.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders
