@@ -12,9 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.errors import Category, exit_code
-
 if TYPE_CHECKING:
+    from orchestrator.errors import Category
     from orchestrator.fuzzfile import Diagnostic
 
 __all__ = [
@@ -66,11 +65,13 @@ def print_diagnostic(d: Diagnostic, console: Console = err, indent: str = "") ->
         console.print(f"{indent}    [dim]hint:[/] {escape(d.hint)}")
 
 
-def die(message: str, category: Category = Category.USAGE) -> NoReturn:
-    """Print `error: message` on stderr and exit with the code of `category` (USAGE: the
-    command line is wrong, or a file cannot be read; Typer exits 2 for those too)."""
+def die(message: str, category: Category | None = None) -> NoReturn:
+    """Print `error: message` on stderr and exit with the code of `category` (by default
+    USAGE: the command line is wrong, or a file cannot be read; Typer exits 2 for those too)."""
+    from orchestrator.errors import Category, exit_code  # help imports none of Squall's own
+
     err.print(f"[bold red]error[/]: {escape(message)}")
-    raise typer.Exit(exit_code(category))
+    raise typer.Exit(exit_code(category or Category.USAGE))
 
 
 def write_atomic(target: Path, text: str) -> None:
