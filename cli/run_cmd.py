@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category
-
 from .live import watch
 from .output import EXIT_RUN_FAILED, Format, die, err, print_json
 
@@ -106,7 +104,7 @@ def run(
     import threading
 
     from orchestrator.engine import request_cancel
-    from orchestrator.errors import SquallError, describe
+    from orchestrator.errors import Category, SquallError, describe
     from orchestrator.fuzzfile import load_text
     from orchestrator.views import run_summary
     from orchestrator.views import watch as follow
