@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.errors import Category
-
 from .output import die
 
 
@@ -77,7 +75,7 @@ def agent(
         try:
             argv += ["--memory-bytes", str(parse_size(memory))]
         except UnitError as exc:
-            die(f"--memory: {exc}", Category.USAGE)
+            die(f"--memory: {exc}")
     if gpus:
         argv += ["--gpus", gpus]
     if default_runtime:

@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category
-
 from .output import die, err, print_diagnostic, write_atomic
 
 app = typer.Typer(
@@ -51,7 +49,7 @@ def render(
         squall app render applications/jupyter
         squall app render template.yaml values.yaml --set Cores=8 --out jupyter.yaml
     """
-    from orchestrator.errors import SquallError
+    from orchestrator.errors import Category, SquallError
     from orchestrator.fuzzfile import load_text
     from orchestrator.fuzzfile.apps import render_app
 

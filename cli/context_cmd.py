@@ -9,8 +9,6 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category
-
 from .output import Format, die, out, print_json
 
 __all__ = ["app"]
@@ -52,7 +50,7 @@ def create(
 
     token = (token_file.read_text() if token_file else sys.stdin.read()).strip()
     if not token:
-        die("no token given (use --token-file, or pipe it on stdin)", Category.USAGE)
+        die("no token given (use --token-file, or pipe it on stdin)")
     contexts = ContextFile()
     try:
         contexts.add(
@@ -128,6 +126,8 @@ def list_(
 @app.command()
 def delete(name: str = typer.Argument(..., help="The context to forget.")) -> None:
     """Forget a context (the current one falls back to `local`)."""
+    from orchestrator.errors import Category
+
     from .contexts import LOCAL, ContextFile
 
     contexts = ContextFile()

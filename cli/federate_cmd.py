@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category, exit_code
-
 from .output import Format, die, err, out, print_json
 
 if TYPE_CHECKING:
@@ -49,6 +47,7 @@ def _catalog_folder(path: Path | None) -> Path | None:
 
 def _catalog(path: Path | None) -> Catalog:
     from federate.catalog import open_catalog
+    from orchestrator.errors import Category
 
     folder = _catalog_folder(path)
     try:
@@ -127,7 +126,7 @@ def compare(
     """
     import getpass
 
-    from orchestrator.errors import SquallError
+    from orchestrator.errors import Category, SquallError, exit_code
     from orchestrator.fuzzfile import load_file
     from orchestrator.local_site import LocalSettings
     from orchestrator.placing import Placer
@@ -390,6 +389,7 @@ def refresh(
     """
     from federate.refresh import RefreshError, http_fetch
     from federate.refresh import refresh as run_refresh
+    from orchestrator.errors import Category
 
     folder = _catalog_folder(catalog_dir)
     if folder is None:

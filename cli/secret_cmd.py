@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category
-
 from .output import Format, die, out, print_json
 
 if TYPE_CHECKING:
@@ -46,10 +44,10 @@ def set_(ref: str = typer.Argument(..., help="secret://user/NAME or secret://gro
     from orchestrator.errors import SquallError
 
     if sys.stdin.isatty():
-        die("pipe the value on stdin (it is never taken from the command line)", Category.USAGE)
+        die("pipe the value on stdin (it is never taken from the command line)")
     value = sys.stdin.buffer.read()
     if not value.strip():
-        die("the value on stdin is empty", Category.USAGE)
+        die("the value on stdin is empty")
     try:
         _store().set(ref, value.rstrip(b"\n") if value.count(b"\n") == 1 else value)
     except SquallError as exc:
@@ -73,7 +71,7 @@ def list_(
 @app.command()
 def delete(ref: str = typer.Argument(..., help="The secret to delete.")) -> None:
     """Delete a secret."""
-    from orchestrator.errors import SquallError
+    from orchestrator.errors import Category, SquallError
 
     try:
         found = _store().delete(ref)

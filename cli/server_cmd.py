@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.errors import Category, SquallError
-
 from .output import die, err
 
 __all__ = ["server"]
@@ -55,11 +53,12 @@ def server(
     import threading
 
     from orchestrator.api import serve
+    from orchestrator.errors import SquallError
 
     from .run_cmd import start_local_engine
 
     if (tls_cert is None) != (tls_key is None):
-        die("give both --tls-cert and --tls-key, or neither", Category.USAGE)
+        die("give both --tls-cert and --tls-key, or neither")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -69,7 +68,7 @@ def server(
         tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
         grpc_server, port, servicer = serve(engine, listen, token, tls=tls)
     except (SquallError, ValueError, OSError) as exc:
-        die(str(exc), exc.category if isinstance(exc, SquallError) else Category.USAGE)
+        die(str(exc), exc.category if isinstance(exc, SquallError) else None)
     host = listen.rsplit(":", 1)[0]
     print(f"serving on {host}:{port}", flush=True)
     stop = threading.Event()
@@ -87,10 +86,10 @@ def _token(path: Path, *, create: bool) -> str:
     if path.exists():
         token = path.read_text().strip()
         if not token:
-            die(f"{path} is empty", Category.USAGE)
+            die(f"{path} is empty")
         return token
     if not create:
-        die(f"no token file at {path}", Category.USAGE)
+        die(f"no token file at {path}")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

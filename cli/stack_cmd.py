@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category, exit_code
-
 from .output import Format, die, err, out, print_json
 
 if TYPE_CHECKING:
@@ -87,6 +85,7 @@ def destroy(
         squall stack destroy me/train-3
         squall stack destroy squall-0f8fad5b-d9cb-469f-a165-70867728950e
     """
+    from orchestrator.errors import Category
     from orchestrator.provision import ProvisionError
     from orchestrator.view_types import RUN_ENDED_STATES
 
@@ -133,6 +132,7 @@ def gc(
         squall stack gc --dry-run
         squall stack gc -o json
     """
+    from orchestrator.errors import Category, exit_code
     from orchestrator.local_site import LocalSettings, stack_driver
     from orchestrator.provision import ProvisionError
 

@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category, exit_code
-
 from .output import (
     Format,
     die,
@@ -98,6 +96,8 @@ def validate(
                 f"{len(results)} files: {len(results) - len(failed)} valid, {len(failed)} invalid"
             )
     if failed:
+        from orchestrator.errors import Category, exit_code
+
         raise typer.Exit(exit_code(Category.INVALID))
 
 
@@ -141,6 +141,8 @@ def _load_valid(file: Path) -> LoadResult:
     if not result.ok:
         for d in result.errors:
             print_diagnostic(d)
+        from orchestrator.errors import Category
+
         die(f"{file} is not a valid Fuzzfile; fix the errors above first", Category.INVALID)
     return result
 
@@ -183,6 +185,8 @@ def upgrade(
     if not after.ok or after.workflow != before.workflow:
         for d in after.errors:
             print_diagnostic(d)
+        from orchestrator.errors import Category
+
         die(
             f"upgrading {file} changed its meaning; nothing was written (please report this)",
             Category.INTERNAL,
@@ -217,7 +221,7 @@ def graph(
     wf = result.workflow
     assert wf is not None
     if dot and output is Format.json:
-        die("use either --dot or -o json", Category.USAGE)
+        die("use either --dot or -o json")
     if dot:
         typer.echo(render_dot(wf, title=file.stem), nl=False)
     elif output is Format.json:

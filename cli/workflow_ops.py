@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from rich.markup import escape
 
-from orchestrator.errors import Category, SquallError
-
 from .output import EXIT_RUN_FAILED, Format, die, err, out, print_json
 
 if TYPE_CHECKING:
@@ -34,6 +32,7 @@ T = TypeVar("T")
 
 
 def _backend(context: str | None) -> Backend:
+    from orchestrator.errors import SquallError
 
     from .backends import open_backend
 
@@ -45,6 +44,7 @@ def _backend(context: str | None) -> Backend:
 
 def _guard(call: Callable[[], T]) -> T:
     """What `call` returns; a failure of Squall's said in one line, with its exit code."""
+    from orchestrator.errors import SquallError
 
     try:
         return call()
@@ -67,7 +67,7 @@ def read_fuzzfile(file: Path) -> str:
         return read_source(file)
     except FuzzfileError as exc:
         unreadable = any(d.code == "io" for d in exc.diagnostics)
-        die(str(exc), Category.USAGE if unreadable else exc.category)
+        die(str(exc), None if unreadable else exc.category)
 
 
 def start(
@@ -101,6 +101,7 @@ def _follow(backend: Backend, name: str) -> RunView:
     from .live import watch as live_watch
 
     def updates() -> Iterator[RunUpdate]:
+        from orchestrator.errors import SquallError
 
         try:
             yield from backend.watch(name)
