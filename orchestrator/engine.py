@@ -45,8 +45,7 @@ from .errors import (
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
 from .placing import Placement
-from .provision import Cluster, NodeSlice, Provisioner, ProvisionError
-from .provision.cloud import CloudProvisioner
+from .provision import Cluster, Provisioner, ProvisionError
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference, referenced_secrets
@@ -90,35 +89,39 @@ def _now() -> datetime:
 
 
 class Engine:
-    """Runs workflows on clusters from `provisioner`, recording everything in `store`.
+    """Runs workflows on clusters from `providers`, recording everything in `store`.
 
-    `nodes` sizes the cluster for a workflow; `data_dir` holds volumes, logs and the
+    A run goes to the provider that serves the site federation placed it on (`placer`; none:
+    always `home`, this orchestrator's own site), and only through the provider's calls: it
+    sizes the cluster, brings it up and takes it down. `data_dir` holds volumes, logs and the
     ingress cache; secrets are read from `secrets` when a container starts or data moves.
     """
 
     def __init__(
         self,
         store: Store,
-        provisioner: Provisioner,
-        nodes: Callable[[Workflow], list[NodeSlice]],
+        providers: Sequence[Provisioner[Any]],
         *,
         data_dir: Path,
         secrets: SecretStore | None = None,
         ca_file: str | None = None,
         placer: Callable[[Workflow, str], Placement] | None = None,
-        clouds: CloudProvisioner | None = None,
         egress_dirs: Sequence[Path] | None = None,
+        home: str = "local",
     ) -> None:
         self.store = store
-        self.provisioner = provisioner
-        self.nodes = nodes
+        self.providers = tuple(providers)
+        self.home = home
         self.data_dir = data_dir
         self.secrets = secrets or SecretStore(data_dir / "secrets")
         self.staging = Staging(
             store, data_dir, self.secrets, ca_file=ca_file, egress_dirs=egress_dirs
         )
-        self.placer = placer  # None: always this provisioner's site
-        self.clouds = clouds  # None: cloud placements are refused
+        self.placer = placer  # None: always the home site
+
+    def provider(self, site: str) -> Provisioner[Any] | None:
+        """The provider that makes clusters on `site`; None when this engine has none."""
+        return next((p for p in self.providers if p.serves(site)), None)
 
     # ---- submitting -----------------------------------------------------------------------
 
@@ -136,7 +139,7 @@ class Engine:
             name=name,
             owner=owner or getpass.getuser(),
             fuzzfile=text,
-            site=self.provisioner.site,
+            site=self.home,
         )
         for job_name, container in workflow.containers.items():
             run.jobs.append(
@@ -192,21 +195,20 @@ class Engine:
         stop_heartbeat = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(run_id, stop_heartbeat), daemon=True)
         beat.start()
-        cluster: Cluster | None = None
-        brought_up: list[Cluster] = []  # the cluster is taken down even if a later phase raises
+        # the cluster, and who made it: taken down even if a later phase raises
+        brought_up: list[tuple[Provisioner[Any], Cluster]] = []
         state, reason = RunState.FAILED, "the orchestrator stopped"
         try:
-            state, reason, cluster = self._phases(run_id, workflow, brought_up)
+            state, reason = self._phases(run_id, workflow, brought_up)
         except Exception as exc:
             reason = describe(exc)
             if not isinstance(exc, SquallError) or isinstance(exc, StoreError):
                 raise  # a defect, or the store failing: the volumes stay, as after a crash
             self.staging.skip_egress(run_id)  # it failed before any result was made
         finally:
-            cluster = cluster or (brought_up[0] if brought_up else None)
-            if cluster is not None:
+            if brought_up:
                 self._set_run(run_id, RunState.TEARDOWN)
-                reason += self._down(run_id, cluster)
+                reason += self._down(run_id, *brought_up[0])
             kept = self.staging.release(run_id)
             if kept:
                 reason += (
@@ -220,30 +222,20 @@ class Engine:
             return RunOutcome(run_id, run.state, run.reason)
 
     def _phases(
-        self, run_id: str, wf: Workflow, brought_up: list[Cluster]
-    ) -> tuple[RunState, str, Cluster | None]:
+        self, run_id: str, wf: Workflow, brought_up: list[tuple[Provisioner[Any], Cluster]]
+    ) -> tuple[RunState, str]:
         self._set_run(run_id, RunState.PLACING)
         with self.store.session() as s:
-            name = s.get_one(Run, run_id).name
-        decision = (
-            self.placer(wf, name) if self.placer else Placement({"site": self.provisioner.site})
-        )
-        placement, chosen = decision.record, decision.chosen
+            run = s.get_one(Run, run_id)
+            name, owner = run.name, run.owner
+        decision = self.placer(wf, name) if self.placer else Placement({"site": self.home})
+        placement = decision.record
         site = placement.get("site")
-        cloud = chosen is not None and chosen.site.kind == "cloud" and self.clouds is not None
-        refused = ""
-        if site != self.provisioner.site and not cloud:
-            refused = _not_here(placement, self.provisioner.site)
-        nodes = [] if cloud or refused else self.nodes(wf)
-        if nodes:
-            placement["nodes"] = [
-                {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
-                for n in nodes
-            ]
+        provider = self.provider(site) if site is not None else None
         with self.store.session() as s:
             s.get_one(Run, run_id).placement = placement
-        if refused:
-            return RunState.FAILED, refused, None
+        if provider is None:
+            return RunState.FAILED, _not_here(placement, self.home)
         if placement.get("estimate"):
             estimate = placement["estimate"]
             self._event(
@@ -253,11 +245,16 @@ class Engine:
                 f"(compute ${estimate['compute_usd']:,.2f}, data ${estimate['data_usd']:,.2f})",
             )
         if self._cancelled(run_id):
-            return RunState.CANCELLED, "cancelled by request", None
+            return RunState.CANCELLED, "cancelled by request"
         self._set_run(run_id, RunState.PROVISIONING)
-        cluster = self._cloud_up(run_id, decision) if cloud else self.provisioner.up(run_id, nodes)
-        brought_up.append(cluster)
+        plan = provider.plan(run_id, owner, wf, decision)
+        if plan.record:
+            with self.store.session() as s:
+                s.get_one(Run, run_id).placement = {**placement, **plan.record}
+        cluster = provider.up(plan, self._progress(run_id))
+        brought_up.append((provider, cluster))
         with self.store.session() as s:
+            s.get_one(Run, run_id).site = cluster.site
             s.add_all(
                 Agent(run_id=run_id, name=a.name, address=a.address, token=a.token, pid=a.pid)
                 for a in cluster.agents
@@ -268,7 +265,7 @@ class Engine:
         self.staging.ingress(run_id, wf, paths, self._reporter(run_id, "transfer"))
         self._pull_images(run_id, wf, cluster)
         if self._cancelled(run_id):
-            return RunState.CANCELLED, "cancelled by request", cluster
+            return RunState.CANCELLED, "cancelled by request"
         self._set_run(run_id, RunState.RUNNING)
         loop = RunLoop(
             self.store,
@@ -286,54 +283,16 @@ class Engine:
             try:
                 self.staging.egress(run_id, paths, self._reporter(run_id, "transfer"))
             except TransferError as exc:
-                return RunState.FAILED, str(exc), cluster
+                return RunState.FAILED, str(exc)
         elif state is not RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
             self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
-        return state, reason, cluster
+        return state, reason
 
-    def _cloud_up(self, run_id: str, decision: Placement) -> Cluster:
-        """Size a cluster as federation priced it and bring its stack up (progress goes into
-        the run's events). A stack that fails is destroyed before this raises."""
-        assert self.clouds is not None
-        assert decision.chosen
-        assert decision.workload
-        with self.store.session() as s:
-            owner = s.get_one(Run, run_id).owner
-        try:
-            spec = self.clouds.spec_for(run_id, owner, decision.workload, decision.chosen)
-        except ProvisionError as exc:
-            if decision.record.get("forced"):
-                raise
-            site, total = decision.chosen.site.name, decision.chosen.total_usd
-            raise ProvisionError(  # not asked for: say where it went before what is missing
-                f"federation placed it on {site} (estimated ${total:,.2f}; `squall federate "
-                f"compare` shows why): {exc}"
-            ) from None
-        with self.store.session() as s:
-            s.get_one(Run, run_id).placement = {
-                **decision.record,
-                "cluster": {
-                    "stack": spec.stack_name,
-                    "expires_at": spec.expires_at.isoformat(),
-                    "groups": [
-                        {"name": g.name, "type": g.instance_type, "count": g.count}
-                        for g in spec.node_groups
-                    ],
-                },
-            }
-        cluster = self.clouds.up(spec, partial(self._reporter(run_id, "provision"), ""))
-        with self.store.session() as s:
-            s.get_one(Run, run_id).site = cluster.site
-        return cluster
-
-    def _down(self, run_id: str, cluster: Cluster) -> str:
+    def _down(self, run_id: str, provider: Provisioner[Any], cluster: Cluster) -> str:
         """Take the cluster down; what to add to the run's reason if that failed."""
-        if cluster.site == self.provisioner.site or self.clouds is None:
-            self.provisioner.down(cluster)
-            return ""
         try:
-            self.clouds.down(cluster, partial(self._reporter(run_id, "provision"), ""))
+            provider.down(cluster, self._progress(run_id))
         except ProvisionError as exc:
             return f"; {exc} (`squall stack gc` retries)"
         return ""
@@ -416,6 +375,10 @@ class Engine:
 
     def _reporter(self, run_id: str, kind: str) -> Callable[[str, str], None]:
         return lambda subject, message: self._event(run_id, kind, message, subject)
+
+    def _progress(self, run_id: str) -> Callable[[str], None]:
+        """A provider's progress, as the run's `provision` events."""
+        return partial(self._reporter(run_id, "provision"), "")
 
 
 def request_cancel(store: Store, name: str) -> RunState:

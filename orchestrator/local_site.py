@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine import Engine
-from .fuzzfile import Workflow
 from .placing import Placer
-from .provision import LocalProvisioner, NodeSlice, this_machine
+from .provision import LocalProvisioner
 from .provision.cloud import CloudProvisioner, CloudSettings
+from .provision.local import whole_machine
 from .provision.stacks import StackDriver, StackSettings
 from .secrets import SecretStore
 from .store import Store
 
-__all__ = ["LocalSettings", "local_engine", "local_nodes"]
+__all__ = ["LocalSettings", "local_engine", "stack_driver"]
 
 
 def _data_dir() -> Path:
@@ -58,26 +58,14 @@ class LocalSettings:
         return Store(self.store_url or f"sqlite:///{self.data_dir / 'squall.db'}")
 
 
-def local_nodes(wf: Workflow, nodes: int = 1) -> list[NodeSlice]:
-    """`nodes` agents that each may lease the whole machine (more than one oversubscribes
-    it). Whether every job fits on it at all was settled at PLACING: federation prices this
-    machine as a site of its own shape and refuses it, with the reason, when a job does not."""
-    del wf  # every workflow gets the whole machine
-    machine = this_machine()
-    gpus = tuple(g.index for g in machine.gpus)
-    return [
-        NodeSlice(cpus=machine.cpu_ids, memory_bytes=machine.memory_bytes, gpus=gpus)
-        for _ in range(max(nodes, 1))
-    ]
-
-
 def local_engine(settings: LocalSettings) -> Engine:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # private, whatever made it: it holds secrets and tokens, and volumes whose files jobs
     # wrote as root (a job's setuid file there must be out of every other user's reach)
     settings.data_dir.chmod(0o700)
-    provisioner = LocalProvisioner(
+    here = LocalProvisioner(
         settings.data_dir / "site",
+        nodes=whole_machine(settings.nodes),
         search_registries=settings.search_registries,
         insecure_registries=settings.insecure_registries,
     )
@@ -85,15 +73,15 @@ def local_engine(settings: LocalSettings) -> Engine:
     store = settings.store()
     placer = Placer.from_environment(settings.site, secrets, store)
     placer.check_site()  # a --site that names no site is refused before anything is recorded
+    clouds = CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment())
     return Engine(
         store,
-        provisioner,
-        lambda wf: local_nodes(wf, settings.nodes),
+        [here, clouds],
         data_dir=settings.data_dir,
         secrets=secrets,
         placer=placer.decide,
         egress_dirs=settings.egress_dirs,
-        clouds=CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment()),
+        home=here.site,
     )
 
 

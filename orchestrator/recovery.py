@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 
 from .data.staging import Staging
 from .engine import HEARTBEAT, identity
-from .provision import AgentEndpoint, Cluster, Provisioner
+from .provision import AgentEndpoint, Cluster, Provisioner, quiet
 from .states import Moves, move_run
 from .store import RUN_ENDED, Agent, Job, Run, RunState, Stack, StackState, Store, TaskState
 
@@ -74,9 +75,10 @@ def _open_stack(store: Store, run_id: str) -> bool:
 
 
 def recover(
-    store: Store, provisioners: Mapping[str, Provisioner], staging: Staging
+    store: Store, providers: Sequence[Provisioner[Any]], staging: Staging
 ) -> list[tuple[str, str]]:
-    """Tear down and fail every orphaned run; (run name, reason) of each."""
+    """Tear down and fail every orphaned run; (run name, reason) of each. A run's cluster is
+    taken down by the first of `providers` that serves its site."""
     recovered = []
     for run_id in orphaned_runs(store):
         with store.session() as s:
@@ -89,9 +91,9 @@ def recover(
             run.orchestrator = identity()  # this process owns the clean-up now
             if run.state is not RunState.TEARDOWN:
                 move_run(s, run, RunState.TEARDOWN, "recovering an orphan")
-        provisioner = provisioners.get(site)
+        provisioner = next((p for p in providers if p.serves(site)), None)
         if agents and provisioner is not None:
-            provisioner.down(Cluster(run_id=run_id, site=site, agents=agents))
+            provisioner.down(Cluster(run_id=run_id, site=site, agents=agents), quiet)
         reason = (
             f"its orchestrator ({owner or 'none'}) stopped while it was {was.value}; "
             "the cluster was torn down"

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..errors import Category, SquallError
 
-__all__ = ["AgentEndpoint", "Cluster", "NodeSlice", "ProvisionError", "Provisioner"]
+if TYPE_CHECKING:
+    from ..fuzzfile import Workflow
+    from ..placing import Placement
+
+__all__ = [
+    "AgentEndpoint",
+    "Cluster",
+    "NodeSlice",
+    "Plan",
+    "ProvisionError",
+    "Provisioner",
+    "Report",
+    "quiet",
+]
+
+Report = Callable[[str], None]  # one line of progress, as it happens
+Shape = TypeVar("Shape")  # what a provider sizes a cluster as: its nodes, a stack's spec
+
+
+def quiet(line: str) -> None:
+    """A report that goes nowhere."""
+    del line
 
 
 class ProvisionError(SquallError):
@@ -43,18 +64,40 @@ class Cluster:
     agents: tuple[AgentEndpoint, ...]
 
 
-class Provisioner(Protocol):
-    """Brings a cluster up for a run and always takes it down again. `cannot` declares what
-    its sites cannot run yet (a workflow feature -> why); federation reads it, so such a site
-    is an infeasible candidate with its reason, never a refusal after PLACING."""
+@dataclass(frozen=True, slots=True)
+class Plan(Generic[Shape]):
+    """A cluster sized for one run before anything of it is made: the provider's `shape` of
+    it, which its `up` brings up, and `record`, what the run keeps of it in its placement
+    (`nodes` on the local site, `cluster` on a cloud)."""
 
-    site: str
+    run_id: str
+    shape: Shape
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Provisioner(Protocol[Shape]):
+    """A family of sites: it sizes a cluster for a run, brings it up, and always takes it
+    down again. The engine drives every provider through these calls alone, picking the one
+    that `serves` the site federation placed a run on. `cannot` declares what its sites
+    cannot run yet (a workflow feature -> why); federation reads it, so such a site is an
+    infeasible candidate with its reason, never a refusal after PLACING."""
+
     cannot: Mapping[str, str]
 
-    def up(self, run_id: str, nodes: list[NodeSlice]) -> Cluster:
-        """Start one agent per node; on failure, stop what started and raise."""
+    def serves(self, site: str) -> bool:
+        """Whether this provider makes clusters on `site` (a site name as federation has it)."""
         ...
 
-    def down(self, cluster: Cluster) -> None:
-        """Stop every agent of the cluster; safe to call twice."""
+    def plan(self, run_id: str, owner: str, wf: Workflow, placement: Placement) -> Plan[Shape]:
+        """Size the cluster for `wf` as placed; nothing is made yet. Raises ProvisionError,
+        in one line, when it cannot be made (a setting, a credential, a tool missing)."""
+        ...
+
+    def up(self, plan: Plan[Shape], report: Report) -> Cluster:
+        """Bring the planned cluster up; on failure, take down what started and raise."""
+        ...
+
+    def down(self, cluster: Cluster, report: Report) -> None:
+        """Take every node of the cluster down; safe to call twice. Raises ProvisionError
+        when something of it may be left (a cloud stack that `squall stack gc` retries)."""
         ...

@@ -22,17 +22,23 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from federate.catalog import CLOUDS
 from federate.placement import SiteEstimate
 from federate.workload import Workload
 from infra.spec import Bootstrap, ClusterSpec, Network
 
-from .base import AgentEndpoint, Cluster, ProvisionError
+from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report
 from .cluster_spec import DEFAULT_TTL, cluster_spec
 from .credentials import CREDENTIALS
-from .stacks import Report, StackDriver
+from .stacks import StackDriver
+
+if TYPE_CHECKING:
+    from ..fuzzfile import Workflow
+    from ..placing import Placement
 
 __all__ = ["CloudProvisioner", "CloudSettings"]
 
@@ -76,7 +82,8 @@ class CloudSettings:
 
 
 class CloudProvisioner:
-    """A cluster of cloud VMs per run, as a Pulumi stack (a site is `CLOUD:REGION`)."""
+    """A cluster of cloud VMs per run, as a Pulumi stack (a site is `CLOUD:REGION` of aws,
+    gcp or azure)."""
 
     cannot: Mapping[str, str] = {
         "volumes": "volumes are not carried to cloud nodes yet (this machine has them)",
@@ -85,6 +92,43 @@ class CloudProvisioner:
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
         self.stacks = stacks
         self.settings = settings
+
+    def serves(self, site: str) -> bool:
+        cloud, _, region = site.partition(":")
+        return cloud in CLOUDS and bool(region)
+
+    def plan(
+        self, run_id: str, owner: str, wf: Workflow, placement: Placement
+    ) -> Plan[ClusterSpec]:
+        """Size the cluster as federation priced it (its workload, the chosen site's
+        estimate). When federation chose the site (it was not forced), a cluster that cannot
+        be made says where the run went, and why, before what is missing."""
+        del wf  # federation's workload says what the run needs
+        chosen, workload = placement.chosen, placement.workload
+        if chosen is None or workload is None:
+            raise ProvisionError(
+                f"{placement.record.get('site')} is a cloud site: federation prices a run "
+                "before it goes there"
+            )
+        try:
+            spec = self.spec_for(run_id, owner, workload, chosen)
+        except ProvisionError as exc:
+            if placement.record.get("forced"):
+                raise
+            site, total = chosen.site.name, chosen.total_usd
+            raise ProvisionError(
+                f"federation placed it on {site} (estimated ${total:,.2f}; `squall federate "
+                f"compare` shows why): {exc}"
+            ) from None
+        cluster = {
+            "stack": spec.stack_name,
+            "expires_at": spec.expires_at.isoformat(),
+            "groups": [
+                {"name": g.name, "type": g.instance_type, "count": g.count}
+                for g in spec.node_groups
+            ],
+        }
+        return Plan(run_id, spec, {"cluster": cluster})
 
     def check(self, site: str, cloud: str) -> None:
         """Everything a cluster on `cloud` needs from this machine, before anything is made:
@@ -129,7 +173,8 @@ class CloudProvisioner:
         except ValueError as exc:  # pydantic's, with the field that is wrong
             raise ProvisionError(f"cannot size a cluster for {estimate.site.name}: {exc}") from None
 
-    def up(self, spec: ClusterSpec, report: Report) -> Cluster:
+    def up(self, plan: Plan[ClusterSpec], report: Report) -> Cluster:
+        spec = plan.shape
         token = spec.bootstrap.join_token.get_secret_value()
         agents = self.stacks.up(spec, report)
         return Cluster(

@@ -19,9 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -30,9 +31,23 @@ from substrate.client import connect
 from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
 from substrate.paths import remove_tree
 
-from .base import AgentEndpoint, Cluster, NodeSlice, ProvisionError
+from .base import AgentEndpoint, Cluster, NodeSlice, Plan, ProvisionError, Report, quiet
 
-__all__ = ["LocalProvisioner", "Machine", "slice_machine", "this_machine"]
+if TYPE_CHECKING:
+    from ..fuzzfile import Workflow
+    from ..placing import Placement
+
+__all__ = [
+    "LocalProvisioner",
+    "Machine",
+    "Sizing",
+    "local_plan",
+    "slice_machine",
+    "this_machine",
+    "whole_machine",
+]
+
+Sizing = Callable[["Workflow"], list[NodeSlice]]  # the nodes a workflow's cluster gets
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
@@ -85,8 +100,38 @@ def slice_machine(
     ]
 
 
+def whole_machine(count: int = 1) -> Sizing:
+    """`count` agents that each may lease the whole machine (more than one oversubscribes
+    it). Whether every job fits on it at all was settled at PLACING: federation prices this
+    machine as a site of its own shape and refuses it, with the reason, when a job does not."""
+
+    def size(wf: Workflow) -> list[NodeSlice]:
+        del wf  # every workflow gets the whole machine
+        machine = this_machine()
+        gpus = tuple(g.index for g in machine.gpus)
+        return [
+            NodeSlice(cpus=machine.cpu_ids, memory_bytes=machine.memory_bytes, gpus=gpus)
+            for _ in range(max(count, 1))
+        ]
+
+    return size
+
+
+def local_plan(run_id: str, nodes: Sequence[NodeSlice]) -> Plan[tuple[NodeSlice, ...]]:
+    """A local cluster of `nodes`, recorded in the run's placement as their sizes."""
+    record = {
+        "nodes": [
+            {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
+            for n in nodes
+        ]
+    }
+    return Plan(run_id, tuple(nodes), record if nodes else {})
+
+
 class LocalProvisioner:
-    """Starts and stops agent processes under `root/<run id>/<node>`."""
+    """Starts and stops agent processes under `root/<run id>/<node>`, as many and as large
+    as `nodes` sizes them for a workflow (default: one agent that may lease the whole
+    machine)."""
 
     site = "local"
     cannot: Mapping[str, str] = {}  # this machine runs whatever the engine does
@@ -95,17 +140,30 @@ class LocalProvisioner:
         self,
         root: Path,
         *,
+        nodes: Sizing | None = None,
         search_registries: Sequence[str] = (),
         insecure_registries: Sequence[str] = (),
         python: str = sys.executable,
     ) -> None:
         self.root = root
+        self.nodes = nodes or whole_machine()
         self.search = tuple(search_registries)
         self.insecure = tuple(insecure_registries)
         self.python = python
         self._procs: dict[str, list[subprocess.Popen[str]]] = {}
 
-    def up(self, run_id: str, nodes: list[NodeSlice]) -> Cluster:
+    def serves(self, site: str) -> bool:
+        return site == self.site
+
+    def plan(
+        self, run_id: str, owner: str, wf: Workflow, placement: Placement
+    ) -> Plan[tuple[NodeSlice, ...]]:
+        del owner, placement  # this machine is sized by the workflow alone
+        return local_plan(run_id, self.nodes(wf))
+
+    def up(self, plan: Plan[tuple[NodeSlice, ...]], report: Report = quiet) -> Cluster:
+        """Start the planned agents (they start in seconds: nothing to report)."""
+        run_id, nodes = plan.run_id, plan.shape
         if not nodes:
             raise ProvisionError("a cluster needs at least one node")
         started: list[subprocess.Popen[str]] = []
@@ -201,7 +259,7 @@ class LocalProvisioner:
         finally:
             channel.close()
 
-    def down(self, cluster: Cluster) -> None:
+    def down(self, cluster: Cluster, report: Report = quiet) -> None:
         procs = self._procs.pop(cluster.run_id, None)
         if procs is not None:
             clean = self._stop(procs)

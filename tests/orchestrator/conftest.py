@@ -69,17 +69,18 @@ def make_engine(tmp_path: Path, registry: Registry) -> MakeEngine:
 
     def make(nodes: int = 1, ca_file: str | None = None) -> Engine:
         store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-        provisioner = LocalProvisioner(
-            tmp_path / "site",
-            search_registries=[registry.address],
-            insecure_registries=[registry.address],
-        )
 
         def cluster(_: Workflow) -> list[NodeSlice]:
             # oversubscribed on purpose: more tasks can run at once than there are cores
             return [NodeSlice(cpus=(0, 1), memory_bytes=2**30) for _ in range(nodes)]
 
-        return Engine(store, provisioner, cluster, data_dir=tmp_path / "data", ca_file=ca_file)
+        provisioner = LocalProvisioner(
+            tmp_path / "site",
+            nodes=cluster,
+            search_registries=[registry.address],
+            insecure_registries=[registry.address],
+        )
+        return Engine(store, [provisioner], data_dir=tmp_path / "data", ca_file=ca_file)
 
     return make
 

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from orchestrator.engine import Engine, request_cancel
 from orchestrator.fuzzfile import Workflow
 from orchestrator.placing import Placer
-from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice
+from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
 from orchestrator.provision.cloud import CloudProvisioner, CloudSettings
 from orchestrator.provision.stacks import StackDriver, StackSettings
 from orchestrator.store import Event, Run, RunState, Stack, StackState, Store
@@ -45,7 +45,7 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
         search_registries=[registry.address],
         insecure_registries=[registry.address],
     )
-    cluster = site.up("nodes", [NodeSlice(cpus=(0, 1), memory_bytes=2**30)] * 2)
+    cluster = site.up(local_plan("nodes", [NodeSlice(cpus=(0, 1), memory_bytes=2**30)] * 2))
     agents = tmp_path / "agents.json"
     agents.write_text(json.dumps([a.address for a in cluster.agents]))
     monkeypatch.setenv("FAKE_PULUMI_AGENTS", str(agents))
@@ -65,15 +65,21 @@ def engine(tmp_path: Path, nodes: Cluster, monkeypatch) -> Engine:
 
     return Engine(
         store,
-        LocalProvisioner(tmp_path / "site"),
-        never,
+        [
+            LocalProvisioner(tmp_path / "site", nodes=never),
+            CloudProvisioner(
+                StackDriver(store, StackSettings(tmp_path / "stacks")),
+                CloudSettings(orchestrator_cidr="127.0.0.1/32", images={"aws": "ami-0123456789"}),
+            ),
+        ],
         data_dir=tmp_path / "data",
         placer=Placer(catalog_dir=CATALOG, force_site=SITE).decide,
-        clouds=CloudProvisioner(
-            StackDriver(store, StackSettings(tmp_path / "stacks")),
-            CloudSettings(orchestrator_cidr="127.0.0.1/32", images={"aws": "ami-0123456789"}),
-        ),
     )
+
+
+def clouds_of(engine: Engine) -> CloudProvisioner:
+    [clouds] = [p for p in engine.providers if isinstance(p, CloudProvisioner)]
+    return clouds
 
 
 def two_jobs(second: str) -> str:
@@ -201,15 +207,15 @@ def test_without_the_cloud_extra_a_cloud_run_fails_in_one_line_saying_what_to_in
 def test_missing_settings_and_credentials_fail_a_cloud_run_in_one_line_each(
     engine, monkeypatch, fake_pulumi, tmp_path
 ):
-    assert engine.clouds is not None
-    engine.clouds.settings = CloudSettings(images={"aws": "ami-0123456789"})
+    clouds = clouds_of(engine)
+    clouds.settings = CloudSettings(images={"aws": "ami-0123456789"})
     outcome = engine.run("me/cloud-nocidr", two_jobs("echo second"))
     assert outcome.state is RunState.FAILED
     assert outcome.reason.endswith(
         f"{SITE} needs SQUALL_ORCHESTRATOR_CIDR (this orchestrator's address, e.g. 203.0.113.7/32)"
     )
 
-    engine.clouds.settings = CloudSettings("127.0.0.1/32", images={"aws": "ami-0123456789"})
+    clouds.settings = CloudSettings("127.0.0.1/32", images={"aws": "ami-0123456789"})
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))

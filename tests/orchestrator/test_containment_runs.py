@@ -136,12 +136,14 @@ def test_a_server_writes_local_egress_only_under_its_egress_folders(
     allowed = tmp_path / "results"
     engine = Engine(
         Store(f"sqlite:///{tmp_path / 'squall.db'}"),
-        LocalProvisioner(
-            tmp_path / "site",
-            search_registries=[registry.address],
-            insecure_registries=[registry.address],
-        ),
-        lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
+        [
+            LocalProvisioner(
+                tmp_path / "site",
+                nodes=lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
+                search_registries=[registry.address],
+                insecure_registries=[registry.address],
+            )
+        ],
         data_dir=tmp_path / "data",
         egress_dirs=[allowed],
     )

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from api.substrate.v1 import agent_pb2 as pb
-from orchestrator.provision import LocalProvisioner, NodeSlice, ProvisionError, slice_machine
+from orchestrator.provision import (
+    LocalProvisioner,
+    NodeSlice,
+    ProvisionError,
+    local_plan,
+    slice_machine,
+)
 from substrate.client import connect
 from tests.substrate.registry import Registry
 
@@ -35,7 +41,7 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path, registry: Reg
         NodeSlice(cpus=(0,), memory_bytes=256 * MiB),
         NodeSlice(cpus=(1,), memory_bytes=256 * MiB),
     ]
-    cluster = provisioner.up("run-1", nodes)
+    cluster = provisioner.up(local_plan("run-1", nodes))
     pids = [a.pid for a in cluster.agents]
     try:
         assert [a.name for a in cluster.agents] == ["node-0", "node-1"]
@@ -77,7 +83,7 @@ def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:
     good = NodeSlice(cpus=(0,), memory_bytes=64 * MiB)
     bad = NodeSlice(cpus=(4095,), memory_bytes=64 * MiB)
     with pytest.raises(ProvisionError, match="not online"):
-        provisioner.up("run-2", [good, bad])
+        provisioner.up(local_plan("run-2", [good, bad]))
     logs = list((tmp_path / "run-2").glob("*/agent.log"))
     assert len(logs) == 2
     assert not _agents_of("run-2")
@@ -119,7 +125,7 @@ def test_a_killed_agent_leaves_nothing_once_its_cluster_is_taken_down(
     provisioner = LocalProvisioner(
         tmp_path, search_registries=[registry.address], insecure_registries=[registry.address]
     )
-    cluster = provisioner.up("run-k", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)])
+    cluster = provisioner.up(local_plan("run-k", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)]))
     [agent] = cluster.agents
     channel, stub = connect(agent.address, agent.token)
     lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))

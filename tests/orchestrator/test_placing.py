@@ -63,13 +63,13 @@ def make_engine(tmp_path: Path, registry: Registry):  # type: ignore[no-untyped-
     def make(placer: Placer) -> Engine:
         provisioner = LocalProvisioner(
             tmp_path / "site",
+            nodes=lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
             search_registries=[registry.address],
             insecure_registries=[registry.address],
         )
         return Engine(
             Store(f"sqlite:///{tmp_path / 'squall.db'}"),
-            provisioner,
-            lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
+            [provisioner],
             data_dir=tmp_path / "data",
             placer=placer.decide,
         )

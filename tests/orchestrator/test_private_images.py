@@ -43,17 +43,18 @@ def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def engine(tmp_path: Path, registry: Registry, private: Registry) -> Engine:
     """One node; the private registry is listed as insecure (its certificate was made here,
     so skopeo is told not to verify it), which changes nothing about its login."""
-    provisioner = LocalProvisioner(
-        tmp_path / "site",
-        search_registries=[registry.address],
-        insecure_registries=[registry.address, private.address],
-    )
 
     def nodes(_: Workflow) -> list[NodeSlice]:
         return [NodeSlice(cpus=(0, 1), memory_bytes=2**30)]
 
+    provisioner = LocalProvisioner(
+        tmp_path / "site",
+        nodes=nodes,
+        search_registries=[registry.address],
+        insecure_registries=[registry.address, private.address],
+    )
     store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-    return Engine(store, provisioner, nodes, data_dir=tmp_path / "data")
+    return Engine(store, [provisioner], data_dir=tmp_path / "data")
 
 
 def workflow(image: str) -> str:

@@ -187,6 +187,6 @@ def test_a_cancelled_run_and_a_recovered_orphan_replay_from_their_events(
     with engine.store.session() as s:
         s.get_one(Run, orphan).orchestrator = "elsewhere:1"  # a host that gives no heartbeat
     staging = Staging(engine.store, engine.data_dir, engine.secrets)
-    [(name, _)] = recover(engine.store, {"local": engine.provisioner}, staging)
+    [(name, _)] = recover(engine.store, engine.providers, staging)
     assert name == "user/orphan"
     assert_history_replays(engine, orphan)

@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -20,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.engine import Engine
 from orchestrator.errors import StoreError, describe
-from orchestrator.provision import Cluster, NodeSlice
+from orchestrator.provision import Cluster, NodeSlice, Plan, Report, local_plan
 from orchestrator.store import Event, Run, RunState, Store, Transfer
 from orchestrator.store import store as store_module
 from tests.substrate.registry import free_port
@@ -140,32 +142,34 @@ class _BusyStoreProvisioner:
     """Brings no cluster up: while it tries, another writer holds the store throughout."""
 
     site = "local"
+    cannot: Mapping[str, str] = {}
 
     def __init__(self, store: Store, path: Path) -> None:
         self.store, self.path = store, path
 
-    def up(self, run_id: str, nodes: list[NodeSlice]) -> Cluster:
+    def serves(self, site: str) -> bool:
+        return site == self.site
+
+    def plan(self, run_id: str, owner: str, wf: object, placement: object) -> Plan[Any]:
+        return local_plan(run_id, [NodeSlice(cpus=(0,), memory_bytes=2**30)])
+
+    def up(self, plan: Plan[Any], report: Report) -> Cluster:
         holder = hold_the_write_lock(self.path)
         try:
             with self.store.session() as s:
-                s.add(Event(run_id=run_id, kind="provision", message="booting"))
+                s.add(Event(run_id=plan.run_id, kind="provision", message="booting"))
         finally:
             holder.execute("ROLLBACK")
             holder.close()
-        return Cluster(run_id=run_id, site=self.site, agents=())
+        return Cluster(run_id=plan.run_id, site=self.site, agents=())
 
-    def down(self, cluster: Cluster) -> None:
+    def down(self, cluster: Cluster, report: Report) -> None:
         pass
 
 
 def test_a_run_failed_by_a_busy_store_says_so_without_sql(tmp_path: Path, impatient: None) -> None:
     store, path = sqlite_store(tmp_path)
-    engine = Engine(
-        store,
-        _BusyStoreProvisioner(store, path),
-        lambda _: [NodeSlice(cpus=(0,), memory_bytes=2**30)],
-        data_dir=tmp_path / "data",
-    )
+    engine = Engine(store, [_BusyStoreProvisioner(store, path)], data_dir=tmp_path / "data")
     run_id = engine.submit(
         "user/busy", "version: v4\njobs:\n  x:\n    image: {uri: docker://busybox:1.36}\n"
     )
