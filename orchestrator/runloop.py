@@ -49,6 +49,8 @@ LEASE_TTL = 30.0
 POLL = 0.25  # seconds between looks at the cancel flag when nothing happens
 
 _S = TaskState
+# a lease the node can never grant (too small for it), or a request it cannot read
+_NEVER = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 _AFFINITY = {
     Affinity.CORE: pb.AFFINITY_CORE,
     Affinity.SOCKET: pb.AFFINITY_SOCKET,
@@ -251,17 +253,20 @@ class RunLoop:
 
     def _cancel_everything(self, why: str) -> None:
         """Cancel running tasks, wait for them to end, and mark what never ran."""
+        for active in self.leased:  # leased since the last turn, never started: give back
+            del self.active[active.key]
+            self.capacity.give_back(active.node, active.shape)
+            release = pb.ReleaseLeaseRequest(lease_id=active.lease_id)
+            self.io.unary(active.node, "ReleaseLease", release)
+            task_id = self.ids[active.key][0]
+            self.moves.attempt(task_id, active.attempt, state=_S.CANCELLED, message=why)
+            self._move(active.key, _S.CANCELLED, why)
+        self.leased = []
         for active in self.active.values():
             self._cancel(active)
         while self.active:
             for message in self._messages():
                 self._apply(message)
-            self._write()
-            for active in self.leased:  # leased before the cancel came: give them back
-                self.io.unary(
-                    active.node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=active.lease_id)
-                )
-            self.leased = []
         for name, keys in self.keys.items():
             for key in keys:
                 if not self.sched.state(key).ended:
@@ -346,9 +351,12 @@ class RunLoop:
         self._fail_jobs(ready)
 
     def _fail_jobs(self, names: list[str]) -> None:
+        """Fail jobs that cannot be placed, and those of their tasks that wait (a task whose
+        lease is being asked for is failed when the answer comes)."""
         for name in names:
             why = f"cannot be placed: {self.unplaceable.get(name, 'no node can hold it')}"
-            self._move_job(name, _S.FAILED, why)
+            if not self.job_rows[name].ended:
+                self._move_job(name, _S.FAILED, why)
             for key in self.keys[name]:
                 if self.sched.state(key) is _S.PENDING:
                     self.moves.task(self.ids[key][0], _subject(key), _S.PENDING, _S.FAILED, why)
@@ -392,33 +400,34 @@ class RunLoop:
 
     def _leased(self, active: _Active, lease: Any) -> None:
         """The agent answered a lease request: record the attempt (it starts once this turn
-        is written), or count the node full for that shape, or the job as never fitting."""
+        is written); or put the task back in line, counting the node full for its shape, or
+        failing its job when no node will ever hold it."""
         key = active.key
-        if isinstance(lease, grpc.RpcError) or active.stopping:
-            del self.active[key]
-            self.sched.moved(key, _S.PENDING)  # back in line; the store never saw it leave
-            if not isinstance(lease, grpc.RpcError):  # cancelled meanwhile
-                self.capacity.give_back(active.node, active.shape)
-                self.io.unary(
-                    active.node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id)
-                )
-                return
+        refused = isinstance(lease, grpc.RpcError)
+        failed = self.job_rows[key.name].ended  # its job failed meanwhile: so does it
+        if not (refused or active.stopping or failed):
+            number = self.attempts[key] + 1
+            self.attempts[key] = number
+            active.attempt, active.lease_id = number, lease.id
+            self._move(key, _S.STARTING, f"attempt {number} on node-{active.node}", was=_S.PENDING)
+            self.moves.attempt_started(self.ids[key][0], number, f"node-{active.node}", lease.id)
+            self.leased.append(active)
+            return
+        del self.active[key]
+        self.sched.moved(key, _S.PENDING)  # back in line: the store never saw it leave
+        if not refused:  # cancelled or failed meanwhile: the lease goes back
+            self.capacity.give_back(active.node, active.shape)
+            self.io.unary(active.node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id))
+        elif lease.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.capacity.refused(active.node, active.shape)  # asked elsewhere, or later
+        elif lease.code() in _NEVER:
             self.capacity.refused(active.node, active.shape)
-            if lease.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                return  # the agent counts otherwise: asked again elsewhere, or later
-            if lease.code() in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.INVALID_ARGUMENT,
-            ):
-                self.unplaceable[key.name] = str(lease.details() or lease.code().name)
-                return  # the next turn fails the job
+            self.unplaceable[key.name] = str(lease.details() or lease.code().name)
+            failed = True
+        else:
             raise lease  # the agent is gone, or a defect
-        number = self.attempts[key] + 1
-        self.attempts[key] = number
-        active.attempt, active.lease_id = number, lease.id
-        self._move(key, _S.STARTING, f"attempt {number} on node-{active.node}", was=_S.PENDING)
-        self.moves.attempt_started(self.ids[key][0], number, f"node-{active.node}", lease.id)
-        self.leased.append(active)
+        if failed:
+            self._fail_jobs([key.name])
 
     def _never_fits(self, shape: Shape) -> str:
         """Why no node can hold `shape`, in the agent's words (it is asked once)."""
