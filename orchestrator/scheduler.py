@@ -23,6 +23,7 @@ Where a task runs (nodes, cores, memory, devices) is the run loop's business (`c
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ class Scheduler:
         if name not in self.ready:
             return []
         room = len(job.pending) if job.limit is None else max(0, job.limit - job.active)
-        return [TaskKey(name, i) for i in list(job.pending)[:room]]
+        return [TaskKey(name, i) for i in itertools.islice(job.pending, room)]
 
     def done(self) -> bool:
         """Nothing more will start: every job has ended, and every service still running is
