@@ -375,6 +375,7 @@ def port_forward(
     import threading
 
     from api.squall.v1 import control_pb2 as pb
+    from substrate.client import keep_freed_memory
 
     local, sep, remote = ports.partition(":")
     if not sep or not local.isdigit() or not remote.isdigit():
@@ -383,6 +384,7 @@ def port_forward(
     job_name, index = _split_job(job)
     _guard(lambda: backend.status(name))  # fails early on a wrong name
     listener = socket.create_server((address, int(local)))
+    keep_freed_memory()  # MiB-sized messages pass through this process
     bound = listener.getsockname()[1]
     err.print(f"forwarding {address}:{bound} -> {job_name}:{remote}")
     print(f"{address}:{bound}", flush=True)
@@ -405,7 +407,7 @@ def port_forward(
                 if not ready:
                     continue
                 try:
-                    data = conn.recv(65536)
+                    data = conn.recv(1 << 20)  # as much as is there, up to a MiB
                 except OSError:
                     data = b""
                 if not data:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from api.squall.v1 import control_pb2 as cpb
 from api.substrate.v1 import agent_pb2 as apb
-from substrate.client import connect
+from substrate.client import connect, keep_freed_memory, port_forward
 
 from .errors import Conflict, InvalidInput, NotFound
 from .runloop import log_path
@@ -170,9 +170,10 @@ class RunAccess:
                 elif kind == "close":
                     yield apb.PortForwardInput(close=True)
 
-        channel, stub = connect(where.address, where.token)
+        keep_freed_memory()  # MiB-sized messages pass through this process
+        channel, _ = connect(where.address, where.token)
         try:
-            for out in stub.PortForward(upstream()):
-                yield cpb.PortForwardOutput(data=out.data)
+            for data in port_forward(channel, upstream()):
+                yield cpb.PortForwardOutput(data=bytes(data))
         finally:
             channel.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .agent import USERNS_BASE, Agent, AgentConfig
 from .confine import ConfinementError
+from .heap import keep_freed_memory
 from .inventory import parse_cpu_list, read_inventory
 from .network import DENY, POOL, NetworkError
 from .runtimes import available
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfinementError, NetworkError) as exc:
         print(f"substrate: {exc}", file=sys.stderr)
         return 2
+    keep_freed_memory()  # exec and port-forward move MiB-sized messages
     server, port = create_server(agent, args.listen)
     host = args.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{port}", flush=True)

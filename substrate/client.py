@@ -1,15 +1,23 @@
-"""Connect to an agent: a channel whose every call carries the agent token."""
+"""Connect to an agent: a channel whose every call carries the agent token; the port-forward
+stream's data without parsing its messages."""
 
 from __future__ import annotations
 
 from collections import namedtuple
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
+from api.substrate.v1 import agent_pb2 as pb
 from api.substrate.v1 import agent_pb2_grpc as rpc
 
-__all__ = ["connect"]
+from .heap import keep_freed_memory
+from .wire import field_bytes
+
+__all__ = ["connect", "keep_freed_memory", "port_forward"]
+
+_PORT_FORWARD = "/squall.substrate.v1.Agent/PortForward"
 
 
 class _ClientCallDetails(
@@ -59,3 +67,24 @@ def connect(address: str, token: str) -> tuple[Any, rpc.AgentStub]:
     """A channel to the agent at `address` and a stub whose calls carry `token`."""
     channel = grpc.intercept_channel(grpc.insecure_channel(address), _Token(token))
     return channel, rpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _port_forward_data(message: bytes) -> memoryview:
+    data = field_bytes(message, pb.PortForwardOutput.DATA_FIELD_NUMBER)
+    if data is None:  # not the agent's usual form: let protobuf read it
+        return memoryview(pb.PortForwardOutput.FromString(message).data)
+    return data
+
+
+def port_forward(channel: Any, requests: Iterator[pb.PortForwardInput]) -> Iterator[memoryview]:
+    """The agent's PortForward call on `channel` (from `connect`): the data of each output
+    message, as a view into the message as it arrived (no message object, no copy).
+
+    The call raises `grpc.RpcError` as the stub's does. A process that receives much through
+    it should call `keep_freed_memory()` once."""
+    call = channel.stream_stream(
+        _PORT_FORWARD,
+        request_serializer=pb.PortForwardInput.SerializeToString,
+        response_deserializer=_port_forward_data,
+    )
+    return call(requests)  # type: ignore[no-any-return]

@@ -271,16 +271,48 @@ class AgentServicer(rpc.AgentServicer):
             yield pb.LogChunk(timestamp_ns=r.time_ns, stream=_STREAM[r.stream], data=r.data)
 
     @_status_codes
-    def Exec(
-        self, request_iterator: Iterator[pb.ExecInput], context: Any
-    ) -> Iterator[pb.ExecOutput]:
+    def Exec(self, request_iterator: Iterator[pb.ExecInput], context: Any) -> Iterator[bytes]:
         yield from exec_stream(self.agent, request_iterator, context)
 
     @_status_codes
     def PortForward(
         self, request_iterator: Iterator[pb.PortForwardInput], context: Any
-    ) -> Iterator[pb.PortForwardOutput]:
+    ) -> Iterator[bytes]:
         yield from port_forward_stream(self.agent, request_iterator, context)
+
+
+# methods whose servicer yields its messages already serialized (see streams.py)
+_SERIALIZED_OUTPUT = ("Exec", "PortForward")
+
+
+class _Handlers:
+    """Collects the method handlers the generated code would add to a server."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_servicer(servicer: AgentServicer, server: Any) -> None:
+    """`add_AgentServicer_to_server`, except that the streams in `_SERIALIZED_OUTPUT` send
+    their messages as given (the bytes on the wire are the same)."""
+    collected = _Handlers()
+    rpc.add_AgentServicer_to_server(servicer, collected)  # type: ignore[no-untyped-call]
+    handlers = dict(collected.handlers)
+    for name in _SERIALIZED_OUTPUT:
+        handlers[name] = grpc.stream_stream_rpc_method_handler(
+            handlers[name].stream_stream, request_deserializer=handlers[name].request_deserializer
+        )  # no response_serializer: sent as yielded
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(collected.service, handlers),)
+    )
+    server.add_registered_method_handlers(collected.service, handlers)
 
 
 def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64) -> tuple[Any, int]:
@@ -289,7 +321,7 @@ def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64)
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
         interceptors=[TokenAuth(agent.config.token, "agent token")],
     )
-    rpc.add_AgentServicer_to_server(AgentServicer(agent), server)  # type: ignore[no-untyped-call]
+    _add_servicer(AgentServicer(agent), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

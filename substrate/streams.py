@@ -1,11 +1,13 @@
 """The two bidirectional streams: exec (with or without a terminal) and port-forward.
 
 Each consumes the client's messages on a thread of its own and yields output as it comes,
-so input and output flow at the same time.
+so input and output flow at the same time. Output goes out in chunks of up to 2 MiB, read
+and handed to gRPC already serialized (`wire.Framer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -20,12 +22,14 @@ import termios
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.substrate.v1 import agent_pb2 as pb
 
 from .paths import IN_ROOT, PathEscape, open_in
 from .tasks import TaskError, TaskState
+from .wire import CHUNK, Framer
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["exec_stream", "port_forward_stream"]
 
 _END = object()
+F_SETPIPE_SZ = 1031  # fcntl: set a pipe's capacity (Linux)
 CLONE_NEWNET = 0x40000000
 TIOCGPTPEER = 0x5441  # the slave of a pty master, opened from the master (Linux 4.13)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -50,10 +55,10 @@ def _set_size(fd: int, size: pb.TerminalSize) -> None:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.columns, 0, 0))
 
 
-def exec_stream(
-    agent: Agent, requests: Iterator[pb.ExecInput], context: Any
-) -> Iterator[pb.ExecOutput]:
-    """Run the command of the first (start) message inside its task; relay the streams."""
+def exec_stream(agent: Agent, requests: Iterator[pb.ExecInput], context: Any) -> Iterator[bytes]:
+    """Run the command of the first (start) message inside its task; relay the streams.
+
+    Yields serialized `ExecOutput` messages (the servicer sends them as they are)."""
     first = next(requests, None)
     if first is None or first.WhichOneof("input") != "start":
         raise ValueError("the first Exec message must be `start`")
@@ -65,7 +70,7 @@ def exec_stream(
     launch = runtime.exec_launch(
         task.spec, task.pid, task.dir, task.image, list(start.command), dict(start.env)
     )
-    out: queue.Queue[Any] = queue.Queue(maxsize=64)
+    out: queue.Queue[Any] = queue.Queue(maxsize=8)
     popen = agent.tasks.popen  # in the task's cgroup, like the task itself
     if start.tty:
         master, slave = open_pty(f"/proc/{runtime.namespace_pid(task.pid, task.dir)}/root")
@@ -74,7 +79,11 @@ def exec_stream(
         launch = replace(launch, argv=["setsid", "--ctty", *launch.argv])
         proc = popen(task, launch, stdin=slave, stdout=slave, stderr=slave, start_new_session=False)
         os.close(slave)
-        readers = [threading.Thread(target=_read_fd, args=(master, out, "stdout"), daemon=True)]
+        readers = [
+            threading.Thread(
+                target=_read_fd, args=(master, out, pb.ExecOutput.STDOUT_FIELD_NUMBER), daemon=True
+            )
+        ]
         stdin = _Stdin(master, tty=True, proc=proc)
     else:
         proc = popen(
@@ -84,8 +93,13 @@ def exec_stream(
         assert proc.stdout is not None
         assert proc.stderr is not None
         readers = [
-            threading.Thread(target=_read_fd, args=(pipe.fileno(), out, kind), daemon=True)
-            for pipe, kind in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
+            threading.Thread(
+                target=_read_fd, args=(_widened(pipe.fileno()), out, field), daemon=True
+            )
+            for pipe, field in (
+                (proc.stdout, pb.ExecOutput.STDOUT_FIELD_NUMBER),
+                (proc.stderr, pb.ExecOutput.STDERR_FIELD_NUMBER),
+            )
         ]
         stdin = _Stdin(proc.stdin.fileno(), tty=False, proc=proc)
     for r in readers:
@@ -98,10 +112,9 @@ def exec_stream(
             if item is _END:
                 done += 1
                 continue
-            kind, data = item
-            yield pb.ExecOutput(**{kind: data})
+            yield item
         code = proc.wait()
-        yield pb.ExecOutput(exit_code=code if code >= 0 else 128 - code)
+        yield pb.ExecOutput(exit_code=code if code >= 0 else 128 - code).SerializeToString()
     finally:
         if proc.poll() is None:  # the client went away: do not leave the command behind
             os.killpg(proc.pid, signal.SIGKILL)
@@ -139,16 +152,29 @@ def open_pty(root: str) -> tuple[int, int]:
     return master, slave
 
 
-def _read_fd(fd: int, out: queue.Queue[Any], kind: str) -> None:
+def _widened(fd: int) -> int:
+    """`fd`, the read end of a pipe, made to hold a chunk (64 KiB by default) or as much as
+    the system lets this process have, so that a command writing fast fills large messages."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
+    except OSError:  # above /proc/sys/fs/pipe-max-size (1 MiB by default) without privilege
+        with contextlib.suppress(OSError, ValueError):
+            most = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+            fcntl.fcntl(fd, F_SETPIPE_SZ, min(most, CHUNK))
+    return fd
+
+
+def _read_fd(fd: int, out: queue.Queue[Any], field: int) -> None:
+    framer = Framer(field)
     try:
         while True:
             try:
-                data = os.read(fd, 65536)
+                message = framer.read(lambda room: os.readv(fd, [room]))
             except OSError:  # EIO: the pty's other side closed
                 break
-            if not data:
+            if message is None:
                 break
-            out.put((kind, data))
+            out.put(message)
     finally:
         out.put(_END)
 
@@ -211,8 +237,10 @@ def connect_in_netns(pid: int | None, port: int) -> socket.socket:
 
 def port_forward_stream(
     agent: Agent, requests: Iterator[pb.PortForwardInput], context: Any
-) -> Iterator[pb.PortForwardOutput]:
-    """Connect to the task's TCP port and relay bytes both ways until either side closes."""
+) -> Iterator[bytes]:
+    """Connect to the task's TCP port and relay bytes both ways until either side closes.
+
+    Yields serialized `PortForwardOutput` messages (the servicer sends them as they are)."""
     first = next(requests, None)
     if first is None or first.WhichOneof("input") != "start":
         raise ValueError("the first PortForward message must be `start`")
@@ -244,11 +272,9 @@ def port_forward_stream(
             pass
 
     threading.Thread(target=upstream, daemon=True).start()
+    framer = Framer(pb.PortForwardOutput.DATA_FIELD_NUMBER)
     try:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            yield pb.PortForwardOutput(data=data)
+        while (message := framer.read(conn.recv_into)) is not None:
+            yield message
     finally:
         conn.close()
