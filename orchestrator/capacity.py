@@ -84,6 +84,18 @@ class _Node:
             and all(n <= self.devices[kind] for kind, n in shape.devices)
         )
 
+    def room(self, shape: Shape) -> int:
+        """How many tasks of `shape` fit on this node now."""
+        if not self.fits(shape):
+            return 0
+        if shape.exclusive:
+            return 1
+        counts = [self.cores // shape.cores if shape.cores else self.leases + 1]
+        if shape.memory:
+            counts.append(self.memory // shape.memory)
+        counts += [self.devices[kind] // n for kind, n in shape.devices]
+        return min(counts)
+
     def take(self, shape: Shape, sign: int) -> None:
         self.cores -= sign * shape.cores
         self.memory -= sign * shape.memory
@@ -106,6 +118,10 @@ class Capacity:
 
     def fits_somewhere(self, shape: Shape) -> bool:
         return any(n.fits(shape) for n in self.nodes)
+
+    def room(self, shape: Shape) -> int:
+        """How many tasks of `shape` fit now, all nodes together."""
+        return sum(n.room(shape) for n in self.nodes)
 
     def take(self, shape: Shape) -> int | None:
         """Reserve `shape` on the first node where it fits now; that node, or None."""

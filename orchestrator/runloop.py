@@ -379,7 +379,7 @@ class RunLoop:
             if shape in full:
                 continue
             request = self._lease_request(self.wf.containers[name])
-            for key in self.sched.startable(name):
+            for key in self.sched.startable(name, most=self.capacity.room(shape)):
                 node = self.capacity.take(shape)
                 if node is None:
                     full.add(shape)

@@ -162,13 +162,14 @@ class Scheduler:
         self.skip, self.stop = {}, {}
         return decision
 
-    def startable(self, name: str) -> list[TaskKey]:
+    def startable(self, name: str, most: int | None = None) -> list[TaskKey]:
         """The tasks of ready job `name` that may start now, in index order: its pending
-        tasks, as many as its concurrency leaves room for."""
+        tasks, as many as its concurrency leaves room for, and at most `most`."""
         job = self.jobs[name]
         if name not in self.ready:
             return []
         room = len(job.pending) if job.limit is None else max(0, job.limit - job.active)
+        room = room if most is None else min(room, most)
         return [TaskKey(name, i) for i in itertools.islice(job.pending, room)]
 
     def done(self) -> bool:
