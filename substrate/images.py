@@ -550,6 +550,8 @@ class ImageCache:
             if result.returncode != 0:
                 remove_tree(staging)
                 raise ImageError(f"cannot unpack {key}: {_reason(result.stderr)}")
+            owner = self.userns.root if self.userns is not None else (0, 0)
+            add_mount_points(staging, owner)
             os.replace(staging, target)
         self._remember(key, digest)
         progress(f"pulled {key} ({digest})")
@@ -581,6 +583,25 @@ class ImageCache:
     def _rootfs(self, digest: str) -> Path:
         suffix = f"-u{self.userns.base}" if self.userns is not None else ""
         return self.root / "rootfs" / f"{_hex(digest)}{suffix}"
+
+
+MOUNT_POINTS = ("dev", "proc", "sys")  # what every container start mounts on
+
+
+def add_mount_points(rootfs: Path, owner: tuple[int, int]) -> None:
+    """The folders a runtime mounts /dev, /proc and /sys on, made once in the image's root
+    where it lacks them, rather than by every start of it (in its copy-on-write layer). A name
+    the image already uses (as a link, say) is left alone."""
+    top = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in MOUNT_POINTS:
+            try:
+                os.mkdir(name, 0o755, dir_fd=top)
+            except FileExistsError:
+                continue
+            os.chown(name, *owner, dir_fd=top, follow_symlinks=False)
+    finally:
+        os.close(top)
 
 
 def _hex(digest: str) -> str:

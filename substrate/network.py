@@ -26,9 +26,11 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .netlink import Rtnl
 
 __all__ = ["Attachment", "NetworkError", "PodNetwork", "netns_path", "remove"]
 
@@ -59,8 +61,8 @@ def netns_path(task_id: str) -> Path:
     return NETNS_DIR / f"sq{task_id}"
 
 
-def _ip(*args: str, batch: str | None = None, netns: str | None = None) -> str:
-    cmd = ["ip", *(["-n", netns] if netns else []), *(["-batch", "-"] if batch else args)]
+def _ip(*args: str, batch: str | None = None) -> str:
+    cmd = ["ip", *(["-batch", "-"] if batch else args)]
     result = subprocess.run(cmd, input=batch, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         what = batch.strip().replace("\n", "; ") if batch else " ".join(args)
@@ -98,10 +100,12 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def _new_netns(path: Path, settings: dict[str, str]) -> None:
+def _new_netns(
+    path: Path, settings: dict[str, str], wire: Callable[[], None] = lambda: None
+) -> None:
     """A network namespace pinned at `path` (as `ip netns add` makes them), with `settings`
-    (sysctls) written in it. A thread of its own makes it: unshare changes only the calling
-    thread, and /proc/sys/net follows the thread that opens it."""
+    (sysctls) written in it and `wire` run in it. A thread of its own makes it: unshare
+    changes only the calling thread, and /proc/sys/net and new sockets follow the thread."""
     errors: list[OSError] = []
 
     def inside() -> None:
@@ -112,6 +116,7 @@ def _new_netns(path: Path, settings: dict[str, str]) -> None:
                 raise OSError(err, f"unshare: {os.strerror(err)}")
             for key, value in settings.items():
                 Path("/proc/sys", *key.split(".")).write_text(value)
+            wire()  # before it is pinned: should this fail, the namespace goes with the thread
             ns = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
             if _libc.mount(ns, os.fsencode(path), None, MS_BIND, None) != 0:
                 err = ctypes.get_errno()
@@ -248,7 +253,18 @@ class PodNetwork:
                 raise NetworkError(f"every address of {self.subnet} is in use on this node")
             address = self._free.pop(0)
             self._given[task_id] = address
-        name, veth = f"sq{task_id}", f"sqv{task_id}"[:15]
+        veth = f"sqv{task_id}"[:15]
+        interface = ipaddress.IPv4Interface(f"{address}/{self.subnet.prefixlen}")
+        gateway = self.gateway
+
+        def wire() -> None:  # inside: the pair is made there, its other end sent to the node
+            with Rtnl() as rtnl:
+                rtnl.add_veth("eth0", veth, os.getpid())
+                rtnl.add_address("eth0", interface)
+                rtnl.set_up("lo")
+                rtnl.set_up("eth0")
+                rtnl.add_default_route(gateway)
+
         try:
             # root in the job is not root of this namespace: let it bind low ports and ping
             _new_netns(
@@ -257,14 +273,7 @@ class PodNetwork:
                     "net.ipv4.ip_unprivileged_port_start": "0",
                     "net.ipv4.ping_group_range": "0 2147483647",
                 },
-            )
-            _ip(  # one process: the pair is made inside, its other end sent out to the node
-                netns=name,
-                batch=f"link add eth0 type veth peer name {veth} netns {os.getpid()}\n"
-                f"addr add {address}/{self.subnet.prefixlen} dev eth0\n"
-                "link set lo up\n"
-                "link set eth0 up\n"
-                f"route add default via {self.gateway}\n",
+                wire,
             )
             _enslave(veth, self.bridge)
         except NetworkError:

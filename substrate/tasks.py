@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from . import network
 from .cgroups import Cgroups, TaskCgroup
@@ -204,13 +205,7 @@ class TaskManager:
             self._kill_group(task, signal.SIGKILL)
         task.started_at = time.time()
         self._save(task)
-        pumps = [
-            threading.Thread(target=self._pump, args=(stream, writer, which), daemon=True)
-            for stream, which in ((task.proc.stdout, STDOUT), (task.proc.stderr, STDERR))
-        ]
-        for pump in pumps:
-            pump.start()
-        threading.Thread(target=self._watch, args=(task, pumps, writer), daemon=True).start()
+        threading.Thread(target=self._watch, args=(task, writer), daemon=True).start()
         return task
 
     def _is_stopping(self) -> bool:
@@ -234,10 +229,14 @@ class TaskManager:
         closed_stdin = "stdin" not in streams
         streams.setdefault("stdin", subprocess.PIPE)
         streams.setdefault("start_new_session", True)
-        try:
-            proc = subprocess.Popen(
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
                 argv, env=launch.env, cwd=launch.cwd, pass_fds=launch.pass_fds, **streams
             )
+
+        try:  # a process starts in the mount namespace of the thread that starts it
+            proc = launch.namespace.call(start) if launch.namespace is not None else start()
         finally:
             for fd in launch.pass_fds:
                 os.close(fd)
@@ -245,27 +244,46 @@ class TaskManager:
             proc.stdin.close()
         return proc
 
-    @staticmethod
-    def _pump(stream: IO[bytes] | None, writer: LogWriter, which: int) -> None:
-        assert stream is not None
-        for chunk in iter(lambda: stream.read1(65536), b""):  # type: ignore[attr-defined]
-            writer.write(which, chunk)
-        stream.close()
-
-    def _watch(self, task: Task, pumps: list[threading.Thread], writer: LogWriter) -> None:
-        assert task.proc is not None
-        timeout = task.spec.timeout or None
-        try:
-            code = task.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            task.stop_reason = TaskState.TIMED_OUT
-            self._kill_group(task, signal.SIGKILL)
-            code = task.proc.wait()
-        # A task ends with its main process: what it left running (a container's processes
-        # that still hold its output pipes, daemons) ends with it.
-        self._kill_leftovers(task)
-        for pump in pumps:
-            pump.join()
+    def _watch(self, task: Task, writer: LogWriter) -> None:
+        """One thread per task: copy its output to the log until both pipes close, and learn
+        from a pidfd when its main process has ended (or kill it at its timeout)."""
+        proc = task.proc
+        assert proc is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        deadline = time.monotonic() + task.spec.timeout if task.spec.timeout else None
+        pipes = {proc.stdout.fileno(): STDOUT, proc.stderr.fileno(): STDERR}
+        pidfd = os.pidfd_open(proc.pid)
+        with selectors.DefaultSelector() as selector:
+            selector.register(pidfd, selectors.EVENT_READ)
+            for fd in pipes:
+                selector.register(fd, selectors.EVENT_READ)
+            running = True
+            while running or pipes:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                events = selector.select(wait)
+                if not events and deadline is not None and time.monotonic() >= deadline:
+                    task.stop_reason = TaskState.TIMED_OUT
+                    self._kill_group(task, signal.SIGKILL)
+                    deadline = None
+                for key, _ in events:
+                    fd = key.fd
+                    if fd == pidfd:
+                        running, deadline = False, None
+                        selector.unregister(pidfd)
+                        # A task ends with its main process: what it left running (a
+                        # container's processes that still hold its output pipes, daemons)
+                        # ends with it.
+                        self._kill_leftovers(task)
+                    elif chunk := os.read(fd, 65536):
+                        writer.write(pipes[fd], chunk)
+                    else:
+                        selector.unregister(fd)
+                        del pipes[fd]
+        os.close(pidfd)
+        proc.stdout.close()
+        proc.stderr.close()
+        code = proc.wait()
         writer.close()
         sig = -code if code < 0 else 0
         oom = task.cgroup is not None and task.cgroup.oom_killed()
@@ -389,9 +407,17 @@ class TaskManager:
             "state": task.state.value,
             "finished": task.done.is_set() or task.state is not TaskState.RUNNING,
         }
-        tmp = task.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, task.dir / "state.json")
+        # rewritten in place, not through a new file renamed over it: every file made is an
+        # inode allocated, which costs more than the rest of the save on a busy file system.
+        # A torn write (the agent died in it) reads as a task that died while it started,
+        # whose clean-up is the same and does nothing twice.
+        data = json.dumps(state).encode()
+        fd = os.open(task.dir / "state.json", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
     def reap_orphans(self, log: Callable[[str], None] = lambda _: None) -> list[str]:
         """Kill and clean up what a previous agent on this data dir left behind: its tasks'

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..images import Image
+    from .mountns import MountNamespace
 
 __all__ = ["FileSpec", "Launch", "MountSpec", "Runtime", "RuntimeRefused", "TaskSpec"]
 
@@ -59,6 +60,7 @@ class Launch:
     cwd: str
     cpus: tuple[int, ...] = ()
     pass_fds: tuple[int, ...] = ()  # descriptors the process inherits (closed after the start)
+    namespace: MountNamespace | None = None  # the mount namespace it starts in (None: ours)
 
     def pinned_argv(self) -> list[str]:
         """argv behind `taskset`, which pins the process to `cpus` before it starts.

@@ -12,27 +12,39 @@ Limits and OOM detection come from the task's cgroup, which the agent creates an
 started in (`--cgroup-manager=disabled`: crun leaves cgroups alone, so the container stays in
 the agent's cgroup and the same code serves every runtime).
 
-On hosts with hybrid cgroups (v1 controllers plus a cgroup2 mount that holds a controller),
-crun refuses to run at all ("cgroups in hybrid mode not supported"). Each crun call then runs
-in a private mount namespace in which the cgroup2 mount is hidden under a tmpfs; nothing
-outside that namespace changes (measured and described in the project's runtime notes).
+Everything crun needs mounted lives in a mount namespace of the runtime's own, held by one
+thread of the agent (`mountns.py`) that mounts the tasks' roots and starts every crun process:
+crun's state is a tmpfs there (a running container's config, which holds its environment, stays
+in memory), and the rest of the host never sees a task's root. On hosts with hybrid cgroups (v1
+controllers plus a cgroup2 mount that holds a controller), crun refuses to run at all ("cgroups
+in hybrid mode not supported"): the cgroup2 mount is hidden under a tmpfs in that namespace;
+nothing outside it changes (measured and described in the project's runtime notes).
+
+crun protects its own binary from a container (CVE-2019-5736) by copying or re-mounting
+itself and executing that copy at every start, unless it already runs from a sealed in-memory
+file (runc's and crun's `is_self_cloned`). The runtime makes that sealed copy once and starts
+crun from it: the same protection, without a second start of crun and a file in /tmp each time.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..confine import CAPABILITIES, UserNamespace, device_of, seccomp_bpf, seccomp_profile
-from ..paths import remove_tree
 from .base import Launch, RuntimeRefused, TaskSpec
+from .mountns import MountNamespace, mount
 from .rootfs import (
     container_argv,
     hostname,
@@ -51,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = ["CrunRuntime", "hybrid_cgroups"]
 
 UNIFIED = Path("/sys/fs/cgroup/unified")
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 def hybrid_cgroups() -> bool:
@@ -62,9 +76,18 @@ def hybrid_cgroups() -> bool:
     return bool(controllers) and Path("/sys/fs/cgroup/memory/cgroup.procs").exists()
 
 
-def _hide_cgroup2() -> list[str]:
-    script = f'mount -t tmpfs -o size=4k squall-hide {UNIFIED} && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+def sealed_copy(path: str) -> str:
+    """A path to run the executable at `path` from: a sealed in-memory copy of it, which
+    nothing can change; `path` itself where the host forbids running such a copy."""
+    fd = os.memfd_create(Path(path).name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            os.write(fd, chunk)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    if os.fstat(fd).st_mode & 0o111 == 0:  # vm.memfd_noexec: such copies may not run here
+        os.close(fd)
+        return path
+    return f"/proc/{os.getpid()}/fd/{fd}"  # this process keeps it open; its children run it
 
 
 class CrunRuntime:
@@ -78,19 +101,41 @@ class CrunRuntime:
         # directory (mode 0700 ancestors) cannot be traversed: roots are mounted here
         self.roots = roots
         _private_to(roots, userns.root)
-        self.prefix = _hide_cgroup2() if hybrid_cgroups() else []
         self.seccomp = seccomp_profile()  # fails now, at agent start, if there is none
         # compiled once here, instead of by crun at every start (see confine.py)
         self.seccomp_bpf = base64.b64encode(seccomp_bpf(self.seccomp)).decode()
+        self._binary = ""
+        self._mounts: MountNamespace | None = None
+        self._lock = threading.Lock()
 
     @staticmethod
     def present() -> bool:
         return shutil.which("crun") is not None
 
+    def namespace(self) -> MountNamespace:
+        """The mount namespace crun runs in (made at first use)."""
+        with self._lock:
+            if self._mounts is None:
+                self._binary = self._binary or sealed_copy(shutil.which("crun") or "crun")
+                self._mounts = MountNamespace(f"crun-{self.roots.name}", self._prepare)
+            return self._mounts
+
+    def _prepare(self) -> None:
+        """In the new namespace: hide cgroup2 where crun would refuse it; crun's state, and
+        the folders the roots are mounted on, in memory (the roots' private to the jobs'
+        root, as the folder under them is)."""
+        if hybrid_cgroups():
+            mount("squall-hide", str(UNIFIED), "tmpfs", 0, "size=4k")
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        mount("squall-crun", str(self.state_dir), "tmpfs", flags, "mode=0700")
+        uid, gid = self.userns.root
+        owner = f"mode=0700,uid={uid},gid={gid},size=1m"
+        mount("squall-roots", str(self.roots), "tmpfs", flags, owner)
+
     def _crun(self, *args: str) -> list[str]:
         return [
-            *self.prefix,
-            "crun",
+            self._binary or "crun",
             "--root",
             str(self.state_dir),
             "--cgroup-manager=disabled",
@@ -102,22 +147,38 @@ class CrunRuntime:
     ) -> Launch:
         image = oci_image(self.name, image)
         cwd = working_dir(spec, image)
-        root = mount_overlay(image.rootfs, task_dir, self.userns.root, self.roots / task_dir.name)
-        populate(root, spec, cwd, self.userns.root)
+        mounts = self.namespace()
+        root = mounts.call(self._root, spec, image, task_dir, cwd)
+        fds: tuple[int, ...] = ()
+        if spec.netns and not spec.isolated_network:
+            # the pod network's namespace is pinned where the agent sees it, not in crun's
+            # mount namespace: crun gets it by descriptor
+            try:
+                fds = (os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC),)
+            except OSError as exc:
+                raise RuntimeRefused(f"cannot open the task's network namespace: {exc}") from None
+            spec = replace(spec, netns=f"/proc/self/fd/{fds[0]}")
         config = oci_config(spec, image, root, cwd, self.userns, self.seccomp)
         config["annotations"] = {"run.oci.seccomp_bpf_data": self.seccomp_bpf}
         fd = _memfd("config.json", config)  # in memory only: it holds the job's secrets
-        bundle = task_dir / "bundle"
-        bundle.mkdir(exist_ok=True)
+        # the task's folder is the bundle: crun reads its config from the descriptor
         argv = self._crun(
             "run",
             "--config",
             f"/proc/self/fd/{fd}",
             "--bundle",
-            str(bundle),
+            str(task_dir),
             _container_id(task_dir),
         )
-        return Launch(argv=argv, env={}, cwd=str(task_dir), cpus=cpus, pass_fds=(fd,))
+        return Launch(
+            argv=argv, env={}, cwd=str(task_dir), cpus=cpus, pass_fds=(fd, *fds), namespace=mounts
+        )
+
+    def _root(self, spec: TaskSpec, image: Image, task_dir: Path, cwd: str) -> Path:
+        """Mount and fill the task's root (in the namespace)."""
+        root = mount_overlay(image.rootfs, task_dir, self.userns.root, self.roots / task_dir.name)
+        populate(root, spec, cwd, self.userns.root)
+        return root
 
     def exec_launch(
         self,
@@ -136,18 +197,22 @@ class CrunRuntime:
         process = _process(image_env(spec, image, env), inner, working_dir(spec, image))
         fd = _memfd("process.json", process)  # the environment stays off the command line
         argv = self._crun("exec", "--process", f"/proc/self/fd/{fd}", _container_id(task_dir))
-        return Launch(argv=argv, env={}, cwd=str(task_dir), pass_fds=(fd,))
+        return Launch(
+            argv=argv, env={}, cwd=str(task_dir), pass_fds=(fd,), namespace=self.namespace()
+        )
 
     def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
         """The container's first process, as `crun state` reports it once it is running."""
         deadline = time.monotonic() + wait
+        state = functools.partial(
+            subprocess.run,
+            self._crun("state", _container_id(task_dir)),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         while True:
-            result = subprocess.run(
-                self._crun("state", _container_id(task_dir)),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+            result = self.namespace().call(state)
             if result.returncode == 0:
                 state = json.loads(result.stdout)
                 if state.get("status") == "running" and state.get("pid"):
@@ -159,16 +224,22 @@ class CrunRuntime:
             time.sleep(0.01)
 
     def release(self, task_dir: Path) -> None:
+        self.namespace().call(self._release, task_dir)
+
+    def _release(self, task_dir: Path) -> None:
         # `crun run` removes its container when it exits; state is left only after a crash
         cid = _container_id(task_dir)
         if (self.state_dir / cid).exists():
             subprocess.run(self._crun("delete", "--force", cid), capture_output=True, check=False)
         unmount_overlay(task_dir, self.roots / task_dir.name)
-        remove_tree(task_dir / "bundle")
 
     def remove_roots(self) -> None:
-        """Remove the (empty) folders of this agent's mount points and crun state; call when
-        it stops."""
+        """End the namespace (and so crun's state) and remove the (empty) folders of this
+        agent's mount points and crun state; call when it stops."""
+        with self._lock:
+            mounts, self._mounts = self._mounts, None
+        if mounts is not None:
+            mounts.stop()
         for folder in (self.roots, self.state_dir):
             with contextlib.suppress(OSError):
                 folder.rmdir()

@@ -163,4 +163,11 @@ def test_a_killed_agent_leaves_nothing_once_its_cluster_is_taken_down(
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     assert f"squall_{node}" not in tables
     assert not Path(f"/run/squall/roots/{node}").exists()
+    # nor any mount of its runtime, in whatever mount namespace (crun's died with its crun)
+    for info in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            points = [line.split()[4] for line in info.read_text().splitlines()]
+        except OSError:
+            continue  # that process has gone
+        assert not [p for p in points if p.startswith("/run/squall/") and node in p], info
     assert not (tmp_path / "run-k").exists()

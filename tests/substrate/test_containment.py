@@ -266,8 +266,11 @@ def test_a_secret_never_reaches_the_agents_disk(agent: Running) -> None:
                 assert secret.encode() not in path.read_bytes(), (moment, path)
         if moment == "running":
             assert agent.wait(task).exit_code == 0
-    state = agent.agent.runtimes["crun"].state_dir  # type: ignore[attr-defined]
+    crun = agent.agent.runtimes["crun"]
+    state = crun.state_dir  # type: ignore[attr-defined]
     assert not any(state.rglob("config.json"))
+    # where crun keeps it: a tmpfs of its mount namespace
+    assert not crun.namespace().call(lambda: any(state.rglob("config.json")))  # type: ignore[attr-defined]
 
 
 def test_an_agent_that_stops_kills_even_what_left_its_process_group(
@@ -351,12 +354,14 @@ def test_the_root_is_private_nosuid_and_sys_is_read_only(agent: Running) -> None
     was the host's sysfs, read-write."""
     task = run(agent, "grep ' / / ' /proc/self/mountinfo; touch /sys/kernel/x; sleep 30")
     try:
-        roots = agent.agent.runtimes["crun"].roots  # type: ignore[attr-defined]
+        crun = agent.agent.runtimes["crun"]
+        roots = crun.roots  # type: ignore[attr-defined]
+        inside = crun.namespace().call  # type: ignore[attr-defined]  # where crun sees them
         deadline = time.monotonic() + 10
-        while not any(roots.iterdir()) and time.monotonic() < deadline:
+        while not inside(lambda: any(roots.iterdir())) and time.monotonic() < deadline:
             time.sleep(0.05)
-        st = roots.stat()
-        assert (st.st_uid, st.st_mode & 0o777) == (USERNS_BASE, 0o700)
+        for st in (inside(roots.stat), roots.stat()):  # in crun's namespace, and the host's
+            assert (st.st_uid, st.st_mode & 0o777) == (USERNS_BASE, 0o700)
         time.sleep(0.5)
         out = output(agent, task)
         mount_options = out.splitlines()[0].split()[5].split(",")

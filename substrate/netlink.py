@@ -1,0 +1,113 @@
+"""The few rtnetlink requests that wire a task's network namespace, sent from this process.
+
+A task's namespace gets a veth pair (one end inside, the other out in the agent's namespace),
+an address, its links up and a default route. `ip` does this in one process per task, which
+costs more CPU than the rest of the namespace's set-up (a Python netlink library measured no
+cheaper here: 4.6 ms of CPU per namespace against 3.6 ms for `ip`); these requests are a few
+packed structs on a socket of the calling thread's namespace (rtnetlink(7), netlink(7)).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+
+__all__ = ["NetlinkError", "Rtnl"]
+
+NETLINK_ROUTE = 0
+RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLMSG_ERROR = 2
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_NET_NS_PID = 3, 18, 19
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_GATEWAY = 5
+RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
+IFF_UP = 0x1
+NLA_F_NESTED = 0x8000
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBi")  # ifaddrmsg: family, prefix length, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request."""
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    """One attribute (rtattr), padded to 4 bytes."""
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _name(name: str) -> bytes:
+    return name.encode() + b"\0"
+
+
+class Rtnl:
+    """A route netlink socket in the namespace of the thread that opens it."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._sock.close()
+
+    def _request(self, kind: int, flags: int, body: bytes, what: str) -> None:
+        """Send one request and wait for its acknowledgement."""
+        self._seq += 1
+        header = _HEADER.pack(
+            _HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, self._seq, 0
+        )
+        self._sock.send(header + body)
+        while True:
+            reply = self._sock.recv(65536)
+            offset = 0
+            while offset + _HEADER.size <= len(reply):
+                length, rtype, _, seq, _ = _HEADER.unpack_from(reply, offset)
+                if rtype == NLMSG_ERROR and seq == self._seq:
+                    code = -struct.unpack_from("=i", reply, offset + _HEADER.size)[0]
+                    if code:
+                        raise NetlinkError(code, f"{what}: {os.strerror(code)}")
+                    return
+                offset += max(length, _HEADER.size) + (-length % 4)
+
+    def add_veth(self, name: str, peer: str, peer_pid: int) -> None:
+        """A veth pair: `name` here, `peer` in the network namespace of process `peer_pid`."""
+        peer_info = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer))
+        peer_info += _attr(IFLA_NET_NS_PID, struct.pack("=I", peer_pid))
+        data = _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info)
+        info = _attr(IFLA_INFO_KIND, _name("veth")) + _attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
+        body = _IFINFO.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(name))
+        body += _attr(IFLA_LINKINFO | NLA_F_NESTED, info)
+        self._request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"add veth {name}")
+
+    def set_up(self, name: str) -> None:
+        index = socket.if_nametoindex(name)
+        body = _IFINFO.pack(0, 0, index, IFF_UP, IFF_UP)
+        self._request(RTM_NEWLINK, 0, body, f"set {name} up")
+
+    def add_address(self, name: str, interface: ipaddress.IPv4Interface) -> None:
+        index = socket.if_nametoindex(name)
+        packed = interface.ip.packed
+        body = _IFADDR.pack(socket.AF_INET, interface.network.prefixlen, 0, 0, index)
+        body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
+        self._request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body, f"add {interface} to {name}")
+
+    def add_default_route(self, gateway: ipaddress.IPv4Address) -> None:
+        body = _RTMSG.pack(
+            socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+        )
+        body += _attr(RTA_GATEWAY, gateway.packed)
+        self._request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, f"add default via {gateway}")
