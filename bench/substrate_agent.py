@@ -1,6 +1,6 @@
 """Agent launch latency and port-forward throughput, next to their peers, in one run.
 
-Run as root: .venv/bin/python bench/substrate_agent.py [--launches 200] [--mib 256]
+Run as root: .venv/bin/python bench/substrate_agent.py [--launches 200] [--mib 1024]
 
 Launch: one `/bin/true`, from request to exit, p50 and p99, and the CPU each launch costs
 (user and system time of the processes that did the work, the containers included), for
@@ -17,9 +17,14 @@ The agent runs in a process of its own (`python -m substrate`); its CPU is read 
 the peers' from getrusage of this process's children. `machine` is every CPU's busy time
 over the row (/proc/stat) per launch: it includes kernel work done outside those processes
 (such as destroying network namespaces) and whatever else runs on the machine.
-Port-forward: bytes from a TCP server on 127.0.0.1 to this process,
+Port-forward: bytes from a TCP server on 127.0.0.1 (a process of its own) to this process,
   direct TCP          a plain socket copy over loopback
-  agent PortForward   the same bytes through the agent's PortForward stream
+  agent PortForward   the same bytes through the agent's PortForward stream (the agent in
+                      its own process connects to the server; this process reads the stream
+                      with substrate.client.port_forward)
+  gRPC stream alone   the agent's messages (a full chunk each, serialized once) from a bare gRPC
+                      server in a process of its own that reads no socket: what the gRPC
+                      library carries between two Python processes, the bound of the row above
 """
 
 from __future__ import annotations
@@ -35,20 +40,22 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from api.substrate.v1 import agent_pb2 as pb  # noqa: E402
 from substrate.agent import USERNS_BASE  # noqa: E402
-from substrate.client import connect  # noqa: E402
+from substrate.client import connect, keep_freed_memory, port_forward  # noqa: E402
 from substrate.confine import UserNamespace  # noqa: E402
 from substrate.images import ImageCache  # noqa: E402
 from substrate.runtimes.crun import UNIFIED, CrunRuntime, hybrid_cgroups, oci_config  # noqa: E402
 from substrate.runtimes.rootfs import mount_overlay, unmount_overlay  # noqa: E402
+from substrate.wire import field_bytes  # noqa: E402
 from tests.substrate.registry import Registry, build_busybox_image  # noqa: E402
 
 IMAGE = "docker://busybox:1.36"
@@ -162,54 +169,129 @@ def bench_launch(stub, agent_pid: int, lease_id: str, image, work: Path, n: int,
     row("agent task", engine_task, n, agent_cpu)
 
 
-def serve_bytes(total: int) -> int:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    chunk = os.urandom(1 << 20)
+SERVE = """
+import os, socket, sys
+total = int(sys.argv[1])
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+chunk = os.urandom(1 << 20)
+while True:
+    conn, _ = listener.accept()
+    with conn:
+        for _ in range(total // len(chunk)):
+            conn.sendall(chunk)
+"""
 
-    def serve() -> None:
-        while True:
-            conn, _ = listener.accept()
-            with conn:
-                sent = 0
-                while sent < total:
-                    conn.sendall(chunk)
-                    sent += len(chunk)
+# a gRPC server of the agent's messages that reads nothing: what the library alone carries
+GRPC_SERVE = """
+import os, sys
+from concurrent import futures
+import grpc
+sys.path.insert(0, sys.argv[2])
+from substrate.wire import CHUNK, Framer
 
-    threading.Thread(target=serve, daemon=True).start()
-    return port
+def fill(room):
+    room[:] = os.urandom(len(room))
+    return len(room)
+
+message = Framer(1).read(fill)  # PortForwardOutput(data=a chunk), as the agent sends it
+total = int(sys.argv[1])
+
+def stream(request, context):
+    for _ in range(total // CHUNK):
+        yield message
+
+handlers = {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bytes", handlers),))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
 
 
-def bench_port_forward(stub, task_id: str, mib: int) -> None:
+def start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Run `script` in a Python process of its own; it prints its port first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def bench_port_forward(channel, agent_pid: int, task_id: str, mib: int) -> None:
+    """The same bytes from a TCP server (a process of its own) read directly and through the
+    agent, and the agent's messages from a bare gRPC server, in turn, best of 3 each; with
+    the CPU each process spent per GiB over the 3 (user and system)."""
     total = mib << 20
-    port = serve_bytes(total)
-    print(f"port-forward: {mib} MiB from a TCP server on loopback")
+    server, port = start(SERVE, str(total))
+    grpc_server, grpc_port = start(GRPC_SERVE, str(total), str(ROOT))
+    keep_freed_memory()  # as the agent and the control plane do
+    print(f"port-forward: {mib} MiB from a TCP server on loopback, to this process")
 
     def direct() -> None:
         got = 0
+        room = memoryview(bytearray(1 << 20))
         with socket.create_connection(("127.0.0.1", port)) as conn:
-            while got < total:
-                got += len(conn.recv(1 << 20))
+            while n := conn.recv_into(room):
+                got += n
+        assert got == total, got
 
     def forwarded() -> None:
         def requests():
             yield pb.PortForwardInput(start=pb.PortForwardStart(task_id=task_id, port=port))
 
         got = 0
-        for msg in stub.PortForward(requests()):
-            got += len(msg.data)
-            if got >= total:
-                break
+        for data in port_forward(channel, requests()):
+            got += len(data)
+        assert got == total, got
 
-    for label, fn in (("direct TCP", direct), ("agent PortForward", forwarded)):
-        best = min(timed(fn, 3))
-        print(f"  {label:20} {mib / best:8.0f} MiB/s  (best of 3: {best:.2f} s)")
+    def bare_grpc() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as bare:
+            call = bare.unary_stream(
+                "/bench.Bytes/Stream", response_deserializer=lambda m: field_bytes(m, 1)
+            )
+            got = sum(len(data) for data in call(b""))
+        assert got == total, got
+
+    rows = {  # the row, and the processes that do its work: reader, agent, server
+        "direct TCP": (direct, (os.getpid(), None, server.pid)),
+        "agent PortForward": (forwarded, (os.getpid(), agent_pid, server.pid)),
+        "gRPC stream alone": (bare_grpc, (os.getpid(), None, grpc_server.pid)),
+    }
+    times: dict[str, list[float]] = {label: [] for label in rows}
+    cpu: dict[str, list[float]] = {label: [0.0, 0.0, 0.0] for label in rows}
+
+    def spent(pids) -> list[float]:
+        return [sum(process_cpu(pid)) if pid else 0.0 for pid in pids]
+
+    try:
+        for _ in range(3):
+            for label, (fn, pids) in rows.items():
+                before = spent(pids)
+                times[label] += timed(fn, 1)
+                cpu[label] = [
+                    c + b - a for c, a, b in zip(cpu[label], before, spent(pids), strict=True)
+                ]
+    finally:
+        for proc in (server, grpc_server):
+            proc.kill()
+            proc.wait()
+    gib = 3 * mib / 1024
+    rates = {label: mib / min(t) for label, t in times.items()}
+    print(f"  {'':20} {'MiB/s':>8} {'best of 3':>10}   CPU s/GiB: reader  agent  server")
+    for label, rate in rates.items():
+        reader, agent, source = (f"{c / gib:6.2f}" if c else "     -" for c in cpu[label])
+        print(
+            f"  {label:20} {rate:8.0f} {min(times[label]):9.2f}s {'':13}{reader} {agent} {source}"
+        )
+    print(f"  PortForward / direct {rates['agent PortForward'] / rates['direct TCP']:8.0%}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--launches", type=int, default=200)
-    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--mib", type=int, default=1024)
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("crun"):
         sys.exit("run as root with crun installed (scripts/setup.sh --test installs it)")
@@ -247,7 +329,7 @@ def main() -> None:
         anchor = stub.Run(
             pb.RunRequest(lease_id=lease.id, runtime="process", command=["sleep", "600"])
         ).task_id
-        bench_port_forward(stub, anchor, args.mib)
+        bench_port_forward(channel, agent.pid, anchor, args.mib)
     finally:
         if channel is not None:
             channel.close()
