@@ -192,6 +192,9 @@ class ImageCache:
         self._pulls: dict[str, _Pull] = {}
         self._access: dict[str, set[str]] = {}  # reference -> identities shown access
         self._refs_file = root / "refs.json"
+        # images by reference and manifest digest: what the blobs say, read once (a digest's
+        # blobs never change)
+        self._images: dict[tuple[str, str, bool], Image] = {}
 
     def _refs(self) -> dict[str, str]:
         try:
@@ -565,6 +568,12 @@ class ImageCache:
         raise ImageError(f"the pulled image is missing from {layout}/index.json")
 
     def _image(self, key: str, digest: str, *, cached: bool) -> Image:
+        known = self._images.get((key, digest, cached))
+        if known is None:
+            known = self._images[key, digest, cached] = self._read_image(key, digest, cached)
+        return known
+
+    def _read_image(self, key: str, digest: str, cached: bool) -> Image:
         blobs = self.root / "oci" / "blobs" / "sha256"
         manifest = json.loads((blobs / _hex(digest)).read_text())
         config = json.loads((blobs / _hex(manifest["config"]["digest"])).read_text())

@@ -18,7 +18,10 @@ crun's state is a tmpfs there (a running container's config, which holds its env
 in memory), and the rest of the host never sees a task's root. On hosts with hybrid cgroups (v1
 controllers plus a cgroup2 mount that holds a controller), crun refuses to run at all ("cgroups
 in hybrid mode not supported"): the cgroup2 mount is hidden under a tmpfs in that namespace;
-nothing outside it changes (measured and described in the project's runtime notes).
+nothing outside it changes (measured and described in the project's runtime notes). The
+namespace holds the host's mounts as they were when it was made: a task whose volume the host
+has mounted (or unmounted) something on since gets a new one, and the old one ends with its
+last task.
 
 crun protects its own binary from a container (CVE-2019-5736) by copying or re-mounting
 itself and executing that copy at every start, unless it already runs from a sealed in-memory
@@ -53,7 +56,8 @@ from .rootfs import (
     mount_overlay,
     oci_image,
     populate,
-    unmount_overlay,
+    remove_layers,
+    unmount_root,
     working_dir,
 )
 
@@ -106,19 +110,38 @@ class CrunRuntime:
         self.seccomp_bpf = base64.b64encode(seccomp_bpf(self.seccomp)).decode()
         self._binary = ""
         self._mounts: MountNamespace | None = None
+        self._tasks: dict[str, MountNamespace] = {}  # each task's, by its folder's name
         self._lock = threading.Lock()
 
     @staticmethod
     def present() -> bool:
         return shutil.which("crun") is not None
 
-    def namespace(self) -> MountNamespace:
-        """The mount namespace crun runs in (made at first use)."""
+    def namespace(self, task_dir: Path | None = None) -> MountNamespace:
+        """The mount namespace crun runs in (made at first use), or the one the task in
+        `task_dir` was started in."""
         with self._lock:
+            if task_dir is not None and (known := self._tasks.get(task_dir.name)) is not None:
+                return known
             if self._mounts is None:
                 self._binary = self._binary or sealed_copy(shutil.which("crun") or "crun")
                 self._mounts = MountNamespace(f"crun-{self.roots.name}", self._prepare)
             return self._mounts
+
+    def _namespace_seeing(self, sources: list[str]) -> MountNamespace:
+        """A namespace that sees `sources` (a task's volumes) as the host does now: the
+        namespace copied the host's mounts when it was made, so a mount the host made since
+        (or took away) on a volume's path is seen only by a new one."""
+        mounts = self.namespace()
+        if not sources or mounts.call(_identities, sources) == _identities(sources):
+            return mounts
+        with self._lock:
+            old, self._mounts = self._mounts, None
+            idle = old is not None and old not in self._tasks.values()
+        if idle:
+            assert old is not None
+            old.stop()
+        return self.namespace()
 
     def _prepare(self) -> None:
         """In the new namespace: hide cgroup2 where crun would refuse it; crun's state, and
@@ -147,7 +170,9 @@ class CrunRuntime:
     ) -> Launch:
         image = oci_image(self.name, image)
         cwd = working_dir(spec, image)
-        mounts = self.namespace()
+        mounts = self._namespace_seeing([m.source for m in spec.mounts])
+        with self._lock:
+            self._tasks[task_dir.name] = mounts
         root = mounts.call(self._root, spec, image, task_dir, cwd)
         fds: tuple[int, ...] = ()
         if spec.netns and not spec.isolated_network:
@@ -198,7 +223,11 @@ class CrunRuntime:
         fd = _memfd("process.json", process)  # the environment stays off the command line
         argv = self._crun("exec", "--process", f"/proc/self/fd/{fd}", _container_id(task_dir))
         return Launch(
-            argv=argv, env={}, cwd=str(task_dir), pass_fds=(fd,), namespace=self.namespace()
+            argv=argv,
+            env={},
+            cwd=str(task_dir),
+            pass_fds=(fd,),
+            namespace=self.namespace(task_dir),
         )
 
     def namespace_pid(self, task_pid: int, task_dir: Path, wait: float = 5.0) -> int:
@@ -212,7 +241,7 @@ class CrunRuntime:
             check=False,
         )
         while True:
-            result = self.namespace().call(state)
+            result = self.namespace(task_dir).call(state)
             if result.returncode == 0:
                 state = json.loads(result.stdout)
                 if state.get("status") == "running" and state.get("pid"):
@@ -224,25 +253,48 @@ class CrunRuntime:
             time.sleep(0.01)
 
     def release(self, task_dir: Path) -> None:
-        self.namespace().call(self._release, task_dir)
+        mounts = self.namespace(task_dir)
+        mounts.call(self._unmount, task_dir)
+        with self._lock:
+            self._tasks.pop(task_dir.name, None)
+            idle = mounts is not self._mounts and mounts not in self._tasks.values()
+        if idle:  # a namespace replaced by a newer one, whose last task has ended
+            mounts.stop()
+        # not on the namespace's thread: a job may leave a tree that takes long to delete
+        remove_layers(task_dir)
 
-    def _release(self, task_dir: Path) -> None:
+    def _unmount(self, task_dir: Path) -> None:
         # `crun run` removes its container when it exits; state is left only after a crash
         cid = _container_id(task_dir)
         if (self.state_dir / cid).exists():
             subprocess.run(self._crun("delete", "--force", cid), capture_output=True, check=False)
-        unmount_overlay(task_dir, self.roots / task_dir.name)
+        unmount_root(task_dir, self.roots / task_dir.name)
 
     def remove_roots(self) -> None:
         """End the namespace (and so crun's state) and remove the (empty) folders of this
         agent's mount points and crun state; call when it stops."""
         with self._lock:
-            mounts, self._mounts = self._mounts, None
-        if mounts is not None:
+            every = {id(m): m for m in (self._mounts, *self._tasks.values()) if m is not None}
+            self._mounts = None
+            self._tasks.clear()
+        for mounts in every.values():
             mounts.stop()
         for folder in (self.roots, self.state_dir):
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def _identities(paths: list[str]) -> list[tuple[int, int] | None]:
+    """Which file each path names (device and inode), None where there is none."""
+    found: list[tuple[int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            found.append(None)
+            continue
+        found.append((st.st_dev, st.st_ino))
+    return found
 
 
 def _private_to(path: Path, owner: tuple[int, int]) -> None:

@@ -32,7 +32,9 @@ __all__ = [
     "mount_overlay",
     "oci_image",
     "populate",
+    "remove_layers",
     "unmount_overlay",
+    "unmount_root",
     "working_dir",
 ]
 
@@ -126,14 +128,24 @@ def populate(root: Path, spec: TaskSpec, cwd: str, owner: tuple[int, int] | None
 
 
 def unmount_overlay(task_dir: Path, at: Path | None = None) -> None:
+    unmount_root(task_dir, at)
+    remove_layers(task_dir)
+
+
+def unmount_root(task_dir: Path, at: Path | None = None) -> None:
+    """Detach the task's root (and remove its mount point, when it is `at`)."""
     merged = at or task_dir / "rootfs"
     if merged.is_dir() and os.path.ismount(merged):
         _libc.umount2(str(merged).encode(), MNT_DETACH)
-    for d in ("upper", "work"):
-        remove_tree(task_dir / d)
     if at is not None:
         with contextlib.suppress(OSError):
             at.rmdir()
+
+
+def remove_layers(task_dir: Path) -> None:
+    """Delete what the task wrote (its upper layer) and the overlay's work folder."""
+    for d in ("upper", "work"):
+        remove_tree(task_dir / d)
 
 
 def children(pid: int) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -138,3 +139,27 @@ def test_output_and_timeout_still_reach_the_log_and_the_status(agent: Running) -
     status = agent.wait(slow)
     assert status.state == pb.TASK_STATE_TIMED_OUT
     assert b"started" in b"".join(c.data for c in agent.logs(slow))
+
+
+def test_a_volume_the_host_mounted_since_the_first_task_is_what_a_later_task_sees(
+    agent: Running, tmp_path: Path
+) -> None:
+    """crun's mount namespace holds a copy of the host's mounts as they were when it was
+    made: a file system mounted since on a volume's folder was hidden from the task."""
+    agent.wait(run(agent, "true"))  # crun's namespace is made
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "squall-test", str(volume)], check=True)
+    try:
+        (volume / "marker").write_text("on the mounted file system")
+        task = agent.run(
+            ["/bin/cat", "/data/marker"],
+            runtime="crun",
+            image=IMAGE,
+            mounts=[pb.Mount(source=str(volume), destination="/data")],
+        )
+        status = agent.wait(task)
+        assert b"".join(c.data for c in agent.logs(task)) == b"on the mounted file system"
+        assert status.exit_code == 0
+    finally:
+        subprocess.run(["umount", "--lazy", str(volume)], check=True)
