@@ -4,7 +4,9 @@ Run: .venv/bin/python bench/cli_startup.py [--runs N] [--file FUZZFILE]
 
 Whole processes, interleaved round by round so that a busy machine slows every row alike:
   python -c pass                       the interpreter alone: the floor
+  a bare Typer app's --help            two commands: what Typer and Rich take to print help
   squall --help                        the top-level help (Typer and Rich render it)
+  import typer, rich, pydantic, yaml   the libraries validate cannot start without
   squall workflow validate FILE        examples/hello.yaml and one corpus example
 Prints the median and the 90th percentile of the wall times, and each row's cost above the
 floor. The goal (issue 13): validate <= 150 ms and --help <= 120 ms on the 2-core machine.
@@ -26,6 +28,20 @@ CORPUS_EXAMPLE = (
 )
 
 
+BARE_TYPER = """
+import typer
+app = typer.Typer(rich_markup_mode="markdown", add_completion=False, pretty_exceptions_enable=False)
+@app.command()
+def one() -> None:
+    '''The first command.'''
+@app.command()
+def two() -> None:
+    '''The second command.'''
+app()
+"""
+LIBRARIES = "import typer, rich.console, yaml; from pydantic import BaseModel, TypeAdapter"
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -40,7 +56,9 @@ def main() -> None:
     hello = ROOT / "examples/hello.yaml"
     rows = {
         "python -c pass": [sys.executable, "-c", "pass"],
+        "a bare Typer app's --help": [sys.executable, "-c", BARE_TYPER, "--help"],
         "squall --help": [squall, "--help"],
+        "import typer, rich, pydantic, yaml": [sys.executable, "-c", LIBRARIES],
         f"squall workflow validate {hello.relative_to(ROOT)}": [
             squall,
             "workflow",
