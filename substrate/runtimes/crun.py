@@ -83,12 +83,19 @@ def hybrid_cgroups() -> bool:
 def sealed_copy(path: str) -> str:
     """A path to run the executable at `path` from: a sealed in-memory copy of it, which
     nothing can change; `path` itself where the host forbids running such a copy."""
-    fd = os.memfd_create(Path(path).name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            os.write(fd, chunk)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    if os.fstat(fd).st_mode & 0o111 == 0:  # vm.memfd_noexec: such copies may not run here
+    try:
+        fd = os.memfd_create(Path(path).name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:  # vm.memfd_noexec=2 refuses an executable one
+        return path
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                os.write(fd, chunk)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        runnable = os.fstat(fd).st_mode & 0o111 != 0  # vm.memfd_noexec=1 makes none
+    except OSError:
+        runnable = False
+    if not runnable:
         os.close(fd)
         return path
     return f"/proc/{os.getpid()}/fd/{fd}"  # this process keeps it open; its children run it
@@ -125,7 +132,10 @@ class CrunRuntime:
                 return known
             if self._mounts is None:
                 self._binary = self._binary or sealed_copy(shutil.which("crun") or "crun")
-                self._mounts = MountNamespace(f"crun-{self.roots.name}", self._prepare)
+                try:
+                    self._mounts = MountNamespace(f"crun-{self.roots.name}", self._prepare)
+                except OSError as exc:
+                    raise RuntimeRefused(f"cannot prepare crun's mount namespace: {exc}") from None
             return self._mounts
 
     def _namespace_seeing(self, sources: list[str]) -> MountNamespace:

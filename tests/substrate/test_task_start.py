@@ -10,8 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.agent import USERNS_BASE
+from substrate.runtimes import crun as crun_module
+from substrate.runtimes.crun import sealed_copy
 from tests.substrate.conftest import Running
 
 IMAGE = "docker://busybox:1.36"
@@ -163,3 +167,22 @@ def test_a_volume_the_host_mounted_since_the_first_task_is_what_a_later_task_see
         assert status.exit_code == 0
     finally:
         subprocess.run(["umount", "--lazy", str(volume)], check=True)
+
+
+def test_where_the_host_forbids_running_an_in_memory_copy_crun_runs_from_its_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """vm.memfd_noexec=2 refuses an executable in-memory file, =1 makes it unrunnable: crun
+    then runs from where it is installed (and copies itself, as it does by default)."""
+    program = tmp_path / "program"
+    program.write_bytes(b"#!/bin/sh\n")
+    program.chmod(0o755)
+    copy = sealed_copy(str(program))
+    assert copy.startswith(f"/proc/{os.getpid()}/fd/")
+    os.close(int(copy.rsplit("/", 1)[1]))
+
+    def refused(*_: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(crun_module.os, "memfd_create", refused)
+    assert sealed_copy(str(program)) == str(program)
