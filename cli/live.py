@@ -83,9 +83,13 @@ def render(run: RunView, recent: Sequence[EventView]) -> Group:
 
 
 def _routine(event: EventView, arrays: set[str]) -> bool:
-    """A task of an array that went well: counted in the progress line, not shown."""
-    job = event.subject.partition("[")[0]
-    return event.kind == "task" and job in arrays and event.message.endswith("(exit 0)")
+    """Not shown line by line: a task starting or running (its job's own events say so),
+    and a task of an array that went well (counted in the progress line)."""
+    if event.kind != "task":
+        return False
+    if event.state in ("STARTING", "RUNNING"):
+        return True
+    return event.state == "FINISHED" and event.subject.partition("[")[0] in arrays
 
 
 def _line(event: EventView) -> str:

@@ -172,20 +172,26 @@ class TaskManager:
         task_dir.mkdir(parents=True)
         spec = _with_script(spec, runtime, task_dir)
         task = Task(task_id, spec, lease_id, cpus, task_dir, image=image)
-        try:
+        try:  # whatever fails while it is prepared, nothing of it is left behind
             if self.network is not None and runtime.needs_image and not spec.isolated_network:
                 attached = self.network.attach(task_id)
                 spec = task.spec = replace(spec, netns=attached.netns)
                 task.address = attached.address
             launch = runtime.launch(spec, cpus, task.dir, image)
-        except (RuntimeRefused, NetworkError) as exc:
-            self._release(task)
-            raise TaskError(str(exc)) from None
-        if self.cgroups.available:
-            devices = [*DEFAULT_DEVICES, *(device_of(n) for n in spec.device_nodes)]
-            task.cgroup = self.cgroups.create(
-                task_id, cpus=cpus, memory_bytes=memory_bytes, pids_max=PIDS_MAX, devices=devices
-            )
+            if self.cgroups.available:
+                devices = [*DEFAULT_DEVICES, *(device_of(n) for n in spec.device_nodes)]
+                task.cgroup = self.cgroups.create(
+                    task_id,
+                    cpus=cpus,
+                    memory_bytes=memory_bytes,
+                    pids_max=PIDS_MAX,
+                    devices=devices,
+                )
+        except BaseException as exc:
+            self._clean_up(task)
+            if isinstance(exc, (RuntimeRefused, NetworkError)):
+                raise TaskError(str(exc)) from None
+            raise
         if not self._register(task):  # the agent began to stop while it was prepared
             self._clean_up(task)
             raise TaskError("this agent is stopping: it starts no more tasks")

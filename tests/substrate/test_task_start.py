@@ -186,3 +186,33 @@ def test_where_the_host_forbids_running_an_in_memory_copy_crun_runs_from_its_pat
 
     monkeypatch.setattr(crun_module.os, "memfd_create", refused)
     assert sealed_copy(str(program)) == str(program)
+
+
+def test_a_task_that_fails_while_it_is_prepared_leaves_nothing_behind(
+    agent: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its network namespace and its root were made before its cgroup; when the cgroup could
+    not be made (two first tasks once raced to make the agent's own cgroup folder), both were
+    left behind, mounted, for good."""
+    import errno
+
+    import grpc
+
+    crun = agent.agent.runtimes["crun"]
+    netns = Path("/run/netns")
+    before = set(os.listdir(netns)) if netns.is_dir() else set()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(agent.agent.tasks.cgroups, "create", refuse)
+    with pytest.raises(grpc.RpcError):
+        run(agent, "true")
+    after = set(os.listdir(netns)) if netns.is_dir() else set()
+    assert after <= before  # no namespace of its own is left
+    roots = crun.roots  # type: ignore[attr-defined]
+
+    def mounted() -> list[str]:
+        return [d for d in os.listdir(roots) if os.path.ismount(roots / d)]
+
+    assert crun.namespace().call(mounted) == []  # type: ignore[attr-defined]
