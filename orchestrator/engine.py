@@ -17,6 +17,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -45,7 +46,7 @@ from .errors import (
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
 from .placing import Placement
-from .provision import Cluster, Provisioner, ProvisionError
+from .provision import AgentEndpoint, Cluster, Provisioner, ProvisionError
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference, referenced_secrets
@@ -322,7 +323,8 @@ class Engine:
         for c in wf.containers.values():
             legacy = tuple(sorted((c.image.legacy_secrets or {}).items()))
             images.setdefault((c.image.uri, c.image.secret or "", legacy), c.image)
-        for agent in cluster.agents:
+
+        def pull_on(agent: AgentEndpoint) -> None:
             channel, stub = connect(agent.address, agent.token)
             try:
                 for key in sorted(images):
@@ -342,6 +344,11 @@ class Engine:
                         ) from None
             finally:
                 channel.close()
+
+        # the nodes pull side by side; the first node's failure (in node order) is raised
+        with ThreadPoolExecutor(len(cluster.agents), thread_name_prefix="pull") as pool:
+            for pulled in [pool.submit(pull_on, agent) for agent in cluster.agents]:
+                pulled.result()
 
     def _login(self, image: Image) -> pb.RegistryCredentials | None:
         """The registry credentials of `image`, from its secret or its legacy map."""

@@ -168,11 +168,11 @@ class LocalProvisioner:
             raise ProvisionError("a cluster needs at least one node")
         started: list[subprocess.Popen[str]] = []
         self._procs[run_id] = started
-        agents = []
-        try:
-            for i, node in enumerate(nodes):
-                name = f"node-{i}"
-                agents.append(self._start(run_id, name, node, started))
+        try:  # every agent is started before any is waited for: they boot side by side
+            booting = [
+                self._start(run_id, f"node-{i}", node, started) for i, node in enumerate(nodes)
+            ]
+            agents = [ready() for ready in booting]
         except BaseException:
             self._stop(started)
             del self._procs[run_id]
@@ -181,7 +181,8 @@ class LocalProvisioner:
 
     def _start(
         self, run_id: str, name: str, node: NodeSlice, started: list[subprocess.Popen[str]]
-    ) -> AgentEndpoint:
+    ) -> Callable[[], AgentEndpoint]:
+        """Start an agent's process; a function that waits until it serves, and says where."""
         home = self.root / run_id / name
         home.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
@@ -225,9 +226,13 @@ class LocalProvisioner:
         finally:
             log.close()
         started.append(proc)
-        address = self._await_address(proc, home / "agent.log")
-        self._await_health(address, token, home / "agent.log")
-        return AgentEndpoint(name=name, address=address, token=token, pid=proc.pid)
+
+        def ready() -> AgentEndpoint:
+            address = self._await_address(proc, home / "agent.log")
+            self._await_health(address, token, home / "agent.log")
+            return AgentEndpoint(name=name, address=address, token=token, pid=proc.pid)
+
+        return ready
 
     @staticmethod
     def _await_address(proc: subprocess.Popen[str], log: Path) -> str:
