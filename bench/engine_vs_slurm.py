@@ -1,22 +1,26 @@
 """The engine end to end on the local site, next to Slurm on the same machine, in one run.
 
-Run as root:  .venv/bin/python bench/engine_vs_slurm.py [--tasks 1000] [--chain 50] [--slots 16]
+Run as root:  .venv/bin/python bench/engine_vs_slurm.py [--tasks 1000,5000] [--wide 200]
+              [--chain 50] [--slots 16]
 
-Two workloads, each on both systems, with the same number of slots (concurrent tasks):
-  array   a task array of `true`, submit -> every task done: tasks per second
+Workloads, each on both systems, with the same number of slots (concurrent tasks):
+  array   a task array of `true` (each size in --tasks), submit -> every task done: tasks/s
+  wide    a DAG of that many independent jobs of `true`: tasks/s (the per-task cost of a
+          job against an array's task)
   chain   jobs each depending on the one before, submit -> last done: seconds per link
 
 Squall: `squall run`'s engine in this process, a local cluster of slots/2 agents that each
 may lease both cores (oversubscribed, as Slurm is below), every task `true` in a crun
 container from an image served by a registry on 127.0.0.1, every state change committed to
-SQLite. Timed from submit to the run's end, and also for the RUNNING phase alone
-(provisioning, image pull and teardown excluded).
+SQLite with its event. Timed from submit to the run's end, and also for the RUNNING phase
+alone (first task started to last task ended: provisioning, image pull and teardown excluded).
 
 Slurm (Debian's slurm-wlm, installed and configured here in a scratch folder, as in the
 project's runtime notes): slurmctld + slurmd on 127.0.0.1, tuned for throughput with
 `SchedulerParameters=batch_sched_delay=0` and `OverSubscribe=FORCE:slots/2` on the partition;
-`sbatch --array` and `--dependency=afterok` with `--wrap=true` (bare `true`, no container).
-Timed from the first submit until squeue shows none of the jobs pending or running.
+`sbatch --array`, one `sbatch` per job of the wide DAG, and `--dependency=afterok` with
+`--wrap=true` (bare `true`, no container). Timed from the first submit until squeue shows
+none of the jobs pending or running.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ def array_fuzzfile(tasks: int) -> str:
         "    command: [/bin/true]\n"
         f"    task-array: {{start: 1, end: {tasks}}}\n"
     )
+
+
+def wide_fuzzfile(jobs: int) -> str:
+    lines = ["version: v4", "jobs:"]
+    for i in range(jobs):
+        lines += [f"  j{i}:", "    image: {uri: docker://busybox:1.36}", "    command: [/bin/true]"]
+    return "\n".join(lines) + "\n"
 
 
 def chain_fuzzfile(links: int) -> str:
@@ -198,6 +209,11 @@ class Slurm:
         self.wait_gone([self.sbatch(f"--array=1-{tasks}")])
         return time.perf_counter() - t0
 
+    def wide(self, jobs: int) -> float:
+        t0 = time.perf_counter()
+        self.wait_gone([self.sbatch() for _ in range(jobs)])
+        return time.perf_counter() - t0
+
     def chain(self, links: int) -> float:
         t0 = time.perf_counter()
         ids = [self.sbatch()]
@@ -214,11 +230,18 @@ class Slurm:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", type=int, default=1000)
+    p.add_argument("--tasks", default="1000,5000", help="array sizes, comma-separated")
+    p.add_argument("--wide", type=int, default=200, help="jobs of the wide DAG")
     p.add_argument("--chain", type=int, default=50)
     p.add_argument("--slots", type=int, default=16, help="concurrent tasks on each system")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    sizes = [int(n) for n in args.tasks.split(",") if n]
+    workloads = [
+        *((f"array {n}", n, array_fuzzfile(n)) for n in sizes),
+        (f"wide {args.wide}", args.wide, wide_fuzzfile(args.wide)),
+        (f"chain {args.chain}", args.chain, chain_fuzzfile(args.chain)),
+    ]
     work = Path(tempfile.mkdtemp(prefix="squall-bench-"))
     results: dict[str, dict[str, float]] = {}
     registry = None
@@ -227,16 +250,17 @@ def main() -> int:
         layout = build_busybox_image(work / "image")
         registry = Registry(work / "image")
         registry.push(layout, "1.36", "busybox:1.36")
-        a = squall(work, registry.address, args.slots, "bench/array", array_fuzzfile(args.tasks))
-        c = squall(work, registry.address, args.slots, "bench/chain", chain_fuzzfile(args.chain))
-        results["squall"] = {
-            "array_s": a["total_s"],
-            "array_running_s": a["running_s"],
-            "chain_s": c["total_s"],
-            "chain_running_s": c["running_s"],
-        }
+        for label, _, text in workloads:
+            r = squall(work, registry.address, args.slots, f"bench/{label.replace(' ', '-')}", text)
+            results[label] = {"squall_s": r["total_s"], "squall_running_s": r["running_s"]}
         slurm = Slurm(work, args.slots)
-        results["slurm"] = {"array_s": slurm.array(args.tasks), "chain_s": slurm.chain(args.chain)}
+        for label, n, _ in workloads:
+            kind = label.split()[0]
+            results[label]["slurm_s"] = {
+                "array": slurm.array,
+                "wide": slurm.wide,
+                "chain": slurm.chain,
+            }[kind](n)
     finally:
         if slurm is not None:
             slurm.stop()
@@ -246,18 +270,17 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    sq, sl = results["squall"], results["slurm"]
-    rows = [
-        ("array, submit -> done (tasks/s)", args.tasks / sq["array_s"], args.tasks / sl["array_s"]),
-        ("array, RUNNING phase (tasks/s)", args.tasks / sq["array_running_s"], None),
-        ("chain, submit -> done (s/link)", sq["chain_s"] / args.chain, sl["chain_s"] / args.chain),
-        ("chain, RUNNING phase (s/link)", sq["chain_running_s"] / args.chain, None),
-    ]
-    cores = os.cpu_count()
-    print(f"{args.tasks}-task array, {args.chain}-job chain, {args.slots} slots, {cores} cores")
-    print(f"{'':34}{'Squall':>10}{'Slurm':>10}")
-    for label, ours, theirs in rows:
-        print(f"{label:34}{ours:>10.2f}" + (f"{theirs:>10.2f}" if theirs is not None else ""))
+    print(f"{args.slots} slots, {os.cpu_count()} cores; Squall: submit -> done (RUNNING phase)")
+    print(f"{'':22}{'Squall':>22}{'Slurm':>10}{'ratio':>8}")
+    for label, n, _ in workloads:
+        r = results[label]
+        if label.startswith("chain"):  # seconds per link: lower is better
+            ours, run, theirs = r["squall_s"] / n, r["squall_running_s"] / n, r["slurm_s"] / n
+            cell, ratio, unit = f"{ours:.3f} ({run:.3f})", theirs / ours, "s/link"
+        else:
+            ours, run, theirs = n / r["squall_s"], n / r["squall_running_s"], n / r["slurm_s"]
+            cell, ratio, unit = f"{ours:.1f} ({run:.1f})", ours / theirs, "tasks/s"
+        print(f"{label + ', ' + unit:22}{cell:>22}{theirs:>10.3g}{ratio:>7.1f}x")
     return 0
 
 
