@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="substrate", description="Squall's node agent.")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
     p.add_argument("--data-dir", type=Path, required=True, help="task state and logs go here")
+    p.add_argument(
+        "--image-dir",
+        type=Path,
+        help="where images are pulled and unpacked (default: DATA_DIR/images); agents on one "
+        "machine may share one, and pull each image once",
+    )
     p.add_argument("--token-file", type=Path, help="file holding the token callers must send")
     p.add_argument("--cpus", help="CPU ids this agent may lease, e.g. 0-3,8 (default: all)")
     p.add_argument("--memory-bytes", type=int, help="memory this agent may lease (default: all)")
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         pod_network=not args.no_pod_network,
         pod_pool=args.pod_pool,
         deny_networks=(*DENY, *args.deny_network),
+        image_dir=args.image_dir,
     )
     try:
         runtimes = available(args.data_dir, config.userns, weak=args.weak_runtimes or args.clean_up)

@@ -41,6 +41,7 @@ class AgentConfig:
     pod_network: bool = True  # job containers on the node's bridge (False: loopback only)
     pod_pool: str = POOL
     deny_networks: tuple[str, ...] = DENY  # never forwarded to from a job
+    image_dir: Path | None = None  # the image cache (None: <data_dir>/images); may be shared
 
     @property
     def userns(self) -> UserNamespace:
@@ -64,7 +65,7 @@ class Agent:
         self.leases = LeaseTable(inventory)
         self.logs = LogStore(config.data_dir / "logs")
         self.images = ImageCache(
-            config.data_dir / "images",
+            config.image_dir or config.data_dir / "images",
             config.search_registries,
             config.insecure_registries,
             userns=config.userns,

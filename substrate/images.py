@@ -3,7 +3,7 @@
 API (`distribution.py`), and their squashfs root file system extracted (`sifroot.py`) so that
 crun runs them like the rest.
 
-Layout under `<data>/images/`:
+Layout under `<data>/images/` (or the agent's `--image-dir`):
     oci/          one OCI image layout holding every pulled image (blobs shared by digest)
     rootfs/<d>/   the unpacked root filesystem of the manifest (or SIF blob) with digest <d>,
                   its owners shifted into the jobs' user namespace (`<d>-u<base>`) when
@@ -19,9 +19,14 @@ bytes have it. Its root is refused, before unsquashfs writes it, when it would b
 the cache's cap or the free space (`sifroot.py`).
 
 Concurrent pulls of one reference by one login happen once: later callers wait for the first
-and share its result. Credentials go to skopeo in an auth file that lives only in memory (a
-memfd, read through /proc/self/fd), never on disk or a command line; oras:// pulls keep them
-in the memory of the request (`distribution.py`).
+and share its result. Agents on one machine may share the folder (a local site's nodes do): a
+pull holds the folder's lock file (`.pull.lock`), and finds there what another agent pulled
+while it waited for it, which it then takes as a cached image (checked with the registry like
+any hit this process has not seen pulled).
+
+Credentials go to skopeo in an auth file that lives only in memory (a memfd, read through
+/proc/self/fd), never on disk or a command line; oras:// pulls keep them in the memory of the
+request (`distribution.py`).
 
 A private image in the cache is not given to a caller who has not shown access to it: the
 cache remembers, in memory only, per reference, the logins (a salted hash of user and
@@ -36,6 +41,8 @@ before it runs it, and a RunRequest carries no login.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
@@ -45,7 +52,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,9 +278,14 @@ class ImageCache:
                 return flight.result
             # another login pulled it: this caller is checked (a hit) or pulls itself
         try:
-            flight.result = pull()
+            with self._folder_lock():
+                hit = cached()  # another agent sharing the folder pulled it meanwhile
+                image = pull() if hit is None else hit
+            if hit is not None and check_access:
+                check()  # raises ImageError when the registry refuses this login
+            flight.result = image
             self._grant(key, who)
-            return flight.result
+            return image
         except Exception as exc:
             flight.error = exc
             raise
@@ -281,6 +293,17 @@ class ImageCache:
             flight.done.set()
             with self._lock:
                 del self._pulls[key]
+
+    @contextlib.contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        """One pull at a time in this folder, among every process that shares it (the OCI
+        layout's index and refs.json are rewritten by each pull)."""
+        with open(self.root / ".pull.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _allowed(self, key: str, who: str) -> bool:
         """Whether `who` may have `key` from the cache without asking (under the lock)."""

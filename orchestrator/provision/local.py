@@ -1,12 +1,14 @@
 """The local site: a cluster of substrate agents running as processes on this machine.
 
 Each agent owns a slice (CPUs, memory) and its own data directory, serves gRPC on a free
-loopback port and is reached only through that API, as a cloud node would be. Agents run in
+loopback port and is reached only through that API, as a cloud node would be. The run's agents
+share one image folder (they share the machine): each image is pulled and unpacked once a
+run, not once a node. Agents run in
 their own session, so a Ctrl-C at the terminal reaches the orchestrator, which then stops
 them in order (TERM, then KILL after a grace). Once they are gone, whatever an agent that did
 not stop cleanly left (its tasks' processes, mounts, network namespaces, bridge, cgroups) is
 removed by `substrate --clean-up` on its data directory, and the run's agent directories
-(tokens, task state, image copies) are deleted.
+(tokens, task state, images) are deleted.
 """
 
 from __future__ import annotations
@@ -197,6 +199,8 @@ class LocalProvisioner:
             "127.0.0.1:0",
             "--data-dir",
             str(home / "data"),
+            "--image-dir",  # the run's nodes share this machine: each image is pulled once
+            str(self.root / run_id / "images"),
             "--token-file",
             str(token_file),
             "--cpus",

@@ -67,6 +67,9 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path, registry: Reg
             )
             assert allowed.split()[-1] == str(node.cpus[0])
             channel.close()
+        # the two agents share the run's image folder: one unpacked root, one pull
+        assert len(list((tmp_path / "run-1" / "images" / "rootfs").iterdir())) == 1
+        assert not list((tmp_path / "run-1").glob("node-*/data/images"))
         token_file = tmp_path / "run-1" / "node-0" / "token"
         assert token_file.stat().st_mode & 0o777 == 0o600
     finally:

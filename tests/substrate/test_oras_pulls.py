@@ -178,8 +178,12 @@ def sif_layer(digest: str, size: int, media_type: str = SIF_LAYER) -> dict[str, 
 
 
 def cache_files(root: Path) -> list[str]:
-    """Every file under the cache (folders aside)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    """Every file under the cache (folders and the lock file pulls take aside)."""
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if not p.is_dir() and p != root / ".pull.lock"
+    )
 
 
 def evil_tar(outside: Path) -> bytes:

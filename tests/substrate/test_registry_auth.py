@@ -177,3 +177,26 @@ def test_skopeos_quoted_reason_is_given_without_its_escapes() -> None:
         "initializing source docker://x.io/a:1: pinging container registry x.io: "
         'Get "https://x.io/v2/": dial tcp: lookup x.io: no such host'
     )
+
+
+@pytest.mark.parametrize("kind", ["docker", "oras"])
+def test_agents_sharing_an_image_folder_pull_once_and_each_checks_logins(
+    private: Registry, tmp_path: Path, kind: str
+) -> None:
+    """The caches of two agents on one folder (a local site's nodes share one), asked at once:
+    one pulls, the other waits for the folder's lock and takes what it pulled as cached. A
+    third agent's caller whose login the registry refuses gets nothing from that pull."""
+    ref = refs(private)[kind]
+    agents = [ImageCache(tmp_path, (), (private.address,)) for _ in range(2)]
+    got: list[Image] = []
+    threads = [threading.Thread(target=lambda c=c: got.append(c.get(ref, RIGHT))) for c in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(image.cached for image in got) == [False, True]  # one pull between them
+    assert got[0].rootfs == got[1].rootfs
+    third = ImageCache(tmp_path, (), (private.address,))
+    assert "authentication failed: the registry refused" in refused(third, ref, WRONG)
+    assert "requires authentication and no credentials" in refused(third, ref, None)
+    assert third.get(ref, RIGHT).cached
