@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import fcntl
 import ipaddress
-import json
 import os
 import shutil
 import socket
@@ -61,15 +60,6 @@ def netns_path(task_id: str) -> Path:
     return NETNS_DIR / f"sq{task_id}"
 
 
-def _ip(*args: str, batch: str | None = None) -> str:
-    cmd = ["ip", *(["-batch", "-"] if batch else args)]
-    result = subprocess.run(cmd, input=batch, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        what = batch.strip().replace("\n", "; ") if batch else " ".join(args)
-        raise NetworkError(f"ip {what}: {result.stderr.strip()}")
-    return result.stdout
-
-
 def _nft(script: str) -> None:
     result = subprocess.run(
         ["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
@@ -87,17 +77,6 @@ def _host_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _networks_in_use() -> list[ipaddress.IPv4Network]:
-    used = []
-    for entry in json.loads(_ip("-j", "-4", "addr") or "[]"):
-        for a in entry.get("addr_info", []):
-            used.append(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False))
-    for route in json.loads(_ip("-j", "-4", "route") or "[]"):
-        if route.get("dst") not in (None, "default"):
-            used.append(ipaddress.IPv4Network(route["dst"], strict=False))
-    return used
 
 
 def _new_netns(
@@ -169,15 +148,17 @@ class PodNetwork:
                 "the pod network needs root (a bridge, namespaces, a firewall): run the agent "
                 "as root, or with --no-pod-network to give jobs loopback alone"
             )
-        for tool in ("ip", "nft"):
-            if shutil.which(tool) is None:
-                raise NetworkError(
-                    f"the pod network needs `{tool}` (Debian: iproute2, nftables; "
-                    "scripts/setup.sh --runtime installs them)"
-                )
+        if shutil.which("nft") is None:
+            raise NetworkError(
+                "the pod network needs `nft` (Debian: nftables; scripts/setup.sh --runtime "
+                "installs it)"
+            )
         NETNS_DIR.mkdir(parents=True, exist_ok=True)
-        with _host_lock():
-            self.subnet = self._existing() or self._make_bridge()
+        try:
+            with _host_lock():
+                self.subnet = self._existing() or self._make_bridge()
+        except OSError as exc:  # what the kernel said to a netlink request
+            raise NetworkError(f"cannot make the bridge {self.bridge}: {exc}") from None
         hosts = list(self.subnet.hosts())
         self._free = hosts[1:]
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
@@ -185,28 +166,27 @@ class PodNetwork:
 
     def _existing(self) -> ipaddress.IPv4Network | None:
         try:
-            out = json.loads(_ip("-j", "-4", "addr", "show", "dev", self.bridge) or "[]")
-        except NetworkError:
+            index = socket.if_nametoindex(self.bridge)
+        except OSError:
             return None
-        for entry in out:
-            for a in entry.get("addr_info", []):
-                return ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False)
-        _ip("link", "del", self.bridge)  # a bridge without its address: start again
+        with Rtnl() as rtnl:
+            for network in rtnl.ipv4_networks(index):
+                return network
+            rtnl.delete_link(self.bridge)  # a bridge without its address: start again
         return None
 
     def _make_bridge(self) -> ipaddress.IPv4Network:
-        used = _networks_in_use()
-        for subnet in self.pool.subnets(new_prefix=24):
-            if not any(subnet.overlaps(u) for u in used):
-                break
-        else:
-            raise NetworkError(f"no free /24 left in the pod pool {self.pool}")
-        gateway = next(subnet.hosts())
-        _ip(
-            batch=f"link add {self.bridge} type bridge\n"
-            f"addr add {gateway}/{subnet.prefixlen} dev {self.bridge}\n"
-            f"link set {self.bridge} up\n"
-        )
+        with Rtnl() as rtnl:
+            used = rtnl.ipv4_networks() + rtnl.ipv4_routes()
+            for subnet in self.pool.subnets(new_prefix=24):
+                if not any(subnet.overlaps(u) for u in used):
+                    break
+            else:
+                raise NetworkError(f"no free /24 left in the pod pool {self.pool}")
+            gateway = next(subnet.hosts())
+            rtnl.add_bridge(self.bridge)
+            rtnl.add_address(self.bridge, ipaddress.IPv4Interface(f"{gateway}/{subnet.prefixlen}"))
+            rtnl.set_up(self.bridge)
         return subnet
 
     def _firewall(self) -> None:
@@ -240,8 +220,8 @@ class PodNetwork:
         """Remove the firewall table and the bridge (call after every task has ended)."""
         with contextlib.suppress(NetworkError):
             _nft(f"table inet {self.table}\ndelete table inet {self.table}\n")
-        with contextlib.suppress(NetworkError):
-            _ip("link", "del", self.bridge)
+        with contextlib.suppress(OSError), Rtnl() as rtnl:
+            rtnl.delete_link(self.bridge)
 
     # ---- tasks --------------------------------------------------------------------------
 
