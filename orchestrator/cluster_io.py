@@ -5,7 +5,9 @@ The run loop asks for work (`lease`, `run`, `cancel`, ...) and names a function 
 outcome; that function runs in this module's thread and only posts a message to the run
 loop's inbox. A task's life on its node is one coroutine: start it, wait for its end, copy
 its output into the run's log folder, give its lease back, and only then report the end, so
-that the orchestrator counts a node's room as free only once the agent does too.
+that the orchestrator counts a node's room as free only once the agent does too. Two calls
+a task are saved: the agent releases the lease as the task ends (`release_lease_at_end`,
+before Wait answers), and a short output comes in the Wait reply itself (`output_limit`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from .provision import Cluster
 __all__ = ["ClusterIO", "Outcome"]
 
 T = TypeVar("T")
+# an ended task's output up to this size comes in its Wait reply; longer, it is streamed (Logs)
+OUTPUT_INLINE = 64 * 1024
 Outcome = Callable[[Any], None]  # gets a reply, or the grpc.RpcError that refused the call
 
 
@@ -122,6 +126,7 @@ class ClusterIO:
         started: Outcome,
         ended: Outcome,
     ) -> None:
+        request.release_lease_at_end = True
         try:
             reply = await self._call(node, "Run", request)
         except grpc.RpcError as exc:
@@ -129,12 +134,19 @@ class ClusterIO:
             started(exc)
             return
         started(reply)
+        wait = pb.WaitRequest(task_id=reply.task_id, output_limit=OUTPUT_INLINE)
         try:
-            status: Any = await self._call(node, "Wait", pb.WaitRequest(task_id=reply.task_id))
+            status: Any = await self._call(node, "Wait", wait)
         except grpc.RpcError as exc:
             status = exc
-        await self._keep_log(node, reply.task_id, log)
-        await self._release(node, lease_id)
+        if isinstance(status, pb.TaskStatus) and status.output_included:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_bytes(status.output)
+            status.ClearField("output")
+        else:
+            await self._keep_log(node, reply.task_id, log)
+        if not (isinstance(status, pb.TaskStatus) and status.lease_released):
+            await self._release(node, lease_id)
         ended(status)
 
     async def _keep_log(self, node: int, task_id: str, path: Path) -> None:

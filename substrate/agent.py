@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -14,7 +15,7 @@ from .cgroups import Cgroups
 from .confine import UserNamespace
 from .images import ImageCache, ImageError
 from .inventory import Inventory
-from .leases import Lease, LeaseSpec, LeaseTable
+from .leases import Lease, LeaseSpec, LeaseTable, NoSuchLease
 from .logstore import LogStore
 from .network import DENY, POOL, PodNetwork
 from .runtimes import CrunRuntime, Runtime, TaskSpec
@@ -122,20 +123,34 @@ class Agent:
     def release(self, lease_id: str) -> list[str]:
         self.leases.get(lease_id)
         stopped = self.tasks.cancel_lease(lease_id, "its lease was released")
-        self.leases.release(lease_id)
+        with contextlib.suppress(NoSuchLease):  # its last task's end released it meanwhile
+            self.leases.release(lease_id)
         return stopped
+
+    def _release_if_last(self, task: Task) -> None:
+        others = [t for t in self.tasks.in_lease(task.lease_id) if t is not task]
+        if any(not t.done.is_set() for t in others):
+            return
+        try:
+            self.leases.release(task.lease_id)
+        except NoSuchLease:  # released or expired meanwhile
+            return
+        task.lease_released = True
 
     def _expire_loop(self) -> None:
         while not self._stop.wait(self.config.lease_check_interval):
             for lease in self.leases.expired():
                 log.warning("lease %s of %s expired; stopping its tasks", lease.id, lease.holder)
                 self.tasks.cancel_lease(lease.id, "its lease expired (the holder stopped renewing)")
-                self.leases.release(lease.id)
+                with contextlib.suppress(NoSuchLease):  # released as its last task ended
+                    self.leases.release(lease.id)
 
     # ---- tasks ------------------------------------------------------------------------
 
-    def run(self, spec: TaskSpec, lease_id: str) -> Task:
-        """Start a task in a lease, pulling its image first when the cache lacks it."""
+    def run(self, spec: TaskSpec, lease_id: str, *, release_at_end: bool = False) -> Task:
+        """Start a task in a lease, pulling its image first when the cache lacks it; with
+        `release_at_end`, the lease is released as the task ends, unless another task of the
+        lease still runs."""
         lease = self.leases.get(lease_id)
         if not spec.runtime and spec.image.startswith("oras://") and self.config.sif_runtime:
             spec = replace(spec, runtime=self.config.sif_runtime)  # e.g. apptainer, if chosen
@@ -156,7 +171,8 @@ class Agent:
             except ImageError as exc:
                 raise TaskError(str(exc)) from None
         spec = with_devices(spec, lease.devices)
-        task = self.tasks.run(spec, lease_id, lease.cpus, lease.memory_bytes, image)
+        on_end = self._release_if_last if release_at_end else None
+        task = self.tasks.run(spec, lease_id, lease.cpus, lease.memory_bytes, image, on_end)
         log.info("task %s (%s) in lease %s: %s", task.id, spec.name, lease_id, task.state.value)
         return task
 

@@ -108,6 +108,20 @@ class LogStore:
                 if not still_open and not got_any:
                     return
 
+    def output(self, task_id: str, limit: int) -> bytes | None:
+        """A task's whole output (its records' data, in order) when the log is at most
+        `limit` bytes of data; None when it is longer or there is none."""
+        path = self.path(task_id)
+        try:
+            with open(path, "rb") as fh:
+                # a record holds at least one byte of data: a longer file holds more than limit
+                if path.stat().st_size > (_HEADER.size + 1) * limit:
+                    return None
+                data = b"".join(r.data for r in self._records(fh))
+        except FileNotFoundError:
+            return None
+        return data if len(data) <= limit else None
+
     @staticmethod
     def _records(fh: BinaryIO) -> list[LogRecord]:
         """Every whole record from the file's position on; stops before a partial one."""

@@ -77,6 +77,7 @@ def _status_pb(task: Task) -> pb.TaskStatus:
         message=task.message,
         pid=task.pid,
         address=task.address,
+        lease_released=task.lease_released,
     )
 
 
@@ -231,7 +232,7 @@ class AgentServicer(rpc.AgentServicer):
             timeout=request.timeout_seconds,
             script=request.script,
         )
-        task = self.agent.run(spec, request.lease_id)
+        task = self.agent.run(spec, request.lease_id, release_at_end=request.release_lease_at_end)
         return pb.RunResponse(task_id=task.id, address=task.address)
 
     @_status_codes
@@ -246,7 +247,12 @@ class AgentServicer(rpc.AgentServicer):
         while not task.done.wait(0.5) and context.is_active():
             if deadline is not None and time.time() >= deadline:
                 break
-        return _status_pb(task)
+        status = _status_pb(task)
+        if request.output_limit and task.done.is_set():
+            output = self.agent.logs.output(task.id, request.output_limit)
+            if output is not None:
+                status.output, status.output_included = output, True
+        return status
 
     @_status_codes
     def Signal(self, request: pb.SignalRequest, context: Any) -> pb.SignalResponse:

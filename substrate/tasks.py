@@ -79,6 +79,8 @@ class Task:
     done: threading.Event = field(default_factory=threading.Event)
     stop_reason: TaskState | None = None  # set when the agent ends it (cancel, timeout)
     address: str = ""  # on the node's pod network (empty: none, or an isolated network)
+    on_end: Callable[[Task], None] | None = None  # called as it ends, before `done` is set
+    lease_released: bool = False  # on_end released its lease
 
 
 SCRIPT_PATH = "/.squall/script"
@@ -159,8 +161,10 @@ class TaskManager:
         cpus: tuple[int, ...],
         memory_bytes: int = 0,
         image: Image | None = None,
+        on_end: Callable[[Task], None] | None = None,
     ) -> Task:
-        """Start `spec` on `cpus` with at most `memory_bytes` (0: no limit)."""
+        """Start `spec` on `cpus` with at most `memory_bytes` (0: no limit); `on_end` is
+        called as it ends (after its clean-up, before a Wait learns of it)."""
         runtime = self.runtimes.get(spec.runtime)
         if runtime is None:
             have = ", ".join(sorted(self.runtimes))
@@ -171,7 +175,7 @@ class TaskManager:
         task_dir = self.root / task_id
         task_dir.mkdir(parents=True)
         spec = _with_script(spec, runtime, task_dir)
-        task = Task(task_id, spec, lease_id, cpus, task_dir, image=image)
+        task = Task(task_id, spec, lease_id, cpus, task_dir, image=image, on_end=on_end)
         try:  # whatever fails while it is prepared, nothing of it is left behind
             if self.network is not None and runtime.needs_image and not spec.isolated_network:
                 attached = self.network.attach(task_id)
@@ -341,6 +345,11 @@ class TaskManager:
         task.message = message
         task.finished_at = time.time()
         self._save(task)
+        if task.on_end is not None:
+            try:
+                task.on_end(task)
+            except Exception as exc:  # the task has ended whatever its hook met
+                log.error("task %s: %s", task.id, exc)
         task.done.set()
 
     # ---- stopping ------------------------------------------------------------------

@@ -429,3 +429,54 @@ def test_a_lease_with_no_room_now_is_resource_exhausted(agent: Running) -> None:
         assert code_of(lambda: agent.lease()) == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         agent.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.id))
+
+
+def test_a_lease_released_at_its_last_tasks_end(agent: Running) -> None:
+    """With release_lease_at_end the agent releases the lease as its last running task ends,
+    before Wait answers; an earlier task's end leaves it to the task still running."""
+    lease = agent.lease()
+    long = agent.run(["sleep", "1"], lease=lease, release_lease_at_end=True)
+    short = agent.run(["true"], lease=lease, release_lease_at_end=True)
+    first = agent.wait(short)
+    assert first.state == pb.TASK_STATE_EXITED
+    assert not first.lease_released
+    assert [x.id for x in agent.stub.ListLeases(pb.ListLeasesRequest()).leases] == [lease.id]
+    last = agent.wait(long)
+    assert last.lease_released
+    assert not agent.stub.ListLeases(pb.ListLeasesRequest()).leases
+    assert code_of(lambda: agent.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.id))) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    # a ReleaseLease that comes after finds nothing to release: as for any released lease
+    assert code_of(lambda: agent.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.id))) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+def test_a_lease_without_release_at_end_outlives_its_task(agent: Running) -> None:
+    lease = agent.lease()
+    status = agent.wait(agent.run(["true"], lease=lease))
+    assert not status.lease_released
+    assert [x.id for x in agent.stub.ListLeases(pb.ListLeasesRequest()).leases] == [lease.id]
+
+
+def test_wait_brings_a_short_output_whole_and_leaves_a_long_one_to_logs(agent: Running) -> None:
+    script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done"
+    short = agent.run(["/bin/sh", "-c", script])
+    agent.wait(short)
+    status = agent.stub.Wait(pb.WaitRequest(task_id=short, output_limit=1000))
+    assert status.output_included
+    assert status.output == b"".join(c.data for c in agent.logs(short))
+    assert sorted(status.output.split()) == [b"err1", b"err2", b"err3", b"out1", b"out2", b"out3"]
+    long = agent.run(["/bin/sh", "-c", "head -c 5000 /dev/zero"])
+    agent.wait(long)
+    status = agent.stub.Wait(pb.WaitRequest(task_id=long, output_limit=4999))
+    assert not status.output_included
+    assert status.output == b""
+    status = agent.stub.Wait(pb.WaitRequest(task_id=long, output_limit=5000))
+    assert status.output_included
+    assert status.output == bytes(5000)
+    running = agent.run(["sleep", "5"])
+    status = agent.stub.Wait(pb.WaitRequest(task_id=running, timeout_seconds=0.1, output_limit=99))
+    assert status.state == pb.TASK_STATE_RUNNING
+    assert not status.output_included

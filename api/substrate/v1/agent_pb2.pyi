@@ -725,6 +725,7 @@ class RunRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     SCRIPT_FIELD_NUMBER: _builtins.int
+    RELEASE_LEASE_AT_END_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     name: _builtins.str
     """for people: the job name"""
@@ -738,6 +739,10 @@ class RunRequest(_message.Message):
     """0: none"""
     script: _builtins.str
     """instead of command: a #! script, run with `args`"""
+    release_lease_at_end: _builtins.bool
+    """the agent releases the lease as the task ends (before Wait answers), unless another
+    task of the lease still runs: a holder with a lease per task needs no ReleaseLease
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -764,10 +769,11 @@ class RunRequest(_message.Message):
         network: Global___Network.ValueType = ...,
         timeout_seconds: _builtins.float = ...,
         script: _builtins.str = ...,
+        release_lease_at_end: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "files", b"files", "image", b"image", "lease_id", b"lease_id", "mounts", b"mounts", "name", b"name", "network", b"network", "runtime", b"runtime", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "files", b"files", "image", b"image", "lease_id", b"lease_id", "mounts", b"mounts", "name", b"name", "network", b"network", "release_lease_at_end", b"release_lease_at_end", "runtime", b"runtime", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -813,6 +819,9 @@ class TaskStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    LEASE_RELEASED_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_INCLUDED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     name: _builtins.str
     lease_id: _builtins.str
@@ -827,6 +836,13 @@ class TaskStatus(_message.Message):
     pid: _builtins.int
     address: _builtins.str
     """as in RunResponse"""
+    lease_released: _builtins.bool
+    """the agent released the lease as it ended (release_lease_at_end)"""
+    output: _builtins.bytes
+    """an ended task's whole output (stdout and stderr in the order written), when Wait's
+    output_limit asked for it and it is no longer than that; output_included says so
+    """
+    output_included: _builtins.bool
     def __init__(
         self,
         *,
@@ -841,10 +857,13 @@ class TaskStatus(_message.Message):
         message: _builtins.str = ...,
         pid: _builtins.int = ...,
         address: _builtins.str = ...,
+        lease_released: _builtins.bool = ...,
+        output: _builtins.bytes = ...,
+        output_included: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "exit_code", b"exit_code", "finished_at", b"finished_at", "lease_id", b"lease_id", "message", b"message", "name", b"name", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "exit_code", b"exit_code", "finished_at", b"finished_at", "lease_id", b"lease_id", "lease_released", b"lease_released", "message", b"message", "name", b"name", "output", b"output", "output_included", b"output_included", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -875,18 +894,24 @@ class WaitRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTPUT_LIMIT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     timeout_seconds: _builtins.float
     """0: wait as long as it takes"""
+    output_limit: _builtins.int
+    """> 0: once the task has ended, its output comes in the reply when it is at most this
+    many bytes (no Logs call needed)
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         timeout_seconds: _builtins.float = ...,
+        output_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output_limit", b"output_limit", "task_id", b"task_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
