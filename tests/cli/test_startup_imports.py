@@ -5,9 +5,11 @@ bench/cli_startup.py has the times). Checked in a fresh interpreter, not by timi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -99,6 +101,18 @@ def test_validate_imports_only_the_fuzzfile_machinery(
     assert loaded(modules, OTHER_COMMANDS) == []
 
 
+def test_a_command_without_fuzzfiles_imports_no_pydantic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Typer 0.29 built a pydantic validator for each parameter of the command that runs, so
+    every command imported pydantic (pyproject.toml pins 0.28)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    modules = modules_after(tmp_path, "context", "list", "-o", "json")
+    assert "cli.context_cmd" in modules
+    assert loaded(modules, ("pydantic", "pydantic_core")) == []
+
+
 _BUILT = """
 import json, sys
 from pydantic import BaseModel
@@ -128,3 +142,62 @@ def test_the_schema_builds_one_validator_when_first_used() -> None:
     at_import, after_validating = json.loads(done.stdout)
     assert at_import == []
     assert after_validating == ["DocumentV4"]
+
+
+_ENTRY = """
+import gc, importlib.metadata, json, sys
+looked_up = []
+entry_points = importlib.metadata.entry_points
+def spy(**params):
+    looked_up.append(params.get("group"))
+    return entry_points(**params)
+importlib.metadata.entry_points = spy
+sys.argv = ["squall", *json.loads(sys.argv[1])]
+from cli.main import main
+try:
+    main()
+except SystemExit:
+    pass
+finally:
+    print(json.dumps({"pydantic_plugins_looked_up": "pydantic" in looked_up,
+                      "frozen": gc.get_freeze_count()}), file=sys.stderr)
+"""
+
+
+class EntryPointRun(TypedDict):
+    pydantic_plugins_looked_up: bool
+    frozen: int  # gc.get_freeze_count() when the command was over
+
+
+def entry_point_run(args: tuple[str, ...], **env: str) -> EntryPointRun:
+    """What `squall ARGS` did, run through the console script's `main` in a fresh interpreter
+    with `env` added to the environment."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ENTRY, json.dumps(list(args))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"} | env,
+    )
+    assert done.returncode == 0, done.stderr
+    result: EntryPointRun = json.loads(done.stderr.strip().splitlines()[-1])
+    return result
+
+
+def test_the_entry_point_skips_the_search_for_pydantic_plugins_unless_told() -> None:
+    """Searching reads every installed package's entry points (bench/cli_startup.py);
+    PYDANTIC_DISABLE_PLUGINS set by the user, even to nothing, is pydantic's to read."""
+    validate = ("workflow", "validate", str(HELLO))
+    assert entry_point_run(validate)["pydantic_plugins_looked_up"] is False
+    asked = entry_point_run(validate, PYDANTIC_DISABLE_PLUGINS="")
+    assert asked["pydantic_plugins_looked_up"] is True
+
+
+@pytest.mark.parametrize("args", [("--help",), ("workflow", "validate", str(HELLO))])
+def test_the_entry_point_leaves_its_objects_to_the_shutdown_uncollected(
+    args: tuple[str, ...],
+) -> None:
+    """The interpreter's shutdown would otherwise run full collections over every object
+    the command left, about a tenth of `squall workflow validate`'s time."""
+    assert entry_point_run(args)["frozen"] > 10_000
