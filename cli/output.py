@@ -30,8 +30,10 @@ __all__ = [
 # category's code, from the one table in orchestrator.errors)
 EXIT_RUN_FAILED = 1
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# emoji=False: `:name:` in a file's name or a quoted value is text, not an emoji code (and
+# printing needs no table of emoji codes, a few ms of every command's start-up)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = Console(highlight=False, soft_wrap=True, emoji=False)
 
 
 class Format(StrEnum):

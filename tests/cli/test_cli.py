@@ -58,6 +58,19 @@ def test_validate_invalid_file_exits_1_and_names_file_line_field() -> None:
     assert f"{bad}:17:15: error: jobs.hello.resource.memory.size: '14 GiBs'" in out
 
 
+def test_names_and_values_print_as_written(tmp_path: Path) -> None:
+    """Rich reads `:fire:` as an emoji code unless told not to."""
+    named = tmp_path / "a:fire:b.yaml"
+    named.write_text(
+        "version: v4\njobs:\n  hello:\n    image: {uri: docker://alpine:3.20}\n"
+        "    command: [echo]\n    resource:\n      memory: {size: ':fire:'}\n"
+    )
+    code, out, _ = squall("workflow", "validate", str(named))
+    assert code == 1
+    assert f"invalid {named}: 1 error" in out
+    assert f"{named}:7:22: error: jobs.hello.resource.memory.size: ':fire:' is not a size" in out
+
+
 def test_validate_json_report() -> None:
     bad = BROKEN / "35-dependency-cycle.yaml"
     code, out, _ = squall("workflow", "validate", "-o", "json", str(BLAST), str(bad))
