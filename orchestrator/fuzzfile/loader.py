@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,6 @@ from .schema import DOCUMENT_MODELS, LEGACY_KEYS, allowed_keys
 from .source import SourceDocument, SourceError, check_size, decode, parse_yaml
 
 __all__ = ["FuzzfileError", "LoadResult", "load_bytes", "load_file", "load_text", "read_source"]
-
-log = logging.getLogger("squall.fuzzfile")
 
 # A message quotes values from the file; past this many characters its middle is cut.
 MAX_MESSAGE = 1000
@@ -115,7 +112,9 @@ def load_text(text: str, file: str = "<string>") -> LoadResult:
     try:
         result = _load(text, file)
     except Exception as exc:  # a defect of the loader: still a diagnostic, never a crash
-        log.exception("validating %s failed", file)
+        import logging  # here, not at import: `squall workflow validate` starts without it
+
+        logging.getLogger("squall.fuzzfile").exception("validating %s failed", file)
         message = f"internal error while validating: {type(exc).__name__}: {exc}"
         diagnostic = Diagnostic(Severity.ERROR, message, (), file, code="internal")
         result = LoadResult(file, diagnostics=[diagnostic])

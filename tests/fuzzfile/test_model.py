@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 
 import pytest
@@ -267,3 +268,23 @@ def test_unreadable_documents_are_errors_not_crashes() -> None:
     assert (deep.errors[0].code, deep.errors[0].line) == ("too-deep", 2)
     binary = load_text("\x00\x01 bad", "bin.yaml")
     assert "control characters are not allowed" in binary.errors[0].message
+
+
+def test_a_defect_of_the_loader_is_a_diagnostic_and_a_logged_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from orchestrator.fuzzfile import loader
+
+    def broken(text: str, file: str) -> loader.LoadResult:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(loader, "_load", broken)
+    with caplog.at_level(logging.ERROR, logger="squall.fuzzfile"):
+        result = load_text("version: v4\n", "wf.yaml")
+    [error] = result.errors
+    assert (error.code, error.file) == ("internal", "wf.yaml")
+    assert error.message == "internal error while validating: RuntimeError: a bug"
+    [record] = caplog.records
+    assert (record.name, record.getMessage()) == ("squall.fuzzfile", "validating wf.yaml failed")
+    assert record.exc_info is not None
+    assert record.exc_info[0] is RuntimeError
