@@ -25,6 +25,8 @@ Port-forward: bytes from a TCP server on 127.0.0.1 (a process of its own) to thi
   gRPC stream alone   the agent's messages (a full chunk each, serialized once) from a bare gRPC
                       server in a process of its own that reads no socket: what the gRPC
                       library carries between two Python processes, the bound of the row above
+`CPUs busy` is every CPU's busy time over a row's runs divided by their wall time: near the
+machine's CPU count, the row was bound by CPU (its own processes' or other work's).
 """
 
 from __future__ import annotations
@@ -222,7 +224,8 @@ def start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
 def bench_port_forward(channel, agent_pid: int, task_id: str, mib: int) -> None:
     """The same bytes from a TCP server (a process of its own) read directly and through the
     agent, and the agent's messages from a bare gRPC server, in turn, best of 3 each; with
-    the CPU each process spent per GiB over the 3 (user and system)."""
+    the CPU each process spent per GiB over the 3 (user and system), and how many of the
+    machine's CPUs were busy over them (every process counted, other work too)."""
     total = mib << 20
     server, port = start(SERVE, str(total))
     grpc_server, grpc_port = start(GRPC_SERVE, str(total), str(ROOT))
@@ -261,6 +264,7 @@ def bench_port_forward(channel, agent_pid: int, task_id: str, mib: int) -> None:
     }
     times: dict[str, list[float]] = {label: [] for label in rows}
     cpu: dict[str, list[float]] = {label: [0.0, 0.0, 0.0] for label in rows}
+    busy = dict.fromkeys(rows, 0.0)
 
     def spent(pids) -> list[float]:
         return [sum(process_cpu(pid)) if pid else 0.0 for pid in pids]
@@ -268,8 +272,9 @@ def bench_port_forward(channel, agent_pid: int, task_id: str, mib: int) -> None:
     try:
         for _ in range(3):
             for label, (fn, pids) in rows.items():
-                before = spent(pids)
+                before, machine = spent(pids), machine_busy()
                 times[label] += timed(fn, 1)
+                busy[label] += machine_busy() - machine
                 cpu[label] = [
                     c + b - a for c, a, b in zip(cpu[label], before, spent(pids), strict=True)
                 ]
@@ -279,11 +284,14 @@ def bench_port_forward(channel, agent_pid: int, task_id: str, mib: int) -> None:
             proc.wait()
     gib = 3 * mib / 1024
     rates = {label: mib / min(t) for label, t in times.items()}
-    print(f"  {'':20} {'MiB/s':>8} {'best of 3':>10}   CPU s/GiB: reader  agent  server")
+    header = f"CPU s/GiB: reader  agent  server   CPUs busy of {os.cpu_count()}"
+    print(f"  {'':20} {'MiB/s':>8} {'best of 3':>10}   {header}")
     for label, rate in rates.items():
         reader, agent, source = (f"{c / gib:6.2f}" if c else "     -" for c in cpu[label])
+        cores = busy[label] / sum(times[label])
         print(
             f"  {label:20} {rate:8.0f} {min(times[label]):9.2f}s {'':13}{reader} {agent} {source}"
+            f"   {cores:8.2f}"
         )
     print(f"  PortForward / direct {rates['agent PortForward'] / rates['direct TCP']:8.0%}")
 
