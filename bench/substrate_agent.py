@@ -8,8 +8,8 @@ Launch: one `/bin/true`, from request to exit, p50 and p99, and the CPU each lau
   crun run            a bare `crun run` of a prepared bundle of the same image
   agent Run+Wait      the agent's Run RPC and a Wait for the end (crun runtime: overlay root,
                       cgroup, pod network namespace, crun, cleanup), over gRPC on loopback
-  agent task          what the engine asks per task: AcquireLease, Run, Wait, Logs,
-                      ReleaseLease
+  agent task          what the engine asks per task: AcquireLease, Run (the agent releases
+                      the lease as the task ends), Wait (the output comes in its reply)
 Both crun rows run the same confined config (user namespace, seccomp compiled once,
 capabilities); the bare one has no network namespace of the pod network and no cgroup.
 The agent runs in a process of its own (`python -m substrate`); its CPU is read from
@@ -161,10 +161,19 @@ def bench_launch(stub, agent_pid: int, lease_id: str, image, work: Path, n: int,
     def engine_task() -> None:
         request = pb.AcquireLeaseRequest(holder="bench", cores=1, ttl_seconds=60)
         lease = stub.AcquireLease(request).id
-        task_id = run_and_wait(lease)
-        for _ in stub.Logs(pb.LogsRequest(task_id=task_id)):
-            pass
-        stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease))
+        run = pb.RunRequest(
+            lease_id=lease,
+            name="true",
+            runtime="crun",
+            image=IMAGE,
+            command=["/bin/true"],
+            release_lease_at_end=True,
+        )
+        task_id = stub.Run(run).task_id
+        status = stub.Wait(pb.WaitRequest(task_id=task_id, output_limit=64 * 1024))
+        assert status.exit_code == 0, status
+        assert status.lease_released, status
+        assert status.output_included, status
 
     agent_cpu = functools.partial(process_cpu, agent_pid)
     row("agent Run+Wait", lambda: run_and_wait(lease_id), n, agent_cpu)
