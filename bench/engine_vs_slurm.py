@@ -1,7 +1,7 @@
 """The engine end to end on the local site, next to Slurm on the same machine, in one run.
 
 Run as root:  .venv/bin/python bench/engine_vs_slurm.py [--tasks 1000,5000] [--wide 200]
-              [--chain 50] [--slots 16]
+              [--chain 50] [--slots 16] [--agents 1]
 
 Workloads, each on both systems, with the same number of slots (concurrent tasks):
   array   a task array of `true` (each size in --tasks), submit -> every task done: tasks/s
@@ -9,8 +9,9 @@ Workloads, each on both systems, with the same number of slots (concurrent tasks
           job against an array's task)
   chain   jobs each depending on the one before, submit -> last done: seconds per link
 
-Squall: `squall run`'s engine in this process, a local cluster of slots/2 agents that each
-may lease both cores (oversubscribed, as Slurm is below), every task `true` in a crun
+Squall: `squall run`'s engine in this process, a local cluster of --agents agents (default
+one, as Slurm below has one slurmd) that lease each core to slots/(agents x cores) tasks at
+once (`--oversubscribe`, as Slurm's OverSubscribe=FORCE below), every task `true` in a crun
 container from an image served by a registry on 127.0.0.1, every state change committed to
 SQLite with its event. Timed from submit to the run's end, and also for the RUNNING phase
 alone (first task started to last task ended: provisioning, image pull and teardown excluded).
@@ -69,13 +70,17 @@ def chain_fuzzfile(links: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def squall(work: Path, registry: str, slots: int, name: str, text: str) -> dict[str, float]:
+def squall(
+    work: Path, registry: str, slots: int, agents: int, name: str, text: str
+) -> dict[str, float]:
+    cores = os.cpu_count() or 1
     settings = LocalSettings(
         data_dir=work / "squall",
         store_url="",
         search_registries=[registry],
         insecure_registries=[registry],
-        nodes=max(1, slots // 2),
+        nodes=agents,
+        oversubscribe=max(1, -(-slots // (agents * cores))),  # ceil: at least `slots` in all
     )
     engine = local_engine(settings)
     t0 = time.perf_counter()
@@ -234,6 +239,7 @@ def main() -> int:
     p.add_argument("--wide", type=int, default=200, help="jobs of the wide DAG")
     p.add_argument("--chain", type=int, default=50)
     p.add_argument("--slots", type=int, default=16, help="concurrent tasks on each system")
+    p.add_argument("--agents", type=int, default=1, help="Squall's agents (they share the slots)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     sizes = [int(n) for n in args.tasks.split(",") if n]
@@ -251,7 +257,8 @@ def main() -> int:
         registry = Registry(work / "image")
         registry.push(layout, "1.36", "busybox:1.36")
         for label, _, text in workloads:
-            r = squall(work, registry.address, args.slots, f"bench/{label.replace(' ', '-')}", text)
+            name = f"bench/{label.replace(' ', '-')}"
+            r = squall(work, registry.address, args.slots, args.agents, name, text)
             results[label] = {"squall_s": r["total_s"], "squall_running_s": r["running_s"]}
         slurm = Slurm(work, args.slots)
         for label, n, _ in workloads:
@@ -270,7 +277,10 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{args.slots} slots, {os.cpu_count()} cores; Squall: submit -> done (RUNNING phase)")
+    print(
+        f"{args.slots} slots, {os.cpu_count()} cores, {args.agents} Squall agent(s); "
+        "Squall: submit -> done (RUNNING phase)"
+    )
     print(f"{'':22}{'Squall':>22}{'Slurm':>10}{'ratio':>8}")
     for label, n, _ in workloads:
         r = results[label]

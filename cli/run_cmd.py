@@ -27,6 +27,7 @@ def start_local_engine(
     search: list[str],
     insecure: list[str],
     egress_dirs: list[Path] | None = None,
+    oversubscribe: int = 1,
 ) -> Engine:
     """The local site's engine as the flags ask (registries default to the environment's),
     after failing and cleaning up any run whose orchestrator died. `egress_dirs`: where
@@ -34,7 +35,9 @@ def start_local_engine(
     from orchestrator.local_site import LocalSettings, local_engine
     from orchestrator.recovery import recover
 
-    settings = LocalSettings(nodes=nodes, site=site, egress_dirs=egress_dirs)
+    settings = LocalSettings(
+        nodes=nodes, site=site, egress_dirs=egress_dirs, oversubscribe=oversubscribe
+    )
     if search:
         settings.search_registries = search
     if insecure:
@@ -58,6 +61,15 @@ def run(
         min=1,
         help="Agents to start. Each may lease the whole machine, so more than one "
         "oversubscribes it: more tasks at once than there are cores.",
+    ),
+    oversubscribe: int = typer.Option(
+        1,
+        "--oversubscribe",
+        min=1,
+        metavar="K",
+        help="Let each agent lease every core to up to K tasks at once (as Slurm's "
+        "OverSubscribe=FORCE:K): K times as many tasks at once as cores, from one agent. "
+        "For many short or waiting tasks; memory and GPUs are never shared.",
     ),
     search_registry: list[str] = typer.Option(
         [],
@@ -122,7 +134,9 @@ def run(
         die(f"{file} is not a valid Fuzzfile; nothing was started", Category.INVALID)
     run_name = name or f"{getpass.getuser()}/{file.stem}-{secrets.token_hex(2)}"
     try:
-        engine = start_local_engine(nodes, site, search_registry, insecure_registry)
+        engine = start_local_engine(
+            nodes, site, search_registry, insecure_registry, oversubscribe=oversubscribe
+        )
         run_id = engine.submit(run_name, text)
     except SquallError as exc:
         die(str(exc), exc.category)

@@ -4,8 +4,10 @@ Each agent reports its cores, memory and GPUs once (`Inventory`); from then on t
 counts what its own leases hold, so it asks for a lease only on a node where the task fits,
 and a node that frees a slot is offered to the jobs that fit it, not to every pending job.
 The model is the agent's own rule (whole cores, memory, devices by kind, an exclusive lease
-alone on its node): the agent still has the final word, and a refusal the model did not
-foresee marks that node full for that shape of request until something ends there.
+alone on its node; on an oversubscribed node, each core counted once per lease that may hold
+it): the agent still has the final word, and a refusal the model did not foresee (a lease of
+several cores on an oversubscribed node where few cores are left with room) marks that node
+full for that shape of request until something ends there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class NodeTotal:
     cores: int
     memory: int
     devices: Mapping[str, int] = field(default_factory=dict)
+    per_core: int = 1  # leases that may hold one core at once (the agent's --oversubscribe)
 
     @classmethod
     def of(cls, inventory: pb.InventoryResponse) -> NodeTotal:
@@ -52,6 +55,7 @@ class NodeTotal:
             cores=len({(c.socket, c.core) for c in inventory.cpus}),
             memory=inventory.memory_bytes,
             devices={kind: vendors[v] for kind, v in DEVICE_VENDORS.items() if vendors[v]},
+            per_core=max(inventory.oversubscribe, 1),
         )
 
     def holds(self, shape: Shape) -> bool:
@@ -68,7 +72,8 @@ class _Node:
 
     def __init__(self, total: NodeTotal) -> None:
         self.total = total
-        self.cores, self.memory = total.cores, total.memory
+        # core slots: a core counts once per lease that may hold it (oversubscribed nodes)
+        self.cores, self.memory = total.cores * total.per_core, total.memory
         self.devices: Counter[str] = Counter(total.devices)
         self.leases = 0
         self.exclusive = False
@@ -79,7 +84,7 @@ class _Node:
             not self.exclusive
             and not (shape.exclusive and self.leases)
             and shape not in self.blocked
-            and shape.cores <= self.cores
+            and shape.cores <= min(self.cores, self.total.cores)
             and shape.memory <= self.memory
             and all(n <= self.devices[kind] for kind, n in shape.devices)
         )

@@ -50,6 +50,7 @@ class LocalSettings:
         default_factory=lambda: _list("SQUALL_INSECURE_REGISTRIES")
     )
     nodes: int = 1  # agents; more than one shares the machine's CPUs (oversubscribed)
+    oversubscribe: int = 1  # tasks that may share one core of an agent (agent --oversubscribe)
     site: str | None = None  # force a site (`--site local`); None: federation decides
     # where `file:///` egress may write (None: anywhere this process may, for `squall run`)
     egress_dirs: Sequence[Path] | None = None
@@ -68,6 +69,7 @@ def local_engine(settings: LocalSettings) -> Engine:
         nodes=whole_machine(settings.nodes),
         search_registries=settings.search_registries,
         insecure_registries=settings.insecure_registries,
+        oversubscribe=settings.oversubscribe,
     )
     secrets = SecretStore(settings.data_dir / "secrets")
     store = settings.store()

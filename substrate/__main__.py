@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         help="runtime for oras:// (SIF) images when a request names none (default: the "
         "default runtime, which runs their squashfs root; `apptainer` where it is installed)",
     )
+    p.add_argument(
+        "--oversubscribe",
+        type=int,
+        default=1,
+        metavar="K",
+        help="let up to K leases hold one core at once (default 1), as Slurm's "
+        "OverSubscribe=FORCE:K: more tasks at once than cores, for short or waiting tasks",
+    )
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument(
         "--search-registry",
@@ -121,7 +129,10 @@ def _watch_owner(pid: int, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.oversubscribe < 1:
+        parser.error("--oversubscribe is at least 1")
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         pod_pool=args.pod_pool,
         deny_networks=(*DENY, *args.deny_network),
         image_dir=args.image_dir,
+        oversubscribe=args.oversubscribe,
     )
     try:
         runtimes = available(args.data_dir, config.userns, weak=args.weak_runtimes or args.clean_up)

@@ -19,7 +19,7 @@ from .leases import Lease, LeaseSpec, LeaseTable, NoSuchLease
 from .logstore import LogStore
 from .network import DENY, POOL, PodNetwork
 from .runtimes import CrunRuntime, Runtime, TaskSpec
-from .tasks import Task, TaskError, TaskManager
+from .tasks import Task, TaskError, TaskManager, TaskState
 
 __all__ = ["Agent", "AgentConfig"]
 
@@ -43,6 +43,7 @@ class AgentConfig:
     pod_pool: str = POOL
     deny_networks: tuple[str, ...] = DENY  # never forwarded to from a job
     image_dir: Path | None = None  # the image cache (None: <data_dir>/images); may be shared
+    oversubscribe: int = 1  # leases that may hold one core at once
 
     @property
     def userns(self) -> UserNamespace:
@@ -63,7 +64,7 @@ class Agent:
         self.runtimes = runtimes
         self.started = time.time()
         self.version = __version__
-        self.leases = LeaseTable(inventory)
+        self.leases = LeaseTable(inventory, oversubscribe=config.oversubscribe)
         self.logs = LogStore(config.data_dir / "logs")
         self.images = ImageCache(
             config.image_dir or config.data_dir / "images",
@@ -82,6 +83,10 @@ class Agent:
             (name for name in OCI_RUNTIMES if name in runtimes), ""
         )
         self._stop = threading.Event()
+        # leases with a Run between its lease check and its task's record: their last task's
+        # end does not release them (the task starting there would run in a released lease)
+        self._starting: dict[str, int] = {}
+        self._starting_lock = threading.Lock()
         self._expirer = threading.Thread(target=self._expire_loop, name="lease-expiry", daemon=True)
 
     def start(self) -> None:
@@ -128,13 +133,18 @@ class Agent:
         return stopped
 
     def _release_if_last(self, task: Task) -> None:
-        others = [t for t in self.tasks.in_lease(task.lease_id) if t is not task]
-        if any(not t.done.is_set() for t in others):
-            return
-        try:
-            self.leases.release(task.lease_id)
-        except NoSuchLease:  # released or expired meanwhile
-            return
+        with self._starting_lock:
+            if self._starting.get(task.lease_id):
+                return
+            # a task's state is final before its hook runs (`done` only after): of two tasks
+            # of the lease that end at once, the hook that looks last sees the other ended
+            others = [t for t in self.tasks.in_lease(task.lease_id) if t is not task]
+            if any(t.state is TaskState.RUNNING for t in others):
+                return
+            try:
+                self.leases.release(task.lease_id)
+            except NoSuchLease:  # released or expired meanwhile
+                return
         task.lease_released = True
 
     def _expire_loop(self) -> None:
@@ -151,7 +161,19 @@ class Agent:
         """Start a task in a lease, pulling its image first when the cache lacks it; with
         `release_at_end`, the lease is released as the task ends, unless another task of the
         lease still runs."""
-        lease = self.leases.get(lease_id)
+        with self._starting_lock:  # the lease is not released by a task's end meanwhile
+            lease = self.leases.get(lease_id)
+            self._starting[lease_id] = self._starting.get(lease_id, 0) + 1
+        try:
+            return self._run(spec, lease, release_at_end)
+        finally:
+            with self._starting_lock:
+                self._starting[lease_id] -= 1
+                if not self._starting[lease_id]:
+                    del self._starting[lease_id]
+
+    def _run(self, spec: TaskSpec, lease: Lease, release_at_end: bool) -> Task:
+        lease_id = lease.id
         if not spec.runtime and spec.image.startswith("oras://") and self.config.sif_runtime:
             spec = replace(spec, runtime=self.config.sif_runtime)  # e.g. apptainer, if chosen
         if not spec.runtime:

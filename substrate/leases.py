@@ -8,6 +8,11 @@ decides whether the task sees every hardware thread or one per core. `affinity` 
   the fullest such group is used (best fit, which keeps large groups whole for large jobs);
   otherwise groups are taken largest first, which needs the fewest groups.
 
+A node may be oversubscribed (`oversubscribe` K > 1, as Slurm's OverSubscribe=FORCE:K): each
+core may then be held by up to K leases at once, and a lease takes the cores held by the
+fewest, so that leases spread over the node before they share a core. Memory and devices are
+never shared.
+
 A refusal says whether waiting can help: `LeaseError` (no room now: what is held must be
 released first), `LeaseNeverFits` (this node is too small for the request, whatever it holds)
 and `BadLeaseRequest` (the request itself is malformed).
@@ -22,7 +27,7 @@ import itertools
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -90,9 +95,18 @@ class Lease:
 class LeaseTable:
     """Grants, renews, releases and expires leases against one inventory. Thread-safe."""
 
-    def __init__(self, inventory: Inventory, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        inventory: Inventory,
+        clock: Callable[[], float] = time.time,
+        *,
+        oversubscribe: int = 1,
+    ) -> None:
+        if oversubscribe < 1:
+            raise ValueError("oversubscribe is at least 1 (a core held by one lease at a time)")
         self.inventory = inventory
         self.clock = clock
+        self.oversubscribe = oversubscribe  # leases that may hold one core at once
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         # physical core (socket, core) -> its logical CPUs, in id order
@@ -196,8 +210,10 @@ class LeaseTable:
     # ---- choosing -----------------------------------------------------------------
 
     def _free_cores(self) -> list[tuple[int, int]]:
-        taken = {core for lease in self._leases.values() for core in lease.cores}
-        return [core for core in self._cores if core not in taken]
+        """The cores with room for one more lease, those held by the fewest first."""
+        held = Counter(core for lease in self._leases.values() for core in lease.cores)
+        room = [core for core in self._cores if held[core] < self.oversubscribe]
+        return sorted(room, key=lambda core: held[core])  # stable: in core order otherwise
 
     def _pick_cores(self, spec: LeaseSpec) -> list[tuple[int, int]]:
         free = self._free_cores()

@@ -41,6 +41,9 @@ _AFFINITY = {
     pb.AFFINITY_NUMA: "NUMA",
 }
 _STREAM = {STDOUT: pb.STREAM_STDOUT, STDERR: pb.STREAM_STDERR}
+# the most output a Wait reply brings, whatever its output_limit: what is read for it stays in
+# the agent's memory, and the reply within a client's default 4 MiB (longer: Logs streams it)
+MAX_INLINE_OUTPUT = 2**20
 _STATE = {
     TaskState.RUNNING: pb.TASK_STATE_RUNNING,
     TaskState.EXITED: pb.TASK_STATE_EXITED,
@@ -158,6 +161,7 @@ class AgentServicer(rpc.AgentServicer):
             labels={**inv.labels, **self.agent.config.labels},
             agent_version=self.agent.version,
             runtimes=sorted(self.agent.runtimes),
+            oversubscribe=self.agent.leases.oversubscribe,
         )
 
     @_status_codes
@@ -247,9 +251,10 @@ class AgentServicer(rpc.AgentServicer):
         while not task.done.wait(0.5) and context.is_active():
             if deadline is not None and time.time() >= deadline:
                 break
+        ended = task.done.is_set()  # before the status: an ended status, then its output
         status = _status_pb(task)
-        if request.output_limit and task.done.is_set():
-            output = self.agent.logs.output(task.id, request.output_limit)
+        if request.output_limit and ended:
+            output = self.agent.logs.output(task.id, min(request.output_limit, MAX_INLINE_OUTPUT))
             if output is not None:
                 status.output, status.output_included = output, True
         return status

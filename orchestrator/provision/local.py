@@ -146,8 +146,10 @@ class LocalProvisioner:
         search_registries: Sequence[str] = (),
         insecure_registries: Sequence[str] = (),
         python: str = sys.executable,
+        oversubscribe: int = 1,
     ) -> None:
         self.root = root
+        self.oversubscribe = oversubscribe  # leases that may share one core of an agent
         self.nodes = nodes or whole_machine()
         self.search = tuple(search_registries)
         self.insecure = tuple(insecure_registries)
@@ -213,6 +215,8 @@ class LocalProvisioner:
             f"node={name}",
             "--owner-pid",
             str(os.getpid()),
+            "--oversubscribe",
+            str(self.oversubscribe),
         ]
         if node.gpus:
             cmd += ["--gpus", ",".join(map(str, node.gpus))]

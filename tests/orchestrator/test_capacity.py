@@ -135,3 +135,40 @@ def test_the_count_grants_exactly_what_the_agents_lease_table_grants() -> None:
                 continue
             assert node == 0, spec
             held.append((lease.id, shape))
+
+
+def test_an_oversubscribed_node_counts_each_core_once_per_lease_that_may_hold_it() -> None:
+    """An agent with --oversubscribe 3 on 2 cores: the count reads K from the inventory and
+    agrees with the agent's lease table move by move for one-core tasks (the agent spreads
+    them over its cores, so a core has room whenever any slot is free)."""
+    cpus = (Cpu(0, 0, 0, 0), Cpu(1, 1, 0, 0))
+    inventory = Inventory("n", cpus, 8 * GIB, ())
+    total = NodeTotal.of(
+        pb.InventoryResponse(
+            cpus=[pb.Cpu(id=c.id, core=c.core, socket=0, numa_node=0) for c in cpus],
+            memory_bytes=8 * GIB,
+            oversubscribe=3,
+        )
+    )
+    assert (total.cores, total.per_core) == (2, 3)
+    assert not total.holds(Shape(3, 0))  # a lease still needs that many distinct cores
+    rng = random.Random(11)
+    for _ in range(20):
+        table, count = LeaseTable(inventory, oversubscribe=3), Capacity([total])
+        held: list[tuple[str, Shape]] = []
+        for _ in range(60):
+            if held and rng.random() < 0.4:
+                lease_id, shape = held.pop(rng.randrange(len(held)))
+                table.release(lease_id)
+                count.give_back(0, shape)
+                continue
+            shape = Shape(1, rng.choice([0, GIB, 3 * GIB]))
+            node = count.take(shape)
+            try:
+                lease = table.acquire(LeaseSpec("run", memory_bytes=shape.memory))
+            except LeaseError:
+                assert node is None, shape
+                continue
+            assert node == 0, shape
+            held.append((lease.id, shape))
+    assert Capacity([total]).room(Shape(1, 0)) == 6

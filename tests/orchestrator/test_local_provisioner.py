@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from api.substrate.v1 import agent_pb2 as pb
@@ -174,3 +175,22 @@ def test_a_killed_agent_leaves_nothing_once_its_cluster_is_taken_down(
             continue  # that process has gone
         assert not [p for p in points if p.startswith("/run/squall/") and node in p], info
     assert not (tmp_path / "run-k").exists()
+
+
+def test_an_oversubscribed_local_node_leases_a_core_to_k_tasks(tmp_path: Path) -> None:
+    """LocalProvisioner(oversubscribe=2) starts its agents with --oversubscribe 2: the
+    inventory says so, and two one-core leases share the node's one CPU; a third is refused."""
+    provisioner = LocalProvisioner(tmp_path, oversubscribe=2)
+    cluster = provisioner.up(local_plan("run-o", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)]))
+    try:
+        agent = cluster.agents[0]
+        channel, stub = connect(agent.address, agent.token)
+        assert stub.Inventory(pb.InventoryRequest()).oversubscribe == 2
+        leases = [stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1)) for _ in "ab"]
+        assert [tuple(x.cpus) for x in leases] == [(0,), (0,)]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        channel.close()
+    finally:
+        provisioner.down(cluster)

@@ -184,3 +184,36 @@ def test_a_request_the_node_can_never_grant_is_told_apart_from_no_room_now() -> 
         table.acquire(LeaseSpec("b", devices={"nvidia.com/gpu": 3}))
     with pytest.raises(BadLeaseRequest):
         table.acquire(LeaseSpec("b", cores=0))
+
+
+def test_an_oversubscribed_node_lets_k_leases_share_a_core_and_spreads_them_first() -> None:
+    """oversubscribe=3 on a node of 2 cores: six one-core leases, each core held by three;
+    leases go to the core held by the fewest first; memory is never shared."""
+    small = Inventory("n", (Cpu(0, 0, 0, 0), Cpu(1, 1, 0, 0)), 4 * GiB, ())
+    table = LeaseTable(small, oversubscribe=3)
+    leases = [table.acquire(LeaseSpec("a")) for _ in range(6)]
+    assert [x.cpus for x in leases] == [(0,), (1,), (0,), (1,), (0,), (1,)]
+    with pytest.raises(LeaseError, match="0 of 2 are free"):
+        table.acquire(LeaseSpec("a"))
+    table.release(leases[1].id)
+    assert table.acquire(LeaseSpec("a")).cpus == (1,)  # the core with room
+    table.release(leases[0].id)
+    table.release(leases[2].id)  # core 0 held once, core 1 three times: one core has room
+    with pytest.raises(LeaseError, match="asked for 2 cores; 1 of 2 are free"):
+        table.acquire(LeaseSpec("a", cores=2))
+    table.release(leases[3].id)
+    two = table.acquire(LeaseSpec("a", cores=2))  # two distinct cores, each with room
+    assert two.cpus == (0, 1)
+    with pytest.raises(LeaseError, match="memory"):
+        table.acquire(LeaseSpec("a", memory_bytes=5 * GiB))
+    with pytest.raises(ValueError, match="at least 1"):
+        LeaseTable(small, oversubscribe=0)
+
+
+def test_without_oversubscription_a_core_is_one_leases() -> None:
+    small = Inventory("n", (Cpu(0, 0, 0, 0), Cpu(1, 1, 0, 0)), 4 * GiB, ())
+    table = LeaseTable(small)
+    table.acquire(LeaseSpec("a"))
+    table.acquire(LeaseSpec("a"))
+    with pytest.raises(LeaseError, match="0 of 2 are free"):
+        table.acquire(LeaseSpec("a"))

@@ -283,9 +283,12 @@ class InventoryResponse(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     RUNTIMES_FIELD_NUMBER: _builtins.int
+    OVERSUBSCRIBE_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     memory_bytes: _builtins.int
     agent_version: _builtins.str
+    oversubscribe: _builtins.int
+    """how many leases may hold one core at once (0 or 1: a core is one lease's)"""
     @_builtins.property
     def cpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___Cpu]:
         """only those this agent may use"""
@@ -308,10 +311,11 @@ class InventoryResponse(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         runtimes: _abc.Iterable[_builtins.str] | None = ...,
+        oversubscribe: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "cpus", b"cpus", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "memory_bytes", b"memory_bytes", "runtimes", b"runtimes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "cpus", b"cpus", "gpus", b"gpus", "hostname", b"hostname", "labels", b"labels", "memory_bytes", b"memory_bytes", "oversubscribe", b"oversubscribe", "runtimes", b"runtimes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -900,7 +904,7 @@ class WaitRequest(_message.Message):
     """0: wait as long as it takes"""
     output_limit: _builtins.int
     """> 0: once the task has ended, its output comes in the reply when it is at most this
-    many bytes (no Logs call needed)
+    many bytes, and at most 1 MiB whatever this asks (no Logs call needed)
     """
     def __init__(
         self,
