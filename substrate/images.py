@@ -173,6 +173,7 @@ class _Pull:
     done: threading.Event = field(default_factory=threading.Event)
     result: Image | None = None
     error: Exception | None = None
+    shown: bool = False  # `who` showed access to `result`: it pulled it, or the registry took it
 
 
 class ImageCache:
@@ -271,7 +272,8 @@ class ImageCache:
                 break
             progress(f"waiting for a pull of {key} already in progress")
             flight.done.wait()
-            if flight.who == who or not check_access:
+            same = flight.who == who and (flight.shown or flight.error is not None)
+            if same or not check_access:
                 if flight.error is not None:
                     raise flight.error
                 assert flight.result is not None
@@ -284,7 +286,9 @@ class ImageCache:
             if hit is not None and check_access:
                 check()  # raises ImageError when the registry refuses this login
             flight.result = image
-            self._grant(key, who)
+            if hit is None or check_access:  # pulled or checked: not a hit taken unchecked
+                flight.shown = True
+                self._grant(key, who)
             return image
         except Exception as exc:
             flight.error = exc

@@ -5,6 +5,7 @@ a caller whose login the registry takes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -200,3 +201,49 @@ def test_agents_sharing_an_image_folder_pull_once_and_each_checks_logins(
     assert "authentication failed: the registry refused" in refused(third, ref, WRONG)
     assert "requires authentication and no credentials" in refused(third, ref, None)
     assert third.get(ref, RIGHT).cached
+
+
+@pytest.mark.parametrize("kind", ["docker", "oras"])
+def test_a_run_that_takes_another_agents_pull_unchecked_grants_no_login(
+    private: Registry, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent's Run (which carries no login and takes the cache as it is) that finds, once
+    it has the folder's lock, what another agent pulled with a login, vouches for nobody:
+    neither a caller without the login waiting on that Run's pull nor a later one gets the
+    image without the registry taking its login."""
+    ref = refs(private)[kind]
+    other = ImageCache(tmp_path, (), (private.address,))
+    runner = ImageCache(tmp_path, (), (private.address,))
+    real = runner._folder_lock
+    outcomes: list[object] = []
+    waiting = threading.Event()
+
+    def pull_without_login() -> None:
+        def progress(line: str) -> None:
+            if line.startswith("waiting for a pull"):
+                waiting.set()
+
+        try:
+            outcomes.append(runner.get(ref, None, progress))
+        except ImageError as exc:
+            outcomes.append(exc)
+
+    waiter = threading.Thread(target=pull_without_login)
+
+    @contextlib.contextmanager
+    def lock_after_another_agents_pull() -> Iterator[None]:
+        waiter.start()  # joins the Run's pull in flight in this agent
+        assert waiting.wait(30)
+        assert not other.get(ref, RIGHT).cached  # lands while the Run waits for the lock
+        with real():
+            yield
+
+    monkeypatch.setattr(runner, "_folder_lock", lock_after_another_agents_pull)
+    assert runner.get(ref, check_access=False).cached
+    waiter.join()
+    assert len(outcomes) == 1
+    assert isinstance(outcomes[0], ImageError), outcomes
+    assert "requires authentication and no credentials" in str(outcomes[0])
+    assert "requires authentication and no credentials" in refused(runner, ref, None)
+    assert "authentication failed: the registry refused" in refused(runner, ref, WRONG)
+    assert runner.get(ref, RIGHT).cached
