@@ -11,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -485,3 +487,67 @@ def test_wait_brings_a_short_output_whole_and_leaves_a_long_one_to_logs(agent: R
     status = agent.stub.Wait(pb.WaitRequest(task_id=running, timeout_seconds=0.1, output_limit=99))
     assert status.state == pb.TASK_STATE_RUNNING
     assert not status.output_included
+
+
+def test_a_task_ending_while_another_starts_in_its_lease_leaves_the_lease_held(
+    agent: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task of a lease that ends while another is being started in it (that Run past the
+    lease's check, its task not yet recorded) does not release the lease: the other task
+    would run on cores and memory given back. The last to end releases it."""
+    lease = agent.lease()
+    go = tmp_path / "go"
+    first = agent.run(
+        ["/bin/sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done"],
+        lease=lease,
+        release_lease_at_end=True,
+    )
+    tasks = agent.agent.tasks
+    real = tasks.run
+
+    def run_once_the_first_has_ended(*args: Any, **kw: Any) -> Any:
+        go.touch()
+        assert tasks.get(first).done.wait(30)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tasks, "run", run_once_the_first_has_ended)
+    second = agent.run(["sleep", "0.2"], lease=lease, release_lease_at_end=True)
+    assert not agent.wait(first).lease_released
+    assert [x.id for x in agent.stub.ListLeases(pb.ListLeasesRequest()).leases] == [lease.id]
+    assert agent.wait(second).lease_released
+    assert not agent.stub.ListLeases(pb.ListLeasesRequest()).leases
+
+
+def test_two_tasks_of_a_lease_ending_at_once_release_it(
+    agent: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both tasks' ends are looked at once both have ended, and neither is done (told to
+    its Wait) before both have looked: one of them releases the lease, not neither."""
+    both = threading.Barrier(2)
+    real = agent.agent._release_if_last
+
+    def when_both_have_ended(task: Any) -> None:
+        both.wait(30)
+        real(task)
+        both.wait(30)
+
+    monkeypatch.setattr(agent.agent, "_release_if_last", when_both_have_ended)
+    lease = agent.lease()
+    tasks = [agent.run(["true"], lease=lease, release_lease_at_end=True) for _ in range(2)]
+    statuses = [agent.wait(task) for task in tasks]
+    assert sorted(s.lease_released for s in statuses) == [False, True]
+    assert not agent.stub.ListLeases(pb.ListLeasesRequest()).leases
+
+
+def test_wait_brings_no_more_than_a_mebibyte_whatever_its_output_limit(agent: Running) -> None:
+    task = agent.run(["/bin/sh", "-c", f"head -c {2**20 + 1} /dev/zero"])
+    agent.wait(task)
+    status = agent.stub.Wait(pb.WaitRequest(task_id=task, output_limit=2**32 - 1))
+    assert status.state == pb.TASK_STATE_EXITED
+    assert not status.output_included
+    assert status.output == b""
+    short = agent.run(["/bin/sh", "-c", f"head -c {2**20} /dev/zero"])
+    agent.wait(short)
+    status = agent.stub.Wait(pb.WaitRequest(task_id=short, output_limit=2**32 - 1))
+    assert status.output_included
+    assert status.output == bytes(2**20)
