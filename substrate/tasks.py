@@ -131,6 +131,7 @@ class TaskManager:
         self.cgroups = cgroups
         self.network = network
         self._tasks: dict[str, Task] = {}
+        self._by_lease: dict[str, list[Task]] = {}  # a lease's tasks, without a scan of all
         self._lock = threading.Lock()
         self._stopping = False  # set once: no task starts after it
 
@@ -145,7 +146,7 @@ class TaskManager:
 
     def in_lease(self, lease_id: str) -> list[Task]:
         with self._lock:
-            return [t for t in self._tasks.values() if t.lease_id == lease_id]
+            return list(self._by_lease.get(lease_id, ()))
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         task = self.get(task_id)
@@ -228,6 +229,7 @@ class TaskManager:
             if self._stopping:
                 return False
             self._tasks[task.id] = task
+            self._by_lease.setdefault(task.lease_id, []).append(task)
             return True
 
     @staticmethod
