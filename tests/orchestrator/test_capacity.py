@@ -5,6 +5,7 @@ it fits: checked here on its own, and move by move against the agent's lease tab
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from api.substrate.v1 import agent_pb2 as pb
 from orchestrator.capacity import Capacity, NodeTotal, Shape
@@ -104,9 +105,32 @@ def test_the_count_grants_exactly_what_the_agents_lease_table_grants() -> None:
             gpus=[pb.Gpu(index=g.index, vendor=g.vendor) for g in gpus],
         )
     )
-    rng = random.Random(7)
+
+    def random_spec(rng: random.Random) -> LeaseSpec:
+        return LeaseSpec(
+            holder="run",
+            cores=rng.choice([1, 1, 2, 3, 5]),
+            affinity=rng.choice(["CORE", "SOCKET", "NUMA"]),
+            threads=rng.random() < 0.3,
+            memory_bytes=rng.choice([0, GIB, 3 * GIB]),
+            memory_by_core=rng.random() < 0.3,
+            devices={"nvidia.com/gpu": 1} if rng.random() < 0.2 else {},
+            exclusive=rng.random() < 0.05,
+        )
+
+    replay(lambda: LeaseTable(inventory), total, random_spec, random.Random(7))
+
+
+def replay(
+    new_table: Callable[[], LeaseTable],
+    total: NodeTotal,
+    random_spec: Callable[[random.Random], LeaseSpec],
+    rng: random.Random,
+) -> None:
+    """Random leases taken and given back, 20 times 60 moves: the count must say a shape
+    fits exactly when the agent's table grants it."""
     for _ in range(20):
-        table, count = LeaseTable(inventory), Capacity([total])
+        table, count = new_table(), Capacity([total])
         held: list[tuple[str, Shape]] = []
         for _ in range(60):
             if held and rng.random() < 0.4:
@@ -114,16 +138,7 @@ def test_the_count_grants_exactly_what_the_agents_lease_table_grants() -> None:
                 table.release(lease_id)
                 count.give_back(0, shape)
                 continue
-            spec = LeaseSpec(
-                holder="run",
-                cores=rng.choice([1, 1, 2, 3, 5]),
-                affinity=rng.choice(["CORE", "SOCKET", "NUMA"]),
-                threads=rng.random() < 0.3,
-                memory_bytes=rng.choice([0, GIB, 3 * GIB]),
-                memory_by_core=rng.random() < 0.3,
-                devices={"nvidia.com/gpu": 1} if rng.random() < 0.2 else {},
-                exclusive=rng.random() < 0.05,
-            )
+            spec = random_spec(rng)
             memory = spec.memory_bytes * (spec.cores if spec.memory_by_core else 1)
             devices = tuple(sorted(spec.devices.items()))
             shape = Shape(spec.cores, memory, devices, spec.exclusive)
@@ -152,23 +167,10 @@ def test_an_oversubscribed_node_counts_each_core_once_per_lease_that_may_hold_it
     )
     assert (total.cores, total.per_core) == (2, 3)
     assert not total.holds(Shape(3, 0))  # a lease still needs that many distinct cores
-    rng = random.Random(11)
-    for _ in range(20):
-        table, count = LeaseTable(inventory, oversubscribe=3), Capacity([total])
-        held: list[tuple[str, Shape]] = []
-        for _ in range(60):
-            if held and rng.random() < 0.4:
-                lease_id, shape = held.pop(rng.randrange(len(held)))
-                table.release(lease_id)
-                count.give_back(0, shape)
-                continue
-            shape = Shape(1, rng.choice([0, GIB, 3 * GIB]))
-            node = count.take(shape)
-            try:
-                lease = table.acquire(LeaseSpec("run", memory_bytes=shape.memory))
-            except LeaseError:
-                assert node is None, shape
-                continue
-            assert node == 0, shape
-            held.append((lease.id, shape))
+    replay(
+        lambda: LeaseTable(inventory, oversubscribe=3),
+        total,
+        lambda rng: LeaseSpec("run", memory_bytes=rng.choice([0, GIB, 3 * GIB])),
+        random.Random(11),
+    )
     assert Capacity([total]).room(Shape(1, 0)) == 6
