@@ -109,6 +109,7 @@ def run(
 
         squall run examples/hello.yaml
         squall run examples/pipeline.yaml --name me/pipeline-1 -o json | jq .state
+        squall run examples/array.yaml --oversubscribe 4   # 4 short tasks a core at once
     """
     import getpass
     import secrets

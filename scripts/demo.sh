@@ -15,5 +15,5 @@ export SQUALL_SEARCH_REGISTRIES=$registry SQUALL_INSECURE_REGISTRIES=$registry
 set -x
 .venv/bin/squall workflow validate examples/*.yaml
 .venv/bin/squall run examples/hello.yaml
-.venv/bin/squall run examples/array.yaml --nodes 4   # 200 tasks, 8 at a time
+.venv/bin/squall run examples/array.yaml --oversubscribe 4   # 200 tasks, 4 a core at once
 .venv/bin/squall workflow list
