@@ -23,6 +23,14 @@ def server(
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate chain."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
     nodes: int = typer.Option(1, "--nodes", min=1, help="Agents per local cluster."),
+    oversubscribe: int = typer.Option(
+        1,
+        "--oversubscribe",
+        min=1,
+        metavar="K",
+        help="Let each local agent lease every core to up to K tasks at once (as Slurm's "
+        "OverSubscribe=FORCE:K); memory and GPUs are never shared.",
+    ),
     search_registry: list[str] = typer.Option([], "--search-registry", help="See `squall run`."),
     insecure_registry: list[str] = typer.Option(
         [], "--insecure-registry", help="See `squall run`."
@@ -63,7 +71,9 @@ def server(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         egress_dirs = [d.resolve() for d in egress_dir]
-        engine = start_local_engine(nodes, None, search_registry, insecure_registry, egress_dirs)
+        engine = start_local_engine(
+            nodes, None, search_registry, insecure_registry, egress_dirs, oversubscribe
+        )
         token = _token(token_file or engine.data_dir / "server-token", create=token_file is None)
         tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
         grpc_server, port, servicer = serve(engine, listen, token, tls=tls)
