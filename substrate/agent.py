@@ -195,6 +195,10 @@ class Agent:
         spec = with_devices(spec, lease.devices)
         on_end = self._release_if_last if release_at_end else None
         task = self.tasks.run(spec, lease_id, lease.cpus, lease.memory_bytes, image, on_end)
+        try:  # released (or expired) while the task was prepared: it would run on cores
+            self.leases.get(lease_id)  # given back; once recorded, a release ends it itself
+        except NoSuchLease:
+            self.tasks.cancel(task.id, 0, "its lease was released while it started")
         log.info("task %s (%s) in lease %s: %s", task.id, spec.name, lease_id, task.state.value)
         return task
 

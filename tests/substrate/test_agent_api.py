@@ -551,3 +551,22 @@ def test_wait_brings_no_more_than_a_mebibyte_whatever_its_output_limit(agent: Ru
     status = agent.stub.Wait(pb.WaitRequest(task_id=short, output_limit=2**32 - 1))
     assert status.output_included
     assert status.output == bytes(2**20)
+
+
+def test_a_lease_released_while_its_task_starts_ends_that_task(
+    agent: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ReleaseLease landing between a Run's lease check and its task's record (made to land
+    there): the task is not left running on cores given back; it ends, cancelled."""
+    lease = agent.lease()
+    real_run = agent.agent.tasks.run
+
+    def run_after_a_release(*args: Any, **kwargs: Any) -> Any:
+        agent.agent.release(lease.id)  # what another caller's ReleaseLease does meanwhile
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(agent.agent.tasks, "run", run_after_a_release)
+    task = agent.run(["sleep", "60"], lease=lease)
+    status = agent.wait(task, timeout=15)
+    assert status.state == pb.TASK_STATE_CANCELLED
+    assert "released while it started" in status.message
