@@ -74,9 +74,9 @@ class Rtnl:
         header = _HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0)
         self._sock.send(header + body)
 
-    def _dump(self, kind: int, body: bytes, what: str) -> Iterator[bytes]:
-        """The payload of every message a dump request gets back."""
-        self._send(kind, NLM_F_DUMP, body)
+    def _replies(self, what: str) -> Iterator[bytes]:
+        """The payload of each reply to the last request until its end (its acknowledgement,
+        or the end of a dump); the kernel's refusal raises."""
         while True:
             reply = self._sock.recv(1 << 16)
             offset = 0
@@ -86,27 +86,25 @@ class Rtnl:
                 offset += max(length, _HEADER.size) + (-length % 4)
                 if seq != self._seq:
                     continue
+                if rtype == NLMSG_ERROR:  # an error code of 0 is the acknowledgement
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise NetlinkError(code, f"{what}: {os.strerror(code)}")
+                    return
                 if rtype == NLMSG_DONE:
                     return
-                if rtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    raise NetlinkError(code, f"{what}: {os.strerror(code)}")
                 yield payload
+
+    def _dump(self, kind: int, body: bytes, what: str) -> Iterator[bytes]:
+        """The payload of every message a dump request gets back."""
+        self._send(kind, NLM_F_DUMP, body)
+        yield from self._replies(what)
 
     def _request(self, kind: int, flags: int, body: bytes, what: str) -> None:
         """Send one request and wait for its acknowledgement."""
         self._send(kind, NLM_F_ACK | flags, body)
-        while True:
-            reply = self._sock.recv(65536)
-            offset = 0
-            while offset + _HEADER.size <= len(reply):
-                length, rtype, _, seq, _ = _HEADER.unpack_from(reply, offset)
-                if rtype == NLMSG_ERROR and seq == self._seq:
-                    code = -struct.unpack_from("=i", reply, offset + _HEADER.size)[0]
-                    if code:
-                        raise NetlinkError(code, f"{what}: {os.strerror(code)}")
-                    return
-                offset += max(length, _HEADER.size) + (-length % 4)
+        for _ in self._replies(what):
+            pass  # a request's only reply is its acknowledgement
 
     def add_veth(self, name: str, peer: str, peer_pid: int) -> None:
         """A veth pair: `name` here, `peer` in the network namespace of process `peer_pid`."""
