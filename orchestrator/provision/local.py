@@ -4,10 +4,10 @@ Each agent owns a slice (CPUs, memory) and its own data directory, serves gRPC o
 loopback port and is reached only through that API, as a cloud node would be. The run's agents
 share one image folder (they share the machine): each image is pulled and unpacked once a
 run, not once a node. Agents run in their own session, so a Ctrl-C at the terminal reaches
-the orchestrator, which then stops them in order (TERM, then KILL after a grace). Once they are gone, whatever an agent that did
-not stop cleanly left (its tasks' processes, mounts, network namespaces, bridge, cgroups) is
-removed by `substrate --clean-up` on its data directory, and the run's agent directories
-(tokens, task state, images) are deleted.
+the orchestrator, which then stops them in order (TERM, then KILL after a grace). Once they
+are gone, whatever an agent that did not stop cleanly left (its tasks' processes, mounts,
+network namespaces, bridge, cgroups) is removed by `substrate --clean-up` on its data
+directory, and the run's agent directories (tokens, task state, images) are deleted.
 """
 
 from __future__ import annotations
