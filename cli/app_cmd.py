@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
-from .output import die, err, print_diagnostic, write_atomic
+from .output import die, err, escape, print_diagnostic, write_atomic
 
 app = typer.Typer(
     help="Render application templates (Go-templated Fuzzfiles with a values.yaml).",

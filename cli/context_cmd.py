@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 
-from .output import Format, die, out, print_json
+from .output import Format, die, escape, out, print_json
 
 __all__ = ["app"]
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.markup import escape
 
-from .output import Format, out, print_json
+from .output import Format, escape, out, print_json
 
 __all__ = ["doctor"]
 

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.markup import escape
 
-from .output import Format, die, err, out, print_json
+from .output import Format, die, err, escape, out, print_json
 
 if TYPE_CHECKING:
     from federate.catalog import Catalog

@@ -11,9 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from rich.markup import escape
-
-from .output import err
+from .output import err, escape
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -131,7 +129,7 @@ def _live(updates: Iterator[RunUpdate]) -> RunView:
         raise RuntimeError("the watch ended before its first update")
     run, new = first
     recent.extend(new)
-    with Live(render(run, recent), console=err, refresh_per_second=8) as view:
+    with Live(render(run, recent), console=err.console, refresh_per_second=8) as view:
         for run, new in updates:
             recent.extend(new)
             view.update(render(run, recent))

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.markup import escape
 
 from .live import watch
-from .output import EXIT_RUN_FAILED, Format, die, err, print_json
+from .output import EXIT_RUN_FAILED, Format, die, err, escape, print_json
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine

@@ -6,9 +6,8 @@ import sys
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 
-from .output import Format, die, out, print_json
+from .output import Format, die, escape, out, print_json
 
 if TYPE_CHECKING:
     from orchestrator.secrets import SecretStore

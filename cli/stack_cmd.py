@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.markup import escape
 
-from .output import Format, die, err, out, print_json
+from .output import Format, die, err, escape, out, print_json
 
 if TYPE_CHECKING:
     from orchestrator.provision.stacks import StackDriver

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 
 from .output import (
     Format,
     die,
     err,
-    out,
+    escape,
+    paint,
     print_diagnostic,
     print_json,
     write_atomic,
@@ -92,8 +93,8 @@ def validate(
         for r in results:
             _print_result(r, quiet=quiet)
         if len(results) > 1:
-            out.print(
-                f"{len(results)} files: {len(results) - len(failed)} valid, {len(failed)} invalid"
+            sys.stdout.write(
+                f"{len(results)} files: {len(results) - len(failed)} valid, {len(failed)} invalid\n"
             )
     if failed:
         from orchestrator.errors import Category, exit_code
@@ -119,19 +120,23 @@ def _expand(paths: list[Path]) -> list[Path]:
 
 
 def _print_result(r: LoadResult, *, quiet: bool) -> None:
+    # written with `paint`, not rich: validate's start-up is a goal of its own (issue 13)
     shown = r.errors if quiet else r.diagnostics
+    stdout = sys.stdout
     if r.ok:
         warn = (
             f", {len(r.warnings)} warning{'s' if len(r.warnings) != 1 else ''}"
             if r.warnings
             else ""
         )
-        out.print(f"[green]valid[/]   {escape(r.file)} ({_summary(r)}){warn}")
+        stdout.write(f"{paint(stdout, 'valid', 'green')}   {r.file} ({_summary(r)}){warn}\n")
     else:
         n = len(r.errors)
-        out.print(f"[bold red]invalid[/] {escape(r.file)}: {n} error{'s' if n != 1 else ''}")
+        stdout.write(
+            f"{paint(stdout, 'invalid', 'bold red')} {r.file}: {n} error{'s' if n != 1 else ''}\n"
+        )
     for d in shown:
-        print_diagnostic(d, out, indent="  ")
+        print_diagnostic(d, stdout, indent="  ")
 
 
 def _load_valid(file: Path) -> LoadResult:

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from rich.markup import escape
 
-from .output import EXIT_RUN_FAILED, Format, die, err, out, print_json
+from .output import EXIT_RUN_FAILED, Format, die, err, escape, out, print_json
 
 if TYPE_CHECKING:
     from orchestrator.view_types import RunUpdate, RunView

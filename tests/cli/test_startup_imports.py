@@ -91,14 +91,24 @@ def test_help_imports_no_heavy_library(tmp_path: Path) -> None:
     assert loaded(modules, HEAVY + HELP_ONLY) == []
 
 
-@pytest.mark.parametrize("args", [(str(HELLO),), ("-o", "json", str(HELLO))])
+BROKEN = "version: v4\njobs:\n  a:\n    image: {uri: docker://x}\n    resource: {cores: 4}\n"
+
+
+@pytest.mark.parametrize(
+    "args", [(str(HELLO),), ("-o", "json", str(HELLO)), ("broken.yaml",), (str(HELLO), ".")]
+)
 def test_validate_imports_only_the_fuzzfile_machinery(
     tmp_path: Path, args: tuple[str, ...]
 ) -> None:
+    """Valid, invalid (errors printed) and several files (a summary line): validate prints
+    without rich (cli/output.py `paint`)."""
+    (tmp_path / "broken.yaml").write_text(BROKEN)
+    args = tuple(str(tmp_path / a) if a in ("broken.yaml", ".") else a for a in args)
     modules = modules_after(tmp_path, "workflow", "validate", *args)
     assert "orchestrator.fuzzfile.schema" in modules  # it did validate
     assert loaded(modules, HEAVY) == []
     assert loaded(modules, OTHER_COMMANDS) == []
+    assert loaded(modules, ("rich",)) == []
 
 
 def test_a_command_without_fuzzfiles_imports_no_pydantic(
