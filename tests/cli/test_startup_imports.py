@@ -170,13 +170,15 @@ except SystemExit:
     pass
 finally:
     print(json.dumps({"pydantic_plugins_looked_up": "pydantic" in looked_up,
-                      "frozen": gc.get_freeze_count()}), file=sys.stderr)
+                      "frozen": gc.get_freeze_count(), "young": gc.get_threshold()[0]}),
+          file=sys.stderr)
 """
 
 
 class EntryPointRun(TypedDict):
     pydantic_plugins_looked_up: bool
     frozen: int  # gc.get_freeze_count() when the command was over
+    young: int  # the youngest generation's collection threshold then
 
 
 def entry_point_run(args: tuple[str, ...], **env: str) -> EntryPointRun:
@@ -211,3 +213,12 @@ def test_the_entry_point_leaves_its_objects_to_the_shutdown_uncollected(
     """The interpreter's shutdown would otherwise run full collections over every object
     the command left, about a tenth of `squall workflow validate`'s time."""
     assert entry_point_run(args)["frozen"] > 10_000
+
+
+def test_the_entry_point_collects_the_youngest_generation_less_often() -> None:
+    """Start-up's long-lived objects are not walked by a full collection every few
+    thousand allocations (about 15 ms of validate)."""
+    from cli.main import YOUNG_GC
+
+    assert YOUNG_GC > 700  # Python's default
+    assert entry_point_run(("workflow", "validate", str(HELLO)))["young"] == YOUNG_GC
