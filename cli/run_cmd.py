@@ -58,8 +58,11 @@ def run(
         1,
         "--nodes",
         min=1,
-        help="Agents to start. Each may lease the whole machine, so more than one "
-        "oversubscribes it: more tasks at once than there are cores.",
+        help="Nodes of the run's cluster. One (the default) may lease the whole machine; "
+        "more are separate like a cluster's machines: each a network namespace with its own "
+        "address on a bridge of the run's, its own hostname, a disjoint slice of the CPUs "
+        "(shared in turn when there are more nodes than CPUs) and an equal share of the "
+        "memory. Needs root; all of it is removed when the run ends.",
     ),
     oversubscribe: int = typer.Option(
         1,

@@ -22,7 +22,12 @@ def server(
     ),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate chain."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key."),
-    nodes: int = typer.Option(1, "--nodes", min=1, help="Agents per local cluster."),
+    nodes: int = typer.Option(
+        1,
+        "--nodes",
+        min=1,
+        help="Nodes per local cluster: more than one are separate, as `squall run --nodes`.",
+    ),
     oversubscribe: int = typer.Option(
         1,
         "--oversubscribe",

@@ -20,7 +20,7 @@ from .engine import Engine
 from .placing import Placer
 from .provision import LocalProvisioner
 from .provision.cloud import CloudProvisioner, CloudSettings
-from .provision.local import whole_machine
+from .provision.local import separate_nodes, whole_machine
 from .provision.stacks import StackDriver, StackSettings
 from .secrets import SecretStore
 from .store import Store
@@ -49,7 +49,9 @@ class LocalSettings:
     insecure_registries: Sequence[str] = field(
         default_factory=lambda: _list("SQUALL_INSECURE_REGISTRIES")
     )
-    nodes: int = 1  # agents; more than one shares the machine's CPUs (oversubscribed)
+    # nodes of each local cluster: one (the default) may lease the whole machine; more are
+    # separate, each a network namespace, address, hostname and CPU slice of its own (root)
+    nodes: int = 1
     oversubscribe: int = 1  # tasks that may share one core of an agent (agent --oversubscribe)
     site: str | None = None  # force a site (`--site local`); None: federation decides
     # where `file:///` egress may write (None: anywhere this process may, for `squall run`)
@@ -66,7 +68,8 @@ def local_engine(settings: LocalSettings) -> Engine:
     settings.data_dir.chmod(0o700)
     here = LocalProvisioner(
         settings.data_dir / "site",
-        nodes=whole_machine(settings.nodes),
+        nodes=separate_nodes(settings.nodes) if settings.nodes > 1 else whole_machine(),
+        namespaced=settings.nodes > 1,
         search_registries=settings.search_registries,
         insecure_registries=settings.insecure_registries,
         oversubscribe=settings.oversubscribe,

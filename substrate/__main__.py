@@ -21,6 +21,7 @@ from .confine import ConfinementError
 from .heap import keep_freed_memory
 from .inventory import parse_cpu_list, read_inventory
 from .network import DENY, POOL, NetworkError
+from .node import NodeError, enter
 from .runtimes import available
 from .server import create_server
 
@@ -91,6 +92,18 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where the node's container subnet (a free /24) is taken from (default {POOL})",
     )
     p.add_argument(
+        "--pod-subnet",
+        help="the node's container subnet (a CIDR of the pod pool), as given by a local "
+        "cluster whose nodes cannot see each other's (default: the first free /24)",
+    )
+    p.add_argument(
+        "--netns",
+        type=Path,
+        help="join this pinned network namespace first: the node of a local cluster that its "
+        "orchestrator made (with --hostname)",
+    )
+    p.add_argument("--hostname", help="with --netns: the node's hostname (a UTS namespace)")
+    p.add_argument(
         "--deny-network",
         action="append",
         default=[],
@@ -133,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.oversubscribe < 1:
         parser.error("--oversubscribe is at least 1")
+    if args.netns:  # first: no thread has started yet
+        try:
+            enter(args.netns, args.hostname or args.netns.name)
+        except NodeError as exc:
+            print(f"substrate: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -169,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         userns_base=args.userns_base,
         pod_network=not args.no_pod_network,
         pod_pool=args.pod_pool,
+        pod_subnet=args.pod_subnet,
         deny_networks=(*DENY, *args.deny_network),
         image_dir=args.image_dir,
         oversubscribe=args.oversubscribe,

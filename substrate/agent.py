@@ -41,6 +41,7 @@ class AgentConfig:
     userns_base: int = USERNS_BASE
     pod_network: bool = True  # job containers on the node's bridge (False: loopback only)
     pod_pool: str = POOL
+    pod_subnet: str | None = None  # the node's container subnet, given; None: a free one
     deny_networks: tuple[str, ...] = DENY  # never forwarded to from a job
     image_dir: Path | None = None  # the image cache (None: <data_dir>/images); may be shared
     oversubscribe: int = 1  # leases that may hold one core at once
@@ -74,7 +75,12 @@ class Agent:
         )
         self.cgroups = Cgroups(config.agent_id)
         self.network = (
-            PodNetwork(config.agent_id, pool=config.pod_pool, deny=config.deny_networks)
+            PodNetwork(
+                config.agent_id,
+                pool=config.pod_pool,
+                deny=config.deny_networks,
+                subnet=config.pod_subnet,
+            )
             if config.pod_network
             else None
         )

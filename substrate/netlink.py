@@ -129,11 +129,29 @@ class Rtnl:
         self._request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body, f"add {interface} to {name}")
 
     def add_default_route(self, gateway: ipaddress.IPv4Address) -> None:
+        self.add_route(gateway)
+
+    def add_route(
+        self, gateway: ipaddress.IPv4Address, destination: ipaddress.IPv4Network | None = None
+    ) -> None:
+        """A route to `destination` (None: the default route) through `gateway`."""
+        prefix = destination.prefixlen if destination else 0
         body = _RTMSG.pack(
-            socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+            socket.AF_INET,
+            prefix,
+            0,
+            0,
+            RT_TABLE_MAIN,
+            RTPROT_BOOT,
+            RT_SCOPE_UNIVERSE,
+            RTN_UNICAST,
+            0,
         )
+        if destination is not None:
+            body += _attr(RTA_DST, destination.network_address.packed)
         body += _attr(RTA_GATEWAY, gateway.packed)
-        self._request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, f"add default via {gateway}")
+        what = f"add {destination or 'default'} via {gateway}"
+        self._request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, what)
 
     def add_bridge(self, name: str) -> None:
         info = _attr(IFLA_INFO_KIND, _name("bridge"))

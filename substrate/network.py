@@ -31,7 +31,16 @@ from pathlib import Path
 
 from .netlink import Rtnl
 
-__all__ = ["Attachment", "NetworkError", "PodNetwork", "netns_path", "remove"]
+__all__ = [
+    "Attachment",
+    "NetworkError",
+    "PodNetwork",
+    "enslave",
+    "netns_path",
+    "new_netns",
+    "remove",
+    "unpin",
+]
 
 POOL = "10.224.0.0/12"
 DENY = ("169.254.0.0/16",)
@@ -79,7 +88,7 @@ def _host_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _new_netns(
+def new_netns(
     path: Path, settings: dict[str, str], wire: Callable[[], None] = lambda: None
 ) -> None:
     """A network namespace pinned at `path` (as `ip netns add` makes them), with `settings`
@@ -110,7 +119,7 @@ def _new_netns(
         raise NetworkError(f"cannot make the network namespace {path}: {errors[0]}")
 
 
-def _enslave(veth: str, bridge: str) -> None:
+def enslave(veth: str, bridge: str) -> None:
     """Put `veth` on `bridge` and bring it up (two ioctls, no process)."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -126,11 +135,22 @@ def _enslave(veth: str, bridge: str) -> None:
 class PodNetwork:
     """The bridge, firewall and per-task namespaces of one agent."""
 
-    def __init__(self, agent_id: str, *, pool: str = POOL, deny: Sequence[str] = DENY) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        *,
+        pool: str = POOL,
+        deny: Sequence[str] = DENY,
+        subnet: str | None = None,
+    ) -> None:
+        """`subnet`: the node's container subnet, given (a namespaced node of a local
+        cluster, whose nodes cannot see each other's); None: the first free /24 of `pool`.
+        Traffic to `pool` is routed as it is, to anywhere else masqueraded."""
         self.bridge = f"sqb{agent_id[:12]}"
         self.table = f"squall_{agent_id[:12]}"
         self.pool = ipaddress.IPv4Network(pool)
         self.deny = [str(ipaddress.ip_network(d)) for d in deny]
+        self.given_subnet = ipaddress.IPv4Network(subnet) if subnet else None
         self.subnet: ipaddress.IPv4Network | None = None
         self._free: list[ipaddress.IPv4Address] = []
         self._given: dict[str, ipaddress.IPv4Address] = {}
@@ -178,11 +198,16 @@ class PodNetwork:
     def _make_bridge(self) -> ipaddress.IPv4Network:
         with Rtnl() as rtnl:
             used = rtnl.ipv4_networks() + rtnl.ipv4_routes()
-            for subnet in self.pool.subnets(new_prefix=24):
-                if not any(subnet.overlaps(u) for u in used):
-                    break
+            if self.given_subnet is not None:
+                subnet = self.given_subnet
+                if any(subnet.overlaps(u) for u in used):
+                    raise NetworkError(f"the pod subnet {subnet} is in use on this node")
             else:
-                raise NetworkError(f"no free /24 left in the pod pool {self.pool}")
+                for subnet in self.pool.subnets(new_prefix=24):
+                    if not any(subnet.overlaps(u) for u in used):
+                        break
+                else:
+                    raise NetworkError(f"no free /24 left in the pod pool {self.pool}")
             gateway = next(subnet.hosts())
             rtnl.add_bridge(self.bridge)
             rtnl.add_address(self.bridge, ipaddress.IPv4Interface(f"{gateway}/{subnet.prefixlen}"))
@@ -193,7 +218,12 @@ class PodNetwork:
         assert self.subnet is not None
         br, table = self.bridge, self.table
         deny = ", ".join(self.deny)
-        deny_rule = f'iifname "{br}" ip daddr {{ {deny} }} drop' if self.deny else ""
+        # replies pass: a node's side (the orchestrator probing a service) may start them
+        deny_rule = (
+            f'iifname "{br}" ip daddr {{ {deny} }} ct state != {{ established, related }} drop'
+            if self.deny
+            else ""
+        )
         _nft(
             f"table inet {table}\n"
             f"delete table inet {table}\n"
@@ -247,7 +277,7 @@ class PodNetwork:
 
         try:
             # root in the job is not root of this namespace: let it bind low ports and ping
-            _new_netns(
+            new_netns(
                 netns_path(task_id),
                 {
                     "net.ipv4.ip_unprivileged_port_start": "0",
@@ -255,7 +285,7 @@ class PodNetwork:
                 },
                 wire,
             )
-            _enslave(veth, self.bridge)
+            enslave(veth, self.bridge)
         except NetworkError:
             self.detach(task_id)
             raise
@@ -275,6 +305,10 @@ def remove(task_id: str) -> None:
     and the kernel destroys the namespace, and the veth pair with it, once the task's last
     process has gone. (Done here rather than by `ip netns del` and `ip link del`, which
     wait on the kernel: 30 ms of every task's end.)"""
-    path = netns_path(task_id)
+    unpin(netns_path(task_id))
+
+
+def unpin(path: Path) -> None:
+    """Remove the name of a pinned network namespace (`ip netns del` without its wait)."""
     _libc.umount2(os.fsencode(path), MNT_DETACH)  # EINVAL/ENOENT: not (or no longer) mounted
     path.unlink(missing_ok=True)

@@ -1,7 +1,10 @@
 """The local site: a cluster of substrate agents running as processes on this machine.
 
-Each agent owns a slice (CPUs, memory) and its own data directory, serves gRPC on a free
-loopback port and is reached only through that API, as a cloud node would be. The run's agents
+Each agent owns a slice (CPUs, memory) and its own data directory and is reached only through
+its gRPC API, as a cloud node would be. One node (the default) serves on a free loopback port.
+Separate nodes (`namespaced`, `squall run --nodes N`) are each a network namespace with an
+address on a bridge of the run's, a hostname and a disjoint slice of the CPUs of their own
+(node_network.py); their agents serve at their nodes' addresses alone. The run's agents
 share one image folder (they share the machine): each image is pulled and unpacked once a
 run, not once a node. Agents run in their own session, so a Ctrl-C at the terminal reaches
 the orchestrator, which then stops them in order (TERM, then KILL after a grace). Once they
@@ -33,6 +36,7 @@ from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
 from substrate.paths import remove_tree
 
 from .base import AgentEndpoint, Cluster, NodeSlice, Plan, ProvisionError, Report, quiet
+from .node_network import LoopbackRelay, NodePlace, RunNetwork, loopback_ports
 
 if TYPE_CHECKING:
     from ..fuzzfile import Workflow
@@ -43,6 +47,8 @@ __all__ = [
     "Machine",
     "Sizing",
     "local_plan",
+    "separate_nodes",
+    "share_machine",
     "slice_machine",
     "this_machine",
     "whole_machine",
@@ -118,6 +124,34 @@ def whole_machine(count: int = 1) -> Sizing:
     return size
 
 
+def share_machine(machine: Machine, count: int) -> list[NodeSlice]:
+    """`count` nodes cut out of `machine`: disjoint slices of its CPUs in NUMA order (sizes
+    differ by one at most), an equal share of its memory, and its GPUs dealt out in turn.
+    With more nodes than CPUs, nodes take the CPUs in turn and so share them."""
+    cpus = machine.cpu_ids
+    if count <= len(cpus):
+        size, extra = divmod(len(cpus), count)
+        starts = [i * size + min(i, extra) for i in range(count + 1)]
+        cut = [cpus[starts[i] : starts[i + 1]] for i in range(count)]
+    else:
+        cut = [(cpus[i % len(cpus)],) for i in range(count)]
+    gpus = tuple(g.index for g in machine.gpus)
+    return [
+        NodeSlice(cpus=tuple(c), memory_bytes=machine.memory_bytes // count, gpus=gpus[i::count])
+        for i, c in enumerate(cut)
+    ]
+
+
+def separate_nodes(count: int) -> Sizing:
+    """`count` nodes of this machine, sized by `share_machine` (for `namespaced` clusters)."""
+
+    def size(wf: Workflow) -> list[NodeSlice]:
+        del wf  # every workflow gets the same nodes
+        return share_machine(this_machine(), count)
+
+    return size
+
+
 def local_plan(run_id: str, nodes: Sequence[NodeSlice]) -> Plan[tuple[NodeSlice, ...]]:
     """A local cluster of `nodes`, recorded in the run's placement as their sizes."""
     record = {
@@ -132,7 +166,7 @@ def local_plan(run_id: str, nodes: Sequence[NodeSlice]) -> Plan[tuple[NodeSlice,
 class LocalProvisioner:
     """Starts and stops agent processes under `root/<run id>/<node>`, as many and as large
     as `nodes` sizes them for a workflow (default: one agent that may lease the whole
-    machine)."""
+    machine); with `namespaced`, each in a node of its own (node_network.py)."""
 
     site = "local"
     cannot: Mapping[str, str] = {}  # this machine runs whatever the engine does
@@ -146,14 +180,17 @@ class LocalProvisioner:
         insecure_registries: Sequence[str] = (),
         python: str = sys.executable,
         oversubscribe: int = 1,
+        namespaced: bool = False,
     ) -> None:
         self.root = root
+        self.namespaced = namespaced
         self.oversubscribe = oversubscribe  # leases that may share one core of an agent
         self.nodes = nodes or whole_machine()
         self.search = tuple(search_registries)
         self.insecure = tuple(insecure_registries)
         self.python = python
         self._procs: dict[str, list[subprocess.Popen[str]]] = {}
+        self._relays: dict[str, LoopbackRelay] = {}
 
     def serves(self, site: str) -> bool:
         return site == self.site
@@ -171,21 +208,40 @@ class LocalProvisioner:
             raise ProvisionError("a cluster needs at least one node")
         started: list[subprocess.Popen[str]] = []
         self._procs[run_id] = started
-        try:  # every agent is started before any is waited for: they boot side by side
-            booting = [
-                self._start(run_id, f"node-{i}", node, started) for i, node in enumerate(nodes)
+        try:
+            places = self._make_nodes(run_id, len(nodes)) if self.namespaced else None
+            booting = [  # every agent is started before any is waited for: side by side
+                self._start(run_id, f"node-{i}", node, started, places[i] if places else None)
+                for i, node in enumerate(nodes)
             ]
             agents = [ready() for ready in booting]
         except BaseException:
             self._stop(started)
             del self._procs[run_id]
+            self._remove_network(run_id)  # the agents' folders stay, with their logs
             raise
         return Cluster(run_id=run_id, site=self.site, agents=tuple(agents))
 
+    def _make_nodes(self, run_id: str, count: int) -> list[NodePlace]:
+        """The run's node namespaces and bridge, and its loopback registries relayed to the
+        nodes."""
+        places = RunNetwork(run_id).make(count)
+        relay = self._relays[run_id] = LoopbackRelay()
+        for place in places:
+            for port in loopback_ports([*self.search, *self.insecure]):
+                relay.serve(place.netns, port)
+        return places
+
     def _start(
-        self, run_id: str, name: str, node: NodeSlice, started: list[subprocess.Popen[str]]
+        self,
+        run_id: str,
+        name: str,
+        node: NodeSlice,
+        started: list[subprocess.Popen[str]],
+        place: NodePlace | None,
     ) -> Callable[[], AgentEndpoint]:
-        """Start an agent's process; a function that waits until it serves, and says where."""
+        """Start an agent's process (in its node, when `place` is one); a function that waits
+        until it serves, and says where."""
         home = self.root / run_id / name
         home.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
@@ -197,7 +253,7 @@ class LocalProvisioner:
             "-m",
             "substrate",
             "--listen",
-            "127.0.0.1:0",
+            f"{place.address if place else '127.0.0.1'}:0",
             "--data-dir",
             str(home / "data"),
             "--image-dir",  # the run's nodes share this machine: each image is pulled once
@@ -219,6 +275,11 @@ class LocalProvisioner:
         ]
         if node.gpus:
             cmd += ["--gpus", ",".join(map(str, node.gpus))]
+        if place is not None:
+            cmd += ["--netns", str(place.netns), "--hostname", place.name]
+            cmd += ["--pod-subnet", str(place.pod_subnet)]
+            # containers never reach a node (their own, another, this machine's side)
+            cmd += ["--deny-network", str(place.node_network)]
         for flag, values in (
             ("--search-registry", self.search),
             ("--insecure-registry", self.insecure),
@@ -286,19 +347,26 @@ class LocalProvisioner:
 
     def _remove(self, run_id: str, clean: bool) -> None:
         """Delete the run's agent directories, first cleaning up after any agent that did
-        not stop cleanly (the data directories are how its leftovers are found)."""
+        not stop cleanly (the data directories are how its leftovers are found, in its
+        node's namespace where it had one), then the run's node network, if it has one."""
         home = self.root / run_id
-        if not home.is_dir():
-            return
-        if not clean:
-            for data in sorted(home.glob("*/data")):
-                subprocess.run(
-                    [self.python, "-m", "substrate", "--data-dir", str(data), "--clean-up"],
-                    capture_output=True,
-                    timeout=120,
-                    check=False,
-                )
-        remove_tree(home)
+        network = RunNetwork(run_id)
+        if not clean and home.is_dir():
+            for data in sorted(home.glob("node-*/data")):
+                cmd = [self.python, "-m", "substrate", "--data-dir", str(data), "--clean-up"]
+                netns = network.netns(int(data.parent.name.removeprefix("node-")))
+                if netns.exists():
+                    cmd += ["--netns", str(netns)]
+                subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+        self._remove_network(run_id)
+        if home.is_dir():
+            remove_tree(home)
+
+    def _remove_network(self, run_id: str) -> None:
+        relay = self._relays.pop(run_id, None)
+        if relay is not None:
+            relay.close()
+        RunNetwork(run_id).remove()
 
     @staticmethod
     def _stop(procs: list[subprocess.Popen[str]]) -> bool:

@@ -1,6 +1,6 @@
 """The agent's rtnetlink requests against `ip`, in a network namespace of the test's own
-(`unshare --net`): the bridge it makes, and the networks and routes it lists, are what `ip`
-shows there."""
+(`unshare --net`): the bridge and routes it makes, and the networks and routes it lists, are
+what `ip` shows there."""
 
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ with Rtnl() as rtnl:
     out["ip_networks"] = ip_networks()
     import socket
     out["bridge_networks"] = list(map(str, rtnl.ipv4_networks(socket.if_nametoindex("sqbtest"))))
+    rtnl.add_route(ipaddress.IPv4Address("10.77.3.9"), ipaddress.IPv4Network("10.88.1.0/24"))
+    rtnl.add_default_route(ipaddress.IPv4Address("10.77.3.254"))
     out["routes"] = sorted(map(str, rtnl.ipv4_routes()))
     out["ip_routes"] = sorted(r["dst"] for r in ip("-4", "route") if r["dst"] != "default")
+    out["via"] = sorted((r["dst"], r["gateway"]) for r in ip("-4", "route") if "gateway" in r)
     rtnl.delete_link("sqbtest")
     out["left"] = [entry["ifname"] for entry in ip("link")]
 print(json.dumps(out))
@@ -66,4 +69,8 @@ def test_the_bridge_and_the_lists_match_what_ip_shows() -> None:
     assert out["bridge_networks"] == ["10.77.3.0/24"]
     assert out["routes"] == out["ip_routes"]
     assert "10.77.3.0/24" in out["routes"]
+    assert [tuple(v) for v in out["via"]] == [
+        ("10.88.1.0/24", "10.77.3.9"),
+        ("default", "10.77.3.254"),
+    ]
     assert out["left"] == ["lo"]
