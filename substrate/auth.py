@@ -5,7 +5,7 @@ the orchestrator's control API."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import grpc
@@ -24,16 +24,34 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuses every call whose `authorization` metadata is not `Bearer <token>`, saying
     "missing or wrong <what>"."""
 
-    def __init__(self, token: str, what: str = "token") -> None:
+    def __init__(
+        self,
+        token: str,
+        what: str = "token",
+        *,
+        grant_header: str = "",
+        grant_methods: Collection[str] = (),
+    ) -> None:
+        """`grant_methods` (full method names) may be called with `grant_header` instead of
+        the token: the method itself checks the grant (see `valid`)."""
         if not token:
             raise ValueError(f"no {what} given")
         self._expected = f"Bearer {token}".encode()
         self._refusal = f"missing or wrong {what}"
+        self._grant_header = grant_header
+        self._grant_methods = frozenset(grant_methods)
+
+    def valid(self, metadata: Any) -> bool:
+        """Whether `metadata` (a call's invocation metadata) carries the token."""
+        given = str(dict(metadata or ()).get("authorization", "")).encode()
+        return hmac.compare_digest(given, self._expected)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
-        given = str(dict(details.invocation_metadata or ()).get("authorization", "")).encode()
-        if handler is None or hmac.compare_digest(given, self._expected):
+        if handler is None or self.valid(details.invocation_metadata):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if details.method in self._grant_methods and metadata.get(self._grant_header):
             return handler
         refusal = self._refusal
 

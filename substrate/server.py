@@ -25,11 +25,13 @@ from api.substrate.v1 import agent_pb2_grpc as rpc
 from .agent import Agent
 from .auth import TokenAuth
 from .images import ImageError
+from .launcher import GRANT_HEADER, LaunchService, Peer
 from .leases import BadLeaseRequest, Lease, LeaseError, LeaseNeverFits, LeaseSpec, NoSuchLease
 from .logstore import STDERR, STDOUT
 from .runtimes import RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec, MountSpec
-from .streams import exec_stream, port_forward_stream
+from .runtimes.rootfs import hostname
+from .streams import GrantRefused, exec_stream, port_forward_stream
 from .tasks import NoSuchTask, Task, TaskError, TaskState
 
 __all__ = ["create_server"]
@@ -100,6 +102,8 @@ def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if isinstance(exc, ValueError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, GrantRefused):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         raise exc
 
     if inspect.isgeneratorfunction(method):
@@ -127,8 +131,9 @@ def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
 class AgentServicer(rpc.AgentServicer):
     """Translates messages to `Agent` calls and back; domain errors to status codes."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, auth: TokenAuth | None = None) -> None:
         self.agent = agent
+        self.auth = auth or _auth(agent)
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
         a = self.agent
@@ -235,9 +240,29 @@ class AgentServicer(rpc.AgentServicer):
             isolated_network=request.network == pb.NETWORK_ISOLATED,
             timeout=request.timeout_seconds,
             script=request.script,
+            launcher=request.launcher,
         )
         task = self.agent.run(spec, request.lease_id, release_at_end=request.release_lease_at_end)
+        task.exec_grant = request.exec_grant  # the peers learn the task's id from this reply
+        if request.launcher:
+            peers = {
+                p.hostname: Peer(p.hostname, p.agent, p.task_id, p.grant) for p in request.peers
+            }
+            LaunchService(
+                task.dir / "launch",
+                hostname(spec.name),
+                peers,
+                functools.partial(self._local_exec, task.id),
+                task.done,
+            ).start()
         return pb.RunResponse(task_id=task.id, address=task.address)
+
+    def _local_exec(self, task_id: str, command: list[str]) -> Iterator[pb.ExecOutput]:
+        """`command` in this node's task `task_id`, as Exec runs it (for its launcher)."""
+        start = pb.ExecInput(start=pb.ExecStart(task_id=task_id, command=command))
+        requests = iter([start, pb.ExecInput(close_stdin=True)])
+        for message in exec_stream(self.agent, requests, None):
+            yield pb.ExecOutput.FromString(message)
 
     @_status_codes
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.TaskStatus:
@@ -283,7 +308,9 @@ class AgentServicer(rpc.AgentServicer):
 
     @_status_codes
     def Exec(self, request_iterator: Iterator[pb.ExecInput], context: Any) -> Iterator[bytes]:
-        yield from exec_stream(self.agent, request_iterator, context)
+        metadata = context.invocation_metadata()
+        grant = None if self.auth.valid(metadata) else str(dict(metadata).get(GRANT_HEADER, ""))
+        yield from exec_stream(self.agent, request_iterator, context, grant)
 
     @_status_codes
     def PortForward(
@@ -326,13 +353,23 @@ def _add_servicer(servicer: AgentServicer, server: Any) -> None:
     server.add_registered_method_handlers(collected.service, handlers)
 
 
+def _auth(agent: Agent) -> TokenAuth:
+    """The agent token on every call; or, for Exec, a gang member's grant (checked by it)."""
+    return TokenAuth(
+        agent.config.token,
+        "agent token",
+        grant_header=GRANT_HEADER,
+        grant_methods=("/squall.substrate.v1.Agent/Exec",),
+    )
+
+
 def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64) -> tuple[Any, int]:
     """Start serving `agent` on `address`; returns the server and the bound port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
-        interceptors=[TokenAuth(agent.config.token, "agent token")],
+        interceptors=[auth := _auth(agent)],
     )
-    _add_servicer(AgentServicer(agent), server)
+    _add_servicer(AgentServicer(agent, auth), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hmac
 import os
 import queue
 import signal
@@ -34,13 +35,17 @@ from .wire import CHUNK, Framer
 if TYPE_CHECKING:
     from .agent import Agent
 
-__all__ = ["exec_stream", "port_forward_stream"]
+__all__ = ["GrantRefused", "exec_stream", "port_forward_stream"]
 
 _END = object()
 F_SETPIPE_SZ = 1031  # fcntl: set a pipe's capacity (Linux)
 CLONE_NEWNET = 0x40000000
 TIOCGPTPEER = 0x5441  # the slave of a pty master, opened from the master (Linux 4.13)
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class GrantRefused(PermissionError):
+    """An Exec with a gang member's grant that is not the task's."""
 
 
 def _running(agent: Agent, task_id: str) -> Any:
@@ -55,8 +60,12 @@ def _set_size(fd: int, size: pb.TerminalSize) -> None:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.columns, 0, 0))
 
 
-def exec_stream(agent: Agent, requests: Iterator[pb.ExecInput], context: Any) -> Iterator[bytes]:
+def exec_stream(
+    agent: Agent, requests: Iterator[pb.ExecInput], context: Any, grant: str | None = None
+) -> Iterator[bytes]:
     """Run the command of the first (start) message inside its task; relay the streams.
+    `grant`: the call came with a gang member's exec grant instead of the agent token (None:
+    with the token), which must be the task's.
 
     Yields serialized `ExecOutput` messages (the servicer sends them as they are)."""
     first = next(requests, None)
@@ -66,6 +75,10 @@ def exec_stream(agent: Agent, requests: Iterator[pb.ExecInput], context: Any) ->
     if not start.command:
         raise ValueError("exec needs a command")
     task = _running(agent, start.task_id)
+    if grant is not None and not (
+        task.exec_grant and hmac.compare_digest(grant.encode(), task.exec_grant.encode())
+    ):
+        raise GrantRefused(f"the grant given does not open task {start.task_id!r}")
     runtime = agent.runtimes[task.spec.runtime]
     launch = runtime.exec_launch(
         task.spec, task.pid, task.dir, task.image, list(start.command), dict(start.env)

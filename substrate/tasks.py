@@ -28,10 +28,11 @@ from . import network
 from .cgroups import Cgroups, TaskCgroup
 from .confine import DEFAULT_DEVICES, device_of
 from .images import Image
+from .launcher import LAUNCH_DIR, prepare
 from .logstore import STDERR, STDOUT, LogStore, LogWriter
 from .network import NetworkError, PodNetwork
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
-from .runtimes.base import FileSpec
+from .runtimes.base import FileSpec, MountSpec
 
 log = logging.getLogger("substrate")
 
@@ -81,9 +82,19 @@ class Task:
     address: str = ""  # on the node's pod network (empty: none, or an isolated network)
     on_end: Callable[[Task], None] | None = None  # called as it ends, before `done` is set
     lease_released: bool = False  # on_end released its lease
+    exec_grant: str = ""  # lets another member of its gang Exec in it (RunRequest.exec_grant)
 
 
 SCRIPT_PATH = "/.squall/script"
+
+
+def _with_launcher(spec: TaskSpec, task: Task) -> TaskSpec:
+    """The task's launch folder made and mounted at LAUNCH_DIR; MULTINODE_NODE_IP is its
+    address (known here alone)."""
+    folder = task.dir / "launch"
+    prepare(folder)
+    mounts = (*spec.mounts, MountSpec(str(folder), LAUNCH_DIR, False))
+    return replace(spec, mounts=mounts, env={**spec.env, "MULTINODE_NODE_IP": task.address})
 
 
 def _with_script(spec: TaskSpec, runtime: Runtime, task_dir: Path) -> TaskSpec:
@@ -182,6 +193,8 @@ class TaskManager:
                 attached = self.network.attach(task_id)
                 spec = task.spec = replace(spec, netns=attached.netns)
                 task.address = attached.address
+            if spec.launcher:
+                spec = task.spec = _with_launcher(spec, task)
             launch = runtime.launch(spec, cpus, task.dir, image)
             if self.cgroups.available:
                 devices = [*DEFAULT_DEVICES, *(device_of(n) for n in spec.device_nodes)]

@@ -49,6 +49,7 @@ class TaskSpec:
     device_nodes: tuple[str, ...] = ()  # host device files the task may use (leased GPUs)
     script: str = ""  # instead of command: a #! script run with `args`
     netns: str = ""  # set by the agent: the network namespace to join (its pod network)
+    launcher: bool = False  # a gang's launcher (substrate/launcher.py) in the container
 
 
 @dataclass(frozen=True, slots=True)

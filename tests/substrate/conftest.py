@@ -43,7 +43,8 @@ class Running:
                 self.shared = self.lease()
             lease = self.shared
         kw.setdefault("runtime", "process")
-        reply = self.stub.Run(pb.RunRequest(lease_id=lease.id, name="t", command=command, **kw))
+        kw.setdefault("name", "t")
+        reply = self.stub.Run(pb.RunRequest(lease_id=lease.id, command=command, **kw))
         return str(reply.task_id)
 
     def wait(self, task_id: str, timeout: float = 30) -> pb.TaskStatus:

@@ -730,6 +730,9 @@ class RunRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     SCRIPT_FIELD_NUMBER: _builtins.int
     RELEASE_LEASE_AT_END_FIELD_NUMBER: _builtins.int
+    EXEC_GRANT_FIELD_NUMBER: _builtins.int
+    LAUNCHER_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     name: _builtins.str
     """for people: the job name"""
@@ -747,6 +750,15 @@ class RunRequest(_message.Message):
     """the agent releases the lease as the task ends (before Wait answers), unless another
     task of the lease still runs: a holder with a lease per task needs no ReleaseLease
     """
+    exec_grant: _builtins.str
+    """a member of a multi-node gang: a secret that lets the agents of the other members Exec
+    in this task (the one call it opens, and into this task alone) without the agent token
+    """
+    launcher: _builtins.bool
+    """the gang's launcher (for the member that launches the others): the container gets
+    /.squall/launch/squall-launch HOST COMMAND..., which MPI calls in place of ssh and which
+    runs COMMAND in the container of the member named HOST (one of `peers`, or this one)
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -757,6 +769,8 @@ class RunRequest(_message.Message):
     def mounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Mount]: ...
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___File]: ...
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]: ...
     def __init__(
         self,
         *,
@@ -774,14 +788,51 @@ class RunRequest(_message.Message):
         timeout_seconds: _builtins.float = ...,
         script: _builtins.str = ...,
         release_lease_at_end: _builtins.bool = ...,
+        exec_grant: _builtins.str = ...,
+        launcher: _builtins.bool = ...,
+        peers: _abc.Iterable[Global___Peer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "files", b"files", "image", b"image", "lease_id", b"lease_id", "mounts", b"mounts", "name", b"name", "network", b"network", "release_lease_at_end", b"release_lease_at_end", "runtime", b"runtime", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cwd", b"cwd", "env", b"env", "exec_grant", b"exec_grant", "files", b"files", "image", b"image", "launcher", b"launcher", "lease_id", b"lease_id", "mounts", b"mounts", "name", b"name", "network", b"network", "peers", b"peers", "release_lease_at_end", b"release_lease_at_end", "runtime", b"runtime", "script", b"script", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunRequest: _TypeAlias = RunRequest  # noqa: Y015
+
+@_typing.final
+class Peer(_message.Message):
+    """Another member of a task's gang, as its launcher reaches it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """the member's hostname, as MPI and the hostfile name it"""
+    agent: _builtins.str
+    """host:port of its node's agent"""
+    task_id: _builtins.str
+    """its task there"""
+    grant: _builtins.str
+    """its exec_grant"""
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        grant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "grant", b"grant", "hostname", b"hostname", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Peer: _TypeAlias = Peer  # noqa: Y015
 
 @_typing.final
 class RunResponse(_message.Message):
