@@ -232,6 +232,8 @@ class PodNetwork:
             "    type filter hook input priority filter - 10; policy accept;\n"
             f'    iifname "{br}" ct state established,related accept\n'
             f'    iifname "{br}" drop\n'
+            # containers of other nodes, routed here unmasqueraded (at this bridge's address)
+            f"    ip saddr {self.pool} ct state != {{ established, related }} drop\n"
             "  }\n"
             "  chain forward {\n"
             "    type filter hook forward priority filter - 10; policy accept;\n"

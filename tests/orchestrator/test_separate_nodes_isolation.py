@@ -1,0 +1,77 @@
+"""A container of one separate node reaches no service of another node, also not at the
+address that node has on its own container bridge: the nodes route each other's container
+subnets (host-gw), so a packet a container sends there arrives at that node from outside its
+bridge, unmasqueraded. Real agents, namespaces and nftables (as root)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+from api.substrate.v1 import agent_pb2 as pb
+from orchestrator.provision import LocalProvisioner, NodeSlice, local_plan
+from orchestrator.provision.node_network import RunNetwork, _in_netns
+from substrate.client import connect
+from tests.substrate.registry import Registry
+
+MiB = 2**20
+
+
+def bridge_address(netns: Path) -> ipaddress.IPv4Address:
+    """The node's address on its container bridge (the agent's `sqb` bridge)."""
+    out = subprocess.run(
+        ["ip", "-n", netns.name, "-o", "-4", "addr", "show"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (line,) = [ln for ln in out.splitlines() if ln.split()[1].startswith("sqb")]
+    return ipaddress.IPv4Interface(line.split()[3]).ip
+
+
+def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry: Registry) -> None:
+    provisioner = LocalProvisioner(
+        tmp_path,
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+        namespaced=True,
+    )
+    cluster = provisioner.up(
+        local_plan("run-iso", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2)
+    )
+    netns = RunNetwork("run-iso").netns(1)
+    # a service of node 1 on every address it has (as a daemon of a machine listens)
+    listener = _in_netns(netns, lambda: socket.create_server(("0.0.0.0", 0)))
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"node\n")
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        probe = f"nc -w 2 {bridge_address(netns)} {port} </dev/null 2>/dev/null; echo done"
+        channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
+        lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
+        started = stub.Run(
+            pb.RunRequest(
+                lease_id=lease.id,
+                image="docker://busybox:1.36",
+                command=["/bin/sh", "-c", probe],
+                release_lease_at_end=True,
+            )
+        )
+        status = stub.Wait(pb.WaitRequest(task_id=started.task_id, output_limit=65536), timeout=60)
+        channel.close()
+        assert status.output.decode().splitlines() == ["done"]
+    finally:
+        listener.close()
+        provisioner.down(cluster)
