@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from substrate.netlink import Rtnl
-from substrate.network import POOL, enslave, new_netns, unpin
+from substrate.network import POOL, NetworkError, enslave, new_netns, unpin
 
 from .base import ProvisionError
 
@@ -160,7 +160,7 @@ class RunNetwork:
                     rtnl.add_route(place.address, place.pod_subnet)
         except BaseException as exc:
             self.remove()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError | NetworkError):
                 raise ProvisionError(f"cannot make the run's node network: {exc}") from None
             raise
         return places
