@@ -150,6 +150,8 @@ class RunNetwork:
                 rtnl.add_address(self.bridge, ipaddress.IPv4Interface(f"{gateway}/24"))
                 rtnl.set_up(self.bridge)
                 self._firewall(subnet)
+                # the nodes reach registries and the internet through this machine
+                Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
                 places = [
                     NodePlace(i, f"node-{i}", self.netns(i), hosts[i + 1], pods[i])
                     for i in range(count)
