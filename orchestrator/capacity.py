@@ -121,6 +121,11 @@ class Capacity:
         """No node could hold `shape` even empty."""
         return not any(n.total.holds(shape) for n in self.nodes)
 
+    def nodes_that_hold(self, shape: Shape) -> int:
+        """How many nodes could hold `shape` with nothing else on them (a gang needs as many
+        as it has members)."""
+        return sum(n.total.holds(shape) for n in self.nodes)
+
     def fits_somewhere(self, shape: Shape) -> bool:
         return any(n.fits(shape) for n in self.nodes)
 
@@ -135,6 +140,16 @@ class Capacity:
                 node.take(shape, 1)
                 return i
         return None
+
+    def take_gang(self, shape: Shape, count: int) -> list[int] | None:
+        """Reserve `shape` on `count` distinct nodes where it fits now, all of them or none
+        (a gang holds nothing while it waits); those nodes, or None."""
+        nodes = [i for i, node in enumerate(self.nodes) if node.fits(shape)][:count]
+        if len(nodes) < count:
+            return None
+        for i in nodes:
+            self.nodes[i].take(shape, 1)
+        return nodes
 
     def give_back(self, node: int, shape: Shape) -> None:
         """A lease of `shape` on `node` ended (or was never granted): its room is free again,

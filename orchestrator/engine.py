@@ -61,7 +61,6 @@ __all__ = [
     "RunOutcome",
     "identity",
     "request_cancel",
-    "unsupported",
 ]
 
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
@@ -129,9 +128,6 @@ class Engine:
     def submit(self, name: str, text: str, owner: str | None = None) -> str:
         """Check a workflow and record it as a PENDING run; nothing starts. Its id."""
         workflow = load_text(text, name).unwrap()
-        why = unsupported(workflow)
-        if why:
-            raise InvalidInput(why)
         self._check_secrets(workflow)
         self.staging.check_egress(workflow)
         run_id = str(uuid.uuid4())
@@ -411,14 +407,3 @@ def _not_here(placement: dict[str, Any], here: str) -> str:
         f"federation placed it on {site} (estimated ${total:,.2f}); this orchestrator provisions "
         f"only {here} so far: force it with --site {here}"
     )
-
-
-def unsupported(wf: Workflow) -> str:
-    """Why the engine cannot run `wf` yet ("" when it can): refused before anything starts."""
-    multinode = sorted(n for n, c in wf.containers.items() if c.multinode)
-    if multinode:
-        return (
-            f"multinode jobs are not supported yet ({', '.join(multinode)}); run them on one "
-            "node for now"
-        )
-    return ""

@@ -76,7 +76,7 @@ def local_engine(settings: LocalSettings) -> Engine:
     )
     secrets = SecretStore(settings.data_dir / "secrets")
     store = settings.store()
-    placer = Placer.from_environment(settings.site, secrets, store)
+    placer = Placer.from_environment(settings.site, secrets, store, local_nodes=settings.nodes)
     placer.check_site()  # a --site that names no site is refused before anything is recorded
     clouds = CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment())
     return Engine(

@@ -110,6 +110,7 @@ class Placer:
     free_allowance: bool = False
     clouds_only: bool = False
     look_up_sources: bool = True  # ask sources for sizes and buckets for regions
+    local_nodes: int = 1  # nodes of the local site's clusters (`squall run --nodes`)
 
     @classmethod
     def from_environment(
@@ -117,6 +118,7 @@ class Placer:
         force_site: str | None = None,
         secrets: SecretStore | None = None,
         store: Store | None = None,
+        local_nodes: int = 1,
     ) -> Placer:
         """$SQUALL_CATALOG, $SQUALL_POLICY, $SQUALL_SITES (each optional)."""
 
@@ -130,12 +132,13 @@ class Placer:
             force_site,
             secrets,
             store=store,
+            local_nodes=local_nodes,
         )
 
     def _sites(self, catalog: Catalog) -> list[Site]:
         if self.clouds_only:
             return cloud_sites(catalog)
-        return candidate_sites(catalog, self.sites_file)
+        return candidate_sites(catalog, self.sites_file, self.local_nodes)
 
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
         """The placement record: the chosen site, its estimate, and the runners-up."""
@@ -234,15 +237,17 @@ def _with_gaps(site: Site) -> Site:
     return replace(site, cannot=tuple(cannot.items())) if cannot else site
 
 
-def candidate_sites(catalog: Catalog, sites_file: Path | None) -> list[Site]:
-    """This machine, the on-prem sites of `sites_file`, and the catalog's cloud regions."""
+def candidate_sites(catalog: Catalog, sites_file: Path | None, local_nodes: int = 1) -> list[Site]:
+    """This machine (as `local_nodes` nodes that share it), the on-prem sites of
+    `sites_file`, and the catalog's cloud regions."""
     machine = this_machine()
     sites = [
         local_site(
-            cores=machine.cores,
-            memory_gib=machine.memory_bytes / 2**30,
-            gpus=len(machine.gpus),
+            cores=max(machine.cores // local_nodes, 1),
+            memory_gib=machine.memory_bytes / local_nodes / 2**30,
+            gpus=len(machine.gpus) // local_nodes,
             gpu_model=machine.gpus[0].model if machine.gpus else "",
+            nodes=local_nodes,
         )
     ]
     if sites_file is not None:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,7 @@ from sqlalchemy import func, select
 from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
+from . import gangs
 from .capacity import Capacity, NodeTotal, Shape
 from .cluster_io import ClusterIO
 from .fuzzfile.endpoints import endpoint_env
@@ -72,8 +73,25 @@ def _subject(key: TaskKey) -> str:
 
 
 @dataclass(slots=True)
+class _Member:
+    """A node of a multi-node task (a gang) other than the first, whose container idles
+    until the first one's launcher runs commands in it (orchestrator/gangs.py)."""
+
+    node: int
+    host: str  # its container's hostname
+    grant: str  # lets the first member's agent Exec in it
+    lease: Any = None  # pb.Lease, or the grpc.RpcError that refused it (None: not answered)
+    agent_task_id: str = ""
+    address: str = ""
+    launched: bool = False  # its Run was answered (started or not)
+    ended: Any = None  # its TaskStatus, or the grpc.RpcError that lost it (None: not ended)
+
+
+@dataclass(slots=True)
 class _Active:
-    """A task the loop works on: leasing (no lease yet), starting, running or ending."""
+    """A task the loop works on: leasing (no lease yet), starting, running or ending. A
+    multi-node task runs on `node` (its first member, which runs the job's command) and on
+    each of `members`."""
 
     key: TaskKey
     node: int  # index into the cluster's agents
@@ -83,24 +101,32 @@ class _Active:
     agent_task_id: str = ""
     address: str = ""  # on its node's pod network (where a service is reached)
     stopping: bool = False  # a service we stopped, or a task we cancelled
+    members: list[_Member] = field(default_factory=list)
+    head_lease: Any = None  # a gang's: the first member's lease reply, until all answered
+    head_ended: Any = None  # a gang's: the first member's end, until every member ended
+    why: str = ""  # a gang's: why it was stopped (a member that ended first)
+    head_started: bool = False  # a gang's: its first member's Run was sent
 
 
 @dataclass(frozen=True, slots=True)
 class _Leased:
     active: _Active
     lease: Any  # pb.Lease, or the grpc.RpcError that refused it
+    member: int = -1  # which of a gang's members (-1: the task, or a gang's first member)
 
 
 @dataclass(frozen=True, slots=True)
 class _Launched:
     active: _Active
     reply: Any  # pb.RunResponse, or the grpc.RpcError that refused it
+    member: int = -1
 
 
 @dataclass(frozen=True, slots=True)
 class _Ended:
     active: _Active
     status: Any  # pb.TaskStatus, or the grpc.RpcError that lost it
+    member: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +229,16 @@ class RunLoop:
         if time.monotonic() - self.renewed > LEASE_TTL / 3:
             self.renewed = time.monotonic()
             self.io.renew(
-                ((a.node, a.lease_id) for a in self.active.values() if a.lease_id), LEASE_TTL
+                [
+                    *((a.node, a.lease_id) for a in self.active.values() if a.lease_id),
+                    *(
+                        (m.node, m.lease.id)
+                        for a in self.active.values()
+                        if a.lease_id
+                        for m in a.members
+                    ),
+                ],
+                LEASE_TTL,
             )
         return asked
 
@@ -220,11 +255,20 @@ class RunLoop:
 
     def _apply(self, message: _Message) -> None:
         if isinstance(message, _Leased):
-            self._leased(message.active, message.lease)
+            if message.active.members:
+                self._gang_leased(message.active, message.lease, message.member)
+            else:
+                self._leased(message.active, message.lease)
         elif isinstance(message, _Launched):
-            self._launched(message.active, message.reply)
+            if message.member >= 0:
+                self._member_launched(message.active, message.member, message.reply)
+            else:
+                self._launched(message.active, message.reply)
         elif isinstance(message, _Ended):
-            self._finish(message.active, message.status)
+            if message.active.members:
+                self._gang_member_ended(message.active, message.member, message.status)
+            else:
+                self._finish(message.active, message.status)
         else:
             self._ready(message.active)
 
@@ -255,9 +299,13 @@ class RunLoop:
         """Cancel running tasks, wait for them to end, and mark what never ran."""
         for active in self.leased:  # leased since the last turn, never started: give back
             del self.active[active.key]
-            self.capacity.give_back(active.node, active.shape)
-            release = pb.ReleaseLeaseRequest(lease_id=active.lease_id)
-            self.io.unary(active.node, "ReleaseLease", release)
+            leases = [
+                (active.node, active.lease_id),
+                *((m.node, m.lease.id) for m in active.members),
+            ]
+            for node, lease_id in leases:
+                self.capacity.give_back(node, active.shape)
+                self.io.unary(node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
             task_id = self.ids[active.key][0]
             self.moves.attempt(task_id, active.attempt, state=_S.CANCELLED, message=why)
             self._move(active.key, _S.CANCELLED, why)
@@ -280,6 +328,10 @@ class RunLoop:
         active.stopping = True
         if active.agent_task_id:
             self.io.unary(active.node, "Cancel", pb.CancelRequest(task_id=active.agent_task_id))
+        for member in active.members:  # a gang's: those started (the others when they are)
+            if member.agent_task_id and member.ended is None:
+                cancel = pb.CancelRequest(task_id=member.agent_task_id)
+                self.io.unary(member.node, "Cancel", cancel)
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -365,24 +417,36 @@ class RunLoop:
     # ---- starting -------------------------------------------------------------------------
 
     def _place(self, ready: list[str]) -> int:
-        """Ask for a lease for each task that may start where the count says it fits now; a
-        shape that fits nowhere is not tried again this turn, and a job no node could ever
-        hold fails at once. How many leases were asked for."""
+        """Ask for a lease for each task that may start where the count says it fits now (for
+        a multi-node task, one on each of as many nodes, all at once); a shape that fits
+        nowhere is not tried again this turn, and a job no node could ever hold fails at once.
+        How many tasks' leases were asked for."""
         asked = 0
-        full: set[Shape] = set()
+        full: set[tuple[Shape, int]] = set()
         never: list[str] = []
         for name in ready:
             shape = self.shapes[name]
-            if name in self.unplaceable or self.capacity.never_fits(shape):
+            container = self.wf.containers[name]
+            size = gangs.size(container)
+            if name in self.unplaceable or self.capacity.nodes_that_hold(shape) < size:
                 never.append(name)
                 continue
-            if shape in full:
+            if (shape, size) in full:
                 continue
-            request = self._lease_request(self.wf.containers[name])
+            request = self._lease_request(container)
+            if size > 1:
+                for key in self.sched.startable(name):
+                    nodes = self.capacity.take_gang(shape, size)
+                    if nodes is None:
+                        full.add((shape, size))
+                        break
+                    self._lease_gang(key, nodes, shape, request)
+                    asked += 1
+                continue
             for key in self.sched.startable(name, most=self.capacity.room(shape)):
                 node = self.capacity.take(shape)
                 if node is None:
-                    full.add(shape)
+                    full.add((shape, size))
                     break
                 active = _Active(key, node, shape)
                 self.active[key] = active
@@ -391,12 +455,12 @@ class RunLoop:
                 asked += 1
         if never:
             for name in never:
-                self.unplaceable.setdefault(name, self._never_fits(self.shapes[name]))
+                self.unplaceable.setdefault(name, self._never_fits(name))
             self._fail_jobs(never)
         return asked
 
-    def _post_leased(self, active: _Active, lease: Any) -> None:
-        self.inbox.put(_Leased(active, lease))
+    def _post_leased(self, active: _Active, lease: Any, member: int = -1) -> None:
+        self.inbox.put(_Leased(active, lease, member))
 
     def _leased(self, active: _Active, lease: Any) -> None:
         """The agent answered a lease request: record the attempt (it starts once this turn
@@ -429,8 +493,16 @@ class RunLoop:
         if failed:
             self._fail_jobs([key.name])
 
-    def _never_fits(self, shape: Shape) -> str:
-        """Why no node can hold `shape`, in the agent's words (it is asked once)."""
+    def _never_fits(self, name: str) -> str:
+        """Why no node (or too few, for a multi-node job) can hold job `name`, in the agent's
+        words (it is asked once)."""
+        shape, size = self.shapes[name], gangs.size(self.wf.containers[name])
+        holding = self.capacity.nodes_that_hold(shape)
+        if size > 1 and holding:
+            return (
+                f"it needs {size} nodes and this cluster has {holding} that can hold it"
+                f"{gangs.MORE_NODES if holding == len(self.agents) else ''}"
+            )
         request = pb.AcquireLeaseRequest(
             holder=f"run/{self.run_id}",
             cores=shape.cores,
@@ -461,6 +533,9 @@ class RunLoop:
         )
 
     def _launch(self, active: _Active) -> None:
+        if active.members:
+            self._launch_members(active)
+            return
         key = active.key
         self.io.life(
             active.node,
@@ -474,7 +549,10 @@ class RunLoop:
     def _launched(self, active: _Active, reply: Any) -> None:
         """The agent answered a Run: the task runs (or could not start)."""
         if isinstance(reply, grpc.RpcError):
-            self._finish(active, reply)
+            if active.members:
+                self._gang_member_ended(active, -1, reply)
+            else:
+                self._finish(active, reply)
             return
         key = active.key
         container = self.wf.containers[key.name]
@@ -490,6 +568,8 @@ class RunLoop:
                 threading.Thread(target=self._probe, args=(container, active), daemon=True).start()
         if active.stopping:
             self._cancel(active)
+        elif active.why:  # a gang whose other member failed while this one started
+            self.io.unary(active.node, "Cancel", pb.CancelRequest(task_id=reply.task_id))
 
     def _run_request(self, c: Job | Service, key: TaskKey, lease_id: str) -> pb.RunRequest:
         env = {k: self._env_value(v) for k, v in c.env.items()}
@@ -541,6 +621,164 @@ class RunLoop:
     def _env_value(self, value: str) -> str:
         return self.secrets.fill(value)
 
+    # ---- gangs (multi-node tasks: orchestrator/gangs.py) -----------------------------------
+
+    def _lease_gang(
+        self, key: TaskKey, nodes: list[int], shape: Shape, request: pb.AcquireLeaseRequest
+    ) -> None:
+        """Ask for a lease on each of `nodes` for a multi-node task, all at once."""
+        names = gangs.hosts(key.name, len(nodes))
+        members = [_Member(n, h, gangs.grant()) for n, h in zip(nodes[1:], names[1:], strict=True)]
+        active = _Active(key, nodes[0], shape, members=members)
+        self.active[key] = active
+        self.sched.moved(key, _S.STARTING)  # counted as starting; the store still PENDING
+        self.io.unary(nodes[0], "AcquireLease", request, partial(self._post_leased, active))
+        for i, member in enumerate(members):
+            then = partial(self._post_leased, active, member=i)
+            self.io.unary(member.node, "AcquireLease", request, then)
+
+    def _gang_leased(self, active: _Active, lease: Any, member: int) -> None:
+        """One of a gang's leases was answered. Once all are, the task starts on them as one
+        attempt; or, when one was refused, every lease goes back and it waits in line again
+        (a gang holds nothing while it waits), failing its job when a node will never hold
+        it."""
+        if member < 0:
+            active.head_lease = lease
+        else:
+            active.members[member].lease = lease
+        replies = [active.head_lease, *(m.lease for m in active.members)]
+        if any(r is None for r in replies):
+            return
+        key = active.key
+        nodes = [active.node, *(m.node for m in active.members)]
+        refused = [r for r in replies if isinstance(r, grpc.RpcError)]
+        failed = self.job_rows[key.name].ended  # its job failed meanwhile: so does it
+        if not (refused or active.stopping or failed):
+            number = self.attempts[key] + 1
+            self.attempts[key] = number
+            active.attempt, active.lease_id = number, active.head_lease.id
+            where = ", ".join(f"node-{n}" for n in nodes)
+            self._move(key, _S.STARTING, f"attempt {number} on {where}", was=_S.PENDING)
+            self.moves.attempt_started(self.ids[key][0], number, where, active.lease_id)
+            self.leased.append(active)
+            return
+        del self.active[key]
+        self.sched.moved(key, _S.PENDING)  # back in line: the store never saw it leave
+        for node, reply in zip(nodes, replies, strict=True):
+            if not isinstance(reply, grpc.RpcError):
+                self.capacity.give_back(node, active.shape)
+                release = pb.ReleaseLeaseRequest(lease_id=reply.id)
+                self.io.unary(node, "ReleaseLease", release)
+            elif reply.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.capacity.refused(node, active.shape)
+            elif reply.code() in _NEVER:
+                self.capacity.refused(node, active.shape)
+                self.unplaceable[key.name] = str(reply.details() or reply.code().name)
+                failed = True
+            else:
+                raise reply  # the agent is gone, or a defect
+        if failed:
+            self._fail_jobs([key.name])
+
+    def _launch_members(self, active: _Active) -> None:
+        """Start a gang's members but the first, idling; the first starts once they run."""
+        key = active.key
+        c = self.wf.containers[key.name]
+        assert isinstance(c, Job)
+        base = self._run_request(c, key, "")
+        gangs.common_request(base, c)
+        log = log_path(self.data_dir, self.run_id, key, active.attempt)
+        for i, m in enumerate(active.members):
+            self.io.life(
+                m.node,
+                gangs.member_request(base, m.lease.id, m.host, m.grant),
+                m.lease.id,
+                log.with_name(f"{log.stem}.{m.host}.log"),
+                started=partial(self._post_member, _Launched, active, i),
+                ended=partial(self._post_member, _Ended, active, i),
+            )
+
+    def _post_member(
+        self, kind: type[_Launched | _Ended], active: _Active, i: int, reply: Any
+    ) -> None:
+        self.inbox.put(kind(active, reply, i))
+
+    def _member_launched(self, active: _Active, i: int, reply: Any) -> None:
+        """A member's Run was answered; once every member runs, the first one starts."""
+        member = active.members[i]
+        member.launched = True
+        if isinstance(reply, grpc.RpcError):  # it never started (its lease is given back)
+            self._gang_member_ended(active, i, reply)
+            return
+        member.agent_task_id = reply.task_id
+        member.address = reply.address or self.hosts[member.node]
+        if active.stopping or active.why:  # cancelled, or another member failed, meanwhile
+            self.io.unary(member.node, "Cancel", pb.CancelRequest(task_id=reply.task_id))
+        elif all(m.launched for m in active.members):
+            self._launch_head(active)
+
+    def _launch_head(self, active: _Active) -> None:
+        key = active.key
+        c = self.wf.containers[key.name]
+        assert isinstance(c, Job)
+        request = self._run_request(c, key, active.lease_id)
+        gangs.common_request(request, c)
+        peers = [
+            pb.Peer(
+                hostname=m.host,
+                agent=self.agents[m.node].address,
+                task_id=m.agent_task_id,
+                grant=m.grant,
+            )
+            for m in active.members
+        ]
+        names = gangs.hosts(key.name, 1 + len(active.members))
+        gangs.head_request(request, c, names, peers, [m.address for m in active.members])
+        active.head_started = True
+        self.io.life(
+            active.node,
+            request,
+            active.lease_id,
+            log_path(self.data_dir, self.run_id, key, active.attempt),
+            started=lambda reply: self.inbox.put(_Launched(active, reply)),
+            ended=lambda status: self.inbox.put(_Ended(active, status)),
+        )
+
+    def _gang_member_ended(self, active: _Active, member: int, status: Any) -> None:
+        """A member of a gang ended (-1: the first). The first one's end is the task's: the
+        others are stopped then. Any other member that ends first fails the attempt (a rank
+        or a node lost): the rest are stopped. The task ends once every member has."""
+        if member < 0:
+            active.head_ended = status
+            node = active.node
+        else:
+            active.members[member].ended = status
+            node = active.members[member].node
+            if active.head_ended is None and not (active.stopping or active.why):
+                host = active.members[member].host
+                active.why = f"{host} ended before the job's command: {_outcome(status)[2]}"
+        self.capacity.give_back(node, active.shape)
+        if active.head_ended is not None or active.why:
+            self._stop_members(active)
+        members_done = all(m.ended is not None for m in active.members)
+        head_done = active.head_ended is not None or not active.head_started
+        if not (members_done and head_done):
+            return
+        if active.why:
+            self._end(active, False, None, active.why)
+        elif active.head_ended is not None:
+            self._end(active, *_outcome(active.head_ended))
+        else:  # cancelled before its first member started
+            self._end(active, False, None, "cancelled")
+
+    def _stop_members(self, active: _Active) -> None:
+        """Cancel every member still running (the first one too, when another failed)."""
+        if active.why and active.agent_task_id and active.head_ended is None:
+            self.io.unary(active.node, "Cancel", pb.CancelRequest(task_id=active.agent_task_id))
+        for m in active.members:
+            if m.agent_task_id and m.ended is None:
+                self.io.unary(m.node, "Cancel", pb.CancelRequest(task_id=m.agent_task_id))
+
     # ---- services -------------------------------------------------------------------------
 
     def _probe(self, service: Service, active: _Active) -> None:
@@ -587,9 +825,13 @@ class RunLoop:
 
     def _finish(self, active: _Active, status: Any) -> None:
         """A task ended (its output kept, its lease given back), or never started."""
-        del self.active[active.key]
         self.capacity.give_back(active.node, active.shape)
-        ok, code, message = _outcome(status)
+        self._end(active, *_outcome(status))
+
+    def _end(self, active: _Active, ok: bool, code: int | None, message: str) -> None:
+        """Record how a task (every member of a gang) ended: finished, failed, cancelled,
+        or back in line for another attempt."""
+        del self.active[active.key]
         container = self.wf.containers[active.key.name]
         if active.stopping and isinstance(container, Service):
             ok, message = True, "stopped"

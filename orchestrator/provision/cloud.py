@@ -87,6 +87,7 @@ class CloudProvisioner:
 
     cannot: Mapping[str, str] = {
         "volumes": "volumes are not carried to cloud nodes yet (this machine has them)",
+        "multinode": "multi-node jobs run on the local site's nodes only, so far",
     }
 
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:

@@ -108,17 +108,6 @@ def test_failures_retries_timeouts_and_independent_branches(engine: Engine) -> N
 
 
 def test_bad_input_is_refused_before_anything_starts(engine: Engine, tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="multinode jobs are not supported yet"):
-        engine.run(
-            "user/mpi",
-            fuzzfile(f"""
-            jobs:
-              mpi:
-                {IMAGE}
-                command: [/bin/true]
-                multinode: {{nodes: 2, implementation: openmpi}}
-        """),
-        )
     with pytest.raises(InvalidInput, match=r"secrets that are not set: secret://user/TOKEN"):
         engine.run(
             "user/secret",
