@@ -55,9 +55,12 @@ MPIS = ("openmpi", "mpich")
 # plugin off (it probes X displays and DNS: seconds of MPI_Init in containers)
 _OPENMPI = (
     "--mca plm_rsh_agent {launcher} --mca plm_rsh_no_tree_spawn 1 "
-    "--mca btl self,tcp --mca btl_tcp_if_include eth0 --mca oob_tcp_if_include eth0 "
-    "--allow-run-as-root -x HWLOC_COMPONENTS=-gl"
+    "--mca pml ob1 --mca btl self,tcp --mca btl_tcp_if_include eth0 "
+    "--mca oob_tcp_if_include eth0 "
+    "--allow-run-as-root -x HWLOC_COMPONENTS"
 )
+# the program of each MPI, as Debian names it when both are installed, else the common name
+_PROGRAM = {"openmpi": ("mpirun.openmpi", "mpirun"), "mpich": ("mpiexec.mpich", "mpiexec")}
 
 
 def size(c: Job | Service) -> int:
@@ -85,7 +88,10 @@ def common_request(request: pb.RunRequest, c: Job) -> None:
     """Make `request` (the job's Run) what every member starts from: an MPI job's script
     becomes a file of every member's container, since each rank runs it."""
     assert c.multinode is not None
-    if c.multinode.implementation in MPIS and request.script:
+    if c.multinode.implementation not in MPIS:
+        return
+    request.env.setdefault("HWLOC_COMPONENTS", "-gl")  # see _OPENMPI; MPICH's hwloc too
+    if request.script:
         request.files.add(path=JOB_SCRIPT, content=request.script.encode(), mode=0o755)
         request.script = ""
         request.command[:] = [JOB_SCRIPT]
@@ -96,6 +102,9 @@ def member_request(base: pb.RunRequest, lease_id: str, host: str, exec_grant: st
     request = pb.RunRequest()
     request.CopyFrom(base)
     request.lease_id, request.name, request.exec_grant = lease_id, host, exec_grant
+    # the launcher too (reaching only its own container): Open MPI's daemons there check that
+    # the plm_rsh_agent they are told of exists, and fail without it
+    request.launcher = True
     request.script, request.timeout_seconds = "", 0  # it ends when the first member does
     del request.command[:], request.args[:]
     request.command.extend(IDLE)
@@ -126,8 +135,8 @@ def head_request(
         }
     )
     hosts_file = next((f for f in request.files if f.path == "/etc/hosts"), None)
-    lines = [f"127.0.1.1 {names[0]}"]  # its own name (Debian's way): MPI sees it is local
-    lines += [f"{a} {h}" for h, a in zip(names[1:], addresses, strict=True)]
+    # (its own name, at its address, its agent adds: it is known there alone)
+    lines = [f"{a} {h}" for h, a in zip(names[1:], addresses, strict=True)]
     if hosts_file is None:
         hosts_file = request.files.add(path="/etc/hosts", content=b"127.0.0.1 localhost\n")
     hosts_file.content += ("\n".join(lines) + "\n").encode()
@@ -143,11 +152,21 @@ def _wrap(request: pb.RunRequest, implementation: str, names: Sequence[str], per
     ranks = per_node * len(names)
     if implementation == "openmpi":
         hostfile = "".join(f"{h} slots={per_node}\n" for h in names)
-        run = f"mpirun --hostfile {HOSTFILE} -np {ranks} {_OPENMPI.format(launcher=LAUNCHER)}"
+        options = f"--hostfile {HOSTFILE} -np {ranks} {_OPENMPI.format(launcher=LAUNCHER)}"
     else:
         hostfile = "".join(f"{h}:{per_node}\n" for h in names)
-        run = f"mpiexec -f {HOSTFILE} -n {ranks} -launcher ssh -launcher-exec {LAUNCHER}"
-    request.script = (
-        f"#!/bin/sh\ncat > {HOSTFILE} <<'EOF'\n{hostfile}EOF\nexec {run} {shlex.join(command)}\n"
+        # the proxies reach mpiexec at its address: its hostname resolves only where it runs
+        options = (
+            f"-f {HOSTFILE} -n {ranks} -launcher ssh -launcher-exec {LAUNCHER} "
+            '-localhost "$MULTINODE_NODE_IP"'
+        )
+    debian, common = _PROGRAM[implementation]
+    request.script = "".join(
+        (
+            "#!/bin/sh\n",
+            f"cat > {HOSTFILE} <<'EOF'\n{hostfile}EOF\n",
+            f"run={common}; command -v {debian} >/dev/null && run={debian}\n",
+            f"exec $run {options} {shlex.join(command)}\n",
+        )
     )
     del request.command[:], request.args[:]

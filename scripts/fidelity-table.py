@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 from federate.catalog import Catalog  # noqa: E402
 from federate.placement import Site, SiteEstimate, cloud_sites  # noqa: E402
 from federate.sites import local_site  # noqa: E402
-from orchestrator.engine import unsupported  # noqa: E402
 from orchestrator.fuzzfile import LoadResult, load_file, load_text  # noqa: E402
 from orchestrator.fuzzfile.model import Workflow  # noqa: E402
 from orchestrator.placing import Placer  # noqa: E402
@@ -80,9 +79,6 @@ def describe(name: str, result: LoadResult) -> Row:
         notes.append("needs secrets set first: " + ", ".join(secrets))
     if any(c.image.uri.startswith("oras://") for c in wf.containers.values()):
         notes.append("SIF image, run under crun")
-    why = unsupported(wf)
-    if why:
-        return Row(name, "refused at submit", "; ".join([why, *notes]))
     comparison = _ReferencePlacer(look_up_sources=False).compare(wf, "corpus/" + name)
     chosen = comparison.chosen
     if chosen is None:

@@ -1,7 +1,8 @@
-"""A registry on 127.0.0.1 holding busybox:1.36, built here from Debian's busybox-static:
+"""A registry on 127.0.0.1 holding busybox:1.36, built here from Debian's busybox-static
+(and, with --mpi, squall/mpi:bookworm, Debian's Open MPI and MPICH: scripts/mpi_image.py):
 what `scripts/demo.sh` runs workflows from on a machine that cannot reach Docker Hub.
 
-    python scripts/local_registry.py start DIR   # prints HOST:PORT; the registry keeps running
+    python scripts/local_registry.py start DIR [--mpi]   # prints HOST:PORT; it keeps running
     python scripts/local_registry.py stop DIR
 
 It uses the same image build and registry as the tests (tests/substrate/registry.py).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts import mpi_image
 from tests.substrate.registry import (
     Registry,
     build_busybox_image,
@@ -24,7 +26,7 @@ from tests.substrate.registry import (
 )
 
 
-def start(work: Path) -> int:
+def start(work: Path, mpi: bool = False) -> int:
     missing = missing_tools()
     if missing:
         print(f"missing tools: {', '.join(missing)} (scripts/setup.sh --runtime)", file=sys.stderr)
@@ -34,6 +36,14 @@ def start(work: Path) -> int:
     layout = build_busybox_image(work)
     registry = Registry(work)
     registry.push(layout, "1.36", "busybox:1.36")
+    if mpi:
+        try:
+            image = mpi_image.build()
+        except RuntimeError as exc:
+            registry.stop()
+            print(f"cannot build the MPI image: {exc}", file=sys.stderr)
+            return 1
+        registry.push(image, mpi_image.TAG, f"{mpi_image.NAME}:{mpi_image.TAG}")
     (work / "pid").write_text(str(registry.proc.pid))
     print(registry.address)
     return 0
@@ -49,7 +59,10 @@ def stop(work: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("start", "stop"):
+    args = sys.argv[1:]
+    mpi = "--mpi" in args
+    args = [a for a in args if a != "--mpi"]
+    if len(args) != 2 or args[0] not in ("start", "stop") or (mpi and args[0] == "stop"):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    sys.exit({"start": start, "stop": stop}[sys.argv[1]](Path(sys.argv[2])))
+    sys.exit(start(Path(args[1]), mpi) if args[0] == "start" else stop(Path(args[1])))

@@ -3,7 +3,7 @@
 #   --runtime  also the tools that run workflows on this machine: crun/bubblewrap, skopeo,
 #              umoci, squashfs-tools (SIF images), the default seccomp profile, nftables and
 #              iproute2 (jobs' confinement and network), and (for the demo's local images)
-#              docker-registry and busybox-static
+#              docker-registry, busybox-static and mmdebstrap (the MPI image)
 #   --test     the runtime tools, PostgreSQL, openssl, siftool (SIF), and the test and lint tools
 # Installs what is missing from Debian when we are root.
 set -euo pipefail
@@ -35,7 +35,7 @@ if [[ -n "$runtime" ]]; then
   missing=()
   for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
               busybox:busybox-static taskset:util-linux nsenter:util-linux nft:nftables \
-              ip:iproute2 unsquashfs:squashfs-tools; do
+              ip:iproute2 unsquashfs:squashfs-tools mmdebstrap:mmdebstrap; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
   # the seccomp profile Podman and CRI-O use, which job containers run under

@@ -13,7 +13,9 @@ to this node's agent through the launch folder, bind-mounted from the task's fol
     run.XXXXXX/status    its exit status (written by the agent before it closes the FIFOs)
     requests             a FIFO: the script writes `run.XXXXXX` and a newline to it
 
-The agent (`LaunchService`) runs COMMAND in the container of the member whose hostname is HOST,
+The agent (`LaunchService`) runs COMMAND (its words joined by spaces and run by `/bin/sh -c`,
+as ssh runs a remote command: Open MPI sends `PATH=... ; export PATH ; ... orted ...`) in the
+container of the member whose hostname is HOST,
 through that member's agent's Exec call, authorised by the member's exec grant (the agent
 token is never sent between nodes), or in this container itself for its own hostname. The
 command gets no stdin (as `ssh -n`); its exit status is the script's (255 when the launch
@@ -61,8 +63,9 @@ NO_LAUNCH = 255  # the exit status when the launch itself failed (as ssh's)
 
 SCRIPT = f"""#!/bin/sh
 # squall-launch HOST COMMAND...: run COMMAND in the container of this job on HOST, through the
-# agents (MPI's remote launcher in place of ssh). Options before HOST (ssh's, such as -x) are
-# ignored; COMMAND gets no stdin; the exit status is COMMAND's, or 255 if it could not start.
+# agents (MPI's remote launcher in place of ssh). As with ssh, COMMAND's words are joined and
+# run by the shell there; options before HOST (ssh's, such as -x) are ignored; COMMAND gets no
+# stdin; the exit status is COMMAND's, or 255 if it could not start.
 while [ "${{1#-}}" != "$1" ]; do shift; done
 if [ $# -lt 2 ]; then echo "usage: squall-launch HOST COMMAND..." >&2; exit 255; fi
 d=$(mktemp -d {LAUNCH_DIR}/run.XXXXXX) || exit 255
@@ -179,8 +182,8 @@ class LaunchService:
         try:
             if len(argv) < 2:
                 _write(err, b"squall-launch: no host and command given\n")
-            else:
-                code = self._exec(argv[0], argv[1:], out, err)
+            else:  # as ssh does: the words joined, run by the shell (Open MPI counts on it)
+                code = self._exec(argv[0], ["/bin/sh", "-c", " ".join(argv[1:])], out, err)
         finally:
             try:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW

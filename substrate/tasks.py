@@ -33,6 +33,7 @@ from .logstore import STDERR, STDOUT, LogStore, LogWriter
 from .network import NetworkError, PodNetwork
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec, MountSpec
+from .runtimes.rootfs import hostname
 
 log = logging.getLogger("substrate")
 
@@ -86,6 +87,25 @@ class Task:
 
 
 SCRIPT_PATH = "/.squall/script"
+
+
+def _with_own_host(spec: TaskSpec, address: str) -> TaskSpec:
+    """/etc/hosts names the container's own hostname at its address (as Docker's and
+    Kubernetes' do): MPI and other peers resolve their own name to where others reach them.
+    Added to the /etc/hosts the task was given, or to a file of the loopback names."""
+    line = f"{address} {hostname(spec.name)}\n".encode()
+    files = list(spec.files)
+    for i, f in enumerate(files):
+        if f.path == "/etc/hosts":
+            content = f.content if f.content.endswith(b"\n") or not f.content else f.content + b"\n"
+            files[i] = replace(f, content=content + line)
+            break
+    else:
+        files.append(FileSpec("/etc/hosts", _LOOPBACK_HOSTS + line, 0o644))
+    return replace(spec, files=tuple(files))
+
+
+_LOOPBACK_HOSTS = b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
 
 
 def _with_launcher(spec: TaskSpec, task: Task) -> TaskSpec:
@@ -193,6 +213,7 @@ class TaskManager:
                 attached = self.network.attach(task_id)
                 spec = task.spec = replace(spec, netns=attached.netns)
                 task.address = attached.address
+                spec = task.spec = _with_own_host(spec, task.address)
             if spec.launcher:
                 spec = task.spec = _with_launcher(spec, task)
             launch = runtime.launch(spec, cpus, task.dir, image)

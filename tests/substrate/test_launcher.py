@@ -52,9 +52,9 @@ def finish(agent: Running, task: str) -> tuple[int, str]:
 def test_the_head_runs_commands_in_its_peers_and_in_itself(agent: Running) -> None:
     script = (
         f"{LAUNCHER} w-1 hostname; "
-        f"{LAUNCHER} -x w-1 sh -c 'echo to-stderr >&2; exit 3'; echo exit=$?; "
+        f"{LAUNCHER} -x w-1 'echo to-stderr >&2; exit 3'; echo exit=$?; "
         f"{LAUNCHER} h-0 hostname; "
-        f"{LAUNCHER} w-1 printf '%s|' 'two words' '' \"quote'd\"; echo; "
+        f"{LAUNCHER} w-1 'echo one;' echo '$(hostname)'; "
         f"{LAUNCHER} nowhere true; echo exit=$?; "
         "echo node-ip=$MULTINODE_NODE_IP; ls /.squall/launch"
     )
@@ -65,12 +65,13 @@ def test_the_head_runs_commands_in_its_peers_and_in_itself(agent: Running) -> No
     assert lines[0] == "w-1"  # the worker's container answered
     assert lines[1:3] == ["to-stderr", "exit=3"]  # its stderr and exit status came back
     assert lines[3] == "h-0"  # its own hostname: run here
-    assert lines[4] == "two words||quote'd|"  # arguments arrive as they were given
-    assert lines[5].startswith("squall-launch: no host 'nowhere' in this job")
-    assert lines[6] == "exit=255"
+    # as with ssh: the words are joined and run by the shell there
+    assert lines[4:6] == ["one", "w-1"]
+    assert lines[6].startswith("squall-launch: no host 'nowhere' in this job")
+    assert lines[7] == "exit=255"
     ip = agent.stub.Status(pb.StatusRequest(task_id=head)).address
-    assert lines[7] == f"node-ip={ip}"
-    assert lines[8:] == ["requests", "squall-launch"]  # the requests' folders are cleared
+    assert lines[8] == f"node-ip={ip}"
+    assert lines[9:] == ["requests", "squall-launch"]  # the requests' folders are cleared
     agent.stub.Cancel(pb.CancelRequest(task_id=worker, grace_seconds=1))
 
 
