@@ -92,7 +92,8 @@ SCRIPT_PATH = "/.squall/script"
 def _with_own_host(spec: TaskSpec, address: str) -> TaskSpec:
     """/etc/hosts names the container's own hostname at its address (as Docker's and
     Kubernetes' do): MPI and other peers resolve their own name to where others reach them.
-    Added to the /etc/hosts the task was given, or to a file of the loopback names."""
+    Added to the /etc/hosts the task was given, or, for a gang's member, to a file of the
+    loopback names (a plain task keeps its image's: nothing is written per start)."""
     line = f"{address} {hostname(spec.name)}\n".encode()
     files = list(spec.files)
     for i, f in enumerate(files):
@@ -213,7 +214,8 @@ class TaskManager:
                 attached = self.network.attach(task_id)
                 spec = task.spec = replace(spec, netns=attached.netns)
                 task.address = attached.address
-                spec = task.spec = _with_own_host(spec, task.address)
+                if spec.launcher or any(f.path == "/etc/hosts" for f in spec.files):
+                    spec = task.spec = _with_own_host(spec, task.address)
             if spec.launcher:
                 spec = task.spec = _with_launcher(spec, task)
             launch = runtime.launch(spec, cpus, task.dir, image)

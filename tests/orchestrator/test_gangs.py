@@ -86,7 +86,7 @@ def test_a_generic_gang_reaches_every_node_through_the_launcher(
 echo "hosts=$MULTINODE_HOSTLIST nohosts=$MULTINODE_HOSTLIST_NOSLOTS total=$MULTINODE_TOTAL_SLOTS"
 echo "me=$MULTINODE_NODE_IP ssh=$MULTINODE_SSH_WRAPPER"
 for h in $(echo $MULTINODE_HOSTLIST_NOSLOTS | tr , ' '); do
-  $MULTINODE_RSH_WRAPPER $h sh -c \\
+  $MULTINODE_RSH_WRAPPER $h \\
     'echo $(hostname) $(ip -4 -o addr show eth0 | awk "{print \\$4}") \\
       $(tr "\\0" " " </proc/1/cmdline)'
 done

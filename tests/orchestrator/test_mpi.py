@@ -33,9 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.fixture(scope="session")
-def mpi(registry: Registry, pytestconfig: pytest.Config) -> str:
-    """The MPI image's reference in the session's registry."""
-    cache = Path(pytestconfig.cache.mkdir("squall-images"))  # type: ignore[union-attr]
+def mpi(
+    registry: Registry, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The MPI image's reference in the session's registry (built once per pytest cache)."""
+    cache = (
+        Path(pytestconfig.cache.mkdir("squall-images"))
+        if pytestconfig.cache is not None
+        else tmp_path_factory.mktemp("squall-images")
+    )
     layout = mpi_image.build(cache)
     registry.push(layout, mpi_image.TAG, f"{mpi_image.NAME}:{mpi_image.TAG}")
     return f"docker://{registry.address}/{mpi_image.NAME}:{mpi_image.TAG}"
