@@ -36,6 +36,7 @@ __all__ = [
     "NetworkError",
     "PodNetwork",
     "enslave",
+    "host_lock",
     "netns_path",
     "new_netns",
     "remove",
@@ -78,7 +79,7 @@ def _nft(script: str) -> None:
 
 
 @contextlib.contextmanager
-def _host_lock() -> Iterator[None]:
+def host_lock() -> Iterator[None]:
     """One agent at a time picks a subnet on this machine."""
     with open(LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -175,7 +176,7 @@ class PodNetwork:
             )
         NETNS_DIR.mkdir(parents=True, exist_ok=True)
         try:
-            with _host_lock():
+            with host_lock():
                 self.subnet = self._existing() or self._make_bridge()
         except OSError as exc:  # what the kernel said to a netlink request
             raise NetworkError(f"cannot make the bridge {self.bridge}: {exc}") from None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import ipaddress
 import os
@@ -34,13 +33,13 @@ import socket
 import subprocess
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from substrate.netlink import Rtnl
-from substrate.network import POOL, NetworkError, enslave, new_netns, unpin
+from substrate.network import DENY, POOL, NetworkError, enslave, host_lock, new_netns, unpin
 
 from .base import ProvisionError
 
@@ -49,9 +48,7 @@ __all__ = ["NODE_POOL", "LoopbackRelay", "NodePlace", "RunNetwork", "loopback_po
 NODE_POOL = "10.216.0.0/13"  # one /24 for each run's nodes (pods: substrate's POOL)
 NETNS_DIR = Path("/run/netns")
 SYS_NET = Path("/sys/class/net")  # this machine's interfaces, by name
-LOCK = Path("/run/squall-network.lock")  # the agents' lock too: one picks a subnet at a time
 MAX_NODES = 250
-DENY = ("169.254.0.0/16",)  # where clouds serve instance credentials
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -76,16 +73,6 @@ class NodePlace:
     def node_network(self) -> ipaddress.IPv4Network:
         """The run's node subnet (every node's address, and the bridge's)."""
         return ipaddress.IPv4Interface(f"{self.address}/24").network
-
-
-@contextlib.contextmanager
-def _host_lock() -> Iterator[None]:
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _nft(script: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +127,7 @@ class RunNetwork:
         NETNS_DIR.mkdir(parents=True, exist_ok=True)
         try:
             # held until the routes are in: what is in use is read from them
-            with _host_lock(), Rtnl() as rtnl:
+            with host_lock(), Rtnl() as rtnl:  # the agents' too
                 used = rtnl.ipv4_networks() + rtnl.ipv4_routes()
                 (subnet,) = _free_subnets(NODE_POOL, used, 1)
                 pods = _free_subnets(POOL, used, count)
