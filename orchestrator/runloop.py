@@ -479,19 +479,27 @@ class RunLoop:
             return
         del self.active[key]
         self.sched.moved(key, _S.PENDING)  # back in line: the store never saw it leave
-        if not refused:  # cancelled or failed meanwhile: the lease goes back
-            self.capacity.give_back(active.node, active.shape)
-            self.io.unary(active.node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id))
-        elif lease.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            self.capacity.refused(active.node, active.shape)  # asked elsewhere, or later
-        elif lease.code() in _NEVER:
-            self.capacity.refused(active.node, active.shape)
-            self.unplaceable[key.name] = str(lease.details() or lease.code().name)
-            failed = True
-        else:
-            raise lease  # the agent is gone, or a defect
+        failed = self._unused_lease(key, active.node, active.shape, lease) or failed
         if failed:
             self._fail_jobs([key.name])
+
+    def _unused_lease(self, key: TaskKey, node: int, shape: Shape, lease: Any) -> bool:
+        """A lease reply the task will not use: a granted lease goes back (cancelled or
+        failed meanwhile, or a gang that did not get all its nodes); a refusal marks the node
+        full for `shape` (asked elsewhere, or later). True when the node will never hold it
+        (the job is unplaceable)."""
+        if not isinstance(lease, grpc.RpcError):
+            self.capacity.give_back(node, shape)
+            self.io.unary(node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id))
+            return False
+        if lease.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.capacity.refused(node, shape)
+            return False
+        if lease.code() in _NEVER:
+            self.capacity.refused(node, shape)
+            self.unplaceable[key.name] = str(lease.details() or lease.code().name)
+            return True
+        raise lease  # the agent is gone, or a defect
 
     def _never_fits(self, name: str) -> str:
         """Why no node (or too few, for a multi-node job) can hold job `name`, in the agent's
@@ -665,18 +673,7 @@ class RunLoop:
         del self.active[key]
         self.sched.moved(key, _S.PENDING)  # back in line: the store never saw it leave
         for node, reply in zip(nodes, replies, strict=True):
-            if not isinstance(reply, grpc.RpcError):
-                self.capacity.give_back(node, active.shape)
-                release = pb.ReleaseLeaseRequest(lease_id=reply.id)
-                self.io.unary(node, "ReleaseLease", release)
-            elif reply.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self.capacity.refused(node, active.shape)
-            elif reply.code() in _NEVER:
-                self.capacity.refused(node, active.shape)
-                self.unplaceable[key.name] = str(reply.details() or reply.code().name)
-                failed = True
-            else:
-                raise reply  # the agent is gone, or a defect
+            failed = self._unused_lease(key, node, active.shape, reply) or failed
         if failed:
             self._fail_jobs([key.name])
 
