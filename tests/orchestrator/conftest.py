@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import subprocess
 import tempfile
@@ -89,3 +90,25 @@ def make_engine(tmp_path: Path, registry: Registry) -> MakeEngine:
 def engine(make_engine: MakeEngine) -> Engine:
     """One engine of one node."""
     return make_engine()
+
+
+@pytest.fixture
+def cluster_of(tmp_path: Path, registry: Registry) -> Callable[..., Engine]:
+    """Engines whose local clusters have `n` separate nodes (network namespaces, hostnames)
+    of one CPU each, taken in turn, and `memory` bytes each; images from the session's
+    registry."""
+
+    def make(n: int, memory: int = 256 * 2**20) -> Engine:
+        cpus = os.cpu_count() or 1
+        nodes = [NodeSlice(cpus=(i % cpus,), memory_bytes=memory) for i in range(n)]
+        provisioner = LocalProvisioner(
+            tmp_path / "site",
+            nodes=lambda _: nodes,
+            search_registries=[registry.address],
+            insecure_registries=[registry.address],
+            namespaced=True,
+        )
+        store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+        return Engine(store, [provisioner], data_dir=tmp_path / "data")
+
+    return make

@@ -5,43 +5,18 @@ a member that ends first fails the job; cancel ends every member; nothing is lef
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from orchestrator.engine import Engine, RunOutcome, request_cancel
-from orchestrator.provision import LocalProvisioner, NodeSlice
-from orchestrator.store import Attempt, Job, RunState, Store, Task, TaskState
+from orchestrator.store import Attempt, Job, RunState, Task, TaskState
 from orchestrator.views import run_events
 from tests.orchestrator.test_separate_nodes import leftovers
-from tests.substrate.registry import Registry
 
 MiB = 2**20
-CPUS = os.cpu_count() or 1
-
-
-@pytest.fixture
-def cluster_of(tmp_path: Path, registry: Registry) -> Callable[[int], Engine]:
-    """An engine whose local clusters have `n` separate nodes of one CPU (shared in turn)."""
-
-    def make(n: int) -> Engine:
-        nodes = [NodeSlice(cpus=(i % CPUS,), memory_bytes=256 * MiB) for i in range(n)]
-        provisioner = LocalProvisioner(
-            tmp_path / "site",
-            nodes=lambda _: nodes,
-            search_registries=[registry.address],
-            insecure_registries=[registry.address],
-            namespaced=True,
-        )
-        store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-        return Engine(store, [provisioner], data_dir=tmp_path / "data")
-
-    return make
 
 
 def gang(

@@ -8,7 +8,6 @@ folder: the first build downloads about 150 MB) and served by the session's regi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -19,16 +18,15 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.engine import Engine, RunOutcome, request_cancel
-from orchestrator.provision import LocalProvisioner, NodeSlice
+from orchestrator.provision import LocalProvisioner
 from orchestrator.provision.node_network import RunNetwork
-from orchestrator.store import Job, RunState, Store, Task, TaskState
+from orchestrator.store import Job, RunState, Task, TaskState
 from scripts import mpi_image
 from tests.orchestrator.test_gangs import attempts, log_of
 from tests.orchestrator.test_separate_nodes import leftovers
 from tests.substrate.registry import Registry
 
 MiB = 2**20
-CPUS = os.cpu_count() or 1
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -45,23 +43,6 @@ def mpi(
     layout = mpi_image.build(cache)
     registry.push(layout, mpi_image.TAG, f"{mpi_image.NAME}:{mpi_image.TAG}")
     return f"docker://{registry.address}/{mpi_image.NAME}:{mpi_image.TAG}"
-
-
-@pytest.fixture
-def cluster_of(tmp_path: Path, registry: Registry) -> Callable[[int], Engine]:
-    def make(n: int) -> Engine:
-        nodes = [NodeSlice(cpus=(i % CPUS,), memory_bytes=512 * MiB) for i in range(n)]
-        provisioner = LocalProvisioner(
-            tmp_path / "site",
-            nodes=lambda _: nodes,
-            search_registries=[registry.address],
-            insecure_registries=[registry.address],
-            namespaced=True,
-        )
-        store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-        return Engine(store, [provisioner], data_dir=tmp_path / "data")
-
-    return make
 
 
 def mpi_job(image: str, nodes: int, implementation: str, command: str, per_node: int = 1) -> str:
@@ -158,9 +139,9 @@ def agent_pids(engine: Engine, run_id: str) -> list[int]:
 
 
 def test_open_mpi_runs_a_ring_over_four_nodes_without_sshd(
-    mpi: str, cluster_of: Callable[[int], Engine]
+    mpi: str, cluster_of: Callable[..., Engine]
 ) -> None:
-    engine = cluster_of(4)
+    engine = cluster_of(4, 512 * MiB)
     text = mpi_job(mpi, 4, "openmpi", "ring && sleep 4", per_node=2)
     run_id, result, worker = run_in_thread(engine, "ring", text)
     wait_running(engine, run_id)
@@ -189,8 +170,8 @@ def test_open_mpi_runs_a_ring_over_four_nodes_without_sshd(
     assert leftovers(run_id) == []
 
 
-def test_a_rank_that_fails_fails_the_job(mpi: str, cluster_of: Callable[[int], Engine]) -> None:
-    engine = cluster_of(3)
+def test_a_rank_that_fails_fails_the_job(mpi: str, cluster_of: Callable[..., Engine]) -> None:
+    engine = cluster_of(3, 512 * MiB)
     outcome = engine.run("fail", mpi_job(mpi, 3, "openmpi", "ring fail 2"))
     assert outcome.state is RunState.FAILED
     [attempt] = attempts(engine, outcome.run_id, "ring")
@@ -200,10 +181,8 @@ def test_a_rank_that_fails_fails_the_job(mpi: str, cluster_of: Callable[[int], E
     assert leftovers(outcome.run_id) == []
 
 
-def test_cancel_ends_every_rank_on_every_node(
-    mpi: str, cluster_of: Callable[[int], Engine]
-) -> None:
-    engine = cluster_of(3)
+def test_cancel_ends_every_rank_on_every_node(mpi: str, cluster_of: Callable[..., Engine]) -> None:
+    engine = cluster_of(3, 512 * MiB)
     run_id, result, worker = run_in_thread(
         engine, "user/cancel-mpi", mpi_job(mpi, 3, "openmpi", "ring && sleep 300")
     )
@@ -223,10 +202,10 @@ def test_cancel_ends_every_rank_on_every_node(
     assert leftovers(run_id) == []
 
 
-def test_the_examples_run_as_written(mpi: str, cluster_of: Callable[[int], Engine]) -> None:
+def test_the_examples_run_as_written(mpi: str, cluster_of: Callable[..., Engine]) -> None:
     """examples/mpi.yaml and mpi-generic.yaml on four nodes, their image taken from the
     session's registry instead of the demo's."""
-    engine = cluster_of(4)
+    engine = cluster_of(4, 512 * MiB)
     for example in ("mpi.yaml", "mpi-generic.yaml"):
         text = (ROOT / "examples" / example).read_text()
         text = text.replace("docker://squall/mpi:bookworm", mpi)

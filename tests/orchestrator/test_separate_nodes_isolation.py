@@ -11,10 +11,10 @@ import subprocess
 import threading
 from pathlib import Path
 
-from api.substrate.v1 import agent_pb2 as pb
 from orchestrator.provision import LocalProvisioner, NodeSlice, local_plan
 from orchestrator.provision.node_network import RunNetwork, _in_netns
 from substrate.client import connect
+from tests.orchestrator.test_separate_nodes import output_of, run_task
 from tests.substrate.registry import Registry
 
 MiB = 2**20
@@ -60,18 +60,10 @@ def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry
     try:
         probe = f"nc -w 2 {bridge_address(netns)} {port} </dev/null 2>/dev/null; echo done"
         channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
-        lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
-        started = stub.Run(
-            pb.RunRequest(
-                lease_id=lease.id,
-                image="docker://busybox:1.36",
-                command=["/bin/sh", "-c", probe],
-                release_lease_at_end=True,
-            )
-        )
-        status = stub.Wait(pb.WaitRequest(task_id=started.task_id, output_limit=65536), timeout=60)
+        _, task = run_task(stub, probe)
+        output = output_of(stub, task)[1]
         channel.close()
-        assert status.output.decode().splitlines() == ["done"]
+        assert output.splitlines() == ["done"]
     finally:
         listener.close()
         provisioner.down(cluster)
