@@ -47,6 +47,13 @@ def agent(
     deny_network: list[str] = typer.Option(
         [], help="CIDR jobs may never reach (the control plane's address), repeatable."
     ),
+    host_network: str = typer.Option(
+        "",
+        metavar="ADDRESS",
+        help="Let multi-node jobs' containers share this node's network (MPI over its own "
+        "interfaces and fabric), reached at ADDRESS (`auto`: where the default route leaves "
+        "from); kept from the agent's port and the denied networks. For a dedicated node.",
+    ),
 ) -> None:
     """Run a node agent until interrupted.
 
@@ -86,6 +93,8 @@ def agent(
         argv.append("--weak-runtimes")
     if not pod_network:
         argv.append("--no-pod-network")
+    if host_network:
+        argv += ["--host-network", host_network]
     for flag, values in (
         ("--label", label),
         ("--search-registry", search_registry),

@@ -24,7 +24,7 @@ Wants=network-online.target
 
 [Service]
 ExecStart={squall} agent --listen 0.0.0.0:{port} --token-file {dir}/agent.token \\
-  --data-dir /var/lib/squall/agent --deny-network {control_plane}
+  --data-dir /var/lib/squall/agent --deny-network {control_plane} --host-network auto
 Restart=on-failure
 RestartSec=2
 

@@ -70,7 +70,7 @@ class NodeGroup(_Model):
 class Network(_Model):
     subnet_id: str | None = None  # an existing subnet; None: a new VPC/network for the run
     cidr: str = "10.42.0.0/16"
-    agent_port: int = Field(default=7431, ge=1, le=65535)
+    agent_port: int = Field(default=7431, ge=1, le=65535)  # = substrate.AGENT_PORT
     orchestrator_cidr: str  # who may reach the agents: the orchestrator's address
 
     @field_validator("cidr", "orchestrator_cidr")

@@ -13,7 +13,7 @@ full for that shape of request until something ends there.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from api.substrate.v1 import agent_pb2 as pb
@@ -117,34 +117,43 @@ class Capacity:
     def __init__(self, totals: list[NodeTotal]) -> None:
         self.nodes = [_Node(t) for t in totals]
 
-    def never_fits(self, shape: Shape) -> bool:
-        """No node could hold `shape` even empty."""
-        return not any(n.total.holds(shape) for n in self.nodes)
+    def _among(self, among: Sequence[int] | None) -> list[tuple[int, _Node]]:
+        """The nodes (index, node) of `among` (a job's node group), or every node."""
+        if among is None:
+            return list(enumerate(self.nodes))
+        return [(i, self.nodes[i]) for i in among]
 
-    def nodes_that_hold(self, shape: Shape) -> int:
-        """How many nodes could hold `shape` with nothing else on them (a gang needs as many
-        as it has members)."""
-        return sum(n.total.holds(shape) for n in self.nodes)
+    def never_fits(self, shape: Shape, among: Sequence[int] | None = None) -> bool:
+        """No node (of `among`) could hold `shape` even empty."""
+        return not any(n.total.holds(shape) for _, n in self._among(among))
+
+    def nodes_that_hold(self, shape: Shape, among: Sequence[int] | None = None) -> int:
+        """How many nodes (of `among`) could hold `shape` with nothing else on them (a gang
+        needs as many as it has members)."""
+        return sum(n.total.holds(shape) for _, n in self._among(among))
 
     def fits_somewhere(self, shape: Shape) -> bool:
         return any(n.fits(shape) for n in self.nodes)
 
-    def room(self, shape: Shape) -> int:
-        """How many tasks of `shape` fit now, all nodes together."""
-        return sum(n.room(shape) for n in self.nodes)
+    def room(self, shape: Shape, among: Sequence[int] | None = None) -> int:
+        """How many tasks of `shape` fit now, all nodes (of `among`) together."""
+        return sum(n.room(shape) for _, n in self._among(among))
 
-    def take(self, shape: Shape) -> int | None:
-        """Reserve `shape` on the first node where it fits now; that node, or None."""
-        for i, node in enumerate(self.nodes):
+    def take(self, shape: Shape, among: Sequence[int] | None = None) -> int | None:
+        """Reserve `shape` on the first node (of `among`) where it fits now; that node, or
+        None."""
+        for i, node in self._among(among):
             if node.fits(shape):
                 node.take(shape, 1)
                 return i
         return None
 
-    def take_gang(self, shape: Shape, count: int) -> list[int] | None:
-        """Reserve `shape` on `count` distinct nodes where it fits now, all of them or none
-        (a gang holds nothing while it waits); those nodes, or None."""
-        nodes = [i for i, node in enumerate(self.nodes) if node.fits(shape)][:count]
+    def take_gang(
+        self, shape: Shape, count: int, among: Sequence[int] | None = None
+    ) -> list[int] | None:
+        """Reserve `shape` on `count` distinct nodes (of `among`) where it fits now, all of
+        them or none (a gang holds nothing while it waits); those nodes, or None."""
+        nodes = [i for i, node in self._among(among) if node.fits(shape)][:count]
         if len(nodes) < count:
             return None
         for i in nodes:

@@ -12,6 +12,7 @@ wrap the command in `mpirun`/`mpiexec` over a hostfile of the members, as Fuzzba
     MULTINODE_HOSTLIST_NOSLOTS   host,...
     MULTINODE_TOTAL_SLOTS        nodes x slots
     MULTINODE_NODE_IP            the container's own address (set by its agent)
+    MULTINODE_NODE_INTERFACE     the name of its interface with that address (set by its agent)
     MULTINODE_RSH_WRAPPER, MULTINODE_SSH_WRAPPER
                                  the launcher: `$MULTINODE_RSH_WRAPPER HOST CMD...`
 
@@ -50,13 +51,16 @@ MORE_NODES = " (`squall run --nodes N` gives the local site N nodes)"
 HOSTFILE = f"{LAUNCH_DIR}/hostfile"  # written by the job's command wrapper, see _wrap
 JOB_SCRIPT = "/.squall/job-script"  # an MPI job's script, in every member's container
 MPIS = ("openmpi", "mpich")
-# Open MPI across containers: TCP on the pod network's interface, the launcher for ssh, every
-# daemon started from the first member (whose container alone has the launcher), hwloc's GL
-# plugin off (it probes X displays and DNS: seconds of MPI_Init in containers)
+# Open MPI across containers: TCP on the interface of the members' addresses alone (the
+# pod network's eth0, or the node's own: MULTINODE_NODE_INTERFACE, named alike on every node
+# of a node group; as /32 CIDRs instead, Open MPI 4.1 refuses its peers' connections), the
+# launcher for ssh, every daemon started from the first member (whose container alone has
+# the launcher), hwloc's GL plugin off (it probes X displays and DNS: seconds of MPI_Init in
+# containers)
 _OPENMPI = (
     "--mca plm_rsh_agent {launcher} --mca plm_rsh_no_tree_spawn 1 "
-    "--mca pml ob1 --mca btl self,tcp --mca btl_tcp_if_include eth0 "
-    "--mca oob_tcp_if_include eth0 "
+    '--mca pml ob1 --mca btl self,tcp --mca btl_tcp_if_include "$MULTINODE_NODE_INTERFACE" '
+    '--mca oob_tcp_if_include "$MULTINODE_NODE_INTERFACE" '
     "--allow-run-as-root -x HWLOC_COMPONENTS"
 )
 # the program of each MPI, as Debian names it when both are installed, else the common name
@@ -84,10 +88,13 @@ def grant() -> str:
     return secrets.token_urlsafe(24)
 
 
-def common_request(request: pb.RunRequest, c: Job) -> None:
-    """Make `request` (the job's Run) what every member starts from: an MPI job's script
-    becomes a file of every member's container, since each rank runs it."""
+def common_request(request: pb.RunRequest, c: Job, *, host_network: bool = False) -> None:
+    """Make `request` (the job's Run) what every member starts from: on the nodes' own
+    network when the cluster says so (`Cluster.host_network`); an MPI job's script becomes a
+    file of every member's container, since each rank runs it."""
     assert c.multinode is not None
+    if host_network:
+        request.network = pb.NETWORK_HOST
     if c.multinode.implementation not in MPIS:
         return
     request.env.setdefault("HWLOC_COMPONENTS", "-gl")  # see _OPENMPI; MPICH's hwloc too

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from .data.staging import Staging
 from .engine import HEARTBEAT, identity
-from .provision import AgentEndpoint, Cluster, Provisioner, quiet
+from .provision import AgentEndpoint, Cluster, LocalProvisioner, Provisioner, quiet
 from .states import Moves, move_run
 from .store import RUN_ENDED, Agent, Job, Run, RunState, Stack, StackState, Store, TaskState
 
@@ -83,7 +83,9 @@ def recover(
     for run_id in orphaned_runs(store):
         with store.session() as s:
             run = s.get_one(Run, run_id)
-            name, site, owner, was = run.name, run.site, run.orchestrator, run.state
+            name, owner, was = run.name, run.orchestrator, run.state
+            # a run that died while its cluster came up has its placement's site alone
+            site = run.site or (run.placement or {}).get("site") or ""
             agents = tuple(
                 AgentEndpoint(name=a.name, address=a.address, token=a.token, pid=a.pid)
                 for a in s.scalars(select(Agent).where(Agent.run_id == run_id)).all()
@@ -92,7 +94,10 @@ def recover(
             if run.state is not RunState.TEARDOWN:
                 move_run(s, run, RunState.TEARDOWN, "recovering an orphan")
         provisioner = next((p for p in providers if p.serves(site)), None)
-        if agents and provisioner is not None:
+        # the local site finds what a run left by its id (its node network, agents' folders),
+        # also when its orchestrator died before any agent was on record; a cloud's stack
+        # without agents stays open in the ledger for `squall stack gc`
+        if provisioner is not None and (agents or isinstance(provisioner, LocalProvisioner)):
             provisioner.down(Cluster(run_id=run_id, site=site, agents=agents), quiet)
         reason = (
             f"its orchestrator ({owner or 'none'}) stopped while it was {was.value}; "

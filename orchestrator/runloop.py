@@ -154,7 +154,7 @@ class RunLoop:
     ) -> None:
         self.store, self.run_id, self.wf = store, run_id, wf
         self.mounts, self.secrets, self.data_dir, self.report = mounts, secrets, data_dir, report
-        self.agents = cluster.agents
+        self.cluster, self.agents = cluster, cluster.agents
         self.hosts = [a.address.rsplit(":", 1)[0] for a in cluster.agents]
         self.inbox: queue.Queue[_Message] = queue.Queue()
         self.moves = Moves(run_id)
@@ -422,31 +422,32 @@ class RunLoop:
         nowhere is not tried again this turn, and a job no node could ever hold fails at once.
         How many tasks' leases were asked for."""
         asked = 0
-        full: set[tuple[Shape, int]] = set()
+        full: set[tuple[Shape, int, tuple[int, ...] | None]] = set()
         never: list[str] = []
         for name in ready:
             shape = self.shapes[name]
             container = self.wf.containers[name]
             size = gangs.size(container)
-            if name in self.unplaceable or self.capacity.nodes_that_hold(shape) < size:
+            among = self.cluster.groups.get(name)
+            if name in self.unplaceable or self.capacity.nodes_that_hold(shape, among) < size:
                 never.append(name)
                 continue
-            if (shape, size) in full:
+            if (shape, size, among) in full:
                 continue
             request = self._lease_request(container)
             if size > 1:
                 for key in self.sched.startable(name):
-                    nodes = self.capacity.take_gang(shape, size)
+                    nodes = self.capacity.take_gang(shape, size, among)
                     if nodes is None:
-                        full.add((shape, size))
+                        full.add((shape, size, among))
                         break
                     self._lease_gang(key, nodes, shape, request)
                     asked += 1
                 continue
-            for key in self.sched.startable(name, most=self.capacity.room(shape)):
-                node = self.capacity.take(shape)
+            for key in self.sched.startable(name, most=self.capacity.room(shape, among)):
+                node = self.capacity.take(shape, among)
                 if node is None:
-                    full.add((shape, size))
+                    full.add((shape, size, among))
                     break
                 active = _Active(key, node, shape)
                 self.active[key] = active
@@ -505,7 +506,8 @@ class RunLoop:
         """Why no node (or too few, for a multi-node job) can hold job `name`, in the agent's
         words (it is asked once)."""
         shape, size = self.shapes[name], gangs.size(self.wf.containers[name])
-        holding = self.capacity.nodes_that_hold(shape)
+        among = self.cluster.groups.get(name)
+        holding = self.capacity.nodes_that_hold(shape, among)
         if size > 1 and holding:
             return (
                 f"it needs {size} nodes and this cluster has {holding} that can hold it"
@@ -683,7 +685,7 @@ class RunLoop:
         c = self.wf.containers[key.name]
         assert isinstance(c, Job)
         base = self._run_request(c, key, "")
-        gangs.common_request(base, c)
+        gangs.common_request(base, c, host_network=self.cluster.host_network)
         log = log_path(self.data_dir, self.run_id, key, active.attempt)
         for i, m in enumerate(active.members):
             self.io.life(
@@ -719,11 +721,11 @@ class RunLoop:
         c = self.wf.containers[key.name]
         assert isinstance(c, Job)
         request = self._run_request(c, key, active.lease_id)
-        gangs.common_request(request, c)
+        gangs.common_request(request, c, host_network=self.cluster.host_network)
         peers = [
             pb.Peer(
                 hostname=m.host,
-                agent=self.agents[m.node].address,
+                agent=self._agent_seen_by_nodes(m),
                 task_id=m.agent_task_id,
                 grant=m.grant,
             )
@@ -740,6 +742,15 @@ class RunLoop:
             started=lambda reply: self.inbox.put(_Launched(active, reply)),
             ended=lambda status: self.inbox.put(_Ended(active, status)),
         )
+
+    def _agent_seen_by_nodes(self, m: _Member) -> str:
+        """Where the first member's agent reaches member `m`'s: on the nodes' own network
+        (the address its agent gave its container there; this orchestrator may know the
+        node by a public one), else where this orchestrator does."""
+        agent = self.agents[m.node].address
+        if not self.cluster.host_network:
+            return agent
+        return f"{m.address}:{agent.rsplit(':', 1)[1]}"
 
     def _gang_member_ended(self, active: _Active, member: int, status: Any) -> None:
         """A member of a gang ended (-1: the first). The first one's end is the task's: the

@@ -6,3 +6,6 @@ depends only on grpcio, protobuf and httpx (its oras:// pulls). Start one with
 """
 
 __version__ = "0.1.0"
+
+# where every node of a cluster serves its agent (its own machine, or namespace); the stacks' too
+AGENT_PORT = 7431

@@ -97,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
         "cluster whose nodes cannot see each other's (default: the first free /24)",
     )
     p.add_argument(
+        "--host-network",
+        metavar="ADDRESS",
+        help="let multi-node jobs' containers share this node's network (MPI over its own "
+        "interfaces and fabric), reached by the job's other nodes at ADDRESS (`auto`: the "
+        "address the default route leaves from); they are kept from the agent's port and "
+        "the denied networks. For a node that is a whole machine (or namespace) of its own",
+    )
+    p.add_argument(
         "--netns",
         type=Path,
         help="join this pinned network namespace first: the node of a local cluster that its "
@@ -190,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         pod_pool=args.pod_pool,
         pod_subnet=args.pod_subnet,
         deny_networks=(*DENY, *args.deny_network),
+        host_network=args.host_network or "",
         image_dir=args.image_dir,
         oversubscribe=args.oversubscribe,
     )
@@ -206,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     keep_freed_memory()  # exec and port-forward move MiB-sized messages
     server, port = create_server(agent, args.listen)
+    try:
+        agent.serving(port)
+    except NetworkError as exc:
+        print(f"substrate: {exc}", file=sys.stderr)
+        server.stop(grace=0)
+        agent.stop()
+        return 2
     host = args.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{port}", flush=True)
     stop = threading.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from .images import ImageCache, ImageError
 from .inventory import Inventory
 from .leases import Lease, LeaseSpec, LeaseTable, NoSuchLease
 from .logstore import LogStore
-from .network import DENY, POOL, PodNetwork
+from .network import DENY, POOL, HostNetwork, PodNetwork, node_address
 from .runtimes import CrunRuntime, Runtime, TaskSpec
 from .tasks import Task, TaskError, TaskManager, TaskState
 
@@ -43,6 +44,9 @@ class AgentConfig:
     pod_pool: str = POOL
     pod_subnet: str | None = None  # the node's container subnet, given; None: a free one
     deny_networks: tuple[str, ...] = DENY  # never forwarded to from a job
+    # the node's address for the containers of multi-node jobs on its own network
+    # ("auto": where its default route leaves from); empty: no task gets the host network
+    host_network: str = ""
     image_dir: Path | None = None  # the image cache (None: <data_dir>/images); may be shared
     oversubscribe: int = 1  # leases that may hold one core at once
 
@@ -54,6 +58,16 @@ class AgentConfig:
     def agent_id(self) -> str:
         """Stable across restarts on one data dir: names this agent's cgroups."""
         return hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def _host_network(config: AgentConfig) -> HostNetwork:
+    """The node's own network for multi-node jobs: kept from the denied networks, but for
+    the one the node is on (the job's other nodes are there)."""
+    address = node_address("" if config.host_network == "auto" else config.host_network)
+    ip = ipaddress.ip_address(address)
+    deny = [n for n in config.deny_networks if ip not in ipaddress.ip_network(n, strict=False)]
+    first = config.userns.base
+    return HostNetwork(config.agent_id, address, (first, first + config.userns.size - 1), deny)
 
 
 class Agent:
@@ -84,7 +98,10 @@ class Agent:
             if config.pod_network
             else None
         )
-        self.tasks = TaskManager(config.data_dir, self.logs, runtimes, self.cgroups, self.network)
+        self.host_network = _host_network(config) if config.host_network else None
+        self.tasks = TaskManager(
+            config.data_dir, self.logs, runtimes, self.cgroups, self.network, self.host_network
+        )
         self.default_runtime = config.default_runtime or next(
             (name for name in OCI_RUNTIMES if name in runtimes), ""
         )
@@ -116,7 +133,14 @@ class Agent:
         self._remove_node_state()
         return reaped
 
+    def serving(self, port: int) -> None:
+        """The API listens on `port`: the host network, which keeps jobs from it, opens."""
+        if self.host_network is not None:
+            self.host_network.start(port)
+
     def _remove_node_state(self) -> None:
+        if self.host_network is not None:
+            self.host_network.stop()
         if self.network is not None:
             self.network.stop()
         for runtime in self.runtimes.values():
@@ -191,6 +215,8 @@ class Agent:
             spec = replace(spec, runtime=self.default_runtime)
         runtime = self.runtimes.get(spec.runtime)
         image = None
+        if runtime is not None and spec.host_network:
+            self.tasks.host_network_for(runtime)  # refused before anything is pulled
         if runtime is not None and runtime.needs_image:
             if not spec.image:
                 raise TaskError(f"the {spec.runtime} runtime needs an image")

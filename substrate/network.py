@@ -33,12 +33,14 @@ from .netlink import Rtnl
 
 __all__ = [
     "Attachment",
+    "HostNetwork",
     "NetworkError",
     "PodNetwork",
     "enslave",
     "host_lock",
     "netns_path",
     "new_netns",
+    "node_address",
     "remove",
     "unpin",
 ]
@@ -51,6 +53,8 @@ CLONE_NEWNET = 0x40000000
 MNT_DETACH = 2
 MS_BIND = 0x1000
 SIOCBRADDIF, SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x89A2, 0x8913, 0x8914, 0x1
+SIOCGIFADDR = 0x8915
+POD_INTERFACE = "eth0"  # a task's on the pod network
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -131,6 +135,74 @@ def enslave(veth: str, bridge: str) -> None:
             fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", veth.encode(), flags | IFF_UP))
     except OSError as exc:
         raise NetworkError(f"cannot put {veth} on {bridge}: {exc.strerror or exc}") from None
+
+
+class HostNetwork:
+    """The node's own network, for the containers of a multi-node job (MPI over the node's
+    interfaces and fabric, as HPC clusters run it; a cloud's nodes do not route each other's
+    pod subnets). Such a container shares the agent's network namespace, so an nftables table
+    of the agent's own keeps it, by the owner of its sockets (its user namespace's host ids),
+    from the denied networks and from every agent's port."""
+
+    def __init__(
+        self, agent_id: str, address: str, uids: tuple[int, int], deny: Sequence[str] = DENY
+    ) -> None:
+        self.address = address  # the node's, where the job's other nodes reach it
+        self.interface = interface_of(address)  # MPI is pinned to it (MULTINODE_NODE_INTERFACE)
+        self.uids = uids  # first and last host id of the containers' users
+        self.deny = tuple(deny)
+        self.table = f"squallh_{agent_id[:12]}"
+        self.ready = False  # set once the table is in place: no container shares it before
+
+    def start(self, agent_port: int) -> None:
+        owners = f"{self.uids[0]}-{self.uids[1]}"
+        rules = [f"    meta skuid {owners} tcp dport {agent_port} drop\n"]
+        if self.deny:
+            rules.append(f"    meta skuid {owners} ip daddr {{ {', '.join(self.deny)} }} drop\n")
+        _nft(
+            f"table inet {self.table}\n"
+            f"delete table inet {self.table}\n"
+            f"table inet {self.table} {{\n"
+            "  chain output {\n"
+            "    type filter hook output priority filter - 10; policy accept;\n"
+            # replies pass (the orchestrator may probe what a job serves)
+            "    ct state established,related accept\n"
+            f"{''.join(rules)}"
+            "  }\n"
+            "}\n"
+        )
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        with contextlib.suppress(NetworkError):
+            _nft(f"table inet {self.table}\ndelete table inet {self.table}\n")
+
+
+def interface_of(address: str) -> str:
+    """The name of this namespace's interface whose address is `address`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                data = fcntl.ioctl(sock, SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(data[20:24]) == address:
+                return name
+    raise NetworkError(f"no interface of this node has the address {address}")
+
+
+def node_address(listen_host: str) -> str:
+    """This node's address for its host network: the agent's listen address, or, where it
+    listens on every address, the one its default route leaves from (no packet is sent)."""
+    if listen_host not in ("", "0.0.0.0", "::", "[::]"):
+        return listen_host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        except OSError as exc:
+            raise NetworkError(f"cannot tell this node's address (no route out?): {exc}") from None
+        return str(sock.getsockname()[0])
 
 
 class PodNetwork:
@@ -272,7 +344,7 @@ class PodNetwork:
 
         def wire() -> None:  # inside: the pair is made there, its other end sent to the node
             with Rtnl() as rtnl:
-                rtnl.add_veth("eth0", veth, os.getpid())
+                rtnl.add_veth(POD_INTERFACE, veth, os.getpid())
                 rtnl.add_address("eth0", interface)
                 rtnl.set_up("lo")
                 rtnl.set_up("eth0")

@@ -238,6 +238,7 @@ class AgentServicer(rpc.AgentServicer):
             mounts=tuple(MountSpec(m.source, m.destination, m.read_only) for m in request.mounts),
             files=tuple(FileSpec(f.path, f.content, f.mode or 0o644) for f in request.files),
             isolated_network=request.network == pb.NETWORK_ISOLATED,
+            host_network=request.network == pb.NETWORK_HOST,
             timeout=request.timeout_seconds,
             script=request.script,
             launcher=request.launcher,

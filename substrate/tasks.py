@@ -30,7 +30,7 @@ from .confine import DEFAULT_DEVICES, device_of
 from .images import Image
 from .launcher import LAUNCH_DIR, prepare
 from .logstore import STDERR, STDOUT, LogStore, LogWriter
-from .network import NetworkError, PodNetwork
+from .network import POD_INTERFACE, HostNetwork, NetworkError, PodNetwork
 from .runtimes import Launch, Runtime, RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec, MountSpec
 from .runtimes.rootfs import hostname
@@ -81,6 +81,7 @@ class Task:
     done: threading.Event = field(default_factory=threading.Event)
     stop_reason: TaskState | None = None  # set when the agent ends it (cancel, timeout)
     address: str = ""  # on the node's pod network (empty: none, or an isolated network)
+    interface: str = ""  # the name of its interface with `address`
     on_end: Callable[[Task], None] | None = None  # called as it ends, before `done` is set
     lease_released: bool = False  # on_end released its lease
     exec_grant: str = ""  # lets another member of its gang Exec in it (RunRequest.exec_grant)
@@ -111,11 +112,13 @@ _LOOPBACK_HOSTS = b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopbac
 
 def _with_launcher(spec: TaskSpec, task: Task) -> TaskSpec:
     """The task's launch folder made and mounted at LAUNCH_DIR; MULTINODE_NODE_IP is its
-    address (known here alone)."""
+    address and MULTINODE_NODE_INTERFACE the interface with it (known here alone)."""
     folder = task.dir / "launch"
     prepare(folder)
     mounts = (*spec.mounts, MountSpec(str(folder), LAUNCH_DIR, False))
-    return replace(spec, mounts=mounts, env={**spec.env, "MULTINODE_NODE_IP": task.address})
+    env = {**spec.env, "MULTINODE_NODE_IP": task.address}
+    env["MULTINODE_NODE_INTERFACE"] = task.interface
+    return replace(spec, mounts=mounts, env=env)
 
 
 def _with_script(spec: TaskSpec, runtime: Runtime, task_dir: Path) -> TaskSpec:
@@ -155,6 +158,7 @@ class TaskManager:
         runtimes: dict[str, Runtime],
         cgroups: Cgroups,
         network: PodNetwork | None = None,
+        host_network: HostNetwork | None = None,
     ) -> None:
         self.root = data_dir / "tasks"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -162,6 +166,7 @@ class TaskManager:
         self.runtimes = runtimes
         self.cgroups = cgroups
         self.network = network
+        self.host_network = host_network
         self._tasks: dict[str, Task] = {}
         self._by_lease: dict[str, list[Task]] = {}  # a lease's tasks, without a scan of all
         self._lock = threading.Lock()
@@ -210,12 +215,17 @@ class TaskManager:
         spec = _with_script(spec, runtime, task_dir)
         task = Task(task_id, spec, lease_id, cpus, task_dir, image=image, on_end=on_end)
         try:  # whatever fails while it is prepared, nothing of it is left behind
-            if self.network is not None and runtime.needs_image and not spec.isolated_network:
+            if spec.host_network:
+                host = self.host_network_for(runtime)
+                # the agent's own namespace, as every task thread of it sees it
+                spec = task.spec = replace(spec, netns="/proc/self/ns/net")
+                task.address, task.interface = host.address, host.interface
+            elif self.network is not None and runtime.needs_image and not spec.isolated_network:
                 attached = self.network.attach(task_id)
                 spec = task.spec = replace(spec, netns=attached.netns)
-                task.address = attached.address
-                if spec.launcher or any(f.path == "/etc/hosts" for f in spec.files):
-                    spec = task.spec = _with_own_host(spec, task.address)
+                task.address, task.interface = attached.address, POD_INTERFACE
+            if task.address and (spec.launcher or any(f.path == "/etc/hosts" for f in spec.files)):
+                spec = task.spec = _with_own_host(spec, task.address)
             if spec.launcher:
                 spec = task.spec = _with_launcher(spec, task)
             launch = runtime.launch(spec, cpus, task.dir, image)
@@ -254,6 +264,20 @@ class TaskManager:
         self._save(task)
         threading.Thread(target=self._watch, args=(task, writer), daemon=True).start()
         return task
+
+    def host_network_for(self, runtime: Runtime) -> HostNetwork:
+        """The node's network, for a task that asks for it: only where the agent was told
+        to give it, its firewall is in place, and the runtime confines the task in a user
+        namespace (crun), whose ids that firewall knows."""
+        host = self.host_network
+        if host is None or not host.ready:
+            raise TaskError(
+                "this node gives no host network (its agent runs without --host-network): "
+                "a multi-node job's containers need it on this site"
+            )
+        if runtime.name != "crun":
+            raise TaskError(f"the host network needs the crun runtime, not {runtime.name}")
+        return host
 
     def _is_stopping(self) -> bool:
         with self._lock:

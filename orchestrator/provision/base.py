@@ -62,6 +62,12 @@ class Cluster:
     run_id: str
     site: str
     agents: tuple[AgentEndpoint, ...]
+    # job -> its nodes (indices of `agents`): the node group federation priced for it (a
+    # cloud's); a job not named runs on any node
+    groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # a multi-node job's containers share their nodes' own network (NETWORK_HOST): the nodes
+    # do not route each other's pod subnets (a cloud's), and MPI gets the fabric
+    host_network: bool = False
 
 
 @dataclass(frozen=True, slots=True)

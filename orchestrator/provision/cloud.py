@@ -87,7 +87,6 @@ class CloudProvisioner:
 
     cannot: Mapping[str, str] = {
         "volumes": "volumes are not carried to cloud nodes yet (this machine has them)",
-        "multinode": "multi-node jobs run on the local site's nodes only, so far",
     }
 
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
@@ -121,12 +120,14 @@ class CloudProvisioner:
                 f"federation placed it on {site} (estimated ${total:,.2f}; `squall federate "
                 f"compare` shows why): {exc}"
             ) from None
+        # federation priced one node group per job, in its order (cluster_spec)
+        jobs = [plan.job for plan in chosen.jobs]
         cluster = {
             "stack": spec.stack_name,
             "expires_at": spec.expires_at.isoformat(),
             "groups": [
-                {"name": g.name, "type": g.instance_type, "count": g.count}
-                for g in spec.node_groups
+                {"name": g.name, "job": job, "type": g.instance_type, "count": g.count}
+                for g, job in zip(spec.node_groups, jobs, strict=True)
             ],
         }
         return Plan(run_id, spec, {"cluster": cluster})
@@ -175,13 +176,22 @@ class CloudProvisioner:
             raise ProvisionError(f"cannot size a cluster for {estimate.site.name}: {exc}") from None
 
     def up(self, plan: Plan[ClusterSpec], report: Report) -> Cluster:
+        """The stack up, as a cluster whose jobs each run on the node group priced for them,
+        a multi-node job's containers on their nodes' own network (a cloud routes no pod
+        subnets between nodes, and MPI gets the fabric)."""
         spec = plan.shape
         token = spec.bootstrap.join_token.get_secret_value()
         agents = self.stacks.up(spec, report)
+        job_of = {g["name"]: g["job"] for g in plan.record["cluster"]["groups"]}
+        groups: dict[str, list[int]] = {}
+        for i, agent in enumerate(agents):
+            groups.setdefault(job_of[agent["group"]], []).append(i)
         return Cluster(
             run_id=spec.run_id,
             site=f"{spec.site.cloud}:{spec.site.region}",
             agents=tuple(AgentEndpoint(a["name"], a["address"], token) for a in agents),
+            groups={job: tuple(nodes) for job, nodes in groups.items()},
+            host_network=True,
         )
 
     def down(self, cluster: Cluster, report: Report) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from api.substrate.v1 import agent_pb2 as pb
+from substrate import AGENT_PORT
 from substrate.client import connect
 from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
 from substrate.paths import remove_tree
@@ -253,7 +254,8 @@ class LocalProvisioner:
             "-m",
             "substrate",
             "--listen",
-            f"{place.address if place else '127.0.0.1'}:0",
+            # a node of its own serves where a cloud node does; this machine, on a free port
+            f"{place.address}:{AGENT_PORT}" if place else "127.0.0.1:0",
             "--data-dir",
             str(home / "data"),
             "--image-dir",  # the run's nodes share this machine: each image is pulled once
@@ -280,6 +282,8 @@ class LocalProvisioner:
             cmd += ["--pod-subnet", str(place.pod_subnet)]
             # containers never reach a node (their own, another, this machine's side)
             cmd += ["--deny-network", str(place.node_network)]
+            # but a multi-node job's containers on the node's own network reach the others
+            cmd += ["--host-network", str(place.address)]
         for flag, values in (
             ("--search-registry", self.search),
             ("--insecure-registry", self.insecure),

@@ -45,6 +45,7 @@ class TaskSpec:
     mounts: tuple[MountSpec, ...] = ()
     files: tuple[FileSpec, ...] = ()
     isolated_network: bool = False
+    host_network: bool = False  # the node's own network (a multi-node job's, crun only)
     timeout: float = 0.0
     device_nodes: tuple[str, ...] = ()  # host device files the task may use (leased GPUs)
     script: str = ""  # instead of command: a #! script run with `args`

@@ -154,6 +154,7 @@ def test_the_boot_script_starts_the_agent_with_the_join_token_and_is_a_secret():
     assert script.startswith("#!/bin/sh")
     assert "agent --listen 0.0.0.0:7431" in script
     assert f"--deny-network {ORCHESTRATOR}" in script  # jobs never reach the orchestrator
+    assert "--host-network auto" in script  # multi-node jobs on the node's own network
     assert TOKEN in script
     assert template.inputs["metadataOptions"]["httpTokens"] == "required"
 

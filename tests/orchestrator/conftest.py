@@ -16,6 +16,7 @@ from orchestrator.engine import Engine
 from orchestrator.fuzzfile import Workflow
 from orchestrator.provision import LocalProvisioner, NodeSlice
 from orchestrator.store import Store
+from scripts import mpi_image
 from tests.substrate.registry import Registry, free_port
 
 
@@ -112,3 +113,18 @@ def cluster_of(tmp_path: Path, registry: Registry) -> Callable[..., Engine]:
         return Engine(store, [provisioner], data_dir=tmp_path / "data")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mpi(
+    registry: Registry, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The MPI image's reference in the session's registry (built once per pytest cache)."""
+    cache = (
+        Path(pytestconfig.cache.mkdir("squall-images"))
+        if pytestconfig.cache is not None
+        else tmp_path_factory.mktemp("squall-images")
+    )
+    layout = mpi_image.build(cache)
+    registry.push(layout, mpi_image.TAG, f"{mpi_image.NAME}:{mpi_image.TAG}")
+    return f"docker://{registry.address}/{mpi_image.NAME}:{mpi_image.TAG}"

@@ -14,35 +14,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
 from orchestrator.engine import Engine, RunOutcome, request_cancel
 from orchestrator.provision import LocalProvisioner
 from orchestrator.provision.node_network import RunNetwork
 from orchestrator.store import Job, RunState, Task, TaskState
-from scripts import mpi_image
 from tests.orchestrator.test_gangs import attempts, log_of
 from tests.orchestrator.test_separate_nodes import leftovers
-from tests.substrate.registry import Registry
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-@pytest.fixture(scope="session")
-def mpi(
-    registry: Registry, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
-) -> str:
-    """The MPI image's reference in the session's registry (built once per pytest cache)."""
-    cache = (
-        Path(pytestconfig.cache.mkdir("squall-images"))
-        if pytestconfig.cache is not None
-        else tmp_path_factory.mktemp("squall-images")
-    )
-    layout = mpi_image.build(cache)
-    registry.push(layout, mpi_image.TAG, f"{mpi_image.NAME}:{mpi_image.TAG}")
-    return f"docker://{registry.address}/{mpi_image.NAME}:{mpi_image.TAG}"
 
 
 def mpi_job(image: str, nodes: int, implementation: str, command: str, per_node: int = 1) -> str:

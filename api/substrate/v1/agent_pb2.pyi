@@ -63,6 +63,11 @@ class _NetworkEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Network.Value
     """
     NETWORK_ISOLATED: _Network.ValueType  # 2
     """loopback only"""
+    NETWORK_HOST: _Network.ValueType  # 3
+    """the node's own network namespace (its interfaces and fabric): the containers of a
+    multi-node job where the nodes do not route each other's pod subnets (clouds); only on
+    an agent started with --host-network, which keeps them from its port and denied networks
+    """
 
 class Network(_Network, metaclass=_NetworkEnumTypeWrapper): ...
 
@@ -75,6 +80,11 @@ runs without a pod network
 """
 NETWORK_ISOLATED: Network.ValueType  # 2
 """loopback only"""
+NETWORK_HOST: Network.ValueType  # 3
+"""the node's own network namespace (its interfaces and fabric): the containers of a
+multi-node job where the nodes do not route each other's pod subnets (clouds); only on
+an agent started with --host-network, which keeps them from its port and denied networks
+"""
 Global___Network: _TypeAlias = Network  # noqa: Y015
 
 class _TaskState:
