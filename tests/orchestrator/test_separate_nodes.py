@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 
 from api.substrate.v1 import agent_pb2 as pb
+from orchestrator.data.staging import Staging
 from orchestrator.engine import Engine
 from orchestrator.provision import LocalProvisioner, NodeSlice, ProvisionError, local_plan
 from orchestrator.provision.local import Machine, share_machine, this_machine
 from orchestrator.provision.node_network import RunNetwork, loopback_ports, run_key
-from orchestrator.store import RunState, Store
+from orchestrator.recovery import recover
+from orchestrator.store import Run, RunState, Store
 from orchestrator.views import run_events
 from substrate.client import connect
 from substrate.inventory import Gpu
@@ -174,6 +176,30 @@ def test_another_orchestrator_removes_the_nodes_of_one_that_died(
     assert leftovers("run-dead") == []
     assert not task_netns.exists()
     assert not (tmp_path / "run-dead").exists()
+
+
+def test_recovery_removes_the_nodes_of_a_run_whose_orchestrator_died_making_them(
+    cluster_of,
+) -> None:
+    """The orchestrator died after the run's nodes were made, before any agent was on
+    record: recovery, finding the run by its placement's site, still removes them."""
+    engine = cluster_of(2)
+    text = "version: v4\njobs:\n  a:\n    image: {uri: docker://busybox:1.36}\n    command: [x]\n"
+    run_id = engine.submit("user/died-in-up", text)
+    with engine.store.session() as s:
+        run = s.get_one(Run, run_id)
+        run.orchestrator = "elsewhere:1"  # a host that gives no heartbeat
+        run.placement = {"site": engine.home}
+    RunNetwork(run_id).make(2)
+    assert leftovers(run_id)
+
+    staging = Staging(engine.store, engine.data_dir, engine.secrets)
+    [(name, _)] = recover(engine.store, engine.providers, staging)
+
+    assert name == "user/died-in-up"
+    assert leftovers(run_id) == []
+    with engine.store.session() as s:
+        assert s.get_one(Run, run_id).state is RunState.FAILED
 
 
 def test_without_root_separate_nodes_are_refused_saying_why(
