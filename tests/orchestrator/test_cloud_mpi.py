@@ -20,13 +20,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.engine import Engine
-from orchestrator.fuzzfile import Workflow
-from orchestrator.placing import Placer
 from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
-from orchestrator.provision.cloud import CloudProvisioner, CloudSettings
-from orchestrator.provision.stacks import StackDriver, StackSettings
-from orchestrator.store import Run, RunState, StackState, Store
-from tests.orchestrator.test_cloud_runs import CATALOG, SITE, TOKEN, stack_of
+from orchestrator.store import Run, RunState, StackState
+
+# the engine on the forced cloud placement, over this module's `nodes`
+from tests.orchestrator.test_cloud_runs import TOKEN, engine, stack_of  # noqa: F401
 from tests.orchestrator.test_gangs import attempts, log_of
 from tests.orchestrator.test_mpi import ranks
 from tests.substrate.registry import Registry
@@ -56,31 +54,11 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
     site.down(cluster)
 
 
-@pytest.fixture
-def engine(tmp_path: Path, nodes: Cluster, monkeypatch) -> Engine:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # found by the check; never used
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-
-    def never(_: Workflow) -> list[NodeSlice]:
-        raise AssertionError("a cloud run asked for local nodes")
-
-    return Engine(
-        store,
-        [
-            LocalProvisioner(tmp_path / "site", nodes=never),
-            CloudProvisioner(
-                StackDriver(store, StackSettings(tmp_path / "stacks")),
-                CloudSettings(orchestrator_cidr="127.0.0.1/32", images={"aws": "ami-0123456789"}),
-            ),
-        ],
-        data_dir=tmp_path / "data",
-        placer=Placer(catalog_dir=CATALOG, force_site=SITE).decide,
-    )
-
-
 def test_an_mpi_job_on_a_cloud_runs_on_its_node_group_over_the_nodes_network(
-    engine: Engine, nodes: Cluster, mpi: str, fake_pulumi
+    engine: Engine,  # noqa: F811 - test_cloud_runs' fixture
+    nodes: Cluster,
+    mpi: str,
+    fake_pulumi,
 ) -> None:
     text = (
         "version: v4\njobs:\n"

@@ -5,8 +5,6 @@ an agent not told to give it refuses. Real agents, namespaces, crun and nftables
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 
 import grpc
@@ -14,26 +12,13 @@ import pytest
 
 from api.substrate.v1 import agent_pb2 as pb
 from orchestrator.provision import LocalProvisioner, NodeSlice, local_plan
-from orchestrator.provision.node_network import RunNetwork, _in_netns
+from orchestrator.provision.node_network import RunNetwork
 from substrate.client import connect
-from tests.orchestrator.test_separate_nodes import output_of
+from tests.orchestrator.test_separate_nodes import output_of, run_task
+from tests.orchestrator.test_separate_nodes_isolation import node_service
 from tests.substrate.registry import Registry
 
 MiB = 2**20
-
-
-def run_on_host_network(stub, command: str) -> tuple[str, str]:
-    lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
-    started = stub.Run(
-        pb.RunRequest(
-            lease_id=lease.id,
-            image="docker://busybox:1.36",
-            command=["/bin/sh", "-c", command],
-            network=pb.NETWORK_HOST,
-            release_lease_at_end=True,
-        )
-    )
-    return started.address, started.task_id
 
 
 def reach(host: str, port: int) -> str:
@@ -54,21 +39,8 @@ def test_a_host_network_container_is_on_its_node_and_kept_from_the_agents(
         local_plan("run-hostnet", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2)
     )
     node0, node1 = (a.address.rsplit(":", 1) for a in cluster.agents)
-    # a service of node 1 on every address it has (as an MPI daemon listens)
-    listener = _in_netns(
-        RunNetwork("run-hostnet").netns(1), lambda: socket.create_server(("0.0.0.0", 0))
-    )
+    listener = node_service(RunNetwork("run-hostnet").netns(1))  # as an MPI daemon listens
     port = listener.getsockname()[1]
-
-    def answer() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conn.close()
-
-    threading.Thread(target=answer, daemon=True).start()
     try:
         channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
         probe = "; ".join(
@@ -79,7 +51,7 @@ def test_a_host_network_container_is_on_its_node_and_kept_from_the_agents(
                 reach(node0[0], int(node0[1])),  # its own node's agent
             ]
         )
-        address, task = run_on_host_network(stub, probe)
+        address, task = run_task(stub, probe, pb.NETWORK_HOST)
         code, output = output_of(stub, task)
         channel.close()
         assert address == node0[0]
@@ -99,7 +71,7 @@ def test_an_agent_not_told_to_give_the_host_network_refuses_it(tmp_path: Path) -
     try:
         channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
         with pytest.raises(grpc.RpcError) as refused:
-            run_on_host_network(stub, "true")
+            run_task(stub, "true", pb.NETWORK_HOST)
         channel.close()
         assert "gives no host network" in (refused.value.details() or "")
     finally:

@@ -60,7 +60,7 @@ def _zombie_or_gone(pid: int) -> bool:
         return True
 
 
-def run_task(stub, command: str) -> tuple[str, str]:
+def run_task(stub, command: str, network: int = pb.NETWORK_POD) -> tuple[str, str]:
     """`command` in a busybox container of the node: (its address, a task id)."""
     lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
     started = stub.Run(
@@ -68,6 +68,7 @@ def run_task(stub, command: str) -> tuple[str, str]:
             lease_id=lease.id,
             image="docker://busybox:1.36",
             command=["/bin/sh", "-c", command],
+            network=network,
             release_lease_at_end=True,
         )
     )

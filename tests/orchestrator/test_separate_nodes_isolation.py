@@ -32,20 +32,10 @@ def bridge_address(netns: Path) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Interface(line.split()[3]).ip
 
 
-def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry: Registry) -> None:
-    provisioner = LocalProvisioner(
-        tmp_path,
-        search_registries=[registry.address],
-        insecure_registries=[registry.address],
-        namespaced=True,
-    )
-    cluster = provisioner.up(
-        local_plan("run-iso", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2)
-    )
-    netns = RunNetwork("run-iso").netns(1)
-    # a service of node 1 on every address it has (as a daemon of a machine listens)
+def node_service(netns: Path) -> socket.socket:
+    """A service in a node's namespace on every address it has (as a daemon of a machine
+    listens), answering `node`; close the socket to stop it."""
     listener = _in_netns(netns, lambda: socket.create_server(("0.0.0.0", 0)))
-    port = listener.getsockname()[1]
 
     def answer() -> None:
         while True:
@@ -57,6 +47,22 @@ def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry
             conn.close()
 
     threading.Thread(target=answer, daemon=True).start()
+    return listener
+
+
+def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry: Registry) -> None:
+    provisioner = LocalProvisioner(
+        tmp_path,
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+        namespaced=True,
+    )
+    cluster = provisioner.up(
+        local_plan("run-iso", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2)
+    )
+    netns = RunNetwork("run-iso").netns(1)
+    listener = node_service(netns)
+    port = listener.getsockname()[1]
     try:
         probe = f"nc -w 2 {bridge_address(netns)} {port} </dev/null 2>/dev/null; echo done"
         channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
