@@ -101,7 +101,7 @@ def run(
     Squall starts substrate agents as child processes, makes the workflow's volumes, runs
     its ingress, pulls its images, runs its jobs and services in dependency order in
     containers, egresses the results and stops the agents. The view shows every job's
-    state as it changes. Ctrl-C cancels the run (the cluster is still taken down).
+    state as it changes. Ctrl-C (or SIGTERM) cancels the run (the cluster is still taken down).
 
     Exits 0 when the run finished, 1 when it failed or was cancelled, 2 on bad usage.
     State, logs and volumes live under $SQUALL_DATA_DIR (default ~/.local/share/squall):
@@ -171,7 +171,8 @@ def run(
         err.print("[yellow]cancelling[/]: stopping the run and taking its cluster down...")
         threading.Thread(target=request_cancel, args=(engine.store, run_name), daemon=True).start()
 
-    previous = signal.signal(signal.SIGINT, interrupted)
+    # a service manager's or `kill`'s SIGTERM too: the cluster comes down either way
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if output is Format.text:  # the run is over when the engine returns, cluster down
             watch(follow(engine.store, run_id, owner_done=ended.is_set), live=live)
@@ -179,7 +180,8 @@ def run(
             while not ended.wait(0.25):  # short waits: Ctrl-C's handler runs between them
                 pass
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     ended.wait()
     if failure:
         cause = failure[0]

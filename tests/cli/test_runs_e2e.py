@@ -179,7 +179,10 @@ def test_squall_run_text_shows_output_and_fails_with_the_run(env: Env, tmp_path:
     assert [r["name"] for r in listed] == ["me/bad"]  # the invalid one never became a run
 
 
-def test_ctrl_c_cancels_a_squall_run_and_takes_its_cluster_down(env: Env, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_cancels_a_squall_run_and_takes_its_cluster_down(
+    env: Env, tmp_path: Path, sig: signal.Signals
+) -> None:
     slow = tmp_path / "slow.yaml"
     slow.write_text(
         "version: v4\njobs:\n  wait:\n    image: {uri: docker://busybox:1.36}\n"
@@ -194,7 +197,7 @@ def test_ctrl_c_cancels_a_squall_run_and_takes_its_cluster_down(env: Env, tmp_pa
         wait_for("the job to run", lambda: status().get("jobs", [{}])[0].get("state") == "RUNNING")
         run_id = status()["id"]
         assert agents_of(run_id)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
