@@ -10,8 +10,8 @@ ring check are read back, and a run that is wrong stops the bench.
 
 Squall  `engine.run` of the local site in this process (as `squall run FILE --nodes N` runs it,
         less the CLI's start-up): N separate nodes (node_network.py: a bridge, a network
-        namespace, address and hostname per node), an agent per node, the image pulled from a
-        registry on 127.0.0.1 into the run's image folder, the gang's containers (members
+        namespace, address and hostname per node), an agent per node, the image from the
+        site's cache (checked with the registry on 127.0.0.1), the gang's containers (members
         1..N-1 idle first, then member 0 runs mpirun with the agents' launcher as
         plm_rsh_agent), teardown. Timed from engine.run until it returns.
 bare    the same nodes made the same way (RunNetwork, a run id of its own) once, and the
@@ -24,9 +24,9 @@ bare    the same nodes made the same way (RunNetwork, a run id of its own) once,
         before mpirun's command starts until it returns.
 
 One warm-up run of each side is not counted (its imports, the page cache, the registry's
-first read). Squall pulls and unpacks the image in each run (the image folder is the run's
-and goes with it), the bare side never: the breakdown of Squall's phases below the table says
-how much of its time that is. Repetitions are interleaved (Squall first in even ones).
+first read; Squall's pulls and unpacks the image into the site's image cache, where the later
+runs' agents find it, checked with the registry). The breakdown of Squall's phases below the
+table says where its time goes. Repetitions are interleaved (Squall first in even ones).
 """
 
 from __future__ import annotations

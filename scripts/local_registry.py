@@ -1,5 +1,5 @@
 """A registry on 127.0.0.1 holding busybox:1.36, built here from Debian's busybox-static
-(and, with --mpi, squall/mpi:bookworm, Debian's Open MPI and MPICH: scripts/mpi_image.py):
+(and, with --mpi, squall/mpi:trixie, Debian's Open MPI and MPICH: scripts/mpi_image.py):
 what `scripts/demo.sh` runs workflows from on a machine that cannot reach Docker Hub.
 
     python scripts/local_registry.py start DIR [--mpi]   # prints HOST:PORT; it keeps running

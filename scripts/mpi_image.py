@@ -1,10 +1,13 @@
-"""The MPI image: Debian bookworm with Open MPI and MPICH, each with its mpicc, and the ring
-program of images/mpi/ring.c built with each (/opt/squall/ring, /opt/squall/ring.mpich); what
-examples/mpi.yaml and the MPI tests run. Built here from Debian's packages (mmdebstrap, then
-umoci), as an OCI layout in a cache folder named by the hash of its recipe: a build downloads
-about 150 MB and takes a minute or more, a cached one nothing.
+"""The MPI image: Debian trixie with Open MPI (5.0) and MPICH (4.2), each with its mpicc, and
+the ring program of images/mpi/ring.c built with each (/opt/squall/ring, /opt/squall/ring.mpich);
+what examples/mpi.yaml and the MPI tests run. Trixie, not bookworm: bookworm's MPICH 4.0.2
+(ch4:ucx) hangs in MPI_Finalize in one run of two or three across nodes, a rank left in UCX
+progress while its peer waits in a PMI barrier; MPICH 4.2 drops that barrier (pmodels/mpich
+PR 6596). Built here from Debian's packages (mmdebstrap, then umoci), as an OCI layout in a
+cache folder named by the hash of its recipe: a build takes a minute or more, a cached one
+nothing.
 
-    python scripts/mpi_image.py [--cache DIR]   # prints the OCI layout's path (tag: bookworm)
+    python scripts/mpi_image.py [--cache DIR]   # prints the OCI layout's path (tag: trixie)
 
 The cache is $XDG_CACHE_HOME/squall/images (~/.cache/squall/images) unless --cache says.
 """
@@ -22,8 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RING = ROOT / "images" / "mpi" / "ring.c"
-SUITE = "bookworm"
-TAG = "bookworm"
+SUITE = "trixie"
+TAG = SUITE
 NAME = "squall/mpi"  # as the demo's and the tests' registries serve it
 MIRROR = os.environ.get("SQUALL_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = (

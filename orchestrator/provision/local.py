@@ -4,13 +4,17 @@ Each agent owns a slice (CPUs, memory) and its own data directory and is reached
 its gRPC API, as a cloud node would be. One node (the default) serves on a free loopback port.
 Separate nodes (`namespaced`, `squall run --nodes N`) are each a network namespace with an
 address on a bridge of the run's, a hostname and a disjoint slice of the CPUs of their own
-(node_network.py); their agents serve at their nodes' addresses alone. The run's agents
-share one image folder (they share the machine): each image is pulled and unpacked once a
-run, not once a node. Agents run in their own session, so a Ctrl-C at the terminal reaches
+(node_network.py); their agents serve at their nodes' addresses alone. Every run's agents
+share the site's image folder (`<root>/images`: they share the machine): an image is pulled and
+unpacked once, not once a node or a run; a later run's agent takes it from there as a cached
+image, which it checks with the registry under the run's login before it gives it (see
+substrate/images.py), so a private image is never handed to a run that could not pull it.
+Nothing prunes that folder yet: it grows with the images used. Agents run in their own
+session, so a Ctrl-C at the terminal reaches
 the orchestrator, which then stops them in order (TERM, then KILL after a grace). Once they
 are gone, whatever an agent that did not stop cleanly left (its tasks' processes, mounts,
 network namespaces, bridge, cgroups) is removed by `substrate --clean-up` on its data
-directory, and the run's agent directories (tokens, task state, images) are deleted.
+directory, and the run's agent directories (tokens, task state) are deleted.
 """
 
 from __future__ import annotations
@@ -207,6 +211,8 @@ class LocalProvisioner:
         run_id, nodes = plan.run_id, plan.shape
         if not nodes:
             raise ProvisionError("a cluster needs at least one node")
+        # the site's images (private ones too) are root's alone, as its runs' tokens are
+        (self.root / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
         started: list[subprocess.Popen[str]] = []
         self._procs[run_id] = started
         try:
@@ -258,8 +264,8 @@ class LocalProvisioner:
             f"{place.address}:{AGENT_PORT}" if place else "127.0.0.1:0",
             "--data-dir",
             str(home / "data"),
-            "--image-dir",  # the run's nodes share this machine: each image is pulled once
-            str(self.root / run_id / "images"),
+            "--image-dir",  # the site's, shared by every run: an image is pulled once
+            str(self.root / "images"),
             "--token-file",
             str(token_file),
             "--cpus",

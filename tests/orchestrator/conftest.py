@@ -120,9 +120,10 @@ def mpi(
     registry: Registry, pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
     """The MPI image's reference in the session's registry (built once per pytest cache)."""
+    cache_provider = getattr(pytestconfig, "cache", None)  # none under -p no:cacheprovider
     cache = (
-        Path(pytestconfig.cache.mkdir("squall-images"))
-        if pytestconfig.cache is not None
+        Path(cache_provider.mkdir("squall-images"))
+        if cache_provider is not None
         else tmp_path_factory.mktemp("squall-images")
     )
     layout = mpi_image.build(cache)

@@ -18,6 +18,8 @@ from orchestrator.provision import (
     local_plan,
     slice_machine,
 )
+from orchestrator.store import RunState
+from orchestrator.views import run_events
 from substrate.client import connect
 from tests.substrate.registry import Registry
 
@@ -68,8 +70,9 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path, registry: Reg
             )
             assert allowed.split()[-1] == str(node.cpus[0])
             channel.close()
-        # the two agents share the run's image folder: one unpacked root, one pull
-        assert len(list((tmp_path / "run-1" / "images" / "rootfs").iterdir())) == 1
+        # the two agents share the site's image folder (root's alone): one root, one pull
+        assert len(list((tmp_path / "images" / "rootfs").iterdir())) == 1
+        assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
         assert not list((tmp_path / "run-1").glob("node-*/data/images"))
         token_file = tmp_path / "run-1" / "node-0" / "token"
         assert token_file.stat().st_mode & 0o777 == 0o600
@@ -77,9 +80,26 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path, registry: Reg
         provisioner.down(cluster)
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
-    # the run's agent state (tokens, task state, images) is gone with it
+    # the run's agent state (tokens, task state) is gone with it; the site keeps the image
     assert not (tmp_path / "run-1").exists()
+    assert len(list((tmp_path / "images" / "rootfs").iterdir())) == 1
     provisioner.down(cluster)  # twice is harmless
+
+
+def test_a_later_run_takes_its_image_from_the_sites_cache(make_engine) -> None:
+    engine = make_engine()
+    text = (
+        "version: v4\njobs:\n  a:\n    image: {uri: docker://busybox:1.36}\n"
+        "    command: [/bin/true]\n"
+    )
+    first, second = engine.run("me/first", text), engine.run("me/second", text)
+    assert (first.state, second.state) == (RunState.FINISHED, RunState.FINISHED)
+    pulls = [
+        [e.message for e in run_events(engine.store, r.run_id) if e.kind == "image"]
+        for r in (first, second)
+    ]
+    assert pulls[0][0].startswith("node-0: pulled"), pulls
+    assert pulls[1][0].startswith("node-0: cached"), pulls  # checked with the registry, not pulled
 
 
 def test_a_failed_start_leaves_nothing_running(tmp_path: Path) -> None:

@@ -91,8 +91,9 @@ def test_a_private_image_runs_with_its_secret_in_both_forms(
     assert outcome.state is RunState.FINISHED, outcome.reason
     log = log_path(engine.data_dir, outcome.run_id, TaskKey("hello"), 1)
     assert log.read_text() == "private hello\n"
-    # the legacy map: a username and a `${{ secret "NAME" }}` password (a run of its own, so
-    # that its agent has not got the image already)
+    # the legacy map: a username and a `${{ secret "NAME" }}` password (a run of its own: its
+    # agent finds the image in the site's cache and gives it only once the registry took
+    # this login: see the next test)
     engine.secrets.set("secret://user/REGISTRY_PW", PASSWORD.encode())
     password = '${{ secret "REGISTRY_PW" }}'
     legacy = f"{{uri: {image}, secrets: {{username: {USER}, password: '{password}'}}}}"
@@ -100,8 +101,26 @@ def test_a_private_image_runs_with_its_secret_in_both_forms(
     assert outcome.state is RunState.FINISHED, outcome.reason
     with engine.store.session() as s:
         pulled = s.scalars(select(Event.message).where(Event.kind == "image")).all()
-    assert pulled == [f"node-0: pulled {image}"] * 2
+    assert pulled == [f"node-0: pulled {image}", f"node-0: cached {image}"]
     assert_password_nowhere(tmp_path, engine.secrets.root)
+
+
+def test_a_cached_private_image_is_not_given_to_a_later_run_with_a_wrong_login(
+    engine: Engine, private: Registry
+) -> None:
+    """The site's image cache outlives runs: a later run's agent checks the image with the
+    registry under that run's login before it gives it."""
+    image = f"docker://{private.address}/team/busybox:1.36"
+    engine.secrets.set("secret://user/REGISTRY", login())
+    engine.secrets.set("secret://user/WRONG", login(password="not-" + PASSWORD))
+    good = engine.run("user/good", workflow(f"{{uri: {image}, secret: secret://user/REGISTRY}}"))
+    assert good.state is RunState.FINISHED, good.reason
+    bad = engine.run("other/bad", workflow(f"{{uri: {image}, secret: secret://user/WRONG}}"))
+    assert bad.state is RunState.FAILED
+    assert f"image {image} cannot be pulled on node-0" in bad.reason
+    with engine.store.session() as s:
+        started = s.scalars(select(Event.message).where(Event.run_id == bad.run_id)).all()
+    assert not any("attempt" in m for m in started)  # no job of it ever started
 
 
 def test_a_wrong_password_fails_the_run_with_one_readable_line(
