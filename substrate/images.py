@@ -35,7 +35,8 @@ since, and whether one pull was anonymous. A hit for anyone else is checked with
 first (a manifest HEAD with the caller's login, refused on 401/403 or when the registry cannot
 answer); an image pulled anonymously is given to anyone with no request. The agent's `Run`
 takes the cache as it is (`check_access=False`): the holder pulled the image, with its login,
-before it runs it, and a RunRequest carries no login.
+before it runs it, and a RunRequest carries no login; of an unqualified name's candidates
+it takes the one that pull resolved in this process, where there is one.
 """
 
 from __future__ import annotations
@@ -230,8 +231,15 @@ class ImageCache:
         once the registry takes `credentials` for it, unless `check_access` is False."""
         if ref.startswith("oras://"):
             return self._get_sif(ref, credentials, progress, check_access)
+        candidates = parse_reference(ref, self.search)
+        if not check_access and len(candidates) > 1:
+            # a Run takes the candidate its holder's pull resolved here (granted), never an
+            # earlier one of the search that another agent of a shared folder left cached
+            with self._lock:
+                granted = [c for c in candidates if self._access.get(str(c))]
+            candidates = granted or candidates
         errors = []
-        for candidate in parse_reference(ref, self.search):
+        for candidate in candidates:
             try:
                 return self._get_one(candidate, credentials, progress, check_access)
             except ImageError as exc:

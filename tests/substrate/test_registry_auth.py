@@ -247,3 +247,23 @@ def test_a_run_that_takes_another_agents_pull_unchecked_grants_no_login(
     assert "requires authentication and no credentials" in refused(runner, ref, None)
     assert "authentication failed: the registry refused" in refused(runner, ref, WRONG)
     assert runner.get(ref, RIGHT).cached
+
+
+def test_a_run_takes_the_search_registry_its_pull_resolved_not_another_runs_earlier_one(
+    private: Registry, registry: Registry, tmp_path: Path
+) -> None:
+    """Agents of different runs share a folder and search the private registry first. A run
+    whose login the private registry refuses pulls the public image of that name; its Run
+    (no login, the cache as it is) gets that image, not the private one of the same name that
+    another run's agent left cached earlier in the search order."""
+    layout = build_busybox_image(tmp_path / "image")
+    private.push(layout, "1.36", "shadowed/busybox:1.36")
+    registry.push(layout, "1.36", "shadowed/busybox:1.36")
+    search = (private.address, registry.address)
+    ref = "docker://shadowed/busybox:1.36"
+    owner = ImageCache(tmp_path / "images", search, search)
+    assert owner.get(ref, RIGHT).reference.startswith(f"docker://{private.address}/")
+    other = ImageCache(tmp_path / "images", search, search)
+    public = f"docker://{registry.address}/shadowed/busybox:1.36"
+    assert other.get(ref, None).reference == public  # the private one refused it
+    assert other.get(ref, check_access=False).reference == public
