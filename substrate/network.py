@@ -47,6 +47,9 @@ __all__ = [
 
 POOL = "10.224.0.0/12"
 DENY = ("169.254.0.0/16",)
+# a node's own IPv6 (the host network's alone: pods have none): where AWS and GCP serve
+# instance metadata and credentials over IPv6
+DENY6 = ("fd00:ec2::254/128", "fd20:ce::254/128")
 NETNS_DIR = Path("/run/netns")
 LOCK = Path("/run/squall-network.lock")
 CLONE_NEWNET = 0x40000000
@@ -157,8 +160,12 @@ class HostNetwork:
     def start(self, agent_port: int) -> None:
         owners = f"{self.uids[0]}-{self.uids[1]}"
         rules = [f"    meta skuid {owners} tcp dport {agent_port} drop\n"]
-        if self.deny:
-            rules.append(f"    meta skuid {owners} ip daddr {{ {', '.join(self.deny)} }} drop\n")
+        deny = (*self.deny, *DENY6)
+        for family, version in (("ip", 4), ("ip6", 6)):
+            nets = [n for n in deny if ipaddress.ip_network(n, strict=False).version == version]
+            if nets:
+                closed = ", ".join(nets)
+                rules.append(f"    meta skuid {owners} {family} daddr {{ {closed} }} drop\n")
         _nft(
             f"table inet {self.table}\n"
             f"delete table inet {self.table}\n"
