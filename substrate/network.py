@@ -155,6 +155,7 @@ class HostNetwork:
         self.uids = uids  # first and last host id of the containers' users
         self.deny = tuple(deny)
         self.table = f"squallh_{agent_id[:12]}"
+        self.agent_port = 0
         self.ready = False  # set once the table is in place: no container shares it before
 
     def start(self, agent_port: int) -> None:
@@ -178,6 +179,7 @@ class HostNetwork:
             "  }\n"
             "}\n"
         )
+        self.agent_port = agent_port  # port-forward to a host-network task refuses it too
         self.ready = True
 
     def stop(self) -> None:

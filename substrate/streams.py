@@ -261,6 +261,11 @@ def port_forward_stream(
     port = first.start.port
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is outside 1-65535")
+    host = agent.host_network
+    if task.spec.host_network and host is not None and port == host.agent_port:
+        # the task's network is the node's: this would be a stream to the agent itself, as
+        # root, past the firewall that keeps the task's own sockets from it
+        raise TaskError(f"port {port} of a task on the node's network is the agent's")
     own_network = task.spec.isolated_network or bool(task.spec.netns)
     netns_pid = (
         agent.runtimes[task.spec.runtime].namespace_pid(task.pid, task.dir) if own_network else None

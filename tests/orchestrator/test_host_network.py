@@ -53,6 +53,16 @@ def test_a_host_network_container_is_on_its_node_and_kept_from_the_agents(
         )
         address, task = run_task(stub, probe, pb.NETWORK_HOST)
         code, output = output_of(stub, task)
+        # nor does a port-forward into the task reach the agent (it would, as root)
+        _, sleeper = run_task(stub, "sleep 30", pb.NETWORK_HOST)
+
+        def forward():
+            start = pb.PortForwardStart(task_id=sleeper, port=int(node0[1]))
+            yield pb.PortForwardInput(start=start)
+
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.PortForward(forward()))
+        assert "is the agent's" in (refused.value.details() or "")
         channel.close()
         assert address == node0[0]
         lines = output.splitlines()
