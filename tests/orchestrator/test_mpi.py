@@ -155,7 +155,7 @@ def test_open_mpi_runs_a_ring_over_four_nodes_without_sshd(
     assert leftovers(run_id) == []
 
 
-def test_mpich_runs_a_ring_over_three_nodes_without_sshd(
+def test_mpich_runs_a_ring_over_three_nodes_through_the_launcher(
     mpi: str, cluster_of: Callable[..., Engine]
 ) -> None:
     """Hydra's proxies start through the launcher; MPICH 4.2 over UCX ends cleanly (4.0.2
