@@ -15,7 +15,7 @@ from orchestrator.provision import LocalProvisioner, NodeSlice, local_plan
 from orchestrator.provision.node_network import RunNetwork
 from substrate.client import connect
 from tests.orchestrator.test_separate_nodes import output_of, run_task
-from tests.orchestrator.test_separate_nodes_isolation import node_service
+from tests.orchestrator.test_separate_nodes_isolation import node_service, two_nodes
 from tests.substrate.registry import Registry
 
 MiB = 2**20
@@ -29,15 +29,7 @@ def reach(host: str, port: int) -> str:
 def test_a_host_network_container_is_on_its_node_and_kept_from_the_agents(
     tmp_path: Path, registry: Registry
 ) -> None:
-    provisioner = LocalProvisioner(
-        tmp_path,
-        search_registries=[registry.address],
-        insecure_registries=[registry.address],
-        namespaced=True,
-    )
-    cluster = provisioner.up(
-        local_plan("run-hostnet", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2)
-    )
+    provisioner, cluster = two_nodes(tmp_path, registry, "run-hostnet")
     node0, node1 = (a.address.rsplit(":", 1) for a in cluster.agents)
     listener = node_service(RunNetwork("run-hostnet").netns(1))  # as an MPI daemon listens
     port = listener.getsockname()[1]

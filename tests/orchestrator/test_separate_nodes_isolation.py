@@ -11,7 +11,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from orchestrator.provision import LocalProvisioner, NodeSlice, local_plan
+from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
 from orchestrator.provision.node_network import RunNetwork, _in_netns
 from substrate.client import connect
 from tests.orchestrator.test_separate_nodes import output_of, run_task
@@ -50,16 +50,20 @@ def node_service(netns: Path) -> socket.socket:
     return listener
 
 
-def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry: Registry) -> None:
+def two_nodes(tmp_path: Path, registry: Registry, run_id: str) -> tuple[LocalProvisioner, Cluster]:
+    """A cluster of two separate nodes of one CPU and 256 MiB each, up; take it down."""
     provisioner = LocalProvisioner(
         tmp_path,
         search_registries=[registry.address],
         insecure_registries=[registry.address],
         namespaced=True,
     )
-    cluster = provisioner.up(
-        local_plan("run-iso", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2)
-    )
+    nodes = [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2
+    return provisioner, provisioner.up(local_plan(run_id, nodes))
+
+
+def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry: Registry) -> None:
+    provisioner, cluster = two_nodes(tmp_path, registry, "run-iso")
     netns = RunNetwork("run-iso").netns(1)
     listener = node_service(netns)
     port = listener.getsockname()[1]
