@@ -53,6 +53,28 @@ def attempts(engine: Engine, run_id: str, job: str) -> list[Attempt]:
         )
 
 
+def run_in_thread(
+    engine: Engine, name: str, text: str
+) -> tuple[str, list[RunOutcome], threading.Thread]:
+    run_id = engine.submit(name, text)
+    result: list[RunOutcome] = []
+    worker = threading.Thread(target=lambda: result.append(engine.execute(run_id)))
+    worker.start()
+    return run_id, result, worker
+
+
+def wait_running(engine: Engine, run_id: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with engine.store.session() as s:
+            state = s.scalars(select(Task.state).join(Task.job).where(Job.run_id == run_id)).one()
+        if state is TaskState.RUNNING:
+            return
+        assert not state.ended, f"the multi-node job ended ({state.value}) before it ran"
+        time.sleep(0.1)
+    raise AssertionError("the multi-node job did not start")
+
+
 def test_a_generic_gang_reaches_every_node_through_the_launcher(
     cluster_of: Callable[[int], Engine],
 ) -> None:
@@ -151,17 +173,9 @@ def test_a_gang_larger_than_the_cluster_fails_saying_how_to_run_it(
 
 def test_cancel_ends_every_member(cluster_of: Callable[[int], Engine]) -> None:
     engine = cluster_of(3)
-    run_id = engine.submit("user/cancel-gang", "version: v4\njobs:\n" + gang("mpi", 3, "sleep 300"))
-    result: list[RunOutcome] = []
-    worker = threading.Thread(target=lambda: result.append(engine.execute(run_id)))
-    worker.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with engine.store.session() as s:
-            state = s.scalars(select(Task.state).join(Task.job).where(Job.run_id == run_id)).one()
-        if state is TaskState.RUNNING:
-            break
-        time.sleep(0.1)
+    text = "version: v4\njobs:\n" + gang("mpi", 3, "sleep 300")
+    run_id, result, worker = run_in_thread(engine, "user/cancel-gang", text)
+    wait_running(engine, run_id)
     request_cancel(engine.store, "user/cancel-gang")
     worker.join(60)
     [outcome] = result

@@ -8,18 +8,15 @@ registry."""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import select
-
-from orchestrator.engine import Engine, RunOutcome, request_cancel
+from orchestrator.engine import Engine, request_cancel
 from orchestrator.provision import LocalProvisioner
 from orchestrator.provision.node_network import RunNetwork
-from orchestrator.store import Job, RunState, Task, TaskState
-from tests.orchestrator.test_gangs import attempts, log_of
+from orchestrator.store import RunState, TaskState
+from tests.orchestrator.test_gangs import attempts, log_of, run_in_thread, wait_running
 from tests.orchestrator.test_separate_nodes import leftovers
 
 MiB = 2**20
@@ -92,28 +89,6 @@ def processes_named(names: tuple[str, ...], under: list[int], args: str = "") ->
                 found.append(f"{pid} {comm}")
         todo += children.get(pid, [])
     return found
-
-
-def run_in_thread(
-    engine: Engine, name: str, text: str
-) -> tuple[str, list[RunOutcome], threading.Thread]:
-    run_id = engine.submit(name, text)
-    result: list[RunOutcome] = []
-    worker = threading.Thread(target=lambda: result.append(engine.execute(run_id)))
-    worker.start()
-    return run_id, result, worker
-
-
-def wait_running(engine: Engine, run_id: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with engine.store.session() as s:
-            state = s.scalars(select(Task.state).join(Task.job).where(Job.run_id == run_id)).one()
-        if state is TaskState.RUNNING:
-            return
-        assert not state.ended, f"the MPI job ended ({state.value}) before it ran"
-        time.sleep(0.1)
-    raise AssertionError("the MPI job did not start")
 
 
 def agent_pids(engine: Engine, run_id: str) -> list[int]:
