@@ -8,6 +8,7 @@ the command line (where `ps` shows it to everyone). The first line on stdout is
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import select
@@ -24,6 +25,7 @@ from .network import DENY, POOL, NetworkError
 from .node import NodeError, enter
 from .runtimes import available
 from .server import create_server
+from .tls import ServerTLS, TLSError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
         "machine may share one, and pull each image once",
     )
     p.add_argument("--token-file", type=Path, help="file holding the token callers must send")
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="serve mutual TLS with this node certificate (PEM; with --tls-key and --tls-ca): "
+        "every caller must show a certificate of the CA in --tls-ca",
+    )
+    p.add_argument("--tls-key", type=Path, help="the node certificate's private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="the CA (PEM) callers' certificates come from")
+    p.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="serve without TLS on an address other than loopback (the token then travels in "
+        "the clear: only on a network no one else reaches)",
+    )
     p.add_argument("--cpus", help="CPU ids this agent may lease, e.g. 0-3,8 (default: all)")
     p.add_argument("--memory-bytes", type=int, help="memory this agent may lease (default: all)")
     p.add_argument("--gpus", help="GPU indexes this agent may lease, e.g. 0,1 (default: all)")
@@ -134,6 +150,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _watch_owner(pid: int, stop: threading.Event) -> None:
     """Set `stop` when process `pid` exits (a pidfd: immune to pid reuse)."""
     try:
@@ -154,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.oversubscribe < 1:
         parser.error("--oversubscribe is at least 1")
+    tls_files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(tls_files) and not all(tls_files):
+        parser.error("give --tls-cert, --tls-key and --tls-ca together")
+    if not all(tls_files) and not args.plaintext and not _loopback(args.listen):
+        parser.error(
+            f"--listen {args.listen} is not loopback: serve mutual TLS (--tls-cert, --tls-key, "
+            "--tls-ca) or say --plaintext"
+        )
     if args.netns:  # first: no thread has started yet
         try:
             enter(args.netns, args.hostname or args.netns.name)
@@ -174,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         token = token or "unused"  # nothing is served
     if not token:
         print("substrate: no token: give --token-file or set SQUALL_AGENT_TOKEN", file=sys.stderr)
+        return 2
+    try:
+        tls = ServerTLS.from_files(*tls_files) if all(tls_files) else None
+    except TLSError as exc:
+        print(f"substrate: {exc}", file=sys.stderr)
         return 2
     try:
         inventory = read_inventory(
@@ -214,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"substrate: {exc}", file=sys.stderr)
         return 2
     keep_freed_memory()  # exec and port-forward move MiB-sized messages
-    server, port = create_server(agent, args.listen)
+    try:
+        server, port = create_server(agent, args.listen, tls=tls)
+    except RuntimeError as exc:  # grpc: a key that does not match its certificate, and such
+        print(f"substrate: cannot serve TLS: {exc}", file=sys.stderr)
+        agent.stop()
+        return 2
     try:
         agent.serving(port)
     except NetworkError as exc:

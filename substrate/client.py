@@ -1,5 +1,5 @@
-"""Connect to an agent: a channel whose every call carries the agent token; the port-forward
-stream's data without parsing its messages."""
+"""Connect to an agent: a channel (mutual TLS where the agent serves it) whose every call
+carries the agent token; the port-forward stream's data without parsing its messages."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from api.substrate.v1 import agent_pb2 as pb
 from api.substrate.v1 import agent_pb2_grpc as rpc
 
 from .heap import keep_freed_memory
+from .tls import ClientTLS, secure_channel
 from .wire import field_bytes
 
-__all__ = ["connect", "keep_freed_memory", "port_forward"]
+__all__ = ["ClientTLS", "connect", "keep_freed_memory", "port_forward"]
 
 _PORT_FORWARD = "/squall.substrate.v1.Agent/PortForward"
 
@@ -63,9 +64,11 @@ class _Token(
         return continuation(self._add(details), requests)
 
 
-def connect(address: str, token: str) -> tuple[Any, rpc.AgentStub]:
-    """A channel to the agent at `address` and a stub whose calls carry `token`."""
-    channel = grpc.intercept_channel(grpc.insecure_channel(address), _Token(token))
+def connect(address: str, token: str, tls: ClientTLS | None = None) -> tuple[Any, rpc.AgentStub]:
+    """A channel to the agent at `address` and a stub whose calls carry `token`; over
+    mutual TLS with `tls` (the run's CA and this caller's certificate), else plaintext."""
+    raw = grpc.insecure_channel(address) if tls is None else secure_channel(address, tls)
+    channel = grpc.intercept_channel(raw, _Token(token))
     return channel, rpc.AgentStub(channel)  # type: ignore[no-untyped-call]
 
 

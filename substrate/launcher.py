@@ -42,6 +42,8 @@ import grpc
 from api.substrate.v1 import agent_pb2 as pb
 from api.substrate.v1 import agent_pb2_grpc as rpc
 
+from .tls import ClientTLS, secure_channel
+
 __all__ = [
     "GRANT_HEADER",
     "LAUNCHER",
@@ -115,9 +117,13 @@ class LaunchService:
         peers: Mapping[str, Peer],
         local: LocalExec,
         done: threading.Event,
+        tls: ClientTLS | None = None,
     ) -> None:
+        """`tls`: this node's certificate, shown to the peers' agents (None: they serve
+        plaintext)."""
         self.folder, self.hostname, self.peers, self.local = folder, hostname, peers, local
         self.done = done
+        self.tls = tls
         self._slots = threading.BoundedSemaphore(MAX_LAUNCHES)
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
@@ -229,7 +235,11 @@ class LaunchService:
         with self._lock:
             channel = self._channels.get(peer.agent)
             if channel is None:
-                channel = self._channels[peer.agent] = grpc.insecure_channel(peer.agent)
+                channel = self._channels[peer.agent] = (
+                    grpc.insecure_channel(peer.agent)
+                    if self.tls is None
+                    else secure_channel(peer.agent, self.tls)
+                )
         stub = rpc.AgentStub(channel)  # type: ignore[no-untyped-call]
 
         def requests() -> Iterator[pb.ExecInput]:

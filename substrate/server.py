@@ -1,4 +1,5 @@
-"""The agent's gRPC server: a token check on every call, and a servicer that only translates.
+"""The agent's gRPC server: a token check on every call (and, with TLS, the caller's
+certificate), and a servicer that only translates.
 
 `create_server(agent, address)` returns the started server and its bound port, so tests bind
 port 0. Errors map to precise status codes: UNAUTHENTICATED, NOT_FOUND, RESOURCE_EXHAUSTED
@@ -33,6 +34,7 @@ from .runtimes.base import FileSpec, MountSpec
 from .runtimes.rootfs import hostname
 from .streams import GrantRefused, exec_stream, port_forward_stream
 from .tasks import NoSuchTask, Task, TaskError, TaskState
+from .tls import PeerRoles, ServerTLS
 
 __all__ = ["create_server"]
 
@@ -131,9 +133,12 @@ def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
 class AgentServicer(rpc.AgentServicer):
     """Translates messages to `Agent` calls and back; domain errors to status codes."""
 
-    def __init__(self, agent: Agent, auth: TokenAuth | None = None) -> None:
+    def __init__(
+        self, agent: Agent, auth: TokenAuth | None = None, tls: ServerTLS | None = None
+    ) -> None:
         self.agent = agent
         self.auth = auth or _auth(agent)
+        self.tls = tls  # a launcher calls its peers' agents with this node's certificate
 
     def Health(self, request: pb.HealthRequest, context: Any) -> pb.HealthResponse:
         a = self.agent
@@ -255,6 +260,7 @@ class AgentServicer(rpc.AgentServicer):
                 peers,
                 functools.partial(self._local_exec, task.id),
                 task.done,
+                tls=self.tls.as_client() if self.tls is not None else None,
             ).start()
         return pb.RunResponse(task_id=task.id, address=task.address)
 
@@ -354,24 +360,39 @@ def _add_servicer(servicer: AgentServicer, server: Any) -> None:
     server.add_registered_method_handlers(collected.service, handlers)
 
 
+# what a gang member's grant opens, to another node's agent: nothing else
+GRANT_METHODS = ("/squall.substrate.v1.Agent/Exec",)
+
+
 def _auth(agent: Agent) -> TokenAuth:
     """The agent token on every call; or, for Exec, a gang member's grant (checked by it)."""
     return TokenAuth(
         agent.config.token,
         "agent token",
         grant_header=GRANT_HEADER,
-        grant_methods=("/squall.substrate.v1.Agent/Exec",),
+        grant_methods=GRANT_METHODS,
     )
 
 
-def create_server(agent: Agent, address: str = "127.0.0.1:0", workers: int = 64) -> tuple[Any, int]:
-    """Start serving `agent` on `address`; returns the server and the bound port."""
+def create_server(
+    agent: Agent,
+    address: str = "127.0.0.1:0",
+    workers: int = 64,
+    tls: ServerTLS | None = None,
+) -> tuple[Any, int]:
+    """Start serving `agent` on `address`; returns the server and the bound port. With
+    `tls`, every caller must show a certificate of the run's CA (see `substrate.tls`)."""
+    auth = _auth(agent)
+    interceptors: list[Any] = [auth] if tls is None else [PeerRoles(GRANT_METHODS), auth]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
-        interceptors=[auth := _auth(agent)],
+        interceptors=interceptors,
     )
-    _add_servicer(AgentServicer(agent, auth), server)
-    port = server.add_insecure_port(address)
+    _add_servicer(AgentServicer(agent, auth, tls), server)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, tls.server_credentials())
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     server.start()
