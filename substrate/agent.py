@@ -49,6 +49,10 @@ class AgentConfig:
     host_network: str = ""
     image_dir: Path | None = None  # the image cache (None: <data_dir>/images); may be shared
     oversubscribe: int = 1  # leases that may hold one core at once
+    # where volumes may be made, filled and read (MakeVolume, Transfer, ReadFile); none: the
+    # agent serves no volume
+    volume_roots: tuple[Path, ...] = ()
+    cache_dir: Path | None = None  # the ingress cache (None: <data_dir>/cache/ingress); sharable
 
     @property
     def userns(self) -> UserNamespace:

@@ -25,6 +25,7 @@ from api.substrate.v1 import agent_pb2_grpc as rpc
 
 from .agent import Agent
 from .auth import TokenAuth
+from .data_service import DataServicer
 from .images import ImageError
 from .launcher import GRANT_HEADER, LaunchService, Peer
 from .leases import BadLeaseRequest, Lease, LeaseError, LeaseNeverFits, LeaseSpec, NoSuchLease
@@ -130,7 +131,7 @@ def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-class AgentServicer(rpc.AgentServicer):
+class AgentServicer(DataServicer, rpc.AgentServicer):
     """Translates messages to `Agent` calls and back; domain errors to status codes."""
 
     def __init__(

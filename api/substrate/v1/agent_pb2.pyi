@@ -139,6 +139,27 @@ STREAM_STDOUT: Stream.ValueType  # 1
 STREAM_STDERR: Stream.ValueType  # 2
 Global___Stream: _TypeAlias = Stream  # noqa: Y015
 
+class _Direction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Direction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DIRECTION_UNSPECIFIED: _Direction.ValueType  # 0
+    DIRECTION_INGRESS: _Direction.ValueType  # 1
+    """from `uri` into the volume's file"""
+    DIRECTION_EGRESS: _Direction.ValueType  # 2
+    """from the volume's file to `uri`"""
+
+class Direction(_Direction, metaclass=_DirectionEnumTypeWrapper): ...
+
+DIRECTION_UNSPECIFIED: Direction.ValueType  # 0
+DIRECTION_INGRESS: Direction.ValueType  # 1
+"""from `uri` into the volume's file"""
+DIRECTION_EGRESS: Direction.ValueType  # 2
+"""from the volume's file to `uri`"""
+Global___Direction: _TypeAlias = Direction  # noqa: Y015
+
 @_typing.final
 class HealthRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1304,3 +1325,202 @@ class PortForwardOutput(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PortForwardOutput: _TypeAlias = PortForwardOutput  # noqa: Y015
+
+@_typing.final
+class MakeVolumeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """absolute, beneath one of the agent's volume roots"""
+    size_bytes: _builtins.int
+    """the capacity the volume asks for; 0: none asked"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MakeVolumeRequest: _TypeAlias = MakeVolumeRequest  # noqa: Y015
+
+@_typing.final
+class MakeVolumeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    free_bytes: _builtins.int
+    """free space of the storage the volume is on, now"""
+    def __init__(
+        self,
+        *,
+        free_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MakeVolumeResponse: _TypeAlias = MakeVolumeResponse  # noqa: Y015
+
+@_typing.final
+class TransferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CredentialsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    VOLUME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CA_PEM_FIELD_NUMBER: _builtins.int
+    direction: Global___Direction.ValueType
+    volume: _builtins.str
+    """absolute path of the volume's root on the node (see MakeVolume)"""
+    path: _builtins.str
+    """the file inside the volume: relative, without '..'"""
+    uri: _builtins.str
+    """ingress: https://, http://, s3://BUCKET/KEY, or file://NAME (an inline file: `content`);
+    egress: s3://BUCKET/KEY
+    """
+    content: _builtins.bytes
+    """file://NAME ingress: the inline file's bytes"""
+    timeout_seconds: _builtins.float
+    """the whole transfer, retries included; 0: none"""
+    attempts: _builtins.int
+    """tries in all; 0: 3"""
+    ca_pem: _builtins.str
+    """https: CA certificates (PEM) trusted besides the system's"""
+    @_builtins.property
+    def credentials(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """s3: the resolved secret (accessKeyId, secretAccessKey, sessionToken, region, endpoint),
+        used for this transfer alone: kept in memory, never written or logged; none: the
+        agent's own environment
+        """
+
+    def __init__(
+        self,
+        *,
+        direction: Global___Direction.ValueType = ...,
+        volume: _builtins.str = ...,
+        path: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        credentials: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout_seconds: _builtins.float = ...,
+        attempts: _builtins.int = ...,
+        ca_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "ca_pem", b"ca_pem", "content", b"content", "credentials", b"credentials", "direction", b"direction", "path", b"path", "timeout_seconds", b"timeout_seconds", "uri", b"uri", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferRequest: _TypeAlias = TransferRequest  # noqa: Y015
+
+@_typing.final
+class TransferProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    bytes_done: _builtins.int
+    bytes_total: _builtins.int
+    """-1: unknown"""
+    done: _builtins.bool
+    """the last message: the file is in place (ingress) or stored"""
+    cached: _builtins.bool
+    """with done: the ingress came from the node's ingress cache"""
+    def __init__(
+        self,
+        *,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        cached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "cached", b"cached", "done", b"done"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferProgress: _TypeAlias = TransferProgress  # noqa: Y015
+
+@_typing.final
+class ReadFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    volume: _builtins.str
+    """as in TransferRequest"""
+    path: _builtins.str
+    def __init__(
+        self,
+        *,
+        volume: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadFileRequest: _TypeAlias = ReadFileRequest  # noqa: Y015
+
+@_typing.final
+class FileChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """the first message: the file's size when it was opened"""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChunk: _TypeAlias = FileChunk  # noqa: Y015

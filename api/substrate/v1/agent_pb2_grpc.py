@@ -109,6 +109,21 @@ class AgentStub(object):
                 request_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.PortForwardInput.SerializeToString,
                 response_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.PortForwardOutput.FromString,
                 _registered_method=True)
+        self.MakeVolume = channel.unary_unary(
+                '/squall.substrate.v1.Agent/MakeVolume',
+                request_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.MakeVolumeRequest.SerializeToString,
+                response_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.MakeVolumeResponse.FromString,
+                _registered_method=True)
+        self.Transfer = channel.unary_stream(
+                '/squall.substrate.v1.Agent/Transfer',
+                request_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.TransferRequest.SerializeToString,
+                response_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/squall.substrate.v1.Agent/ReadFile',
+                request_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServicer(object):
@@ -215,6 +230,38 @@ class AgentServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MakeVolume(self, request, context):
+        """Data, moved by the agent close to it. Every path lies under one of the agent's volume
+        roots (an agent without one refuses these with FAILED_PRECONDITION) and is reached with
+        no link followed: a link, a device or a FIFO in a volume is refused, never followed.
+
+        Make a volume's directory (and its parents) and check that it has the room it asks
+        for: RESOURCE_EXHAUSTED when the free space of its storage, and then that plus what the
+        volume holds already, falls short.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Transfer(self, request, context):
+        """Ingress into a volume's file (http, https, s3 or an inline file) or egress out of one
+        (s3), with retries, resumed downloads, size checks and the node's ingress cache. Ends
+        with a message with done set; a failure ends it with a status whose details name the
+        source and the cause: UNAVAILABLE (`URI: CAUSE (after N attempts)`), INVALID_ARGUMENT (a
+        bad path or scheme), NOT_FOUND (no such volume, or egress of a missing file),
+        FAILED_PRECONDITION (refused: a link in the volume, a directory where the file goes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """A regular file of a volume, streamed (for egress to the orchestrator's own machine).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +339,21 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.PortForward,
                     request_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.PortForwardInput.FromString,
                     response_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.PortForwardOutput.SerializeToString,
+            ),
+            'MakeVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.MakeVolume,
+                    request_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.MakeVolumeRequest.FromString,
+                    response_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.MakeVolumeResponse.SerializeToString,
+            ),
+            'Transfer': grpc.unary_stream_rpc_method_handler(
+                    servicer.Transfer,
+                    request_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.TransferRequest.FromString,
+                    response_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.TransferProgress.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=api_dot_substrate_dot_v1_dot_agent__pb2.ReadFileRequest.FromString,
+                    response_serializer=api_dot_substrate_dot_v1_dot_agent__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -699,6 +761,87 @@ class Agent(object):
             '/squall.substrate.v1.Agent/PortForward',
             api_dot_substrate_dot_v1_dot_agent__pb2.PortForwardInput.SerializeToString,
             api_dot_substrate_dot_v1_dot_agent__pb2.PortForwardOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MakeVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.substrate.v1.Agent/MakeVolume',
+            api_dot_substrate_dot_v1_dot_agent__pb2.MakeVolumeRequest.SerializeToString,
+            api_dot_substrate_dot_v1_dot_agent__pb2.MakeVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/squall.substrate.v1.Agent/Transfer',
+            api_dot_substrate_dot_v1_dot_agent__pb2.TransferRequest.SerializeToString,
+            api_dot_substrate_dot_v1_dot_agent__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/squall.substrate.v1.Agent/ReadFile',
+            api_dot_substrate_dot_v1_dot_agent__pb2.ReadFileRequest.SerializeToString,
+            api_dot_substrate_dot_v1_dot_agent__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
