@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from api.squall.v1 import control_pb2 as cpb
 from api.substrate.v1 import agent_pb2 as apb
-from substrate.client import connect, keep_freed_memory, port_forward
+from substrate.client import ClientTLS, connect, keep_freed_memory, port_forward
 
 from .errors import Conflict, InvalidInput, NotFound
 from .runloop import log_path
@@ -41,6 +41,7 @@ class _Where:
     address: str = ""
     token: str = ""
     agent_task_id: str = ""
+    tls: ClientTLS | None = None
 
 
 class RunAccess:
@@ -74,7 +75,14 @@ class RunAccess:
             if agent is None or not attempt.agent_task_id:
                 return _Where(run.id, key, attempt.number, False)
             return _Where(
-                run.id, key, attempt.number, live, agent.address, agent.token, attempt.agent_task_id
+                run.id,
+                key,
+                attempt.number,
+                live,
+                agent.address,
+                agent.token,
+                attempt.agent_task_id,
+                agent.endpoint_tls,
             )
 
     # ---- logs -----------------------------------------------------------------------------
@@ -86,7 +94,7 @@ class RunAccess:
         if where.attempt == 0:
             return
         if where.live:
-            channel, stub = connect(where.address, where.token)
+            channel, stub = connect(where.address, where.token, where.tls)
             try:
                 for chunk in stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow)):
                     yield chunk.data
@@ -137,7 +145,7 @@ class RunAccess:
                 elif kind == "close_stdin":
                     yield apb.ExecInput(close_stdin=True)
 
-        channel, stub = connect(where.address, where.token)
+        channel, stub = connect(where.address, where.token, where.tls)
         try:
             for out in stub.Exec(upstream()):
                 kind = out.WhichOneof("output")
@@ -171,7 +179,7 @@ class RunAccess:
                     yield apb.PortForwardInput(close=True)
 
         keep_freed_memory()  # MiB-sized messages pass through this process
-        channel, _ = connect(where.address, where.token)
+        channel, _ = connect(where.address, where.token, where.tls)
         try:
             for data in port_forward(channel, upstream()):
                 yield cpb.PortForwardOutput(data=bytes(data))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,8 +25,9 @@ import grpc.aio
 
 from api.substrate.v1 import agent_pb2 as pb
 from api.substrate.v1 import agent_pb2_grpc as rpc
+from substrate.tls import NODE_NAME
 
-from .provision import Cluster
+from .provision import AgentEndpoint, Cluster
 
 __all__ = ["ClusterIO", "Outcome"]
 
@@ -44,13 +45,20 @@ class ClusterIO:
         self.thread = threading.Thread(target=self.loop.run_forever, name="agents", daemon=True)
         self.thread.start()
         self.tokens = [(("authorization", f"Bearer {a.token}"),) for a in cluster.agents]
-        self.stubs: list[rpc.AgentStub] = self.wait(
-            self._connect([a.address for a in cluster.agents])
-        )
+        self.stubs: list[rpc.AgentStub] = self.wait(self._connect(cluster.agents))
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def _connect(self, addresses: list[str]) -> list[rpc.AgentStub]:
-        self.channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    async def _connect(self, agents: Sequence[AgentEndpoint]) -> list[rpc.AgentStub]:
+        self.channels = [
+            grpc.aio.insecure_channel(a.address)
+            if a.tls is None
+            else grpc.aio.secure_channel(
+                a.address,
+                a.tls.credentials(),
+                options=(("grpc.ssl_target_name_override", NODE_NAME),),
+            )
+            for a in agents
+        ]
         return [rpc.AgentStub(c) for c in self.channels]  # type: ignore[no-untyped-call]
 
     # ---- from the run loop's thread ------------------------------------------------------

@@ -253,7 +253,16 @@ class Engine:
         with self.store.session() as s:
             s.get_one(Run, run_id).site = cluster.site
             s.add_all(
-                Agent(run_id=run_id, name=a.name, address=a.address, token=a.token, pid=a.pid)
+                Agent(
+                    run_id=run_id,
+                    name=a.name,
+                    address=a.address,
+                    token=a.token,
+                    pid=a.pid,
+                    tls_ca=a.tls.ca.decode() if a.tls else "",
+                    tls_certificate=a.tls.certificate.decode() if a.tls else "",
+                    tls_key=a.tls.key.decode() if a.tls else "",
+                )
                 for a in cluster.agents
             )
         self._set_run(run_id, RunState.STAGING)
@@ -321,7 +330,7 @@ class Engine:
             images.setdefault((c.image.uri, c.image.secret or "", legacy), c.image)
 
         def pull_on(agent: AgentEndpoint) -> None:
-            channel, stub = connect(agent.address, agent.token)
+            channel, stub = connect(agent.address, agent.token, agent.tls)
             try:
                 for key in sorted(images):
                     image = images[key]

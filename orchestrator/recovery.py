@@ -87,7 +87,9 @@ def recover(
             # a run that died while its cluster came up has its placement's site alone
             site = run.site or (run.placement or {}).get("site") or ""
             agents = tuple(
-                AgentEndpoint(name=a.name, address=a.address, token=a.token, pid=a.pid)
+                AgentEndpoint(
+                    name=a.name, address=a.address, token=a.token, pid=a.pid, tls=a.endpoint_tls
+                )
                 for a in s.scalars(select(Agent).where(Agent.run_id == run_id)).all()
             )
             run.orchestrator = identity()  # this process owns the clean-up now

@@ -794,7 +794,7 @@ class RunLoop:
         assert probe is not None
         ports = {p.name: p.port for p in service.ports}
         agent = self.agents[active.node]
-        channel, stub = connect(agent.address, agent.token)
+        channel, stub = connect(agent.address, agent.token, agent.tls)
 
         def run_exec(command: list[str], timeout: float) -> int:
             return _exec_exit_code(stub, active.agent_task_id, command, timeout)

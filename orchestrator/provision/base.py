@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from substrate.tls import ClientTLS
+
 from ..errors import Category, SquallError
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ class AgentEndpoint:
     address: str  # host:port of its gRPC API
     token: str
     pid: int = 0  # on the local site, the agent's process (for the run's records)
+    tls: ClientTLS | None = None  # the run CA and this orchestrator's certificate for it
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,10 +30,12 @@ from federate.catalog import CLOUDS
 from federate.placement import SiteEstimate
 from federate.workload import Workload
 from infra.spec import Bootstrap, ClusterSpec, Network
+from substrate.tls import ClientTLS
 
 from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report
 from .cluster_spec import DEFAULT_TTL, cluster_spec
 from .credentials import CREDENTIALS
+from .pki import make_run_pki
 from .stacks import StackDriver
 
 if TYPE_CHECKING:
@@ -92,6 +94,8 @@ class CloudProvisioner:
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
         self.stacks = stacks
         self.settings = settings
+        # run -> this orchestrator's certificate for its nodes, from plan to up (memory only)
+        self._client_tls: dict[str, ClientTLS] = {}
 
     def serves(self, site: str) -> bool:
         cloud, _, region = site.partition(":")
@@ -157,6 +161,8 @@ class CloudProvisioner:
         cloud = estimate.site.cloud
         self.check(estimate.site.name, cloud)
         assert self.settings.orchestrator_cidr is not None
+        pki = make_run_pki(run_id)  # its key is forgotten: the nodes get theirs through the stack
+        self._client_tls[run_id] = pki.orchestrator
         try:
             return cluster_spec(
                 run_id,
@@ -168,6 +174,9 @@ class CloudProvisioner:
                 bootstrap=Bootstrap(
                     orchestrator=self.settings.orchestrator_address,
                     join_token=SecretStr(secrets.token_urlsafe(32)),
+                    tls_ca=pki.ca.decode(),
+                    node_certificate=pki.node_certificate.decode(),
+                    node_key=SecretStr(pki.node_key.decode()),
                 ),
                 ttl=self.settings.ttl,
                 buckets=buckets,
@@ -181,6 +190,12 @@ class CloudProvisioner:
         subnets between nodes, and MPI gets the fabric)."""
         spec = plan.shape
         token = spec.bootstrap.join_token.get_secret_value()
+        tls = self._client_tls.pop(spec.run_id, None)
+        if tls is None:
+            raise ProvisionError(
+                f"run {spec.run_id}: no certificate for its nodes in this orchestrator (it was "
+                "planned by another process); plan it again"
+            )
         agents = self.stacks.up(spec, report)
         job_of = {g["name"]: g["job"] for g in plan.record["cluster"]["groups"]}
         groups: dict[str, list[int]] = {}
@@ -189,7 +204,9 @@ class CloudProvisioner:
         return Cluster(
             run_id=spec.run_id,
             site=f"{spec.site.cloud}:{spec.site.region}",
-            agents=tuple(AgentEndpoint(a["name"], a["address"], token) for a in agents),
+            agents=tuple(
+                AgentEndpoint(a["name"], a["address"], token, tls=tls) for a in agents
+            ),
             groups={job: tuple(nodes) for job, nodes in groups.items()},
             host_network=True,
         )

@@ -15,6 +15,10 @@ the orchestrator, which then stops them in order (TERM, then KILL after a grace)
 are gone, whatever an agent that did not stop cleanly left (its tasks' processes, mounts,
 network namespaces, bridge, cgroups) is removed by `substrate --clean-up` on its data
 directory, and the run's agent directories (tokens, task state) are deleted.
+
+Every run's agents serve mutual TLS with certificates of a CA made for the run (see
+`pki`), as a cloud's nodes do: only this orchestrator's certificate opens them, and the
+node key lives in the agent's folder (0600) until the run's folders go.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ import grpc
 
 from api.substrate.v1 import agent_pb2 as pb
 from substrate import AGENT_PORT
-from substrate.client import connect
+from substrate.client import ClientTLS, connect
 from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
 from substrate.paths import remove_tree
 
 from .base import AgentEndpoint, Cluster, NodeSlice, Plan, ProvisionError, Report, quiet
 from .node_network import LoopbackRelay, NodePlace, RunNetwork, loopback_ports
+from .pki import RunPKI, make_run_pki
 
 if TYPE_CHECKING:
     from ..fuzzfile import Workflow
@@ -215,10 +220,11 @@ class LocalProvisioner:
         (self.root / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
         started: list[subprocess.Popen[str]] = []
         self._procs[run_id] = started
+        pki = make_run_pki(run_id)  # the run's agents serve mutual TLS, as a cloud's do
         try:
             places = self._make_nodes(run_id, len(nodes)) if self.namespaced else None
             booting = [  # every agent is started before any is waited for: side by side
-                self._start(run_id, f"node-{i}", node, started, places[i] if places else None)
+                self._start(run_id, f"node-{i}", node, started, places[i] if places else None, pki)
                 for i, node in enumerate(nodes)
             ]
             agents = [ready() for ready in booting]
@@ -246,6 +252,7 @@ class LocalProvisioner:
         node: NodeSlice,
         started: list[subprocess.Popen[str]],
         place: NodePlace | None,
+        pki: RunPKI,
     ) -> Callable[[], AgentEndpoint]:
         """Start an agent's process (in its node, when `place` is one); a function that waits
         until it serves, and says where."""
@@ -255,6 +262,15 @@ class LocalProvisioner:
         token_file = home / "token"
         token_file.touch(mode=0o600)
         token_file.write_text(token)
+        tls = home / "tls"
+        tls.mkdir(mode=0o700, exist_ok=True)
+        for file, pem in (
+            ("node.pem", pki.node_certificate),
+            ("node.key", pki.node_key),
+            ("ca.pem", pki.ca),
+        ):
+            (tls / file).touch(mode=0o600)
+            (tls / file).write_bytes(pem)
         cmd = [
             self.python,
             "-m",
@@ -268,6 +284,8 @@ class LocalProvisioner:
             str(self.root / "images"),
             "--token-file",
             str(token_file),
+            *("--tls-cert", str(tls / "node.pem"), "--tls-key", str(tls / "node.key")),
+            *("--tls-ca", str(tls / "ca.pem")),
             "--cpus",
             ",".join(map(str, node.cpus)),
             "--memory-bytes",
@@ -307,8 +325,10 @@ class LocalProvisioner:
 
         def ready() -> AgentEndpoint:
             address = self._await_address(proc, home / "agent.log")
-            self._await_health(address, token, home / "agent.log")
-            return AgentEndpoint(name=name, address=address, token=token, pid=proc.pid)
+            self._await_health(address, token, pki.orchestrator, home / "agent.log")
+            return AgentEndpoint(
+                name=name, address=address, token=token, pid=proc.pid, tls=pki.orchestrator
+            )
 
         return ready
 
@@ -331,8 +351,8 @@ class LocalProvisioner:
         return line.split()[-1]
 
     @staticmethod
-    def _await_health(address: str, token: str, log: Path) -> None:
-        channel, stub = connect(address, token)
+    def _await_health(address: str, token: str, tls: ClientTLS, log: Path) -> None:
+        channel, stub = connect(address, token, tls)
         try:
             stub.Health(pb.HealthRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
         except grpc.RpcError as exc:

@@ -28,6 +28,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from substrate.tls import ClientTLS
+
 __all__ = [
     "RUN_ENDED",
     "Agent",
@@ -246,6 +248,22 @@ class Agent(Base):
     address: Mapped[str] = mapped_column(String(255))
     token: Mapped[str] = mapped_column(String(255))  # the store's file/DB must be private
     pid: Mapped[int] = mapped_column(Integer, default=0)
+    # mutual TLS (PEM): the run CA, and the orchestrator's client certificate and key; all
+    # empty for an agent that serves plaintext
+    tls_ca: Mapped[str] = mapped_column(Text, default="", server_default="")
+    tls_certificate: Mapped[str] = mapped_column(Text, default="", server_default="")
+    tls_key: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+    @property
+    def endpoint_tls(self) -> ClientTLS | None:
+        """What to connect to this agent with (None: it serves plaintext)."""
+        if not self.tls_ca:
+            return None
+        return ClientTLS(
+            ca=self.tls_ca.encode(),
+            certificate=self.tls_certificate.encode(),
+            key=self.tls_key.encode(),
+        )
 
 
 class Volume(Base):

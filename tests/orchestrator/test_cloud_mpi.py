@@ -24,7 +24,11 @@ from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_p
 from orchestrator.store import Run, RunState, StackState
 
 # the engine on the forced cloud placement, over this module's `nodes`
-from tests.orchestrator.test_cloud_runs import TOKEN, engine, stack_of  # noqa: F401
+from tests.orchestrator.test_cloud_runs import (  # noqa: F401
+    engine,
+    same_credentials,
+    stack_of,
+)
 from tests.orchestrator.test_gangs import attempts, log_of
 from tests.orchestrator.test_mpi import ranks
 from tests.substrate.registry import Registry
@@ -37,7 +41,7 @@ NODES = 4  # the ring's group (3 nodes), then the group of the job `first` (1)
 def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Iterator[Cluster]:
     """Separate local nodes standing in for the stack's VMs, in the order the stack lists
     its node groups' nodes. Their agents' token is the one the boot script would carry."""
-    monkeypatch.setattr("secrets.token_urlsafe", lambda n=32: TOKEN)
+    same_credentials(monkeypatch)
     site = LocalProvisioner(
         tmp_path / "nodes",
         search_registries=[registry.address],

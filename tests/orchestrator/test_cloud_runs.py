@@ -3,8 +3,9 @@
 No cloud and no `pulumi` CLI can be reached here, so: federation is forced onto aws:us-east-2
 from the test catalog; the Automation API drives tests/orchestrator/fake_pulumi.py through the
 SDK's CLI seam; and the "nodes" that stack reports are real local agents started by the test
-(the fake reads their addresses from $FAKE_PULUMI_AGENTS). The join token the real boot script
-would hand the nodes is fixed to the test agents' token by patching `secrets.token_urlsafe`.
+(the fake reads their addresses from $FAKE_PULUMI_AGENTS). The join token and the run's
+certificates that the real boot script would hand the nodes are fixed to the test agents' own,
+by patching `secrets.token_urlsafe` and `make_run_pki` (`same_credentials`).
 Everything after the stack (gRPC to the agents, crun containers, the store) is real.
 """
 
@@ -26,8 +27,9 @@ from orchestrator.fuzzfile import Workflow
 from orchestrator.placing import Placer
 from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
 from orchestrator.provision.cloud import CloudProvisioner, CloudSettings
+from orchestrator.provision.pki import RunPKI, make_run_pki
 from orchestrator.provision.stacks import StackDriver, StackSettings
-from orchestrator.store import Event, Run, RunState, Stack, StackState, Store
+from orchestrator.store import Agent, Event, Run, RunState, Stack, StackState, Store
 from tests.substrate.registry import Registry
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalog"
@@ -36,10 +38,20 @@ IMAGE = "image: {uri: docker://busybox:1.36}"
 SITE = "aws:us-east-2"
 
 
+def same_credentials(monkeypatch: pytest.MonkeyPatch) -> RunPKI:
+    """The stand-in agents and the cloud run get one token and one run CA: what the boot
+    script would give the stack's nodes is what the stand-ins were started with."""
+    monkeypatch.setattr("secrets.token_urlsafe", lambda n=32: TOKEN)
+    pki = make_run_pki("standins")
+    for module in ("local", "cloud"):
+        monkeypatch.setattr(f"orchestrator.provision.{module}.make_run_pki", lambda _: pki)
+    return pki
+
+
 @pytest.fixture
 def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Iterator[Cluster]:
     """Two real agents standing in for the two cloud nodes the stack will report."""
-    monkeypatch.setattr("secrets.token_urlsafe", lambda n=32: TOKEN)
+    same_credentials(monkeypatch)
     site = LocalProvisioner(
         tmp_path / "nodes",
         search_registries=[registry.address],
@@ -125,6 +137,23 @@ def test_a_cloud_run_brings_its_stack_up_runs_on_its_agents_and_destroys_it(engi
     progress = events(engine, outcome.run_id, "provision")
     assert any("created" in line for line in progress)  # `up`'s output, streamed
     assert any("destroyed" in line for line in progress)
+
+
+def test_the_nodes_get_the_runs_certificate_and_the_key_stays_secret(engine, fake_pulumi, nodes):
+    outcome = engine.run("me/cloud-tls", two_jobs("echo second"))
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    [config] = [c for c in fake_pulumi.calls() if c[:2] == ["config", "set-all"]]
+    spec = json.loads(config[config.index("--plaintext") + 1].partition("=")[2])
+    node_cert = spec["bootstrap"]["node_certificate"]
+    assert "BEGIN CERTIFICATE" in node_cert
+    assert spec["bootstrap"]["tls_ca"] != node_cert
+    assert "PRIVATE KEY" not in fake_pulumi.log.read_text()  # the key reaches no command line
+    # the run's agents opened only to the certificate the orchestrator recorded for them
+    with engine.store.session() as s:
+        agents = s.scalars(select(Agent).where(Agent.run_id == outcome.run_id)).all()
+        assert agents
+        assert all(a.tls_ca == spec["bootstrap"]["tls_ca"] for a in agents)
+        assert all("PRIVATE KEY" in a.tls_key for a in agents)
 
 
 def test_a_failed_job_still_destroys_the_stack(engine):

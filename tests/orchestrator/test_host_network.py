@@ -34,7 +34,9 @@ def test_a_host_network_container_is_on_its_node_and_kept_from_the_agents(
     listener = node_service(RunNetwork("run-hostnet").netns(1))  # as an MPI daemon listens
     port = listener.getsockname()[1]
     try:
-        channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
+        channel, stub = connect(
+            cluster.agents[0].address, cluster.agents[0].token, cluster.agents[0].tls
+        )
         probe = "; ".join(
             [
                 "ip -4 -o addr show | grep -v ' lo ' | awk '{print $4}'",
@@ -71,7 +73,9 @@ def test_an_agent_not_told_to_give_the_host_network_refuses_it(tmp_path: Path) -
     provisioner = LocalProvisioner(tmp_path)  # agents on this machine's own network
     cluster = provisioner.up(local_plan("run-nohost", [NodeSlice(cpus=(0,), memory_bytes=0)]))
     try:
-        channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
+        channel, stub = connect(
+            cluster.agents[0].address, cluster.agents[0].token, cluster.agents[0].tls
+        )
         with pytest.raises(grpc.RpcError) as refused:
             run_task(stub, "true", pb.NETWORK_HOST)
         channel.close()

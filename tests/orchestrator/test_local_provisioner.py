@@ -50,7 +50,7 @@ def test_a_cluster_of_two_agents_each_on_its_slice(tmp_path: Path, registry: Reg
         assert [a.name for a in cluster.agents] == ["node-0", "node-1"]
         assert len({a.token for a in cluster.agents}) == 2  # a token per agent
         for agent, node in zip(cluster.agents, nodes, strict=True):
-            channel, stub = connect(agent.address, agent.token)
+            channel, stub = connect(agent.address, agent.token, agent.tls)
             inv = stub.Inventory(pb.InventoryRequest())
             assert tuple(c.id for c in inv.cpus) == node.cpus
             assert inv.memory_bytes == node.memory_bytes
@@ -151,7 +151,7 @@ def test_a_killed_agent_leaves_nothing_once_its_cluster_is_taken_down(
     )
     cluster = provisioner.up(local_plan("run-k", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)]))
     [agent] = cluster.agents
-    channel, stub = connect(agent.address, agent.token)
+    channel, stub = connect(agent.address, agent.token, agent.tls)
     lease = stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1))
     task = stub.Run(
         pb.RunRequest(lease_id=lease.id, image="docker://busybox:1.36", command=["sleep", "300"])
@@ -204,7 +204,7 @@ def test_an_oversubscribed_local_node_leases_a_core_to_k_tasks(tmp_path: Path) -
     cluster = provisioner.up(local_plan("run-o", [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)]))
     try:
         agent = cluster.agents[0]
-        channel, stub = connect(agent.address, agent.token)
+        channel, stub = connect(agent.address, agent.token, agent.tls)
         assert stub.Inventory(pb.InventoryRequest()).oversubscribe == 2
         leases = [stub.AcquireLease(pb.AcquireLeaseRequest(holder="t", cores=1)) for _ in "ab"]
         assert [tuple(x.cpus) for x in leases] == [(0,), (0,)]

@@ -103,7 +103,7 @@ def test_each_node_is_a_machine_of_its_own(tmp_path: Path, registry: Registry) -
             addresses.append(address)
             with pytest.raises(ConnectionRefusedError):  # not on this machine's loopback
                 socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
-            channel, stub = connect(agent.address, agent.token)
+            channel, stub = connect(agent.address, agent.token, agent.tls)
             assert stub.Health(pb.HealthRequest()).hostname == agent.name
             inventory = stub.Inventory(pb.InventoryRequest())
             assert tuple(c.id for c in inventory.cpus) == node.cpus
@@ -114,7 +114,7 @@ def test_each_node_is_a_machine_of_its_own(tmp_path: Path, registry: Registry) -
         assert len({os.stat(f"/proc/{p}/ns/net").st_ino for p in pids}) == 3
 
         # a container of node 1 serves; one of node 0 reaches it at its address, directly
-        stubs = [connect(a.address, a.token) for a in cluster.agents]
+        stubs = [connect(a.address, a.token, a.tls) for a in cluster.agents]
         server_address, server = run_task(stubs[1][1], "echo pong | nc -l -p 7000")
         _, client = run_task(
             stubs[0][1],
@@ -160,7 +160,9 @@ def test_another_orchestrator_removes_the_nodes_of_one_that_died(
     )
     nodes = [NodeSlice(cpus=(0,), memory_bytes=256 * MiB)] * 2
     cluster = provisioner.up(local_plan("run-dead", nodes))
-    channel, stub = connect(cluster.agents[1].address, cluster.agents[1].token)
+    channel, stub = connect(
+        cluster.agents[1].address, cluster.agents[1].token, cluster.agents[1].tls
+    )
     _, task = run_task(stub, "sleep 300")
     channel.close()
     task_netns = Path(f"/run/netns/sq{task}")

@@ -69,7 +69,9 @@ def test_a_container_reaches_no_service_of_another_node(tmp_path: Path, registry
     port = listener.getsockname()[1]
     try:
         probe = f"nc -w 2 {bridge_address(netns)} {port} </dev/null 2>/dev/null; echo done"
-        channel, stub = connect(cluster.agents[0].address, cluster.agents[0].token)
+        channel, stub = connect(
+            cluster.agents[0].address, cluster.agents[0].token, cluster.agents[0].tls
+        )
         _, task = run_task(stub, probe)
         output = output_of(stub, task)[1]
         channel.close()
