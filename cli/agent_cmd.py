@@ -21,6 +21,18 @@ def agent(
     token_file: Path = typer.Option(
         None, help="File holding the token callers must send (or set SQUALL_AGENT_TOKEN)."
     ),
+    tls_cert: Path = typer.Option(
+        None, help="Serve mutual TLS with this node certificate (PEM; with --tls-key, --tls-ca)."
+    ),
+    tls_key: Path = typer.Option(None, help="The node certificate's private key (PEM)."),
+    tls_ca: Path = typer.Option(None, help="The CA (PEM) every caller's certificate must be of."),
+    plaintext: bool = typer.Option(
+        False, help="Serve without TLS on an address beyond loopback (the token goes in clear)."
+    ),
+    volume_root: list[Path] = typer.Option(
+        [], help="Folder beneath which volumes may be made, filled and read; repeatable."
+    ),
+    cache_dir: Path = typer.Option(None, help="The ingress cache [default: DATA_DIR/cache]."),
     cpus: str = typer.Option(None, help="CPU ids this agent may lease, e.g. 0-3,8."),
     memory: str = typer.Option(None, help="Memory this agent may lease, e.g. 8GiB."),
     gpus: str = typer.Option(None, help="GPU indexes this agent may lease, e.g. 0,1."),
@@ -68,6 +80,8 @@ def agent(
     **Examples**
 
         SQUALL_AGENT_TOKEN=s3cret squall agent --listen 127.0.0.1:7070
+        squall agent --listen 10.0.0.5:7431 --token-file token --tls-cert node.pem \
+            --tls-key node.key --tls-ca run-ca.pem --volume-root /var/lib/squall/volumes
         squall agent --token-file token --cpus 0-1 --memory 4GiB --data-dir /tmp/a1
     """
     from orchestrator.fuzzfile.units import UnitError, parse_size
@@ -76,6 +90,15 @@ def agent(
     argv = ["--listen", listen, "--data-dir", str(data_dir or _default_data_dir())]
     if token_file is not None:
         argv += ["--token-file", str(token_file)]
+    for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
+        if path is not None:
+            argv += [flag, str(path)]
+    if plaintext:
+        argv.append("--plaintext")
+    for root in volume_root:
+        argv += ["--volume-root", str(root)]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir)]
     if cpus:
         argv += ["--cpus", cpus]
     if memory:

@@ -40,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-file", type=Path, help="file holding the token callers must send")
     p.add_argument(
+        "--volume-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder beneath which the orchestrator may make, fill and read volumes "
+        "(the cluster's storage); repeatable; none: this agent serves no volume",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="the ingress cache (default: DATA_DIR/cache/ingress); agents of one machine may "
+        "share one",
+    )
+    p.add_argument(
         "--tls-cert",
         type=Path,
         help="serve mutual TLS with this node certificate (PEM; with --tls-key and --tls-ca): "
@@ -240,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         host_network=args.host_network or "",
         image_dir=args.image_dir,
         oversubscribe=args.oversubscribe,
+        volume_roots=tuple(args.volume_root),
+        cache_dir=args.cache_dir,
     )
     try:
         runtimes = available(args.data_dir, config.userns, weak=args.weak_runtimes or args.clean_up)
