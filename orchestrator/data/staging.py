@@ -19,7 +19,6 @@ with its name, never read or written through.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import shutil
@@ -30,14 +29,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from substrate.paths import (
-    BENEATH,
-    PathEscape,
-    make_dirs,
-    open_dir,
-    open_regular,
-    remove_tree,
-)
+from substrate.paths import BENEATH, open_regular, remove_tree
+from substrate.volumes import place, room
 
 from ..errors import InvalidInput
 from ..fuzzfile.model import Transfer as TransferSpec
@@ -56,29 +49,14 @@ Report = Callable[[str, str], None]  # (subject, message): the engine turns thes
 def _check_room(name: str, path: Path, size: int) -> None:
     """A volume's `size` is the capacity it asks for: the free space of the storage it is on
     and what it holds already (a persistent volume), counted only when the free space alone
-    falls short. A volume that cannot have it fails the run at STAGING, before any job."""
-    free = shutil.disk_usage(path).free
-    if free >= size:
-        return
-    held = _bytes_in(path)
-    if free + held < size:
+    falls short (`substrate.volumes.room`, as an agent checks it). A volume that cannot have
+    it fails the run at STAGING, before any job."""
+    have = room(path, size)
+    if have < size:
         raise InvalidInput(
             f"volume {name!r} asks for {format_size(size)} (size), and the site's volume "
-            f"storage has {format_size(free + held)} for it"
+            f"storage has {format_size(have)} for it"
         )
-
-
-def _bytes_in(path: Path) -> int:
-    """Bytes that the files under `path` occupy (no link followed)."""
-    total, todo = 0, [path]
-    while todo:
-        with os.scandir(todo.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    todo.append(Path(entry.path))
-                else:
-                    total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
 
 
 def _volume_file(uri: str, what: str) -> str:
@@ -96,28 +74,6 @@ def _one_name(name: str, what: str) -> str:
     if not name or "/" in name or name in (".", "..") or "\0" in name:
         raise InvalidInput(f"{what} {name!r} must be one name, without '/' or '..'")
     return name
-
-
-def place(volume: Path, rel: str, staged: Path) -> None:
-    """Move the staged file `staged` to `rel` inside `volume`, making its folders, through
-    no link: whatever is at `rel` (a file, a link a job left) is replaced."""
-    parent, _, name = rel.rpartition("/")
-    make_dirs(volume, parent, BENEATH)
-    with open_dir(volume, parent, BENEATH) as dir_fd:
-        try:
-            os.rename(staged, name, dst_dir_fd=dir_fd)
-        except IsADirectoryError:
-            raise PathEscape(errno.EISDIR, f"{rel!r} in the volume is a directory") from None
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            tmp = f".{name}.squall-{os.urandom(4).hex()}"
-            with open(staged, "rb") as src:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dir_fd)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out)
-            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            staged.unlink()
 
 
 @contextlib.contextmanager
