@@ -22,6 +22,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,7 @@ log = logging.getLogger("substrate")
 INGRESS_SCHEMES = ("https://", "http://", "s3://", "file://")
 EGRESS_SCHEMES = ("s3://",)
 DEFAULT_ATTEMPTS = 3
+PROGRESS_EVERY = 0.25  # seconds: progress messages come no more often
 
 
 class Missing(Exception):
@@ -294,9 +296,9 @@ def _open_file(volume: Path, rel: str, what: str) -> int:
 def _relayed(
     move: Callable[[Progress], bool], context: Any
 ) -> Generator[pb.TransferProgress, None, bool]:
-    """Run `move` on a thread of its own and stream its progress (the latest at each send)
-    and then its end; returns whether it came from the cache. A caller that hangs up stops
-    the transfer at its next progress."""
+    """Run `move` on a thread of its own and stream its progress (its first report, then the
+    latest at most every PROGRESS_EVERY seconds) and then its end; returns whether it came
+    from the cache. A caller that hangs up stops the transfer at its next progress."""
     events: queue.Queue[tuple[int, int | None] | None] = queue.Queue()
     outcome: list[Any] = []
     gone = threading.Event()
@@ -316,24 +318,26 @@ def _relayed(
             events.put(None)
 
     threading.Thread(target=work, name="transfer", daemon=True).start()
+    sent_at: float | None = None  # the first report is always sent, then one a PROGRESS_EVERY
+    pending = False
     try:
-        ended = False
-        while not ended:
+        while True:
             try:
-                item = events.get(timeout=1.0)
+                item = events.get(timeout=PROGRESS_EVERY)
             except queue.Empty:
                 if not context.is_active():
-                    return False
+                    raise TransferError("the caller hung up") from None
+                if pending:  # a report held back, and nothing newer since
+                    sent_at, pending = time.monotonic(), False
+                    yield pb.TransferProgress(bytes_done=done, bytes_total=total)
                 continue
-            while True:  # only the newest is sent
-                if item is None:
-                    ended = True
-                else:
-                    done, total = item[0], -1 if item[1] is None else item[1]
-                if ended or events.empty():
-                    break
-                item = events.get_nowait()
-            if not ended:
+            if item is None:
+                break
+            done, total = item[0], -1 if item[1] is None else item[1]
+            now = time.monotonic()
+            pending = sent_at is not None and now - sent_at < PROGRESS_EVERY
+            if not pending:
+                sent_at = now
                 yield pb.TransferProgress(bytes_done=done, bytes_total=total)
     finally:
         gone.set()
