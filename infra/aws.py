@@ -12,7 +12,12 @@ What it gets right, each asserted by tests/infra/test_aws.py:
 - IMDSv2 only, an instance profile that may touch the run's buckets and nothing else, spot
   as one-time requests that terminate (nothing restarts behind the ledger's back);
 - tags on every resource that takes them, and on the instances, volumes and interfaces the
-  launch template makes.
+  launch template makes;
+- the run's volumes (`spec.storage`): managed, an encrypted EFS file system with a mount
+  target in the run's subnet, whose security group admits NFS (TCP 2049) from the run's
+  network only; nfs-first-node, node 0 of the first group serves them (its own launch
+  template, its boot script exports) and every other node mounts its private address (the
+  node security group already admits all traffic between the nodes, and nothing else).
 """
 
 from __future__ import annotations
@@ -25,10 +30,18 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from .bootstrap import startup_script
-from .spec import ClusterSpec, Fabric, NodeGroup
+from .bootstrap import NfsMount
+from .spec import NFS_PORT, ClusterSpec, Fabric, NodeGroup, StorageClass
+from .volumes import Mount, boot_script, exports, first_node_mount
 
-__all__ = ["build"]
+__all__ = ["EFS_OPTIONS", "build"]
+
+# Amazon EFS's recommended NFS mount options, as its mount helper uses them on Linux: NFSv4.1,
+# 1 MiB reads and writes, hard, 60 s timeout, 2 retries, a new source port on reconnection
+# (https://docs.amazonaws.cn/en_us/efs/latest/ug/mount-helper-setting.html, "Mount settings
+# used by EFS mount helper"; the same list as docs.aws.amazon.com's "Recommended NFS mount
+# options")
+EFS_OPTIONS = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
 
 
 def build(spec: ClusterSpec) -> list[dict[str, Any]]:
@@ -82,10 +95,62 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
         opts=opts,
     )
     profile = _instance_profile(spec, tags, opts) if spec.buckets else None
+    mount: Mount = None
+    if spec.storage is not None and spec.storage.storage_class is StorageClass.MANAGED:
+        mount = _efs(spec, vpc_id, subnet_id, tags, opts)
     agents: list[dict[str, Any]] = []
     for group in spec.node_groups:
-        agents += _group(spec, group, subnet_id, sg, profile, public, tags, opts)
+        made, served = _group(spec, group, subnet_id, sg, profile, public, tags, opts, mount)
+        agents += made
+        mount = served if served is not None else mount
     return agents
+
+
+def _efs(
+    spec: ClusterSpec,
+    vpc_id: Any,
+    subnet_id: Any,
+    tags: dict[str, str],
+    opts: pulumi.ResourceOptions,
+) -> pulumi.Output[NfsMount]:
+    """An encrypted EFS file system for the run's volumes, reached from the run's subnet.
+
+    Elastic throughput: a file system as small as one run's volumes would get a bursting
+    baseline of 50 KB/s per GB stored, while elastic throughput does not depend on the size
+    (it bills reads and writes per GB instead). EFS bills the bytes stored, with no minimum."""
+    file_system = aws.efs.FileSystem(
+        "volumes",
+        encrypted=True,
+        throughput_mode="elastic",
+        performance_mode="generalPurpose",
+        tags={**tags, "Name": f"{spec.stack_name}-volumes"},
+        opts=opts,
+    )
+    guard = aws.ec2.SecurityGroup(
+        "volumes",
+        description=f"squall run {spec.run_id}: NFS to the volumes, from the run's network only",
+        vpc_id=vpc_id,
+        ingress=[
+            aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp",
+                from_port=NFS_PORT,
+                to_port=NFS_PORT,
+                cidr_blocks=[spec.network.cidr],
+                description="NFS from the run's nodes",
+            )
+        ],
+        tags=tags,
+        opts=opts,
+    )
+    target = aws.efs.MountTarget(
+        "volumes",
+        file_system_id=file_system.id,
+        subnet_id=subnet_id,
+        security_groups=[guard.id],
+        opts=opts,
+    )
+    # by the mount target's address: it needs no DNS in the VPC (an existing one may have none)
+    return target.ip_address.apply(lambda ip: NfsMount(f"{ip}:/", EFS_OPTIONS))
 
 
 def _network(
@@ -202,26 +267,20 @@ def network_interfaces(
     return [nic(0, 0, None)] + [nic(c, 1 if c == 0 else 0, "efa-only") for c in range(cards)]
 
 
-def _group(
+def _template(
+    name: str,
     spec: ClusterSpec,
     group: NodeGroup,
-    subnet_id: Any,
-    sg: aws.ec2.SecurityGroup,
+    nics: list[aws.ec2.LaunchTemplateNetworkInterfaceArgs],
+    placement_group: aws.ec2.PlacementGroup | None,
     profile: aws.iam.InstanceProfile | None,
-    public: bool,
+    script: pulumi.Output[str],
     tags: dict[str, str],
     opts: pulumi.ResourceOptions,
-) -> list[dict[str, Any]]:
-    placement_group = (
-        aws.ec2.PlacementGroup(f"{group.name}-placement", strategy="cluster", tags=tags, opts=opts)
-        if group.compact
-        else None
-    )
-    nics = network_interfaces(group, subnet_id, sg.id, public)
-    script = base64.b64encode(startup_script(spec, group).encode()).decode()
+) -> aws.ec2.LaunchTemplate:
     made = {**tags, "squall-group": group.name}
-    template = aws.ec2.LaunchTemplate(
-        f"{group.name}-template",
+    return aws.ec2.LaunchTemplate(
+        name,
         description=f"squall run {spec.run_id}, group {group.name}",
         image_id=group.image,  # an AMI id, or resolve:ssm:/path/to/parameter
         instance_type=group.instance_type,
@@ -247,7 +306,8 @@ def _group(
         metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
             http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=2
         ),
-        user_data=pulumi.Output.secret(script),
+        # secret (as boot_script makes it): it carries the join token and the node's TLS key
+        user_data=script.apply(lambda text: base64.b64encode(text.encode()).decode()),
         tag_specifications=[
             aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=made)
             for kind in ("instance", "volume", "network-interface", "spot-instances-request")
@@ -256,20 +316,74 @@ def _group(
         tags=tags,
         opts=opts,
     )
-    version = template.latest_version.apply(str)
+
+
+def _group(
+    spec: ClusterSpec,
+    group: NodeGroup,
+    subnet_id: Any,
+    sg: aws.ec2.SecurityGroup,
+    profile: aws.iam.InstanceProfile | None,
+    public: bool,
+    tags: dict[str, str],
+    opts: pulumi.ResourceOptions,
+    mount: Mount,
+) -> tuple[list[dict[str, Any]], pulumi.Output[NfsMount] | None]:
+    """The group's nodes, and (when its node 0 serves the volumes) what the others mount."""
+    placement_group = (
+        aws.ec2.PlacementGroup(f"{group.name}-placement", strategy="cluster", tags=tags, opts=opts)
+        if group.compact
+        else None
+    )
+    nics = network_interfaces(group, subnet_id, sg.id, public)
+    made = {**tags, "squall-group": group.name}
+    served: pulumi.Output[NfsMount] | None = None
+    template: aws.ec2.LaunchTemplate | None = None
     agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
+        if exports(spec, group, i):
+            # node 0 serves the volumes: a template of its own, whose script exports them;
+            # the group's template (the others') is made from its address below
+            launch = _template(
+                f"{name}-template",
+                spec,
+                group,
+                nics,
+                placement_group,
+                profile,
+                boot_script(spec, group, None, export=True),
+                tags,
+                opts,
+            )
+        else:
+            if template is None:
+                template = _template(
+                    f"{group.name}-template",
+                    spec,
+                    group,
+                    nics,
+                    placement_group,
+                    profile,
+                    boot_script(spec, group, served if served is not None else mount),
+                    tags,
+                    opts,
+                )
+            launch = template
         node = aws.ec2.Instance(
             name,
-            launch_template=aws.ec2.InstanceLaunchTemplateArgs(id=template.id, version=version),
+            launch_template=aws.ec2.InstanceLaunchTemplateArgs(
+                id=launch.id, version=launch.latest_version.apply(str)
+            ),
             placement_group=placement_group.name if placement_group else None,
             root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
-                volume_size=group.disk_gib, volume_type="gp3", delete_on_termination=True
+                volume_size=spec.disk_gib(group, i), volume_type="gp3", delete_on_termination=True
             ),
             tags={**made, "Name": f"{spec.stack_name}-{name}"},
             opts=opts,
         )
+        if exports(spec, group, i):
+            served = first_node_mount(node.private_ip)
         if not public:
             ip = node.private_ip
         elif len(nics) == 1:
@@ -289,4 +403,4 @@ def _group(
                 "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
             }
         )
-    return agents
+    return agents, served

@@ -9,7 +9,12 @@ What it gets right, each asserted by tests/infra/test_azure.py:
   availability set or a single-placement-group scale set;
 - accelerated networking on every NIC of a size that has it;
 - spot as Spot priority, evicted by deletion, paying at most the on-demand price (-1);
-- the boot script as custom data, marked secret; tags on everything.
+- the boot script as custom data, marked secret; tags on everything;
+- the run's volumes (`spec.storage`): managed, an NFS 4.1 share on a premium FileStorage
+  account whose network rules admit the run's subnet only (through a Microsoft.Storage
+  service endpoint on it); nfs-first-node, node 0 of the first group serves them and the
+  others mount its private address (inside the virtual network, Azure's default rules let
+  the nodes reach each other, and nothing outside reaches the nodes but the agent rule).
 
 Azure refuses a Linux VM without an admin credential. Squall never logs in (no SSH anywhere),
 so each cluster gets a fresh Ed25519 public key whose private half is never kept.
@@ -21,14 +26,32 @@ import base64
 from typing import Any
 
 import pulumi
-from pulumi_azure_native import compute, network, resources
+from pulumi_azure_native import compute, network, resources, storage
 
-from .bootstrap import startup_script
-from .spec import ClusterSpec, NodeGroup
+from .bootstrap import NfsMount
+from .spec import ClusterSpec, NodeGroup, StorageClass
+from .volumes import Mount, boot_script, exports, first_node_mount
 
-__all__ = ["accelerated_networking", "build", "image_reference"]
+__all__ = [
+    "AZURE_FILES_OPTIONS",
+    "MIN_SHARE_GIB",
+    "accelerated_networking",
+    "build",
+    "image_reference",
+    "storage_account_name",
+]
 
 ADMIN = "squall"
+# NFS 4.1 shares exist only on premium (SSD) FileStorage accounts, with a provisioned size of
+# 100 GiB at least; NFS has no encryption in transit on Azure Files, so the account must not
+# require secure transfer, and the share is reached only from trusted networks
+# (https://github.com/MicrosoftDocs/azure-docs, articles/storage/files/
+# storage-files-quick-create-use-linux.md)
+MIN_SHARE_GIB = 100
+# the options of Azure's own mount script for NFS shares, with nconnect=4, which Microsoft
+# recommends for NFS Azure file shares (https://learn.microsoft.com/troubleshoot/azure/
+# azure-kubernetes/storage/mountoptions-settings-azure-files); hard, as nfs(5)'s default
+AZURE_FILES_OPTIONS = "vers=4,minorversion=1,sec=sys,nconnect=4,hard"
 
 
 def image_reference(image: str) -> compute.ImageReferenceArgs:
@@ -60,6 +83,11 @@ def _throwaway_key() -> str:
     ).decode()
 
 
+def storage_account_name(run_id: str) -> str:
+    """3 to 24 lower-case letters and digits, unique across Azure: from the run's id."""
+    return ("squall" + run_id.replace("-", ""))[:24]
+
+
 def build(spec: ClusterSpec) -> list[dict[str, Any]]:
     tags = spec.tags
     where = spec.site.region
@@ -85,6 +113,7 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
         tags=tags,
     )
     public = spec.network.subnet_id is None
+    managed = spec.storage is not None and spec.storage.storage_class is StorageClass.MANAGED
     if public:
         vnet = network.VirtualNetwork(
             "network",
@@ -98,14 +127,62 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
             resource_group_name=rg,
             virtual_network_name=vnet.name,
             address_prefix=spec.network.cidr,
+            # the storage account admits this subnet through the service endpoint (an
+            # existing subnet must have one for managed storage)
+            service_endpoints=(
+                [network.ServiceEndpointPropertiesFormatArgs(service="Microsoft.Storage")]
+                if managed
+                else None
+            ),
         ).id
     else:
         subnet_id = spec.network.subnet_id
+    mount: Mount = _azure_files(spec, rg, subnet_id) if managed else None
     key = _throwaway_key()
     agents: list[dict[str, Any]] = []
     for g in spec.node_groups:
-        agents += _group(spec, g, rg, subnet_id, nsg.id, public, key)
+        made, served = _group(spec, g, rg, subnet_id, nsg.id, public, key, mount)
+        agents += made
+        mount = served if served is not None else mount
     return agents
+
+
+def _azure_files(spec: ClusterSpec, rg: Any, subnet_id: Any) -> pulumi.Output[NfsMount]:
+    """An NFS 4.1 Azure file share for the run's volumes on a premium FileStorage account
+    that only the run's subnet reaches."""
+    assert spec.storage is not None
+    name = storage_account_name(spec.run_id)
+    account = storage.StorageAccount(
+        "volumes",
+        account_name=name,
+        resource_group_name=rg,
+        location=spec.site.region,
+        kind="FileStorage",
+        sku=storage.SkuArgs(name="Premium_LRS"),
+        enable_https_traffic_only=False,  # NFS has no encryption in transit: Azure requires it
+        minimum_tls_version="TLS1_2",
+        allow_blob_public_access=False,
+        network_rule_set=storage.NetworkRuleSetArgs(
+            default_action=storage.DefaultAction.DENY,
+            bypass="None",
+            virtual_network_rules=[
+                storage.VirtualNetworkRuleArgs(virtual_network_resource_id=subnet_id)
+            ],
+        ),
+        tags=spec.tags,
+    )
+    share = storage.FileShare(
+        "volumes",
+        account_name=account.name,
+        resource_group_name=rg,
+        share_name="volumes",
+        enabled_protocols="NFS",
+        root_squash="NoRootSquash",  # the agents write the volumes as root
+        share_quota=max(MIN_SHARE_GIB, spec.storage.size_gib),
+    )
+    return pulumi.Output.all(account.name, share.name).apply(
+        lambda a: NfsMount(f"{a[0]}.file.core.windows.net:/{a[0]}/{a[1]}", AZURE_FILES_OPTIONS)
+    )
 
 
 def _group(
@@ -116,7 +193,9 @@ def _group(
     nsg_id: Any,
     public: bool,
     key: str,
-) -> list[dict[str, Any]]:
+    mount: Mount,
+) -> tuple[list[dict[str, Any]], pulumi.Output[NfsMount] | None]:
+    """The group's nodes, and (when its node 0 serves the volumes) what the others mount."""
     tags = {**spec.tags, "squall-group": group.name}
     where = spec.site.region
     placement = availability = None
@@ -141,11 +220,16 @@ def _group(
             proximity_placement_group=compute.SubResourceArgs(id=placement.id),
             tags=tags,
         )
-    script = pulumi.Output.secret(base64.b64encode(startup_script(spec, group).encode()).decode())
     image = image_reference(group.image)
+    served: pulumi.Output[NfsMount] | None = None
     agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
+        serves = exports(spec, group, i)
+        # secret (as boot_script makes it): it carries the join token and the node's TLS key
+        script = boot_script(
+            spec, group, served if served is not None else mount, export=serves
+        ).apply(lambda text: base64.b64encode(text.encode()).decode())
         address = None
         if public:
             address = network.PublicIPAddress(
@@ -184,7 +268,7 @@ def _group(
                 os_disk=compute.OSDiskArgs(
                     create_option="FromImage",
                     delete_option="Delete",
-                    disk_size_gb=group.disk_gib,
+                    disk_size_gb=spec.disk_gib(group, i),
                     managed_disk=compute.ManagedDiskParametersArgs(
                         storage_account_type="Premium_LRS"
                     ),
@@ -223,11 +307,12 @@ def _group(
             # the admin key is new on every program run; it must not replace running VMs
             opts=pulumi.ResourceOptions(ignore_changes=["osProfile"]),
         )
-        ip: Any = (
-            address.ip_address
-            if address
-            else nic.ip_configurations.apply(lambda c: c[0]["private_ip_address"] if c else None)
+        private_ip = nic.ip_configurations.apply(
+            lambda c: c[0].get("private_ip_address") if c else None
         )
+        if serves:  # the others mount node 0's private address (its NIC has it)
+            served = first_node_mount(private_ip)
+        ip: Any = address.ip_address if address else private_ip
         agents.append(
             {
                 "name": name,
@@ -235,4 +320,4 @@ def _group(
                 "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
             }
         )
-    return agents
+    return agents, served

@@ -1,30 +1,56 @@
-"""What a node runs when it first boots: write the agent's token and the orchestrator's CA,
-then start the `substrate` agent as a systemd service on the agent port.
+"""What a node runs when it first boots: write the agent's token, the orchestrator's CA and
+the node's TLS material, put the run's volumes at `VOLUME_ROOT`, then start the `substrate`
+agent as a systemd service on the agent port.
 
 One shell script for every cloud (AWS user data, GCP startup-script, Azure custom data all
-run it). The node image must carry `squall` (it is the agent); the script fails loudly in
-the cloud's console log when it does not. The join token is in the script, so every program
-hands it to its cloud as a Pulumi secret: it is encrypted in the stack's state.
+run it). The node image must carry `squall` (it is the agent) and the NFS tools
+(nfs-common, and nfs-kernel-server for the node that exports the volumes): the script
+installs nothing and fails loudly in the cloud's console log when something is missing. The
+join token and the node's TLS key are in the script, so every program hands it to its cloud
+as a Pulumi secret: it is encrypted in the stack's state.
+
+Volumes, by the spec's storage class:
+- node-local: the directory on the node's own disk;
+- nfs-first-node: node 0 of the first group exports the directory to the run's network
+  (`NfsExport`), every other node mounts it from node 0's private address (`NfsMount`);
+- managed: every node mounts the cloud's file system (`NfsMount`), with the options its
+  cloud documents (in each program, next to the file system).
+A node retries its mount for ten minutes (node 0 or the file system may still be coming up)
+and starts no agent when it cannot: a node without the volumes must not take jobs.
 """
 
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
-from .spec import ClusterSpec, NodeGroup
+from .spec import VOLUME_ROOT, ClusterSpec, NodeGroup, StorageClass
 
-__all__ = ["AGENT_DIR", "startup_script"]
+__all__ = [
+    "AGENT_DIR",
+    "MOUNT_TRIES",
+    "NFS_SERVER_OPTIONS",
+    "TLS_DIR",
+    "NfsExport",
+    "NfsMount",
+    "startup_script",
+]
 
 AGENT_DIR = "/etc/squall"
+TLS_DIR = f"{AGENT_DIR}/tls"
+MOUNT_TRIES, MOUNT_WAIT_S = 60, 10  # ten minutes for node 0 or the file system to answer
+# mounting node 0's export: NFSv4.1 over TCP, hard (a write is never dropped while the
+# server restarts), as nfs(5) describes; the Linux server serves 1 MiB reads and writes
+NFS_SERVER_OPTIONS = "nfsvers=4.1,proto=tcp,hard,timeo=600,retrans=2,rsize=1048576,wsize=1048576"
 
 _UNIT = """[Unit]
 Description=Squall node agent (substrate)
 After=network-online.target
 Wants=network-online.target
-
+{requires}
 [Service]
 ExecStart={squall} agent --listen 0.0.0.0:{port} --token-file {dir}/agent.token \\
-  --data-dir /var/lib/squall/agent --deny-network {control_plane} --host-network auto
+  --data-dir /var/lib/squall/agent --deny-network {control_plane} --host-network auto{extra}
 Restart=on-failure
 RestartSec=2
 
@@ -33,15 +59,123 @@ WantedBy=multi-user.target
 """
 
 
-def startup_script(spec: ClusterSpec, group: NodeGroup) -> str:
-    """The boot script of every node of `group`."""
+@dataclass(frozen=True, slots=True)
+class NfsMount:
+    """An NFS share this node mounts at VOLUME_ROOT: `host:/path` and the mount options."""
+
+    source: str
+    options: str
+
+
+@dataclass(frozen=True, slots=True)
+class NfsExport:
+    """This node serves VOLUME_ROOT over NFS to `network` (the run's CIDR)."""
+
+    network: str
+
+
+def _say(message: str) -> str:
+    """A line for the console log as well as the script's own output."""
+    quoted = shlex.quote(message)
+    return f"echo {quoted} >&2; echo {quoted} > /dev/console 2>/dev/null || true"
+
+
+def _volumes(spec: ClusterSpec, mount: NfsMount | None, export: NfsExport | None) -> list[str]:
+    storage = spec.storage
+    if storage is None:
+        return []
+    root = shlex.quote(VOLUME_ROOT)
+    lines = ["# the run's volumes"]
+    if export is not None or storage.storage_class is StorageClass.NODE_LOCAL:
+        lines.append(f"install -d -m 0755 {root}")
+    if export is not None:
+        line = f"{VOLUME_ROOT} {export.network}(rw,sync,no_subtree_check,no_root_squash)"
+        lines += [
+            "# nfs-kernel-server comes with the node image: nothing is installed at boot",
+            "command -v exportfs >/dev/null || { "
+            + _say("squall: the node image has no NFS server (nfs-kernel-server)")
+            + "; exit 1; }",
+            # the agents are root on every node and write the volumes as root: no root squash,
+            # and the export reaches the run's own network only
+            f"grep -qsxF {shlex.quote(line)} /etc/exports || "
+            f"echo {shlex.quote(line)} >> /etc/exports",
+            "systemctl enable --now nfs-server",
+            "exportfs -ra",
+        ]
+    if mount is not None:
+        fstab = f"{mount.source} {VOLUME_ROOT} nfs {mount.options},_netdev,nofail 0 0"
+        lines += [
+            "command -v mount.nfs >/dev/null || { "
+            + _say("squall: the node image has no NFS client (nfs-common)")
+            + "; exit 1; }",
+            f"install -d -m 0755 {root}",
+            f"grep -qsF {shlex.quote(f' {VOLUME_ROOT} ')} /etc/fstab || "
+            f"echo {shlex.quote(fstab)} >> /etc/fstab",
+            "tries=0",
+            f"until mountpoint -q {root} || mount {root}; do",
+            "  tries=$((tries + 1))",
+            f'  if [ "$tries" -ge {MOUNT_TRIES} ]; then',
+            "    "
+            + _say(
+                f"squall: cannot mount the volumes ({mount.source}) at {VOLUME_ROOT} "
+                f"after {MOUNT_TRIES} tries; the agent is not started"
+            ),
+            "    exit 1",
+            "  fi",
+            "  " + _say(f"squall: waiting for the volumes at {mount.source} ({MOUNT_WAIT_S} s)"),
+            f"  sleep {MOUNT_WAIT_S}",
+            "done",
+        ]
+    return lines
+
+
+def _tls(spec: ClusterSpec) -> list[str]:
+    boot = spec.bootstrap
+    if not boot.tls:
+        return []
+    files = {
+        "ca.pem": boot.tls_ca,
+        "node.pem": boot.node_certificate,
+        "node.key": boot.node_key.get_secret_value(),
+    }
+    lines = ["# the agent's mutual TLS (written under umask 077)", f"install -d -m 0700 {TLS_DIR}"]
+    for name, pem in files.items():
+        marker = "SQUALL_" + name.replace(".", "_").upper()
+        lines += [f"cat > {TLS_DIR}/{name} <<'{marker}'", pem.strip(), marker]
+    lines.append(f"chmod 0600 {' '.join(f'{TLS_DIR}/{n}' for n in files)}")
+    return lines
+
+
+def startup_script(
+    spec: ClusterSpec,
+    group: NodeGroup,
+    *,
+    mount: NfsMount | None = None,
+    export: NfsExport | None = None,
+) -> str:
+    """The boot script of a node of `group`: `mount` is the share it mounts at VOLUME_ROOT
+    (nfs-first-node and managed storage), `export` says it serves VOLUME_ROOT itself (node 0
+    under nfs-first-node)."""
+    if spec.storage is None and (mount or export):
+        raise ValueError("a mount or an export for a cluster without storage")
     token = spec.bootstrap.join_token.get_secret_value()
+    extra = ""
+    if spec.storage is not None:
+        extra += f" \\\n  --volume-root {VOLUME_ROOT}"
+    if spec.bootstrap.tls:
+        extra += (
+            f" \\\n  --tls-cert {TLS_DIR}/node.pem --tls-key {TLS_DIR}/node.key"
+            f" --tls-ca {TLS_DIR}/ca.pem"
+        )
     unit = _UNIT.format(
         squall="/usr/local/bin/squall",
         port=spec.network.agent_port,
         dir=AGENT_DIR,
         # jobs never reach the orchestrator (nor, as on every node, the node itself)
         control_plane=shlex.quote(spec.network.orchestrator_cidr),
+        # after a reboot, systemd mounts the share (fstab) before it starts the agent
+        requires=f"RequiresMountsFor={VOLUME_ROOT}\n" if mount else "",
+        extra=extra,
     )
     return "\n".join(
         [
@@ -68,6 +202,9 @@ def startup_script(spec: ClusterSpec, group: NodeGroup) -> str:
                 if spec.bootstrap.orchestrator
                 else []
             ),
+            *_tls(spec),
+            "umask 022",
+            *_volumes(spec, mount, export),
             "cat > /etc/systemd/system/squall-agent.service <<'SQUALL_UNIT'",
             unit.rstrip(),
             "SQUALL_UNIT",

@@ -10,7 +10,11 @@ What it gets right, each asserted by tests/infra/test_gcp.py:
 - gVNIC on every node, and Tier-1 egress bandwidth on the families and sizes that offer it;
 - spot as the SPOT provisioning model, deleted (not stopped) when preempted;
 - the boot script as the startup-script, marked secret; labels (GCP's lower-case form of the
-  run's tags) on every resource that takes them.
+  run's tags) on every resource that takes them;
+- the run's volumes (`spec.storage`): managed, a Filestore instance (Zonal tier, NFSv4.1) on
+  the run's network in the nodes' zone, exported read-write to the run's network only;
+  nfs-first-node, node 0 of the first group serves them and the others mount its private
+  address (the node-to-node firewall rule already admits them, and only them).
 """
 
 from __future__ import annotations
@@ -21,10 +25,34 @@ from typing import Any
 import pulumi
 import pulumi_gcp as gcp
 
-from .bootstrap import startup_script
-from .spec import ClusterSpec, NodeGroup
+from .bootstrap import NfsMount
+from .spec import ClusterSpec, NodeGroup, StorageClass
+from .volumes import Mount, boot_script, exports, first_node_mount
 
-__all__ = ["accelerator", "build", "labels", "machine_type", "tier_1"]
+__all__ = [
+    "FILESTORE_OPTIONS",
+    "FILESTORE_TIER",
+    "accelerator",
+    "build",
+    "filestore_capacity_gib",
+    "labels",
+    "machine_type",
+    "tier_1",
+]
+
+# Filestore's Zonal tier: the one its documentation names for HPC and batch compute, and
+# one that serves NFSv4.1 (Basic HDD and SSD serve NFSv3 only), whose traffic the client
+# always starts on port 2049: no callbacks into the nodes, so no firewall rule for them
+# (https://cloud.google.com/filestore/docs/service-tiers,
+# https://cloud.google.com/filestore/docs/about-supported-protocols)
+FILESTORE_TIER = "ZONAL"
+# NFSv4.1 over TCP (`tcp` skips the UDP probe that costs each mount 3 s:
+# https://cloud.google.com/filestore/docs/mount-latency); hard, with nfs(5)'s TCP timeout
+# and retries made explicit
+FILESTORE_OPTIONS = "nfsvers=4.1,proto=tcp,hard,timeo=600,retrans=2"
+# Zonal capacity, GiB (https://cloud.google.com/filestore/docs/service-tiers-zonal): 1 TiB to
+# 9.75 TiB in steps of 256 GiB, or 10 TiB to 100 TiB in steps of 2.5 TiB
+_ZONAL_RANGES = ((1024, 9984, 256), (10240, 102400, 2560))
 
 # the catalog's GPU model names -> GCP accelerator types
 _ACCELERATORS = {
@@ -68,6 +96,19 @@ def tier_1(name: str) -> bool:
     family, *rest = machine_type(name).split("-")
     vcpus = next((int(p) for p in rest if p.isdigit()), 0)
     return family in _TIER_1 and vcpus >= 30
+
+
+def filestore_capacity_gib(size_gib: int) -> int:
+    """The smallest Zonal capacity that holds `size_gib`: Filestore bills what is provisioned,
+    at least its minimum."""
+    for low, high, step in _ZONAL_RANGES:
+        capacity = max(low, -(-size_gib // step) * step)
+        if capacity <= high:
+            return capacity
+    raise ValueError(
+        f"{size_gib} GiB of volumes is more than a Filestore Zonal instance holds "
+        f"({_ZONAL_RANGES[-1][1]} GiB)"
+    )
 
 
 def labels(spec: ClusterSpec) -> dict[str, str]:
@@ -124,10 +165,58 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
         spec.site.zone
         or gcp.compute.get_zones_output(region=spec.site.region, status="UP", opts=invoke).names[0]
     )
+    mount: Mount = None
+    if spec.storage is not None and spec.storage.storage_class is StorageClass.MANAGED:
+        mount = _filestore(spec, zone, network_id, opts)
     agents: list[dict[str, Any]] = []
     for group in spec.node_groups:
-        agents += _group(spec, group, zone, subnet_id, public, tag, opts)
+        made, served = _group(spec, group, zone, subnet_id, public, tag, opts, mount)
+        agents += made
+        mount = served if served is not None else mount
     return agents
+
+
+def _filestore(
+    spec: ClusterSpec, zone: Any, network_id: Any, opts: pulumi.ResourceOptions
+) -> pulumi.Output[NfsMount]:
+    """A Filestore instance for the run's volumes, in the nodes' zone, on the run's network,
+    exported read-write (root as root: the agents write as root) to the run's network only."""
+    assert spec.storage is not None
+    share = "volumes"
+    instance = gcp.filestore.Instance(
+        "volumes",
+        location=zone,
+        tier=FILESTORE_TIER,
+        protocol="NFS_V4_1",
+        description=f"squall run {spec.run_id}: the run's volumes",
+        file_shares=gcp.filestore.InstanceFileSharesArgs(
+            name=share,
+            capacity_gb=filestore_capacity_gib(spec.storage.size_gib),  # GiB, despite the name
+            nfs_export_options=[
+                gcp.filestore.InstanceFileSharesNfsExportOptionArgs(
+                    ip_ranges=[spec.network.cidr],
+                    access_mode="READ_WRITE",
+                    squash_mode="NO_ROOT_SQUASH",
+                )
+            ],
+        ),
+        networks=[
+            gcp.filestore.InstanceNetworkArgs(
+                # Filestore names the network; the run's network id ends with its name
+                network=pulumi.Output.from_input(network_id).apply(
+                    lambda n: str(n).rsplit("/", 1)[-1]
+                ),
+                modes=["MODE_IPV4"],
+                connect_mode="DIRECT_PEERING",
+            )
+        ],
+        labels=labels(spec),
+        deletion_protection_enabled=False,  # the stack destroys it with the run
+        opts=opts,
+    )
+    return instance.networks.apply(
+        lambda nets: NfsMount(f"{nets[0]['ip_addresses'][0]}:/{share}", FILESTORE_OPTIONS)
+    )
 
 
 def _group(
@@ -138,7 +227,9 @@ def _group(
     public: bool,
     tag: str,
     opts: pulumi.ResourceOptions,
-) -> list[dict[str, Any]]:
+    mount: Mount,
+) -> tuple[list[dict[str, Any]], pulumi.Output[NfsMount] | None]:
+    """The group's nodes, and (when its node 0 serves the volumes) what the others mount."""
     policy = (
         gcp.compute.ResourcePolicy(
             f"{group.name}-compact",
@@ -162,11 +253,14 @@ def _group(
         provisioning_model="SPOT" if group.spot else "STANDARD",
         instance_termination_action="DELETE" if group.spot else None,
     )
-    script = pulumi.Output.secret(startup_script(spec, group))
     node_labels = {**labels(spec), "squall-group": group.name}
+    served: pulumi.Output[NfsMount] | None = None
     agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
+        serves = exports(spec, group, i)
+        # secret: it carries the join token and the node's TLS key
+        script = boot_script(spec, group, served if served is not None else mount, export=serves)
         node = gcp.compute.Instance(
             name,
             machine_type=kind,
@@ -175,7 +269,7 @@ def _group(
                 auto_delete=True,
                 initialize_params=gcp.compute.InstanceBootDiskInitializeParamsArgs(
                     image=group.image,
-                    size=group.disk_gib,
+                    size=spec.disk_gib(group, i),
                     type="hyperdisk-balanced" if family in _HYPERDISK_ONLY else "pd-balanced",
                 ),
             ),
@@ -208,6 +302,8 @@ def _group(
             allow_stopping_for_update=False,
             opts=opts,
         )
+        if serves:
+            served = first_node_mount(node.network_interfaces.apply(lambda n: n[0]["network_ip"]))
         ip = node.network_interfaces.apply(
             lambda nics: nics[0]["access_configs"][0]["nat_ip"] if public else nics[0]["network_ip"]
         )
@@ -218,4 +314,4 @@ def _group(
                 "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
             }
         )
-    return agents
+    return agents, served

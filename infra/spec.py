@@ -6,7 +6,11 @@ The rules that keep a cluster safe and cheap are checked here, once, for every c
 - a fabric fits its cloud (EFA on AWS, InfiniBand on Azure, GPUDirect on GCP);
 - compact placement only where it pays: the nodes of one multi-node job (a placement group
   around a single node only narrows the capacity it can be placed in);
-- every node group is tagged with the run, its owner and when the cluster expires.
+- every node group is tagged with the run, its owner and when the cluster expires;
+- the run's volumes live where every node sees them at one path (`VOLUME_ROOT`): the node's
+  own disk for a cluster of one node, else an NFS share (the first node's, or the cloud's
+  managed file system), reached only from inside the cluster;
+- a node's TLS key, like the join token, never shows in a repr or a log.
 """
 
 from __future__ import annotations
@@ -18,9 +22,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-__all__ = ["Bootstrap", "ClusterSpec", "Fabric", "Network", "NodeGroup", "SiteRef"]
+__all__ = [
+    "CLOUDS",
+    "NFS_PORT",
+    "VOLUME_ROOT",
+    "Bootstrap",
+    "ClusterSpec",
+    "Fabric",
+    "Network",
+    "NodeGroup",
+    "SiteRef",
+    "Storage",
+    "StorageClass",
+    "storage_for",
+]
 
 _FABRIC_CLOUD = {"efa": "aws", "infiniband": "azure", "gpudirect": "gcp"}
+CLOUDS = ("aws", "gcp", "azure")
+# where every node sees the run's volumes, whatever holds them (the same path on every node)
+VOLUME_ROOT = "/var/lib/squall/volumes"
+NFS_PORT = 2049  # NFSv4 needs no other port (no portmapper, mountd or lock manager)
 
 
 class Fabric(StrEnum):
@@ -67,8 +88,56 @@ class NodeGroup(_Model):
         return self
 
 
+class StorageClass(StrEnum):
+    """What holds a run's volumes."""
+
+    NODE_LOCAL = "node-local"  # the node's own disk: a cluster of exactly one node
+    NFS_FIRST_NODE = "nfs-first-node"  # node 0 of the first group exports its disk over NFS
+    MANAGED = "managed"  # the cloud's NFS service: EFS, Filestore, Azure Files (NFS)
+
+
+class Storage(_Model):
+    storage_class: StorageClass
+    size_gib: int = Field(ge=1)  # the sum of the workflow's volume sizes
+
+
+def storage_for(site_cloud: str, nodes: int, size_gib: int, preferred: str | None) -> Storage:
+    """The storage a cluster of `nodes` nodes (in all) gets for `size_gib` of volumes: what
+    the site asks for (`preferred`, a `StorageClass` value), else the node's own disk for one
+    node, else the cloud's managed file system (a cluster off the clouds: the first node's
+    NFS share). Raises ValueError, saying why, for a choice that cannot hold the volumes.
+
+    Federation prices the same rule (`federate.storage.storage_class`); a test keeps them
+    equal, since federate and infra may not import each other."""
+    if nodes < 1:
+        raise ValueError(f"a cluster has at least one node, not {nodes}")
+    if preferred is None:
+        if nodes == 1:
+            chosen = StorageClass.NODE_LOCAL
+        elif site_cloud in CLOUDS:
+            chosen = StorageClass.MANAGED
+        else:
+            chosen = StorageClass.NFS_FIRST_NODE
+    else:
+        try:
+            chosen = StorageClass(preferred)
+        except ValueError:
+            known = ", ".join(c.value for c in StorageClass)
+            raise ValueError(f"storage {preferred!r} is not one of {known}") from None
+    if chosen is StorageClass.NODE_LOCAL and nodes != 1:
+        raise ValueError(
+            f"node-local storage is for a cluster of one node; this one has {nodes} "
+            "(use nfs-first-node or managed)"
+        )
+    if chosen is StorageClass.MANAGED and site_cloud not in CLOUDS:
+        raise ValueError(f"managed storage is made by a cloud's stack; {site_cloud} has none")
+    return Storage(storage_class=chosen, size_gib=size_gib)
+
+
 class Network(_Model):
     subnet_id: str | None = None  # an existing subnet; None: a new VPC/network for the run
+    # the run's network: a new VPC's range, or the existing subnet's. The NFS port of the
+    # run's volumes is open to this range only, so in an existing subnet give that subnet's.
     cidr: str = "10.42.0.0/16"
     agent_port: int = Field(default=7431, ge=1, le=65535)  # = substrate.AGENT_PORT
     orchestrator_cidr: str  # who may reach the agents: the orchestrator's address
@@ -94,6 +163,29 @@ class Bootstrap(_Model):
     orchestrator: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")  # host:port
     ca_certificate: str = ""  # PEM the agents trust for the orchestrator ("" : none given)
     join_token: SecretStr  # never printed: SecretStr hides it in repr and logs
+    # the agents' mutual TLS: the run's CA (it signs the node certificates and the
+    # orchestrator's client certificate) and this cluster's node certificate and key, all PEM
+    tls_ca: str = ""
+    node_certificate: str = ""
+    node_key: SecretStr = SecretStr("")  # like the token: never printed
+
+    @model_validator(mode="after")
+    def _tls_together(self) -> Bootstrap:
+        given = {
+            "tls_ca": bool(self.tls_ca.strip()),
+            "node_certificate": bool(self.node_certificate.strip()),
+            "node_key": bool(self.node_key.get_secret_value().strip()),
+        }
+        if any(given.values()) and not all(given.values()):
+            missing = ", ".join(k for k, v in given.items() if not v)
+            raise ValueError(
+                f"node TLS needs the CA, the certificate and the key: {missing} missing"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca.strip())
 
 
 class ClusterSpec(_Model):
@@ -105,6 +197,7 @@ class ClusterSpec(_Model):
     network: Network
     bootstrap: Bootstrap
     buckets: tuple[str, ...] = ()  # object-store buckets the nodes may read and write
+    storage: Storage | None = None  # None: no volumes, nothing made or mounted
 
     @model_validator(mode="after")
     def _cluster_rules(self) -> ClusterSpec:
@@ -119,7 +212,33 @@ class ClusterSpec(_Model):
                 )
         if self.expires_at.tzinfo is None:
             raise ValueError("expires_at needs a time zone (UTC)")
+        if (
+            self.storage is not None
+            and self.storage.storage_class is StorageClass.NODE_LOCAL
+            and self.nodes != 1
+        ):
+            raise ValueError(
+                f"node-local storage is for a cluster of one node; this one has {self.nodes} "
+                "(use nfs-first-node or managed)"
+            )
         return self
+
+    @property
+    def nodes(self) -> int:
+        return sum(g.count for g in self.node_groups)
+
+    def holds_volumes(self, group: NodeGroup, index: int) -> bool:
+        """Whether the run's volumes live on this node's own disk: the one node of a
+        node-local cluster, or node 0 of the first group that exports them."""
+        if self.storage is None or self.storage.storage_class is StorageClass.MANAGED:
+            return False
+        return group.name == self.node_groups[0].name and index == 0
+
+    def disk_gib(self, group: NodeGroup, index: int) -> int:
+        """The node's root disk: the group's, plus the volumes where they live on it."""
+        if self.storage is not None and self.holds_volumes(group, index):
+            return group.disk_gib + self.storage.size_gib
+        return group.disk_gib
 
     @property
     def stack_name(self) -> str:

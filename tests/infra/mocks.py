@@ -17,6 +17,7 @@ import pulumi
 class RecordingMocks(pulumi.runtime.Mocks):
     def __init__(self, invokes: dict[str, dict[str, Any]] | None = None) -> None:
         self.created: list[pulumi.runtime.MockResourceArgs] = []
+        self.states: dict[tuple[str, str], dict[str, Any]] = {}  # what each one answered
         self.invokes = invokes or {}
         self._n = itertools.count(1)
 
@@ -49,9 +50,28 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 }
                 for nic in args.inputs.get("networkInterfaces", [])
             ]
+        if args.typ == "azure-native:network:NetworkInterface":  # Azure assigns the address
+            state["ipConfigurations"] = [
+                {**c, "privateIPAddress": state["privateIp"]}
+                for c in args.inputs.get("ipConfigurations", [])
+            ]
+        named_by = {  # ARM names these by an input of their own
+            "azure-native:storage:StorageAccount": "accountName",
+            "azure-native:storage:FileShare": "shareName",
+        }.get(args.typ)
+        if named_by in args.inputs:
+            state["name"] = args.inputs[named_by]
+        if args.typ == "aws:efs/mountTarget:MountTarget":  # in the run's subnet
+            state["ipAddress"] = state["privateIp"]
+        if args.typ == "gcp:filestore/instance:Instance":  # an address on the peered range
+            state["networks"] = [
+                {**net, "ipAddresses": [f"10.200.{n // 250}.{n % 250 + 2}"]}
+                for net in args.inputs.get("networks", [])
+            ]
         rid = f"{args.name}-id"
         if args.typ.startswith("azure-native:"):
             rid = f"/subscriptions/mock/resourceGroups/rg/providers/{args.typ}/{args.name}"
+        self.states[key] = state
         return rid, state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
@@ -59,6 +79,14 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def of(self, typ: str) -> list[pulumi.runtime.MockResourceArgs]:
         return [r for r in self.created if r.typ == typ]
+
+    def named(self, typ: str, name: str) -> pulumi.runtime.MockResourceArgs:
+        [found] = [r for r in self.created if r.typ == typ and r.name == name]
+        return found
+
+    def state(self, typ: str, name: str) -> dict[str, Any]:
+        """What the mock answered for a resource: its outputs (inputs echoed, and computed)."""
+        return self.states[(typ, name)]
 
     def types(self) -> set[str]:
         return {r.typ for r in self.created}

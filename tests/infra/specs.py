@@ -6,11 +6,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from federate.catalog import load
 from federate.placement import cloud_sites, compare
 from federate.policy import Policy
 from federate.workload import JobNeeds, Workload
-from infra.spec import Bootstrap, ClusterSpec, Network, NodeGroup, SiteRef
+from infra.spec import Bootstrap, ClusterSpec, Network, NodeGroup, SiteRef, Storage, StorageClass
 from orchestrator.provision.cluster_spec import cluster_spec
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalog"
@@ -23,6 +25,15 @@ BOOT = Bootstrap(
     ca_certificate="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
     join_token=TOKEN,
 )
+# the agents' mutual TLS material (made-up PEM: the programs only carry it)
+TLS_CA = "-----BEGIN CERTIFICATE-----\nMIIBrunCA\n-----END CERTIFICATE-----"
+NODE_CERT = "-----BEGIN CERTIFICATE-----\nMIIBnode\n-----END CERTIFICATE-----"
+NODE_KEY = "-----BEGIN PRIVATE KEY-----\nMC4node-key-s3cr3t-77e1\n-----END PRIVATE KEY-----"
+TLS_BOOT = BOOT.model_copy(
+    update={"tls_ca": TLS_CA, "node_certificate": NODE_CERT, "node_key": SecretStr(NODE_KEY)}
+)
+REGIONS = {"aws": "us-east-2", "gcp": "us-central1", "azure": "eastus"}
+TYPES = {"aws": "c7i.4xlarge", "gcp": "c3-standard-8", "azure": "Standard_D8s_v5"}
 IMAGES = {
     "aws": "resolve:ssm:/squall/node-image/x86_64",
     "gcp": "projects/squall-images/global/images/family/squall-node",
@@ -62,8 +73,32 @@ def by_hand(cloud: str, region: str, *groups: NodeGroup, **extra: Any) -> Cluste
         site=SiteRef(cloud=cloud, region=region),  # type: ignore[arg-type]
         node_groups=groups,
         network=network,
-        bootstrap=BOOT,
+        bootstrap=extra.pop("bootstrap", BOOT),
         **extra,
+    )
+
+
+def with_volumes(
+    cloud: str,
+    storage_class: StorageClass,
+    *counts: int,
+    size_gib: int = 50,
+    bootstrap: Bootstrap = BOOT,
+) -> ClusterSpec:
+    """A cluster of node groups of `counts` nodes each (two, of 2 and 1, by default) with
+    `size_gib` of volumes held as `storage_class` says."""
+    groups = tuple(
+        NodeGroup(
+            name=f"g{n}", instance_type=TYPES[cloud], count=count, image=IMAGES[cloud], disk_gib=40
+        )
+        for n, count in enumerate(counts or (2, 1))
+    )
+    return by_hand(
+        cloud,
+        REGIONS[cloud],
+        *groups,
+        storage=Storage(storage_class=storage_class, size_gib=size_gib),
+        bootstrap=bootstrap,
     )
 
 

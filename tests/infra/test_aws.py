@@ -9,10 +9,12 @@ import json
 import pytest
 
 from federate.catalog import load
-from infra.spec import Fabric, Network, NodeGroup
+from infra.aws import EFS_OPTIONS
+from infra.spec import Fabric, Network, NodeGroup, Storage, StorageClass
 
 from .mocks import run
-from .specs import CATALOG, ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed
+from .scripts import boot_scripts, mounted_source
+from .specs import CATALOG, ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed, with_volumes
 
 INSTANCE = "aws:ec2/instance:Instance"
 TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
@@ -22,6 +24,7 @@ SECRET_SIG, SECRET_VALUE = "4dabf18193072939515e22adb298388d", "1b47061264138c4a
 UNTAGGABLE = {
     "aws:ec2/routeTableAssociation:RouteTableAssociation",
     "aws:iam/rolePolicy:RolePolicy",
+    "aws:efs/mountTarget:MountTarget",
 }
 
 
@@ -106,10 +109,16 @@ def test_the_agent_port_is_open_to_the_orchestrator_only_and_nodes_to_each_other
 
 def test_every_resource_carries_the_run_owner_and_expiry_tags():
     spec = placed("aws", gpu_mpi(nodes=2))
-    spec = spec.model_copy(update={"buckets": ("results-bucket",)})
+    spec = spec.model_copy(
+        update={
+            "buckets": ("results-bucket",),
+            "storage": Storage(storage_class=StorageClass.MANAGED, size_gib=10),
+        }
+    )
     mocks, _ = run(spec)
     resources = [r for r in mocks.created if not r.typ.startswith("pulumi:providers:")]
-    assert len(resources) >= 10
+    assert "aws:efs/fileSystem:FileSystem" in mocks.types()
+    assert len(resources) >= 13
     for r in resources:
         if r.typ in UNTAGGABLE:
             continue
@@ -183,3 +192,40 @@ def test_a_compact_group_of_one_is_refused_by_the_spec(fabric):
             efa_interfaces=32,
             compact=True,
         )
+
+
+def test_managed_storage_is_an_encrypted_efs_in_the_runs_subnet_that_every_node_mounts():
+    spec = with_volumes("aws", StorageClass.MANAGED, 2, 1, size_gib=120)
+    mocks, _ = run(spec)
+    [fs] = mocks.of("aws:efs/fileSystem:FileSystem")
+    assert fs.inputs["encrypted"] is True
+    assert fs.inputs["throughputMode"] == "elastic"
+    assert fs.inputs["tags"]["squall-run"] == spec.run_id
+    assert fs.inputs["tags"]["squall-expires-at"] == "2026-11-22T12:00:00Z"
+    [target] = mocks.of("aws:efs/mountTarget:MountTarget")
+    assert target.inputs["fileSystemId"] == "volumes-id"
+    assert target.inputs["subnetId"] == "subnet-id"  # the run's own subnet
+    # NFS reaches the file system from the run's network only, and nothing else does
+    [guard] = [g for g in mocks.of("aws:ec2/securityGroup:SecurityGroup") if g.name == "volumes"]
+    assert target.inputs["securityGroups"] == ["volumes-id"]
+    assert guard.inputs["vpcId"] == "vpc-id"
+    assert guard.inputs["ingress"] == [
+        {
+            "protocol": "tcp",
+            "fromPort": 2049,
+            "toPort": 2049,
+            "cidrBlocks": [spec.network.cidr],
+            "description": "NFS from the run's nodes",
+        }
+    ]
+    assert guard.inputs["tags"]["squall-run"] == spec.run_id
+    # every node mounts it, by the mount target's address, before its agent starts
+    address = mocks.state("aws:efs/mountTarget:MountTarget", "volumes")["ipAddress"]
+    scripts = boot_scripts(mocks, "aws")
+    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    for script in scripts.values():
+        assert mounted_source(script) == (f"{address}:/", EFS_OPTIONS)
+    assert EFS_OPTIONS == (
+        "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
+    )
+    assert {t.name for t in mocks.of(TEMPLATE)} == {"g0-template", "g1-template"}

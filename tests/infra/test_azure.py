@@ -7,14 +7,24 @@ import base64
 
 import pytest
 
-from infra.azure import accelerated_networking, image_reference
+from infra.azure import (
+    AZURE_FILES_OPTIONS,
+    MIN_SHARE_GIB,
+    accelerated_networking,
+    image_reference,
+    storage_account_name,
+)
+from infra.spec import Storage, StorageClass
 
 from .mocks import run
-from .specs import ORCHESTRATOR, TOKEN, cpu_job, placed
+from .scripts import boot_scripts, mounted_source
+from .specs import ORCHESTRATOR, TOKEN, cpu_job, placed, with_volumes
 
 VM = "azure-native:compute:VirtualMachine"
 PPG = "azure-native:compute:ProximityPlacementGroup"
 AVSET = "azure-native:compute:AvailabilitySet"
+ACCOUNT = "azure-native:storage:StorageAccount"
+UNTAGGABLE = {"azure-native:network:Subnet", "azure-native:storage:FileShare"}
 
 
 def hpc_mpi(nodes: int = 4):
@@ -82,8 +92,11 @@ def test_the_nsg_admits_the_agent_port_from_the_orchestrator_only():
 
 
 def test_custom_data_tags_and_no_password():
-    spec = placed("azure", cpu_job())
+    spec = placed("azure", cpu_job()).model_copy(
+        update={"storage": Storage(storage_class=StorageClass.MANAGED, size_gib=10)}
+    )
     mocks, _ = run(spec)
+    assert ACCOUNT in mocks.types()
     [vm] = mocks.of(VM)
     wire = vm.inputs["osProfile"]  # a secret on the wire, as the custom data in it is
     assert wire["4dabf18193072939515e22adb298388d"] == "1b47061264138c4ac30d75fd1eb44270"
@@ -96,8 +109,8 @@ def test_custom_data_tags_and_no_password():
     assert "adminPassword" not in profile
     assert linux["ssh"]["publicKeys"][0]["keyData"].startswith("ssh-ed25519 ")
     for r in mocks.created:
-        if r.typ in {"azure-native:network:Subnet"} or r.typ.startswith("pulumi:providers:"):
-            continue  # a subnet takes no tags
+        if r.typ in UNTAGGABLE or r.typ.startswith("pulumi:providers:"):
+            continue  # a subnet and a file share take no tags
         assert r.inputs["tags"]["squall-run"] == spec.run_id, r.typ
         assert r.inputs["tags"]["squall-expires-at"] == "2026-11-23T12:00:00Z", r.typ
 
@@ -109,3 +122,50 @@ def test_image_references_and_accelerated_networking():
         image_reference("debian-12")
     assert accelerated_networking("Standard_HB176rs_v4")
     assert not accelerated_networking("Standard_B2s")
+
+
+def test_managed_storage_is_an_nfs_share_only_the_runs_subnet_reaches_that_every_node_mounts():
+    spec = with_volumes("azure", StorageClass.MANAGED, 2, 1, size_gib=40)
+    mocks, _ = run(spec)
+    [account] = mocks.of(ACCOUNT)
+    assert account.inputs["accountName"] == storage_account_name(spec.run_id)
+    assert account.inputs["accountName"] == "squall0f8fad5bd9cb469fa1"
+    assert account.inputs["kind"] == "FileStorage"
+    assert account.inputs["sku"] == {"name": "Premium_LRS"}
+    assert account.inputs["enableHttpsTrafficOnly"] is False  # NFS: Azure requires it off
+    assert account.inputs["location"] == "eastus"
+    assert account.inputs["tags"]["squall-run"] == spec.run_id
+    [subnet] = mocks.of("azure-native:network:Subnet")
+    subnet_id = f"/subscriptions/mock/resourceGroups/rg/providers/{subnet.typ}/{subnet.name}"
+    # reached from the run's subnet only, through its service endpoint
+    rules = account.inputs["networkRuleSet"]
+    assert rules["defaultAction"] == "Deny"
+    assert rules["virtualNetworkRules"] == [
+        {"virtualNetworkResourceId": subnet_id, "action": "Allow"}
+    ]
+    assert "ipRules" not in rules
+    assert subnet.inputs["serviceEndpoints"] == [{"service": "Microsoft.Storage"}]
+    [share] = mocks.of("azure-native:storage:FileShare")
+    assert share.inputs["enabledProtocols"] == "NFS"
+    assert share.inputs["rootSquash"] == "NoRootSquash"
+    assert share.inputs["shareQuota"] == MIN_SHARE_GIB == 100  # 40 GiB: the premium minimum
+    assert share.inputs["accountName"] == account.inputs["accountName"]
+    name = account.inputs["accountName"]
+    scripts = boot_scripts(mocks, "azure")
+    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    for script in scripts.values():
+        assert mounted_source(script) == (
+            f"{name}.file.core.windows.net:/{name}/volumes",
+            AZURE_FILES_OPTIONS,
+        )
+    # above the minimum, the share is the volumes' size
+    mocks, _ = run(with_volumes("azure", StorageClass.MANAGED, 2, size_gib=750))
+    [share] = mocks.of("azure-native:storage:FileShare")
+    assert share.inputs["shareQuota"] == 750
+
+
+def test_without_managed_storage_the_subnet_has_no_service_endpoint():
+    mocks, _ = run(with_volumes("azure", StorageClass.NFS_FIRST_NODE))
+    [subnet] = mocks.of("azure-native:network:Subnet")
+    assert "serviceEndpoints" not in subnet.inputs
+    assert mocks.of(ACCOUNT) == []

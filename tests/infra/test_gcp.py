@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import pytest
 
-from infra.gcp import accelerator, machine_type, tier_1
-from infra.spec import NodeGroup
+from infra.gcp import (
+    FILESTORE_OPTIONS,
+    accelerator,
+    filestore_capacity_gib,
+    machine_type,
+    tier_1,
+)
+from infra.spec import NodeGroup, StorageClass
 
 from .mocks import RecordingMocks
 from .mocks import run as build_under_mocks
-from .specs import ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed
+from .scripts import boot_scripts, mounted_source
+from .specs import ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed, with_volumes
 
 INSTANCE = "gcp:compute/instance:Instance"
 POLICY = "gcp:compute/resourcePolicy:ResourcePolicy"
+FILESTORE = "gcp:filestore/instance:Instance"
 ZONES = {"gcp:compute/getZones:getZones": {"names": ["us-east1-b", "us-east1-c"]}}
 
 
@@ -125,3 +133,46 @@ def test_an_unknown_gpu_model_is_a_clear_error():
     )
     with pytest.raises(ValueError, match="no GCP accelerator type known for GPU model 'Z9000'"):
         accelerator(group)
+
+
+def test_managed_storage_is_a_zonal_filestore_on_the_runs_network_that_every_node_mounts():
+    spec = with_volumes("gcp", StorageClass.MANAGED, 2, 1, size_gib=1500)
+    mocks, _ = run(spec)
+    [fs] = mocks.of(FILESTORE)
+    assert (fs.inputs["tier"], fs.inputs["protocol"]) == ("ZONAL", "NFS_V4_1")
+    assert fs.inputs["location"] == "us-east1-b"  # the nodes' zone
+    assert {n.inputs["zone"] for n in mocks.of(INSTANCE)} == {"us-east1-b"}
+    [share] = [fs.inputs["fileShares"]]
+    assert share["capacityGb"] == 1536  # 1,500 GiB, up to Zonal's 256 GiB steps
+    # exported read-write to the run's network only, root as root (the agents write as root)
+    assert share["nfsExportOptions"] == [
+        {
+            "ipRanges": [spec.network.cidr],
+            "accessMode": "READ_WRITE",
+            "squashMode": "NO_ROOT_SQUASH",
+        }
+    ]
+    [net] = fs.inputs["networks"]
+    assert net["network"] == "network-id"  # the run's own network, by name
+    assert net["connectMode"] == "DIRECT_PEERING"
+    assert fs.inputs["labels"]["squall-run"] == spec.run_id
+    assert fs.inputs["deletionProtectionEnabled"] is False  # destroyed with the stack
+    # no firewall rule for it: NFSv4.1 traffic is started by the nodes (egress is open)
+    assert len(mocks.of("gcp:compute/firewall:Firewall")) == 2
+    address = mocks.state(FILESTORE, "volumes")["networks"][0]["ipAddresses"][0]
+    scripts = boot_scripts(mocks, "gcp")
+    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    for script in scripts.values():
+        assert mounted_source(script) == (f"{address}:/volumes", FILESTORE_OPTIONS)
+
+
+def test_filestore_capacity_honours_the_zonal_minimum_and_steps():
+    assert filestore_capacity_gib(1) == 1024  # the minimum is billed, however little is used
+    assert filestore_capacity_gib(1024) == 1024
+    assert filestore_capacity_gib(1025) == 1280
+    assert filestore_capacity_gib(9984) == 9984  # 9.75 TiB: the top of the lower range
+    assert filestore_capacity_gib(9985) == 10240  # then 10 TiB, in steps of 2.5 TiB
+    assert filestore_capacity_gib(12000) == 12800
+    assert filestore_capacity_gib(102400) == 102400
+    with pytest.raises(ValueError, match="more than a Filestore Zonal instance holds"):
+        filestore_capacity_gib(102401)

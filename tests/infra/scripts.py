@@ -1,0 +1,92 @@
+"""Reading what the programs handed each cloud, as the mocks recorded it: every node's boot
+script, and every input that is not a Pulumi secret."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import shlex
+from collections.abc import Iterator
+from typing import Any
+
+from .mocks import RecordingMocks
+
+# how a secret input reaches the engine (and so the mock): {SIG: VALUE, "value": ...}
+SECRET_SIG, SECRET_VALUE = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
+INSTANCES = {
+    "aws": "aws:ec2/instance:Instance",
+    "gcp": "gcp:compute/instance:Instance",
+    "azure": "azure-native:compute:VirtualMachine",
+}
+
+
+def secret(value: Any) -> Any:
+    """The value inside a secret input; fails when the input is not secret."""
+    assert isinstance(value, dict), "not a secret"
+    assert value.get(SECRET_SIG) == SECRET_VALUE, "not a secret"
+    return value["value"]
+
+
+def _b64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
+    """Node name -> the boot script its cloud runs (each asserted to be a secret input)."""
+    scripts = {}
+    for node in mocks.of(INSTANCES[cloud]):
+        if cloud == "aws":  # the user data of the node's launch template
+            template_id = node.inputs["launchTemplate"]["id"]
+            [template] = [
+                t
+                for t in mocks.of("aws:ec2/launchTemplate:LaunchTemplate")
+                if f"{t.name}-id" == template_id
+            ]
+            scripts[node.name] = _b64(secret(template.inputs["userData"]))
+        elif cloud == "gcp":
+            scripts[node.name] = secret(node.inputs["metadataStartupScript"])
+        else:  # the custom data makes the whole OS profile secret
+            scripts[node.name] = _b64(secret(node.inputs["osProfile"])["customData"])
+    return scripts
+
+
+def plain_texts(value: Any) -> Iterator[str]:
+    """Every string in `value` outside a secret, and what it decodes to when it is base64."""
+    if isinstance(value, dict):
+        if value.get(SECRET_SIG) == SECRET_VALUE:
+            return
+        for v in value.values():
+            yield from plain_texts(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from plain_texts(v)
+    elif isinstance(value, str):
+        yield value
+        with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
+            yield base64.b64decode(value, validate=True).decode()
+
+
+def in_plain_sight(mocks: RecordingMocks, text: str) -> list[str]:
+    """The resources with `text` in an input that is not secret (and so is stored in the
+    stack's state in the clear)."""
+    return [
+        f"{r.typ} {r.name}" for r in mocks.created if any(text in t for t in plain_texts(r.inputs))
+    ]
+
+
+def mounted_source(script: str) -> tuple[str, str]:
+    """(source, options) of the share the script mounts at VOLUME_ROOT, after checking that
+    it mounts it (retrying) before it starts the agent, and starts the agent on it."""
+    from infra.spec import VOLUME_ROOT
+
+    [line] = [line for line in script.splitlines() if f" {VOLUME_ROOT} nfs " in line]
+    [fstab] = [word for word in shlex.split(line) if f" {VOLUME_ROOT} nfs " in word]
+    source, root, kind, options = fstab.split()[:4]
+    assert (root, kind) == (VOLUME_ROOT, "nfs")
+    mount = script.index(f"until mountpoint -q {VOLUME_ROOT} || mount {VOLUME_ROOT}; do")
+    assert mount < script.index("systemctl enable --now squall-agent.service")
+    assert "squall: cannot mount the volumes (" in script  # what the console says when it gives up
+    assert f"--volume-root {VOLUME_ROOT}" in script
+    assert f"RequiresMountsFor={VOLUME_ROOT}" in script
+    return source, options.removesuffix(",_netdev,nofail")
