@@ -7,7 +7,8 @@ A catalog comes from one of two places:
   dated reference snapshot; `shipped()` reads it;
 - a folder named by the user (`--catalog`, `$SQUALL_CATALOG`): Squall's own format (what
   `squall catalog refresh` writes), or the reference snapshot's CSV layout (`snapshot.py`).
-`load(folder)` reads either.
+`load(folder)` reads either. The prices of the clouds' managed file systems (what a run's
+volumes cost, `storage.py`) come from the folder's `storage.json`, else from the shipped one.
 
 Units: memory in GiB, prices in USD per hour and per GB (10^9 bytes). A TB in a volume tier is
 1,024 GB, as the clouds bill it.
@@ -21,6 +22,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from .storage import StorageService, read_storage
+
 __all__ = [
     "STALE_DAYS",
     "Catalog",
@@ -33,6 +36,7 @@ __all__ = [
     "load",
     "open_catalog",
     "shipped",
+    "shipped_storage",
 ]
 
 FABRICS = ("efa", "infiniband", "gpudirect-tcpx", "gpudirect-tcpxo", "gpudirect-rdma")
@@ -117,6 +121,7 @@ class Catalog:
     egress: dict[tuple[str, str], EgressFees]
     meta: dict[str, CloudMeta] = field(default_factory=dict)  # per cloud
     origin: str = ""  # where it was read from, as a person reads it
+    storage: dict[str, StorageService] = field(default_factory=dict)  # cloud -> file system
 
     def regions(self) -> list[tuple[str, str]]:
         return sorted({(i.cloud, i.region) for i in self.instances})
@@ -151,9 +156,9 @@ def load(path: Path) -> Catalog:
     from . import catalog_file, snapshot
 
     if catalog_file.holds_catalog(path):
-        return catalog_file.read(path, origin=str(path))
+        return _with_storage(catalog_file.read(path, origin=str(path)), path)
     if (path / "instances.csv").exists():
-        return snapshot.load_snapshot(path)
+        return _with_storage(snapshot.load_snapshot(path), path)
     raise FileNotFoundError(
         f"no catalog in {path}: expected {', '.join(f'{c}.json' for c in CLOUDS)} "
         "(what `squall catalog refresh` writes) or the snapshot's instances.csv and egress.csv"
@@ -161,6 +166,25 @@ def load(path: Path) -> Catalog:
 
 
 SHIPPED = "shipped with Squall"
+STORAGE_FILE = "storage.json"
+
+
+def _with_storage(catalog: Catalog, folder: Path) -> Catalog:
+    """`catalog` with the managed file systems' prices of `folder`, else the shipped ones."""
+    path = folder / STORAGE_FILE
+    catalog.storage = read_storage(path) if path.is_file() else shipped_storage()
+    return catalog
+
+
+@cache
+def _shipped_storage() -> dict[str, StorageService]:
+    with resources.as_file(resources.files(__package__) / "data" / STORAGE_FILE) as path:
+        return read_storage(path)
+
+
+def shipped_storage() -> dict[str, StorageService]:
+    """The managed file systems' prices inside the package (do not change them)."""
+    return _shipped_storage()
 
 
 @cache
@@ -169,7 +193,7 @@ def _shipped() -> Catalog:
 
     folder = resources.files(__package__) / "data"
     with resources.as_file(folder) as path:
-        return catalog_file.read(path, origin=SHIPPED)
+        return _with_storage(catalog_file.read(path, origin=SHIPPED), path)
 
 
 def shipped() -> Catalog:

@@ -6,7 +6,9 @@ type (or on-prem node shape) that makes that job cheapest while meeting its per-
 one). A task array runs `concurrency` tasks at once, packed onto as few nodes as fit them,
 in as many waves as it takes. Compute costs price x nodes x hours. Data costs the fees of the
 cloud the bytes leave: ingress from where the data lives into the site, egress from the site
-to where results go, tiered by volume, grouped by the region that bills them.
+to where results go, tiered by volume, grouped by the region that bills them. Storage costs
+the cloud's managed file system, when the cluster's volumes live on one (`storage.py`), for
+the run's expected hours.
 
 Because the jobs' choices are independent once the site is fixed, the cheapest placement is
 the cheapest site of per-job minima: exact for this model, and linear in sites x jobs x types.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from .catalog import Catalog, EgressFees, InstanceType, continent
 from .policy import Policy
+from .storage import storage_class, storage_cost
 from .workload import DataMove, JobNeeds, Place, Workload
 
 __all__ = [
@@ -50,6 +53,9 @@ class Site:
     free_from: frozenset[str] = frozenset()  # places (str(Place)) it reads without fees
     # what it cannot run yet, declared by its provider: (feature of a workload, why) pairs
     cannot: tuple[tuple[str, str], ...] = ()
+    # where its clusters keep a run's volumes (a `storage.CLASSES` value, from the site's
+    # configuration); None: node-local for one node, else the cloud's file system
+    storage: str | None = None
 
     @property
     def place(self) -> Place:
@@ -112,12 +118,14 @@ class SiteEstimate:
     jobs: list[JobPlan] = field(default_factory=list)
     compute_usd: float = 0.0
     data_usd: float = 0.0
+    storage_usd: float = 0.0  # the managed file system of the run's volumes, for `hours`
+    storage: str = ""  # where the volumes live (a storage class); "": no volumes
     hours: float = 0.0  # expected duration: the critical path
     guesses: list[str] = field(default_factory=list)  # which figures rest on guesses
 
     @property
     def total_usd(self) -> float:
-        return self.compute_usd + self.data_usd
+        return self.compute_usd + self.data_usd + self.storage_usd
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -172,6 +180,28 @@ def _data_cost(
         for key, gb in internet.items()
     )
     return cost, guesses
+
+
+# ---- storage ---------------------------------------------------------------------------------
+
+
+def _storage(est: SiteEstimate, workload: Workload, catalog: Catalog) -> None:
+    """Where a cloud cluster keeps the run's volumes, and what that costs for the run's hours
+    (a reason when it cannot hold them). Off the clouds the volumes live on the site's own
+    disks, which its rates include."""
+    site = est.site
+    if workload.storage_gib <= 0 or site.kind != "cloud" or not est.jobs:
+        return
+    nodes = sum(p.nodes for p in est.jobs)  # one node group per job, as the cluster is made
+    try:
+        est.storage = storage_class(site.cloud, nodes, site.storage)
+        if est.storage == "managed":
+            est.storage_usd, guesses = storage_cost(
+                catalog.storage, site.cloud, site.region, workload.storage_gib, est.hours
+            )
+            est.guesses += guesses
+    except ValueError as exc:
+        est.reasons.append(f"storage: {exc}")
 
 
 # ---- compute ---------------------------------------------------------------------------------
@@ -346,6 +376,7 @@ def estimate(
     est.data_usd, data_guesses = _data_cost(site, workload.data, catalog, free_allowance)
     est.guesses += data_guesses
     est.hours = _critical_path(workload.jobs, {p.job: p.hours for p in est.jobs})
+    _storage(est, workload, catalog)
     if policy.budget_usd is not None and est.total_usd > policy.budget_usd and not est.reasons:
         est.reasons.append(
             f"policy: costs ${est.total_usd:,.2f}, over the budget of ${policy.budget_usd:,.2f}"

@@ -268,7 +268,7 @@ def apply_prices(
     )
     dates = [m.date for m in meta.values()]
     oldest = "undated" if "undated" in dates else min(dates)
-    return Catalog(oldest, rows, catalog.egress, meta, catalog.origin), changed
+    return Catalog(oldest, rows, catalog.egress, meta, catalog.origin, catalog.storage), changed
 
 
 def starting_point(folder: Path) -> Catalog:

@@ -9,12 +9,22 @@ site (this machine). Each becomes a `Site` whose node shape is priced from an in
         shape: {cores: 64, memory-gib: 256, gpus: 4, gpu-model: A100, fabric: infiniband}
         price: {core-hour: 0.01, gpu-hour: 0.40}
         reads-free: [aws:us-west-2]  # stores it reads without fees (a private link)
+        storage: nfs-first-node      # where a run's volumes live (below)
     buckets:                       # where the team's object stores live
       genomes: aws:us-west-2
+    storage:                       # per cloud, or CLOUD:REGION (which wins)
+      aws: nfs-first-node
+      gcp:europe-west4: managed
+
+Storage is where a cluster keeps a run's volumes: `node-local` (the node's own disk, for a
+cluster of one node), `nfs-first-node` (the first node's disk, shared over NFS) or `managed`
+(the cloud's NFS file system, priced). A site that names none gets node-local for one node,
+else the cloud's file system (`storage.storage_class`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +33,9 @@ import yaml
 from .catalog import InstanceType
 from .placement import Site
 from .policy import PolicyError
+from .storage import CLASSES
 
-__all__ = ["bucket_locations", "local_site", "onprem_sites"]
+__all__ = ["bucket_locations", "cloud_storage", "local_site", "onprem_sites", "with_storage"]
 
 
 def _shape_type(
@@ -71,9 +82,40 @@ def onprem_sites(path: Path) -> list[Site]:
                 types=(node,),
                 max_nodes=int(spec["nodes"]),
                 free_from=frozenset(map(str, spec.get("reads-free") or [])),
+                storage=_storage_class(path, f"site {name!r}", spec.get("storage")),
             )
         )
     return sites
+
+
+def _storage_class(path: Path, where: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if value not in CLASSES:
+        raise PolicyError(f"{path}: {where}: storage is one of {', '.join(CLASSES)}, not {value!r}")
+    return str(value)
+
+
+def cloud_storage(path: Path) -> dict[str, str]:
+    """The `storage:` section: CLOUD or CLOUD:REGION -> the storage its clusters use."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    section = data.get("storage") or {}
+    if not isinstance(section, dict):
+        raise PolicyError(f"{path}: storage maps a CLOUD or CLOUD:REGION to a storage class")
+    return {str(k): str(_storage_class(path, f"storage of {k}", v)) for k, v in section.items()}
+
+
+def with_storage(sites: list[Site], storage: dict[str, str]) -> list[Site]:
+    """The cloud sites with the storage `cloud_storage` names for them (CLOUD:REGION over
+    CLOUD); the others as they are."""
+    out = []
+    for site in sites:
+        chosen = storage.get(site.name, storage.get(site.cloud)) if site.kind == "cloud" else None
+        out.append(replace(site, storage=chosen) if chosen else site)
+    return out
 
 
 def bucket_locations(path: Path) -> dict[str, str]:

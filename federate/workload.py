@@ -62,3 +62,4 @@ class Workload:
     tags: frozenset[str] = field(default_factory=frozenset)
     # what it uses that a site may not offer yet (`volumes`, `multinode`); see Site.cannot
     features: frozenset[str] = field(default_factory=frozenset)
+    storage_gib: int = 0  # the sum of its volumes' sizes: what the cluster's storage holds
