@@ -172,7 +172,8 @@ def _table(rows: list[dict[str, Any]], date: str) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False, title=f"catalog of {date}", title_justify="left")
-    for column in ("SITE", "INSTANCES", "COMPUTE $", "DATA $", "TOTAL $", "HOURS", "WHY NOT"):
+    columns = ("SITE", "INSTANCES", "COMPUTE $", "DATA $", "STORAGE $", "TOTAL $", "HOURS")
+    for column in (*columns, "WHY NOT"):
         table.add_column(column, overflow="fold")
     for r in rows:
         instances = ", ".join(f"{j['job']}: {j['instance']} x{j['nodes']}" for j in r["jobs"])
@@ -182,6 +183,7 @@ def _table(rows: list[dict[str, Any]], date: str) -> None:
             escape(instances),
             f"{r['compute_usd']:,.2f}",
             f"{r['data_usd']:,.2f}",
+            f"{r['storage_usd']:,.2f}" + (f" {r['storage']}" if r["storage"] else ""),
             f"{r['total_usd']:,.2f}",
             f"{r['hours']:.1f}",
             escape("; ".join(r["reasons"])),

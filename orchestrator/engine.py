@@ -32,6 +32,7 @@ from api.substrate.v1 import agent_pb2 as pb
 from substrate.client import connect
 
 from .data import TransferError
+from .data.data_agent import DataAgent
 from .data.staging import Staging
 from .errors import (
     AlreadyExists,
@@ -239,7 +240,12 @@ class Engine:
                 run_id,
                 "placement",
                 f"{site}: estimated ${estimate['total_usd']:,.2f} "
-                f"(compute ${estimate['compute_usd']:,.2f}, data ${estimate['data_usd']:,.2f})",
+                f"(compute ${estimate['compute_usd']:,.2f}, data ${estimate['data_usd']:,.2f}"
+                + (
+                    f", {estimate['storage']} storage ${estimate.get('storage_usd', 0):,.2f})"
+                    if estimate.get("storage")
+                    else ")"
+                ),
             )
         if self._cancelled(run_id):
             return RunState.CANCELLED, "cancelled by request"
@@ -266,9 +272,11 @@ class Engine:
                 for a in cluster.agents
             )
         self._set_run(run_id, RunState.STAGING)
-        paths = self.staging.create(run_id, wf)
-        self.staging.plan_egress(run_id, wf)
-        self.staging.ingress(run_id, wf, paths, self._reporter(run_id, "transfer"))
+        transfers = self._reporter(run_id, "transfer")
+        with DataAgent(cluster.agents[0]) as data:  # the node that moves the run's bytes
+            paths = self.staging.create(run_id, wf, data, cluster.volume_root)
+            self.staging.plan_egress(run_id, wf)
+            self.staging.ingress(run_id, wf, paths, transfers, data)
         self._pull_images(run_id, wf, cluster)
         if self._cancelled(run_id):
             return RunState.CANCELLED, "cancelled by request"
@@ -286,14 +294,28 @@ class Engine:
         state, reason = loop.drive()
         if state is RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
             self._set_run(run_id, RunState.EGRESS)
-            try:
-                self.staging.egress(run_id, paths, self._reporter(run_id, "transfer"))
-            except TransferError as exc:
-                return RunState.FAILED, str(exc)
+            with DataAgent(cluster.agents[0]) as data:
+                try:
+                    self.staging.egress(run_id, paths, transfers, data)
+                except TransferError as exc:
+                    return RunState.FAILED, str(exc) + self._keep_owed(run_id, cluster, paths, data)
         elif state is not RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
             self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
         return state, reason
+
+    def _keep_owed(
+        self, run_id: str, cluster: Cluster, paths: dict[str, str], data: DataAgent
+    ) -> str:
+        """After a failed egress: a cluster's own storage goes with its stack, so the files
+        still owed come to this machine first; what to add to the reason if they could not."""
+        if not cluster.volume_root:
+            return ""  # the volumes are on this machine already
+        try:
+            self.staging.bring_home(run_id, paths, self._reporter(run_id, "transfer"), data)
+        except (TransferError, OSError) as exc:
+            return f"; the results still owed could not be kept: {exc}"
+        return ""
 
     def _down(self, run_id: str, provider: Provisioner[Any], cluster: Cluster) -> str:
         """Take the cluster down; what to add to the run's reason if that failed."""

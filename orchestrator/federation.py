@@ -121,6 +121,30 @@ def workload_of(
                     DataMove(direction, uri, _place(uri, location, tags, buckets), size, how)
                 )
     features = {"volumes"} if wf.volumes else set()
+    if any(v.persistent for v in wf.volumes.values()):
+        features.add("persistent volumes")
     if any(c.multinode for c in wf.containers.values()):
         features.add("multinode")
-    return Workload(name, tuple(jobs), tuple(moves), features=frozenset(features))
+    return Workload(
+        name,
+        tuple(jobs),
+        tuple(moves),
+        features=frozenset(features),
+        storage_gib=_storage_gib(wf, moves),
+    )
+
+
+def _storage_gib(wf: Workflow, moves: list[DataMove]) -> int:
+    """What a cluster's storage must hold for the run's volumes, in whole GiB: each volume's
+    `size`, or, for one without, what its ingress brings (where known); at least 1 GiB when
+    there are volumes, 0 when there are none."""
+    if not wf.volumes:
+        return 0
+    fetched = {m.uri: m.size_bytes or 0 for m in moves if m.direction == "ingress"}
+    total = 0
+    for volume in wf.volumes.values():
+        if volume.size is not None:
+            total += volume.size
+        else:
+            total += sum(fetched.get(t.source.uri, 0) for t in volume.ingress)
+    return max(1, -(-total // 2**30))

@@ -11,11 +11,13 @@ Settings come from the environment (flags in the CLI override them):
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data.staging import volume_roots
 from .engine import Engine
 from .placing import Placer
 from .provision import LocalProvisioner
@@ -73,6 +75,7 @@ def local_engine(settings: LocalSettings) -> Engine:
         search_registries=settings.search_registries,
         insecure_registries=settings.insecure_registries,
         oversubscribe=settings.oversubscribe,
+        volume_roots=functools.partial(volume_roots, settings.data_dir),
     )
     secrets = SecretStore(settings.data_dir / "secrets")
     store = settings.store()

@@ -29,7 +29,13 @@ from sqlalchemy import func, select
 from federate.catalog import Catalog, open_catalog
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
 from federate.policy import Policy, PolicyError, load_policy
-from federate.sites import bucket_locations, local_site, onprem_sites
+from federate.sites import (
+    bucket_locations,
+    cloud_storage,
+    local_site,
+    onprem_sites,
+    with_storage,
+)
 from federate.workload import Workload
 
 from .data import RemoteFacts, describe
@@ -137,7 +143,7 @@ class Placer:
 
     def _sites(self, catalog: Catalog) -> list[Site]:
         if self.clouds_only:
-            return cloud_sites(catalog)
+            return _clouds(catalog, self.sites_file)
         return candidate_sites(catalog, self.sites_file, self.local_nodes)
 
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
@@ -252,7 +258,13 @@ def candidate_sites(catalog: Catalog, sites_file: Path | None, local_nodes: int 
     ]
     if sites_file is not None:
         sites += onprem_sites(sites_file)
-    return sites + cloud_sites(catalog)
+    return sites + _clouds(catalog, sites_file)
+
+
+def _clouds(catalog: Catalog, sites_file: Path | None) -> list[Site]:
+    """The catalog's cloud regions, each with the storage the sites file chose for it."""
+    clouds = cloud_sites(catalog)
+    return with_storage(clouds, cloud_storage(sites_file)) if sites_file else clouds
 
 
 def _brief(e: SiteEstimate) -> dict[str, Any]:
@@ -263,6 +275,8 @@ def _brief(e: SiteEstimate) -> dict[str, Any]:
         "total_usd": e.total_usd,
         "compute_usd": e.compute_usd,
         "data_usd": e.data_usd,
+        "storage_usd": e.storage_usd,
+        "storage": e.storage,
         "hours": e.hours,
         "jobs": {p.job: f"{p.instance} x{p.nodes}" for p in e.jobs},
         "guesses": e.guesses,
@@ -289,6 +303,8 @@ def _row(e: SiteEstimate) -> dict[str, Any]:
         ],
         "compute_usd": round(e.compute_usd, 4),
         "data_usd": round(e.data_usd, 4),
+        "storage_usd": round(e.storage_usd, 4),
+        "storage": e.storage,
         "total_usd": round(e.total_usd, 4),
         "hours": e.hours,
         "guesses": e.guesses,

@@ -138,7 +138,7 @@ _Message = _Leased | _Launched | _Ended | _Ready
 
 
 class RunLoop:
-    """Drives one run's DAG on `cluster`; `mounts` maps volume names to host paths."""
+    """Drives one run's DAG on `cluster`; `mounts` maps volume names to their paths on the nodes."""
 
     def __init__(
         self,
@@ -147,7 +147,7 @@ class RunLoop:
         wf: Workflow,
         cluster: Cluster,
         *,
-        mounts: Mapping[str, Path],
+        mounts: Mapping[str, str],
         secrets: SecretStore,
         data_dir: Path,
         report: Callable[[str, str, str], None],
@@ -607,9 +607,7 @@ class RunLoop:
             args=[expand(item, plain) for item in c.args],
             env=env,
             cwd=c.cwd or "",
-            mounts=[
-                pb.Mount(source=str(self.mounts[m.volume]), destination=m.path) for m in c.mounts
-            ],
+            mounts=[pb.Mount(source=self.mounts[m.volume], destination=m.path) for m in c.mounts],
             files=[pb.File(path=p, content=data) for p, data in files.items()],
             network=pb.NETWORK_ISOLATED if isolated else pb.NETWORK_POD,
             timeout_seconds=timeout or 0,

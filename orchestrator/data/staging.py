@@ -1,13 +1,23 @@
-"""A run's volumes on a site whose nodes share this machine's filesystem (the local site):
-directories made before the first job, filled by ingress, emptied by egress after the last job.
+"""A run's volumes: made on its cluster's storage before the first job, filled by ingress,
+emptied by egress after the last job. The bytes move between a node of the cluster (its data
+agent, `DataAgent`) and the sources and destinations: this process sends the requests and,
+for each transfer alone, its credentials, resolved from the secrets at that moment.
 
-- Ephemeral volumes live under `DATA/runs/RUN/volumes/NAME` and go away with the run, unless
-  an egress out of them failed: then they stay, so the egress can be retried
-  (`squall workflow egress NAME`) or let go (`--release`).
-- Persistent volumes live under `DATA/volumes/SCOPE/NAME` and survive runs.
+Where volumes live is the site's storage:
+- On the local site, this machine's disk: ephemeral volumes under `DATA/runs/RUN/volumes/NAME`,
+  persistent ones under `DATA/volumes/SCOPE/NAME` (they survive runs); the run's agents may
+  use those two folders alone (`volume_roots`).
+- On a cloud cluster, the cluster's own storage (`Cluster.volume_root`: node-local disk, an
+  NFS export of the first node, or the cloud's managed NFS), mounted at the same path on every
+  node; persistent volumes are not carried to clouds yet (their provider says so).
+
+An ephemeral volume goes away with the run unless an egress out of it failed: then it stays,
+so the egress can be retried (`squall workflow egress NAME`) or let go (`--release`). A cloud
+cluster's storage goes with its stack, so before that the files still owed are brought home
+to `DATA/runs/RUN/volumes/NAME` (`bring_home`), from where the retry sends them.
 
 Every transfer is a `Transfer` row, committed before it starts and after it ends, with its
-progress and error; secrets are resolved only here, at the moment of the copy.
+progress and error.
 
 A volume is a tree that jobs write: any name in it may be a link planted by a job (of this
 run, or of an earlier run of a persistent volume). Ingress downloads into a private staging
@@ -30,33 +40,26 @@ from typing import Any
 from sqlalchemy import select
 
 from substrate.paths import BENEATH, open_regular, remove_tree
-from substrate.volumes import place, room
+from substrate.volumes import place
 
 from ..errors import InvalidInput
 from ..fuzzfile.model import Transfer as TransferSpec
 from ..fuzzfile.model import Volume as VolumeSpec
 from ..fuzzfile.model import Workflow
-from ..fuzzfile.units import format_size
 from ..secrets import SecretStore
 from ..store import Store, Transfer, TransferState, Volume
-from .transfers import TransferCache, TransferError, TransferPolicy, fetch, push
+from .data_agent import DataAgent
+from .transfers import TransferError, TransferPolicy, push
 
-__all__ = ["Staging", "place", "reading"]
+__all__ = ["Staging", "place", "reading", "volume_roots"]
 
 Report = Callable[[str, str], None]  # (subject, message): the engine turns these into events
 
 
-def _check_room(name: str, path: Path, size: int) -> None:
-    """A volume's `size` is the capacity it asks for: the free space of the storage it is on
-    and what it holds already (a persistent volume), counted only when the free space alone
-    falls short (`substrate.volumes.room`, as an agent checks it). A volume that cannot have
-    it fails the run at STAGING, before any job."""
-    have = room(path, size)
-    if have < size:
-        raise InvalidInput(
-            f"volume {name!r} asks for {format_size(size)} (size), and the site's volume "
-            f"storage has {format_size(have)} for it"
-        )
+def volume_roots(data_dir: Path, run_id: str) -> tuple[Path, Path]:
+    """The folders of this machine where the local site's run `run_id` keeps volumes: its
+    ephemeral ones, and every persistent one (its agents may use these alone)."""
+    return data_dir / "runs" / run_id / "volumes", data_dir / "volumes"
 
 
 def _volume_file(uri: str, what: str) -> str:
@@ -85,19 +88,6 @@ def reading(volume: Path, rel: str) -> Iterator[Path]:
         yield Path(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
-
-
-def _ingress(source: str, staged: Path, volume: Path, rel: str, **fetch_args: Any) -> bool:
-    """Fetch `source` into the private file `staged`, then place it in the volume; True
-    when it came from the cache."""
-    hit: bool = fetch(source, staged, **fetch_args)
-    try:
-        place(volume, rel, staged)
-    except OSError as exc:  # a link, or a directory where the file goes: refused
-        raise TransferError(
-            f"{source}: cannot write {rel} in the volume: {exc.strerror or exc}"
-        ) from None
-    return hit
 
 
 def _egress(
@@ -135,6 +125,27 @@ def _egress(
         raise TransferError(f"{destination}: refused: {exc.strerror or exc}") from None
 
 
+def _egress_home(
+    agent: DataAgent,
+    volume: str,
+    rel: str,
+    target: tuple[Path, str],
+    progress: Callable[[int, int | None], None],
+) -> None:
+    """Stream the file `rel` of the volume from the agent's node into `target` (a folder of
+    this machine and a path in it), placed there through no link once it is whole."""
+    root, inside = target
+    root.mkdir(parents=True, exist_ok=True)
+    staged = root / f".squall-egress-{os.urandom(6).hex()}"
+    try:
+        agent.read_file(volume, rel, staged, progress)
+        place(root, inside, staged)
+    except OSError as exc:  # a link or a directory where the file goes: refused
+        raise TransferError(f"file://{rel}: cannot write {inside}: {exc.strerror or exc}") from None
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 def _policy(spec: TransferSpec) -> TransferPolicy:
     attempts = spec.policy.retries + 1 if spec.policy.retries is not None else 3
     return TransferPolicy(timeout=spec.policy.timeout, attempts=attempts)
@@ -155,8 +166,7 @@ class Staging:
         self.store = store
         self.data_dir = data_dir
         self.secrets = secrets
-        self.cache = TransferCache(data_dir / "cache" / "ingress")
-        self.ca_file = ca_file
+        self.ca_file = ca_file  # CA certificates the nodes trust for https ingress, besides theirs
         # where `file:///` egress may write on this machine (None: wherever this process
         # may, as for `squall run`; a server writes only under the folders it was given)
         self.egress_dirs = None if egress_dirs is None else tuple(egress_dirs)
@@ -188,16 +198,27 @@ class Staging:
 
     # ---- volumes ------------------------------------------------------------------------
 
-    def path(self, run_id: str, volume: VolumeSpec) -> Path:
-        """Where a volume lives (HOST volumes are refused at validation)."""
+    def path(self, run_id: str, volume: VolumeSpec, root: str = "") -> str:
+        """Where a volume lives on the nodes: under the cluster's storage `root`, or ("")
+        on this machine (HOST volumes are refused at validation)."""
+        if root:
+            if volume.persistent:
+                raise InvalidInput(
+                    f"volume {volume.name!r} is persistent: persistent volumes live on the "
+                    "local site for now, not on a cloud cluster's storage"
+                )
+            return f"{root.rstrip('/')}/{_one_name(volume.name, 'volume')}"
         if volume.persistent:
             name = _one_name(volume.persistent_name or volume.name, "persistent volume")
-            return self.data_dir / "volumes" / _one_name(volume.scope, "volume scope") / name
-        return self.data_dir / "runs" / run_id / "volumes" / _one_name(volume.name, "volume")
+            scope = _one_name(volume.scope, "volume scope")
+            return str(self.data_dir / "volumes" / scope / name)
+        ephemeral, _ = volume_roots(self.data_dir, run_id)
+        return str(ephemeral / _one_name(volume.name, "volume"))
 
-    def create(self, run_id: str, wf: Workflow) -> dict[str, Path]:
-        """Make every volume's directory (recorded first); returns name -> host path."""
-        paths = {name: self.path(run_id, v) for name, v in wf.volumes.items()}
+    def create(self, run_id: str, wf: Workflow, agent: DataAgent, root: str = "") -> dict[str, str]:
+        """Make every volume's folder on the cluster's storage (`root`; "": this machine's),
+        through `agent`, recorded first; returns name -> its path on the nodes."""
+        paths = {name: self.path(run_id, v, root) for name, v in wf.volumes.items()}
         with self.store.session() as s:
             for name, v in wf.volumes.items():
                 s.add(
@@ -209,11 +230,8 @@ class Staging:
                         state="CREATING",
                     )
                 )
-        for path in paths.values():
-            path.mkdir(parents=True, exist_ok=True)
         for name, v in wf.volumes.items():
-            if v.size is not None:
-                _check_room(name, paths[name], v.size)
+            agent.make_volume(name, paths[name], v.size)
         self._set_volumes(run_id, "READY")
         return paths
 
@@ -254,31 +272,41 @@ class Staging:
 
     # ---- transfers ----------------------------------------------------------------------
 
-    def ingress(self, run_id: str, wf: Workflow, paths: dict[str, Path], report: Report) -> None:
-        """Fill the volumes; the first transfer that fails after its retries raises."""
-        staging = self.data_dir / "runs" / run_id / "staging"
-        staging.mkdir(parents=True, exist_ok=True)
+    def ingress(
+        self,
+        run_id: str,
+        wf: Workflow,
+        paths: dict[str, str],
+        report: Report,
+        agent: DataAgent,
+    ) -> None:
+        """Fill the volumes, each file fetched by `agent`'s node; the first transfer that
+        fails after its retries raises."""
+        ca_pem = Path(self.ca_file).read_text() if self.ca_file else ""
         for name, volume in wf.volumes.items():
             for spec in volume.ingress:
                 rel = _volume_file(spec.destination.uri, f"volume {name} ingress")
                 row = self._record(run_id, name, "ingress", spec)
-                creds = self._credentials(spec.source.secret)
-                staged = staging / f"ingress-{row.id}"
-
+                source = spec.source.uri
+                content = b""
+                if source.startswith("file://"):  # an inline file of the workflow
+                    inline = source.removeprefix("file://")
+                    if inline not in wf.files:
+                        raise TransferError(
+                            f"{source}: the workflow has no file {inline!r} under `files:`"
+                        )
+                    content = wf.files[inline].encode()
                 copy = functools.partial(
-                    _ingress,
-                    spec.source.uri,
-                    staged,
+                    agent.ingress,
+                    source,
                     paths[name],
                     rel,
-                    files=wf.files,
-                    credentials=creds,
+                    content=content,
+                    credentials=self._credentials(spec.source.secret),
                     policy=_policy(spec),
-                    cache=self.cache,
-                    ca_file=self.ca_file,
+                    ca_pem=ca_pem,
                 )
-                self._transfer(row, spec.source.uri, report, copy)
-        remove_tree(staging)
+                self._transfer(row, source, report, copy)
 
     def plan_egress(self, run_id: str, wf: Workflow) -> None:
         """Record the run's egress as owed, before any job runs: if the orchestrator dies
@@ -299,22 +327,83 @@ class Staging:
             ).all():
                 s.delete(row)
 
-    def egress(self, run_id: str, paths: dict[str, Path], report: Report) -> None:
-        """Copy results out. Every transfer is tried; if any failed, raises naming them all."""
-        self.retry_egress(run_id, paths, report)
+    def egress(self, run_id: str, paths: dict[str, str], report: Report, agent: DataAgent) -> None:
+        """Copy results out, each by `agent`'s node (`file:///` ones streamed back to this
+        machine). Every transfer is tried; if any failed, raises naming them all."""
+        errors = []
+        for row in self._owed(run_id):
+            rel = _volume_file(row.source, f"volume {row.volume} egress")
+            policy = TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1))
+            volume = paths[row.volume]
+            copy: Callable[..., object]
+            if row.destination.startswith("file://"):
+                target = self._file_target(row.destination, f"volume {row.volume} egress")
+                copy = functools.partial(_egress_home, agent, volume, rel, target)
+            else:
+                copy = functools.partial(
+                    agent.egress,
+                    volume,
+                    rel,
+                    row.destination,
+                    credentials=self._credentials(row.secret or None),
+                    policy=policy,
+                )
+            try:
+                self._transfer(row, row.destination, report, copy)
+            except TransferError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise TransferError("egress failed: " + "; ".join(errors))
+
+    def bring_home(
+        self, run_id: str, paths: dict[str, str], report: Report, agent: DataAgent
+    ) -> None:
+        """Before a cluster's own storage goes with its stack: copy every file whose egress
+        is still owed to this machine (`DATA/runs/RUN/volumes/NAME`), and record that the
+        volume now lives there, so that `squall workflow egress` can send it later."""
+        home_root, _ = volume_roots(self.data_dir, run_id)
+        moved: set[str] = set()
+        for row in self._owed(run_id):
+            rel = _volume_file(row.source, f"volume {row.volume} egress")
+            home = home_root / _one_name(row.volume, "volume")
+            home.mkdir(parents=True, exist_ok=True)
+            _egress_home(agent, paths[row.volume], rel, (home, rel), lambda d, t: None)
+            moved.add(row.volume)
+            report(f"egress {row.volume}", f"{row.source}: kept on this machine for the retry")
+        with self.store.session() as s:
+            for vol in s.scalars(select(Volume).where(Volume.run_id == run_id)).all():
+                if vol.name in moved:
+                    vol.path = str(home_root / vol.name)
+                    vol.state = "KEPT"
+
+    def _owed(self, run_id: str) -> list[Transfer]:
+        with self.store.session() as s:
+            return list(
+                s.scalars(
+                    select(Transfer).where(
+                        Transfer.run_id == run_id,
+                        Transfer.direction == "egress",
+                        Transfer.state != TransferState.DONE,
+                    )
+                ).all()
+            )
+
+    def _file_target(self, uri: str, what: str) -> tuple[Path, str]:
+        """The folder and the path in it where `file:///PATH` egress goes on this machine."""
+        target = self._local_target(uri, what)
+        if target is not None:
+            return target
+        path = PurePosixPath(uri.removeprefix("file://"))
+        if not path.is_absolute() or ".." in path.parts or len(path.parts) < 2:
+            raise InvalidInput(f"{what}: {uri!r} must be file:///ABSOLUTE/PATH without '..'")
+        return Path(path.parent), path.name
 
     def retry_egress(self, run_id: str, paths: dict[str, Path], report: Report) -> None:
-        """Run every egress of the run that has not succeeded yet."""
-        with self.store.session() as s:
-            rows = s.scalars(
-                select(Transfer).where(
-                    Transfer.run_id == run_id,
-                    Transfer.direction == "egress",
-                    Transfer.state != TransferState.DONE,
-                )
-            ).all()
+        """Run every egress of an ended run that has not succeeded yet, from this machine:
+        its cluster is gone, and what is owed is here (the local site's disk, or brought
+        home from a cloud cluster's storage)."""
         errors = []
-        for row in rows:
+        for row in self._owed(run_id):
             rel = _volume_file(row.source, f"volume {row.volume} egress")
             creds = self._credentials(row.secret or None)
             policy = TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1))

@@ -71,6 +71,9 @@ class Cluster:
     # a multi-node job's containers share their nodes' own network (NETWORK_HOST): the nodes
     # do not route each other's pod subnets (a cloud's), and MPI gets the fabric
     host_network: bool = False
+    # where volumes live on every node: the cluster's own storage, mounted at this path on
+    # each; "": on this machine (the local site), where the orchestrator keeps them
+    volume_root: str = ""
 
 
 @dataclass(frozen=True, slots=True)

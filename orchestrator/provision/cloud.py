@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from federate.catalog import CLOUDS
 from federate.placement import SiteEstimate
 from federate.workload import Workload
-from infra.spec import Bootstrap, ClusterSpec, Network
+from infra.spec import VOLUME_ROOT, Bootstrap, ClusterSpec, Network
 from substrate.tls import ClientTLS
 
 from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report
@@ -51,6 +51,9 @@ class CloudSettings:
     orchestrator_address: str | None = None
     images: dict[str, str] = field(default_factory=dict)
     ttl: timedelta = DEFAULT_TTL
+    # where the boot script mounts the cluster's storage on every node (the cloud-run tests'
+    # stand-in nodes keep theirs in the test's folder)
+    volume_root: str = VOLUME_ROOT
 
     @classmethod
     def from_environment(cls) -> CloudSettings:
@@ -88,7 +91,8 @@ class CloudProvisioner:
     gcp or azure)."""
 
     cannot: Mapping[str, str] = {
-        "volumes": "volumes are not carried to cloud nodes yet (this machine has them)",
+        "persistent volumes": "persistent volumes live on the local site for now: a cloud "
+        "cluster's storage goes with its stack",
     }
 
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
@@ -204,11 +208,10 @@ class CloudProvisioner:
         return Cluster(
             run_id=spec.run_id,
             site=f"{spec.site.cloud}:{spec.site.region}",
-            agents=tuple(
-                AgentEndpoint(a["name"], a["address"], token, tls=tls) for a in agents
-            ),
+            agents=tuple(AgentEndpoint(a["name"], a["address"], token, tls=tls) for a in agents),
             groups={job: tuple(nodes) for job, nodes in groups.items()},
             host_network=True,
+            volume_root=self.settings.volume_root if spec.storage is not None else "",
         )
 
     def down(self, cluster: Cluster, report: Report) -> None:

@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 from federate.catalog import InstanceType
 from federate.placement import SiteEstimate
 from federate.workload import Workload
-from infra.spec import Bootstrap, ClusterSpec, Fabric, Network, NodeGroup, SiteRef
+from infra.spec import (
+    Bootstrap,
+    ClusterSpec,
+    Fabric,
+    Network,
+    NodeGroup,
+    SiteRef,
+    storage_for,
+)
 
 from ..errors import InvalidInput
 
@@ -78,6 +86,10 @@ def cluster_spec(
                 gpu_model=kind.gpu_model,
             )
         )
+    storage = None
+    if workload.storage_gib > 0:  # the cluster's volumes: where federation priced them
+        nodes = sum(g.count for g in groups)
+        storage = storage_for(site.cloud, nodes, workload.storage_gib, estimate.storage or None)
     return ClusterSpec(
         run_id=run_id,
         owner=owner,
@@ -87,4 +99,5 @@ def cluster_spec(
         network=network,
         bootstrap=bootstrap,
         buckets=buckets,
+        storage=storage,
     )

@@ -191,8 +191,16 @@ class LocalProvisioner:
         python: str = sys.executable,
         oversubscribe: int = 1,
         namespaced: bool = False,
+        volume_roots: Callable[[str], Sequence[Path]] | None = None,
+        routed_networks: Sequence[str] = (),
     ) -> None:
+        """`volume_roots`: the folders of this machine where a run's volumes live (its
+        agents may make, fill and read volumes there alone); None: they serve none.
+        `routed_networks`: networks that separate nodes reach from their own addresses,
+        not masqueraded as this machine (data servers that route the node pool back)."""
+        self.routed_networks = tuple(routed_networks)
         self.root = root
+        self.volume_roots = volume_roots or (lambda run_id: ())
         self.namespaced = namespaced
         self.oversubscribe = oversubscribe  # leases that may share one core of an agent
         self.nodes = nodes or whole_machine()
@@ -216,8 +224,12 @@ class LocalProvisioner:
         run_id, nodes = plan.run_id, plan.shape
         if not nodes:
             raise ProvisionError("a cluster needs at least one node")
-        # the site's images (private ones too) are root's alone, as its runs' tokens are
+        # the site's images (private ones too) and fetched data are root's alone, as its
+        # runs' tokens are; both are shared by its runs' agents
         (self.root / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.root / "ingress-cache").mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in self.volume_roots(run_id):
+            folder.mkdir(parents=True, exist_ok=True)
         started: list[subprocess.Popen[str]] = []
         self._procs[run_id] = started
         pki = make_run_pki(run_id)  # the run's agents serve mutual TLS, as a cloud's do
@@ -238,7 +250,7 @@ class LocalProvisioner:
     def _make_nodes(self, run_id: str, count: int) -> list[NodePlace]:
         """The run's node namespaces and bridge, and its loopback registries relayed to the
         nodes."""
-        places = RunNetwork(run_id).make(count)
+        places = RunNetwork(run_id, self.routed_networks).make(count)
         relay = self._relays[run_id] = LoopbackRelay()
         for place in places:
             for port in loopback_ports([*self.search, *self.insecure]):
@@ -282,6 +294,8 @@ class LocalProvisioner:
             str(home / "data"),
             "--image-dir",  # the site's, shared by every run: an image is pulled once
             str(self.root / "images"),
+            "--cache-dir",  # and so is what ingress fetched
+            str(self.root / "ingress-cache"),
             "--token-file",
             str(token_file),
             *("--tls-cert", str(tls / "node.pem"), "--tls-key", str(tls / "node.key")),
@@ -311,6 +325,7 @@ class LocalProvisioner:
         for flag, values in (
             ("--search-registry", self.search),
             ("--insecure-registry", self.insecure),
+            ("--volume-root", tuple(map(str, self.volume_roots(run_id)))),
         ):
             for value in values:
                 cmd += [flag, value]

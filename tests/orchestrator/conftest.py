@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.data.staging import volume_roots
 from orchestrator.engine import Engine
 from orchestrator.fuzzfile import Workflow
 from orchestrator.provision import LocalProvisioner, NodeSlice
@@ -81,6 +83,7 @@ def make_engine(tmp_path: Path, registry: Registry) -> MakeEngine:
             nodes=cluster,
             search_registries=[registry.address],
             insecure_registries=[registry.address],
+            volume_roots=functools.partial(volume_roots, tmp_path / "data"),
         )
         return Engine(store, [provisioner], data_dir=tmp_path / "data", ca_file=ca_file)
 
@@ -108,6 +111,7 @@ def cluster_of(tmp_path: Path, registry: Registry) -> Callable[..., Engine]:
             search_registries=[registry.address],
             insecure_registries=[registry.address],
             namespaced=True,
+            volume_roots=functools.partial(volume_roots, tmp_path / "data"),
         )
         store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
         return Engine(store, [provisioner], data_dir=tmp_path / "data")

@@ -30,12 +30,19 @@ from orchestrator.provision.cloud import CloudProvisioner, CloudSettings
 from orchestrator.provision.pki import RunPKI, make_run_pki
 from orchestrator.provision.stacks import StackDriver, StackSettings
 from orchestrator.store import Agent, Event, Run, RunState, Stack, StackState, Store
+from tests.orchestrator.servers import S3Server
 from tests.substrate.registry import Registry
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalog"
 TOKEN = "test-agents-token-0123456789abcdef"
 IMAGE = "image: {uri: docker://busybox:1.36}"
 SITE = "aws:us-east-2"
+
+
+def cluster_storage(tmp_path: Path) -> Path:
+    """The stand-in nodes share this machine's disk: this folder stands for the cluster's
+    shared file system (the stack's EFS), which the boot script mounts on every node."""
+    return tmp_path / "cluster-storage"
 
 
 def same_credentials(monkeypatch: pytest.MonkeyPatch) -> RunPKI:
@@ -56,6 +63,7 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
         tmp_path / "nodes",
         search_registries=[registry.address],
         insecure_registries=[registry.address],
+        volume_roots=lambda _: [cluster_storage(tmp_path)],
     )
     cluster = site.up(local_plan("nodes", [NodeSlice(cpus=(0, 1), memory_bytes=2**30)] * 2))
     agents = tmp_path / "agents.json"
@@ -81,7 +89,11 @@ def engine(tmp_path: Path, nodes: Cluster, monkeypatch) -> Engine:
             LocalProvisioner(tmp_path / "site", nodes=never),
             CloudProvisioner(
                 StackDriver(store, StackSettings(tmp_path / "stacks")),
-                CloudSettings(orchestrator_cidr="127.0.0.1/32", images={"aws": "ami-0123456789"}),
+                CloudSettings(
+                    orchestrator_cidr="127.0.0.1/32",
+                    images={"aws": "ami-0123456789"},
+                    volume_root=str(cluster_storage(tmp_path)),
+                ),
             ),
         ],
         data_dir=tmp_path / "data",
@@ -200,20 +212,81 @@ def test_without_the_cli_a_cloud_placement_fails_at_once_in_one_line(engine, mon
         assert s.scalars(select(Stack)).all() == []
 
 
-def test_volumes_make_a_cloud_site_infeasible_and_nothing_starts(engine, fake_pulumi):
-    """The cloud provider declares that its nodes get no volumes yet; federation reads it, so
-    the forced cloud site is no candidate, with that reason, and no stack is made."""
+def test_a_persistent_volume_makes_a_cloud_site_infeasible_and_nothing_starts(engine, fake_pulumi):
+    """A cloud cluster's storage goes with its stack, so the cloud provider declares that it
+    keeps no persistent volume yet; federation reads it, so the forced cloud site is no
+    candidate, with that reason, and no stack is made."""
     text = two_jobs("echo second") + textwrap.dedent("""
         volumes:
-          scratch: {reference: volume://user/ephemeral}
+          scratch: {name: kept}
     """)
     outcome = engine.run("me/cloud-volumes", text)
     assert outcome.state is RunState.FAILED
     assert outcome.reason == (
-        "no site is feasible (aws:us-east-2: volumes are not carried to cloud nodes yet "
-        "(this machine has them))"
+        f"no site is feasible (aws:us-east-2: {CloudProvisioner.cannot['persistent volumes']})"
     )
     assert "up" not in fake_pulumi.verbs()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    server = S3Server(tmp_path)
+    for bucket in ("inputs", "results"):
+        server.client().create_bucket(Bucket=bucket)
+    server.client().put_object(Bucket="inputs", Key="input.txt", Body=b"from the bucket\n")
+    yield server
+    server.stop()
+
+
+def test_a_cloud_run_with_volumes_keeps_them_on_the_clusters_storage(
+    engine, fake_pulumi, s3: S3Server, tmp_path: Path
+):
+    """Volumes on a cloud cluster: the stack declares shared storage for its two nodes (one
+    per job), the stand-in node 0 fetches the ingress into it and pushes the egress out of
+    it, both jobs (on different nodes) see the same volume, and nothing of it passes through
+    the orchestrator's folder, except the `file:///` egress it asked for."""
+    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    home = tmp_path / "home" / "result.txt"
+    text = "version: v4\n" + textwrap.dedent(f"""
+        files:
+          seed.txt: "seed\\n"
+        volumes:
+          data:
+            ingress:
+              - source: {{uri: file://seed.txt}}
+                destination: {{uri: file://seed.txt}}
+              - source: {{uri: s3://inputs/input.txt, secret: secret://user/S3}}
+                destination: {{uri: file://in/input.txt}}
+            egress:
+              - source: {{uri: file://result.txt}}
+                destination: {{uri: s3://results/result.txt, secret: secret://user/S3}}
+              - source: {{uri: file://result.txt}}
+                destination: {{uri: "file://{home}"}}
+        jobs:
+          first:
+            {IMAGE}
+            command: [/bin/sh, -c, "cat /data/seed.txt /data/in/input.txt > /data/mid.txt"]
+            mounts: {{/data: {{volume: data}}}}
+          second:
+            {IMAGE}
+            requires: [first]
+            command: [/bin/sh, -c, "(cat /data/mid.txt; hostname) > /data/result.txt"]
+            mounts: {{/data: {{volume: data}}}}
+    """)
+    outcome = engine.run("me/cloud-data", text)
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    [config] = [c for c in fake_pulumi.calls() if c[:2] == ["config", "set-all"]]
+    spec = json.loads(config[config.index("--plaintext") + 1].partition("=")[2])
+    assert spec["storage"] == {"storage_class": "managed", "size_gib": 1}  # 2 nodes share it
+    result = s3.client().get_object(Bucket="results", Key="result.txt")["Body"].read()
+    assert result.decode().startswith("seed\nfrom the bucket\n")
+    assert home.read_bytes() == result
+    # the volume lived on the cluster's storage, not in the orchestrator's data folder
+    assert (cluster_storage(tmp_path) / "data" / "result.txt").read_bytes() == result
+    assert not (tmp_path / "data" / "runs" / outcome.run_id / "volumes").exists()
+    with engine.store.session() as s:
+        placement = s.get_one(Run, outcome.run_id).placement
+    assert placement["estimate"]["storage"] == "managed"
 
 
 def test_without_the_cloud_extra_a_cloud_run_fails_in_one_line_saying_what_to_install(

@@ -3,11 +3,13 @@ local site (real agents, crun, busybox from the local registry, SQLite)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from orchestrator.data.staging import volume_roots
 from orchestrator.engine import Engine
 from orchestrator.errors import InvalidInput
 from orchestrator.provision import LocalProvisioner, NodeSlice
@@ -142,6 +144,7 @@ def test_a_server_writes_local_egress_only_under_its_egress_folders(
                 nodes=lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
                 search_registries=[registry.address],
                 insecure_registries=[registry.address],
+                volume_roots=functools.partial(volume_roots, tmp_path / "data"),
             )
         ],
         data_dir=tmp_path / "data",

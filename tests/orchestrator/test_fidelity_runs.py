@@ -153,5 +153,5 @@ def test_a_volume_gets_its_size_or_the_run_fails_before_any_job(engine: Engine) 
     assert engine.run("user/small", workflow("1MiB")).state is RunState.FINISHED
     huge = engine.run("user/huge", workflow("1EiB"))
     assert huge.state is RunState.FAILED
-    assert "volume 'scratch' asks for 1EiB (size)" in huge.reason
+    assert "volume 'scratch' (its `size`) asks for 1EiB, and the volume storage" in huge.reason
     assert _attempts(engine, huge.run_id, "use") == []  # no job ran

@@ -4,10 +4,12 @@ is the dated reference snapshot under tests/catalog."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 
+from orchestrator.data.staging import volume_roots
 from orchestrator.engine import Engine
 from orchestrator.fuzzfile import load_text
 from orchestrator.placing import Placer
@@ -66,6 +68,7 @@ def make_engine(tmp_path: Path, registry: Registry):  # type: ignore[no-untyped-
             nodes=lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
             search_registries=[registry.address],
             insecure_registries=[registry.address],
+            volume_roots=functools.partial(volume_roots, tmp_path / "data"),
         )
         return Engine(
             Store(f"sqlite:///{tmp_path / 'squall.db'}"),
@@ -77,19 +80,25 @@ def make_engine(tmp_path: Path, registry: Registry):  # type: ignore[no-untyped-
     return make
 
 
-def test_data_far_away_prices_its_region_cheapest_but_a_cloud_takes_no_volumes_yet() -> None:
-    """Federation prices where the data lives (here, 5,000 GB in aws:us-west-2); the cloud
-    provider declares that its nodes get no volumes yet, so that region is no candidate and
-    says why, and PLACING keeps the run on this machine, paying to pull the data here."""
+def test_data_far_away_goes_to_its_region_with_its_volumes_on_the_cluster() -> None:
+    """Federation prices where the data lives (here, 5,000 GB in aws:us-west-2): the run goes
+    there, its one node holding the volume on its own disk, instead of pulling the data to
+    this machine; a persistent volume, which a cloud cluster cannot keep yet, keeps it here
+    and says why."""
     comparison = Placer(catalog_dir=CATALOG).compare(load_text(BIG_DATA).unwrap(), "me/big")
     by_site = {e.site.name: e for e in comparison.estimates}
     region, local = by_site["aws:us-west-2"], by_site["local"]
-    assert region.total_usd == min(e.total_usd for e in comparison.estimates)
+    assert comparison.chosen is region
     assert region.total_usd < local.total_usd
-    assert region.reasons == [CloudProvisioner.cannot["volumes"]]
-    assert comparison.chosen is local
+    assert (region.storage, region.data_usd) == ("node-local", 0.0)  # the data is next door
     # pulling 5,000 GB out of AWS to this machine: the internet tiers, allowance not counted
     assert local.data_usd == pytest.approx(5000 * 0.09)
+
+    persistent = BIG_DATA.replace("  data:\n", "  data:\n    name: genomes\n", 1)
+    kept = Placer(catalog_dir=CATALOG).compare(load_text(persistent).unwrap(), "me/kept")
+    by_site = {e.site.name: e for e in kept.estimates}
+    assert by_site["aws:us-west-2"].reasons == [CloudProvisioner.cannot["persistent volumes"]]
+    assert kept.chosen is by_site["local"]
 
 
 def test_a_run_placed_elsewhere_starts_nothing_here(make_engine, tmp_path: Path) -> None:
