@@ -231,10 +231,13 @@ def egress(
         False, "--release", help="Give up on the failed egress and delete the kept volumes."
     ),
 ) -> None:
-    """Retry the failed egress of an ended run on this machine (its data was kept)."""
-    from orchestrator.local_site import LocalSettings, local_engine
+    """Retry the failed egress of an ended run on this machine (its data was kept).
 
-    engine = _guard(lambda: local_engine(LocalSettings()))
+    A run whose orchestrator died (killed mid-egress) is first ended as such, its owed
+    results kept, as every local command that starts an orchestrator does."""
+    from .run_cmd import start_local_engine
+
+    engine = _guard(lambda: start_local_engine(1, None, [], []))
     kept = _guard(lambda: engine.retry_egress(name, release=release))
     if release:
         out.print(f"released the volumes of {escape(name)}")

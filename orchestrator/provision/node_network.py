@@ -95,8 +95,12 @@ def _free_subnets(
 class RunNetwork:
     """The bridge, firewall table and node namespaces of one run."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, routed: Sequence[str] = ()) -> None:
+        """`routed`: networks the nodes reach from their own addresses (not masqueraded as
+        this machine): data servers that route the node pool back here, and should see
+        which node fetched."""
         self.key = run_key(run_id)
+        self.routed = tuple(str(ipaddress.ip_network(n, strict=False)) for n in routed)
         self.bridge = f"sqr{self.key}"
         self.table = f"squall_run_{self.key}"
 
@@ -157,6 +161,11 @@ class RunNetwork:
     def _firewall(self, subnet: ipaddress.IPv4Network) -> None:
         br = self.bridge
         closed = ", ".join((*DENY, NODE_POOL, POOL))
+        routed = (
+            f"    ip saddr {subnet} ip daddr {{ {', '.join(self.routed)} }} accept\n"
+            if self.routed
+            else ""
+        )
         done = _nft(
             f"table inet {self.table} {{\n"
             "  chain input {\n"
@@ -175,6 +184,7 @@ class RunNetwork:
             "  }\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
+            f"{routed}"
             f'    ip saddr {subnet} oifname != "{br}" masquerade\n'
             "  }\n"
             "}\n"

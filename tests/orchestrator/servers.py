@@ -1,31 +1,76 @@
-"""Servers the data tests talk to, on 127.0.0.1: an HTTPS file server with Range and ETag
-support that can be told to misbehave, and moto's S3 server."""
+"""Servers the data tests talk to, on 127.0.0.1 or at an address of a network namespace of
+their own (a machine elsewhere, `netns`): an HTTPS file server with Range and ETag support
+that can be told to misbehave, and moto's S3 server; each keeps who called it."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import http.server
+import os
+import re
 import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tests.substrate.registry import free_port, self_signed_certificate
+
+_ACCESS = re.compile(r"^(\d+\.\d+\.\d+\.\d+) - - \[")  # werkzeug's access log
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def in_netns(netns: Path | None, make: Callable[[], T]) -> T:
+    """`make()` called in a thread that joined the network namespace `netns`: the sockets it
+    opens stay there, wherever they are used from (None: here)."""
+    if netns is None:
+        return make()
+    done: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {netns}")
+            done.append(make())
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return done[0]
 
 
 class FileServer:
     """Serves `files` (name -> bytes). `fail_next` requests get a 500; `cut_next` responses
     stop half-way (the connection drops), to exercise retries and resumed downloads."""
 
-    def __init__(self, work: Path, files: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        work: Path,
+        files: dict[str, bytes],
+        host: str = "127.0.0.1",
+        netns: Path | None = None,
+    ) -> None:
         self.files = files
         self.fail_next = 0
         self.cut_next = 0
         self.gets: list[tuple[str, str]] = []  # (path, Range header)
-        cert, key = self_signed_certificate(work, "https")
+        self.clients: list[str] = []  # the address of every request's peer
+        cert, key = self_signed_certificate(work, "https", host)
         self.ca_file = str(cert)
         server = self
 
@@ -48,11 +93,13 @@ class FileServer:
                 self.end_headers()
 
             def do_HEAD(self) -> None:
+                server.clients.append(self.client_address[0])
                 body = self._lookup()
                 if body is not None:
                     self._headers(body)
 
             def do_GET(self) -> None:
+                server.clients.append(self.client_address[0])
                 server.gets.append((self.path, self.headers.get("Range", "")))
                 if server.fail_next:
                     server.fail_next -= 1
@@ -75,11 +122,11 @@ class FileServer:
                     return
                 self.wfile.write(payload)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = in_netns(netns, lambda: http.server.ThreadingHTTPServer((host, 0), Handler))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"https://{host}:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -90,13 +137,15 @@ class FileServer:
 class S3Server:
     """moto's S3 server, as a process on a free port."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, host: str = "127.0.0.1", netns: Path | None = None) -> None:
         self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(work / "moto.log", "wb")  # noqa: SIM115
+        self.endpoint = f"http://{host}:{self.port}"
+        self.log_file = work / "moto.log"
+        self.log = open(self.log_file, "wb")  # noqa: SIM115
         moto = str(Path(sys.executable).parent / "moto_server")  # this environment's own
+        enter = ["ip", "netns", "exec", netns.name] if netns is not None else []
         self.proc = subprocess.Popen(
-            [moto, "-H", "127.0.0.1", "-p", str(self.port)],
+            [*enter, moto, "-H", host, "-p", str(self.port)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -127,6 +176,15 @@ class S3Server:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
+
+    def clients(self, since: int = 0) -> list[str]:
+        """The peer address of each request in the access log, from byte `since` of it."""
+        self.log.flush()
+        lines = self.log_file.read_bytes()[since:].decode(errors="replace").splitlines()
+        return [m.group(1) for line in lines if (m := _ACCESS.match(line))]
+
+    def log_size(self) -> int:
+        return self.log_file.stat().st_size
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -76,8 +76,8 @@ def build_busybox_image(work: Path, tag: str = "1.36") -> Path:
     return layout
 
 
-def self_signed_certificate(work: Path, name: str) -> tuple[Path, Path]:
-    """A certificate and key for 127.0.0.1, made with openssl, valid for a day."""
+def self_signed_certificate(work: Path, name: str, ip: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A certificate and key for the address `ip`, made with openssl, valid for a day."""
     cert, key = work / f"{name}.crt", work / f"{name}.key"
     subprocess.run(
         [
@@ -90,9 +90,9 @@ def self_signed_certificate(work: Path, name: str) -> tuple[Path, Path]:
             "-days",
             "1",
             "-subj",
-            "/CN=127.0.0.1",
+            f"/CN={ip}",
             "-addext",
-            "subjectAltName=IP:127.0.0.1",
+            f"subjectAltName=IP:{ip}",
             "-keyout",
             str(key),
             "-out",
