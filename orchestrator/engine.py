@@ -298,21 +298,19 @@ class Engine:
                 try:
                     self.staging.egress(run_id, paths, transfers, data)
                 except TransferError as exc:
-                    return RunState.FAILED, str(exc) + self._keep_owed(run_id, cluster, paths, data)
+                    return RunState.FAILED, str(exc) + self._keep_owed(run_id, cluster, data)
         elif state is not RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
             self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
         return state, reason
 
-    def _keep_owed(
-        self, run_id: str, cluster: Cluster, paths: dict[str, str], data: DataAgent
-    ) -> str:
+    def _keep_owed(self, run_id: str, cluster: Cluster, data: DataAgent) -> str:
         """After a failed egress: a cluster's own storage goes with its stack, so the files
         still owed come to this machine first; what to add to the reason if they could not."""
         if not cluster.volume_root:
             return ""  # the volumes are on this machine already
         try:
-            self.staging.bring_home(run_id, paths, self._reporter(run_id, "transfer"), data)
+            self.staging.bring_home(run_id, self._reporter(run_id, "transfer"), data)
         except (TransferError, OSError) as exc:
             return f"; the results still owed could not be kept: {exc}"
         return ""

@@ -19,7 +19,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from .data.data_agent import DataAgent
 from .data.staging import Staging
+from .data.transfers import TransferError
 from .engine import HEARTBEAT, identity
 from .provision import AgentEndpoint, Cluster, LocalProvisioner, Provisioner, quiet
 from .states import Moves, move_run
@@ -74,6 +76,18 @@ def _open_stack(store: Store, run_id: str) -> bool:
         )
 
 
+def _bring_home(staging: Staging, run_id: str, agent: AgentEndpoint) -> str:
+    """Copy the results still owed out of a cluster's own storage to this machine before the
+    cluster goes (nothing to do for volumes on this machine); what to add to the reason if
+    they could not be."""
+    try:
+        with DataAgent(agent) as data:
+            staging.bring_home(run_id, lambda subject, message: None, data)
+    except (TransferError, OSError) as exc:
+        return f"; results still owed on the cluster could not be kept: {exc}"
+    return ""
+
+
 def recover(
     store: Store, providers: Sequence[Provisioner[Any]], staging: Staging
 ) -> list[tuple[str, str]]:
@@ -99,6 +113,9 @@ def recover(
         # the local site finds what a run left by its id (its node network, agents' folders),
         # also when its orchestrator died before any agent was on record; a cloud's stack
         # without agents stays open in the ledger for `squall stack gc`
+        kept_home = ""
+        if agents and provisioner is not None:  # a cloud's storage goes with its stack
+            kept_home = _bring_home(staging, run_id, agents[0])
         if provisioner is not None and (agents or isinstance(provisioner, LocalProvisioner)):
             provisioner.down(Cluster(run_id=run_id, site=site, agents=agents), quiet)
         reason = (
@@ -112,6 +129,7 @@ def recover(
         kept = staging.release(run_id)
         if kept:
             reason += f"; volume(s) {', '.join(kept)} kept for the egress still owed"
+        reason += kept_home
         died = "orchestrator died"
         with store.session() as s:
             moves = Moves(run_id)

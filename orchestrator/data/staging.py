@@ -355,19 +355,31 @@ class Staging:
         if errors:
             raise TransferError("egress failed: " + "; ".join(errors))
 
-    def bring_home(
-        self, run_id: str, paths: dict[str, str], report: Report, agent: DataAgent
-    ) -> None:
+    def bring_home(self, run_id: str, report: Report, agent: DataAgent) -> None:
         """Before a cluster's own storage goes with its stack: copy every file whose egress
-        is still owed to this machine (`DATA/runs/RUN/volumes/NAME`), and record that the
-        volume now lives there, so that `squall workflow egress` can send it later."""
+        is still owed, out of a volume that is not on this machine, to this machine
+        (`DATA/runs/RUN/volumes/NAME`), and record that the volume now lives there, so that
+        `squall workflow egress` can send it later. Raises TransferError when one cannot."""
         home_root, _ = volume_roots(self.data_dir, run_id)
+        with self.store.session() as s:
+            paths = {
+                v.name: v.path
+                for v in s.scalars(select(Volume).where(Volume.run_id == run_id)).all()
+                if not Path(v.path).is_relative_to(self.data_dir)  # on the cluster's storage
+            }
         moved: set[str] = set()
+        errors = []
         for row in self._owed(run_id):
+            if row.volume not in paths:
+                continue
             rel = _volume_file(row.source, f"volume {row.volume} egress")
             home = home_root / _one_name(row.volume, "volume")
             home.mkdir(parents=True, exist_ok=True)
-            _egress_home(agent, paths[row.volume], rel, (home, rel), lambda d, t: None)
+            try:
+                _egress_home(agent, paths[row.volume], rel, (home, rel), lambda d, t: None)
+            except TransferError as exc:  # the others are still worth keeping
+                errors.append(str(exc))
+                continue
             moved.add(row.volume)
             report(f"egress {row.volume}", f"{row.source}: kept on this machine for the retry")
         with self.store.session() as s:
@@ -375,6 +387,8 @@ class Staging:
                 if vol.name in moved:
                     vol.path = str(home_root / vol.name)
                     vol.state = "KEPT"
+        if errors:
+            raise TransferError("; ".join(errors))
 
     def _owed(self, run_id: str) -> list[Transfer]:
         with self.store.session() as s:

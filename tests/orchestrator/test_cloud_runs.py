@@ -12,6 +12,7 @@ Everything after the stack (gRPC to the agents, crun containers, the store) is r
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 import threading
@@ -344,3 +345,35 @@ def test_missing_settings_and_credentials_fail_a_cloud_run_in_one_line_each(
         "..., aws configure or sso login, or a role); `squall doctor` "
         "checks"
     )
+
+
+def test_a_failed_egress_on_a_cloud_brings_the_results_home_before_the_stack_goes(
+    engine, s3: S3Server, tmp_path: Path
+):
+    """The cluster's storage goes with its stack: what a failed egress still owes is copied
+    to the orchestrator's machine first, and `workflow egress` sends it from there later."""
+    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    text = "version: v4\n" + textwrap.dedent(f"""
+        volumes:
+          data:
+            egress:
+              - source: {{uri: file://result.txt}}
+                destination: {{uri: s3://later/result.txt, secret: secret://user/S3}}
+        jobs:
+          first:
+            {IMAGE}
+            command: [/bin/sh, -c, "echo kept > /data/result.txt"]
+            mounts: {{/data: {{volume: data}}}}
+    """)
+    outcome = engine.run("me/cloud-owed", text)  # the bucket `later` does not exist yet
+    assert outcome.state is RunState.FAILED
+    assert "s3://later/result.txt" in outcome.reason
+    assert stack_of(engine, outcome.run_id).state is StackState.DESTROYED
+    home = tmp_path / "data" / "runs" / outcome.run_id / "volumes" / "data" / "result.txt"
+    assert home.read_text() == "kept\n"
+    shutil.rmtree(cluster_storage(tmp_path))  # as the stack's file system is, with the stack
+    s3.client().create_bucket(Bucket="later")
+    assert engine.retry_egress("me/cloud-owed") == []
+    body = s3.client().get_object(Bucket="later", Key="result.txt")["Body"].read()
+    assert body == b"kept\n"
+    assert not home.exists()  # sent, then let go
