@@ -27,7 +27,7 @@ _READ_KEYS = {place: set(keys) for place, keys in KEYS.items()}
 # The platform caps task-array concurrency at 200 (spec §4.6.6).
 MAX_CONCURRENCY = 200
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-# What orchestrator/data/transfers.py can fetch (ingress) and write (egress): any other
+# What a node (substrate/transfers.py) can fetch (ingress) and write (egress): any other
 # scheme would fail at STAGING or EGRESS, after the cluster is paid for.
 _INGRESS_SCHEMES = ("s3://", "http://", "https://", "file://")
 _EGRESS_SCHEMES = ("s3://", "file:///")
