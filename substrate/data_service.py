@@ -16,7 +16,6 @@ the cause, in the words the orchestrator used when it moved the bytes itself.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import queue
@@ -33,6 +32,7 @@ import grpc
 from api.substrate.v1 import agent_pb2 as pb
 
 from .paths import BENEATH, PathEscape, open_regular
+from .status import translating
 from .transfers import (
     CHUNK,
     Progress,
@@ -74,43 +74,23 @@ class Refused(Exception):
     """A volume's file that may not be written or read: a link, a directory, a device."""
 
 
-def _data_status(method: Callable[..., Any]) -> Callable[..., Any]:
-    """As `server._status_codes`, for the data calls' errors (the message as the status's
-    details, without an errno)."""
+def _abort(context: Any, exc: Exception) -> None:
+    """The data calls' errors as status codes, as the agent's other calls' (`server._abort`):
+    the message as the status's details, without an errno."""
+    if isinstance(exc, NoVolumeRoot | Refused | PathEscape):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, _message(exc))
+    if isinstance(exc, ValueError):  # BadPath
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(exc))
+    if isinstance(exc, Missing | FileNotFoundError):
+        context.abort(grpc.StatusCode.NOT_FOUND, _message(exc))
+    if isinstance(exc, NoRoom):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _message(exc))
+    if isinstance(exc, TransferError):
+        context.abort(grpc.StatusCode.UNAVAILABLE, _message(exc))
+    raise exc
 
-    def abort(context: Any, exc: Exception) -> None:
-        if isinstance(exc, NoVolumeRoot | Refused | PathEscape):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, _message(exc))
-        if isinstance(exc, ValueError):  # BadPath
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(exc))
-        if isinstance(exc, Missing | FileNotFoundError):
-            context.abort(grpc.StatusCode.NOT_FOUND, _message(exc))
-        if isinstance(exc, NoRoom):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _message(exc))
-        if isinstance(exc, TransferError):
-            context.abort(grpc.StatusCode.UNAVAILABLE, _message(exc))
-        raise exc
 
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def streaming(self: Any, request: Any, context: Any) -> Iterator[Any]:
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:  # re-raised unless a domain error
-                abort(context, exc)
-
-        return streaming
-
-    @functools.wraps(method)
-    def unary(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return method(self, request, context)
-        except Exception as exc:  # re-raised unless a domain error
-            abort(context, exc)
-            raise  # pragma: no cover - abort raises
-
-    return unary
+_data_status = translating(_abort)
 
 
 def _message(exc: Exception) -> str:

@@ -10,11 +10,10 @@ task that cannot run), INVALID_ARGUMENT (a malformed request), UNIMPLEMENTED.
 from __future__ import annotations
 
 import functools
-import inspect
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -33,6 +32,7 @@ from .logstore import STDERR, STDOUT
 from .runtimes import RuntimeRefused, TaskSpec
 from .runtimes.base import FileSpec, MountSpec
 from .runtimes.rootfs import hostname
+from .status import translating
 from .streams import GrantRefused, exec_stream, port_forward_stream
 from .tasks import NoSuchTask, Task, TaskError, TaskState
 from .tls import PeerRoles, ServerTLS
@@ -89,46 +89,26 @@ def _status_pb(task: Task) -> pb.TaskStatus:
     )
 
 
-def _status_codes(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a servicer method (plain or streaming) so that domain errors become status codes."""
+def _abort(context: Any, exc: Exception) -> None:
+    """Domain errors of the agent as status codes (see the module's docstring)."""
+    if isinstance(exc, NoSuchLease | NoSuchTask | FileNotFoundError):
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, BadLeaseRequest):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, LeaseNeverFits):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, LeaseError):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, TaskError | RuntimeRefused):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, ValueError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, GrantRefused):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    raise exc
 
-    def abort(context: Any, exc: Exception) -> None:
-        if isinstance(exc, NoSuchLease | NoSuchTask | FileNotFoundError):
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        if isinstance(exc, BadLeaseRequest):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if isinstance(exc, LeaseNeverFits):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if isinstance(exc, LeaseError):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        if isinstance(exc, TaskError | RuntimeRefused):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if isinstance(exc, ValueError):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if isinstance(exc, GrantRefused):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        raise exc
 
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def streaming(self: Any, request: Any, context: Any) -> Iterator[Any]:
-            try:
-                yield from method(self, request, context)
-            except Exception as exc:  # re-raised unless a domain error
-                abort(context, exc)
-
-        return streaming
-
-    @functools.wraps(method)
-    def unary(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return method(self, request, context)
-        except Exception as exc:  # re-raised unless a domain error
-            abort(context, exc)
-            raise  # pragma: no cover - abort raises
-
-    return unary
+_status_codes = translating(_abort)
 
 
 class AgentServicer(DataServicer, rpc.AgentServicer):
