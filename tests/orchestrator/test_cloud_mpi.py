@@ -25,6 +25,7 @@ from orchestrator.store import Run, RunState, StackState
 
 # the engine on the forced cloud placement, over this module's `nodes`
 from tests.orchestrator.test_cloud_runs import (  # noqa: F401
+    cluster_storage,
     engine,
     same_credentials,
     stack_of,
@@ -47,6 +48,7 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
         search_registries=[registry.address],
         insecure_registries=[registry.address],
         namespaced=True,
+        volume_roots=lambda _: [cluster_storage(tmp_path)],
     )
     cpus = os.cpu_count() or 1
     slices = [NodeSlice(cpus=(i % cpus,), memory_bytes=512 * MiB) for i in range(NODES)]
@@ -64,17 +66,23 @@ def test_an_mpi_job_on_a_cloud_runs_on_its_node_group_over_the_nodes_network(
     mpi: str,
     fake_pulumi,
 ) -> None:
+    # every rank writes its node's address into one volume; `first`, on a fourth node,
+    # reads them all: the cluster's storage is one volume for every rank and every node
     text = (
-        "version: v4\njobs:\n"
+        "version: v4\nvolumes:\n  shared: {}\njobs:\n"
         "  ring:\n"
         f"    image: {{uri: {mpi}}}\n"
-        "    command: [sh, -c, 'echo node-ip=$MULTINODE_NODE_IP; exec ring']\n"
+        "    command: [sh, -c, 'echo node-ip=$MULTINODE_NODE_IP;"
+        " echo $MULTINODE_NODE_IP > /shared/rank-$OMPI_COMM_WORLD_RANK; exec ring']\n"
         "    multinode: {nodes: 3, implementation: openmpi}\n"
         "    resource: {cpu: {cores: 1}, memory: {size: 256MiB}}\n"
+        "    mounts: {/shared: {volume: shared}}\n"
         "  first:\n"
         f"    image: {{uri: {mpi}}}\n"
-        "    command: [sh, -c, 'echo first']\n"
+        "    requires: [ring]\n"
+        "    command: [sh, -c, 'echo first; cat /shared/rank-*']\n"
         "    resource: {cpu: {cores: 1}, memory: {size: 256MiB}}\n"
+        "    mounts: {/shared: {volume: shared}}\n"
     )
     outcome = engine.run("me/cloud-mpi", text)
     assert outcome.state is RunState.FINISHED, outcome.reason
@@ -94,3 +102,5 @@ def test_an_mpi_job_on_a_cloud_runs_on_its_node_group_over_the_nodes_network(
     [first] = attempts(engine, outcome.run_id, "first")
     assert ring.node == "node-0, node-1, node-2"  # the ring's group, in the stack's order
     assert first.node == "node-3"  # the other group's node, never one of the ring's
+    written = log_of(engine, outcome, "first").split()[1:]
+    assert sorted(written) == sorted(hosts[:3]), written
