@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
         "(the cluster's storage); repeatable; none: this agent serves no volume",
     )
     p.add_argument(
+        "--shared-volume-root",
+        action="append",
+        default=[],
+        metavar="DIR=MOUNT",
+        help="a volume root this node keeps on a share mounted at MOUNT (a FUSE file system: "
+        "its volumes belong to the jobs' root); the orchestrator names volumes beneath DIR, "
+        "as on the cluster's other nodes; repeatable",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         help="the ingress cache (default: DATA_DIR/cache/ingress); agents of one machine may "
@@ -239,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"substrate: {exc}", file=sys.stderr)
         return 2
     labels = dict(item.partition("=")[::2] for item in args.label)
+    shared_roots = {}
+    for item in args.shared_volume_root:
+        root, _, mount = item.partition("=")
+        if not (root.startswith("/") and mount.startswith("/")):
+            print(
+                f"substrate: --shared-volume-root {item}: write DIR=MOUNT, both absolute",
+                file=sys.stderr,
+            )
+            return 2
+        shared_roots[Path(root)] = Path(mount)
     config = AgentConfig(
         data_dir=args.data_dir,
         token=token,
@@ -256,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         image_dir=args.image_dir,
         oversubscribe=args.oversubscribe,
         volume_roots=tuple(args.volume_root),
+        shared_roots=shared_roots,
         cache_dir=args.cache_dir,
     )
     try:

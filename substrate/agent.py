@@ -52,6 +52,8 @@ class AgentConfig:
     # where volumes may be made, filled and read (MakeVolume, Transfer, ReadFile); none: the
     # agent serves no volume
     volume_roots: tuple[Path, ...] = ()
+    # volume roots this node keeps on a share mounted elsewhere: {the root: the mount}
+    shared_roots: dict[Path, Path] = field(default_factory=dict)
     cache_dir: Path | None = None  # the ingress cache (None: <data_dir>/cache/ingress); sharable
 
     @property

@@ -123,7 +123,8 @@ class DataServicer:
 
     @functools.cached_property
     def _volumes(self) -> VolumeRoots:
-        return VolumeRoots(self.agent.config.volume_roots)
+        config = self.agent.config
+        return VolumeRoots(config.volume_roots, config.shared_roots, config.userns.base)
 
     @functools.cached_property
     def _ingress_cache(self) -> TransferCache:
@@ -217,6 +218,8 @@ class DataServicer:
                 )
                 try:
                     place(volume, rel, staged)
+                    if self._volumes.on_share(request.volume):
+                        self._volumes.give(volume, rel)
                 except OSError as exc:  # a link, or a directory where the file goes
                     raise Refused(
                         f"{uri}: cannot write {rel} in the volume: {exc.strerror or exc}"

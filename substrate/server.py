@@ -211,6 +211,11 @@ class AgentServicer(DataServicer, rpc.AgentServicer):
             message=f"{note} {outcome.reference}", done=True, digest=outcome.digest
         )
 
+    def _mount(self, mount: pb.Mount) -> MountSpec:
+        """A job's mount, from where this node keeps it (a volume on a share)."""
+        source, shared = self._volumes.where(mount.source)
+        return MountSpec(source, mount.destination, mount.read_only, idmap=not shared)
+
     @_status_codes
     def Run(self, request: pb.RunRequest, context: Any) -> pb.RunResponse:
         spec = TaskSpec(
@@ -221,7 +226,7 @@ class AgentServicer(DataServicer, rpc.AgentServicer):
             env=dict(request.env),
             cwd=request.cwd,
             image=request.image,
-            mounts=tuple(MountSpec(m.source, m.destination, m.read_only) for m in request.mounts),
+            mounts=tuple(self._mount(m) for m in request.mounts),
             files=tuple(FileSpec(f.path, f.content, f.mode or 0o644) for f in request.files),
             isolated_network=request.network == pb.NETWORK_ISOLATED,
             host_network=request.network == pb.NETWORK_HOST,

@@ -246,7 +246,9 @@ def _s3_client(credentials: Mapping[str, str] | None) -> Any:
     import boto3  # loaded only when an s3:// transfer runs
 
     creds = dict(credentials or {})
-    return boto3.client(
+    # a session of its own: boto3's default session keeps the first credentials it found
+    # for the life of the process, and a transfer must use its request's, or none
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=creds.get("endpoint") or None,
         region_name=creds.get("region") or None,

@@ -6,6 +6,12 @@ volume is named by its absolute path, and reached from its root with no link fol
 (`substrate.paths.BENEATH`), then held open, so everything done in it happens in the directory
 that was checked. A volume is a tree that jobs write: any name in it may be a link a job
 planted, so files are placed into it and read from it through `substrate.paths` too.
+
+A root may be kept elsewhere on the node (`AgentConfig.shared_roots`): the orchestrator names
+the cluster's volumes beneath one path on every node, and this node has them on a share
+mounted at another (the local site's namespaced nodes, which share one mount table). A share
+is a FUSE file system, which takes no idmapped mount: its volumes belong to the jobs' root
+(`owner`), and what the agent puts there is given to it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from .paths import BENEATH, PathEscape, make_dirs, open_dir, relative_parts
@@ -46,13 +52,45 @@ class NoRoom(Exception):
 
 
 class VolumeRoots:
-    """The folders beneath which this agent makes and serves volumes."""
+    """The folders beneath which this agent makes and serves volumes; `shared`: the roots
+    among them that this node keeps on a share, with where it is mounted."""
 
-    def __init__(self, roots: Sequence[Path]) -> None:
+    def __init__(
+        self, roots: Sequence[Path], shared: Mapping[Path, Path] | None = None, owner: int = 0
+    ) -> None:
         self.roots = tuple(PurePosixPath(os.path.normpath(r)) for r in roots)
+        self.shared = {
+            PurePosixPath(os.path.normpath(r)): PurePosixPath(os.path.normpath(at))
+            for r, at in (shared or {}).items()
+        }
+        self.roots += tuple(r for r in self.shared if r not in self.roots)
+        self.owner = owner  # the host uid and gid of the jobs' root: a share's volumes are its
+
+    def where(self, path: str) -> tuple[str, bool]:
+        """Where the path `path` (a volume, or a file in one) is on this node, and whether it
+        is on a share; a path beneath no shared root is itself."""
+        pure = PurePosixPath(os.path.normpath(path)) if path.startswith("/") else None
+        for root, at in self.shared.items():
+            if pure is not None and pure.is_relative_to(root):
+                return str(at / pure.relative_to(root)), True
+        return path, False
+
+    def give(self, volume: Path, rel: str) -> None:
+        """On a share: give the file `rel` of `volume`, and the folders on its way, to the
+        jobs' root, through no link."""
+        parts = rel.split("/")
+        owner = self.owner
+        for i in range(len(parts)):
+            with open_dir(volume, "/".join(parts[:i]), BENEATH) as fd:
+                os.chown(f"/proc/self/fd/{fd}", owner, owner)  # the folder held open
+                os.chown(parts[i], owner, owner, dir_fd=fd, follow_symlinks=False)
+
+    def on_share(self, volume: str) -> bool:
+        return self.where(volume)[1]
 
     def split(self, volume: str) -> tuple[PurePosixPath, str]:
-        """The root that holds the absolute path `volume`, and the path below it."""
+        """The root that holds the absolute path `volume` (where this node keeps it), and the
+        path below it."""
         if not self.roots:
             raise NoVolumeRoot("this agent has no volume root")
         path = PurePosixPath(volume)
@@ -64,17 +102,19 @@ class VolumeRoots:
             roots = ", ".join(map(str, self.roots))
             raise BadPath(f"volume {volume} is not beneath this agent's volume roots ({roots})")
         root = max(inside, key=lambda r: len(r.parts))  # the innermost
-        return root, str(path.relative_to(root))
+        return self.shared.get(root, root), str(path.relative_to(root))
 
     def make(self, volume: str) -> bool:
         """Make the directory `volume` and its parents (0755, as the local site makes them:
-        a job's root writes to it through its idmapped mount); True when it was new."""
+        a job's root writes to it through its idmapped mount, or owns it on a share); True
+        when it was new."""
         root, rel = self.split(volume)
         try:
             with open_dir(root, rel, BENEATH):
                 return False
         except FileNotFoundError:
-            make_dirs(root, rel, BENEATH)
+            owner = (self.owner, self.owner) if self.on_share(volume) else None
+            make_dirs(root, rel, BENEATH, owner)
             return True
 
     def remove_empty(self, volume: str) -> None:

@@ -22,6 +22,7 @@ class MountSpec:
     source: str
     destination: str
     read_only: bool = False
+    idmap: bool = True  # False: on a share, whose files the jobs' root owns (no idmapped mount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,8 +397,9 @@ def oci_config(
     ]
     for m in spec.mounts:
         mode = "ro" if m.read_only else "rw"
-        # idmap: the job's root writes as the host's root would, and reads what it owns
-        options = ["rbind", mode, "nosuid", "nodev", "idmap"]
+        # idmap: the job's root writes as the host's root would, and reads what it owns (a
+        # share takes no idmapped mount: its volumes are the job's root's own)
+        options = ["rbind", mode, "nosuid", "nodev", *(["idmap"] if m.idmap else [])]
         mounts.append(
             {"destination": m.destination, "type": "bind", "source": m.source, "options": options}
         )
