@@ -178,7 +178,7 @@ def _container(kind: str) -> dict[str, Fate]:
         p + "requires": V1_EQUALS_V4,
         p + "resource.annotations": Honoured(
             "tests/orchestrator/test_placing.py::"
-            "test_data_far_away_prices_its_region_cheapest_but_a_cloud_takes_no_volumes_yet"
+            "test_data_far_away_goes_to_its_region_with_its_volumes_on_the_cluster"
         ),
         p + "resource.cpu.affinity": Honoured(LEASES + "test_socket_affinity"),
         p + "resource.cpu.cores": Honoured(CONTAINERS + "test_only_leased_cores_are_visible"),
@@ -336,7 +336,7 @@ FIELDS: dict[str, Fate] = {
     ),
     "volumes.*.annotations": Honoured(
         "tests/orchestrator/test_placing.py::"
-        "test_data_far_away_prices_its_region_cheapest_but_a_cloud_takes_no_volumes_yet"
+        "test_data_far_away_goes_to_its_region_with_its_volumes_on_the_cluster"
     ),
     "volumes.*.type": Refused(with_job(V1_VOLUME + "    type: HOST  # <-\n", "v1"), HOST_VOLUME),
     "volumes.*.path": Refused(with_job(V1_VOLUME + "    path: /srv  # <-\n", "v1"), HOST_VOLUME),
