@@ -31,11 +31,13 @@ need_apt() {
 
 command -v "$python" >/dev/null || need_apt python3 python3-venv
 if [[ -n "$runtime" ]]; then
-  # container tools, a registry and an image to build from; the tests add PostgreSQL
+  # container tools, a registry and an image to build from, and the share separate local
+  # nodes mount their volumes from (GlusterFS over FUSE); the tests add PostgreSQL
   missing=()
   for pair in bwrap:bubblewrap crun:crun skopeo:skopeo umoci:umoci docker-registry:docker-registry \
               busybox:busybox-static taskset:util-linux nsenter:util-linux nft:nftables \
-              ip:iproute2 unsquashfs:squashfs-tools mmdebstrap:mmdebstrap; do
+              ip:iproute2 unsquashfs:squashfs-tools mmdebstrap:mmdebstrap \
+              glusterd:glusterfs-server fusermount3:fuse3; do
     command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
   done
   # the seccomp profile Podman and CRI-O use, which job containers run under

@@ -16,6 +16,12 @@ are gone, whatever an agent that did not stop cleanly left (its tasks' processes
 network namespaces, bridge, cgroups) is removed by `substrate --clean-up` on its data
 directory, and the run's agent directories (tokens, task state) are deleted.
 
+A run's volumes live on this machine's disk (`volume_roots`). Separate nodes of a workflow
+with volumes reach them as a cloud cluster's nodes reach theirs: node 0 serves the run's volume
+folder over the run's network and every node mounts it (node_share.py, the `node-share`
+storage its placement records); persistent volumes stay on this machine's disk, which every
+node sees.
+
 Every run's agents serve mutual TLS with certificates of a CA made for the run (see
 `pki`), as a cloud's nodes do: only this orchestrator's certificate opens them, and the
 node key lives in the agent's folder (0600) until the run's folders go.
@@ -46,6 +52,7 @@ from substrate.paths import remove_tree
 
 from .base import AgentEndpoint, Cluster, NodeSlice, Plan, ProvisionError, Report, quiet
 from .node_network import LoopbackRelay, NodePlace, RunNetwork, loopback_ports
+from .node_share import NodeShare
 from .pki import RunPKI, make_run_pki
 
 if TYPE_CHECKING:
@@ -162,14 +169,20 @@ def separate_nodes(count: int) -> Sizing:
     return size
 
 
-def local_plan(run_id: str, nodes: Sequence[NodeSlice]) -> Plan[tuple[NodeSlice, ...]]:
-    """A local cluster of `nodes`, recorded in the run's placement as their sizes."""
-    record = {
+def local_plan(
+    run_id: str, nodes: Sequence[NodeSlice], *, storage: str | None = None
+) -> Plan[tuple[NodeSlice, ...]]:
+    """A local cluster of `nodes`, recorded in the run's placement as their sizes and, for a
+    workflow with volumes, where they live (`storage`: `node-local`, this machine's disk, or
+    `node-share`, a share node 0 serves to separate nodes, see node_share.py)."""
+    record: dict[str, object] = {
         "nodes": [
             {"cpus": len(n.cpus), "memory_bytes": n.memory_bytes, "gpus": len(n.gpus)}
             for n in nodes
         ]
     }
+    if storage is not None:
+        record["storage"] = storage
     return Plan(run_id, tuple(nodes), record if nodes else {})
 
 
@@ -217,7 +230,11 @@ class LocalProvisioner:
         self, run_id: str, owner: str, wf: Workflow, placement: Placement
     ) -> Plan[tuple[NodeSlice, ...]]:
         del owner, placement  # this machine is sized by the workflow alone
-        return local_plan(run_id, self.nodes(wf))
+        nodes = self.nodes(wf)
+        storage = None
+        if wf.volumes:
+            storage = "node-share" if self.namespaced and len(nodes) > 1 else "node-local"
+        return local_plan(run_id, nodes, storage=storage)
 
     def up(self, plan: Plan[tuple[NodeSlice, ...]], report: Report = quiet) -> Cluster:
         """Start the planned agents (they start in seconds: nothing to report)."""
@@ -235,14 +252,26 @@ class LocalProvisioner:
         pki = make_run_pki(run_id)  # the run's agents serve mutual TLS, as a cloud's do
         try:
             places = self._make_nodes(run_id, len(nodes)) if self.namespaced else None
+            shares = {}
+            if places and plan.record.get("storage") == "node-share":
+                shares = self._share(run_id, places)
             booting = [  # every agent is started before any is waited for: side by side
-                self._start(run_id, f"node-{i}", node, started, places[i] if places else None, pki)
+                self._start(
+                    run_id,
+                    f"node-{i}",
+                    node,
+                    started,
+                    places[i] if places else None,
+                    pki,
+                    shares.get(i),
+                )
                 for i, node in enumerate(nodes)
             ]
             agents = [ready() for ready in booting]
         except BaseException:
             self._stop(started)
             del self._procs[run_id]
+            self._remove_share(run_id)
             self._remove_network(run_id)  # the agents' folders stay, with their logs
             raise
         return Cluster(run_id=run_id, site=self.site, agents=tuple(agents))
@@ -257,6 +286,18 @@ class LocalProvisioner:
                 relay.serve(place.netns, port)
         return places
 
+    def _share(self, run_id: str, places: Sequence[NodePlace]) -> dict[int, str]:
+        """Serve the run's volume folder (the first of its volume roots) from its first node
+        and mount it on every node (node_share.py): for each node, the agent's
+        `--shared-volume-root`."""
+        roots = self.volume_roots(run_id)
+        if not roots:
+            return {}
+        share = NodeShare(self.root / run_id / "share", roots[0])
+        server = str(places[0].address)
+        share.serve(places[0].netns, server, [str(p.address) for p in places])
+        return {p.index: f"{roots[0]}={share.mount(p.index, p.netns, server)}" for p in places}
+
     def _start(
         self,
         run_id: str,
@@ -265,9 +306,11 @@ class LocalProvisioner:
         started: list[subprocess.Popen[str]],
         place: NodePlace | None,
         pki: RunPKI,
+        shared: str | None = None,
     ) -> Callable[[], AgentEndpoint]:
         """Start an agent's process (in its node, when `place` is one); a function that waits
-        until it serves, and says where."""
+        until it serves, and says where. `shared`: its `--shared-volume-root`, the run's
+        volume folder on the share."""
         home = self.root / run_id / name
         home.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
@@ -322,10 +365,14 @@ class LocalProvisioner:
             cmd += ["--deny-network", str(place.node_network)]
             # but a multi-node job's containers on the node's own network reach the others
             cmd += ["--host-network", str(place.address)]
+        roots = [str(r) for r in self.volume_roots(run_id)]
+        if shared is not None:
+            roots.remove(shared.partition("=")[0])
         for flag, values in (
             ("--search-registry", self.search),
             ("--insecure-registry", self.insecure),
-            ("--volume-root", tuple(map(str, self.volume_roots(run_id)))),
+            ("--volume-root", tuple(roots)),
+            ("--shared-volume-root", (shared,) if shared else ()),
         ):
             for value in values:
                 cmd += [flag, value]
@@ -403,9 +450,17 @@ class LocalProvisioner:
                 if netns.exists():
                     cmd += ["--netns", str(netns)]
                 subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+        self._remove_share(run_id)
         self._remove_network(run_id)
         if home.is_dir():
             remove_tree(home)
+
+    def _remove_share(self, run_id: str) -> None:
+        """Unmount and stop the run's share, if it has one; its files stay in the run's volume
+        folder."""
+        roots = self.volume_roots(run_id)
+        if roots:
+            NodeShare(self.root / run_id / "share", roots[0]).remove()
 
     def _remove_network(self, run_id: str) -> None:
         relay = self._relays.pop(run_id, None)

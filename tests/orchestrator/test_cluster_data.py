@@ -115,6 +115,8 @@ def test_nodes_fetch_and_store_the_data_and_jobs_on_two_nodes_share_the_volume(
     # `left` and `right` wait for each other, so they run at once: on different nodes (one
     # core each); `join` reads what both wrote
     meet = "for i in $(seq 300); do [ -e /data/{0}.host ] && break; sleep 0.1; done"
+    # and each says what its /data is: the mount's file system type and source
+    mounted = "grep -F ' /data ' /proc/self/mountinfo | sed 's/.* - //' > /data/{0}.mount"
     text = "version: v4\n" + textwrap.dedent(f"""
         volumes:
           data:
@@ -129,12 +131,14 @@ def test_nodes_fetch_and_store_the_data_and_jobs_on_two_nodes_share_the_volume(
         jobs:
           left:
             {IMAGE}
-            command: [/bin/sh, -c, "hostname > /data/left.host; {meet.format("right")}"]
+            command: [/bin/sh, -c, "hostname > /data/left.host; {mounted.format("left")};
+                                    {meet.format("right")}"]
             mounts: {{/data: {{volume: data}}}}
             resource: {{cpu: {{cores: 1}}}}
           right:
             {IMAGE}
-            command: [/bin/sh, -c, "hostname > /data/right.host; {meet.format("left")}"]
+            command: [/bin/sh, -c, "hostname > /data/right.host; {mounted.format("right")};
+                                     {meet.format("left")}"]
             mounts: {{/data: {{volume: data}}}}
             resource: {{cpu: {{cores: 1}}}}
           join:
@@ -144,7 +148,8 @@ def test_nodes_fetch_and_store_the_data_and_jobs_on_two_nodes_share_the_volume(
               - /bin/sh
               - -c
               - "cat /data/left.host /data/right.host /data/in/table.csv > /data/result.txt;
-                 wc -l < /data/in/book.txt >> /data/result.txt"
+                 wc -l < /data/in/book.txt >> /data/result.txt;
+                 cat /data/left.mount /data/right.mount >> /data/result.txt"
             mounts: {{/data: {{volume: data}}}}
     """)
     outcome = engine.run("user/data", text)
@@ -163,13 +168,22 @@ def test_nodes_fetch_and_store_the_data_and_jobs_on_two_nodes_share_the_volume(
     assert ran_on["left"] != ran_on["right"], ran_on
     stored = s3.clients(since=setup_done)  # before the test reads the result from here
     result = s3.client().get_object(Bucket="results", Key="result.txt")["Body"].read()
-    left, right, *table, lines = result.decode().splitlines()
+    left, right, *table, lines, left_mount, right_mount = result.decode().splitlines()
     assert (left, right) == ("left", "right")  # each job's hostname, written on its node
     assert table == ["a,b", "1,2"]
     assert lines.strip() == "1000"
+    # on both nodes the volume was the share one of the nodes serves over the run's network
+    # (node_share.py), not a folder of this machine's disk
+    kinds = {line.split()[0] for line in (left_mount, right_mount)}
+    sources = {line.split()[1] for line in (left_mount, right_mount)}
+    assert kinds == {"fuse.glusterfs"}, (left_mount, right_mount)
+    assert len(sources) == 1, sources
+    server, _, volume = sources.pop().partition(":")
+    assert volume == "/squall"
     # every byte went between a node and the servers: they saw node addresses only, never
     # this machine's (where the orchestrator runs)
     assert len(nodes) == 2
+    assert server in nodes
     assert web.clients
     assert set(web.clients) <= nodes, web.clients
     assert stored
