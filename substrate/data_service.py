@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -205,6 +206,7 @@ class DataServicer:
             except PathEscape as exc:
                 raise Refused(f"{uri}: cannot write {rel} in the volume: {exc.strerror}") from None
             staged = self._staging / f"ingress-{os.urandom(8).hex()}"
+            versions: list[str] = []  # of what was downloaded, for the cache
             try:
                 hit = fetch(
                     uri,
@@ -215,6 +217,7 @@ class DataServicer:
                     cache=self._ingress_cache,
                     ca_pem=request.ca_pem or None,
                     progress=progress,
+                    put_later=versions.append,
                 )
                 try:
                     place(volume, rel, staged)
@@ -224,10 +227,48 @@ class DataServicer:
                     raise Refused(
                         f"{uri}: cannot write {rel} in the volume: {exc.strerror or exc}"
                     ) from None
+                if versions:
+                    fd = _open_file(volume, rel, uri)
+                    try:
+                        stamp = _stamp(os.fstat(fd))
+                    finally:
+                        os.close(fd)
+                    self._cache_copies.submit(
+                        self._keep_in_cache, request.volume, rel, uri, versions[0], stamp
+                    )
             finally:
                 staged.unlink(missing_ok=True)
                 staged.with_name(staged.name + ".part").unlink(missing_ok=True)
         return hit
+
+    @functools.cached_property
+    def _cache_copies(self) -> futures.ThreadPoolExecutor:
+        """One thread that copies what ingress fetched into the cache, one file at a time."""
+        return futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-cache")
+
+    def _keep_in_cache(
+        self, volume_path: str, rel: str, uri: str, version: str, stamp: tuple[int, ...]
+    ) -> None:
+        """Copy the file an ingress placed into the ingress cache, after the transfer has
+        ended (the copy costs as much again as the download: off the run's path). A job may
+        write the file meanwhile: the copy is kept only if the file is the one placed, unchanged
+        (its inode, size, and modification and change times) when the copy is done."""
+        try:
+            with self._volumes.open(volume_path) as volume:
+                fd = _open_file(volume, rel, uri)
+                try:
+
+                    def unchanged() -> bool:
+                        return _stamp(os.fstat(fd)) == stamp
+
+                    if not unchanged() or not self._ingress_cache.put(
+                        uri, version, Path(f"/proc/self/fd/{fd}"), unchanged
+                    ):
+                        log.info("ingress cache: %s not kept: changed in the volume", uri)
+                finally:
+                    os.close(fd)
+        except Exception as exc:  # the run's volume gone, a full disk: nothing to keep
+            log.warning("ingress cache: %s not kept: %s", uri, exc)
 
     def _egress(self, request: pb.TransferRequest, rel: str, progress: Progress) -> bool:
         uri = request.uri
@@ -264,6 +305,12 @@ class DataServicer:
                     yield pb.FileChunk(size=size)
             finally:
                 os.close(fd)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written, truncated or replaced (a write sets the change
+    time, which no caller can set back)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _open_file(volume: Path, rel: str, what: str) -> int:

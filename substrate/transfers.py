@@ -73,6 +73,10 @@ class TransferCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for tmp in root.glob("*.tmp"):  # what writers that died left half-written
+            pid = tmp.name.rsplit(".", 2)[-2].split("-")[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                tmp.unlink(missing_ok=True)
 
     def path(self, source: str, version: str) -> Path:
         return self.root / hashlib.sha256(f"{source}\0{version}".encode()).hexdigest()
@@ -81,13 +85,20 @@ class TransferCache:
         path = self.path(source, version)
         return path if path.is_file() else None
 
-    def put(self, source: str, version: str, file: Path) -> None:
+    def put(
+        self, source: str, version: str, file: Path, unchanged: Callable[[], bool] = lambda: True
+    ) -> bool:
+        """Keep a copy of `file` as (source, version), if `unchanged()` still holds once it
+        is copied (a file in a volume that a job may write meanwhile); True if it was kept."""
         target = self.path(source, version)
         # a name of this writer's own: another agent may be putting the same object
         tmp = target.with_name(f"{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
         try:
             shutil.copyfile(file, tmp)
+            if not unchanged():
+                return False
             os.replace(tmp, target)
+            return True
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -135,9 +146,13 @@ def fetch(
     ca_file: str | None = None,
     ca_pem: str | None = None,
     progress: Progress = lambda done, total: None,
+    put_later: Callable[[str], None] | None = None,
 ) -> bool:
     """Copy `source` to the file `dest`; True when it came from the cache. An interrupted
-    http(s) download resumes from `dest`'s `.part` file next to it."""
+    http(s) download resumes from `dest`'s `.part` file next to it. What was downloaded goes
+    into `cache` before this returns or, with `put_later`, is left to the caller, which is
+    given the source's version (to copy it in once `dest` is where it goes, off the path of
+    the transfer)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if source.startswith("file://"):
         name = source.removeprefix("file://")
@@ -168,7 +183,9 @@ def fetch(
         backend.download(dest, remote, deadline, progress)
         if remote.size is not None and dest.stat().st_size != remote.size:
             raise OSError(f"got {dest.stat().st_size} bytes of {remote.size}")
-        if cache is not None:
+        if put_later is not None:
+            put_later(remote.version)
+        elif cache is not None:
             cache.put(source, remote.version, dest)
         return False
 

@@ -84,6 +84,39 @@ def test_the_cache_serves_a_second_run(web: FileServer, tmp_path: Path) -> None:
     assert (tmp_path / "run3").read_bytes() == b"new content"
 
 
+def test_a_caller_may_put_into_the_cache_later(web: FileServer, tmp_path: Path) -> None:
+    cache = TransferCache(tmp_path / "cache")
+    url = f"{web.url}/data.bin"
+    versions: list[str] = []
+    fetch(url, tmp_path / "d", ca_file=web.ca_file, cache=cache, put_later=versions.append)
+    assert not list((tmp_path / "cache").iterdir())  # the caller copies it in, later
+    [version] = versions
+    assert cache.put(url, version, tmp_path / "d")
+    assert fetch(url, tmp_path / "again", ca_file=web.ca_file, cache=cache, policy=FAST)
+
+
+def test_a_copy_of_a_file_that_changed_meanwhile_is_not_kept(tmp_path: Path) -> None:
+    cache = TransferCache(tmp_path / "cache")
+    (tmp_path / "f").write_bytes(b"placed")
+    assert not cache.put("s3://b/k", "v1", tmp_path / "f", unchanged=lambda: False)
+    assert cache.get("s3://b/k", "v1") is None
+    assert not list((tmp_path / "cache").iterdir())  # nor its half
+    assert cache.put("s3://b/k", "v1", tmp_path / "f", unchanged=lambda: True)
+    assert cache.get("s3://b/k", "v1") is not None
+
+
+def test_what_dead_writers_left_half_written_goes(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    dead = root / f"{'a' * 64}.{2**31 - 1}-0bad.tmp"  # beyond any pid
+    live = root / f"{'b' * 64}.{os.getpid()}-0bad.tmp"  # another agent putting it now
+    for tmp in (dead, live):
+        tmp.write_bytes(b"half")
+    TransferCache(root)
+    assert not dead.exists()
+    assert live.exists()
+
+
 def test_inline_files(tmp_path: Path) -> None:
     fetch("file://params.csv", tmp_path / "p.csv", files={"params.csv": "x,42\n"})
     assert (tmp_path / "p.csv").read_text() == "x,42\n"

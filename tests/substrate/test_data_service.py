@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +181,26 @@ def test_an_interrupted_download_resumes(node: DataAgent, web: FileServer) -> No
     assert node.staged() == []
 
 
+def cached_files(cache: Path, count: int) -> list[Path]:
+    """The cache's files, once it holds `count` (an agent copies a download into its cache
+    after the transfer has ended)."""
+    deadline = time.monotonic() + 30
+    while True:
+        files = [f for f in cache.iterdir() if not f.name.endswith(".tmp")]
+        if len(files) >= count or time.monotonic() > deadline:
+            return files
+        time.sleep(0.02)
+
+
 def test_the_ingress_cache_answers_a_second_ingress(
-    start_agent: Callable[..., DataAgent], web: FileServer
+    start_agent: Callable[..., DataAgent], web: FileServer, tmp_path: Path
 ) -> None:
     first, second = start_agent("a"), start_agent("b")  # two agents of one machine
     url = f"{web.url}/data.bin"
     one, two = first.volume("one"), second.volume("two")
     assert not first.transfer(volume=one, path="d", uri=url, ca_pem=pem(web))[-1].cached
+    [kept] = cached_files(tmp_path / "ingress-cache", 1)
+    assert kept.read_bytes() == BIG
     last = second.transfer(volume=two, path="d", uri=url, ca_pem=pem(web))[-1]
     assert last.done
     assert last.cached
