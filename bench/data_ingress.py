@@ -66,6 +66,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import machine_busy, process_cpu, sha256  # noqa: E402
 from orchestrator.data.data_agent import DataAgent  # noqa: E402
 from orchestrator.data.transfers import TransferPolicy  # noqa: E402
 from orchestrator.provision.base import NodeSlice  # noqa: E402
@@ -76,7 +77,6 @@ MIB = 1 << 20
 BUCKET = "bench-ingress"
 BIG, TINY = "big.bin", "tiny.bin"
 TINY_SIZE = 1024
-TICK = os.sysconf("SC_CLK_TCK")
 
 # run in moto's process before its server starts: a key's value (the whole object, read from
 # its spooled file for every GET) is kept once read, and forgotten when the key is rewritten
@@ -158,26 +158,6 @@ class S3:
         self.proc.terminate()
         self.proc.wait(timeout=10)
         self.log.close()
-
-
-def process_cpu(pid: int) -> float:
-    """User + system seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def machine_busy() -> float:
-    """Seconds every CPU of the machine spent busy since boot (less idle and iowait)."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / TICK
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * MIB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

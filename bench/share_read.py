@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import process_cpu, sha256  # noqa: E402
 from orchestrator.data.staging import volume_roots  # noqa: E402
 from orchestrator.provision.base import NodeSlice  # noqa: E402
 from orchestrator.provision.local import LocalProvisioner, local_plan  # noqa: E402
@@ -66,20 +67,6 @@ def read_all(path: Path) -> tuple[float, int]:
     finally:
         os.close(fd)
     return time.perf_counter() - start, got
-
-
-def process_cpu(pid: int) -> float:
-    """User + system seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * MIB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main() -> int:
