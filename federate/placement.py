@@ -56,6 +56,12 @@ class Site:
     # where its clusters keep a run's volumes (a `storage.CLASSES` value, from the site's
     # configuration); None: node-local for one node, else the cloud's file system
     storage: str | None = None
+    # a cloud region's NFS share (`HOST:/PATH`) that keeps persistent volumes across runs,
+    # from the site's configuration; None: it keeps none
+    persistent_share: str | None = None
+    # the existing subnet a run there joins to reach that share, and its range; None: the
+    # run's own new network reaches it
+    persistent_subnet: tuple[str, str] | None = None
 
     @property
     def place(self) -> Place:

@@ -15,16 +15,32 @@ site (this machine). Each becomes a `Site` whose node shape is priced from an in
     storage:                       # per cloud, or CLOUD:REGION (which wins)
       aws: nfs-first-node
       gcp:europe-west4: managed
+    persistent:                    # the NFS share that keeps persistent volumes, likewise
+      aws:us-east-1:
+        share: fs-0123456789abcdef0.efs.us-east-1.amazonaws.com:/
+        subnet: subnet-0123456789abcdef0   # where runs that use it go, to reach it
+        cidr: 10.0.8.0/24                  # that subnet's range
 
 Storage is where a cluster keeps a run's volumes: `node-local` (the node's own disk, for a
 cluster of one node), `nfs-first-node` (the first node's disk, shared over NFS) or `managed`
 (the cloud's NFS file system, priced). A site that names none gets node-local for one node,
 else the cloud's file system (`storage.storage_class`).
+
+Persistent volumes outlive runs, so a cloud cluster's storage, which goes with its stack,
+cannot keep them: a cloud region keeps them on a share of the team's own, named under
+`persistent:` (an NFS export, `HOST:/PATH`, such as an EFS file system, a Filestore instance or
+an Azure Files NFS share), which every node of a run that uses one mounts. Such a share is
+reached from its own network: a run that uses it joins the existing subnet named with it
+(`subnet:`, with its range `cidr:`) instead of making a network of its own; a share given
+alone (`aws: HOST:/PATH`) must be reachable from a run's new network. Existing subnets are
+taken on AWS only for now, so a share is named for AWS regions alone. A region without one
+cannot run a workflow with persistent volumes.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import ipaddress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +51,16 @@ from .placement import Site
 from .policy import PolicyError
 from .storage import CLASSES
 
-__all__ = ["bucket_locations", "cloud_storage", "local_site", "onprem_sites", "with_storage"]
+__all__ = [
+    "PersistentShare",
+    "bucket_locations",
+    "cloud_storage",
+    "local_site",
+    "onprem_sites",
+    "persistent_shares",
+    "with_persistent_shares",
+    "with_storage",
+]
 
 
 def _shape_type(
@@ -106,6 +131,67 @@ def cloud_storage(path: Path) -> dict[str, str]:
     if not isinstance(section, dict):
         raise PolicyError(f"{path}: storage maps a CLOUD or CLOUD:REGION to a storage class")
     return {str(k): str(_storage_class(path, f"storage of {k}", v)) for k, v in section.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class PersistentShare:
+    """A region's share of persistent volumes: the NFS export, and the existing subnet (id
+    and range) a run joins to reach it (None: the run's own network reaches it)."""
+
+    share: str
+    subnet: tuple[str, str] | None = None
+
+
+def persistent_shares(path: Path) -> dict[str, PersistentShare]:
+    """The `persistent:` section: CLOUD or CLOUD:REGION -> the NFS share (`HOST:/PATH`, or
+    `{share: HOST:/PATH, subnet: ID, cidr: RANGE}`) that keeps persistent volumes there."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    section = data.get("persistent") or {}
+    if not isinstance(section, dict):
+        raise PolicyError(f"{path}: persistent maps a CLOUD or CLOUD:REGION to an NFS share")
+    return {str(where): _share(path, str(where), value) for where, value in section.items()}
+
+
+def _share(path: Path, where: str, value: object) -> PersistentShare:
+    what = f"{path}: persistent of {where}"
+    if where.partition(":")[0] != "aws":
+        raise PolicyError(
+            f"{what}: a run there makes a network of its own, which reaches no share of yours "
+            "(existing subnets are taken on AWS only, for now)"
+        )
+    spec = value if isinstance(value, dict) else {"share": value}
+    unknown = set(spec) - {"share", "subnet", "cidr"}
+    if unknown:
+        raise PolicyError(f"{what}: unknown {', '.join(sorted(map(str, unknown)))}")
+    share = str(spec.get("share", ""))
+    host, _, folder = share.partition(":")
+    if not (host and folder.startswith("/")) or any(c.isspace() for c in share):
+        raise PolicyError(f"{what}: an NFS share is HOST:/PATH, not {share!r}")
+    if ("subnet" in spec) != ("cidr" in spec):
+        raise PolicyError(f"{what}: give the subnet and its range (cidr) together")
+    if "subnet" not in spec:
+        return PersistentShare(share)
+    try:
+        cidr = str(ipaddress.ip_network(str(spec["cidr"]), strict=False))
+    except ValueError as exc:
+        raise PolicyError(f"{what}: cidr: {exc}") from None
+    return PersistentShare(share, (str(spec["subnet"]), cidr))
+
+
+def with_persistent_shares(sites: list[Site], shares: dict[str, PersistentShare]) -> list[Site]:
+    """The cloud sites with the share `persistent_shares` names for them (CLOUD:REGION over
+    CLOUD); the others as they are."""
+    out = []
+    for site in sites:
+        found = shares.get(site.name, shares.get(site.cloud)) if site.kind == "cloud" else None
+        if found is None:
+            out.append(site)
+        else:
+            out.append(replace(site, persistent_share=found.share, persistent_subnet=found.subnet))
+    return out
 
 
 def with_storage(sites: list[Site], storage: dict[str, str]) -> list[Site]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from .spec import VOLUME_ROOT, ClusterSpec, NodeGroup, StorageClass
+from .spec import PERSISTENT_ROOT, VOLUME_ROOT, ClusterSpec, NodeGroup, StorageClass
 
 __all__ = [
     "AGENT_DIR",
@@ -39,6 +39,7 @@ __all__ = [
 AGENT_DIR = "/etc/squall"
 TLS_DIR = f"{AGENT_DIR}/tls"
 MOUNT_TRIES, MOUNT_WAIT_S = 60, 10  # ten minutes for node 0 or the file system to answer
+PERSISTENT_OPTIONS = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2"
 # mounting node 0's export: NFSv4.1 over TCP, hard (a write is never dropped while the
 # server restarts), as nfs(5) describes; the Linux server serves 1 MiB reads and writes
 NFS_SERVER_OPTIONS = "nfsvers=4.1,proto=tcp,hard,timeo=600,retrans=2,rsize=1048576,wsize=1048576"
@@ -103,30 +104,49 @@ def _volumes(spec: ClusterSpec, mount: NfsMount | None, export: NfsExport | None
             "exportfs -ra",
         ]
     if mount is not None:
-        fstab = f"{mount.source} {VOLUME_ROOT} nfs {mount.options},_netdev,nofail 0 0"
-        lines += [
-            "command -v mount.nfs >/dev/null || { "
-            + _say("squall: the node image has no NFS client (nfs-common)")
-            + "; exit 1; }",
-            f"install -d -m 0755 {root}",
-            f"grep -qsF {shlex.quote(f' {VOLUME_ROOT} ')} /etc/fstab || "
-            f"echo {shlex.quote(fstab)} >> /etc/fstab",
-            "tries=0",
-            f"until mountpoint -q {root} || mount {root}; do",
-            "  tries=$((tries + 1))",
-            f'  if [ "$tries" -ge {MOUNT_TRIES} ]; then',
-            "    "
-            + _say(
-                f"squall: cannot mount the volumes ({mount.source}) at {VOLUME_ROOT} "
-                f"after {MOUNT_TRIES} tries; the agent is not started"
-            ),
-            "    exit 1",
-            "  fi",
-            "  " + _say(f"squall: waiting for the volumes at {mount.source} ({MOUNT_WAIT_S} s)"),
-            f"  sleep {MOUNT_WAIT_S}",
-            "done",
-        ]
+        lines += _nfs_mount(mount, VOLUME_ROOT, "the volumes")
     return lines
+
+
+def _nfs_mount(mount: NfsMount, point: str, what: str) -> list[str]:
+    """Mount `mount` at `point` now and after every boot (fstab), retrying for ten minutes
+    with a word on the console: `what` is what it holds."""
+    quoted = shlex.quote(point)
+    fstab = f"{mount.source} {point} nfs {mount.options},_netdev,nofail 0 0"
+    return [
+        "command -v mount.nfs >/dev/null || { "
+        + _say("squall: the node image has no NFS client (nfs-common)")
+        + "; exit 1; }",
+        f"install -d -m 0755 {quoted}",
+        f"grep -qsF {shlex.quote(f' {point} ')} /etc/fstab || "
+        f"echo {shlex.quote(fstab)} >> /etc/fstab",
+        "tries=0",
+        f"until mountpoint -q {quoted} || mount {quoted}; do",
+        "  tries=$((tries + 1))",
+        f'  if [ "$tries" -ge {MOUNT_TRIES} ]; then',
+        "    "
+        + _say(
+            f"squall: cannot mount {what} ({mount.source}) at {point} "
+            f"after {MOUNT_TRIES} tries; the agent is not started"
+        ),
+        "    exit 1",
+        "  fi",
+        "  " + _say(f"squall: waiting for {what} at {mount.source} ({MOUNT_WAIT_S} s)"),
+        f"  sleep {MOUNT_WAIT_S}",
+        "done",
+    ]
+
+
+def _persistent(spec: ClusterSpec) -> list[str]:
+    """The team's share of persistent volumes, when the run has some: not the stack's, so
+    NFS 4.1 with the options EFS, Filestore and Azure Files NFS all take."""
+    if spec.persistent_share is None:
+        return []
+    share = NfsMount(spec.persistent_share, PERSISTENT_OPTIONS)
+    return [
+        "# the team's persistent volumes",
+        *_nfs_mount(share, PERSISTENT_ROOT, "the persistent volumes"),
+    ]
 
 
 def _tls(spec: ClusterSpec) -> list[str]:
@@ -162,6 +182,8 @@ def startup_script(
     extra = ""
     if spec.storage is not None:
         extra += f" \\\n  --volume-root {VOLUME_ROOT}"
+    if spec.persistent_share is not None:
+        extra += f" \\\n  --volume-root {PERSISTENT_ROOT}"
     if spec.bootstrap.tls:
         extra += (
             f" \\\n  --tls-cert {TLS_DIR}/node.pem --tls-key {TLS_DIR}/node.key"
@@ -174,7 +196,11 @@ def startup_script(
         # jobs never reach the orchestrator (nor, as on every node, the node itself)
         control_plane=shlex.quote(spec.network.orchestrator_cidr),
         # after a reboot, systemd mounts the share (fstab) before it starts the agent
-        requires=f"RequiresMountsFor={VOLUME_ROOT}\n" if mount else "",
+        requires="".join(
+            f"RequiresMountsFor={point}\n"
+            for point, mounted in ((VOLUME_ROOT, mount), (PERSISTENT_ROOT, spec.persistent_share))
+            if mounted
+        ),
         extra=extra,
     )
     return "\n".join(
@@ -205,6 +231,7 @@ def startup_script(
             *_tls(spec),
             "umask 022",
             *_volumes(spec, mount, export),
+            *_persistent(spec),
             "cat > /etc/systemd/system/squall-agent.service <<'SQUALL_UNIT'",
             unit.rstrip(),
             "SQUALL_UNIT",

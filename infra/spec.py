@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 __all__ = [
     "CLOUDS",
     "NFS_PORT",
+    "PERSISTENT_ROOT",
     "VOLUME_ROOT",
     "Bootstrap",
     "ClusterSpec",
@@ -41,6 +42,8 @@ _FABRIC_CLOUD = {"efa": "aws", "infiniband": "azure", "gpudirect": "gcp"}
 CLOUDS = ("aws", "gcp", "azure")
 # where every node sees the run's volumes, whatever holds them (the same path on every node)
 VOLUME_ROOT = "/var/lib/squall/volumes"
+# where every node of a run with persistent volumes mounts the team's share that keeps them
+PERSISTENT_ROOT = "/var/lib/squall/persistent"
 NFS_PORT = 2049  # NFSv4 needs no other port (no portmapper, mountd or lock manager)
 
 
@@ -198,6 +201,9 @@ class ClusterSpec(_Model):
     bootstrap: Bootstrap
     buckets: tuple[str, ...] = ()  # object-store buckets the nodes may read and write
     storage: Storage | None = None  # None: no volumes, nothing made or mounted
+    # the team's NFS share (HOST:/PATH) that keeps persistent volumes, mounted by every node
+    # at PERSISTENT_ROOT; it is not the stack's, and outlives it. None: no persistent volumes
+    persistent_share: str | None = Field(default=None, pattern=r"^[^\s:]+:/\S*$")
 
     @model_validator(mode="after")
     def _cluster_rules(self) -> ClusterSpec:

@@ -274,7 +274,9 @@ class Engine:
         self._set_run(run_id, RunState.STAGING)
         transfers = self._reporter(run_id, "transfer")
         with DataAgent(cluster.agents[0]) as data:  # the node that moves the run's bytes
-            paths = self.staging.create(run_id, wf, data, cluster.volume_root)
+            paths = self.staging.create(
+                run_id, wf, data, cluster.volume_root, cluster.persistent_root
+            )
             self.staging.plan_egress(run_id, wf)
             self.staging.ingress(run_id, wf, paths, transfers, data)
         self._pull_images(run_id, wf, cluster)

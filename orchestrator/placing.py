@@ -34,6 +34,8 @@ from federate.sites import (
     cloud_storage,
     local_site,
     onprem_sites,
+    persistent_shares,
+    with_persistent_shares,
     with_storage,
 )
 from federate.workload import Workload
@@ -238,8 +240,11 @@ class Placer:
 
 
 def _with_gaps(site: Site) -> Site:
-    """`site` with what its provider declares it cannot run yet (federation reads it)."""
+    """`site` with what its provider declares it cannot run yet (federation reads it); a
+    cloud region with a share for persistent volumes keeps them."""
     cannot = {"local": LocalProvisioner.cannot, "cloud": CloudProvisioner.cannot}.get(site.kind)
+    if cannot and site.persistent_share:
+        cannot = {k: v for k, v in cannot.items() if k != "persistent volumes"}
     return replace(site, cannot=tuple(cannot.items())) if cannot else site
 
 
@@ -262,9 +267,13 @@ def candidate_sites(catalog: Catalog, sites_file: Path | None, local_nodes: int 
 
 
 def _clouds(catalog: Catalog, sites_file: Path | None) -> list[Site]:
-    """The catalog's cloud regions, each with the storage the sites file chose for it."""
+    """The catalog's cloud regions, each with the storage and the share for persistent
+    volumes the sites file chose for it."""
     clouds = cloud_sites(catalog)
-    return with_storage(clouds, cloud_storage(sites_file)) if sites_file else clouds
+    if sites_file is None:
+        return clouds
+    clouds = with_storage(clouds, cloud_storage(sites_file))
+    return with_persistent_shares(clouds, persistent_shares(sites_file))
 
 
 def _brief(e: SiteEstimate) -> dict[str, Any]:

@@ -9,7 +9,9 @@ Where volumes live is the site's storage:
   use those two folders alone (`volume_roots`).
 - On a cloud cluster, the cluster's own storage (`Cluster.volume_root`: node-local disk, an
   NFS export of the first node, or the cloud's managed NFS), mounted at the same path on every
-  node; persistent volumes are not carried to clouds yet (their provider says so).
+  node; persistent volumes on the region's share of the team's own (`Cluster.persistent_root`,
+  `SCOPE/NAME` beneath it, as on this machine), which outlives the stack. A region without
+  one takes no persistent volume (federation says so).
 
 An ephemeral volume goes away with the run unless an egress out of it failed: then it stays,
 so the egress can be retried (`squall workflow egress NAME`) or let go (`--release`). A cloud
@@ -198,27 +200,42 @@ class Staging:
 
     # ---- volumes ------------------------------------------------------------------------
 
-    def path(self, run_id: str, volume: VolumeSpec, root: str = "") -> str:
-        """Where a volume lives on the nodes: under the cluster's storage `root`, or ("")
-        on this machine (HOST volumes are refused at validation)."""
-        if root:
-            if volume.persistent:
-                raise InvalidInput(
-                    f"volume {volume.name!r} is persistent: persistent volumes live on the "
-                    "local site for now, not on a cloud cluster's storage"
-                )
-            return f"{root.rstrip('/')}/{_one_name(volume.name, 'volume')}"
+    def path(
+        self, run_id: str, volume: VolumeSpec, root: str = "", persistent_root: str = ""
+    ) -> str:
+        """Where a volume lives on the nodes: under the cluster's storage `root` (persistent
+        ones under `persistent_root`, the share that keeps them), or ("") on this machine
+        (HOST volumes are refused at validation)."""
         if volume.persistent:
             name = _one_name(volume.persistent_name or volume.name, "persistent volume")
             scope = _one_name(volume.scope, "volume scope")
+            if persistent_root:
+                return f"{persistent_root.rstrip('/')}/{scope}/{name}"
+            if root:
+                raise InvalidInput(
+                    f"volume {volume.name!r} is persistent, and this cluster has no share "
+                    "for persistent volumes (`persistent:` in the sites file)"
+                )
             return str(self.data_dir / "volumes" / scope / name)
+        if root:
+            return f"{root.rstrip('/')}/{_one_name(volume.name, 'volume')}"
         ephemeral, _ = volume_roots(self.data_dir, run_id)
         return str(ephemeral / _one_name(volume.name, "volume"))
 
-    def create(self, run_id: str, wf: Workflow, agent: DataAgent, root: str = "") -> dict[str, str]:
-        """Make every volume's folder on the cluster's storage (`root`; "": this machine's),
-        through `agent`, recorded first; returns name -> its path on the nodes."""
-        paths = {name: self.path(run_id, v, root) for name, v in wf.volumes.items()}
+    def create(
+        self,
+        run_id: str,
+        wf: Workflow,
+        agent: DataAgent,
+        root: str = "",
+        persistent_root: str = "",
+    ) -> dict[str, str]:
+        """Make every volume's folder on the cluster's storage (`root`, `persistent_root`; "":
+        this machine's), through `agent`, recorded first; returns name -> its path on the
+        nodes."""
+        paths = {
+            name: self.path(run_id, v, root, persistent_root) for name, v in wf.volumes.items()
+        }
         with self.store.session() as s:
             for name, v in wf.volumes.items():
                 s.add(
@@ -239,6 +256,7 @@ class Staging:
         """Delete the run's ephemeral volumes unless an egress out of them failed (or
         `force`); returns the names kept."""
         kept, doomed = [], []
+        runs = (self.data_dir / "runs").resolve()
         with self.store.session() as s:
             failed = set(
                 s.scalars(
@@ -250,7 +268,9 @@ class Staging:
                 ).all()
             )
             for vol in s.scalars(select(Volume).where(Volume.run_id == run_id)).all():
-                if vol.persistent_name is not None or vol.state == "DELETED":
+                # a persistent volume stays, but for what was brought home from its share
+                home = Path(vol.path).resolve().is_relative_to(runs)
+                if (vol.persistent_name is not None and not home) or vol.state == "DELETED":
                     continue
                 if vol.name in failed and not force:
                     vol.state = "KEPT"
@@ -258,7 +278,6 @@ class Staging:
                     continue
                 doomed.append(vol.path)
                 vol.state = "DELETED"
-        runs = (self.data_dir / "runs").resolve()
         for path in doomed:  # after the commit: the store is not held while files go
             # a path read back from the store: only ever a run's own folder is deleted
             if Path(path).resolve().is_relative_to(runs) and Path(path).resolve() != runs:

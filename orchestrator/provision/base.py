@@ -74,6 +74,9 @@ class Cluster:
     # where volumes live on every node: the cluster's own storage, mounted at this path on
     # each; "": on this machine (the local site), where the orchestrator keeps them
     volume_root: str = ""
+    # where every node has the share that keeps persistent volumes across runs (a cloud
+    # region's, named in the sites file); "": on this machine (the local site)
+    persistent_root: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from federate.catalog import CLOUDS
 from federate.placement import SiteEstimate
 from federate.workload import Workload
-from infra.spec import VOLUME_ROOT, Bootstrap, ClusterSpec, Network
+from infra.spec import PERSISTENT_ROOT, VOLUME_ROOT, Bootstrap, ClusterSpec, Network
 from substrate.tls import ClientTLS
 
 from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report
@@ -54,6 +54,9 @@ class CloudSettings:
     # where the boot script mounts the cluster's storage on every node (the cloud-run tests'
     # stand-in nodes keep theirs in the test's folder)
     volume_root: str = VOLUME_ROOT
+    # where the boot script mounts the share of persistent volumes (the tests' stand-ins, in
+    # the test's folder)
+    persistent_root: str = PERSISTENT_ROOT
 
     @classmethod
     def from_environment(cls) -> CloudSettings:
@@ -91,8 +94,8 @@ class CloudProvisioner:
     gcp or azure)."""
 
     cannot: Mapping[str, str] = {
-        "persistent volumes": "persistent volumes live on the local site for now: a cloud "
-        "cluster's storage goes with its stack",
+        "persistent volumes": "a cloud cluster's storage goes with its stack, and this region "
+        "has no share for persistent volumes (`persistent:` in the sites file)",
     }
 
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
@@ -174,7 +177,7 @@ class CloudProvisioner:
                 workload,
                 estimate,
                 image=self.settings.images[cloud],
-                network=Network(orchestrator_cidr=self.settings.orchestrator_cidr),
+                network=self._network(workload, estimate),
                 bootstrap=Bootstrap(
                     orchestrator=self.settings.orchestrator_address,
                     join_token=SecretStr(secrets.token_urlsafe(32)),
@@ -187,6 +190,17 @@ class CloudProvisioner:
             )
         except ValueError as exc:  # pydantic's, with the field that is wrong
             raise ProvisionError(f"cannot size a cluster for {estimate.site.name}: {exc}") from None
+
+    def _network(self, workload: Workload, estimate: SiteEstimate) -> Network:
+        """The run's own new network; or, for a run with persistent volumes in a region whose
+        share is reached from an existing subnet (the sites file's), that subnet."""
+        assert self.settings.orchestrator_cidr is not None
+        subnet = estimate.site.persistent_subnet
+        if subnet is None or "persistent volumes" not in workload.features:
+            return Network(orchestrator_cidr=self.settings.orchestrator_cidr)
+        return Network(
+            orchestrator_cidr=self.settings.orchestrator_cidr, subnet_id=subnet[0], cidr=subnet[1]
+        )
 
     def up(self, plan: Plan[ClusterSpec], report: Report) -> Cluster:
         """The stack up, as a cluster whose jobs each run on the node group priced for them,
@@ -212,6 +226,7 @@ class CloudProvisioner:
             groups={job: tuple(nodes) for job, nodes in groups.items()},
             host_network=True,
             volume_root=self.settings.volume_root if spec.storage is not None else "",
+            persistent_root=self.settings.persistent_root if spec.persistent_share else "",
         )
 
     def down(self, cluster: Cluster, report: Report) -> None:

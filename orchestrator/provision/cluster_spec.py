@@ -100,4 +100,9 @@ def cluster_spec(
         bootstrap=bootstrap,
         buckets=buckets,
         storage=storage,
+        # kept on the region's share (the sites file's `persistent:`), which federation
+        # required of a site for a workflow with persistent volumes
+        persistent_share=site.persistent_share
+        if "persistent volumes" in workload.features
+        else None,
     )

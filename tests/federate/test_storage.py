@@ -16,7 +16,13 @@ import pytest
 from federate.catalog import Catalog, load, shipped
 from federate.placement import Site, cloud_sites, compare, estimate
 from federate.policy import Policy, PolicyError
-from federate.sites import cloud_storage, onprem_sites, with_storage
+from federate.sites import (
+    cloud_storage,
+    onprem_sites,
+    persistent_shares,
+    with_persistent_shares,
+    with_storage,
+)
 from federate.storage import (
     HOURS_PER_MONTH,
     billed_gib,
@@ -244,3 +250,36 @@ def test_sites_name_their_storage(tmp_path: Path, catalog: Catalog) -> None:
     path.write_text("storage:\n  aws: lustre\n")
     with pytest.raises(PolicyError, match="storage is one of node-local, nfs-first-node, managed"):
         cloud_storage(path)
+
+
+def test_sites_name_the_share_that_keeps_persistent_volumes(
+    tmp_path: Path, catalog: Catalog
+) -> None:
+    path = tmp_path / "sites.yaml"
+    path.write_text(
+        "persistent:\n"
+        "  aws: fs-1.efs.us-east-1.amazonaws.com:/\n"
+        "  aws:us-east-2: {share: '10.0.8.9:/team', subnet: subnet-0abc, cidr: 10.0.8.0/24}\n"
+    )
+    shares = persistent_shares(path)
+    sites = {s.name: s for s in with_persistent_shares(cloud_sites(catalog), shares)}
+    assert sites["aws:us-east-1"].persistent_share == "fs-1.efs.us-east-1.amazonaws.com:/"
+    assert sites["aws:us-east-1"].persistent_subnet is None  # a run's own network reaches it
+    assert sites["aws:us-east-2"].persistent_share == "10.0.8.9:/team"  # the region's own wins
+    assert sites["aws:us-east-2"].persistent_subnet == ("subnet-0abc", "10.0.8.0/24")
+    assert sites["gcp:us-central1"].persistent_share is None
+    refused = {
+        "fs-1.efs.amazonaws.com": "an NFS share is HOST:/PATH",
+        "host:relative": "an NFS share is HOST:/PATH",
+        "'host:/a b'": "an NFS share is HOST:/PATH",
+        "{share: 'h:/x', subnet: subnet-1}": "give the subnet and its range",
+        "{share: 'h:/x', subnet: subnet-1, cidr: nowhere}": "cidr: ",
+        "{share: 'h:/x', vpc: vpc-1}": "unknown vpc",
+    }
+    for value, message in refused.items():
+        path.write_text(f"persistent:\n  aws: {value}\n")
+        with pytest.raises(PolicyError, match=f"persistent of aws: {message}"):
+            persistent_shares(path)
+    path.write_text("persistent:\n  gcp:us-central1: 'h:/x'\n")
+    with pytest.raises(PolicyError, match="existing subnets are taken on AWS only"):
+        persistent_shares(path)

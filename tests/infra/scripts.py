@@ -75,18 +75,20 @@ def in_plain_sight(mocks: RecordingMocks, text: str) -> list[str]:
     ]
 
 
-def mounted_source(script: str) -> tuple[str, str]:
-    """(source, options) of the share the script mounts at VOLUME_ROOT, after checking that
-    it mounts it (retrying) before it starts the agent, and starts the agent on it."""
+def mounted_source(script: str, root: str = "", what: str = "the volumes") -> tuple[str, str]:
+    """(source, options) of the share the script mounts at `root` (VOLUME_ROOT by default),
+    after checking that it mounts it (retrying) before it starts the agent, and starts the
+    agent on it."""
     from infra.spec import VOLUME_ROOT
 
-    [line] = [line for line in script.splitlines() if f" {VOLUME_ROOT} nfs " in line]
-    [fstab] = [word for word in shlex.split(line) if f" {VOLUME_ROOT} nfs " in word]
-    source, root, kind, options = fstab.split()[:4]
-    assert (root, kind) == (VOLUME_ROOT, "nfs")
-    mount = script.index(f"until mountpoint -q {VOLUME_ROOT} || mount {VOLUME_ROOT}; do")
+    root = root or VOLUME_ROOT
+    [line] = [line for line in script.splitlines() if f" {root} nfs " in line]
+    [fstab] = [word for word in shlex.split(line) if f" {root} nfs " in word]
+    source, point, kind, options = fstab.split()[:4]
+    assert (point, kind) == (root, "nfs")
+    mount = script.index(f"until mountpoint -q {root} || mount {root}; do")
     assert mount < script.index("systemctl enable --now squall-agent.service")
-    assert "squall: cannot mount the volumes (" in script  # what the console says when it gives up
-    assert f"--volume-root {VOLUME_ROOT}" in script
-    assert f"RequiresMountsFor={VOLUME_ROOT}" in script
+    assert f"squall: cannot mount {what} (" in script  # what the console says when it gives up
+    assert f"--volume-root {root}" in script
+    assert f"RequiresMountsFor={root}" in script
     return source, options.removesuffix(",_netdev,nofail")

@@ -46,6 +46,15 @@ def cluster_storage(tmp_path: Path) -> Path:
     return tmp_path / "cluster-storage"
 
 
+SHARE = "share.example.internal:/squall-volumes"  # the sites file's, for aws:us-east-2
+
+
+def persistent_share(tmp_path: Path) -> Path:
+    """This folder stands for the team's NFS share of persistent volumes (`SHARE`), which
+    the boot script mounts on every node of a run that uses one; it outlives the stacks."""
+    return tmp_path / "persistent-share"
+
+
 def same_credentials(monkeypatch: pytest.MonkeyPatch) -> RunPKI:
     """The stand-in agents and the cloud run get one token and one run CA: what the boot
     script would give the stack's nodes is what the stand-ins were started with."""
@@ -64,7 +73,7 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
         tmp_path / "nodes",
         search_registries=[registry.address],
         insecure_registries=[registry.address],
-        volume_roots=lambda _: [cluster_storage(tmp_path)],
+        volume_roots=lambda _: [cluster_storage(tmp_path), persistent_share(tmp_path)],
     )
     cluster = site.up(local_plan("nodes", [NodeSlice(cpus=(0, 1), memory_bytes=2**30)] * 2))
     agents = tmp_path / "agents.json"
@@ -94,6 +103,7 @@ def engine(tmp_path: Path, nodes: Cluster, monkeypatch) -> Engine:
                     orchestrator_cidr="127.0.0.1/32",
                     images={"aws": "ami-0123456789"},
                     volume_root=str(cluster_storage(tmp_path)),
+                    persistent_root=str(persistent_share(tmp_path)),
                 ),
             ),
         ],
@@ -214,9 +224,9 @@ def test_without_the_cli_a_cloud_placement_fails_at_once_in_one_line(engine, mon
 
 
 def test_a_persistent_volume_makes_a_cloud_site_infeasible_and_nothing_starts(engine, fake_pulumi):
-    """A cloud cluster's storage goes with its stack, so the cloud provider declares that it
-    keeps no persistent volume yet; federation reads it, so the forced cloud site is no
-    candidate, with that reason, and no stack is made."""
+    """A cloud cluster's storage goes with its stack, so the cloud provider declares that a
+    region without a share for persistent volumes keeps none; federation reads it, so the
+    forced cloud site is no candidate, with that reason, and no stack is made."""
     text = two_jobs("echo second") + textwrap.dedent("""
         volumes:
           scratch: {name: kept}
@@ -377,3 +387,57 @@ def test_a_failed_egress_on_a_cloud_brings_the_results_home_before_the_stack_goe
     body = s3.client().get_object(Bucket="later", Key="result.txt")["Body"].read()
     assert body == b"kept\n"
     assert not home.exists()  # sent, then let go
+
+
+def test_persistent_volumes_on_a_cloud_live_on_the_regions_share_and_outlive_each_stack(
+    engine: Engine, fake_pulumi, tmp_path: Path
+) -> None:
+    """With a share for persistent volumes named for the region (the sites file's
+    `persistent:`), a workflow with one runs there: the stack's nodes join the subnet named
+    with it and mount the share (the spec carries both, the boot script mounts it), the
+    volume lives on it as SCOPE/NAME, and a
+    second run, on a new stack after the first one's was destroyed, finds what the first
+    wrote. Nothing of it is kept on the orchestrator's machine."""
+    sites = tmp_path / "sites.yaml"
+    sites.write_text(
+        "persistent:\n"
+        f"  aws:us-east-2: {{share: '{SHARE}', subnet: subnet-0team, cidr: 10.0.8.0/24}}\n"
+    )
+    with_share = Engine(
+        engine.store,
+        engine.providers,
+        data_dir=tmp_path / "data",
+        placer=Placer(catalog_dir=CATALOG, force_site=SITE, sites_file=sites).decide,
+    )
+
+    def flow(command: str) -> str:
+        return "version: v4\n" + textwrap.dedent(f"""
+            volumes:
+              keep: {{name: team-data}}
+            jobs:
+              work:
+                {IMAGE}
+                command: [/bin/sh, -c, "{command}"]
+                mounts: {{/keep: {{volume: keep}}}}
+        """)
+
+    first = with_share.run("me/first", flow("echo one > /keep/one.txt"))
+    assert first.state is RunState.FINISHED, first.reason
+    second = with_share.run("me/second", flow("cat /keep/one.txt > /keep/two.txt"))
+    assert second.state is RunState.FINISHED, second.reason
+
+    kept = persistent_share(tmp_path) / "user" / "team-data"
+    assert (kept / "one.txt").read_text() == "one\n"
+    assert (kept / "two.txt").read_text() == "one\n"  # the second run read the first's
+    specs = [
+        json.loads(c[c.index("--plaintext") + 1].partition("=")[2])
+        for c in fake_pulumi.calls()
+        if c[:2] == ["config", "set-all"]
+    ]
+    assert [spec["persistent_share"] for spec in specs] == [SHARE, SHARE]
+    # each run joined the subnet the share is reached from, instead of a network of its own
+    assert [(s["network"]["subnet_id"], s["network"]["cidr"]) for s in specs] == [
+        ("subnet-0team", "10.0.8.0/24")
+    ] * 2
+    assert fake_pulumi.verbs().count("destroy") == 2  # each run's stack went
+    assert not (tmp_path / "data" / "volumes").exists()  # nothing on this machine

@@ -80,11 +80,11 @@ def make_engine(tmp_path: Path, registry: Registry):  # type: ignore[no-untyped-
     return make
 
 
-def test_data_far_away_goes_to_its_region_with_its_volumes_on_the_cluster() -> None:
+def test_data_far_away_goes_to_its_region_with_its_volumes_on_the_cluster(tmp_path: Path) -> None:
     """Federation prices where the data lives (here, 5,000 GB in aws:us-west-2): the run goes
     there, its one node holding the volume on its own disk, instead of pulling the data to
-    this machine; a persistent volume, which a cloud cluster cannot keep yet, keeps it here
-    and says why."""
+    this machine; a persistent volume, which a cloud cluster's storage cannot keep, keeps it
+    here and says why, unless the sites file names a share for persistent volumes there."""
     comparison = Placer(catalog_dir=CATALOG).compare(load_text(BIG_DATA).unwrap(), "me/big")
     by_site = {e.site.name: e for e in comparison.estimates}
     region, local = by_site["aws:us-west-2"], by_site["local"]
@@ -99,6 +99,15 @@ def test_data_far_away_goes_to_its_region_with_its_volumes_on_the_cluster() -> N
     by_site = {e.site.name: e for e in kept.estimates}
     assert by_site["aws:us-west-2"].reasons == [CloudProvisioner.cannot["persistent volumes"]]
     assert kept.chosen is by_site["local"]
+    # unless the region has a share of the team's for persistent volumes: then it goes there
+    sites = tmp_path / "sites.yaml"
+    sites.write_text("persistent:\n  aws:us-west-2: 10.0.0.9:/team-volumes\n")
+    shared = Placer(catalog_dir=CATALOG, sites_file=sites).compare(
+        load_text(persistent).unwrap(), "me/kept"
+    )
+    assert shared.chosen is not None
+    assert shared.chosen.site.name == "aws:us-west-2"
+    assert shared.chosen.site.persistent_share == "10.0.0.9:/team-volumes"
 
 
 def test_a_run_placed_elsewhere_starts_nothing_here(make_engine, tmp_path: Path) -> None:
