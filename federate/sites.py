@@ -32,9 +32,10 @@ cannot keep them: a cloud region keeps them on a share of the team's own, named 
 an Azure Files NFS share), which every node of a run that uses one mounts. Such a share is
 reached from its own network: a run that uses it joins the existing subnet named with it
 (`subnet:`, with its range `cidr:`) instead of making a network of its own; a share given
-alone (`aws: HOST:/PATH`) must be reachable from a run's new network. Existing subnets are
-taken on AWS only for now, so a share is named for AWS regions alone. A region without one
-cannot run a workflow with persistent volumes.
+alone (`aws: HOST:/PATH`) must be reachable from a run's new network. The subnet is what the
+cloud's program takes for one: an AWS subnet id, a GCP subnetwork's self link, an Azure
+subnet's resource id. A region without a share cannot run a workflow with persistent
+volumes.
 """
 
 from __future__ import annotations
@@ -157,11 +158,6 @@ def persistent_shares(path: Path) -> dict[str, PersistentShare]:
 
 def _share(path: Path, where: str, value: object) -> PersistentShare:
     what = f"{path}: persistent of {where}"
-    if where.partition(":")[0] != "aws":
-        raise PolicyError(
-            f"{what}: a run there makes a network of its own, which reaches no share of yours "
-            "(existing subnets are taken on AWS only, for now)"
-        )
     spec = value if isinstance(value, dict) else {"share": value}
     unknown = set(spec) - {"share", "subnet", "cidr"}
     if unknown:

@@ -280,6 +280,10 @@ def test_sites_name_the_share_that_keeps_persistent_volumes(
         path.write_text(f"persistent:\n  aws: {value}\n")
         with pytest.raises(PolicyError, match=f"persistent of aws: {message}"):
             persistent_shares(path)
-    path.write_text("persistent:\n  gcp:us-central1: 'h:/x'\n")
-    with pytest.raises(PolicyError, match="existing subnets are taken on AWS only"):
-        persistent_shares(path)
+    path.write_text(
+        "persistent:\n  gcp:us-central1: {share: '10.1.0.2:/vol', subnet: "
+        "projects/p/regions/us-central1/subnetworks/team, cidr: 10.1.0.0/24}\n"
+    )
+    [(where, gcp)] = persistent_shares(path).items()
+    assert where == "gcp:us-central1"
+    assert gcp.subnet == ("projects/p/regions/us-central1/subnetworks/team", "10.1.0.0/24")
