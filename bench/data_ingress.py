@@ -271,6 +271,7 @@ class Bench:
             name,
             credentials=self.s3.credentials,
             policy=TransferPolicy(),
+            private_volume=True,  # a run's ephemeral volume, as the orchestrator says
             progress=progress,
         )
         seconds = time.monotonic() - started

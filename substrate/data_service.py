@@ -23,7 +23,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -217,7 +216,10 @@ class DataServicer:
                     cache=self._ingress_cache,
                     ca_pem=request.ca_pem or None,
                     progress=progress,
-                    put_later=versions.append,
+                    # into the cache after the transfer, from the placed file, only when no
+                    # job can write it before the stamp below is taken; else from the private
+                    # download, before it is placed
+                    put_later=versions.append if request.private_volume else None,
                 )
                 try:
                     place(volume, rel, staged)
@@ -233,8 +235,10 @@ class DataServicer:
                         stamp = _stamp(os.fstat(fd))
                     finally:
                         os.close(fd)
-                    self._cache_copies.submit(
-                        self._keep_in_cache, request.volume, rel, uri, versions[0], stamp
+                    self._cache_copies.put(
+                        functools.partial(
+                            self._keep_in_cache, request.volume, rel, uri, versions[0], stamp
+                        )
                     )
             finally:
                 staged.unlink(missing_ok=True)
@@ -242,17 +246,28 @@ class DataServicer:
         return hit
 
     @functools.cached_property
-    def _cache_copies(self) -> futures.ThreadPoolExecutor:
-        """One thread that copies what ingress fetched into the cache, one file at a time."""
-        return futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-cache")
+    def _cache_copies(self) -> queue.SimpleQueue[Callable[[], None]]:
+        """Copies into the ingress cache waiting their turn, made one at a time by a thread
+        that does not hold the agent up when it stops (a copy cut short leaves a `.tmp` file,
+        which the cache removes when it is next opened)."""
+        work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+        def copy_each() -> None:
+            while True:
+                work.get()()
+
+        threading.Thread(target=copy_each, name="ingress-cache", daemon=True).start()
+        return work
 
     def _keep_in_cache(
         self, volume_path: str, rel: str, uri: str, version: str, stamp: tuple[int, ...]
     ) -> None:
-        """Copy the file an ingress placed into the ingress cache, after the transfer has
-        ended (the copy costs as much again as the download: off the run's path). A job may
-        write the file meanwhile: the copy is kept only if the file is the one placed, unchanged
-        (its inode, size, and modification and change times) when the copy is done."""
+        """Copy the file an ingress placed into a volume no job could write yet (a private
+        one) into the ingress cache, after the transfer has ended (the copy costs as much
+        again as the download: off the run's path). The run's jobs may start writing it
+        meanwhile: the copy is kept only if the file is the one placed, unchanged (its inode,
+        size, and modification and change times, stamped before any job could run) when the
+        copy is done."""
         try:
             with self._volumes.open(volume_path) as volume:
                 fd = _open_file(volume, rel, uri)

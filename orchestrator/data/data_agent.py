@@ -74,10 +74,12 @@ class DataAgent:
         credentials: Mapping[str, str] | None = None,
         policy: TransferPolicy,
         ca_pem: str = "",
+        private_volume: bool = False,
         progress: Progress,
     ) -> bool:
         """Have the node fetch `source` into `rel` of the volume; True when it came from
-        the node's ingress cache."""
+        the node's ingress cache. `private_volume`: no job can write the volume before this
+        returns (see TransferRequest)."""
         return self._transfer(
             pb.TransferRequest(
                 direction=pb.DIRECTION_INGRESS,
@@ -89,6 +91,7 @@ class DataAgent:
                 timeout_seconds=policy.timeout or 0.0,
                 attempts=policy.attempts,
                 ca_pem=ca_pem,
+                private_volume=private_volume,
             ),
             source,
             progress,

@@ -269,7 +269,7 @@ class Staging:
             )
             for vol in s.scalars(select(Volume).where(Volume.run_id == run_id)).all():
                 # a persistent volume stays, but for what was brought home from its share
-                home = Path(vol.path).resolve().is_relative_to(runs)
+                home = vol.state == "KEPT" and Path(vol.path).is_relative_to(self.data_dir / "runs")
                 if (vol.persistent_name is not None and not home) or vol.state == "DELETED":
                     continue
                 if vol.name in failed and not force:
@@ -324,6 +324,8 @@ class Staging:
                     credentials=self._credentials(spec.source.secret),
                     policy=_policy(spec),
                     ca_pem=ca_pem,
+                    # a persistent volume may be written meanwhile by another run's jobs
+                    private_volume=not volume.persistent,
                 )
                 self._transfer(row, source, report, copy)
 

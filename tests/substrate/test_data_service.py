@@ -198,7 +198,9 @@ def test_the_ingress_cache_answers_a_second_ingress(
     first, second = start_agent("a"), start_agent("b")  # two agents of one machine
     url = f"{web.url}/data.bin"
     one, two = first.volume("one"), second.volume("two")
-    assert not first.transfer(volume=one, path="d", uri=url, ca_pem=pem(web))[-1].cached
+    # a run's own volume, before its jobs: the copy into the cache comes after the answer
+    done = first.transfer(volume=one, path="d", uri=url, ca_pem=pem(web), private_volume=True)
+    assert not done[-1].cached
     [kept] = cached_files(tmp_path / "ingress-cache", 1)
     assert kept.read_bytes() == BIG
     last = second.transfer(volume=two, path="d", uri=url, ca_pem=pem(web))[-1]
@@ -275,6 +277,19 @@ def test_s3_ingress_and_egress_with_the_requests_credentials(
     for stored in node.data_dir.rglob("*"):
         if stored.is_file():
             assert not any(v.encode() in stored.read_bytes() for v in secret.values()), stored
+
+
+def test_into_a_volume_others_may_write_the_cache_copy_is_made_before_the_answer(
+    start_agent: Callable[..., DataAgent], web: FileServer, tmp_path: Path
+) -> None:
+    """A persistent volume, which another run's jobs may be writing: the cache gets the
+    agent's private download, before the file is placed where a job could change it."""
+    node = start_agent("a")
+    volume = node.volume("shared")
+    url = f"{web.url}/data.bin"
+    assert not node.transfer(volume=volume, path="d", uri=url, ca_pem=pem(web))[-1].cached
+    [kept] = (tmp_path / "ingress-cache").iterdir()  # there already, not later
+    assert kept.read_bytes() == BIG
 
 
 def test_inline_file_ingress(node: DataAgent) -> None:

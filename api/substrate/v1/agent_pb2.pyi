@@ -1403,6 +1403,7 @@ class TransferRequest(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     CA_PEM_FIELD_NUMBER: _builtins.int
+    PRIVATE_VOLUME_FIELD_NUMBER: _builtins.int
     direction: Global___Direction.ValueType
     volume: _builtins.str
     """absolute path of the volume's root on the node (see MakeVolume)"""
@@ -1420,6 +1421,11 @@ class TransferRequest(_message.Message):
     """tries in all; 0: 3"""
     ca_pem: _builtins.str
     """https: CA certificates (PEM) trusted besides the system's"""
+    private_volume: _builtins.bool
+    """ingress: no job can write the volume until the transfer has ended (a run's own ephemeral
+    volume, filled before its jobs start), so the node may copy the file into its ingress
+    cache after answering; otherwise it copies its private download first
+    """
     @_builtins.property
     def credentials(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """s3: the resolved secret (accessKeyId, secretAccessKey, sessionToken, region, endpoint),
@@ -1439,10 +1445,11 @@ class TransferRequest(_message.Message):
         timeout_seconds: _builtins.float = ...,
         attempts: _builtins.int = ...,
         ca_pem: _builtins.str = ...,
+        private_volume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "ca_pem", b"ca_pem", "content", b"content", "credentials", b"credentials", "direction", b"direction", "path", b"path", "timeout_seconds", b"timeout_seconds", "uri", b"uri", "volume", b"volume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "ca_pem", b"ca_pem", "content", b"content", "credentials", b"credentials", "direction", b"direction", "path", b"path", "private_volume", b"private_volume", "timeout_seconds", b"timeout_seconds", "uri", b"uri", "volume", b"volume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
