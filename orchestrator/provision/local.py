@@ -268,11 +268,15 @@ class LocalProvisioner:
                 for i, node in enumerate(nodes)
             ]
             agents = [ready() for ready in booting]
-        except BaseException:
+        except BaseException as failure:
             self._stop(started)
             del self._procs[run_id]
-            self._remove_share(run_id)
-            self._remove_network(run_id)  # the agents' folders stay, with their logs
+            try:
+                self._remove_share(run_id)
+            except ProvisionError as exc:  # said with the failure, which stays the error
+                failure.add_note(str(exc))
+            finally:
+                self._remove_network(run_id)  # the agents' folders stay, with their logs
             raise
         return Cluster(run_id=run_id, site=self.site, agents=tuple(agents))
 
@@ -293,6 +297,11 @@ class LocalProvisioner:
         roots = self.volume_roots(run_id)
         if not roots:
             return {}
+        if "=" in str(roots[0]):  # the agents' --shared-volume-root is DIR=MOUNT
+            raise ProvisionError(
+                f"separate nodes cannot share volumes kept under {roots[0]}: a data directory "
+                "whose path has '=' is not supported with --nodes"
+            )
         share = NodeShare(self.root / run_id / "share", roots[0])
         server = str(places[0].address)
         share.serve(places[0].netns, server, [str(p.address) for p in places])
@@ -450,8 +459,10 @@ class LocalProvisioner:
                 if netns.exists():
                     cmd += ["--netns", str(netns)]
                 subprocess.run(cmd, capture_output=True, timeout=120, check=False)
-        self._remove_share(run_id)
-        self._remove_network(run_id)
+        try:
+            self._remove_share(run_id)  # raises while it is still mounted: home stays
+        finally:
+            self._remove_network(run_id)
         if home.is_dir():
             remove_tree(home)
 

@@ -17,7 +17,9 @@ run's share folder alone (pid files and the mounts beneath it), so that a crashe
 orchestrator's share is removed as its network is.
 
 The servers listen on node 0's address only, and take clients from the run's node addresses
-alone (`auth.allow`); job containers never reach a node's address (node_network.py).
+alone: a firewall in node 0's namespace drops anything else bound for their ports (this
+machine, which reaches node 0 over the bridge, included), and the volume admits those
+addresses only (`auth.allow`); job containers never reach a node's address (node_network.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ VOLUME = "squall"  # the volume's name, in the run's own glusterd
 SOCKETS = Path("/run/squall/share")  # the runs' glusterd sockets
 GLUSTER_RUN = (Path("/var/run/gluster"), Path("/run/gluster"))  # where its bricks' sockets go
 GLUSTERD_PORT = 24007  # in node 0's namespace: every run has its own
+BRICK_PORTS = "49152-60999"  # where glusterd puts its bricks (base-port and max-port below)
+FENCE = f"""table inet squall_share {{{{
+    chain input {{{{
+        type filter hook input priority 0; policy accept;
+        ip daddr {{server}} tcp dport {{{{ {GLUSTERD_PORT}, {BRICK_PORTS} }}}} \\
+            ip saddr != {{{{ {{nodes}} }}}} drop
+    }}}}
+}}}}
+"""
 START_TIMEOUT = 60.0
 GLUSTER_PACKAGES = "glusterfs-server fuse3"  # Debian's, which `scripts/setup.sh` installs
 # what a node reads is what another just wrote: no client-side caches of data or metadata
@@ -91,6 +102,16 @@ class NodeShare:
             )
         for folder in (self.work, self.logs, self.export):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # its ports take the nodes alone: not this machine (the bridge's address), whose
+        # users could otherwise ask glusterd for the volume, or join its pool
+        fenced = subprocess.run(
+            ["nsenter", f"--net={netns}", "nft", "-f", "-"],
+            input=FENCE.format(server=address, nodes=", ".join(clients)),
+            capture_output=True,
+            text=True,
+        )
+        if fenced.returncode != 0:
+            raise ProvisionError(f"the run's share: nft: {fenced.stderr.strip()}")
         config = self.home / "glusterd.vol"
         config.write_text(
             "volume management\n"
@@ -102,6 +123,8 @@ class NodeShare:
             "    option transport-type socket\n"
             f"    option transport.socket.bind-address {address}\n"
             f"    option transport.socket.listen-port {GLUSTERD_PORT}\n"
+            f"    option base-port {BRICK_PORTS.split('-')[0]}\n"
+            f"    option max-port {BRICK_PORTS.split('-')[1]}\n"
             "    option event-threads 1\n"
             "end-volume\n"
         )
@@ -156,11 +179,10 @@ class NodeShare:
         in the export (found again from `home` alone: a crashed orchestrator's share too)."""
         if not self.home.is_dir():
             return
-        points = sorted(self.home.glob("node-*"))
-        for point in points:
-            if os.path.ismount(point):
-                subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
-        held = [str(p) for p in points if os.path.ismount(p)]
+        # from the mount table: a mount whose client died answers no stat (ENOTCONN)
+        for point in _mounts_beneath(self.home):
+            subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
+        held = [str(p) for p in _mounts_beneath(self.home)]
         if held:  # never delete through a mount: that would empty the volumes
             raise ProvisionError(f"the run's share is still mounted at {', '.join(held)}")
         for pid_file in sorted(self.work.glob("**/*.pid")):  # clients, the brick, glusterd
@@ -204,20 +226,29 @@ def _errors(log: Path) -> str:
     return " | ".join((errors or lines)[-3:]) or f"nothing in {log}"
 
 
+def _mounts_beneath(folder: Path) -> list[Path]:
+    """The mount points beneath `folder`, from this process's mount table."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = Path(line.split()[4].replace("\\040", " "))
+        if point.is_relative_to(folder) and point != folder:
+            points.append(point)
+    return sorted(points, reverse=True)  # the deepest first
+
+
 def _stop(pid_file: Path) -> None:
-    """TERM the process a pid file names, if it is a gluster process, KILL it after 5 s."""
+    """TERM the process a pid file names, if it is still that process (a gluster one started
+    with this pid file), KILL it after 5 s."""
     try:
         pid = int(pid_file.read_text().split()[0])
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except (OSError, ValueError, IndexError):
         return
-    if not name.startswith("gluster"):
-        return  # gone, and the number reused
+    named = any(a == str(pid_file) or a == f"--pid-file={pid_file}" for a in args)
+    if not (args[0].rsplit("/", 1)[-1].startswith("gluster") and named):
+        return  # gone, and the number reused (after a reboot, by another run's share)
     # a brick's socket is in gluster's own run folder (`-S`): it goes with the brick
-    sockets: list[Path] = []
-    with contextlib.suppress(OSError):
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        sockets = [Path(b) for a, b in itertools.pairwise(args) if a == "-S"]
+    sockets = [Path(b) for a, b in itertools.pairwise(args) if a == "-S"]
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
@@ -225,8 +256,12 @@ def _stop(pid_file: Path) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    if Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
     for socket in sockets:
         if socket.suffix == ".socket" and socket.parent in GLUSTER_RUN:
             socket.unlink(missing_ok=True)
