@@ -170,11 +170,18 @@ def _share(path: Path, where: str, value: object) -> PersistentShare:
         raise PolicyError(f"{what}: give the subnet and its range (cidr) together")
     if "subnet" not in spec:
         return PersistentShare(share)
+    subnet = spec["subnet"]
+    if not isinstance(subnet, str) or not subnet or any(c.isspace() for c in subnet):
+        raise PolicyError(f"{what}: subnet is the id of one subnet, not {subnet!r}")
+    if ":" not in where:
+        raise PolicyError(f"{what}: a subnet is a region's: name it under CLOUD:REGION")
     try:
-        cidr = str(ipaddress.ip_network(str(spec["cidr"]), strict=False))
+        network = ipaddress.ip_network(str(spec["cidr"]))  # the subnet's range, exactly
     except ValueError as exc:
         raise PolicyError(f"{what}: cidr: {exc}") from None
-    return PersistentShare(share, (str(spec["subnet"]), cidr))
+    if network.prefixlen < 16:  # the run's volumes are opened to this range
+        raise PolicyError(f"{what}: cidr {network} is wider than a subnet (/16 at most)")
+    return PersistentShare(share, (subnet, str(network)))
 
 
 def with_persistent_shares(sites: list[Site], shares: dict[str, PersistentShare]) -> list[Site]:

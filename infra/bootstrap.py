@@ -39,7 +39,9 @@ __all__ = [
 AGENT_DIR = "/etc/squall"
 TLS_DIR = f"{AGENT_DIR}/tls"
 MOUNT_TRIES, MOUNT_WAIT_S = 60, 10  # ten minutes for node 0 or the file system to answer
-PERSISTENT_OPTIONS = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2"
+PERSISTENT_OPTIONS = (  # a share the whole team writes: no set-uid programs, no devices from it
+    "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,nosuid,nodev"
+)
 # mounting node 0's export: NFSv4.1 over TCP, hard (a write is never dropped while the
 # server restarts), as nfs(5) describes; the Linux server serves 1 MiB reads and writes
 NFS_SERVER_OPTIONS = "nfsvers=4.1,proto=tcp,hard,timeo=600,retrans=2,rsize=1048576,wsize=1048576"

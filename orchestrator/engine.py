@@ -309,7 +309,7 @@ class Engine:
     def _keep_owed(self, run_id: str, cluster: Cluster, data: DataAgent) -> str:
         """After a failed egress: a cluster's own storage goes with its stack, so the files
         still owed come to this machine first; what to add to the reason if they could not."""
-        if not cluster.volume_root:
+        if not (cluster.volume_root or cluster.persistent_root):
             return ""  # the volumes are on this machine already
         try:
             self.staging.bring_home(run_id, self._reporter(run_id, "transfer"), data)

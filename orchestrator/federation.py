@@ -135,14 +135,16 @@ def workload_of(
 
 
 def _storage_gib(wf: Workflow, moves: list[DataMove]) -> int:
-    """What a cluster's storage must hold for the run's volumes, in whole GiB: each volume's
-    `size`, or, for one without, what its ingress brings (where known); at least 1 GiB when
-    there are volumes, 0 when there are none."""
-    if not wf.volumes:
+    """What a cluster's storage must hold for the run's ephemeral volumes, in whole GiB:
+    each volume's `size`, or, for one without, what its ingress brings (where known); at least
+    1 GiB when there are some, 0 when there are none (persistent volumes live on a share of
+    their own on a cloud, and on this machine's disk here)."""
+    ephemeral = [v for v in wf.volumes.values() if not v.persistent]
+    if not ephemeral:
         return 0
     fetched = {m.uri: m.size_bytes or 0 for m in moves if m.direction == "ingress"}
     total = 0
-    for volume in wf.volumes.values():
+    for volume in ephemeral:
         if volume.size is not None:
             total += volume.size
         else:

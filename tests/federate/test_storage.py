@@ -274,12 +274,19 @@ def test_sites_name_the_share_that_keeps_persistent_volumes(
         "'host:/a b'": "an NFS share is HOST:/PATH",
         "{share: 'h:/x', subnet: subnet-1}": "give the subnet and its range",
         "{share: 'h:/x', subnet: subnet-1, cidr: nowhere}": "cidr: ",
+        "{share: 'h:/x', subnet: subnet-1, cidr: 10.0.8.1/24}": "cidr: .* has host bits",
+        "{share: 'h:/x', subnet: subnet-1, cidr: 0.0.0.0/0}": "cidr 0.0.0.0/0 is wider",
+        "{share: 'h:/x', subnet: [subnet-1], cidr: 10.0.8.0/24}": "subnet is the id of one",
         "{share: 'h:/x', vpc: vpc-1}": "unknown vpc",
     }
     for value, message in refused.items():
-        path.write_text(f"persistent:\n  aws: {value}\n")
-        with pytest.raises(PolicyError, match=f"persistent of aws: {message}"):
+        path.write_text(f"persistent:\n  aws:us-east-1: {value}\n")
+        with pytest.raises(PolicyError, match=f"persistent of aws:us-east-1: {message}"):
             persistent_shares(path)
+    # a subnet is a region's: not for every region of a cloud
+    path.write_text("persistent:\n  aws: {share: 'h:/x', subnet: subnet-1, cidr: 10.0.8.0/24}\n")
+    with pytest.raises(PolicyError, match="name it under CLOUD:REGION"):
+        persistent_shares(path)
     path.write_text(
         "persistent:\n  gcp:us-central1: {share: '10.1.0.2:/vol', subnet: "
         "projects/p/regions/us-central1/subnetworks/team, cidr: 10.1.0.0/24}\n"
