@@ -54,6 +54,7 @@ Wants=network-online.target
 [Service]
 ExecStart={squall} agent --listen 0.0.0.0:{port} --token-file {dir}/agent.token \\
   --data-dir /var/lib/squall/agent --deny-network {control_plane} --host-network auto{extra}
+EnvironmentFile=-{dir}/share.env
 Restart=on-failure
 RestartSec=2
 
@@ -145,9 +146,17 @@ def _persistent(spec: ClusterSpec) -> list[str]:
     if spec.persistent_share is None:
         return []
     share = NfsMount(spec.persistent_share, PERSISTENT_OPTIONS)
+    host = shlex.quote(spec.persistent_share.partition(":")[0])
     return [
         "# the team's persistent volumes",
         *_nfs_mount(share, PERSISTENT_ROOT, "the persistent volumes"),
+        # the node mounts it for its agent; a job never speaks NFS to it (every scope's
+        # volumes are there): its addresses are denied to the containers
+        f"deny=''; for a in $(getent ahostsv4 {host} | cut -d' ' -f1 | sort -u); do "
+        'deny="$deny --deny-network $a/32"; done',
+        f'[ -n "$deny" ] || {{ {_say("squall: cannot resolve the persistent share " + host)}; '
+        "exit 1; }",
+        f'echo "SQUALL_SHARE_DENY=$deny" > {AGENT_DIR}/share.env',
     ]
 
 
@@ -185,7 +194,8 @@ def startup_script(
     if spec.storage is not None:
         extra += f" \\\n  --volume-root {VOLUME_ROOT}"
     if spec.persistent_share is not None:
-        extra += f" \\\n  --volume-root {PERSISTENT_ROOT}"
+        # and jobs never reach the team's share themselves: its addresses, found at boot
+        extra += f" \\\n  --volume-root {PERSISTENT_ROOT} $SQUALL_SHARE_DENY"
     if spec.bootstrap.tls:
         extra += (
             f" \\\n  --tls-cert {TLS_DIR}/node.pem --tls-key {TLS_DIR}/node.key"
