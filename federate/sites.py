@@ -122,15 +122,22 @@ def _storage_class(path: Path, where: str, value: object) -> str | None:
     return str(value)
 
 
-def cloud_storage(path: Path) -> dict[str, str]:
-    """The `storage:` section: CLOUD or CLOUD:REGION -> the storage its clusters use."""
+def _section(path: Path, name: str, maps: str) -> dict[Any, Any]:
+    """The mapping under `name` in the sites file (empty when absent); `maps`: what it maps,
+    for the error when it is not a mapping."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise PolicyError(f"{path}: {exc}") from None
-    section = data.get("storage") or {}
+    section = data.get(name) or {}
     if not isinstance(section, dict):
-        raise PolicyError(f"{path}: storage maps a CLOUD or CLOUD:REGION to a storage class")
+        raise PolicyError(f"{path}: {name} maps {maps}")
+    return section
+
+
+def cloud_storage(path: Path) -> dict[str, str]:
+    """The `storage:` section: CLOUD or CLOUD:REGION -> the storage its clusters use."""
+    section = _section(path, "storage", "a CLOUD or CLOUD:REGION to a storage class")
     return {str(k): str(_storage_class(path, f"storage of {k}", v)) for k, v in section.items()}
 
 
@@ -146,13 +153,7 @@ class PersistentShare:
 def persistent_shares(path: Path) -> dict[str, PersistentShare]:
     """The `persistent:` section: CLOUD or CLOUD:REGION -> the NFS share (`HOST:/PATH`, or
     `{share: HOST:/PATH, subnet: ID, cidr: RANGE}`) that keeps persistent volumes there."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise PolicyError(f"{path}: {exc}") from None
-    section = data.get("persistent") or {}
-    if not isinstance(section, dict):
-        raise PolicyError(f"{path}: persistent maps a CLOUD or CLOUD:REGION to an NFS share")
+    section = _section(path, "persistent", "a CLOUD or CLOUD:REGION to an NFS share")
     return {str(where): _share(path, str(where), value) for where, value in section.items()}
 
 
@@ -209,14 +210,8 @@ def with_storage(sites: list[Site], storage: dict[str, str]) -> list[Site]:
 
 def bucket_locations(path: Path) -> dict[str, str]:
     """The `buckets:` section: bucket name -> CLOUD:REGION."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise PolicyError(f"{path}: {exc}") from None
-    buckets = data.get("buckets") or {}
-    if not isinstance(buckets, dict) or not all(
-        isinstance(v, str) and ":" in v for v in buckets.values()
-    ):
+    buckets = _section(path, "buckets", "a bucket name to CLOUD:REGION")
+    if not all(isinstance(v, str) and ":" in v for v in buckets.values()):
         raise PolicyError(f"{path}: buckets maps a bucket name to CLOUD:REGION")
     return {str(k): v for k, v in buckets.items()}
 
