@@ -69,10 +69,11 @@ class VolumeRoots:
     def where(self, path: str) -> tuple[str, bool]:
         """Where the path `path` (a volume, or a file in one) is on this node, and whether it
         is on a share; a path beneath no shared root is itself."""
-        pure = PurePosixPath(os.path.normpath(path)) if path.startswith("/") else None
-        for root, at in self.shared.items():
-            if pure is not None and pure.is_relative_to(root):
-                return str(at / pure.relative_to(root)), True
+        if path.startswith("/"):
+            pure = PurePosixPath(os.path.normpath(path))
+            for root, at in self.shared.items():
+                if pure.is_relative_to(root):
+                    return str(at / pure.relative_to(root)), True
         return path, False
 
     def give(self, volume: Path, rel: str) -> None:

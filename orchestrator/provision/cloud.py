@@ -177,7 +177,7 @@ class CloudProvisioner:
                 workload,
                 estimate,
                 image=self.settings.images[cloud],
-                network=self._network(workload, estimate),
+                network=Network(orchestrator_cidr=self.settings.orchestrator_cidr),
                 bootstrap=Bootstrap(
                     orchestrator=self.settings.orchestrator_address,
                     join_token=SecretStr(secrets.token_urlsafe(32)),
@@ -190,17 +190,6 @@ class CloudProvisioner:
             )
         except ValueError as exc:  # pydantic's, with the field that is wrong
             raise ProvisionError(f"cannot size a cluster for {estimate.site.name}: {exc}") from None
-
-    def _network(self, workload: Workload, estimate: SiteEstimate) -> Network:
-        """The run's own new network; or, for a run with persistent volumes in a region whose
-        share is reached from an existing subnet (the sites file's), that subnet."""
-        assert self.settings.orchestrator_cidr is not None
-        subnet = estimate.site.persistent_subnet
-        if subnet is None or "persistent volumes" not in workload.features:
-            return Network(orchestrator_cidr=self.settings.orchestrator_cidr)
-        return Network(
-            orchestrator_cidr=self.settings.orchestrator_cidr, subnet_id=subnet[0], cidr=subnet[1]
-        )
 
     def up(self, plan: Plan[ClusterSpec], report: Report) -> Cluster:
         """The stack up, as a cluster whose jobs each run on the node group priced for them,

@@ -90,6 +90,15 @@ def cluster_spec(
     if workload.storage_gib > 0:  # the cluster's volumes: where federation priced them
         nodes = sum(g.count for g in groups)
         storage = storage_for(site.cloud, nodes, workload.storage_gib, estimate.storage or None)
+    # persistent volumes are kept on the region's share (the sites file's `persistent:`),
+    # which federation required of a site for a workflow with some; a run reaches it from
+    # the subnet named with it, if one was
+    share = site.persistent_share if "persistent volumes" in workload.features else None
+    if share is not None and site.persistent_subnet is not None:
+        subnet_id, cidr = site.persistent_subnet
+        network = Network.model_validate(
+            {**network.model_dump(), "subnet_id": subnet_id, "cidr": cidr}
+        )
     return ClusterSpec(
         run_id=run_id,
         owner=owner,
@@ -100,9 +109,5 @@ def cluster_spec(
         bootstrap=bootstrap,
         buckets=buckets,
         storage=storage,
-        # kept on the region's share (the sites file's `persistent:`), which federation
-        # required of a site for a workflow with persistent volumes
-        persistent_share=site.persistent_share
-        if "persistent volumes" in workload.features
-        else None,
+        persistent_share=share,
     )

@@ -290,22 +290,26 @@ class LocalProvisioner:
                 relay.serve(place.netns, port)
         return places
 
-    def _share(self, run_id: str, places: Sequence[NodePlace]) -> dict[int, str]:
-        """Serve the run's volume folder (the first of its volume roots) from its first node
-        and mount it on every node (node_share.py): for each node, the agent's
-        `--shared-volume-root`."""
+    def _node_share(self, run_id: str) -> NodeShare | None:
+        """The share of the run's volume folder (the first of its volume roots), if it has
+        volume roots."""
         roots = self.volume_roots(run_id)
-        if not roots:
+        return NodeShare(self.root / run_id / "share", roots[0]) if roots else None
+
+    def _share(self, run_id: str, places: Sequence[NodePlace]) -> dict[int, Path]:
+        """Serve the run's volume folder from its first node and mount it on every node
+        (node_share.py): for each node, where it has the folder."""
+        share = self._node_share(run_id)
+        if share is None:
             return {}
-        if "=" in str(roots[0]):  # the agents' --shared-volume-root is DIR=MOUNT
+        if "=" in str(share.export):  # the agents' --shared-volume-root is DIR=MOUNT
             raise ProvisionError(
-                f"separate nodes cannot share volumes kept under {roots[0]}: a data directory "
-                "whose path has '=' is not supported with --nodes"
+                f"separate nodes cannot share volumes kept under {share.export}: a data "
+                "directory whose path has '=' is not supported with --nodes"
             )
-        share = NodeShare(self.root / run_id / "share", roots[0])
         server = str(places[0].address)
         share.serve(places[0].netns, server, [str(p.address) for p in places])
-        return {p.index: f"{roots[0]}={share.mount(p.index, p.netns, server)}" for p in places}
+        return {p.index: share.mount(p.index, p.netns, server) for p in places}
 
     def _start(
         self,
@@ -315,11 +319,11 @@ class LocalProvisioner:
         started: list[subprocess.Popen[str]],
         place: NodePlace | None,
         pki: RunPKI,
-        shared: str | None = None,
+        shared: Path | None = None,
     ) -> Callable[[], AgentEndpoint]:
         """Start an agent's process (in its node, when `place` is one); a function that waits
-        until it serves, and says where. `shared`: its `--shared-volume-root`, the run's
-        volume folder on the share."""
+        until it serves, and says where. `shared`: where the node has the run's volume folder
+        (the first of its volume roots) on the share."""
         home = self.root / run_id / name
         home.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
@@ -375,13 +379,12 @@ class LocalProvisioner:
             # but a multi-node job's containers on the node's own network reach the others
             cmd += ["--host-network", str(place.address)]
         roots = [str(r) for r in self.volume_roots(run_id)]
-        if shared is not None:
-            roots.remove(shared.partition("=")[0])
+        on_share = [f"{roots.pop(0)}={shared}"] if shared is not None else []
         for flag, values in (
             ("--search-registry", self.search),
             ("--insecure-registry", self.insecure),
-            ("--volume-root", tuple(roots)),
-            ("--shared-volume-root", (shared,) if shared else ()),
+            ("--volume-root", roots),
+            ("--shared-volume-root", on_share),
         ):
             for value in values:
                 cmd += [flag, value]
@@ -469,9 +472,9 @@ class LocalProvisioner:
     def _remove_share(self, run_id: str) -> None:
         """Unmount and stop the run's share, if it has one; its files stay in the run's volume
         folder."""
-        roots = self.volume_roots(run_id)
-        if roots:
-            NodeShare(self.root / run_id / "share", roots[0]).remove()
+        share = self._node_share(run_id)
+        if share is not None:
+            share.remove()
 
     def _remove_network(self, run_id: str) -> None:
         relay = self._relays.pop(run_id, None)

@@ -43,7 +43,8 @@ VOLUME = "squall"  # the volume's name, in the run's own glusterd
 SOCKETS = Path("/run/squall/share")  # the runs' glusterd sockets
 GLUSTER_RUN = (Path("/var/run/gluster"), Path("/run/gluster"))  # where its bricks' sockets go
 GLUSTERD_PORT = 24007  # in node 0's namespace: every run has its own
-BRICK_PORTS = "49152-60999"  # where glusterd puts its bricks (base-port and max-port below)
+BASE_PORT, MAX_PORT = 49152, 60999  # where glusterd puts its bricks
+BRICK_PORTS = f"{BASE_PORT}-{MAX_PORT}"
 FENCE = f"""table inet squall_share {{{{
     chain input {{{{
         type filter hook input priority 0; policy accept;
@@ -123,8 +124,8 @@ class NodeShare:
             "    option transport-type socket\n"
             f"    option transport.socket.bind-address {address}\n"
             f"    option transport.socket.listen-port {GLUSTERD_PORT}\n"
-            f"    option base-port {BRICK_PORTS.split('-')[0]}\n"
-            f"    option max-port {BRICK_PORTS.split('-')[1]}\n"
+            f"    option base-port {BASE_PORT}\n"
+            f"    option max-port {MAX_PORT}\n"
             "    option event-threads 1\n"
             "end-volume\n"
         )
@@ -249,19 +250,14 @@ def _stop(pid_file: Path) -> None:
         return  # gone, and the number reused (after a reboot, by another run's share)
     # a brick's socket is in gluster's own run folder (`-S`): it goes with the brick
     sockets = [Path(b) for a, b in itertools.pairwise(args) if a == "-S"]
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.05)
-    if Path(f"/proc/{pid}").exists():
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # gluster's processes are daemons: no wait
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.05)
+        if not Path(f"/proc/{pid}").exists():
+            break
     for socket in sockets:
         if socket.suffix == ".socket" and socket.parent in GLUSTER_RUN:
             socket.unlink(missing_ok=True)
