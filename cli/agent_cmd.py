@@ -26,6 +26,17 @@ def agent(
     ),
     tls_key: Path = typer.Option(None, help="The node certificate's private key (PEM)."),
     tls_ca: Path = typer.Option(None, help="The CA (PEM) every caller's certificate must be of."),
+    join: str = typer.Option(
+        "",
+        metavar="HOST:PORT",
+        help="Join a run first: make this node's key, trade the token (--token-file) for a node "
+        "certificate at this orchestrator's join service, and write the key, certificate and "
+        "run CA to --tls-key, --tls-cert and --tls-ca (DIR/node.key, node.pem, ca.pem).",
+    ),
+    join_ca: Path = typer.Option(None, help="The CA (PEM) of the join service's certificate."),
+    join_run: str = typer.Option("", help="The run this node joins."),
+    join_group: str = typer.Option("", help="The node group this node is of."),
+    join_timeout: float = typer.Option(600.0, help="Seconds to keep trying to join."),
     plaintext: bool = typer.Option(
         False, help="Serve without TLS on an address beyond loopback (the token goes in clear)."
     ),
@@ -83,6 +94,9 @@ def agent(
         squall agent --listen 10.0.0.5:7431 --token-file token --tls-cert node.pem \
             --tls-key node.key --tls-ca run-ca.pem --volume-root /var/lib/squall/volumes
         squall agent --token-file token --cpus 0-1 --memory 4GiB --data-dir /tmp/a1
+        squall agent --listen 0.0.0.0:7431 --token-file token --join 10.0.0.1:7443 \
+            --join-ca join-ca.pem --join-run RUN --join-group ring \
+            --tls-cert tls/node.pem --tls-key tls/node.key --tls-ca tls/ca.pem
     """
     from orchestrator.fuzzfile.units import UnitError, parse_size
     from substrate.__main__ import main as substrate_main
@@ -95,6 +109,11 @@ def agent(
             argv += [flag, str(path)]
     if plaintext:
         argv.append("--plaintext")
+    if join:
+        argv += ["--join", join, "--join-run", join_run, "--join-group", join_group]
+        argv += ["--join-timeout", str(join_timeout)]
+    if join_ca is not None:
+        argv += ["--join-ca", str(join_ca)]
     for root in volume_root:
         argv += ["--volume-root", str(root)]
     if cache_dir is not None:

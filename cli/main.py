@@ -26,6 +26,7 @@ COMMANDS = {
     "federate": "cli.federate_cmd:federate_app",
     "catalog": "cli.federate_cmd:catalog_app",
     "stack": "cli.stack_cmd:app",
+    "image": "cli.image_cmd:app",
 }
 
 

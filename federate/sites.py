@@ -216,6 +216,18 @@ def bucket_locations(path: Path) -> dict[str, str]:
     return {str(k): v for k, v in buckets.items()}
 
 
+def vm_site(cores: int, memory_gib: float, nodes: int) -> Site:
+    """Virtual machines on this machine, booted from the node image (`--site vm`): free,
+    `nodes` of them at most, each of `cores` and `memory_gib`."""
+    shape = {"cores": cores, "memory-gib": memory_gib}
+    return Site(
+        name="vm",
+        kind="vm",
+        types=(_shape_type("vm", "a VM on this machine", "", shape, {}),),
+        max_nodes=nodes,
+    )
+
+
 def local_site(
     cores: int, memory_gib: float, gpus: int = 0, gpu_model: str = "", nodes: int = 1
 ) -> Site:

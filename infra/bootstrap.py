@@ -55,6 +55,9 @@ Wants=network-online.target
 ExecStart={squall} agent --listen 0.0.0.0:{port} --token-file {dir}/agent.token \\
   --data-dir /var/lib/squall/agent --deny-network {control_plane} --host-network auto{extra}
 EnvironmentFile=-{dir}/share.env
+# what it says goes to the console too: a cloud's console log shows why a node did not join
+StandardOutput=journal+console
+StandardError=journal+console
 Restart=on-failure
 RestartSec=2
 
@@ -196,11 +199,23 @@ def startup_script(
     if spec.persistent_share is not None:
         # and jobs never reach the team's share themselves: its addresses, found at boot
         extra += f" \\\n  --volume-root {PERSISTENT_ROOT} $SQUALL_SHARE_DENY"
-    if spec.bootstrap.tls:
+    boot = spec.bootstrap
+    if boot.joins:
+        extra += (
+            f" \\\n  --join {shlex.quote(boot.orchestrator or '')}"
+            f" --join-ca {AGENT_DIR}/orchestrator-ca.pem"
+            f" --join-run {spec.run_id} --join-group {group.name}"
+        )
+    if boot.tls or boot.joins:  # handed, or written by the join
         extra += (
             f" \\\n  --tls-cert {TLS_DIR}/node.pem --tls-key {TLS_DIR}/node.key"
             f" --tls-ca {TLS_DIR}/ca.pem"
         )
+    for flag, registries in (
+        ("--search-registry", boot.search_registries),
+        ("--insecure-registry", boot.insecure_registries),
+    ):
+        extra += "".join(f" \\\n  {flag} {shlex.quote(r)}" for r in registries)
     unit = _UNIT.format(
         squall="/usr/local/bin/squall",
         port=spec.network.agent_port,
@@ -222,7 +237,9 @@ def startup_script(
             "set -eu",
             "command -v squall >/dev/null || { echo 'squall: the node image has no squall' >&2; "
             "exit 1; }",
-            'ln -sf "$(command -v squall)" /usr/local/bin/squall 2>/dev/null || true',
+            # the unit runs /usr/local/bin/squall (the node image puts it there)
+            'found="$(command -v squall)"; [ "$found" = /usr/local/bin/squall ] || '
+            'ln -sf "$found" /usr/local/bin/squall',
             f"install -d -m 0700 {AGENT_DIR} /var/lib/squall/agent",
             "umask 077",
             f"printf %s {shlex.quote(token)} > {AGENT_DIR}/agent.token",

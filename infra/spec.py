@@ -59,7 +59,9 @@ class _Model(BaseModel):
 
 
 class SiteRef(_Model):
-    cloud: Literal["aws", "gcp", "azure"]
+    # vm: virtual machines on the orchestrator's own machine, booted from the node image's
+    # disk (orchestrator/provision/vm.py); no Pulumi program makes those
+    cloud: Literal["aws", "gcp", "azure", "vm"]
     region: str = Field(min_length=1)
     zone: str | None = None  # one zone for the whole cluster; None: the program picks
 
@@ -163,9 +165,17 @@ class Network(_Model):
 
 
 class Bootstrap(_Model):
+    """What a node boots with. Its agent either is handed the run's node certificate
+    (`tls_ca`, `node_certificate`, `node_key`) or joins: it makes its own key and trades
+    `join_token` for a certificate at the `orchestrator`'s join service, whose certificate
+    it checks against `ca_certificate` (api/squall/v1/join.proto)."""
+
     orchestrator: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")  # host:port
-    ca_certificate: str = ""  # PEM the agents trust for the orchestrator ("" : none given)
+    ca_certificate: str = ""  # PEM of the orchestrator's join CA ("" : none given)
     join_token: SecretStr  # never printed: SecretStr hides it in repr and logs
+    # registries for unqualified image names, and those the agents reach over plain HTTP
+    search_registries: tuple[str, ...] = ()
+    insecure_registries: tuple[str, ...] = ()
     # the agents' mutual TLS: the run's CA (it signs the node certificates and the
     # orchestrator's client certificate) and this cluster's node certificate and key, all PEM
     tls_ca: str = ""
@@ -188,7 +198,13 @@ class Bootstrap(_Model):
 
     @property
     def tls(self) -> bool:
+        """The node is handed its certificate."""
         return bool(self.tls_ca.strip())
+
+    @property
+    def joins(self) -> bool:
+        """The node joins for its certificate."""
+        return bool(self.orchestrator and self.ca_certificate.strip()) and not self.tls
 
 
 class ClusterSpec(_Model):

@@ -390,9 +390,13 @@ class Engine:
 
     # ---- records ---------------------------------------------------------------------------
 
-    def _cancelled(self, run_id: str) -> bool:
+    def cancel_requested(self, run_id: str) -> bool:
+        """Whether someone asked to cancel the run (a provisioner that waits long, such as
+        for its nodes to join, stops waiting then)."""
         with self.store.session() as s:
             return bool(s.get_one(Run, run_id).cancel_requested)
+
+    _cancelled = cancel_requested
 
     def _heartbeat(self, run_id: str, stop: threading.Event) -> None:
         while not stop.wait(HEARTBEAT):

@@ -24,6 +24,7 @@ from .provision import LocalProvisioner
 from .provision.cloud import CloudProvisioner, CloudSettings
 from .provision.local import separate_nodes, whole_machine
 from .provision.stacks import StackDriver, StackSettings
+from .provision.vm import VmProvisioner, VmSettings
 from .secrets import SecretStore
 from .store import Store
 
@@ -82,15 +83,23 @@ def local_engine(settings: LocalSettings) -> Engine:
     placer = Placer.from_environment(settings.site, secrets, store, local_nodes=settings.nodes)
     placer.check_site()  # a --site that names no site is refused before anything is recorded
     clouds = CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment())
-    return Engine(
+    vms = VmProvisioner(
+        settings.data_dir / "site" / "vm",
+        VmSettings.from_environment(),
+        search_registries=settings.search_registries,
+        insecure_registries=settings.insecure_registries,
+    )
+    engine = Engine(
         store,
-        [here, clouds],
+        [here, clouds, vms],
         data_dir=settings.data_dir,
         secrets=secrets,
         placer=placer.decide,
         egress_dirs=settings.egress_dirs,
         home=here.site,
     )
+    vms.cancelled = engine.cancel_requested  # its VMs stop waiting on a cancel
+    return engine
 
 
 def stack_driver(settings: LocalSettings, store: Store | None = None) -> StackDriver:

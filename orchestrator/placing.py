@@ -35,6 +35,7 @@ from federate.sites import (
     local_site,
     onprem_sites,
     persistent_shares,
+    vm_site,
     with_persistent_shares,
     with_storage,
 )
@@ -46,6 +47,8 @@ from .federation import workload_of
 from .fuzzfile.model import Workflow
 from .provision import LocalProvisioner, this_machine
 from .provision.cloud import CloudProvisioner
+from .provision.vm import SITE as VM_SITE
+from .provision.vm import VmProvisioner, VmSettings
 from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
@@ -146,7 +149,11 @@ class Placer:
     def _sites(self, catalog: Catalog) -> list[Site]:
         if self.clouds_only:
             return _clouds(catalog, self.sites_file)
-        return candidate_sites(catalog, self.sites_file, self.local_nodes)
+        sites = candidate_sites(catalog, self.sites_file, self.local_nodes)
+        if self.force_site == VM_SITE:  # VMs of the node image here: only when asked for
+            vms = VmSettings.from_environment()
+            sites.append(vm_site(vms.cpus, vms.memory_mib / 1024, vms.max_nodes))
+        return sites
 
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
         """The placement record: the chosen site, its estimate, and the runners-up."""
@@ -242,7 +249,11 @@ class Placer:
 def _with_gaps(site: Site) -> Site:
     """`site` with what its provider declares it cannot run yet (federation reads it); a
     cloud region with a share for persistent volumes keeps them."""
-    cannot = {"local": LocalProvisioner.cannot, "cloud": CloudProvisioner.cannot}.get(site.kind)
+    cannot = {
+        "local": LocalProvisioner.cannot,
+        "cloud": CloudProvisioner.cannot,
+        "vm": VmProvisioner.cannot,
+    }.get(site.kind)
     if cannot and site.persistent_share:
         cannot = {k: v for k, v in cannot.items() if k != "persistent volumes"}
     return replace(site, cannot=tuple(cannot.items())) if cannot else site

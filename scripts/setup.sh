@@ -4,7 +4,9 @@
 #              umoci, squashfs-tools (SIF images), the default seccomp profile, nftables and
 #              iproute2 (jobs' confinement and network), and (for the demo's local images)
 #              docker-registry, busybox-static and mmdebstrap (the MPI image)
-#   --test     the runtime tools, PostgreSQL, openssl, siftool (SIF), and the test and lint tools
+#   --test     the runtime tools, PostgreSQL, openssl, siftool (SIF), what builds and boots the
+#              node image (QEMU, OVMF, qemu-img, dosfstools, mtools, fdisk), and the test and
+#              lint tools
 # Installs what is missing from Debian when we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,12 @@ if [[ -n "$runtime" ]]; then
     command -v openssl >/dev/null || missing+=(openssl)
     command -v siftool >/dev/null || missing+=(siftool)  # the SIF maintainers' own reader
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    # the node image: its disk (qemu-img, mkfs.vfat, mtools, sfdisk) and its boot (QEMU, OVMF)
+    for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.vfat:dosfstools \
+                mcopy:mtools sfdisk:fdisk; do
+      command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
+    [[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]] || missing+=(ovmf)
   fi
   [[ ${#missing[@]} -eq 0 ]] || need_apt "${missing[@]}"
 fi

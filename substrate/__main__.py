@@ -21,6 +21,7 @@ from .agent import USERNS_BASE, Agent, AgentConfig
 from .confine import ConfinementError
 from .heap import keep_freed_memory
 from .inventory import parse_cpu_list, read_inventory
+from .join import JoinError, JoinRequest, join
 from .network import DENY, POOL, NetworkError
 from .node import NodeError, enter
 from .runtimes import available
@@ -71,6 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-key", type=Path, help="the node certificate's private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="the CA (PEM) callers' certificates come from")
+    p.add_argument(
+        "--join",
+        metavar="HOST:PORT",
+        help="join a run first: make this node's key, trade the token (--token-file) for a "
+        "node certificate at this orchestrator's join service, and write the key, the "
+        "certificate and the run's CA where --tls-key, --tls-cert and --tls-ca say",
+    )
+    p.add_argument(
+        "--join-ca", type=Path, help="the CA (PEM) the join service's certificate comes from"
+    )
+    p.add_argument("--join-run", help="the run this node joins")
+    p.add_argument("--join-group", help="the node group this node is of")
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to keep trying to join (default 600)",
+    )
     p.add_argument(
         "--plaintext",
         action="store_true",
@@ -199,6 +218,37 @@ def _watch_owner(pid: int, stop: threading.Event) -> None:
     stop.set()
 
 
+def _join(args: argparse.Namespace, token: str) -> int:
+    """Join the run named on the command line (writes the TLS files); 0 when joined."""
+    try:
+        request = JoinRequest(
+            orchestrator=args.join,
+            join_ca=args.join_ca.read_bytes(),
+            run_id=args.join_run,
+            token=token,
+            group=args.join_group,
+            agent_port=int(args.listen.rsplit(":", 1)[1]),
+        )
+    except (OSError, ValueError) as exc:
+        print(f"substrate: cannot join: {exc}", file=sys.stderr)
+        return 2
+    folders = {p.parent for p in (args.tls_cert, args.tls_key, args.tls_ca)}
+    wanted = {args.tls_cert.name, args.tls_key.name, args.tls_ca.name}
+    if len(folders) != 1 or wanted != {"node.pem", "node.key", "ca.pem"}:
+        print(
+            "substrate: --join writes DIR/node.pem, DIR/node.key and DIR/ca.pem: give those "
+            "as --tls-cert, --tls-key and --tls-ca",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        join(request, folders.pop(), args.join_timeout)
+    except JoinError as exc:
+        print(f"substrate: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -207,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     tls_files = (args.tls_cert, args.tls_key, args.tls_ca)
     if any(tls_files) and not all(tls_files):
         parser.error("give --tls-cert, --tls-key and --tls-ca together")
+    joining = (args.join, args.join_ca, args.join_run, args.join_group)
+    if any(joining) and not (all(joining) and all(tls_files) and args.token_file):
+        parser.error(
+            "--join needs --join-ca, --join-run, --join-group, --token-file and the "
+            "--tls-cert, --tls-key and --tls-ca it writes"
+        )
     if not all(tls_files) and not args.plaintext and not _loopback(args.listen):
         parser.error(
             f"--listen {args.listen} is not loopback: serve mutual TLS (--tls-cert, --tls-key, "
@@ -233,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print("substrate: no token: give --token-file or set SQUALL_AGENT_TOKEN", file=sys.stderr)
         return 2
+    if args.join:
+        code = _join(args, token)
+        if code:
+            return code
     try:
         tls = ServerTLS.from_files(*tls_files) if all(tls_files) else None
     except TLSError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "JOIN_NAME",
     "NODE_NAME",
     "ORCHESTRATOR_NAME",
     "ClientTLS",
@@ -35,6 +36,7 @@ __all__ = [
 
 NODE_NAME = "squall-agent"  # the node certificate's DNS name and common name
 ORCHESTRATOR_NAME = "squall-orchestrator"  # the orchestrator's client certificate's
+JOIN_NAME = "squall-join"  # the orchestrator's join service's certificate's DNS name
 
 _KINDS = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),

@@ -291,6 +291,18 @@ class LoopbackRelay:
         except OSError as exc:
             message = f"cannot relay port {port} to the node {netns.name}: {exc}"
             raise ProvisionError(message) from None
+        self._keep(listener, port)
+
+    def serve_on(self, host: str, port: int) -> None:
+        """Listen on `host`:`port` of this machine (a bridge's address, which VMs reach),
+        relaying to 127.0.0.1:`port`."""
+        try:
+            listener = socket.create_server((host, port))
+        except OSError as exc:
+            raise ProvisionError(f"cannot relay port {port} to {host}: {exc}") from None
+        self._keep(listener, port)
+
+    def _keep(self, listener: socket.socket, port: int) -> None:
         with self._lock:
             self._listeners.append(listener)
         threading.Thread(

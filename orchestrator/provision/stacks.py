@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from infra.config import SPEC_KEY, spec_config
+from infra.image_spec import ImageSpec
 from infra.spec import ClusterSpec
 
 from ..store import RUN_ENDED, Run, Stack, StackState, Store
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["INSTALL_HINT", "StackDriver", "StackSettings", "pulumi_cli"]
 
 PROJECT = "squall"
+IMAGE_PREFIX = "squall-image-"  # ImageSpec.stack_name: a published node image's stack
 INSTALL_HINT = (
     "install the pulumi CLI (curl -fsSL https://get.pulumi.com | sh, or your package "
     "manager) and put it on PATH; `squall doctor` checks"
@@ -110,9 +112,14 @@ class StackDriver:
     def _stack(self, name: str, spec: ClusterSpec | None) -> auto.Stack:
         """Select the run's stack (create it when `spec` is given). The inline program holds
         the spec, join token included, in memory: it never goes on a command line."""
-        from pulumi import automation as auto
-
         from infra.program import build
+
+        return self._select(name, (lambda: build(spec)) if spec is not None else None)
+
+    def _select(self, name: str, declare: Callable[[], Any] | None) -> auto.Stack:
+        """Select stack `name`; create it, with `declare` as its program, when one is given
+        (without one, only destroy can run)."""
+        from pulumi import automation as auto
 
         work = self.settings.state_dir / "work"
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -120,9 +127,9 @@ class StackDriver:
             (self.settings.state_dir / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
 
         def program() -> None:
-            if spec is None:
+            if declare is None:
                 raise ProvisionError(f"{name}: only destroy runs without a spec")
-            build(spec)
+            declare()
 
         options = auto.LocalWorkspaceOptions(
             work_dir=str(work),
@@ -139,7 +146,7 @@ class StackDriver:
             },
             secrets_provider="passphrase",
         )
-        if spec is None:
+        if declare is None:
             return auto.select_stack(name, PROJECT, program, opts=options)
         return auto.create_or_select_stack(name, PROJECT, program, opts=options)
 
@@ -175,19 +182,57 @@ class StackDriver:
             if not isinstance(agents, list) or not agents:
                 raise ProvisionError(f"stack {name} came up without agents")
         except Exception as exc:
-            why = _why(exc)
-            self._set(name, StackState.UP, why)  # resources may exist: treat as up, then destroy
-            report(f"stack {name}: up failed: {why}; destroying it")
-            try:
-                self.destroy(name, report)
-            except ProvisionError as inner:
-                raise ProvisionError(
-                    f"stack {name} failed to come up ({why}) and then to be destroyed "
-                    f"({inner}); `squall stack gc` retries"
-                ) from None
-            raise ProvisionError(f"stack {name} failed to come up: {why}") from None
+            raise self._failed_up(name, exc, report, "`squall stack gc`") from None
         self._set(name, StackState.UP)
         return [{k: str(v) for k, v in a.items()} for a in agents]
+
+    def _failed_up(
+        self, name: str, exc: Exception, report: Report, retried_by: str
+    ) -> ProvisionError:
+        """After a failed `up`: destroy what may exist (treated as up), and the error to raise,
+        saying what `retried_by` does when the destroy failed too."""
+        why = _why(exc)
+        self._set(name, StackState.UP, why)
+        report(f"stack {name}: up failed: {why}; destroying it")
+        try:
+            self.destroy(name, report)
+        except ProvisionError as inner:
+            return ProvisionError(
+                f"stack {name} failed to come up ({why}) and then to be destroyed "
+                f"({inner}); {retried_by} retries"
+            )
+        return ProvisionError(f"stack {name} failed to come up: {why}")
+
+    def publish(self, image: ImageSpec, report: Report) -> str:
+        """Record the image's stack, bring it up, and return the machine image's id (an AMI
+        id, a GCE image link, an Azure image id). Like a cluster's, a stack that fails to
+        come up is destroyed; its ledger entry stays open until a destroy succeeds. An image
+        stack has no run and no expiry: `squall stack gc` leaves it, `squall stack destroy
+        NAME` (or `squall image unpublish`) takes it down."""
+        self._command()
+        from infra.images import publish
+
+        name = image.stack_name
+        with self.store.session() as s:
+            row = s.scalar(select(Stack).where(Stack.name == name))
+            if row is not None and row.state is not StackState.DESTROYED:
+                raise ProvisionError(f"{name} is published already (squall stack list)")
+            if row is not None:  # published before and destroyed: the name is free again
+                s.delete(row)
+                s.flush()
+            s.add(Stack(run_id="", name=name, site=f"{image.cloud}:{image.region}",
+                        backend=self.settings.backend, expires_at=None))  # fmt: skip
+        try:
+            stack = self._select(name, lambda: publish(image))
+            report(f"stack {name}: up ({image.cloud}:{image.region})")
+            result = stack.up(on_output=_lines(report), color="never")
+            made = result.outputs["image"].value if "image" in result.outputs else None
+            if not made:
+                raise ProvisionError(f"stack {name} came up without an image")
+        except Exception as exc:
+            raise self._failed_up(name, exc, report, f"`squall stack destroy {name}`") from None
+        self._set(name, StackState.UP)
+        return str(made)
 
     def destroy(self, name: str, report: Report) -> None:
         """Destroy the stack's resources, remove the stack, and close its ledger entry."""
@@ -257,9 +302,12 @@ class StackDriver:
             return [
                 st.name
                 for st, run in rows
-                if run is None
-                or run.state in RUN_ENDED
-                or (st.expires_at is not None and st.expires_at <= now)
+                if not st.name.startswith(IMAGE_PREFIX)  # published images: no run, kept
+                and (
+                    run is None
+                    or run.state in RUN_ENDED
+                    or (st.expires_at is not None and st.expires_at <= now)
+                )
             ]
 
     def name_of(self, run_or_stack: str) -> str:

@@ -50,11 +50,29 @@ def test_every_node_gets_the_tls_material_in_its_secret_boot_script_and_nowhere_
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
-def test_without_tls_material_the_agent_gets_no_tls_flags(cloud: str) -> None:
-    mocks, _ = run(with_volumes(cloud, StorageClass.MANAGED, bootstrap=BOOT), INVOKES)
-    for script in boot_scripts(mocks, cloud).values():
-        assert "--tls-" not in script
-        assert TLS_DIR not in script
+def test_without_tls_material_the_agent_joins_for_its_own_certificate(cloud: str) -> None:
+    spec = with_volumes(cloud, StorageClass.MANAGED, bootstrap=BOOT)
+    assert spec.bootstrap.joins
+    mocks, _ = run(spec, INVOKES)
+    for group, script in boot_scripts(mocks, cloud).items():
+        del group
+        # it trades the token for a certificate at the orchestrator's join service, checked
+        # against the join CA written beside the token; the key is made on the node
+        assert (
+            f"--join 203.0.113.7:7433 --join-ca /etc/squall/orchestrator-ca.pem "
+            f"--join-run {spec.run_id} --join-group " in script
+        )
+        assert FLAGS in script  # where the join writes the key, certificate and run CA
+        assert "PRIVATE KEY" not in script
+        assert f"cat > {TLS_DIR}/" not in script
+
+
+def test_a_node_handed_its_certificate_does_not_join() -> None:
+    assert not TLS_BOOT.joins
+    assert not Bootstrap(join_token=SecretStr("t")).joins  # nowhere to join
+    mocks, _ = run(with_volumes("aws", StorageClass.MANAGED, bootstrap=TLS_BOOT), INVOKES)
+    for script in boot_scripts(mocks, "aws").values():
+        assert "--join" not in script
 
 
 def test_the_node_key_never_shows_and_comes_with_its_certificate_and_ca() -> None:

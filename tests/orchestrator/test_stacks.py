@@ -134,3 +134,36 @@ def test_a_stack_already_in_the_ledger_is_refused(driver):
     with pytest.raises(ProvisionError, match="already in the ledger"):
         driver.up(spec, lambda _: None)
     assert datetime.now(UTC) < spec.expires_at + timedelta(days=400)
+
+
+def test_a_published_image_is_a_stack_of_its_own_that_gc_leaves_and_destroy_removes(
+    driver, tmp_path
+):
+    from infra.image_spec import ImageSpec
+
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * 512)
+    image = ImageSpec(
+        name="squall-node",
+        digest="sha256:" + "cd34" * 16,
+        cloud="aws",
+        region="us-east-2",
+        disk=disk,
+        disk_format="raw",
+        owner="platform",
+    )
+    lines: list[str] = []
+    ami = driver.publish(image, lines.append)
+    assert ami.startswith("ami-")
+    name = image.stack_name
+    assert ledger_state(driver, name) is StackState.UP
+    (entry,) = [e for e in driver.ledger() if e["stack"] == name]
+    assert (entry["site"], entry["run"], entry["expires_at"]) == ("aws:us-east-2", None, None)
+    # no run and no expiry: gc never takes a published image
+    assert name not in driver.stale(datetime.now(UTC) + timedelta(days=3650))
+    with pytest.raises(ProvisionError, match="is published already"):
+        driver.publish(image, lines.append)
+    driver.destroy(name, lines.append)
+    assert ledger_state(driver, name) is StackState.DESTROYED
+    assert driver.publish(image, lines.append).startswith("ami-")  # published again
+    assert ledger_state(driver, name) is StackState.UP
