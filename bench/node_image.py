@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -105,7 +106,7 @@ def boot_bare(disk: Path, work: Path, accel: str) -> float:
 def boot_squall(disk: Path, work: Path) -> tuple[float, float]:
     """The vm site's up for one VM: seconds to joined, and to a healthy agent."""
     site = VmProvisioner(work / "site", VmSettings(image=disk, max_nodes=1))
-    run_id = f"bench-{time.monotonic_ns():x}"[:36]
+    run_id = str(uuid.uuid4())
     joined: list[float] = []
     started = time.monotonic()
 

@@ -258,6 +258,11 @@ def startup_script(
                 else []
             ),
             *_tls(spec),
+            *(  # a node that joins makes its own: none of an earlier life of this disk
+                [f"rm -f {TLS_DIR}/node.pem {TLS_DIR}/node.key {TLS_DIR}/ca.pem"]
+                if spec.bootstrap.joins
+                else []
+            ),
             "umask 022",
             *_volumes(spec, mount, export),
             *_persistent(spec),

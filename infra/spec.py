@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -164,6 +164,10 @@ class Network(_Model):
         return value
 
 
+# HOST[:PORT][/PATH]: what goes into the agent's unit as it is
+_Registry = Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._/-]+)?$")]
+
+
 class Bootstrap(_Model):
     """What a node boots with. Its agent either is handed the run's node certificate
     (`tls_ca`, `node_certificate`, `node_key`) or joins: it makes its own key and trades
@@ -174,8 +178,8 @@ class Bootstrap(_Model):
     ca_certificate: str = ""  # PEM of the orchestrator's join CA ("" : none given)
     join_token: SecretStr  # never printed: SecretStr hides it in repr and logs
     # registries for unqualified image names, and those the agents reach over plain HTTP
-    search_registries: tuple[str, ...] = ()
-    insecure_registries: tuple[str, ...] = ()
+    search_registries: tuple[_Registry, ...] = ()
+    insecure_registries: tuple[_Registry, ...] = ()
     # the agents' mutual TLS: the run's CA (it signs the node certificates and the
     # orchestrator's client certificate) and this cluster's node certificate and key, all PEM
     tls_ca: str = ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,7 @@ __all__ = [
     "push",
 ]
 
-BUILD_VERSION = "1"  # raise when the steps below change what a build makes
+BUILD_VERSION = "2"  # raise when the steps below change what a build makes
 # the file times and dates of every build (2025-12-01T00:00:00Z): the same input gives the
 # same digest
 EPOCH = 1764547200
@@ -247,6 +248,12 @@ def _mmdebstrap(
     overlay = recipe.overlay_path
     if overlay is not None:
         hooks.append(f"sync-in {overlay} /")
+        # the copy keeps the checkout's owners and modes: root's, whoever cloned it
+        hooks.append('chown 0:0 "$1" && chmod 0755 "$1"')
+        for path in sorted(overlay.rglob("*")):
+            inside = shlex.quote(str(path.relative_to(overlay)))
+            mode = "0755" if path.is_dir() else "0644"
+            hooks.append(f'chown -h 0:0 "$1"/{inside} && chmod {mode} "$1"/{inside}')
     hooks += [
         'mkdir -p "$1/tmp/wheels"',
         f"sync-in {wheels} /tmp/wheels",
@@ -259,8 +266,12 @@ def _mmdebstrap(
     if recipe.enable:
         hooks.append(f'chroot "$1" systemctl enable {" ".join(recipe.enable)}')
     hooks += [
-        # what would differ from node to node, or from build to build
+        # what would differ from node to node, or from build to build; mmdebstrap copies the
+        # build machine's resolver and hostname in: a node resolves through systemd-resolved
+        # (the cloud's DNS from DHCP) and gets its name from its boot data
         ': > "$1/etc/machine-id"',
+        'ln -sf ../run/systemd/resolve/stub-resolv.conf "$1/etc/resolv.conf"',
+        'echo localhost > "$1/etc/hostname"',
         'rm -f "$1/var/lib/dbus/machine-id" "$1"/boot/*.dpkg-bak',
         'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*',
         'find "$1/var/cache/ldconfig" -type f -delete',

@@ -18,6 +18,7 @@ Elliptic-curve keys (P-256): quick to make for every run, and accepted by gRPC's
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,13 @@ def join_identity(folder: Path) -> JoinIdentity:
     """This orchestrator's join certificate, from `folder` (made there, mode 0600, the
     first time): one authority per orchestrator, whose certificate every node's boot data
     carries so that a node sends its token to this orchestrator only."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(folder / ".lock", "a") as lock:  # one orchestrator process makes it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _join_identity(folder)
+
+
+def _join_identity(folder: Path) -> JoinIdentity:
     files = {name: folder / name for name in ("join-ca.pem", "join.pem", "join.key")}
     if all(path.exists() for path in files.values()):
         ca, certificate, key = (path.read_bytes() for path in files.values())
@@ -257,8 +265,8 @@ def join_identity(folder: Path) -> JoinIdentity:
     for path, data in zip(
         files.values(), (identity.ca, identity.certificate, identity.key), strict=True
     ):
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         tmp.rename(path)

@@ -55,6 +55,7 @@ class _Window:
     token_digest: bytes
     authority: RunAuthority
     groups: Mapping[str, int]
+    from_itself: bool = False  # a node's reported address must be the one it calls from
     joined: dict[tuple[str, str], Joined] = field(default_factory=dict)
     lines: dict[str, deque[str]] = field(default_factory=dict)
 
@@ -91,11 +92,20 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
     # windows
 
     def open(
-        self, run_id: str, token: str, authority: RunAuthority, groups: Mapping[str, int]
+        self,
+        run_id: str,
+        token: str,
+        authority: RunAuthority,
+        groups: Mapping[str, int],
+        *,
+        from_itself: bool = False,
     ) -> None:
-        """Take up to `groups[name]` nodes of each group for `run_id`."""
+        """Take up to `groups[name]` nodes of each group for `run_id`; with `from_itself`,
+        only nodes whose reported address is the one they call from (no NAT between)."""
         with self._lock:
-            self._windows[run_id] = _Window(run_id, _digest(token), authority, dict(groups))
+            self._windows[run_id] = _Window(
+                run_id, _digest(token), authority, dict(groups), from_itself
+            )
 
     def close(self, run_id: str) -> None:
         """Take no more nodes for `run_id`, and forget its authority."""
@@ -123,23 +133,28 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
         cancel)."""
         until = time.monotonic() + deadline_s
         seen = 0
-        with self._lock:
-            while True:
+        while True:  # report and stop (a database, maybe) are called without the lock
+            with self._lock:
                 window = self._windows.get(run_id)
                 if window is None:
                     raise ProvisionError(f"run {run_id} takes no nodes")
-                count = len(window.joined)
-                if count != seen:
-                    seen = count
-                    report(f"{count} of {sum(window.groups.values())} nodes joined")
-                if count == sum(window.groups.values()):
-                    return sorted(window.joined.values(), key=_order)
-                left = until - time.monotonic()
-                if left <= 0:
-                    break
-                if stop():
-                    raise ProvisionError(f"run {run_id} stopped while its nodes were joining")
-                self._lock.wait(min(left, 5.0))
+                count, want = len(window.joined), sum(window.groups.values())
+                if count == seen and count != want:
+                    left = until - time.monotonic()
+                    if left > 0:
+                        self._lock.wait(min(left, 5.0))
+                    count = len(window.joined)
+                done = sorted(window.joined.values(), key=_order) if count == want else None
+            if count != seen:
+                seen = count
+                report(f"{count} of {want} nodes joined")
+            if done is not None:
+                return done
+            if time.monotonic() >= until:
+                break
+            if stop():
+                raise ProvisionError(f"run {run_id} stopped while its nodes were joining")
+        with self._lock:
             missing = {
                 group: want - sum(1 for j in window.joined.values() if j.group == group)
                 for group, want in window.groups.items()
@@ -196,8 +211,20 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "a node names its hostname and agent port"
                 )
+            peer = _peer_host(context)
+            if window.from_itself and peer != address:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"a node of this run joins from its own address ({address}), not {peer}",
+                )
             key = (request.group, request.hostname)
             known = window.joined.get(key)
+            if known is not None and known.peer != peer:
+                # the same name from elsewhere: not the node that joined (it keeps its key)
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{known.node} joined from another address already",
+                )
             if known is None:
                 taken = sum(1 for j in window.joined.values() if j.group == request.group)
                 if taken >= window.groups[request.group]:
@@ -213,9 +240,8 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
             except ValueError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             window.joined[key] = Joined(
-                name, request.group, request.hostname, address, _peer_host(context),
-                request.agent_port,
-            )  # fmt: skip
+                name, request.group, request.hostname, address, peer, request.agent_port
+            )
             self._lock.notify_all()
             log.info("run %s: %s joined as %s from %s", request.run_id, request.hostname,
                      name, address)  # fmt: skip

@@ -222,7 +222,8 @@ class VmProvisioner:
         net.open_ports([registrar.port, *ports])
         authority = RunAuthority(run_id)
         token = secrets.token_urlsafe(32)
-        registrar.open(run_id, token, authority, {GROUP: shape.nodes})
+        # a VM joins from the address it reports (no NAT on the bridge): nothing else is taken
+        registrar.open(run_id, token, authority, {GROUP: shape.nodes}, from_itself=True)
         spec = self._spec(run_id, shape, subnet, registrar.port, identity.ca, token,
                           search, insecure)  # fmt: skip
         accel = self.settings.accel or ("kvm" if kvm_works() else "tcg")
@@ -242,6 +243,16 @@ class VmProvisioner:
             AgentEndpoint(j.node, f"{j.address}:{j.agent_port}", token, tls=authority.orchestrator)
             for j in joined
         )
+        expected = {str(h) for h in hosts[1 : shape.nodes + 1]}
+        strays = [j for j in joined if j.address not in expected]
+        if strays:
+            raise ProvisionError(
+                "nodes joined from addresses no VM of the run has: "
+                + ", ".join(f"{j.node} at {j.address}" for j in strays)
+            )
+        # every node is in: no more certificates for this run, and its CA key goes
+        registrar.stop()
+        state.registrar = None
         for agent in agents:
             _await_health(agent, home)
         report(f"{len(agents)} agent(s) up: " + ", ".join(a.address for a in agents))
@@ -345,7 +356,8 @@ class VmProvisioner:
         disk = home / f"{name}.qcow2"
         image = self.settings.image
         assert image is not None
-        fmt = "qcow2" if image.read_bytes()[:4] == b"QFI\xfb" else "raw"
+        with open(image, "rb") as head:
+            fmt = "qcow2" if head.read(4) == b"QFI\xfb" else "raw"
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.resolve()), "-F", fmt,
               str(disk), "20G"])  # fmt: skip
         vars_fd = home / f"{name}.vars.fd"
@@ -429,6 +441,9 @@ class _VmNetwork:
             f'    iifname "{self.bridge}" ct state established,related accept\n'
             f'    iifname "{self.bridge}" ip daddr {gateway} tcp dport {{ {opened} }} accept\n'
             f'    iifname "{self.bridge}" drop\n'
+            # the join service and relays listen on the bridge's address: not for anyone who
+            # routes to it from another interface
+            f'    iifname != {{ "{self.bridge}", "lo" }} ip daddr {gateway} drop\n'
             "  }\n"
             "  chain forward {\n"
             "    type filter hook forward priority filter - 10; policy accept;\n"

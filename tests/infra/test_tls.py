@@ -65,6 +65,8 @@ def test_without_tls_material_the_agent_joins_for_its_own_certificate(cloud: str
         assert FLAGS in script  # where the join writes the key, certificate and run CA
         assert "PRIVATE KEY" not in script
         assert f"cat > {TLS_DIR}/" not in script
+        # and starts from no certificate of an earlier life of its disk
+        assert f"rm -f {TLS_DIR}/node.pem {TLS_DIR}/node.key {TLS_DIR}/ca.pem" in script
 
 
 def test_a_node_handed_its_certificate_does_not_join() -> None:

@@ -131,6 +131,14 @@ def test_the_wait_names_the_missing_nodes_what_they_said_and_their_consoles(serv
     assert "Kernel panic" in text
 
 
+def test_a_window_of_nodes_without_nat_takes_each_from_its_own_address(service) -> None:
+    registrar, authority, folder = service
+    registrar.open("run-1", TOKEN, authority, {"ring": 2}, from_itself=True)
+    with pytest.raises(JoinError, match=r"joins from its own address \(10.9.9.9\)"):
+        join(request(registrar, folder, address="10.9.9.9"), folder / "tls", deadline_s=10)
+    assert join(request(registrar, folder), folder / "tls", deadline_s=10) == "ring-0"
+
+
 def test_a_closed_window_takes_no_node(service) -> None:
     registrar, _, folder = service
     registrar.close("run-1")
