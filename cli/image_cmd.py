@@ -86,7 +86,8 @@ def build(
 
     The root file system comes from Debian's packages (mmdebstrap), the agent is this
     checkout's `squall` with its dependencies at the versions installed here, in a venv at
-    /opt/squall. The same recipe and package versions give the same digest.
+    /opt/squall. Dates and file times are fixed, so that the same recipe and package
+    versions can give the same digest.
 
     **Examples**
 

@@ -4,7 +4,8 @@ Steps: the agent's wheels (this checkout's `squall` wheel and its dependencies a
 versions installed where the build runs, from the package index); the root file system from
 Debian's packages (mmdebstrap, as a tar whose file times are the build's fixed epoch); the
 recipe's overlay; the agent in a venv; one OCI layer and a config with fixed dates (umoci).
-Two builds of one recipe from the same package versions give the same digest.
+Fixed dates and file times are meant to make two builds of one recipe from the same
+package versions give the same digest (bench/node_image.py checks it; not yet measured).
 
 Built images are kept in a cache folder named by the hash of everything a build reads
 (`Recipe.key`), so a second build of an unchanged recipe takes no time. A build is made in a
