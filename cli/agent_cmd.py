@@ -36,6 +36,9 @@ def agent(
     join_ca: Path = typer.Option(None, help="The CA (PEM) of the join service's certificate."),
     join_run: str = typer.Option("", help="The run this node joins."),
     join_group: str = typer.Option("", help="The node group this node is of."),
+    join_index: int = typer.Option(
+        -1, help="This node's place in its group, when its boot data names one (default: any)."
+    ),
     join_timeout: float = typer.Option(600.0, help="Seconds to keep trying to join."),
     plaintext: bool = typer.Option(
         False, help="Serve without TLS on an address beyond loopback (the token goes in clear)."
@@ -112,6 +115,8 @@ def agent(
     if join:
         argv += ["--join", join, "--join-run", join_run, "--join-group", join_group]
         argv += ["--join-timeout", str(join_timeout)]
+        if join_index >= 0:
+            argv += ["--join-index", str(join_index)]
     if join_ca is not None:
         argv += ["--join-ca", str(join_ca)]
     for root in volume_root:

@@ -44,8 +44,8 @@ __all__ = ["EFS_OPTIONS", "build"]
 EFS_OPTIONS = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport"
 
 
-def build(spec: ClusterSpec) -> list[dict[str, Any]]:
-    """Declare the cluster; return one {name, group, address} per node (Outputs inside)."""
+def build(spec: ClusterSpec) -> None:
+    """Declare the cluster (its nodes join the run: no addresses come out)."""
     provider = aws.Provider(
         "aws",
         region=spec.site.region,
@@ -98,12 +98,9 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
     mount: Mount = None
     if spec.storage is not None and spec.storage.storage_class is StorageClass.MANAGED:
         mount = _efs(spec, vpc_id, subnet_id, tags, opts)
-    agents: list[dict[str, Any]] = []
     for group in spec.node_groups:
-        made, served = _group(spec, group, subnet_id, sg, profile, public, tags, opts, mount)
-        agents += made
+        served = _group(spec, group, subnet_id, sg, profile, public, tags, opts, mount)
         mount = served if served is not None else mount
-    return agents
 
 
 def _efs(
@@ -328,8 +325,8 @@ def _group(
     tags: dict[str, str],
     opts: pulumi.ResourceOptions,
     mount: Mount,
-) -> tuple[list[dict[str, Any]], pulumi.Output[NfsMount] | None]:
-    """The group's nodes, and (when its node 0 serves the volumes) what the others mount."""
+) -> pulumi.Output[NfsMount] | None:
+    """The group's nodes; what the others mount when its node 0 serves the volumes."""
     placement_group = (
         aws.ec2.PlacementGroup(f"{group.name}-placement", strategy="cluster", tags=tags, opts=opts)
         if group.compact
@@ -339,12 +336,11 @@ def _group(
     made = {**tags, "squall-group": group.name}
     served: pulumi.Output[NfsMount] | None = None
     template: aws.ec2.LaunchTemplate | None = None
-    agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
-        if exports(spec, group, i):
-            # node 0 serves the volumes: a template of its own, whose script exports them;
-            # the group's template (the others') is made from its address below
+        if spec.holds_volumes(group, i):
+            # node 0 keeps the volumes (and may serve them): a template of its own, whose
+            # script says so; the group's template (the others') is made from its address
             launch = _template(
                 f"{name}-template",
                 spec,
@@ -352,7 +348,7 @@ def _group(
                 nics,
                 placement_group,
                 profile,
-                boot_script(spec, group, None, export=True),
+                boot_script(spec, group, mount, index=i),
                 tags,
                 opts,
             )
@@ -384,23 +380,14 @@ def _group(
         )
         if exports(spec, group, i):
             served = first_node_mount(node.private_ip)
-        if not public:
-            ip = node.private_ip
-        elif len(nics) == 1:
-            ip = node.public_ip
-        else:
-            ip = aws.ec2.Eip(
+        if public and len(nics) > 1:
+            # EC2 gives no public address to a multi-interface launch: the node's own, for
+            # its images and for joining its run
+            aws.ec2.Eip(
                 f"{name}-ip",
                 domain="vpc",
                 network_interface=node.primary_network_interface_id,
                 tags=made,
                 opts=opts,
-            ).public_ip
-        agents.append(
-            {
-                "name": name,
-                "group": group.name,
-                "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
-            }
-        )
-    return agents, served
+            )
+    return served

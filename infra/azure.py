@@ -88,7 +88,7 @@ def storage_account_name(run_id: str) -> str:
     return ("squall" + run_id.replace("-", ""))[:24]
 
 
-def build(spec: ClusterSpec) -> list[dict[str, Any]]:
+def build(spec: ClusterSpec) -> None:
     tags = spec.tags
     where = spec.site.region
     rg = resources.ResourceGroup("group", location=where, tags=tags).name
@@ -139,12 +139,9 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
         subnet_id = spec.network.subnet_id
     mount: Mount = _azure_files(spec, rg, subnet_id) if managed else None
     key = _throwaway_key()
-    agents: list[dict[str, Any]] = []
     for g in spec.node_groups:
-        made, served = _group(spec, g, rg, subnet_id, nsg.id, public, key, mount)
-        agents += made
+        served = _group(spec, g, rg, subnet_id, nsg.id, public, key, mount)
         mount = served if served is not None else mount
-    return agents
 
 
 def _azure_files(spec: ClusterSpec, rg: Any, subnet_id: Any) -> pulumi.Output[NfsMount]:
@@ -194,8 +191,8 @@ def _group(
     public: bool,
     key: str,
     mount: Mount,
-) -> tuple[list[dict[str, Any]], pulumi.Output[NfsMount] | None]:
-    """The group's nodes, and (when its node 0 serves the volumes) what the others mount."""
+) -> pulumi.Output[NfsMount] | None:
+    """The group's nodes; what the others mount when its node 0 serves the volumes."""
     tags = {**spec.tags, "squall-group": group.name}
     where = spec.site.region
     placement = availability = None
@@ -222,13 +219,14 @@ def _group(
         )
     image = image_reference(group.image)
     served: pulumi.Output[NfsMount] | None = None
-    agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
-        serves = exports(spec, group, i)
-        # secret (as boot_script makes it): it carries the join token and the node's TLS key
+        # secret (as boot_script makes it): it carries the run's join token
         script = boot_script(
-            spec, group, served if served is not None else mount, export=serves
+            spec,
+            group,
+            served if served is not None else mount,
+            index=i if spec.holds_volumes(group, i) else None,
         ).apply(lambda text: base64.b64encode(text.encode()).decode())
         address = None
         if public:
@@ -310,14 +308,6 @@ def _group(
         private_ip = nic.ip_configurations.apply(
             lambda c: c[0].get("private_ip_address") if c else None
         )
-        if serves:  # the others mount node 0's private address (its NIC has it)
+        if exports(spec, group, i):  # the others mount node 0's private address (its NIC's)
             served = first_node_mount(private_ip)
-        ip: Any = address.ip_address if address else private_ip
-        agents.append(
-            {
-                "name": name,
-                "group": group.name,
-                "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
-            }
-        )
-    return agents, served
+    return served

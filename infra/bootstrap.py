@@ -186,10 +186,12 @@ def startup_script(
     *,
     mount: NfsMount | None = None,
     export: NfsExport | None = None,
+    index: int | None = None,
 ) -> str:
     """The boot script of a node of `group`: `mount` is the share it mounts at VOLUME_ROOT
     (nfs-first-node and managed storage), `export` says it serves VOLUME_ROOT itself (node 0
-    under nfs-first-node)."""
+    under nfs-first-node), `index` is its place in the group when the node is made on its
+    own (the one that keeps the volumes is 0; None: a node of the group's pool)."""
     if spec.storage is None and (mount or export):
         raise ValueError("a mount or an export for a cluster without storage")
     token = spec.bootstrap.join_token.get_secret_value()
@@ -205,6 +207,7 @@ def startup_script(
             f" \\\n  --join {shlex.quote(boot.orchestrator or '')}"
             f" --join-ca {AGENT_DIR}/orchestrator-ca.pem"
             f" --join-run {spec.run_id} --join-group {group.name}"
+            + (f" --join-index {index}" if index is not None else "")
         )
     if boot.tls or boot.joins:  # handed, or written by the join
         extra += (

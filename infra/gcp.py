@@ -120,7 +120,7 @@ def labels(spec: ClusterSpec) -> dict[str, str]:
     return {clean(k): clean(v) for k, v in spec.tags.items()}
 
 
-def build(spec: ClusterSpec) -> list[dict[str, Any]]:
+def build(spec: ClusterSpec) -> None:
     provider = gcp.Provider("gcp", region=spec.site.region, default_labels=labels(spec))
     opts = pulumi.ResourceOptions(provider=provider)
     invoke = pulumi.InvokeOutputOptions(provider=provider)
@@ -168,12 +168,9 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
     mount: Mount = None
     if spec.storage is not None and spec.storage.storage_class is StorageClass.MANAGED:
         mount = _filestore(spec, zone, network_id, opts)
-    agents: list[dict[str, Any]] = []
     for group in spec.node_groups:
-        made, served = _group(spec, group, zone, subnet_id, public, tag, opts, mount)
-        agents += made
+        served = _group(spec, group, zone, subnet_id, public, tag, opts, mount)
         mount = served if served is not None else mount
-    return agents
 
 
 def _filestore(
@@ -228,8 +225,8 @@ def _group(
     tag: str,
     opts: pulumi.ResourceOptions,
     mount: Mount,
-) -> tuple[list[dict[str, Any]], pulumi.Output[NfsMount] | None]:
-    """The group's nodes, and (when its node 0 serves the volumes) what the others mount."""
+) -> pulumi.Output[NfsMount] | None:
+    """The group's nodes; what the others mount when its node 0 serves the volumes."""
     policy = (
         gcp.compute.ResourcePolicy(
             f"{group.name}-compact",
@@ -255,12 +252,15 @@ def _group(
     )
     node_labels = {**labels(spec), "squall-group": group.name}
     served: pulumi.Output[NfsMount] | None = None
-    agents = []
     for i in range(group.count):
         name = f"{group.name}-{i}"
-        serves = exports(spec, group, i)
-        # secret: it carries the join token and the node's TLS key
-        script = boot_script(spec, group, served if served is not None else mount, export=serves)
+        # secret: it carries the run's join token
+        script = boot_script(
+            spec,
+            group,
+            served if served is not None else mount,
+            index=i if spec.holds_volumes(group, i) else None,
+        )
         node = gcp.compute.Instance(
             name,
             machine_type=kind,
@@ -302,16 +302,6 @@ def _group(
             allow_stopping_for_update=False,
             opts=opts,
         )
-        if serves:
+        if exports(spec, group, i):
             served = first_node_mount(node.network_interfaces.apply(lambda n: n[0]["network_ip"]))
-        ip = node.network_interfaces.apply(
-            lambda nics: nics[0]["access_configs"][0]["nat_ip"] if public else nics[0]["network_ip"]
-        )
-        agents.append(
-            {
-                "name": name,
-                "group": group.name,
-                "address": pulumi.Output.concat(ip, ":", str(spec.network.agent_port)),
-            }
-        )
-    return agents, served
+    return served

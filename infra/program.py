@@ -1,21 +1,18 @@
-"""One entry point for every cloud: declare `spec`'s cluster and export its agents.
+"""One entry point for every cloud: declare `spec`'s cluster.
 
-The stack's only output is `agents`: a list of {name, group, address}, where address is the
-host:port of the node's agent API. The orchestrator turns it into agent endpoints.
+The stack has no outputs: its nodes boot with the run's join token and join the run at the
+orchestrator's join service (api/squall/v1/join.proto), which learns their addresses then, so
+nodes a scale set makes are found like any other.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import pulumi
 
 from .spec import ClusterSpec
 
 __all__ = ["build"]
 
 
-def build(spec: ClusterSpec) -> list[dict[str, Any]]:
+def build(spec: ClusterSpec) -> None:
     """Declare the cluster in the current Pulumi stack (call it inside a program)."""
     if spec.site.cloud == "aws":
         from . import aws as cloud
@@ -23,6 +20,4 @@ def build(spec: ClusterSpec) -> list[dict[str, Any]]:
         from . import gcp as cloud  # type: ignore[no-redef]
     else:
         from . import azure as cloud  # type: ignore[no-redef]
-    agents = cloud.build(spec)
-    pulumi.export("agents", agents)
-    return agents
+    cloud.build(spec)

@@ -42,15 +42,21 @@ def first_node_mount(private_ip: pulumi.Output[str]) -> pulumi.Output[NfsMount]:
 
 
 def boot_script(
-    spec: ClusterSpec, group: NodeGroup, mount: Mount, *, export: bool = False
+    spec: ClusterSpec, group: NodeGroup, mount: Mount, *, index: int | None = None
 ) -> pulumi.Output[str]:
-    """The node's boot script, secret: it mounts `mount` (none for node-local storage, for
-    the exporting node, or without storage) or, with `export`, serves the volumes."""
+    """The boot script of node `index` of `group` (None: any of the group's pooled nodes),
+    secret: it mounts `mount` (none for node-local storage, for the exporting node, or
+    without storage), or serves the volumes when this node exports them."""
+    export = index is not None and exports(spec, group, index)
     served = NfsExport(spec.network.cidr) if export else None
     if export:
         mount = None  # it serves the volumes from its own disk
     if isinstance(mount, pulumi.Output):
-        script = mount.apply(lambda m: startup_script(spec, group, mount=m, export=served))
+        script = mount.apply(
+            lambda m: startup_script(spec, group, mount=m, export=served, index=index)
+        )
     else:
-        script = pulumi.Output.from_input(startup_script(spec, group, mount=mount, export=served))
+        script = pulumi.Output.from_input(
+            startup_script(spec, group, mount=mount, export=served, index=index)
+        )
     return pulumi.Output.secret(script)

@@ -98,7 +98,8 @@ def local_engine(settings: LocalSettings) -> Engine:
         egress_dirs=settings.egress_dirs,
         home=here.site,
     )
-    vms.cancelled = engine.cancel_requested  # its VMs stop waiting on a cancel
+    # a cancel stops the wait for booting nodes
+    vms.cancelled = clouds.cancelled = engine.cancel_requested
     return engine
 
 

@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--join-run", help="the run this node joins")
     p.add_argument("--join-group", help="the node group this node is of")
     p.add_argument(
+        "--join-index",
+        type=int,
+        help="this node's place in its group, when its boot data names one (the node that "
+        "serves the group's volumes is 0); default: the first place free",
+    )
+    p.add_argument(
         "--join-timeout",
         type=float,
         default=600.0,
@@ -228,9 +234,13 @@ def _join(args: argparse.Namespace, token: str) -> int:
             token=token,
             group=args.join_group,
             agent_port=int(args.listen.rsplit(":", 1)[1]),
+            index=args.join_index,
         )
     except (OSError, ValueError) as exc:
         print(f"substrate: cannot join: {exc}", file=sys.stderr)
+        return 2
+    if args.join_index is not None and args.join_index < 0:
+        print("substrate: --join-index is a place in the group: 0 or more", file=sys.stderr)
         return 2
     folders = {p.parent for p in (args.tls_cert, args.tls_key, args.tls_ca)}
     wanted = {args.tls_cert.name, args.tls_key.name, args.tls_ca.name}

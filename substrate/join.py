@@ -47,6 +47,7 @@ class JoinRequest:
     agent_port: int
     address: str = ""  # "": the address this node's default route leaves from
     hostname: str = ""  # "": this machine's hostname
+    index: int | None = None  # its place in its group, when its boot data names one
 
     def __repr__(self) -> str:  # never the token
         return f"JoinRequest({self.run_id}, {self.group}, {self.orchestrator})"
@@ -96,6 +97,7 @@ def join(request: JoinRequest, tls_dir: Path, deadline_s: float) -> str:
                         address=address,
                         agent_port=request.agent_port,
                         csr=csr,
+                        index=request.index,
                     ),
                     timeout=CALL_TIMEOUT_S,
                 )

@@ -5,21 +5,35 @@ Before anything is made, a cloud run checks what it needs here, in this order, a
 one line naming the first thing missing: the Pulumi SDK (`pip install 'squall[cloud]'`), the
 `pulumi` CLI, the settings below, the cloud's credentials (`credentials.py`).
 
+Nodes join their run (registrar.py): the boot script carries the run's join token and this
+orchestrator's join CA; each node makes its own key and trades the token for its certificate
+at the join service, which learns the node's address from the call. So the stack lists no
+node addresses, and a scale set's nodes are found like any other. Its public address (the
+call's source) is dialled, or the address it reports when the run is in an existing subnet or
+$SQUALL_USE_INTERNAL_IPS is set (an orchestrator inside the cloud's network, or reaching it
+over a VPN).
+
 What the orchestrator must be told (environment, or `squall doctor` says what is missing):
 - $SQUALL_ORCHESTRATOR_CIDR: this orchestrator's address as the clouds see it (a /32, or its
   network). The agent port is opened to it and to nothing else.
+- $SQUALL_ORCHESTRATOR_ADDRESS: HOST:PORT where nodes reach this orchestrator's join service
+  (written on the nodes; the service listens on that port, on every address, unless
+  $SQUALL_JOIN_LISTEN says where). The team's firewall must let the nodes reach it.
 - $SQUALL_IMAGE_AWS, $SQUALL_IMAGE_GCP, $SQUALL_IMAGE_AZURE: the node image per cloud (an AMI
   or resolve:ssm: parameter; a GCP image path; an Azure publisher:offer:sku:version), built
-  with `squall` in it: each node starts `squall agent` at boot.
-- optional: $SQUALL_ORCHESTRATOR_ADDRESS (host:port, written on the nodes), $SQUALL_CLUSTER_TTL
-  (hours after which `squall stack gc` destroys a cluster whatever its run, default 24).
+  with `squall` in it (`squall image build` / `publish`): each node starts `squall agent` at
+  boot.
+- optional: $SQUALL_CLUSTER_TTL (hours after which `squall stack gc` destroys a cluster
+  whatever its run, default 24), $SQUALL_JOIN_TIMEOUT (seconds the nodes have to join once
+  the stack is up, default 900).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -30,12 +44,12 @@ from federate.catalog import CLOUDS
 from federate.placement import SiteEstimate
 from federate.workload import Workload
 from infra.spec import PERSISTENT_ROOT, VOLUME_ROOT, Bootstrap, ClusterSpec, Network
-from substrate.tls import ClientTLS
 
 from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report
 from .cluster_spec import DEFAULT_TTL, cluster_spec
 from .credentials import CREDENTIALS
-from .pki import make_run_pki
+from .pki import RunAuthority, join_identity
+from .registrar import Joined, Registrar
 from .stacks import StackDriver
 
 if TYPE_CHECKING:
@@ -51,6 +65,9 @@ class CloudSettings:
     orchestrator_address: str | None = None
     images: dict[str, str] = field(default_factory=dict)
     ttl: timedelta = DEFAULT_TTL
+    join_listen: str | None = None  # None: every address, on the orchestrator address's port
+    join_timeout_s: float = 900.0  # once the stack is up
+    use_internal_ips: bool = False  # dial the address a node reports, not its call's source
     # where the boot script mounts the cluster's storage on every node (the cloud-run tests'
     # stand-in nodes keep theirs in the test's folder)
     volume_root: str = VOLUME_ROOT
@@ -70,11 +87,18 @@ class CloudSettings:
             ttl = timedelta(hours=float(env.get("SQUALL_CLUSTER_TTL", "24")))
         except ValueError:
             raise ProvisionError("SQUALL_CLUSTER_TTL is a number of hours") from None
+        try:
+            join_timeout_s = float(env.get("SQUALL_JOIN_TIMEOUT", "900"))
+        except ValueError:
+            raise ProvisionError("SQUALL_JOIN_TIMEOUT is a number of seconds") from None
         return cls(
             env.get("SQUALL_ORCHESTRATOR_CIDR") or None,
             env.get("SQUALL_ORCHESTRATOR_ADDRESS") or None,
             images,
             ttl,
+            join_listen=env.get("SQUALL_JOIN_LISTEN") or None,
+            join_timeout_s=join_timeout_s,
+            use_internal_ips=env.get("SQUALL_USE_INTERNAL_IPS", "") not in ("", "0", "false"),
         )
 
     def missing(self, cloud: str) -> list[str]:
@@ -83,6 +107,12 @@ class CloudSettings:
         if not self.orchestrator_cidr:
             out.append(
                 "SQUALL_ORCHESTRATOR_CIDR (this orchestrator's address, e.g. 203.0.113.7/32)"
+            )
+        host, _, port = (self.orchestrator_address or "").rpartition(":")
+        if not host or not port.isdigit():
+            out.append(
+                "SQUALL_ORCHESTRATOR_ADDRESS (HOST:PORT where nodes join this orchestrator, "
+                "e.g. 203.0.113.7:7443)"
             )
         if cloud not in self.images:
             out.append(f"SQUALL_IMAGE_{cloud.upper()} (the node image, with squall in it)")
@@ -101,8 +131,23 @@ class CloudProvisioner:
     def __init__(self, stacks: StackDriver, settings: CloudSettings) -> None:
         self.stacks = stacks
         self.settings = settings
-        # run -> this orchestrator's certificate for its nodes, from plan to up (memory only)
-        self._client_tls: dict[str, ClientTLS] = {}
+        # whether the run was cancelled: its nodes stop being waited for (the engine's)
+        self.cancelled: Callable[[str], bool] = lambda _: False
+        self._registrar: Registrar | None = None
+        self._lock = threading.Lock()
+
+    def _join_service(self) -> tuple[Registrar, str]:
+        """This process's join service (started the first time) and the HOST:PORT the nodes
+        are told (port 0 in the orchestrator address: the one the service got)."""
+        address = self.settings.orchestrator_address or ""
+        host, _, port = address.rpartition(":")
+        with self._lock:
+            if self._registrar is None:
+                listen = self.settings.join_listen or f"0.0.0.0:{port}"
+                identity = join_identity(self.stacks.settings.state_dir / "join")
+                self._registrar = Registrar(identity, listen)
+            registrar = self._registrar
+        return registrar, f"{host}:{registrar.port if port == '0' else port}"
 
     def serves(self, site: str) -> bool:
         cloud, _, region = site.partition(":")
@@ -168,8 +213,7 @@ class CloudProvisioner:
         cloud = estimate.site.cloud
         self.check(estimate.site.name, cloud)
         assert self.settings.orchestrator_cidr is not None
-        pki = make_run_pki(run_id)  # its key is forgotten: the nodes get theirs through the stack
-        self._client_tls[run_id] = pki.orchestrator
+        registrar, orchestrator = self._join_service()
         try:
             return cluster_spec(
                 run_id,
@@ -179,11 +223,9 @@ class CloudProvisioner:
                 image=self.settings.images[cloud],
                 network=Network(orchestrator_cidr=self.settings.orchestrator_cidr),
                 bootstrap=Bootstrap(
-                    orchestrator=self.settings.orchestrator_address,
+                    orchestrator=orchestrator,
+                    ca_certificate=registrar.identity.ca.decode(),
                     join_token=SecretStr(secrets.token_urlsafe(32)),
-                    tls_ca=pki.ca.decode(),
-                    node_certificate=pki.node_certificate.decode(),
-                    node_key=SecretStr(pki.node_key.decode()),
                 ),
                 ttl=self.settings.ttl,
                 buckets=buckets,
@@ -192,26 +234,51 @@ class CloudProvisioner:
             raise ProvisionError(f"cannot size a cluster for {estimate.site.name}: {exc}") from None
 
     def up(self, plan: Plan[ClusterSpec], report: Report) -> Cluster:
-        """The stack up, as a cluster whose jobs each run on the node group priced for them,
-        a multi-node job's containers on their nodes' own network (a cloud routes no pod
-        subnets between nodes, and MPI gets the fabric)."""
+        """The stack up and its nodes joined, as a cluster whose jobs each run on the node
+        group priced for them, a multi-node job's containers on their nodes' own network (a
+        cloud routes no pod subnets between nodes, and MPI gets the fabric). When the nodes
+        do not join in time, or the run is cancelled while they boot, the stack goes."""
         spec = plan.shape
+        run_id = spec.run_id
         token = spec.bootstrap.join_token.get_secret_value()
-        tls = self._client_tls.pop(spec.run_id, None)
-        if tls is None:
-            raise ProvisionError(
-                f"run {spec.run_id}: no certificate for its nodes in this orchestrator (it was "
-                "planned by another process); plan it again"
-            )
-        agents = self.stacks.up(spec, report)
+        registrar, _ = self._join_service()
+        authority = RunAuthority(run_id)  # its key lives while the run takes nodes
+        registrar.open(
+            run_id,
+            token,
+            authority,
+            {g.name: g.count for g in spec.node_groups},
+            # the node that keeps the volumes on its disk is its group's node 0
+            kept={g.name: frozenset({0}) for g in spec.node_groups if spec.holds_volumes(g, 0)},
+        )
+        try:
+            self.stacks.up(spec, report)
+            try:
+                joined = registrar.wait(
+                    run_id,
+                    self.settings.join_timeout_s,
+                    report=report,
+                    stop=lambda: self.cancelled(run_id),
+                )
+            except ProvisionError:
+                self.stacks.destroy(self.stacks.name_of(run_id), report)
+                raise
+        finally:
+            registrar.close(run_id)  # no more certificates for this run: its CA key goes
+        internal = self.settings.use_internal_ips or spec.network.subnet_id is not None
+        position = {g.name: n for n, g in enumerate(spec.node_groups)}
+        joined.sort(key=lambda j: (position[j.group], j.index))
         job_of = {g["name"]: g["job"] for g in plan.record["cluster"]["groups"]}
         groups: dict[str, list[int]] = {}
-        for i, agent in enumerate(agents):
-            groups.setdefault(job_of[agent["group"]], []).append(i)
+        for i, node in enumerate(joined):
+            groups.setdefault(job_of[node.group], []).append(i)
         return Cluster(
-            run_id=spec.run_id,
+            run_id=run_id,
             site=f"{spec.site.cloud}:{spec.site.region}",
-            agents=tuple(AgentEndpoint(a["name"], a["address"], token, tls=tls) for a in agents),
+            agents=tuple(
+                AgentEndpoint(j.node, _dial(j, internal), token, tls=authority.orchestrator)
+                for j in joined
+            ),
             groups={job: tuple(nodes) for job, nodes in groups.items()},
             host_network=True,
             volume_root=self.settings.volume_root if spec.storage is not None else "",
@@ -220,3 +287,10 @@ class CloudProvisioner:
 
     def down(self, cluster: Cluster, report: Report) -> None:
         self.stacks.destroy(self.stacks.name_of(cluster.run_id), report)
+
+
+def _dial(node: Joined, internal: bool) -> str:
+    """HOST:PORT of a joined node's agent: the address it reported (`internal`), else the
+    one its call came from (its public address, behind the cloud's NAT)."""
+    host = node.address if internal else node.peer
+    return f"[{host}]:{node.agent_port}" if ":" in host else f"{host}:{node.agent_port}"

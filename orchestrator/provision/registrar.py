@@ -48,6 +48,11 @@ class Joined:
     peer: str  # the address its call came from (its public address behind a cloud's NAT)
     agent_port: int
 
+    @property
+    def index(self) -> int:
+        """Its place in its group."""
+        return int(self.node.rpartition("-")[2])
+
 
 @dataclass
 class _Window:
@@ -56,6 +61,9 @@ class _Window:
     authority: RunAuthority
     groups: Mapping[str, int]
     from_itself: bool = False  # a node's reported address must be the one it calls from
+    # places of a group kept for the nodes whose boot data names them (a group's node 0 that
+    # serves its volumes): no other node takes them
+    kept: Mapping[str, frozenset[int]] = field(default_factory=dict)
     joined: dict[tuple[str, str], Joined] = field(default_factory=dict)
     lines: dict[str, deque[str]] = field(default_factory=dict)
 
@@ -99,12 +107,14 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
         groups: Mapping[str, int],
         *,
         from_itself: bool = False,
+        kept: Mapping[str, frozenset[int]] | None = None,
     ) -> None:
         """Take up to `groups[name]` nodes of each group for `run_id`; with `from_itself`,
-        only nodes whose reported address is the one they call from (no NAT between)."""
+        only nodes whose reported address is the one they call from (no NAT between); the
+        places in `kept[group]` only for nodes that name them."""
         with self._lock:
             self._windows[run_id] = _Window(
-                run_id, _digest(token), authority, dict(groups), from_itself
+                run_id, _digest(token), authority, dict(groups), from_itself, kept=kept or {}
             )
 
     def close(self, run_id: str) -> None:
@@ -226,13 +236,8 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
                     f"{known.node} joined from another address already",
                 )
             if known is None:
-                taken = sum(1 for j in window.joined.values() if j.group == request.group)
-                if taken >= window.groups[request.group]:
-                    context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"all {taken} nodes of group {request.group} have joined",
-                    )
-                name = f"{request.group}-{taken}"
+                index = _place(window, request, context)
+                name = f"{request.group}-{index}"
             else:
                 name = known.node  # the same node again (its agent restarted): same name
             try:
@@ -257,6 +262,33 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
         return join_pb2.SayReply()
 
 
+def _place(window: _Window, request: join_pb2.JoinRequest, context: grpc.ServicerContext) -> int:
+    """The place in its group of a node joining for the first time: the one its boot data
+    names (kept for it), else the lowest one neither held nor kept."""
+    group = request.group
+    count, kept = window.groups[group], window.kept.get(group, frozenset())
+    held = {j.index for j in window.joined.values() if j.group == group}
+    if request.HasField("index"):
+        if request.index not in kept:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"place {request.index} of group {group} is not kept for a named node",
+            )
+        if request.index in held:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{group}-{request.index} has joined already"
+            )
+        return int(request.index)
+    free = [i for i in range(count) if i not in held and i not in kept]
+    if not free:
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"the places left in group {group} are kept for named nodes"
+            if kept - held
+            else f"all {count} nodes of group {group} have joined",
+        )
+    return free[0]
+
+
 def _order(joined: Joined) -> tuple[str, int]:
-    group, _, index = joined.node.rpartition("-")
-    return group, int(index)
+    return joined.group, joined.index

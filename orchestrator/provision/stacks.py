@@ -152,10 +152,10 @@ class StackDriver:
 
     # ---- up and down ------------------------------------------------------------------------
 
-    def up(self, spec: ClusterSpec, report: Report) -> list[dict[str, str]]:
-        """Record the stack, bring it up, and return its agents ({name, group, address}).
-        On failure it is destroyed before this raises; if that fails too, the ledger keeps
-        it open for `squall stack gc`."""
+    def up(self, spec: ClusterSpec, report: Report) -> None:
+        """Record the stack and bring it up (its nodes then join the run: the stack lists
+        none). On failure it is destroyed before this raises; if that fails too, the ledger
+        keeps it open for `squall stack gc`."""
         self._command()  # no ledger row for a stack that could never start
         from pulumi import automation as auto
 
@@ -177,14 +177,10 @@ class StackDriver:
             value, secret = spec_config(spec)[SPEC_KEY]
             stack.set_all_config({SPEC_KEY: auto.ConfigValue(value, secret=secret)})
             report(f"stack {name}: up ({spec.site.cloud}:{spec.site.region})")
-            result = stack.up(on_output=_lines(report), color="never")
-            agents = result.outputs["agents"].value if "agents" in result.outputs else None
-            if not isinstance(agents, list) or not agents:
-                raise ProvisionError(f"stack {name} came up without agents")
+            stack.up(on_output=_lines(report), color="never")
         except Exception as exc:
             raise self._failed_up(name, exc, report, "`squall stack gc`") from None
         self._set(name, StackState.UP)
-        return [{k: str(v) for k, v in a.items()} for a in agents]
 
     def _failed_up(
         self, name: str, exc: Exception, report: Report, retried_by: str

@@ -28,6 +28,7 @@ def env(tmp_path: Path) -> dict[str, str]:
         "SQUALL_DATA_DIR": str(tmp_path / "data"),
         "SQUALL_CATALOG": str(ROOT / "tests" / "catalog"),
         "SQUALL_ORCHESTRATOR_CIDR": "198.51.100.10/32",
+        "SQUALL_ORCHESTRATOR_ADDRESS": "127.0.0.1:0",  # the join service, on a free port
         "SQUALL_IMAGE_AWS": "ami-0123456789",
         "AWS_ACCESS_KEY_ID": "testing",  # found, never used: the stack is the fake's
         "AWS_SECRET_ACCESS_KEY": "testing",

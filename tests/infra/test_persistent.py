@@ -28,8 +28,8 @@ def test_every_node_mounts_the_regions_share_of_persistent_volumes(cloud: str) -
     spec = with_volumes(cloud, StorageClass.MANAGED, 2, 1).model_copy(
         update={"persistent_share": SHARE}
     )
-    with_share, _ = run(spec, INVOKES)
-    without, _ = run(with_volumes(cloud, StorageClass.MANAGED, 2, 1), INVOKES)
+    with_share = run(spec, INVOKES)
+    without = run(with_volumes(cloud, StorageClass.MANAGED, 2, 1), INVOKES)
     scripts = boot_scripts(with_share, cloud)
     assert len(scripts) == 3
     for script in scripts.values():

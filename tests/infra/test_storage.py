@@ -34,8 +34,7 @@ DISK_INPUTS = {
 
 
 def run(spec) -> RecordingMocks:
-    mocks, _ = build(spec, INVOKES)
-    return mocks
+    return build(spec, INVOKES)
 
 
 def private_ip(mocks: RecordingMocks, cloud: str, node: str) -> str:

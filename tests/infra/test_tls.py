@@ -26,7 +26,7 @@ def test_every_node_gets_the_tls_material_in_its_secret_boot_script_and_nowhere_
     cloud: str,
 ) -> None:
     spec = with_volumes(cloud, StorageClass.NFS_FIRST_NODE, 2, 1, bootstrap=TLS_BOOT)
-    mocks, _ = run(spec, INVOKES)
+    mocks = run(spec, INVOKES)
     scripts = boot_scripts(mocks, cloud)  # each one asserted to be a secret input
     assert len(scripts) == 3
     for script in scripts.values():
@@ -53,7 +53,7 @@ def test_every_node_gets_the_tls_material_in_its_secret_boot_script_and_nowhere_
 def test_without_tls_material_the_agent_joins_for_its_own_certificate(cloud: str) -> None:
     spec = with_volumes(cloud, StorageClass.MANAGED, bootstrap=BOOT)
     assert spec.bootstrap.joins
-    mocks, _ = run(spec, INVOKES)
+    mocks = run(spec, INVOKES)
     for group, script in boot_scripts(mocks, cloud).items():
         del group
         # it trades the token for a certificate at the orchestrator's join service, checked
@@ -72,7 +72,7 @@ def test_without_tls_material_the_agent_joins_for_its_own_certificate(cloud: str
 def test_a_node_handed_its_certificate_does_not_join() -> None:
     assert not TLS_BOOT.joins
     assert not Bootstrap(join_token=SecretStr("t")).joins  # nowhere to join
-    mocks, _ = run(with_volumes("aws", StorageClass.MANAGED, bootstrap=TLS_BOOT), INVOKES)
+    mocks = run(with_volumes("aws", StorageClass.MANAGED, bootstrap=TLS_BOOT), INVOKES)
     for script in boot_scripts(mocks, "aws").values():
         assert "--join" not in script
 

@@ -5,8 +5,13 @@ reached anyway), so the Automation API is pointed at this script through its own
 `PulumiCommand(root=...)`, which runs `<root>/bin/pulumi`. It keeps each stack as a JSON file in
 the file backend's folder and answers the commands the SDK sends, in the shapes the SDK parses.
 `up` does not run the program (the programs are tested under mocks in tests/infra): it "creates"
-one instance per node of the spec in the stack's config and answers with agents, whose addresses
-come from $FAKE_PULUMI_AGENTS (a JSON list; real local agents in the engine tests) or are made up.
+one instance per node of the spec in the stack's config, and for each real agent listed in
+$FAKE_PULUMI_AGENTS (a JSON list of HOST:PORT; local agents standing in for the nodes in the engine
+tests) it does what that node's boot would: it joins the run at the orchestrator's join service
+its boot data names, with the run's token, as that agent (its address and port; the agents were
+started with the run's CA, so the certificate the join returns is thrown away). The token reaches
+a node only inside its secret boot script, which the fake does not make: the test fixed it and
+says it in $FAKE_PULUMI_TOKEN.
 
 Knobs: $FAKE_PULUMI_LOG (append each argv as a JSON line), $FAKE_PULUMI_FAIL=up|destroy (fail
 that command after doing half of it), $FAKE_PULUMI_SLOW_UP=SECONDS (sleep inside `up`).
@@ -18,9 +23,12 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str]) -> int:
@@ -96,7 +104,6 @@ def up(root: Path, name: str, state: dict) -> int:
     nodes = [(g["name"], i) for g in spec["node_groups"] for i in range(g["count"])]
     failing = os.environ.get("FAKE_PULUMI_FAIL") == "up"
     print(f"Updating ({name}):")
-    agents = []
     for n, (group, i) in enumerate(nodes):
         if failing and n == len(nodes) // 2:
             save(root, name, state)
@@ -106,14 +113,41 @@ def up(root: Path, name: str, state: dict) -> int:
         save(root, name, state)
         print(f" +  {group}-{i}  created", flush=True)
         time.sleep(float(os.environ.get("FAKE_PULUMI_SLOW_UP", "0")) / len(nodes))
-        port = spec["network"]["agent_port"]
-        address = given[n] if n < len(given) else f"192.0.2.{n + 1}:{port}"
-        agents.append({"name": f"{group}-{i}", "group": group, "address": address})
-    state["outputs"] = {"agents": agents}
+        if n < len(given):
+            join_as(given[n], spec, os.environ["FAKE_PULUMI_TOKEN"], group, i)
     state["history"].append(entry("update", len(nodes)))
     save(root, name, state)
     print(f"Resources:\n    + {len(nodes)} created")
     return 0
+
+
+def join_as(agent: str, spec: dict, token: str, group: str, index: int) -> None:
+    """Join the run as the node of `group` at `agent` (HOST:PORT) would at its boot."""
+    sys.path.insert(0, str(ROOT))
+    from substrate.join import JoinRequest, join
+
+    boot = spec["bootstrap"]
+    storage = spec.get("storage") or {}
+    keeps = (  # the node that keeps the volumes names its place, as its boot script does
+        storage.get("storage_class") in ("node-local", "nfs-first-node")
+        and group == spec["node_groups"][0]["name"]
+        and index == 0
+    )
+    host, _, port = agent.rpartition(":")
+    request = JoinRequest(
+        orchestrator=boot["orchestrator"],
+        join_ca=boot["ca_certificate"].encode(),
+        run_id=spec["run_id"],
+        token=token,
+        group=group,
+        agent_port=int(port),
+        address=host,
+        hostname=f"{group}-{index}-standin",
+        index=0 if keeps else None,
+    )
+    with tempfile.TemporaryDirectory() as tls:
+        join(request, Path(tls), deadline_s=30)
+    print(f"    {group}-{index}  joined", flush=True)
 
 
 def destroy(root: Path, name: str, state: dict) -> int:

@@ -3,10 +3,12 @@
 No cloud and no `pulumi` CLI can be reached here, so: federation is forced onto aws:us-east-2
 from the test catalog; the Automation API drives tests/orchestrator/fake_pulumi.py through the
 SDK's CLI seam; and the "nodes" that stack reports are real local agents started by the test
-(the fake reads their addresses from $FAKE_PULUMI_AGENTS). The join token and the run's
-certificates that the real boot script would hand the nodes are fixed to the test agents' own,
-by patching `secrets.token_urlsafe` and `make_run_pki` (`same_credentials`).
-Everything after the stack (gRPC to the agents, crun containers, the store) is real.
+(the fake reads their addresses from $FAKE_PULUMI_AGENTS and joins the run as each of them, at
+this orchestrator's real join service, with the token the spec carries). The run's CA, which
+signs what the nodes serve with, is fixed to the test agents' own by patching `RunAuthority`
+and `make_run_pki` (`same_credentials`); the agents were started before the run, so they keep
+the certificate they were given and the one their join returns is thrown away.
+Everything else (the join service, gRPC to the agents, crun containers, the store) is real.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from orchestrator.engine import Engine, request_cancel
 from orchestrator.fuzzfile import Workflow
 from orchestrator.placing import Placer
 from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
-from orchestrator.provision.cloud import CloudProvisioner, CloudSettings
-from orchestrator.provision.pki import RunPKI, make_run_pki
+from orchestrator.provision.cloud import CloudProvisioner, CloudSettings, _dial
+from orchestrator.provision.pki import RunAuthority, RunPKI
+from orchestrator.provision.registrar import Joined
 from orchestrator.provision.stacks import StackDriver, StackSettings
 from orchestrator.store import Agent, Event, Run, RunState, Stack, StackState, Store
 from tests.orchestrator.servers import S3Server
@@ -56,12 +59,16 @@ def persistent_share(tmp_path: Path) -> Path:
 
 
 def same_credentials(monkeypatch: pytest.MonkeyPatch) -> RunPKI:
-    """The stand-in agents and the cloud run get one token and one run CA: what the boot
-    script would give the stack's nodes is what the stand-ins were started with."""
+    """The stand-in agents and the cloud run get one token and one run CA: the token the
+    stack's boot data carries, and the CA that signs the nodes' certificates, are those the
+    stand-ins were started with."""
     monkeypatch.setattr("secrets.token_urlsafe", lambda n=32: TOKEN)
-    pki = make_run_pki("standins")
-    for module in ("local", "cloud"):
-        monkeypatch.setattr(f"orchestrator.provision.{module}.make_run_pki", lambda _: pki)
+    monkeypatch.setenv("FAKE_PULUMI_TOKEN", TOKEN)  # what the stand-ins' boot data would say
+    authority = RunAuthority("standins")
+    node_certificate, node_key = authority.node_pair()
+    pki = RunPKI(authority.ca, node_certificate, node_key, authority.orchestrator)
+    monkeypatch.setattr("orchestrator.provision.local.make_run_pki", lambda _: pki)
+    monkeypatch.setattr("orchestrator.provision.cloud.RunAuthority", lambda _: authority)
     return pki
 
 
@@ -101,6 +108,11 @@ def engine(tmp_path: Path, nodes: Cluster, monkeypatch) -> Engine:
                 StackDriver(store, StackSettings(tmp_path / "stacks")),
                 CloudSettings(
                     orchestrator_cidr="127.0.0.1/32",
+                    orchestrator_address="127.0.0.1:0",  # the join service: any free port
+                    # the stand-ins join from this machine's loopback (the fake joins for
+                    # them): dial the addresses they report, as an orchestrator inside the
+                    # cloud's network does
+                    use_internal_ips=True,
                     images={"aws": "ami-0123456789"},
                     volume_root=str(cluster_storage(tmp_path)),
                     persistent_root=str(persistent_share(tmp_path)),
@@ -162,21 +174,31 @@ def test_a_cloud_run_brings_its_stack_up_runs_on_its_agents_and_destroys_it(engi
     assert any("destroyed" in line for line in progress)
 
 
-def test_the_nodes_get_the_runs_certificate_and_the_key_stays_secret(engine, fake_pulumi, nodes):
+def test_the_nodes_join_for_their_certificate_and_no_key_is_in_the_stack(
+    engine, fake_pulumi, nodes
+):
     outcome = engine.run("me/cloud-tls", two_jobs("echo second"))
     assert outcome.state is RunState.FINISHED, outcome.reason
     [config] = [c for c in fake_pulumi.calls() if c[:2] == ["config", "set-all"]]
     spec = json.loads(config[config.index("--plaintext") + 1].partition("=")[2])
-    node_cert = spec["bootstrap"]["node_certificate"]
-    assert "BEGIN CERTIFICATE" in node_cert
-    assert spec["bootstrap"]["tls_ca"] != node_cert
-    assert "PRIVATE KEY" not in fake_pulumi.log.read_text()  # the key reaches no command line
-    # the run's agents opened only to the certificate the orchestrator recorded for them
+    boot = spec["bootstrap"]
+    # the nodes are told where to join and whose certificate the join service shows; no
+    # node certificate or key is made before they boot
+    host, _, port = boot["orchestrator"].rpartition(":")
+    assert (host, port != "0") == ("127.0.0.1", True)  # the port the service got
+    assert "BEGIN CERTIFICATE" in boot["ca_certificate"]
+    assert (boot["node_certificate"], boot["tls_ca"]) == ("", "")
+    assert "PRIVATE KEY" not in fake_pulumi.log.read_text()
+    assert TOKEN not in fake_pulumi.log.read_text()  # only in the program's secret scripts
+    assert any(
+        "2 of 2 nodes joined" in line for line in events(engine, outcome.run_id, "provision")
+    )
+    # the run's agents, where they joined from, opened only to the run's CA
     with engine.store.session() as s:
         agents = s.scalars(select(Agent).where(Agent.run_id == outcome.run_id)).all()
-        assert agents
-        assert all(a.tls_ca == spec["bootstrap"]["tls_ca"] for a in agents)
-        assert all("PRIVATE KEY" in a.tls_key for a in agents)
+        assert sorted(a.address for a in agents) == sorted(a.address for a in nodes.agents)
+        assert sorted(a.name for a in agents) == ["first-0", "second-0"]
+        assert all(a.tls_ca == nodes.agents[0].tls.ca.decode() for a in agents)
 
 
 def test_a_failed_job_still_destroys_the_stack(engine):
@@ -325,10 +347,12 @@ def test_missing_settings_and_credentials_fail_a_cloud_run_in_one_line_each(
     outcome = engine.run("me/cloud-nocidr", two_jobs("echo second"))
     assert outcome.state is RunState.FAILED
     assert outcome.reason.endswith(
-        f"{SITE} needs SQUALL_ORCHESTRATOR_CIDR (this orchestrator's address, e.g. 203.0.113.7/32)"
+        f"{SITE} needs SQUALL_ORCHESTRATOR_CIDR (this orchestrator's address, e.g. "
+        "203.0.113.7/32); SQUALL_ORCHESTRATOR_ADDRESS (HOST:PORT where nodes join this "
+        "orchestrator, e.g. 203.0.113.7:7443)"
     )
 
-    clouds.settings = CloudSettings("127.0.0.1/32", images={"aws": "ami-0123456789"})
+    clouds.settings = CloudSettings("127.0.0.1/32", "127.0.0.1:0", images={"aws": "ami-0123456789"})
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
@@ -441,3 +465,13 @@ def test_persistent_volumes_on_a_cloud_live_on_the_regions_share_and_outlive_eac
     ] * 2
     assert fake_pulumi.verbs().count("destroy") == 2  # each run's stack went
     assert not (tmp_path / "data" / "volumes").exists()  # nothing on this machine
+
+
+def test_a_joined_node_is_dialled_at_its_public_address_unless_told_otherwise():
+    """Behind a cloud's NAT a node reports its private address and calls from its public
+    one: the orchestrator dials the public one unless it is inside the network."""
+    node = Joined("ring-0", "ring", "ip-10-0-0-5", "10.0.0.5", "203.0.113.9", 7431)
+    assert _dial(node, internal=False) == "203.0.113.9:7431"
+    assert _dial(node, internal=True) == "10.0.0.5:7431"
+    v6 = Joined("ring-1", "ring", "n1", "fd00::5", "2001:db8::9", 7431)
+    assert _dial(v6, internal=False) == "[2001:db8::9]:7431"

@@ -36,9 +36,7 @@ def test_a_stack_is_recorded_configured_brought_up_and_destroyed_in_order(driver
     def report(line: str) -> None:
         seen.append((line, ledger_state(driver, spec.stack_name)))
 
-    agents = driver.up(spec, report)
-    assert [a["name"] for a in agents] == [f"{spec.node_groups[0].name}-{i}" for i in range(4)]
-    assert all(a["address"].endswith(":7431") for a in agents)
+    driver.up(spec, report)
     # the ledger had the stack before `up` printed its first line
     first_up_line = next(state for line, state in seen if line.startswith("Updating"))
     assert first_up_line is StackState.CREATING

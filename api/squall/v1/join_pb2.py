@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61pi/squall/v1/join.proto\x12\tsquall.v1\"\x7f\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x12\n\nagent_port\x18\x06 \x01(\r\x12\x0b\n\x03\x63sr\x18\x07 \x01(\x0c\":\n\tJoinReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12\n\n\x02\x63\x61\x18\x03 \x01(\x0c\"I\n\x08\x42ootLine\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"\n\n\x08SayReply2q\n\x08NodeJoin\x12\x34\n\x04Join\x12\x16.squall.v1.JoinRequest\x1a\x14.squall.v1.JoinReply\x12/\n\x03Say\x12\x13.squall.v1.BootLine\x1a\x13.squall.v1.SayReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61pi/squall/v1/join.proto\x12\tsquall.v1\"\x9d\x01\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x12\n\nagent_port\x18\x06 \x01(\r\x12\x0b\n\x03\x63sr\x18\x07 \x01(\x0c\x12\x12\n\x05index\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_index\":\n\tJoinReply\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12\n\n\x02\x63\x61\x18\x03 \x01(\x0c\"I\n\x08\x42ootLine\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"\n\n\x08SayReply2q\n\x08NodeJoin\x12\x34\n\x04Join\x12\x16.squall.v1.JoinRequest\x1a\x14.squall.v1.JoinReply\x12/\n\x03Say\x12\x13.squall.v1.BootLine\x1a\x13.squall.v1.SayReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'api.squall.v1.join_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOINREQUEST']._serialized_start=39
-  _globals['_JOINREQUEST']._serialized_end=166
-  _globals['_JOINREPLY']._serialized_start=168
-  _globals['_JOINREPLY']._serialized_end=226
-  _globals['_BOOTLINE']._serialized_start=228
-  _globals['_BOOTLINE']._serialized_end=301
-  _globals['_SAYREPLY']._serialized_start=303
-  _globals['_SAYREPLY']._serialized_end=313
-  _globals['_NODEJOIN']._serialized_start=315
-  _globals['_NODEJOIN']._serialized_end=428
+  _globals['_JOINREQUEST']._serialized_start=40
+  _globals['_JOINREQUEST']._serialized_end=197
+  _globals['_JOINREPLY']._serialized_start=199
+  _globals['_JOINREPLY']._serialized_end=257
+  _globals['_BOOTLINE']._serialized_start=259
+  _globals['_BOOTLINE']._serialized_end=332
+  _globals['_SAYREPLY']._serialized_start=334
+  _globals['_SAYREPLY']._serialized_end=344
+  _globals['_NODEJOIN']._serialized_start=346
+  _globals['_NODEJOIN']._serialized_end=459
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,7 @@ class JoinRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     AGENT_PORT_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     token: _builtins.str
     group: _builtins.str
@@ -46,6 +47,10 @@ class JoinRequest(_message.Message):
     agent_port: _builtins.int
     csr: _builtins.bytes
     """PEM PKCS#10, for the key the node made and keeps"""
+    index: _builtins.int
+    """its place in its group when its boot data names one (the node that serves the group's
+    volumes is 0); unset: the lowest place no node holds or is kept for
+    """
     def __init__(
         self,
         *,
@@ -56,12 +61,15 @@ class JoinRequest(_message.Message):
         address: _builtins.str = ...,
         agent_port: _builtins.int = ...,
         csr: _builtins.bytes = ...,
+        index: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_index", b"_index", "index", b"index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_port", b"agent_port", "csr", b"csr", "group", b"group", "hostname", b"hostname", "run_id", b"run_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_index", b"_index", "address", b"address", "agent_port", b"agent_port", "csr", b"csr", "group", b"group", "hostname", b"hostname", "index", b"index", "run_id", b"run_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__index: _TypeAlias = _typing.Literal["index"]  # noqa: Y015
+    _WhichOneofArgType__index: _TypeAlias = _typing.Literal["_index", b"_index"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__index) -> _WhichOneofReturnType__index | None: ...
 
 Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015
 
