@@ -4,9 +4,14 @@ everything in it, which is the second line of defence behind the stack's own des
 What it gets right, each asserted by tests/infra/test_azure.py:
 - an NSG that lets the agent port in from the orchestrator's address only (inside the virtual
   network, Azure's default rules already let the nodes reach each other);
-- InfiniBand sizes (HB, HC, HX, ND…r) of a multi-node job in one availability set in one
-  proximity placement group: Azure puts VMs on one InfiniBand fabric only when they share an
-  availability set or a single-placement-group scale set;
+- a node group as one VM scale set (Uniform, no overprovisioning: an extra VM would join the
+  run; a public address per VM from the scale set's own configuration, no NIC or address
+  resource per node: the nodes join the run, which learns their addresses then), in one
+  proximity placement group when compact: Azure puts VMs on one InfiniBand fabric only when
+  they share an availability set or a single-placement-group scale set, and such a scale set
+  holds at most 100 VMs. A group whose node 0 keeps the run's volumes (its boot differs), or
+  an InfiniBand group of more than 100 nodes, is made VM by VM instead, InfiniBand sizes in
+  one availability set (200 VMs at most);
 - accelerated networking on every NIC of a size that has it;
 - spot as Spot priority, evicted by deletion, paying at most the on-demand price (-1);
 - the boot script as custom data, marked secret; tags on everything;
@@ -29,7 +34,7 @@ import pulumi
 from pulumi_azure_native import compute, network, resources, storage
 
 from .bootstrap import NfsMount
-from .spec import ClusterSpec, NodeGroup, StorageClass
+from .spec import ClusterSpec, Fabric, NodeGroup, StorageClass
 from .volumes import Mount, boot_script, exports, first_node_mount
 
 __all__ = [
@@ -42,6 +47,10 @@ __all__ = [
 ]
 
 ADMIN = "squall"
+# VMs in a scale set with a single placement group, the only kind on one InfiniBand fabric
+# (https://learn.microsoft.com/azure/virtual-machine-scale-sets/
+# virtual-machine-scale-sets-placement-groups)
+SINGLE_PLACEMENT_MAX = 100
 # NFS 4.1 shares exist only on premium (SSD) FileStorage accounts, with a provisioned size of
 # 100 GiB at least; NFS has no encryption in transit on Azure Files, so the account must not
 # require secure transfer, and the share is reached only from trusted networks
@@ -193,6 +202,11 @@ def _group(
     mount: Mount,
 ) -> pulumi.Output[NfsMount] | None:
     """The group's nodes; what the others mount when its node 0 serves the volumes."""
+    infiniband = group.fabric is Fabric.INFINIBAND
+    keeps = any(spec.holds_volumes(group, i) for i in range(group.count))
+    if not keeps and not (infiniband and group.count > SINGLE_PLACEMENT_MAX):
+        _scale_set(spec, group, rg, subnet_id, nsg_id, public, key, mount)
+        return None
     tags = {**spec.tags, "squall-group": group.name}
     where = spec.site.region
     placement = availability = None
@@ -311,3 +325,109 @@ def _group(
         if exports(spec, group, i):  # the others mount node 0's private address (its NIC's)
             served = first_node_mount(private_ip)
     return served
+
+
+def _scale_set(
+    spec: ClusterSpec,
+    group: NodeGroup,
+    rg: Any,
+    subnet_id: Any,
+    nsg_id: Any,
+    public: bool,
+    key: str,
+    mount: Mount,
+) -> compute.VirtualMachineScaleSet:
+    """The group as one scale set: one resource for all its VMs, their NICs and addresses."""
+    tags = {**spec.tags, "squall-group": group.name}
+    where = spec.site.region
+    placement = None
+    if group.compact:
+        placement = compute.ProximityPlacementGroup(
+            f"{group.name}-proximity",
+            resource_group_name=rg,
+            location=where,
+            proximity_placement_group_type="Standard",
+            intent=compute.ProximityPlacementGroupPropertiesIntentArgs(
+                vm_sizes=[group.instance_type]
+            ),
+            tags=tags,
+        )
+    # secret (as boot_script makes it): it carries the run's join token
+    script = boot_script(spec, group, mount).apply(
+        lambda text: base64.b64encode(text.encode()).decode()
+    )
+    return compute.VirtualMachineScaleSet(
+        f"{group.name}-nodes",
+        resource_group_name=rg,
+        location=where,
+        sku=compute.SkuArgs(name=group.instance_type, tier="Standard", capacity=group.count),
+        orchestration_mode="Uniform",
+        upgrade_policy=compute.UpgradePolicyArgs(mode=compute.UpgradeMode.MANUAL),
+        # Azure makes extra VMs and deletes them once enough are up: those would take the
+        # run's places at the join
+        overprovision=False,
+        # one placement group: one InfiniBand fabric for all the group's VMs (100 at most);
+        # others may spread (up to 1000)
+        single_placement_group=group.fabric is Fabric.INFINIBAND,
+        platform_fault_domain_count=1,
+        proximity_placement_group=compute.SubResourceArgs(id=placement.id) if placement else None,
+        virtual_machine_profile=compute.VirtualMachineScaleSetVMProfileArgs(
+            storage_profile=compute.VirtualMachineScaleSetStorageProfileArgs(
+                image_reference=image_reference(group.image),
+                os_disk=compute.VirtualMachineScaleSetOSDiskArgs(
+                    create_option="FromImage",
+                    delete_option="Delete",
+                    disk_size_gb=group.disk_gib,
+                    managed_disk=compute.VirtualMachineScaleSetManagedDiskParametersArgs(
+                        storage_account_type="Premium_LRS"
+                    ),
+                ),
+            ),
+            os_profile=compute.VirtualMachineScaleSetOSProfileArgs(
+                computer_name_prefix=group.name[:9],
+                admin_username=ADMIN,
+                custom_data=script,
+                linux_configuration=compute.LinuxConfigurationArgs(
+                    disable_password_authentication=True,
+                    ssh=compute.SshConfigurationArgs(
+                        public_keys=[
+                            compute.SshPublicKeyArgs(
+                                path=f"/home/{ADMIN}/.ssh/authorized_keys", key_data=key
+                            )
+                        ]
+                    ),
+                ),
+            ),
+            network_profile=compute.VirtualMachineScaleSetNetworkProfileArgs(
+                network_interface_configurations=[
+                    compute.VirtualMachineScaleSetNetworkConfigurationArgs(
+                        name="primary",
+                        primary=True,
+                        enable_accelerated_networking=accelerated_networking(group.instance_type),
+                        network_security_group=compute.SubResourceArgs(id=nsg_id),
+                        ip_configurations=[
+                            compute.VirtualMachineScaleSetIPConfigurationArgs(
+                                name="primary",
+                                primary=True,
+                                subnet=compute.ApiEntityReferenceArgs(id=subnet_id),
+                                public_ip_address_configuration=(
+                                    compute.VirtualMachineScaleSetPublicIPAddressConfigurationArgs(
+                                        name="public",
+                                        sku=compute.PublicIPAddressSkuArgs(name="Standard"),
+                                    )
+                                    if public
+                                    else None
+                                ),
+                            )
+                        ],
+                    )
+                ]
+            ),
+            priority="Spot" if group.spot else "Regular",
+            eviction_policy="Delete" if group.spot else None,
+            billing_profile=compute.BillingProfileArgs(max_price=-1) if group.spot else None,
+        ),
+        tags=tags,
+        # the admin key is new on every program run; it must not replace running VMs
+        opts=pulumi.ResourceOptions(ignore_changes=["virtualMachineProfile.osProfile"]),
+    )

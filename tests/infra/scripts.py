@@ -19,6 +19,7 @@ INSTANCES = {
     "gcp": "gcp:compute/instance:Instance",
     "azure": "azure-native:compute:VirtualMachine",
 }
+SCALE_SETS = {"azure": "azure-native:compute:VirtualMachineScaleSet"}
 
 
 def secret(value: Any) -> Any:
@@ -33,8 +34,12 @@ def _b64(text: str) -> str:
 
 
 def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
-    """Node name -> the boot script its cloud runs (each asserted to be a secret input)."""
+    """Node name (or, for a scale set's nodes, the scale set's) -> the boot script its cloud
+    runs (each asserted to be a secret input)."""
     scripts = {}
+    for pool in mocks.of(SCALE_SETS.get(cloud, "none")):
+        profile = secret(pool.inputs["virtualMachineProfile"])  # the custom data makes it so
+        scripts[pool.name] = _b64(profile["osProfile"]["customData"])
     for node in mocks.of(INSTANCES[cloud]):
         if cloud == "aws":  # the user data of the node's launch template
             template_id = node.inputs["launchTemplate"]["id"]
@@ -49,6 +54,27 @@ def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
         else:  # the custom data makes the whole OS profile secret
             scripts[node.name] = _b64(secret(node.inputs["osProfile"])["customData"])
     return scripts
+
+
+def groups_of(scripts: dict[str, str]) -> list[str]:
+    """The node group of each boot script (keyed NODE or GROUP-nodes by `boot_scripts`)."""
+    return sorted(name.rsplit("-", 1)[0] for name in scripts)
+
+
+def node_disks(mocks: RecordingMocks, cloud: str) -> list[int]:
+    """The root disk size (GiB) of every node, a scale set's counted once per VM."""
+    disks = {
+        "aws": lambda n: n.inputs["rootBlockDevice"]["volumeSize"],
+        "gcp": lambda n: n.inputs["bootDisk"]["initializeParams"]["size"],
+        "azure": lambda n: n.inputs["storageProfile"]["osDisk"]["diskSizeGB"],
+    }
+    sizes = [int(disks[cloud](n)) for n in mocks.of(INSTANCES[cloud])]
+    for pool in mocks.of(SCALE_SETS.get(cloud, "none")):
+        profile = secret(pool.inputs["virtualMachineProfile"])
+        sizes += [int(profile["storageProfile"]["osDisk"]["diskSizeGB"])] * int(
+            pool.inputs["sku"]["capacity"]
+        )
+    return sizes
 
 
 def plain_texts(value: Any) -> Iterator[str]:

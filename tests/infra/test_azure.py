@@ -17,10 +17,11 @@ from infra.azure import (
 from infra.spec import Storage, StorageClass
 
 from .mocks import run
-from .scripts import boot_scripts, mounted_source
+from .scripts import boot_scripts, mounted_source, secret
 from .specs import ORCHESTRATOR, TOKEN, cpu_job, placed, with_volumes
 
 VM = "azure-native:compute:VirtualMachine"
+VMSS = "azure-native:compute:VirtualMachineScaleSet"
 PPG = "azure-native:compute:ProximityPlacementGroup"
 AVSET = "azure-native:compute:AvailabilitySet"
 ACCOUNT = "azure-native:storage:StorageAccount"
@@ -41,38 +42,78 @@ def hpc_mpi(nodes: int = 4):
     )
 
 
-def test_an_hb_series_workflow_gets_infiniband_vms_in_one_proximity_placement_group():
+def test_an_hb_series_workflow_is_one_scale_set_on_one_infiniband_fabric_without_nics_per_node():
     spec = placed("azure", hpc_mpi(nodes=4))
     [group] = spec.node_groups
     assert group.instance_type.startswith(("Standard_HB", "Standard_HX", "Standard_HC"))
     assert group.fabric.value == "infiniband"
     mocks = run(spec)
+    [pool] = mocks.of(VMSS)
+    [ppg] = mocks.of(PPG)
+    # one resource for the four VMs: no VM, NIC or public address resource per node
+    assert mocks.of(VM) == []
+    assert mocks.of("azure-native:network:NetworkInterface") == []
+    assert mocks.of("azure-native:network:PublicIPAddress") == []
+    assert mocks.of(AVSET) == []
+    assert pool.inputs["sku"] == {"name": group.instance_type, "tier": "Standard", "capacity": 4}
+    # exactly four VMs, ever (an overprovisioned one would join the run), on one fabric
+    assert pool.inputs["overprovision"] is False
+    assert pool.inputs["singlePlacementGroup"] is True
+    assert pool.inputs["orchestrationMode"] == "Uniform"
+    assert pool.inputs["upgradePolicy"] == {"mode": "Manual"}
+    assert pool.inputs["proximityPlacementGroup"]["id"].endswith(ppg.name)
+    assert ppg.inputs["intent"] == {"vmSizes": [group.instance_type]}
+    profile = secret(pool.inputs["virtualMachineProfile"])  # it holds the boot script
+    [nic] = profile["networkProfile"]["networkInterfaceConfigurations"]
+    assert nic["enableAcceleratedNetworking"] is True
+    [ip] = nic["ipConfigurations"]
+    assert ip["publicIPAddressConfiguration"]["sku"] == {"name": "Standard"}  # its own, per VM
+    assert profile["storageProfile"]["osDisk"]["diskSizeGB"] == group.disk_gib
+
+
+def test_a_group_whose_node_0_keeps_the_volumes_is_made_vm_by_vm_on_one_fabric():
+    spec = placed("azure", hpc_mpi(nodes=2)).model_copy(
+        update={"storage": Storage(storage_class=StorageClass.NFS_FIRST_NODE, size_gib=10)}
+    )
+    mocks = run(spec)
+    assert mocks.of(VMSS) == []
     vms = mocks.of(VM)
     [ppg] = mocks.of(PPG)
     [avset] = mocks.of(AVSET)
-    assert len(vms) == 4
-    assert {vm.inputs["hardwareProfile"]["vmSize"] for vm in vms} == {group.instance_type}
-    ppg_id = {vm.inputs["proximityPlacementGroup"]["id"] for vm in vms}
-    assert len(ppg_id) == 1
-    assert ppg_id.pop().endswith(ppg.name)
-    # one availability set: what puts Azure VMs on one InfiniBand fabric
+    assert len(vms) == 2
+    # one availability set: what puts Azure VMs made one by one on one InfiniBand fabric
     assert {vm.inputs["availabilitySet"]["id"] for vm in vms} == {
         f"/subscriptions/mock/resourceGroups/rg/providers/{AVSET}/{avset.name}"
     }
     assert avset.inputs["proximityPlacementGroup"]["id"].endswith(ppg.name)
-    assert ppg.inputs["intent"] == {"vmSizes": [group.instance_type]}
-    nics = mocks.of("azure-native:network:NetworkInterface")
-    assert len(nics) == 4
-    assert all(n.inputs["enableAcceleratedNetworking"] is True for n in nics)
+    scripts = boot_scripts(mocks, "azure")
+    assert "--join-index 0" in scripts["cfd-0"]  # it joins as node 0, whenever it boots
+    assert "--join-index" not in scripts["cfd-1"]
+
+
+def test_an_infiniband_group_over_100_nodes_is_made_vm_by_vm_in_one_availability_set():
+    """A single-placement-group scale set (one fabric) holds 100 VMs at most."""
+    spec = placed("azure", hpc_mpi(nodes=2))
+    [group] = spec.node_groups
+    big = spec.model_copy(update={"node_groups": (group.model_copy(update={"count": 101}),)})
+    mocks = run(big)
+    assert mocks.of(VMSS) == []
+    assert len(mocks.of(VM)) == 101
+    [_avset] = mocks.of(AVSET)
+    at_limit = spec.model_copy(update={"node_groups": (group.model_copy(update={"count": 100}),)})
+    [pool] = run(at_limit).of(VMSS)
+    assert pool.inputs["sku"]["capacity"] == 100
 
 
 def test_one_node_gets_no_proximity_group_and_spot_is_evicted_by_deletion():
     mocks = run(placed("azure", cpu_job(), spot=True))
     assert mocks.of(PPG) == []
     assert mocks.of(AVSET) == []
-    [vm] = mocks.of(VM)
-    assert (vm.inputs["priority"], vm.inputs["evictionPolicy"]) == ("Spot", "Delete")
-    assert vm.inputs["billingProfile"] == {"maxPrice": -1}
+    [pool] = mocks.of(VMSS)
+    assert pool.inputs["sku"]["capacity"] == 1
+    profile = secret(pool.inputs["virtualMachineProfile"])
+    assert (profile["priority"], profile["evictionPolicy"]) == ("Spot", "Delete")
+    assert profile["billingProfile"] == {"maxPrice": -1}
 
 
 def test_the_nsg_admits_the_agent_port_from_the_orchestrator_only():
@@ -85,8 +126,11 @@ def test_the_nsg_admits_the_agent_port_from_the_orchestrator_only():
         "Inbound",
         "Allow",
     )
-    for nic in mocks.of("azure-native:network:NetworkInterface"):
-        assert nic.inputs["networkSecurityGroup"]["id"].endswith(nsg.name)
+    [pool] = mocks.of(VMSS)
+    [nic] = secret(pool.inputs["virtualMachineProfile"])["networkProfile"][
+        "networkInterfaceConfigurations"
+    ]
+    assert nic["networkSecurityGroup"]["id"].endswith(nsg.name)
 
 
 def test_custom_data_tags_and_no_password():
@@ -95,10 +139,9 @@ def test_custom_data_tags_and_no_password():
     )
     mocks = run(spec)
     assert ACCOUNT in mocks.types()
-    [vm] = mocks.of(VM)
-    wire = vm.inputs["osProfile"]  # a secret on the wire, as the custom data in it is
-    assert wire["4dabf18193072939515e22adb298388d"] == "1b47061264138c4ac30d75fd1eb44270"
-    profile = wire["value"]
+    [pool] = mocks.of(VMSS)
+    # a secret on the wire, as the custom data in it is
+    profile = secret(pool.inputs["virtualMachineProfile"])["osProfile"]
     script = base64.b64decode(profile["customData"]).decode()
     assert "agent --listen 0.0.0.0:7431" in script
     assert TOKEN in script
@@ -150,7 +193,7 @@ def test_managed_storage_is_an_nfs_share_only_the_runs_subnet_reaches_that_every
     assert share.inputs["accountName"] == account.inputs["accountName"]
     name = account.inputs["accountName"]
     scripts = boot_scripts(mocks, "azure")
-    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    assert sorted(scripts) == ["g0-nodes", "g1-nodes"]  # a scale set a group
     for script in scripts.values():
         assert mounted_source(script) == (
             f"{name}.file.core.windows.net:/{name}/volumes",

@@ -16,7 +16,7 @@ from infra.spec import VOLUME_ROOT, Storage, StorageClass, storage_for
 
 from .mocks import RecordingMocks
 from .mocks import run as build
-from .scripts import INSTANCES, boot_scripts, mounted_source
+from .scripts import INSTANCES, boot_scripts, groups_of, mounted_source, node_disks
 from .specs import REGIONS, by_hand, with_volumes
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -112,7 +112,7 @@ def test_no_storage_makes_nothing_and_mounts_nothing(cloud: str) -> None:
         assert "--volume-root" not in script
         assert "mount" not in script
         assert "exportfs" not in script
-    assert [DISK_INPUTS[cloud](n) for n in mocks.of(INSTANCES[cloud])] == [40, 40]
+    assert node_disks(mocks, cloud) == [40, 40]
 
 
 @pytest.mark.parametrize("cloud", CLOUDS)
@@ -143,7 +143,11 @@ def test_nfs_first_node_node_0_exports_to_the_run_and_every_other_node_mounts_it
     mocks = run(spec)
     assert not MANAGED[cloud] & mocks.types()
     scripts = boot_scripts(mocks, cloud)
-    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    # node 0 of g0 on its own (it keeps the volumes); g1 as a scale set where the cloud's
+    # program makes one
+    assert sorted(scripts)[:2] == ["g0-0", "g0-1"]
+    assert groups_of(scripts) == ["g0", "g0", "g1"]
+    [g1] = [name for name in scripts if name.startswith("g1")]
 
     server = scripts["g0-0"]
     export = f"{VOLUME_ROOT} {spec.network.cidr}(rw,sync,no_subtree_check,no_root_squash)"
@@ -157,13 +161,12 @@ def test_nfs_first_node_node_0_exports_to_the_run_and_every_other_node_mounts_it
 
     address = private_ip(mocks, cloud, "g0-0")
     assert address.startswith("10.42.")
-    for name in ("g0-1", "g1-0"):  # the rest of its group, and the next group
+    for name in ("g0-1", g1):  # the rest of its group, and the next group
         source, options = mounted_source(scripts[name])
         assert source == f"{address}:{VOLUME_ROOT}"
         assert options == NFS_SERVER_OPTIONS
         assert "exportfs" not in scripts[name]
-    others = [n for n in mocks.of(INSTANCES[cloud]) if n.name != "g0-0"]
-    assert {DISK_INPUTS[cloud](n) for n in others} == {40}
+    assert sorted(node_disks(mocks, cloud)) == [40, 40, 40 + 200]
 
 
 def test_the_aws_exporter_has_a_launch_template_of_its_own() -> None:

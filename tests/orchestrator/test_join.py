@@ -86,6 +86,26 @@ def test_the_same_node_joining_again_keeps_its_name_and_a_third_is_refused(servi
     assert [j.node for j in registrar.wait("run-1", 1)] == ["ring-0", "ring-1"]
 
 
+def test_the_place_kept_for_the_node_that_keeps_the_volumes_goes_to_that_node_only(service):
+    registrar, authority, folder = service
+    registrar.open("run-1", TOKEN, authority, {"ring": 2}, kept={"ring": frozenset({0})})
+    # a pooled node that boots first takes the next free place, not the kept one
+    assert join(request(registrar, folder, hostname="pooled"), folder / "p", 10) == "ring-1"
+    with pytest.raises(JoinError, match="places left in group ring are kept for named nodes"):
+        join(request(registrar, folder, hostname="another"), folder / "x", deadline_s=10)
+    with pytest.raises(JoinError, match="place 1 of group ring is not kept"):
+        join(request(registrar, folder, hostname="claims-1", index=1), folder / "y", 10)
+    assert join(request(registrar, folder, hostname="keeper", index=0), folder / "k", 10) == (
+        "ring-0"
+    )
+    with pytest.raises(JoinError, match="ring-0 has joined already"):
+        join(request(registrar, folder, hostname="second-keeper", index=0), folder / "z", 10)
+    assert [(j.node, j.hostname) for j in registrar.wait("run-1", 1)] == [
+        ("ring-0", "keeper"),
+        ("ring-1", "pooled"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("change", "refusal"),
     [
