@@ -7,10 +7,17 @@ What it gets right, each asserted by tests/infra/test_aws.py:
   it would only narrow the capacity EC2 can place it in;
 - every EFA interface the type has, laid out as AWS documents for multi-card types (p4d,
   p5, hpc7a): an ENA primary interface, then one EFA-only interface per network card;
-- a type with more than one interface gets no auto-assigned public IP (EC2 refuses it), so
-  each node gets an Elastic IP on its primary interface instead;
+- a node group is one EC2 Fleet of type instant (what ParallelCluster launches compute nodes
+  with): one request for all its nodes, all or nothing (minimum capacity = the group's size,
+  one type, one zone), never replaced behind the run's back, terminated with the fleet; no
+  resource per node: the nodes join the run, which learns their addresses then. The root
+  disk's size goes in the launch template, on the AMI's own root device (read from the AMI);
+- a group is made instance by instance instead when its node 0 keeps the run's volumes (its
+  boot differs), or when its type has more than one interface in a public subnet: EC2 gives
+  such a launch no public IP, so each node gets an Elastic IP on its primary interface;
 - IMDSv2 only, an instance profile that may touch the run's buckets and nothing else, spot
-  as one-time requests that terminate (nothing restarts behind the ledger's back);
+  as one-time requests (or the fleet's spot capacity) that terminate (nothing restarts
+  behind the ledger's back);
 - tags on every resource that takes them, and on the instances, volumes and interfaces the
   launch template makes;
 - the run's volumes (`spec.storage`): managed, an encrypted EFS file system with a mount
@@ -245,7 +252,8 @@ def network_interfaces(
 ) -> list[aws.ec2.LaunchTemplateNetworkInterfaceArgs]:
     """AWS's layout for EFA on multi-card types: the primary interface is ENA (card 0,
     device 0) and carries the node's IP; then one EFA-only interface per network card, at
-    device index 1 on card 0 and device index 0 on every other card."""
+    device index 1 on card 0 and device index 0 on every other card. `subnet_id` None: the
+    fleet's override names it."""
 
     def nic(card: int, device: int, kind: str | None) -> aws.ec2.LaunchTemplateNetworkInterfaceArgs:
         return aws.ec2.LaunchTemplateNetworkInterfaceArgs(
@@ -274,8 +282,13 @@ def _template(
     script: pulumi.Output[str],
     tags: dict[str, str],
     opts: pulumi.ResourceOptions,
+    *,
+    root_disk: tuple[pulumi.Output[str], int] | None = None,
 ) -> aws.ec2.LaunchTemplate:
+    """The nodes' launch template; with `root_disk` (the AMI's root device, GiB), a fleet's:
+    the disk's size is the template's, and spot is the fleet's to ask for."""
     made = {**tags, "squall-group": group.name}
+    fleet = root_disk is not None
     return aws.ec2.LaunchTemplate(
         name,
         description=f"squall run {spec.run_id}, group {group.name}",
@@ -284,7 +297,19 @@ def _template(
         network_interfaces=nics,
         placement=aws.ec2.LaunchTemplatePlacementArgs(
             group_name=placement_group.name if placement_group else None,
-            availability_zone=spec.site.zone,
+            availability_zone=None if fleet else spec.site.zone,  # a fleet's is its subnet's
+        ),
+        block_device_mappings=(
+            [
+                aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
+                    device_name=root_disk[0],
+                    ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
+                        volume_size=root_disk[1], volume_type="gp3", delete_on_termination="true"
+                    ),
+                )
+            ]
+            if root_disk is not None
+            else None
         ),
         iam_instance_profile=(
             aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn) if profile else None
@@ -297,7 +322,7 @@ def _template(
                     instance_interruption_behavior="terminate",
                 ),
             )
-            if group.spot
+            if group.spot and not fleet
             else None
         ),
         metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
@@ -332,6 +357,11 @@ def _group(
         if group.compact
         else None
     )
+    if not any(spec.holds_volumes(group, i) for i in range(group.count)) and not (
+        public and group.fabric is Fabric.EFA and group.efa_interfaces > 0
+    ):
+        _fleet(spec, group, subnet_id, sg, profile, public, placement_group, tags, opts, mount)
+        return None
     nics = network_interfaces(group, subnet_id, sg.id, public)
     made = {**tags, "squall-group": group.name}
     served: pulumi.Output[NfsMount] | None = None
@@ -391,3 +421,91 @@ def _group(
                 opts=opts,
             )
     return served
+
+
+def _root_device(image: str, opts: pulumi.ResourceOptions) -> pulumi.Output[str]:
+    """The root device name of the AMI `image` (an id, or resolve:ssm:PARAMETER)."""
+    invoke = pulumi.InvokeOutputOptions(provider=opts.provider)
+    ami: Any = image
+    if image.startswith("resolve:ssm:"):
+        ami = aws.ssm.get_parameter_output(
+            name=image.removeprefix("resolve:ssm:"), opts=invoke
+        ).value
+    return aws.ec2.get_ami_output(
+        filters=[aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami])], opts=invoke
+    ).root_device_name
+
+
+def _fleet(
+    spec: ClusterSpec,
+    group: NodeGroup,
+    subnet_id: Any,
+    sg: aws.ec2.SecurityGroup,
+    profile: aws.iam.InstanceProfile | None,
+    public: bool,
+    placement_group: aws.ec2.PlacementGroup | None,
+    tags: dict[str, str],
+    opts: pulumi.ResourceOptions,
+    mount: Mount,
+) -> aws.ec2.Fleet:
+    """The group's nodes in one instant fleet: all of them or none."""
+    template = _template(
+        f"{group.name}-template",
+        spec,
+        group,
+        network_interfaces(group, None, sg.id, public),
+        placement_group,
+        profile,
+        boot_script(spec, group, mount),
+        tags,
+        opts,
+        root_disk=(_root_device(group.image, opts), group.disk_gib),
+    )
+    return aws.ec2.Fleet(
+        f"{group.name}-nodes",
+        type="instant",
+        launch_template_configs=[
+            aws.ec2.FleetLaunchTemplateConfigArgs(
+                launch_template_specification=(
+                    aws.ec2.FleetLaunchTemplateConfigLaunchTemplateSpecificationArgs(
+                        launch_template_id=template.id,
+                        version=template.latest_version.apply(str),
+                    )
+                ),
+                overrides=[
+                    aws.ec2.FleetLaunchTemplateConfigOverrideArgs(
+                        instance_type=group.instance_type, subnet_id=subnet_id
+                    )
+                ],
+            )
+        ],
+        target_capacity_specification=aws.ec2.FleetTargetCapacitySpecificationArgs(
+            default_target_capacity_type="spot" if group.spot else "on-demand",
+            total_target_capacity=group.count,
+        ),
+        spot_options=(
+            aws.ec2.FleetSpotOptionsArgs(
+                allocation_strategy="price-capacity-optimized",
+                instance_interruption_behavior="terminate",
+                # all or nothing: one type in one zone (the subnet's), the whole group
+                single_instance_type=True,
+                single_availability_zone=True,
+                min_target_capacity=group.count,
+            )
+            if group.spot
+            else None
+        ),
+        on_demand_options=(
+            None
+            if group.spot
+            else aws.ec2.FleetOnDemandOptionsArgs(
+                allocation_strategy="lowest-price",
+                single_instance_type=True,
+                single_availability_zone=True,
+                min_target_capacity=group.count,
+            )
+        ),
+        terminate_instances=True,  # the fleet's destroy takes its instances with it
+        tags={**tags, "squall-group": group.name},
+        opts=opts,
+    )

@@ -13,6 +13,12 @@ from typing import Any
 
 import pulumi
 
+# what a lookup answers unless a test says otherwise: an AMI's root device, an SSM parameter
+DEFAULT_INVOKES: dict[str, dict[str, Any]] = {
+    "aws:ec2/getAmi:getAmi": {"rootDeviceName": "/dev/xvda", "id": "ami-0123"},
+    "aws:ssm/getParameter:getParameter": {"value": "ami-0123", "type": "String"},
+}
+
 
 class RecordingMocks(pulumi.runtime.Mocks):
     def __init__(self, invokes: dict[str, dict[str, Any]] | None = None) -> None:
@@ -75,7 +81,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return rid, state
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
-        return self.invokes.get(args.token, {})
+        return {**DEFAULT_INVOKES.get(args.token, {}), **self.invokes.get(args.token, {})}
 
     def of(self, typ: str) -> list[pulumi.runtime.MockResourceArgs]:
         return [r for r in self.created if r.typ == typ]

@@ -19,7 +19,10 @@ INSTANCES = {
     "gcp": "gcp:compute/instance:Instance",
     "azure": "azure-native:compute:VirtualMachine",
 }
-SCALE_SETS = {"azure": "azure-native:compute:VirtualMachineScaleSet"}
+SCALE_SETS = {
+    "aws": "aws:ec2/fleet:Fleet",
+    "azure": "azure-native:compute:VirtualMachineScaleSet",
+}
 
 
 def secret(value: Any) -> Any:
@@ -33,21 +36,35 @@ def _b64(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
+def template_of(mocks: RecordingMocks, template_id: str) -> Any:
+    """The AWS launch template `template_id` names."""
+    [template] = [
+        t
+        for t in mocks.of("aws:ec2/launchTemplate:LaunchTemplate")
+        if f"{t.name}-id" == template_id
+    ]
+    return template
+
+
+def fleet_template(mocks: RecordingMocks, fleet: Any) -> Any:
+    """The launch template of an AWS fleet."""
+    [config] = fleet.inputs["launchTemplateConfigs"]
+    return template_of(mocks, config["launchTemplateSpecification"]["launchTemplateId"])
+
+
 def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
     """Node name (or, for a scale set's nodes, the scale set's) -> the boot script its cloud
     runs (each asserted to be a secret input)."""
     scripts = {}
     for pool in mocks.of(SCALE_SETS.get(cloud, "none")):
+        if cloud == "aws":
+            scripts[pool.name] = _b64(secret(fleet_template(mocks, pool).inputs["userData"]))
+            continue
         profile = secret(pool.inputs["virtualMachineProfile"])  # the custom data makes it so
         scripts[pool.name] = _b64(profile["osProfile"]["customData"])
     for node in mocks.of(INSTANCES[cloud]):
         if cloud == "aws":  # the user data of the node's launch template
-            template_id = node.inputs["launchTemplate"]["id"]
-            [template] = [
-                t
-                for t in mocks.of("aws:ec2/launchTemplate:LaunchTemplate")
-                if f"{t.name}-id" == template_id
-            ]
+            template = template_of(mocks, node.inputs["launchTemplate"]["id"])
             scripts[node.name] = _b64(secret(template.inputs["userData"]))
         elif cloud == "gcp":
             scripts[node.name] = secret(node.inputs["metadataStartupScript"])
@@ -70,6 +87,11 @@ def node_disks(mocks: RecordingMocks, cloud: str) -> list[int]:
     }
     sizes = [int(disks[cloud](n)) for n in mocks.of(INSTANCES[cloud])]
     for pool in mocks.of(SCALE_SETS.get(cloud, "none")):
+        if cloud == "aws":
+            [root] = fleet_template(mocks, pool).inputs["blockDeviceMappings"]
+            count = pool.inputs["targetCapacitySpecification"]["totalTargetCapacity"]
+            sizes += [int(root["ebs"]["volumeSize"])] * int(count)
+            continue
         profile = secret(pool.inputs["virtualMachineProfile"])
         sizes += [int(profile["storageProfile"]["osDisk"]["diskSizeGB"])] * int(
             pool.inputs["sku"]["capacity"]

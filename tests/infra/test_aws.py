@@ -19,6 +19,7 @@ from .specs import CATALOG, ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, plac
 INSTANCE = "aws:ec2/instance:Instance"
 TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
 PLACEMENT = "aws:ec2/placementGroup:PlacementGroup"
+FLEET = "aws:ec2/fleet:Fleet"
 # resources EC2/IAM cannot tag
 SECRET_SIG, SECRET_VALUE = "4dabf18193072939515e22adb298388d", "1b47061264138c4ac30d75fd1eb44270"
 UNTAGGABLE = {
@@ -73,20 +74,81 @@ def test_one_cpu_node_gets_no_placement_group_and_a_public_ip_on_its_one_interfa
     assert "interfaceType" not in nic
     assert "instanceMarketOptions" not in template.inputs
     assert mocks.of("aws:ec2/eip:Eip") == []
-    assert len(mocks.of(INSTANCE)) == 1
+    assert mocks.of(INSTANCE) == []  # the fleet makes it
+    [fleet] = mocks.of(FLEET)
+    assert fleet.inputs["targetCapacitySpecification"] == {
+        "defaultTargetCapacityType": "on-demand",
+        "totalTargetCapacity": 1,
+    }
 
 
-def test_spot_sets_one_time_spot_options_that_terminate():
+def test_a_group_is_one_instant_fleet_all_or_nothing_with_its_disk_in_the_template():
+    group = NodeGroup(name="work", instance_type="c7i.4xlarge", count=3, image="ami-0123")
+    spec = by_hand("aws", "us-east-2", group)
+    mocks = run(spec)
+    # one resource for the three nodes, none per node: they join the run
+    assert mocks.of(INSTANCE) == []
+    assert mocks.of("aws:ec2/eip:Eip") == []
+    [fleet] = mocks.of(FLEET)
+    [template] = mocks.of(TEMPLATE)
+    assert fleet.inputs["type"] == "instant"  # launched once, never replaced
+    assert fleet.inputs["terminateInstances"] is True  # its destroy takes the instances
+    assert fleet.inputs["onDemandOptions"] == {
+        "allocationStrategy": "lowest-price",
+        "singleInstanceType": True,
+        "singleAvailabilityZone": True,
+        "minTargetCapacity": 3,  # all three, or none
+    }
+    [config] = fleet.inputs["launchTemplateConfigs"]
+    assert config["launchTemplateSpecification"]["launchTemplateId"] == f"{template.name}-id"
+    assert config["overrides"] == [{"instanceType": "c7i.4xlarge", "subnetId": "subnet-id"}]
+    # the subnet is the fleet's to name, and the zone the subnet's
+    [nic] = template.inputs["networkInterfaces"]
+    assert "subnetId" not in nic
+    assert "availabilityZone" not in template.inputs.get("placement", {})
+    # the root disk, on the AMI's own root device
+    assert template.inputs["blockDeviceMappings"] == [
+        {
+            "deviceName": "/dev/xvda",
+            "ebs": {
+                "volumeSize": group.disk_gib,
+                "volumeType": "gp3",
+                "deleteOnTermination": "true",
+            },
+        }
+    ]
+    assert fleet.inputs["tags"]["squall-run"] == spec.run_id
+
+
+def test_spot_is_the_fleets_one_time_capacity_that_terminates():
     spec = placed("aws", cpu_job(), spot=True)
     assert spec.node_groups[0].spot
     mocks = run(spec)
     [template] = mocks.of(TEMPLATE)
-    market = template.inputs["instanceMarketOptions"]
-    assert market["marketType"] == "spot"
-    assert market["spotOptions"] == {
-        "spotInstanceType": "one-time",
-        "instanceInterruptionBehavior": "terminate",
-    }
+    assert "instanceMarketOptions" not in template.inputs  # the fleet asks for spot
+    [fleet] = mocks.of(FLEET)
+    assert fleet.inputs["targetCapacitySpecification"]["defaultTargetCapacityType"] == "spot"
+    assert fleet.inputs["spotOptions"]["instanceInterruptionBehavior"] == "terminate"
+    assert fleet.inputs["spotOptions"]["minTargetCapacity"] == 1
+    assert "onDemandOptions" not in fleet.inputs
+
+
+def test_a_group_made_node_by_node_asks_for_one_time_spot_that_terminates():
+    spec = with_volumes("aws", StorageClass.NFS_FIRST_NODE, 2)  # g0's node 0 keeps them
+    group = spec.node_groups[0].model_copy(update={"spot": True})
+    mocks = run(spec.model_copy(update={"node_groups": (group, *spec.node_groups[1:])}))
+    assert [n.name for n in mocks.of(INSTANCE)] == ["g0-0", "g0-1"]
+    scripts = boot_scripts(mocks, "aws")
+    assert "--join-index 0" in scripts["g0-0"]  # it joins as node 0, whenever it boots
+    assert "--join-index" not in scripts["g0-1"]
+    for template in mocks.of(TEMPLATE):
+        if template.name.startswith("g0"):
+            market = template.inputs["instanceMarketOptions"]
+            assert market["marketType"] == "spot"
+            assert market["spotOptions"] == {
+                "spotInstanceType": "one-time",
+                "instanceInterruptionBehavior": "terminate",
+            }
 
 
 def test_the_agent_port_is_open_to_the_orchestrator_only_and_nodes_to_each_other():
@@ -176,7 +238,8 @@ def test_an_existing_subnet_makes_no_network_and_gives_nodes_no_public_address()
     [template] = mocks.of(TEMPLATE)
     [nic] = template.inputs["networkInterfaces"]
     assert "associatePublicIpAddress" not in nic
-    assert nic["subnetId"] == "subnet-0abc"
+    [fleet] = mocks.of(FLEET)
+    assert fleet.inputs["launchTemplateConfigs"][0]["overrides"][0]["subnetId"] == "subnet-0abc"
 
 
 @pytest.mark.parametrize("fabric", [Fabric.EFA])
@@ -221,7 +284,7 @@ def test_managed_storage_is_an_encrypted_efs_in_the_runs_subnet_that_every_node_
     # every node mounts it, by the mount target's address, before its agent starts
     address = mocks.state("aws:efs/mountTarget:MountTarget", "volumes")["ipAddress"]
     scripts = boot_scripts(mocks, "aws")
-    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    assert sorted(scripts) == ["g0-nodes", "g1-nodes"]  # a fleet a group
     for script in scripts.values():
         assert mounted_source(script) == (f"{address}:/", EFS_OPTIONS)
     assert EFS_OPTIONS == (
