@@ -3,6 +3,11 @@
 What it gets right, each asserted by tests/infra/test_gcp.py:
 - firewall rules: all protocols between the run's nodes, the agent port from the
   orchestrator's address only;
+- a node group is one zonal managed instance group from one instance template (no resource
+  per node: the nodes join the run, which learns their addresses then), which waits until
+  its VMs run and never repairs or recreates one behind the run's back (DO_NOTHING on
+  failure, opportunistic updates); a group whose node 0 keeps the run's volumes (its boot
+  differs) is made instance by instance;
 - a compact-placement resource policy (COLLOCATED) only for compact groups;
 - GPUs as guest accelerators of the model the catalog priced (A2/A3/G2 bundle theirs: the
   accelerator named is the one the machine type carries), and TERMINATE on host maintenance,
@@ -242,15 +247,83 @@ def _group(
     kind = machine_type(group.instance_type)
     gpu = accelerator(group)
     family = "a3-ultragpu" if kind.startswith("a3-ultragpu") else kind.split("-")[0]
-    scheduling = gcp.compute.InstanceSchedulingArgs(
+    disk_type = "hyperdisk-balanced" if family in _HYPERDISK_ONLY else "pd-balanced"
+    timing: dict[str, Any] = {
         # GPUs cannot live-migrate, nor can VMs under a compact policy
-        on_host_maintenance="TERMINATE" if gpu or group.compact or group.spot else "MIGRATE",
-        automatic_restart=not group.spot,
-        preemptible=group.spot,
-        provisioning_model="SPOT" if group.spot else "STANDARD",
-        instance_termination_action="DELETE" if group.spot else None,
-    )
+        "on_host_maintenance": "TERMINATE" if gpu or group.compact or group.spot else "MIGRATE",
+        "automatic_restart": not group.spot,
+        "preemptible": group.spot,
+        "provisioning_model": "SPOT" if group.spot else "STANDARD",
+        "instance_termination_action": "DELETE" if group.spot else None,
+    }
     node_labels = {**labels(spec), "squall-group": group.name}
+    if not any(spec.holds_volumes(group, i) for i in range(group.count)):
+        template = gcp.compute.InstanceTemplate(
+            f"{group.name}-template",
+            machine_type=kind,
+            disks=[
+                gcp.compute.InstanceTemplateDiskArgs(
+                    source_image=group.image,
+                    boot=True,
+                    auto_delete=True,
+                    disk_size_gb=group.disk_gib,
+                    disk_type=disk_type,
+                )
+            ],
+            network_interfaces=[
+                gcp.compute.InstanceTemplateNetworkInterfaceArgs(
+                    subnetwork=subnet_id,
+                    nic_type="GVNIC",
+                    access_configs=(
+                        [gcp.compute.InstanceTemplateNetworkInterfaceAccessConfigArgs()]
+                        if public
+                        else None
+                    ),
+                )
+            ],
+            network_performance_config=(
+                gcp.compute.InstanceTemplateNetworkPerformanceConfigArgs(
+                    total_egress_bandwidth_tier="TIER_1"
+                )
+                if tier_1(kind)
+                else None
+            ),
+            guest_accelerators=(
+                [gcp.compute.InstanceTemplateGuestAcceleratorArgs(type=gpu, count=group.gpus)]
+                if gpu
+                else None
+            ),
+            scheduling=gcp.compute.InstanceTemplateSchedulingArgs(**timing),
+            resource_policies=policy.self_link if policy else None,
+            # secret: it carries the run's join token
+            metadata_startup_script=boot_script(spec, group, mount),
+            labels=node_labels,
+            tags=[tag],
+            opts=opts,
+        )
+        gcp.compute.InstanceGroupManager(
+            f"{group.name}-nodes",
+            zone=zone,
+            base_instance_name=f"{group.name}-{spec.run_id[:8]}",
+            versions=[
+                gcp.compute.InstanceGroupManagerVersionArgs(
+                    name="nodes", instance_template=template.self_link_unique
+                )
+            ],
+            target_size=group.count,
+            # a VM that fails or is preempted stays gone: a new one could not join the run
+            instance_lifecycle_policy=gcp.compute.InstanceGroupManagerInstanceLifecyclePolicyArgs(
+                default_action_on_failure="DO_NOTHING"
+            ),
+            update_policy=gcp.compute.InstanceGroupManagerUpdatePolicyArgs(
+                type="OPPORTUNISTIC", minimal_action="REFRESH"
+            ),
+            wait_for_instances=True,  # `up` fails when the zone cannot give them
+            wait_for_instances_status="STABLE",
+            opts=opts,
+        )
+        return None
+    scheduling = gcp.compute.InstanceSchedulingArgs(**timing)
     served: pulumi.Output[NfsMount] | None = None
     for i in range(group.count):
         name = f"{group.name}-{i}"
@@ -270,7 +343,7 @@ def _group(
                 initialize_params=gcp.compute.InstanceBootDiskInitializeParamsArgs(
                     image=group.image,
                     size=spec.disk_gib(group, i),
-                    type="hyperdisk-balanced" if family in _HYPERDISK_ONLY else "pd-balanced",
+                    type=disk_type,
                 ),
             ),
             network_interfaces=[

@@ -43,6 +43,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
             "privateIp": f"10.42.{n // 250}.{n % 250 + 1}",
             "primaryNetworkInterfaceId": f"eni-{n:08x}",
             "selfLink": f"https://compute.mock/{args.typ}/{args.name}",
+            "selfLinkUnique": f"https://compute.mock/{args.typ}/{args.name}?uniqueId={n}",
             "ipAddress": f"198.51.{n // 250}.{n % 250 + 1}",
         }
         if args.typ == "gcp:compute/instance:Instance":  # GCP computes the addresses

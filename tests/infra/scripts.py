@@ -21,6 +21,7 @@ INSTANCES = {
 }
 SCALE_SETS = {
     "aws": "aws:ec2/fleet:Fleet",
+    "gcp": "gcp:compute/instanceGroupManager:InstanceGroupManager",
     "azure": "azure-native:compute:VirtualMachineScaleSet",
 }
 
@@ -52,6 +53,17 @@ def fleet_template(mocks: RecordingMocks, fleet: Any) -> Any:
     return template_of(mocks, config["launchTemplateSpecification"]["launchTemplateId"])
 
 
+def mig_template(mocks: RecordingMocks, mig: Any) -> Any:
+    """The instance template of a GCP managed instance group."""
+    [version] = mig.inputs["versions"]
+    [template] = [
+        t
+        for t in mocks.of("gcp:compute/instanceTemplate:InstanceTemplate")
+        if mocks.state(t.typ, t.name)["selfLinkUnique"] == version["instanceTemplate"]
+    ]
+    return template
+
+
 def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
     """Node name (or, for a scale set's nodes, the scale set's) -> the boot script its cloud
     runs (each asserted to be a secret input)."""
@@ -59,6 +71,10 @@ def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
     for pool in mocks.of(SCALE_SETS.get(cloud, "none")):
         if cloud == "aws":
             scripts[pool.name] = _b64(secret(fleet_template(mocks, pool).inputs["userData"]))
+            continue
+        if cloud == "gcp":
+            template = mig_template(mocks, pool)
+            scripts[pool.name] = secret(template.inputs["metadataStartupScript"])
             continue
         profile = secret(pool.inputs["virtualMachineProfile"])  # the custom data makes it so
         scripts[pool.name] = _b64(profile["osProfile"]["customData"])
@@ -91,6 +107,10 @@ def node_disks(mocks: RecordingMocks, cloud: str) -> list[int]:
             [root] = fleet_template(mocks, pool).inputs["blockDeviceMappings"]
             count = pool.inputs["targetCapacitySpecification"]["totalTargetCapacity"]
             sizes += [int(root["ebs"]["volumeSize"])] * int(count)
+            continue
+        if cloud == "gcp":
+            [disk] = mig_template(mocks, pool).inputs["disks"]
+            sizes += [int(disk["diskSizeGb"])] * int(pool.inputs["targetSize"])
             continue
         profile = secret(pool.inputs["virtualMachineProfile"])
         sizes += [int(profile["storageProfile"]["osDisk"]["diskSizeGB"])] * int(

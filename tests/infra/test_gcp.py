@@ -16,16 +16,18 @@ from infra.spec import NodeGroup, StorageClass
 
 from .mocks import RecordingMocks
 from .mocks import run as build_under_mocks
-from .scripts import boot_scripts, mounted_source
+from .scripts import boot_scripts, mig_template, mounted_source
 from .specs import ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed, with_volumes
 
 INSTANCE = "gcp:compute/instance:Instance"
+TEMPLATE = "gcp:compute/instanceTemplate:InstanceTemplate"
+MIG = "gcp:compute/instanceGroupManager:InstanceGroupManager"
 POLICY = "gcp:compute/resourcePolicy:ResourcePolicy"
 FILESTORE = "gcp:filestore/instance:Instance"
 ZONES = {"gcp:compute/getZones:getZones": {"names": ["us-east1-b", "us-east1-c"]}}
 
 
-def run(spec) -> tuple[RecordingMocks, list[str]]:
+def run(spec) -> RecordingMocks:
     return build_under_mocks(spec, ZONES)
 
 
@@ -35,11 +37,12 @@ def test_an_a3_or_a2_mpi_workflow_gets_accelerators_compact_placement_and_termin
     [group] = spec.node_groups
     assert group.instance_type.startswith(family)
     mocks = run(spec)
-    nodes = mocks.of(INSTANCE)
+    assert mocks.of(INSTANCE) == []  # no resource per node: the group makes them
+    [mig] = mocks.of(MIG)
     [policy] = mocks.of(POLICY)
-    assert len(nodes) == 2
+    assert mig.inputs["targetSize"] == 2
     assert policy.inputs["groupPlacementPolicy"] == {"collocation": "COLLOCATED", "vmCount": 2}
-    for node in nodes:
+    for node in [mig_template(mocks, mig)]:
         [gpu] = node.inputs["guestAccelerators"]
         assert gpu == {"type": accelerator(group), "count": 8}
         assert gpu["type"].startswith("nvidia-")
@@ -53,15 +56,16 @@ def test_an_a3_or_a2_mpi_workflow_gets_accelerators_compact_placement_and_termin
 def test_a_single_cpu_node_gets_no_placement_policy_and_migrates_on_maintenance():
     mocks = run(placed("gcp", cpu_job()))
     assert mocks.of(POLICY) == []
-    [node] = mocks.of(INSTANCE)
+    [node] = mocks.of(TEMPLATE)
     assert "guestAccelerators" not in node.inputs
     assert node.inputs["scheduling"]["onHostMaintenance"] == "MIGRATE"
-    assert node.inputs["zone"] == "us-east1-b"  # the region's first zone that is UP (invoke)
+    [mig] = mocks.of(MIG)
+    assert mig.inputs["zone"] == "us-east1-b"  # the region's first zone that is UP (invoke)
 
 
 def test_spot_nodes_are_spot_and_deleted_when_preempted():
     mocks = run(placed("gcp", cpu_job(), spot=True))
-    [node] = mocks.of(INSTANCE)
+    [node] = mocks.of(TEMPLATE)
     scheduling = node.inputs["scheduling"]
     assert scheduling["provisioningModel"] == "SPOT"
     assert scheduling["preemptible"] is True
@@ -85,7 +89,7 @@ def test_firewall_opens_the_agent_port_to_the_orchestrator_only():
 def test_labels_and_the_startup_script():
     spec = placed("gcp", cpu_job())
     mocks = run(spec)
-    [node] = mocks.of(INSTANCE)
+    [node] = mocks.of(TEMPLATE)
     labels = node.inputs["labels"]
     assert labels["squall-run"] == spec.run_id
     assert labels["squall-expires-at"] == "2026-11-23t12-00-00z"
@@ -106,7 +110,7 @@ def test_tier_1_networking_only_where_the_type_offers_it():
         name="big", instance_type="c3-standard-176", count=1, image="projects/p/global/images/i"
     )
     mocks = run(by_hand("gcp", "us-central1", group))
-    [node] = mocks.of(INSTANCE)
+    [node] = mocks.of(TEMPLATE)
     assert node.inputs["networkPerformanceConfig"] == {"totalEgressBandwidthTier": "TIER_1"}
 
 
@@ -120,7 +124,7 @@ def test_an_n1_with_attached_t4s_names_the_n1_type_and_the_t4_accelerator():
         gpu_model="T4",
     )
     mocks = run(by_hand("gcp", "us-central1", group))
-    [node] = mocks.of(INSTANCE)
+    [node] = mocks.of(TEMPLATE)
     assert node.inputs["machineType"] == "n1-standard-16"
     assert node.inputs["guestAccelerators"] == [{"type": "nvidia-tesla-t4", "count": 2}]
     assert node.inputs["scheduling"]["onHostMaintenance"] == "TERMINATE"
@@ -140,7 +144,7 @@ def test_managed_storage_is_a_zonal_filestore_on_the_runs_network_that_every_nod
     [fs] = mocks.of(FILESTORE)
     assert (fs.inputs["tier"], fs.inputs["protocol"]) == ("ZONAL", "NFS_V4_1")
     assert fs.inputs["location"] == "us-east1-b"  # the nodes' zone
-    assert {n.inputs["zone"] for n in mocks.of(INSTANCE)} == {"us-east1-b"}
+    assert {n.inputs["zone"] for n in mocks.of(MIG)} == {"us-east1-b"}
     [share] = [fs.inputs["fileShares"]]
     assert share["capacityGb"] == 1536  # 1,500 GiB, up to Zonal's 256 GiB steps
     # exported read-write to the run's network only, root as root (the agents write as root)
@@ -160,7 +164,7 @@ def test_managed_storage_is_a_zonal_filestore_on_the_runs_network_that_every_nod
     assert len(mocks.of("gcp:compute/firewall:Firewall")) == 2
     address = mocks.state(FILESTORE, "volumes")["networks"][0]["ipAddresses"][0]
     scripts = boot_scripts(mocks, "gcp")
-    assert sorted(scripts) == ["g0-0", "g0-1", "g1-0"]
+    assert sorted(scripts) == ["g0-nodes", "g1-nodes"]  # a managed instance group a group
     for script in scripts.values():
         assert mounted_source(script) == (f"{address}:/volumes", FILESTORE_OPTIONS)
 
@@ -175,3 +179,34 @@ def test_filestore_capacity_honours_the_zonal_minimum_and_steps():
     assert filestore_capacity_gib(102400) == 102400
     with pytest.raises(ValueError, match="more than a Filestore Zonal instance holds"):
         filestore_capacity_gib(102401)
+
+
+def test_a_group_is_one_managed_instance_group_that_never_repairs_behind_the_run():
+    group = NodeGroup(
+        name="work", instance_type="c3-standard-8", count=3, image="projects/p/global/images/i"
+    )
+    mocks = run(by_hand("gcp", "us-central1", group))
+    assert mocks.of(INSTANCE) == []
+    [mig] = mocks.of(MIG)
+    [template] = mocks.of(TEMPLATE)
+    assert mig_template(mocks, mig) is template  # the template as it is now, by unique link
+    assert mig.inputs["targetSize"] == 3
+    # a VM that fails or is preempted is not made again: a new one could not join the run
+    assert mig.inputs["instanceLifecyclePolicy"] == {"defaultActionOnFailure": "DO_NOTHING"}
+    assert mig.inputs["updatePolicy"]["type"] == "OPPORTUNISTIC"
+    assert (mig.inputs["waitForInstances"], mig.inputs["waitForInstancesStatus"]) == (
+        True,
+        "STABLE",
+    )
+    [disk] = template.inputs["disks"]
+    assert (disk["boot"], disk["autoDelete"], disk["diskSizeGb"]) == (True, True, group.disk_gib)
+    assert disk["sourceImage"] == "projects/p/global/images/i"
+    assert template.inputs["networkInterfaces"][0]["accessConfigs"] == [{}]  # a public address
+
+
+def test_a_group_whose_node_0_keeps_the_volumes_is_made_instance_by_instance():
+    mocks = run(with_volumes("gcp", StorageClass.NFS_FIRST_NODE, 2))
+    assert [n.name for n in mocks.of(INSTANCE)] == ["g0-0", "g0-1"]
+    scripts = boot_scripts(mocks, "gcp")
+    assert "--join-index 0" in scripts["g0-0"]  # it joins as node 0, whenever it boots
+    assert "--join-index" not in scripts["g0-1"]

@@ -37,6 +37,6 @@ def test_main_builds_the_cluster_from_stack_config():
         runpy.run_path(str(MAIN), run_name="__main__")
 
     run()
-    [node] = mocks.of("gcp:compute/instance:Instance")
+    [node] = mocks.of("gcp:compute/instanceTemplate:InstanceTemplate")
     assert node.inputs["machineType"] == spec.node_groups[0].instance_type
     assert TOKEN in node.inputs["metadataStartupScript"]["value"]
