@@ -47,7 +47,7 @@ from .errors import (
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
 from .placing import Placement
-from .provision import AgentEndpoint, Cluster, Provisioner, ProvisionError
+from .provision import AgentEndpoint, Cancelled, Cluster, Provisioner, ProvisionError
 from .runloop import RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference, referenced_secrets
@@ -202,6 +202,8 @@ class Engine:
             reason = describe(exc)
             if not isinstance(exc, SquallError) or isinstance(exc, StoreError):
                 raise  # a defect, or the store failing: the volumes stay, as after a crash
+            if isinstance(exc, Cancelled):  # its provider stopped bringing the cluster up
+                state, reason = RunState.CANCELLED, "cancelled by request"
             self.staging.skip_egress(run_id)  # it failed before any result was made
         finally:
             if brought_up:

@@ -10,6 +10,7 @@ agents' gRPC API.
 
 from .base import (
     AgentEndpoint,
+    Cancelled,
     Cluster,
     NodeSlice,
     Plan,
@@ -22,6 +23,7 @@ from .local import LocalProvisioner, Machine, local_plan, slice_machine, this_ma
 
 __all__ = [
     "AgentEndpoint",
+    "Cancelled",
     "Cluster",
     "LocalProvisioner",
     "Machine",

@@ -40,6 +40,11 @@ class ProvisionError(SquallError):
     category = Category.PROVISION
 
 
+class Cancelled(ProvisionError):
+    """The run was cancelled while its cluster came up: the provider stopped (and took down
+    what it had made)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSlice:
     """One node of a cluster: the CPUs, memory and GPUs its agent may lease."""

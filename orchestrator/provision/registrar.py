@@ -29,7 +29,7 @@ import grpc
 
 from api.squall.v1 import join_pb2, join_pb2_grpc
 
-from .base import ProvisionError, Report, quiet
+from .base import Cancelled, ProvisionError, Report, quiet
 from .pki import JoinIdentity, RunAuthority
 
 __all__ = ["Joined", "Registrar"]
@@ -139,7 +139,7 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
         """Every node of `run_id`, once all have joined (in group order, then by index).
         ProvisionError after `deadline_s`, naming the groups short of nodes, the nodes
         that joined, and the last lines each node said or its console (`consoles`: node
-        or VM name -> console text) shows; ProvisionError as soon as `stop()` says so (a
+        or VM name -> console text) shows; Cancelled as soon as `stop()` says so (a
         cancel)."""
         until = time.monotonic() + deadline_s
         seen = 0
@@ -163,7 +163,7 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
             if time.monotonic() >= until:
                 break
             if stop():
-                raise ProvisionError(f"run {run_id} stopped while its nodes were joining")
+                raise Cancelled(f"run {run_id} stopped while its nodes were joining")
         with self._lock:
             missing = {
                 group: want - sum(1 for j in window.joined.values() if j.group == group)

@@ -13,6 +13,7 @@ Everything else (the join service, gRPC to the agents, crun containers, the stor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -224,6 +225,44 @@ def test_a_cancelled_run_destroys_the_stack(engine):
     outcome = engine.execute(run_id)
     canceller.join()
     assert outcome.state is RunState.CANCELLED, outcome.reason
+    assert stack_of(engine, run_id).state is StackState.DESTROYED
+
+
+def test_nodes_that_never_join_fail_the_run_naming_the_groups_and_the_stack_goes(
+    engine, monkeypatch
+):
+    monkeypatch.delenv("FAKE_PULUMI_AGENTS")  # the stack's nodes never boot
+    clouds = clouds_of(engine)
+    clouds.settings = dataclasses.replace(clouds.settings, join_timeout_s=2)
+    outcome = engine.run("me/cloud-nojoin", two_jobs("echo second"))
+    assert outcome.state is RunState.FAILED
+    assert "nodes did not join run" in outcome.reason
+    assert "first: 0 of 1" in outcome.reason
+    assert "second: 0 of 1" in outcome.reason
+    assert stack_of(engine, outcome.run_id).state is StackState.DESTROYED
+
+
+def test_a_run_cancelled_while_its_nodes_boot_stops_waiting_and_the_stack_goes(engine, monkeypatch):
+    monkeypatch.delenv("FAKE_PULUMI_AGENTS")  # the nodes take their time: they never join
+    clouds = clouds_of(engine)
+    clouds.cancelled = engine.cancel_requested  # as local_site wires it
+    run_id = engine.submit("me/cloud-cancel-boot", two_jobs("echo second"))
+
+    def cancel_when_provisioning() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any("stack squall-" in m for m in events(engine, run_id, "provision")):
+                break
+            time.sleep(0.1)
+        request_cancel(engine.store, "me/cloud-cancel-boot")
+
+    canceller = threading.Thread(target=cancel_when_provisioning)
+    canceller.start()
+    started = time.monotonic()
+    outcome = engine.execute(run_id)
+    canceller.join()
+    assert time.monotonic() - started < 60  # not the 900 s join deadline
+    assert (outcome.state, outcome.reason) == (RunState.CANCELLED, "cancelled by request")
     assert stack_of(engine, run_id).state is StackState.DESTROYED
 
 
