@@ -45,8 +45,9 @@ from federate.placement import SiteEstimate
 from federate.workload import Workload
 from infra.spec import PERSISTENT_ROOT, VOLUME_ROOT, Bootstrap, ClusterSpec, Network
 
-from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report
+from .base import AgentEndpoint, Cancelled, Cluster, Plan, ProvisionError, Report
 from .cluster_spec import DEFAULT_TTL, cluster_spec
+from .consoles import CONSOLE_HINTS, consoles_of
 from .credentials import CREDENTIALS
 from .pki import RunAuthority, join_identity
 from .registrar import Joined, Registrar
@@ -257,11 +258,15 @@ class CloudProvisioner:
                 joined = registrar.wait(
                     run_id,
                     self.settings.join_timeout_s,
+                    consoles=consoles_of(spec.site.cloud, run_id, spec.site.region),
                     report=report,
                     stop=lambda: self.cancelled(run_id),
                 )
-            except ProvisionError:
+            except ProvisionError as exc:
                 self.stacks.destroy(self.stacks.name_of(run_id), report)
+                hint = CONSOLE_HINTS.get(spec.site.cloud)
+                if hint and not isinstance(exc, Cancelled):
+                    raise ProvisionError(f"{exc}\na node's reason is on {hint}") from None
                 raise
         finally:
             registrar.close(run_id)  # no more certificates for this run: its CA key goes
