@@ -109,7 +109,11 @@ def spec(cloud: str, nodes: int) -> ClusterSpec:
             ),
         ),
         network=Network(orchestrator_cidr="203.0.113.7/32"),
-        bootstrap=Bootstrap(join_token="bench-token"),
+        bootstrap=Bootstrap(
+            orchestrator="203.0.113.7:7443",
+            ca_certificate="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+            join_token="bench-token",
+        ),
     )
 
 

@@ -2,7 +2,6 @@
 
     pulumi config set squall:spec "$(cat spec.json)"
     pulumi config set --secret squall:joinToken "$TOKEN"
-    pulumi config set --secret squall:nodeKey "$(cat node.key)"   # with the agents' TLS
     pulumi up
 
 Squall itself runs the same `build` through the Automation API, one stack per run.
@@ -14,8 +13,4 @@ from infra.config import spec_from_config
 from infra.program import build
 
 _config = pulumi.Config("squall")
-build(
-    spec_from_config(
-        _config.require("spec"), _config.require("joinToken"), _config.get("nodeKey") or ""
-    )
-)
+build(spec_from_config(_config.require("spec"), _config.require("joinToken")))

@@ -328,7 +328,7 @@ def _template(
         metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
             http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=2
         ),
-        # secret (as boot_script makes it): it carries the join token and the node's TLS key
+        # secret (as boot_script makes it): it carries the join token
         user_data=script.apply(lambda text: base64.b64encode(text.encode()).decode()),
         tag_specifications=[
             aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=made)

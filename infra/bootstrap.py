@@ -1,13 +1,14 @@
-"""What a node runs when it first boots: write the agent's token, the orchestrator's CA and
-the node's TLS material, put the run's volumes at `VOLUME_ROOT`, then start the `substrate`
-agent as a systemd service on the agent port.
+"""What a node runs when it first boots: write the run's join token and the CA of the
+orchestrator's join service, put the run's volumes at `VOLUME_ROOT`, then start the
+`substrate` agent as a systemd service on the agent port; the agent joins the run for its
+certificate (api/squall/v1/join.proto) and serves mutual TLS with it.
 
 One shell script for every cloud (AWS user data, GCP startup-script, Azure custom data all
 run it). The node image must carry `squall` (it is the agent) and the NFS tools
 (nfs-common, and nfs-kernel-server for the node that exports the volumes): the script
 installs nothing and fails loudly in the cloud's console log when something is missing. The
-join token and the node's TLS key are in the script, so every program hands it to its cloud
-as a Pulumi secret: it is encrypted in the stack's state.
+join token is in the script, so every program hands it to its cloud as a Pulumi secret: it is
+encrypted in the stack's state.
 
 Volumes, by the spec's storage class:
 - node-local: the directory on the node's own disk;
@@ -163,23 +164,6 @@ def _persistent(spec: ClusterSpec) -> list[str]:
     ]
 
 
-def _tls(spec: ClusterSpec) -> list[str]:
-    boot = spec.bootstrap
-    if not boot.tls:
-        return []
-    files = {
-        "ca.pem": boot.tls_ca,
-        "node.pem": boot.node_certificate,
-        "node.key": boot.node_key.get_secret_value(),
-    }
-    lines = ["# the agent's mutual TLS (written under umask 077)", f"install -d -m 0700 {TLS_DIR}"]
-    for name, pem in files.items():
-        marker = "SQUALL_" + name.replace(".", "_").upper()
-        lines += [f"cat > {TLS_DIR}/{name} <<'{marker}'", pem.strip(), marker]
-    lines.append(f"chmod 0600 {' '.join(f'{TLS_DIR}/{n}' for n in files)}")
-    return lines
-
-
 def startup_script(
     spec: ClusterSpec,
     group: NodeGroup,
@@ -202,18 +186,15 @@ def startup_script(
         # and jobs never reach the team's share themselves: its addresses, found at boot
         extra += f" \\\n  --volume-root {PERSISTENT_ROOT} $SQUALL_SHARE_DENY"
     boot = spec.bootstrap
-    if boot.joins:
-        extra += (
-            f" \\\n  --join {shlex.quote(boot.orchestrator or '')}"
-            f" --join-ca {AGENT_DIR}/orchestrator-ca.pem"
-            f" --join-run {spec.run_id} --join-group {group.name}"
-            + (f" --join-index {index}" if index is not None else "")
-        )
-    if boot.tls or boot.joins:  # handed, or written by the join
-        extra += (
-            f" \\\n  --tls-cert {TLS_DIR}/node.pem --tls-key {TLS_DIR}/node.key"
-            f" --tls-ca {TLS_DIR}/ca.pem"
-        )
+    # the join writes the node's key, its certificate and the run's CA where TLS reads them
+    extra += (
+        f" \\\n  --join {shlex.quote(boot.orchestrator)}"
+        f" --join-ca {AGENT_DIR}/orchestrator-ca.pem"
+        f" --join-run {spec.run_id} --join-group {group.name}"
+        + (f" --join-index {index}" if index is not None else "")
+        + f" \\\n  --tls-cert {TLS_DIR}/node.pem --tls-key {TLS_DIR}/node.key"
+        f" --tls-ca {TLS_DIR}/ca.pem"
+    )
     for flag, registries in (
         ("--search-registry", boot.search_registries),
         ("--insecure-registry", boot.insecure_registries),
@@ -246,26 +227,12 @@ def startup_script(
             f"install -d -m 0700 {AGENT_DIR} /var/lib/squall/agent",
             "umask 077",
             f"printf %s {shlex.quote(token)} > {AGENT_DIR}/agent.token",
-            *(
-                [
-                    f"cat > {AGENT_DIR}/orchestrator-ca.pem <<'SQUALL_CA'",
-                    spec.bootstrap.ca_certificate.strip(),
-                    "SQUALL_CA",
-                ]
-                if spec.bootstrap.ca_certificate
-                else []
-            ),
-            *(
-                [f"echo {shlex.quote(spec.bootstrap.orchestrator)} > {AGENT_DIR}/orchestrator"]
-                if spec.bootstrap.orchestrator
-                else []
-            ),
-            *_tls(spec),
-            *(  # a node that joins makes its own: none of an earlier life of this disk
-                [f"rm -f {TLS_DIR}/node.pem {TLS_DIR}/node.key {TLS_DIR}/ca.pem"]
-                if spec.bootstrap.joins
-                else []
-            ),
+            f"cat > {AGENT_DIR}/orchestrator-ca.pem <<'SQUALL_CA'",
+            boot.ca_certificate.strip(),
+            "SQUALL_CA",
+            f"echo {shlex.quote(boot.orchestrator)} > {AGENT_DIR}/orchestrator",
+            # the node makes its own key: none of an earlier life of this disk
+            f"rm -f {TLS_DIR}/node.pem {TLS_DIR}/node.key {TLS_DIR}/ca.pem",
             "umask 022",
             *_volumes(spec, mount, export),
             *_persistent(spec),

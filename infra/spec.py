@@ -10,7 +10,7 @@ The rules that keep a cluster safe and cheap are checked here, once, for every c
 - the run's volumes live where every node sees them at one path (`VOLUME_ROOT`): the node's
   own disk for a cluster of one node, else an NFS share (the first node's, or the cloud's
   managed file system), reached only from inside the cluster;
-- a node's TLS key, like the join token, never shows in a repr or a log.
+- the join token never shows in a repr or a log.
 """
 
 from __future__ import annotations
@@ -169,46 +169,16 @@ _Registry = Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-
 
 
 class Bootstrap(_Model):
-    """What a node boots with. Its agent either is handed the run's node certificate
-    (`tls_ca`, `node_certificate`, `node_key`) or joins: it makes its own key and trades
-    `join_token` for a certificate at the `orchestrator`'s join service, whose certificate
-    it checks against `ca_certificate` (api/squall/v1/join.proto)."""
+    """What a node boots with: its agent makes its own key and trades `join_token` for a
+    certificate of the run's CA at the `orchestrator`'s join service, whose certificate it
+    checks against `ca_certificate` (api/squall/v1/join.proto)."""
 
-    orchestrator: str | None = Field(default=None, pattern=r"^[^:\s]+:\d+$")  # host:port
-    ca_certificate: str = ""  # PEM of the orchestrator's join CA ("" : none given)
+    orchestrator: str = Field(pattern=r"^[^:\s]+:\d+$")  # host:port of the join service
+    ca_certificate: str = Field(min_length=1)  # PEM of the orchestrator's join CA
     join_token: SecretStr  # never printed: SecretStr hides it in repr and logs
     # registries for unqualified image names, and those the agents reach over plain HTTP
     search_registries: tuple[_Registry, ...] = ()
     insecure_registries: tuple[_Registry, ...] = ()
-    # the agents' mutual TLS: the run's CA (it signs the node certificates and the
-    # orchestrator's client certificate) and this cluster's node certificate and key, all PEM
-    tls_ca: str = ""
-    node_certificate: str = ""
-    node_key: SecretStr = SecretStr("")  # like the token: never printed
-
-    @model_validator(mode="after")
-    def _tls_together(self) -> Bootstrap:
-        given = {
-            "tls_ca": bool(self.tls_ca.strip()),
-            "node_certificate": bool(self.node_certificate.strip()),
-            "node_key": bool(self.node_key.get_secret_value().strip()),
-        }
-        if any(given.values()) and not all(given.values()):
-            missing = ", ".join(k for k, v in given.items() if not v)
-            raise ValueError(
-                f"node TLS needs the CA, the certificate and the key: {missing} missing"
-            )
-        return self
-
-    @property
-    def tls(self) -> bool:
-        """The node is handed its certificate."""
-        return bool(self.tls_ca.strip())
-
-    @property
-    def joins(self) -> bool:
-        """The node joins for its certificate."""
-        return bool(self.orchestrator and self.ca_certificate.strip()) and not self.tls
 
 
 class ClusterSpec(_Model):

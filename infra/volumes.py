@@ -2,8 +2,7 @@
 
 A node's script names the share it mounts, and that address is known only once the cloud
 made it (the managed file system's, or node 0's private address under nfs-first-node). So
-the scripts are Outputs of those addresses, and marked secret (they carry the join token
-and the node's TLS key).
+the scripts are Outputs of those addresses, and marked secret (they carry the join token).
 
 Node 0's address is passed to the others as an Output rather than fixed in advance: it holds
 in an existing subnet too, where Squall cannot know which addresses are free, and each cloud

@@ -6,8 +6,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr
-
 from federate.catalog import load
 from federate.placement import cloud_sites, compare
 from federate.policy import Policy
@@ -24,13 +22,6 @@ BOOT = Bootstrap(
     orchestrator="203.0.113.7:7433",
     ca_certificate="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
     join_token=TOKEN,
-)
-# the agents' mutual TLS material (made-up PEM: the programs only carry it)
-TLS_CA = "-----BEGIN CERTIFICATE-----\nMIIBrunCA\n-----END CERTIFICATE-----"
-NODE_CERT = "-----BEGIN CERTIFICATE-----\nMIIBnode\n-----END CERTIFICATE-----"
-NODE_KEY = "-----BEGIN PRIVATE KEY-----\nMC4node-key-s3cr3t-77e1\n-----END PRIVATE KEY-----"
-TLS_BOOT = BOOT.model_copy(
-    update={"tls_ca": TLS_CA, "node_certificate": NODE_CERT, "node_key": SecretStr(NODE_KEY)}
 )
 REGIONS = {"aws": "us-east-2", "gcp": "us-central1", "azure": "eastus"}
 TYPES = {"aws": "c7i.4xlarge", "gcp": "c3-standard-8", "azure": "Standard_D8s_v5"}
