@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,9 +218,9 @@ def publish(
         die(str(exc))
     except ProvisionError as exc:
         die(str(exc), exc.category)
-    made = done["image"]
+    made = done.image
     if output is Format.json:
-        print_json(dict(done))
+        print_json(dataclasses.asdict(done))
         return
     out.print(f"{escape(made)}")
     err.print(f"set SQUALL_IMAGE_{cloud.upper()}={escape(made)} for clusters to boot it")

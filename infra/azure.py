@@ -153,6 +153,18 @@ def build(spec: ClusterSpec) -> None:
         mount = served if served is not None else mount
 
 
+def _linux(key: str) -> compute.LinuxConfigurationArgs:
+    """No password, and the throwaway admin key (Azure refuses a Linux VM without one)."""
+    return compute.LinuxConfigurationArgs(
+        disable_password_authentication=True,
+        ssh=compute.SshConfigurationArgs(
+            public_keys=[
+                compute.SshPublicKeyArgs(path=f"/home/{ADMIN}/.ssh/authorized_keys", key_data=key)
+            ]
+        ),
+    )
+
+
 def _azure_files(spec: ClusterSpec, rg: Any, subnet_id: Any) -> pulumi.Output[NfsMount]:
     """An NFS 4.1 Azure file share for the run's volumes on a premium FileStorage account
     that only the run's subnet reaches."""
@@ -290,16 +302,7 @@ def _group(
                 computer_name=name,
                 admin_username=ADMIN,
                 custom_data=script,
-                linux_configuration=compute.LinuxConfigurationArgs(
-                    disable_password_authentication=True,
-                    ssh=compute.SshConfigurationArgs(
-                        public_keys=[
-                            compute.SshPublicKeyArgs(
-                                path=f"/home/{ADMIN}/.ssh/authorized_keys", key_data=key
-                            )
-                        ]
-                    ),
-                ),
+                linux_configuration=_linux(key),
             ),
             network_profile=compute.NetworkProfileArgs(
                 network_interfaces=[
@@ -387,16 +390,7 @@ def _scale_set(
                 computer_name_prefix=group.name[:9],
                 admin_username=ADMIN,
                 custom_data=script,
-                linux_configuration=compute.LinuxConfigurationArgs(
-                    disable_password_authentication=True,
-                    ssh=compute.SshConfigurationArgs(
-                        public_keys=[
-                            compute.SshPublicKeyArgs(
-                                path=f"/home/{ADMIN}/.ssh/authorized_keys", key_data=key
-                            )
-                        ]
-                    ),
-                ),
+                linux_configuration=_linux(key),
             ),
             network_profile=compute.VirtualMachineScaleSetNetworkProfileArgs(
                 network_interface_configurations=[

@@ -25,6 +25,7 @@ What it gets right, each asserted by tests/infra/test_gcp.py:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import pulumi
@@ -116,17 +117,17 @@ def filestore_capacity_gib(size_gib: int) -> int:
     )
 
 
-def labels(spec: ClusterSpec) -> dict[str, str]:
-    """GCP labels allow [a-z0-9_-] and 63 characters."""
+def labels(tags: Mapping[str, str]) -> dict[str, str]:
+    """`tags` as GCP labels, which allow [a-z0-9_-] and 63 characters."""
 
     def clean(text: str) -> str:
         return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
 
-    return {clean(k): clean(v) for k, v in spec.tags.items()}
+    return {clean(k): clean(v) for k, v in tags.items()}
 
 
 def build(spec: ClusterSpec) -> None:
-    provider = gcp.Provider("gcp", region=spec.site.region, default_labels=labels(spec))
+    provider = gcp.Provider("gcp", region=spec.site.region, default_labels=labels(spec.tags))
     opts = pulumi.ResourceOptions(provider=provider)
     invoke = pulumi.InvokeOutputOptions(provider=provider)
     tag = f"squall-{spec.run_id}"[:63]
@@ -212,7 +213,7 @@ def _filestore(
                 connect_mode="DIRECT_PEERING",
             )
         ],
-        labels=labels(spec),
+        labels=labels(spec.tags),
         deletion_protection_enabled=False,  # the stack destroys it with the run
         opts=opts,
     )
@@ -256,7 +257,7 @@ def _group(
         "provisioning_model": "SPOT" if group.spot else "STANDARD",
         "instance_termination_action": "DELETE" if group.spot else None,
     }
-    node_labels = {**labels(spec), "squall-group": group.name}
+    node_labels = {**labels(spec.tags), "squall-group": group.name}
     if not any(spec.holds_volumes(group, i) for i in range(group.count)):
         template = gcp.compute.InstanceTemplate(
             f"{group.name}-template",

@@ -31,6 +31,8 @@ class ImageSpec(BaseModel):
     # Azure: the disk already uploaded as a page blob (the azure-native provider uploads
     # block blobs only, pulumi-azure-native#2151, and Azure makes images from page blobs)
     blob_url: str | None = Field(default=None, pattern=r"^https://\S+\.vhd(\?\S*)?$")
+    # (no SAS token: Azure reads the blob through the subscription, and a token in the URL
+    # would sit in the stack's state in the clear)
 
     @model_validator(mode="after")
     def _format_fits(self) -> ImageSpec:
@@ -42,6 +44,12 @@ class ImageSpec(BaseModel):
                 "Azure makes an image from a page blob, which Pulumi's azure-native provider "
                 "cannot upload (pulumi-azure-native#2151): upload the VHD with `az storage "
                 "blob upload --type page` and give its URL"
+            )
+        if self.blob_url is not None and "?" in self.blob_url:
+            raise ValueError(
+                "give the blob's URL without its SAS token (the part from '?'): Azure reads "
+                "the blob through your subscription, and a token would be kept in the stack's "
+                "state"
             )
         if self.cloud != "azure" and self.blob_url is not None:
             raise ValueError(f"a blob URL is for Azure; {self.cloud}'s stack uploads the disk")

@@ -19,7 +19,6 @@ Azure, the image; the page blob is the team's).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import pulumi
@@ -145,17 +144,12 @@ def _aws(spec: ImageSpec) -> Any:
     return ami.id
 
 
-def _gcp_labels(spec: ImageSpec) -> dict[str, str]:
-    def clean(text: str) -> str:
-        return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
-
-    return {clean(k): clean(v) for k, v in spec.tags.items()}
-
-
 def _gcp(spec: ImageSpec) -> Any:
     import pulumi_gcp as gcp
 
-    labels = _gcp_labels(spec)
+    from .gcp import labels as gcp_labels
+
+    labels = gcp_labels(spec.tags)
     provider = gcp.Provider("gcp", region=spec.region, default_labels=labels)
     opts = pulumi.ResourceOptions(provider=provider)
     bucket = gcp.storage.Bucket(

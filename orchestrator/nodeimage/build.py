@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -141,7 +142,19 @@ def _from_cache(
     facts = folder / "image.json"
     if not (layout / "index.json").exists() or not facts.exists():
         return None
+    # what a node boots and root exports: only from a cache no one but root could have
+    # planted or changed, and only the image its facts name
+    for path in (folder.parent, folder, layout, layout / "blobs", facts):
+        seen = path.lstat()
+        if stat.S_ISLNK(seen.st_mode) or seen.st_uid != 0 or seen.st_mode & 0o022:
+            raise RecipeError(
+                f"{path} is not root's alone (a link, another owner, or writable by others): "
+                "a cached node image must be; remove it, or give a --cache only root writes"
+            )
     info = json.loads(facts.read_text())
+    digest, _ = _manifest(layout, recipe.name)
+    if digest != info["digest"]:
+        raise RecipeError(f"{folder} holds {digest}, not the {info['digest']} it says: remove it")
     return BuiltImage(
         layout, recipe.name, info["digest"], info["size"], key, tuple(info["layers"]), True
     )
@@ -189,7 +202,7 @@ def build(
             f"the root file system: Debian {recipe.distribution.suite}, "
             f"{len(recipe.all_packages(layers))} packages"
         )
-        _run(_mmdebstrap(recipe, layers, wheels, rootfs, work), log)
+        run_tool(_mmdebstrap(recipe, layers, wheels, rootfs, work), log=log)
         say("the OCI image")
         staged = work / "oci"
         _oci(recipe, rootfs, staged, key, log)
@@ -219,12 +232,18 @@ def _wheels(root: Path, constraints: str, work: Path) -> Path:
     pins = work / "constraints.txt"
     pins.write_text(constraints + "\n")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH)}
-    _run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(folder), str(root)], env=env
-    )
+    # from a copy of the sources: a build writes build/ and *.egg-info where it runs, and the
+    # checkout is not the build's to write (nor is anything else in it the wheel's)
+    source = work / "source"
+    for name in _SOURCES:
+        shutil.copytree(
+            root / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, source / name)
+    run_tool([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(folder), str(source)])
     (wheel,) = folder.glob("squall-*.whl")
-    _run(
+    run_tool(
         [
             *pip,
             "download",
@@ -348,7 +367,7 @@ def _oci(recipe: Recipe, rootfs: Path, staged: Path, key: str, log: Path | None)
         ],
         ["umoci", "gc", "--layout", str(staged)],
     ):
-        _run(step, log)
+        run_tool(step, log=log)
 
 
 def _manifest(layout: Path, tag: str) -> tuple[str, int]:
@@ -358,7 +377,10 @@ def _manifest(layout: Path, tag: str) -> tuple[str, int]:
         if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
             digest = entry["digest"]
             algo, hexdigest = digest.split(":", 1)
-            manifest = json.loads((layout / "blobs" / algo / hexdigest).read_text())
+            blob = (layout / "blobs" / algo / hexdigest).read_bytes()
+            if algo != "sha256" or hashlib.sha256(blob).hexdigest() != hexdigest:
+                raise RecipeError(f"{layout}: the manifest {digest} does not match its digest")
+            manifest = json.loads(blob)
             return digest, sum(layer["size"] for layer in manifest["layers"])
     raise RecipeError(f"{layout} has no image tagged {tag}")
 
@@ -381,16 +403,25 @@ def push(image: BuiltImage, destination: str, *, insecure: bool = False) -> str:
         ]
         if insecure:
             cmd.insert(2, "--dest-tls-verify=false")
-        _run(cmd)
+        run_tool(cmd)
         return Path(out.name).read_text().strip()
 
 
-def _run(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> None:
-    env = {**(env or os.environ), "SOURCE_DATE_EPOCH": str(EPOCH)}
+def run_tool(
+    cmd: list[str],
+    *,
+    log: Path | None = None,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run one tool of the build at the build's fixed time (SOURCE_DATE_EPOCH, and `env` on
+    top of this process's); its output to `log` (or nowhere); RecipeError with the end of
+    what it said on stderr when it fails."""
+    full = {**os.environ, **(env or {}), "SOURCE_DATE_EPOCH": str(EPOCH)}
     out = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
         done = subprocess.run(
-            cmd, stdout=out, stderr=subprocess.PIPE, text=True, check=False, env=env
+            cmd, input=stdin, stdout=out, stderr=subprocess.PIPE, text=True, check=False, env=full
         )
     finally:
         if log:

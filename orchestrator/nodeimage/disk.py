@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import EPOCH, BuiltImage
+from .build import EPOCH, BuiltImage, run_tool
 from .recipe import RecipeError
 
 __all__ = ["DISK_FORMATS", "ROOT_PARTUUID", "DiskImage", "export_disk"]
@@ -225,9 +225,9 @@ def _convert(raw: Path, out: Path, fmt: str) -> None:
         )
 
 
+# mkfs.ext4 and mtools stamp times and check nothing of the host's drives
+_DISK_ENV = {"E2FSPROGS_FAKE_TIME": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
+
+
 def _run(cmd: list[str], stdin: str | None = None) -> None:
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(EPOCH), "E2FSPROGS_FAKE_TIME": str(EPOCH),
-           "MTOOLS_SKIP_CHECK": "1"}  # fmt: skip
-    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RecipeError(f"{cmd[0]} failed: {done.stderr.strip()[-2000:]}")
+    run_tool(cmd, stdin=stdin, env=_DISK_ENV)

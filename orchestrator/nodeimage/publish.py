@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
@@ -20,8 +21,11 @@ __all__ = ["CLOUDS", "Published", "check_request", "publish_image"]
 CLOUDS = tuple(DISK_FORMAT)
 
 
-class Published(dict[str, str]):
-    """{image, stack, digest}: the machine image's id, its stack, the OCI digest."""
+@dataclass(frozen=True, slots=True)
+class Published:
+    image: str  # the machine image's id: an AMI id, a GCE image link, an Azure image id
+    stack: str  # the stack that holds it (`squall stack destroy` takes it down)
+    digest: str  # the OCI image's digest it was made from
 
 
 def check_request(cloud: str, blob_url: str | None) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import BuiltImage
+from .build import BuiltImage, run_tool
 from .recipe import RecipeError
 
 __all__ = ["WarewulfExport", "export_warewulf"]
@@ -45,7 +44,7 @@ def export_warewulf(image: BuiltImage, dest: Path) -> WarewulfExport:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".ww-") as tmp:
             staged = Path(tmp) / "image.tar"
-            _run(
+            run_tool(
                 [
                     "skopeo",
                     "copy",
@@ -63,14 +62,8 @@ def export_warewulf(image: BuiltImage, dest: Path) -> WarewulfExport:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".ww-") as tmp:
         staged = Path(tmp) / "rootfs"
-        _run(["umoci", "raw", "unpack", "--image", image.reference, str(staged)])
+        run_tool(["umoci", "raw", "unpack", "--image", image.reference, str(staged)])
         if dest.exists():
             dest.rmdir()
         staged.rename(dest)
     return WarewulfExport(dest, "chroot")
-
-
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RecipeError(f"{cmd[0]} failed: {done.stderr.strip()[-2000:]}")

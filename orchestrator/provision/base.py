@@ -22,6 +22,7 @@ __all__ = [
     "ProvisionError",
     "Provisioner",
     "Report",
+    "await_health",
     "quiet",
 ]
 
@@ -121,3 +122,22 @@ class Provisioner(Protocol[Shape]):
         """Take every node of the cluster down; safe to call twice. Raises ProvisionError
         when something of it may be left (a cloud stack that `squall stack gc` retries)."""
         ...
+
+
+def await_health(agent: AgentEndpoint, timeout_s: float, why: Callable[[], str]) -> None:
+    """Wait until `agent` answers a health call; else ProvisionError naming it, its address,
+    gRPC's reason and `why()` (what its log or console says last)."""
+    import grpc
+
+    from api.substrate.v1 import agent_pb2 as pb
+    from substrate.client import connect
+
+    channel, stub = connect(agent.address, agent.token, agent.tls)
+    try:
+        stub.Health(pb.HealthRequest(), timeout=timeout_s, wait_for_ready=True)
+    except grpc.RpcError as exc:
+        raise ProvisionError(
+            f"the agent {agent.name} at {agent.address} does not answer: {exc.details()}; {why()}"
+        ) from None
+    finally:
+        channel.close()

@@ -42,15 +42,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-
-from api.substrate.v1 import agent_pb2 as pb
 from substrate import AGENT_PORT
-from substrate.client import ClientTLS, connect
 from substrate.inventory import Gpu, read_cpus, read_gpus, read_memory_bytes
 from substrate.paths import remove_tree
 
-from .base import AgentEndpoint, Cluster, NodeSlice, Plan, ProvisionError, Report, quiet
+from .base import (
+    AgentEndpoint,
+    Cluster,
+    NodeSlice,
+    Plan,
+    ProvisionError,
+    Report,
+    await_health,
+    quiet,
+)
 from .node_network import LoopbackRelay, NodePlace, RunNetwork, loopback_ports
 from .node_share import NodeShare
 from .pki import RunPKI, make_run_pki
@@ -399,10 +404,11 @@ class LocalProvisioner:
 
         def ready() -> AgentEndpoint:
             address = self._await_address(proc, home / "agent.log")
-            self._await_health(address, token, pki.orchestrator, home / "agent.log")
-            return AgentEndpoint(
+            agent = AgentEndpoint(
                 name=name, address=address, token=token, pid=proc.pid, tls=pki.orchestrator
             )
+            await_health(agent, START_TIMEOUT, lambda: _last_line(home / "agent.log"))
+            return agent
 
         return ready
 
@@ -423,18 +429,6 @@ class LocalProvisioner:
             reason = _last_line(log) or f"exit status {proc.returncode}"
             raise ProvisionError(f"an agent failed to start: {reason}")
         return line.split()[-1]
-
-    @staticmethod
-    def _await_health(address: str, token: str, tls: ClientTLS, log: Path) -> None:
-        channel, stub = connect(address, token, tls)
-        try:
-            stub.Health(pb.HealthRequest(), timeout=START_TIMEOUT, wait_for_ready=True)
-        except grpc.RpcError as exc:
-            raise ProvisionError(
-                f"the agent at {address} does not answer: {exc.details()}; {_last_line(log)}"
-            ) from None
-        finally:
-            channel.close()
 
     def down(self, cluster: Cluster, report: Report = quiet) -> None:
         procs = self._procs.pop(cluster.run_id, None)

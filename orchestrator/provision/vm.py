@@ -34,10 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
 from pydantic import SecretStr
 
-from api.substrate.v1 import agent_pb2 as pb
 from infra.bootstrap import NFS_SERVER_OPTIONS, NfsExport, NfsMount, startup_script
 from infra.spec import (
     VOLUME_ROOT,
@@ -48,11 +46,10 @@ from infra.spec import (
     SiteRef,
     storage_for,
 )
-from substrate.client import connect
 from substrate.netlink import Rtnl
 from substrate.network import host_lock
 
-from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report, quiet
+from .base import AgentEndpoint, Cluster, Plan, ProvisionError, Report, await_health, quiet
 from .node_network import NODE_POOL, LoopbackRelay, _free_subnets, loopback_ports, run_key
 from .pki import RunAuthority, join_identity
 from .registrar import Registrar
@@ -254,7 +251,8 @@ class VmProvisioner:
         registrar.stop()
         state.registrar = None
         for agent in agents:
-            _await_health(agent, home)
+            console = home / f"vm-{agent.name.rsplit('-', 1)[-1]}.console"
+            await_health(agent, HEALTH_TIMEOUT_S, functools.partial(_tail, console))
         report(f"{len(agents)} agent(s) up: " + ", ".join(a.address for a in agents))
         return Cluster(
             run_id=run_id,
@@ -489,20 +487,6 @@ def _seed(path: Path, files: Mapping[str, str]) -> None:
     finally:
         shutil.rmtree(folder)
     path.chmod(0o600)  # it holds the join token
-
-
-def _await_health(agent: AgentEndpoint, home: Path) -> None:
-    channel, stub = connect(agent.address, agent.token, agent.tls)
-    try:
-        stub.Health(pb.HealthRequest(), timeout=HEALTH_TIMEOUT_S, wait_for_ready=True)
-    except grpc.RpcError as exc:
-        console = _tail(home / f"vm-{agent.name.rsplit('-', 1)[-1]}.console")
-        raise ProvisionError(
-            f"{agent.name} joined but its agent at {agent.address} does not answer: "
-            f"{exc.details()}\n{console}"
-        ) from None
-    finally:
-        channel.close()
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -132,6 +132,10 @@ def test_azure_needs_the_page_blob_and_the_others_upload_themselves(tmp_path: Pa
         spec("azure", tmp_path)
     with pytest.raises(ValidationError, match="a blob URL is for Azure"):
         spec("aws", tmp_path, blob_url="https://x.blob.core.windows.net/v/d.vhd")
+    sas = "https://x.blob.core.windows.net/v/d.vhd?sv=2024&sig=s3cr3t"
+    with pytest.raises(ValidationError, match="without its SAS token") as refused:
+        spec("azure", tmp_path, blob_url=sas)
+    assert "s3cr3t" not in str(refused.value).split("input_value")[0]
 
 
 @pytest.mark.parametrize(("cloud", "wrong"), [("aws", "qcow2"), ("gcp", "raw"), ("azure", "raw")])

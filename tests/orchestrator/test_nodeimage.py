@@ -86,6 +86,46 @@ def image() -> BuiltImage:
     return build(load_recipe(checkout() / RECIPE))
 
 
+def fake_entry(cache: Path, tag: str) -> tuple[Path, str]:
+    """A cache entry as a build leaves it: an OCI layout whose manifest is tagged `tag`."""
+    import hashlib
+
+    folder = cache / "entry"
+    blobs = folder / "oci" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    manifest = json.dumps({"schemaVersion": 2, "layers": [{"size": 7}]}).encode()
+    digest = hashlib.sha256(manifest).hexdigest()
+    (blobs / digest).write_bytes(manifest)
+    ref = {"org.opencontainers.image.ref.name": tag}
+    index = {"manifests": [{"digest": f"sha256:{digest}", "annotations": ref}]}
+    (folder / "oci" / "index.json").write_text(json.dumps(index))
+    (folder / "image.json").write_text(
+        json.dumps({"digest": f"sha256:{digest}", "size": 7, "layers": []})
+    )
+    return folder, digest
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the cache must be root's: run as root")
+def test_a_cache_entry_is_used_only_when_root_alone_could_have_written_it(tmp_path: Path) -> None:
+    from orchestrator.nodeimage.build import _from_cache
+
+    recipe = load_recipe(checkout() / RECIPE)
+    cache = tmp_path / "cache"
+    folder, digest = fake_entry(cache, recipe.name)
+    cache.chmod(0o755)
+    assert _from_cache(folder, recipe, "k", ()).digest == f"sha256:{digest}"
+    # writable by others: anyone could have planted it
+    (folder / "oci").chmod(0o777)
+    with pytest.raises(RecipeError, match="is not root's alone"):
+        _from_cache(folder, recipe, "k", ())
+    (folder / "oci").chmod(0o755)
+    # a manifest that is not what its name says
+    blob = folder / "oci" / "blobs" / "sha256" / digest
+    blob.write_bytes(blob.read_bytes().replace(b"7", b"8"))
+    with pytest.raises(RecipeError, match="does not match its digest"):
+        _from_cache(folder, recipe, "k", ())
+
+
 @needs_tools
 def test_a_build_is_an_oci_image_with_a_digest_and_a_second_one_is_the_cache(
     image: BuiltImage,
