@@ -14,8 +14,10 @@ What it gets right, each asserted by tests/infra/test_gcp.py:
   which GPUs and compact placement require;
 - gVNIC on every node, and Tier-1 egress bandwidth on the families and sizes that offer it;
 - spot as the SPOT provisioning model, deleted (not stopped) when preempted;
-- the boot script as the startup-script, marked secret; labels (GCP's lower-case form of the
-  run's tags) on every resource that takes them;
+- the boot script as the `user-data` metadata value, marked secret: cloud-init's GCE
+  datasource runs it once per instance (the node image has cloud-init and no Google guest
+  agent, which alone would run a `startup-script`, and on every boot); labels (GCP's
+  lower-case form of the run's tags) on every resource that takes them;
 - the run's volumes (`spec.storage`): managed, a Filestore instance (Zonal tier, NFSv4.1) on
   the run's network in the nodes' zone, exported read-write to the run's network only;
   nfs-first-node, node 0 of the first group serves them and the others mount its private
@@ -297,7 +299,7 @@ def _group(
             scheduling=gcp.compute.InstanceTemplateSchedulingArgs(**timing),
             resource_policies=policy.self_link if policy else None,
             # secret: it carries the run's join token
-            metadata_startup_script=boot_script(spec, group, mount),
+            metadata={"user-data": boot_script(spec, group, mount)},
             labels=node_labels,
             tags=[tag],
             opts=opts,
@@ -370,7 +372,7 @@ def _group(
             ),
             scheduling=scheduling,
             resource_policies=policy.self_link if policy else None,
-            metadata_startup_script=script,
+            metadata={"user-data": script},
             labels=node_labels,
             tags=[tag],
             allow_stopping_for_update=False,

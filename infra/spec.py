@@ -173,7 +173,8 @@ class Bootstrap(_Model):
     certificate of the run's CA at the `orchestrator`'s join service, whose certificate it
     checks against `ca_certificate` (api/squall/v1/join.proto)."""
 
-    orchestrator: str = Field(pattern=r"^[^:\s]+:\d+$")  # host:port of the join service
+    # HOST:PORT of the join service ([ADDRESS]:PORT for IPv6)
+    orchestrator: str = Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):\d+$")
     ca_certificate: str = Field(min_length=1)  # PEM of the orchestrator's join CA
     join_token: SecretStr  # never printed: SecretStr hides it in repr and logs
     # registries for unqualified image names, and those the agents reach over plain HTTP

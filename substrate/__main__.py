@@ -21,7 +21,7 @@ from .agent import USERNS_BASE, Agent, AgentConfig
 from .confine import ConfinementError
 from .heap import keep_freed_memory
 from .inventory import parse_cpu_list, read_inventory
-from .join import JoinError, JoinRequest, join
+from .join import JoinError, JoinRequest, join, say
 from .network import DENY, POOL, NetworkError
 from .node import NodeError, enter
 from .runtimes import available
@@ -260,6 +260,7 @@ def _join(args: argparse.Namespace, token: str) -> int:
         join(request, folders.pop(), args.join_timeout)
     except JoinError as exc:
         print(f"substrate: {exc}", file=sys.stderr)
+        say(request, f"cannot join: {exc}")  # shown when the run's wait ends (best effort)
         return 3
     return 0
 

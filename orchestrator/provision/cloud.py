@@ -244,6 +244,7 @@ class CloudProvisioner:
         token = spec.bootstrap.join_token.get_secret_value()
         registrar, _ = self._join_service()
         authority = RunAuthority(run_id)  # its key lives while the run takes nodes
+        internal = self.settings.use_internal_ips or spec.network.subnet_id is not None
         registrar.open(
             run_id,
             token,
@@ -251,26 +252,30 @@ class CloudProvisioner:
             {g.name: g.count for g in spec.node_groups},
             # the node that keeps the volumes on its disk is its group's node 0
             kept={g.name: frozenset({0}) for g in spec.node_groups if spec.holds_volumes(g, 0)},
+            # dialled where it says it is: that must be the run's network
+            reported_in=(spec.network.cidr,) if internal else None,
         )
+        made = joined_all = False
         try:
             self.stacks.up(spec, report)
-            try:
-                joined = registrar.wait(
-                    run_id,
-                    self.settings.join_timeout_s,
-                    consoles=consoles_of(spec.site.cloud, run_id, spec.site.region),
-                    report=report,
-                    stop=lambda: self.cancelled(run_id),
-                )
-            except ProvisionError as exc:
-                self.stacks.destroy(self.stacks.name_of(run_id), report)
-                hint = CONSOLE_HINTS.get(spec.site.cloud)
-                if hint and not isinstance(exc, Cancelled):
-                    raise ProvisionError(f"{exc}\na node's reason is on {hint}") from None
+            made = True
+            joined = registrar.wait(
+                run_id,
+                self.settings.join_timeout_s,
+                consoles=consoles_of(spec.site.cloud, run_id, spec.site.region),
+                report=report,
+                stop=lambda: self.cancelled(run_id),
+            )
+            joined_all = True
+        except ProvisionError as exc:
+            hint = CONSOLE_HINTS.get(spec.site.cloud)
+            if not made or not hint or isinstance(exc, Cancelled):
                 raise
+            raise ProvisionError(f"{exc}\na node's reason is on {hint}") from None
         finally:
             registrar.close(run_id)  # no more certificates for this run: its CA key goes
-        internal = self.settings.use_internal_ips or spec.network.subnet_id is not None
+            if made and not joined_all:  # whatever stopped the wait: the stack goes
+                self._destroy_after(run_id, report)
         position = {g.name: n for n, g in enumerate(spec.node_groups)}
         joined.sort(key=lambda j: (position[j.group], j.index))
         job_of = {g["name"]: g["job"] for g in plan.record["cluster"]["groups"]}
@@ -289,6 +294,15 @@ class CloudProvisioner:
             volume_root=self.settings.volume_root if spec.storage is not None else "",
             persistent_root=self.settings.persistent_root if spec.persistent_share else "",
         )
+
+    def _destroy_after(self, run_id: str, report: Report) -> None:
+        """Destroy a stack whose nodes did not all join; a destroy that fails too is
+        reported, and the ledger keeps the stack for `squall stack gc` (the first error is
+        the one the run ends with)."""
+        try:
+            self.stacks.destroy(self.stacks.name_of(run_id), report)
+        except ProvisionError as exc:
+            report(f"the stack could not be destroyed: {exc}; `squall stack gc` retries")
 
     def down(self, cluster: Cluster, report: Report) -> None:
         self.stacks.destroy(self.stacks.name_of(cluster.run_id), report)

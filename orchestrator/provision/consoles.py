@@ -37,9 +37,11 @@ def _aws(run_id: str, region: str) -> dict[str, str]:
     for reservation in found.get("Reservations", []):
         for instance in reservation.get("Instances", []):
             name = (instance.get("PrivateDnsName") or instance["InstanceId"]).split(".")[0]
-            # botocore decodes the console's base64
-            text = ec2.get_console_output(InstanceId=instance["InstanceId"], Latest=True)
-            out[name] = str(text.get("Output") or "(nothing on the console yet)")
+            try:  # botocore decodes the console's base64
+                text = ec2.get_console_output(InstanceId=instance["InstanceId"], Latest=True)
+                out[name] = str(text.get("Output") or "(nothing on the console yet)")
+            except Exception as exc:  # one console that cannot be read hides no other
+                out[name] = f"(could not be read: {type(exc).__name__}: {exc})"
     return out
 
 

@@ -20,12 +20,15 @@ import ipaddress
 import logging
 import threading
 import time
+import urllib.parse
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from api.squall.v1 import join_pb2, join_pb2_grpc
 
@@ -64,6 +67,10 @@ class _Window:
     # places of a group kept for the nodes whose boot data names them (a group's node 0 that
     # serves its volumes): no other node takes them
     kept: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # where a node's reported address must be, unless it is the one it calls from: the run's
+    # network (None: anywhere; its call's source is what is dialled then)
+    reported_in: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    keys: dict[tuple[str, str], bytes] = field(default_factory=dict)  # each node's public key
     joined: dict[tuple[str, str], Joined] = field(default_factory=dict)
     lines: dict[str, deque[str]] = field(default_factory=dict)
 
@@ -73,7 +80,7 @@ def _digest(token: str) -> bytes:
 
 
 def _peer_host(context: grpc.ServicerContext) -> str:
-    peer = context.peer()  # ipv4:1.2.3.4:5678, ipv6:[::1]:5678
+    peer = urllib.parse.unquote(context.peer())  # ipv4:1.2.3.4:5678, ipv6:%5B::1%5D:5678
     kind, _, rest = peer.partition(":")
     host = rest.rsplit(":", 1)[0].strip("[]")
     return host if kind in ("ipv4", "ipv6") else ""
@@ -86,10 +93,16 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
         self.identity = identity
         self._lock = threading.Condition()
         self._windows: dict[str, _Window] = {}
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        # no SO_REUSEPORT: a second orchestrator on the port must fail, not split the joins
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.so_reuseport", 0)]
+        )
         join_pb2_grpc.add_NodeJoinServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         credentials = grpc.ssl_server_credentials([(identity.key, identity.certificate)])
-        self.port = self._server.add_secure_port(listen, credentials)
+        try:
+            self.port = self._server.add_secure_port(listen, credentials)
+        except RuntimeError:  # grpc's "failed to bind"
+            self.port = 0
         if not self.port:
             raise ProvisionError(f"the join service cannot listen on {listen}")
         self._server.start()
@@ -108,13 +121,25 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
         *,
         from_itself: bool = False,
         kept: Mapping[str, frozenset[int]] | None = None,
+        reported_in: Sequence[str] | None = None,
     ) -> None:
         """Take up to `groups[name]` nodes of each group for `run_id`; with `from_itself`,
         only nodes whose reported address is the one they call from (no NAT between); the
-        places in `kept[group]` only for nodes that name them."""
+        places in `kept[group]` only for nodes that name them; with `reported_in` (CIDRs),
+        only nodes that report an address in one of them or the one they call from."""
         with self._lock:
             self._windows[run_id] = _Window(
-                run_id, _digest(token), authority, dict(groups), from_itself, kept=kept or {}
+                run_id,
+                _digest(token),
+                authority,
+                dict(groups),
+                from_itself,
+                kept=kept or {},
+                reported_in=(
+                    tuple(ipaddress.ip_network(c, strict=False) for c in reported_in)
+                    if reported_in is not None
+                    else None
+                ),
             )
 
     def close(self, run_id: str) -> None:
@@ -222,6 +247,14 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, "a node names its hostname and agent port"
                 )
             peer = _peer_host(context)
+            outside = window.reported_in is not None and not any(
+                ipaddress.ip_address(address) in net for net in window.reported_in
+            )
+            if outside and address != peer:
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{address} is not in the run's network, nor where the node calls from",
+                )
             if window.from_itself and peer != address:
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -229,11 +262,13 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
                 )
             key = (request.group, request.hostname)
             known = window.joined.get(key)
-            if known is not None and known.peer != peer:
-                # the same name from elsewhere: not the node that joined (it keeps its key)
+            public_key = _public_key(request.csr, context)
+            if known is not None and (known.peer != peer or window.keys[key] != public_key):
+                # the same name from elsewhere, or with another key: not the node that
+                # joined (a node asks again with the key it made once)
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"{known.node} joined from another address already",
+                    f"{known.node} joined from another address or with another key already",
                 )
             if known is None:
                 index = _place(window, request, context)
@@ -244,9 +279,11 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
                 certificate = window.authority.sign_node(request.csr, name)
             except ValueError as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            window.joined[key] = Joined(
-                name, request.group, request.hostname, address, peer, request.agent_port
-            )
+            if known is None:  # a node asking again keeps the address and port it joined with
+                window.joined[key] = Joined(
+                    name, request.group, request.hostname, address, peer, request.agent_port
+                )
+                window.keys[key] = public_key
             self._lock.notify_all()
             log.info("run %s: %s joined as %s from %s", request.run_id, request.hostname,
                      name, address)  # fmt: skip
@@ -260,6 +297,19 @@ class Registrar(join_pb2_grpc.NodeJoinServicer):
             if len(window.lines) > 4 * sum(window.groups.values()):  # no one floods memory
                 window.lines.pop(next(iter(window.lines)))
         return join_pb2.SayReply()
+
+
+def _public_key(csr_pem: bytes, context: grpc.ServicerContext) -> bytes:
+    """The public key of a certificate request (DER), or the call is refused."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "the certificate request is not a PEM PKCS#10 request"
+        )
+    return csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _place(window: _Window, request: join_pb2.JoinRequest, context: grpc.ServicerContext) -> int:

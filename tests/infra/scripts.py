@@ -74,7 +74,7 @@ def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
             continue
         if cloud == "gcp":
             template = mig_template(mocks, pool)
-            scripts[pool.name] = secret(template.inputs["metadataStartupScript"])
+            scripts[pool.name] = secret(template.inputs["metadata"])["user-data"]
             continue
         profile = secret(pool.inputs["virtualMachineProfile"])  # the custom data makes it so
         scripts[pool.name] = _b64(profile["osProfile"]["customData"])
@@ -83,7 +83,7 @@ def boot_scripts(mocks: RecordingMocks, cloud: str) -> dict[str, str]:
             template = template_of(mocks, node.inputs["launchTemplate"]["id"])
             scripts[node.name] = _b64(secret(template.inputs["userData"]))
         elif cloud == "gcp":
-            scripts[node.name] = secret(node.inputs["metadataStartupScript"])
+            scripts[node.name] = secret(node.inputs["metadata"])["user-data"]
         else:  # the custom data makes the whole OS profile secret
             scripts[node.name] = _b64(secret(node.inputs["osProfile"])["customData"])
     return scripts

@@ -16,7 +16,7 @@ from infra.spec import NodeGroup, StorageClass
 
 from .mocks import RecordingMocks
 from .mocks import run as build_under_mocks
-from .scripts import boot_scripts, mig_template, mounted_source
+from .scripts import boot_scripts, mig_template, mounted_source, secret
 from .specs import ORCHESTRATOR, TOKEN, by_hand, cpu_job, gpu_mpi, placed, with_volumes
 
 INSTANCE = "gcp:compute/instance:Instance"
@@ -93,7 +93,7 @@ def test_labels_and_the_startup_script():
     labels = node.inputs["labels"]
     assert labels["squall-run"] == spec.run_id
     assert labels["squall-expires-at"] == "2026-11-23t12-00-00z"
-    script = node.inputs["metadataStartupScript"]["value"]  # a secret on the wire
+    script = secret(node.inputs["metadata"])["user-data"]  # cloud-init runs it, once
     assert "agent --listen 0.0.0.0:7431" in script
     assert TOKEN in script
     [provider] = [r for r in mocks.created if r.typ == "pulumi:providers:gcp"]

@@ -39,4 +39,4 @@ def test_main_builds_the_cluster_from_stack_config():
     run()
     [node] = mocks.of("gcp:compute/instanceTemplate:InstanceTemplate")
     assert node.inputs["machineType"] == spec.node_groups[0].instance_type
-    assert TOKEN in node.inputs["metadataStartupScript"]["value"]
+    assert TOKEN in node.inputs["metadata"]["value"]["user-data"]  # a secret

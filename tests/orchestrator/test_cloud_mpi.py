@@ -12,6 +12,7 @@ launcher. Everything after the stack (gRPC, crun, mpirun, the store) is real."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from infra.spec import Network
 from orchestrator.engine import Engine
 from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
+from orchestrator.provision.node_network import NODE_POOL
 from orchestrator.store import Run, RunState, StackState
 
 # the engine on the forced cloud placement, over this module's `nodes`
@@ -43,6 +46,11 @@ def nodes(tmp_path: Path, registry: Registry, fake_pulumi, monkeypatch) -> Itera
     """Separate local nodes standing in for the stack's VMs, in the order the stack lists
     its node groups' nodes. Their agents' token is the one the boot script would carry."""
     same_credentials(monkeypatch)
+    # the stand-ins' addresses are the run's network: the orchestrator dials what they report
+    # (use_internal_ips) only inside it
+    monkeypatch.setattr(
+        "orchestrator.provision.cloud.Network", functools.partial(Network, cidr=NODE_POOL)
+    )
     site = LocalProvisioner(
         tmp_path / "nodes",
         search_registries=[registry.address],

@@ -76,11 +76,13 @@ def test_a_node_gets_a_certificate_of_its_runs_ca_for_its_own_key(service) -> No
     assert joined.address == "127.0.0.1"  # where this machine's route to the service leaves
 
 
-def test_the_same_node_joining_again_keeps_its_name_and_a_third_is_refused(service) -> None:
+def test_a_name_taken_with_another_key_and_a_third_node_are_refused(service) -> None:
     registrar, _, folder = service
     assert join(request(registrar, folder), folder / "a", deadline_s=10) == "ring-0"
     assert join(request(registrar, folder, hostname="host-b"), folder / "b", 10) == "ring-1"
-    assert join(request(registrar, folder), folder / "a2", deadline_s=10) == "ring-0"
+    # host-a's name again, with a new key (join makes one): not the node that joined
+    with pytest.raises(JoinError, match="with another key"):
+        join(request(registrar, folder), folder / "a2", deadline_s=10)
     with pytest.raises(JoinError, match="all 2 nodes of group ring have joined"):
         join(request(registrar, folder, hostname="host-c"), folder / "c", deadline_s=10)
     assert [j.node for j in registrar.wait("run-1", 1)] == ["ring-0", "ring-1"]
@@ -104,6 +106,67 @@ def test_the_place_kept_for_the_node_that_keeps_the_volumes_goes_to_that_node_on
         ("ring-0", "keeper"),
         ("ring-1", "pooled"),
     ]
+
+
+def test_a_node_asking_again_keeps_its_address_and_another_key_gets_nothing(service):
+    """A node asks again with the key it made once (its reply was lost): it gets its name
+    back, and the address and port it joined with stay. The same name with another key is
+    someone else."""
+    import grpc
+
+    from api.squall.v1 import join_pb2, join_pb2_grpc
+    from substrate.tls import JOIN_NAME
+
+    registrar, _, folder = service
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def csr() -> bytes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, NODE_NAME)])
+        request = x509.CertificateSigningRequestBuilder().subject_name(name)
+        return request.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    credentials = grpc.ssl_channel_credentials((folder / "join" / "join-ca.pem").read_bytes())
+    options = (("grpc.ssl_target_name_override", JOIN_NAME),)
+    mine = csr()
+    with grpc.secure_channel(f"127.0.0.1:{registrar.port}", credentials, options) as channel:
+        stub = join_pb2_grpc.NodeJoinStub(channel)
+
+        def ask(request_csr: bytes, address: str, port: int) -> str:
+            reply = stub.Join(
+                join_pb2.JoinRequest(
+                    run_id="run-1", token=TOKEN, group="ring", hostname="host-a",
+                    address=address, agent_port=port, csr=request_csr,
+                ),
+                timeout=10,
+            )  # fmt: skip
+            return reply.node
+
+        assert ask(mine, "127.0.0.1", 7431) == "ring-0"
+        assert ask(mine, "203.0.113.66", 22) == "ring-0"  # the same node asking again
+        with pytest.raises(grpc.RpcError, match="with another key"):
+            ask(csr(), "127.0.0.1", 7431)
+    (joined,) = registrar.joined("run-1")
+    assert (joined.address, joined.agent_port) == ("127.0.0.1", 7431)
+
+
+def test_a_reported_address_outside_the_runs_network_is_refused_unless_it_is_the_callers(
+    service,
+) -> None:
+    registrar, authority, folder = service
+    registrar.open("run-1", TOKEN, authority, {"ring": 2}, reported_in=("10.42.0.0/16",))
+    with pytest.raises(JoinError, match="not in the run's network"):
+        join(request(registrar, folder, address="198.51.100.7"), folder / "a", deadline_s=10)
+    # where it calls from (no NAT between): that is where it is
+    assert join(request(registrar, folder), folder / "b", deadline_s=10) == "ring-0"
+
+
+def test_a_second_join_service_cannot_share_the_port(service) -> None:
+    registrar, _, folder = service
+    with pytest.raises(ProvisionError, match="cannot listen"):
+        Registrar(join_identity(folder / "join"), f"127.0.0.1:{registrar.port}")
 
 
 @pytest.mark.parametrize(
