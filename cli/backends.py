@@ -21,7 +21,7 @@ from orchestrator.errors import (
     category_of,
     error_for,
 )
-from orchestrator.view_types import EventView, RunListItem, RunUpdate, RunView
+from orchestrator.view_types import EventView, RunListItem, RunUpdate, RunView, ScheduleView
 
 from .contexts import Context
 
@@ -35,7 +35,7 @@ class ServerError(SquallError):
 
 
 class Backend(Protocol):
-    def start(self, name: str, text: str) -> RunView: ...
+    def start(self, name: str, text: str, budget_usd: float | None = None) -> RunView: ...
     def status(self, name: str) -> RunView: ...
     def runs(self, pattern: str) -> list[RunListItem]: ...
     def watch(self, name: str) -> Iterator[RunUpdate]:
@@ -49,6 +49,15 @@ class Backend(Protocol):
         self, requests: Iterator[pb.PortForwardInput]
     ) -> Iterator[pb.PortForwardOutput]: ...
 
+    def create_schedule(self, request: pb.CreateScheduleRequest) -> ScheduleView: ...
+    def schedules(self) -> list[ScheduleView]: ...
+    def schedule(self, name: str) -> ScheduleView:
+        """The schedule with its latest firings."""
+        ...
+
+    def pause_schedule(self, name: str, paused: bool) -> ScheduleView: ...
+    def delete_schedule(self, name: str) -> None: ...
+
 
 class LocalBackend:
     """This machine's store. Runs start with `squall run` (or a server), not here."""
@@ -61,7 +70,7 @@ class LocalBackend:
         self.store = settings.store()
         self.access = RunAccess(self.store, settings.data_dir)
 
-    def start(self, name: str, text: str) -> RunView:
+    def start(self, name: str, text: str, budget_usd: float | None = None) -> RunView:
         raise UsageError(
             "`workflow start` needs a server: start one with `squall server`, point the CLI at "
             "it with `squall context create` and `squall context use`; or run the workflow "
@@ -99,6 +108,42 @@ class LocalBackend:
         self, requests: Iterator[pb.PortForwardInput]
     ) -> Iterator[pb.PortForwardOutput]:
         return self.access.port_forward(requests)
+
+    def create_schedule(self, request: pb.CreateScheduleRequest) -> ScheduleView:
+        from datetime import timedelta
+
+        from orchestrator.schedules import create_schedule
+
+        return create_schedule(
+            self.store,
+            request.name,
+            request.fuzzfile,
+            request.cron,
+            owner=getpass.getuser(),
+            window=timedelta(seconds=request.window_seconds),
+            budget_usd=request.budget_usd if request.HasField("budget_usd") else None,
+            policy=request.policy,
+        )
+
+    def schedules(self) -> list[ScheduleView]:
+        from orchestrator.schedules import list_schedules
+
+        return list_schedules(self.store)
+
+    def schedule(self, name: str) -> ScheduleView:
+        from orchestrator.schedules import show_schedule
+
+        return show_schedule(self.store, name)
+
+    def pause_schedule(self, name: str, paused: bool) -> ScheduleView:
+        from orchestrator.schedules import set_paused
+
+        return set_paused(self.store, name, paused)
+
+    def delete_schedule(self, name: str) -> None:
+        from orchestrator.schedules import delete_schedule
+
+        delete_schedule(self.store, name)
 
 
 def _error(exc: grpc.RpcError, server: str) -> SquallError:
@@ -150,8 +195,8 @@ class RemoteBackend:
         except grpc.RpcError as exc:
             raise _error(exc, self.server) from None
 
-    def start(self, name: str, text: str) -> RunView:
-        request = pb.StartWorkflowRequest(name=name, fuzzfile=text)
+    def start(self, name: str, text: str, budget_usd: float | None = None) -> RunView:
+        request = pb.StartWorkflowRequest(name=name, fuzzfile=text, budget_usd=budget_usd)
         return RunView.from_message(self._call(self.stub.StartWorkflow, request))
 
     def status(self, name: str) -> RunView:
@@ -185,6 +230,24 @@ class RemoteBackend:
         self, requests: Iterator[pb.PortForwardInput]
     ) -> Iterator[pb.PortForwardOutput]:
         return self._stream(self.stub.PortForward, requests)
+
+    def create_schedule(self, request: pb.CreateScheduleRequest) -> ScheduleView:
+        return ScheduleView.from_message(self._call(self.stub.CreateSchedule, request))
+
+    def schedules(self) -> list[ScheduleView]:
+        reply = self._call(self.stub.ListSchedules, pb.ListSchedulesRequest())
+        return [ScheduleView.from_message(m) for m in reply.schedules]
+
+    def schedule(self, name: str) -> ScheduleView:
+        request = pb.GetScheduleRequest(name=name)
+        return ScheduleView.from_message(self._call(self.stub.GetSchedule, request))
+
+    def pause_schedule(self, name: str, paused: bool) -> ScheduleView:
+        request = pb.PauseScheduleRequest(name=name, paused=paused)
+        return ScheduleView.from_message(self._call(self.stub.PauseSchedule, request))
+
+    def delete_schedule(self, name: str) -> None:
+        self._call(self.stub.DeleteSchedule, pb.DeleteScheduleRequest(name=name))
 
 
 def open_backend(context_name: str | None = None) -> Backend:

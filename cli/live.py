@@ -16,9 +16,9 @@ from .output import err, escape
 if TYPE_CHECKING:
     from rich.console import Group
 
-    from orchestrator.view_types import EventView, JobView, RunUpdate, RunView
+    from orchestrator.view_types import EventView, JobView, RunListItem, RunUpdate, RunView
 
-__all__ = ["render", "watch"]
+__all__ = ["money", "render", "watch"]
 
 PROGRESS_EVERY = 1.0  # seconds: the line view's progress lines of task arrays, at most
 
@@ -48,6 +48,20 @@ def _tasks(job: JobView) -> str:
     return f"{done}/{job.tasks} done, {running} running"
 
 
+def money(run: RunView | RunListItem) -> str:
+    """What the run has spent, against its budget and (placed) its estimate: `$0.42 of
+    $1.00 (est. $0.80)`."""
+    from federate.spend import usd
+
+    text = usd(run.cost_usd)
+    if run.budget_usd is not None:
+        text += f" of {usd(run.budget_usd)}"
+    estimate = ((getattr(run, "placement", None) or {}).get("estimate") or {}).get("total_usd")
+    if estimate is not None:
+        text += f" (est. {usd(estimate)})"
+    return text
+
+
 def render(run: RunView, recent: Sequence[EventView]) -> Group:
     from rich.console import Group
     from rich.table import Table
@@ -56,7 +70,7 @@ def render(run: RunView, recent: Sequence[EventView]) -> Group:
     state = run.state
     head = Text.from_markup(
         f"[bold]{escape(run.name)}[/]  [{_COLOUR.get(state, 'bold')}]{state}[/]"
-        f"  on {escape(run.site or '?')}  {_elapsed(run)}"
+        f"  on {escape(run.site or '?')}  {_elapsed(run)}  {escape(money(run))}"
     )
     table = Table(box=None, pad_edge=False, show_edge=False)
     for column in ("JOB", "STATE", "TASKS", "ATTEMPTS", "REASON"):

@@ -92,6 +92,14 @@ def run(
         "the sites in $SQUALL_SITES and the clouds of the catalog ($SQUALL_CATALOG, else the "
         "one shipped with Squall) under $SQUALL_POLICY, as `squall federate compare` shows.",
     ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        min=0.01,
+        metavar="USD",
+        help="Stop the run when it has spent this much (a site estimated above it is not "
+        "chosen). Default: the policy's budget-usd, if any.",
+    ),
     output: Format = typer.Option(
         Format.text, "--output", "-o", help="text: a live view; json: the run's summary at the end."
     ),
@@ -112,6 +120,7 @@ def run(
         squall run examples/hello.yaml
         squall run examples/pipeline.yaml --name me/pipeline-1 -o json | jq .state
         squall run examples/array.yaml --oversubscribe 4   # 4 short tasks a core at once
+        squall run examples/pipeline.yaml --budget 2.50    # cancelled once $2.50 is spent
     """
     import getpass
     import secrets
@@ -140,7 +149,7 @@ def run(
         engine = start_local_engine(
             nodes, site, search_registry, insecure_registry, oversubscribe=oversubscribe
         )
-        run_id = engine.submit(run_name, text)
+        run_id = engine.submit(run_name, text, budget_usd=budget)
     except SquallError as exc:
         die(str(exc), exc.category)
 

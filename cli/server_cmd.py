@@ -46,6 +46,11 @@ def server(
         help="A folder `file:///` egress may write into (repeatable). Without one, workflows "
         "started through this server cannot write files on its machine.",
     ),
+    schedules: bool = typer.Option(
+        True,
+        "--schedules/--no-schedules",
+        help="Fire the store's schedules (`squall schedule`); off: another process does.",
+    ),
 ) -> None:
     """Serve Squall's gRPC control-plane API; run each started workflow on the local site.
 
@@ -54,6 +59,7 @@ def server(
     and failed with the reason; on SIGTERM or Ctrl-C, the runs this server owns are
     cancelled and their clusters taken down before it exits. A workflow's `file:///`
     egress writes on this machine, as this server's user: only under an --egress-dir.
+    The server also fires the schedules of its store (`squall schedule --help`).
 
     **Examples**
 
@@ -67,6 +73,8 @@ def server(
 
     from orchestrator.api import serve
     from orchestrator.errors import SquallError
+    from orchestrator.local_site import local_scheduler
+    from orchestrator.run_threads import RunThreads
 
     from .run_cmd import start_local_engine
 
@@ -81,7 +89,9 @@ def server(
         )
         token = _token(token_file or engine.data_dir / "server-token", create=token_file is None)
         tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
-        grpc_server, port, servicer = serve(engine, listen, token, tls=tls)
+        runs = RunThreads(engine)
+        scheduler = local_scheduler(engine, runs, nodes) if schedules else None
+        grpc_server, port, servicer = serve(engine, listen, token, tls=tls, runs=runs)
     except (SquallError, ValueError, OSError) as exc:
         die(str(exc), exc.category if isinstance(exc, SquallError) else None)
     host = listen.rsplit(":", 1)[0]
@@ -89,8 +99,14 @@ def server(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    firing = None
+    if scheduler is not None:
+        firing = threading.Thread(target=scheduler.run, args=(stop,), name="schedules")
+        firing.start()
     stop.wait()
     err.print("stopping: cancelling the runs this server owns...")
+    if firing is not None:
+        firing.join()
     servicer.shutdown()
     grpc_server.stop(grace=5).wait()
 

@@ -73,6 +73,13 @@ def start(
     name: str = typer.Argument(..., help="A unique name for the run, e.g. me/gromacs-1."),
     file: Path = typer.Argument(..., help="The Fuzzfile.", show_default=False),
     watch: bool = typer.Option(False, "--watch", "-w", help="Follow the run until it ends."),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        min=0.01,
+        metavar="USD",
+        help="Cancel the run when it has spent this much. Default: the policy's, if any.",
+    ),
     output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
@@ -82,10 +89,11 @@ def start(
 
         squall workflow start me/pipeline-1 examples/pipeline.yaml
         squall workflow start me/pipeline-2 examples/pipeline.yaml --watch
+        squall workflow start me/pipeline-3 examples/pipeline.yaml --budget 5
     """
     text = read_fuzzfile(file)
     backend = _backend(context)
-    summary = _guard(lambda: backend.start(name, text))
+    summary = _guard(lambda: backend.start(name, text, budget))
     if watch:
         summary = _follow(backend, name)
     if output is Format.json:
@@ -146,19 +154,22 @@ def list_(
     """List runs, newest first."""
     from rich.table import Table
 
+    from .live import money
+
     backend = _backend(context)
     rows = _guard(lambda: backend.runs(pattern))
     if output is Format.json:
         print_json([r.to_json() for r in rows])
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "STATE", "SITE", "CREATED", "REASON"):
+    for column in ("NAME", "STATE", "SITE", "COST", "CREATED", "REASON"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
             escape(r.name),
             r.state,
             escape(r.site),
+            escape(money(r)),
             r.created_at.isoformat()[:19],
             escape(r.reason),
         )

@@ -62,6 +62,8 @@ class Site:
     # the existing subnet a run there joins to reach that share, and its range; None: the
     # run's own new network reaches it
     persistent_subnet: tuple[str, str] | None = None
+    # why it cannot take a run at the moment priced (an outlook's: busy until...); "": it can
+    busy: str = ""
 
     @property
     def place(self) -> Place:
@@ -343,6 +345,8 @@ def estimate(
     free_allowance: bool = False,
 ) -> SiteEstimate:
     gaps = [why for feature, why in site.cannot if feature in workload.features]
+    if site.busy:
+        gaps.append(site.busy)
     est = SiteEstimate(
         site=site, feasible=True, reasons=[*gaps, *_policy_reasons(site, workload, policy)]
     )

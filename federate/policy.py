@@ -7,7 +7,9 @@ Read from YAML (one file per team) and overridden by flags:
     allowed-sites: [local, lab]       # on-prem and local sites by name; empty: any
     residency:                        # data tagged with a key must stay in these regions
       eu: [eu-west-1, europe-west4, westeurope, swedencentral]
-    budget-usd: 500                   # per run
+    budget-usd: 500                   # per run: refused above it, stopped when it is spent
+    team: genomics                    # whose runs these are (default: none)
+    monthly-budget-usd: 5000          # the team's runs in a calendar month (UTC), together
     spot: false
     gpu-models: [H100, A100]          # empty: any
 """
@@ -36,6 +38,8 @@ class Policy:
     budget_usd: float | None = None
     spot: bool = False
     gpu_models: frozenset[str] = frozenset()
+    team: str = ""
+    monthly_budget_usd: float | None = None
 
 
 _KEYS = {
@@ -46,6 +50,8 @@ _KEYS = {
     "budget-usd",
     "spot",
     "gpu-models",
+    "team",
+    "monthly-budget-usd",
 }
 
 
@@ -69,15 +75,26 @@ def load_policy(path: Path) -> Policy:
     residency = data.get("residency") or {}
     if not isinstance(residency, dict):
         raise PolicyError(f"{path}: residency maps a data tag to a list of regions")
-    budget = data.get("budget-usd")
-    if budget is not None and not isinstance(budget, int | float):
-        raise PolicyError(f"{path}: budget-usd must be a number")
+
+    def usd(key: str) -> float | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise PolicyError(f"{path}: {key} must be a number of USD above 0")
+        return float(value)
+
+    team = data.get("team", "")
+    if not isinstance(team, str):
+        raise PolicyError(f"{path}: team must be a name")
     return Policy(
         allowed_clouds=names("allowed-clouds"),
         allowed_regions=names("allowed-regions"),
         allowed_sites=names("allowed-sites"),
         residency={str(k): frozenset(map(str, v or [])) for k, v in residency.items()},
-        budget_usd=float(budget) if budget is not None else None,
+        budget_usd=usd("budget-usd"),
         spot=bool(data.get("spot", False)),
         gpu_models=names("gpu-models"),
+        team=team,
+        monthly_budget_usd=usd("monthly-budget-usd"),
     )

@@ -15,6 +15,8 @@ site (this machine). Each becomes a `Site` whose node shape is priced from an in
     storage:                       # per cloud, or CLOUD:REGION (which wins)
       aws: nfs-first-node
       gcp:europe-west4: managed
+    local:                         # this machine, charged at an internal rate (default free)
+      price: {core-hour: 0.02}
     persistent:                    # the NFS share that keeps persistent volumes, likewise
       aws:us-east-1:
         share: fs-0123456789abcdef0.efs.us-east-1.amazonaws.com:/
@@ -56,6 +58,7 @@ __all__ = [
     "PersistentShare",
     "bucket_locations",
     "cloud_storage",
+    "local_price",
     "local_site",
     "onprem_sites",
     "persistent_shares",
@@ -228,14 +231,38 @@ def vm_site(cores: int, memory_gib: float, nodes: int) -> Site:
     )
 
 
+def local_price(path: Path) -> dict[str, float]:
+    """The `local:` section's `price:` (`core-hour`, `gpu-hour`): what a team charges itself
+    for this machine; empty (free) when the file names none."""
+    section = _section(path, "local", "`price` to {core-hour: USD, gpu-hour: USD}")
+    unknown = set(section) - {"price"}
+    if unknown:
+        raise PolicyError(f"{path}: local: unknown {', '.join(sorted(map(str, unknown)))}")
+    price = section.get("price") or {}
+    if not isinstance(price, dict) or set(price) - {"core-hour", "gpu-hour"}:
+        raise PolicyError(f"{path}: local: price maps core-hour and gpu-hour to USD")
+    out = {}
+    for key, value in price.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise PolicyError(f"{path}: local: price {key} must be a number of USD, at least 0")
+        out[str(key)] = float(value)
+    return out
+
+
 def local_site(
-    cores: int, memory_gib: float, gpus: int = 0, gpu_model: str = "", nodes: int = 1
+    cores: int,
+    memory_gib: float,
+    gpus: int = 0,
+    gpu_model: str = "",
+    nodes: int = 1,
+    price: dict[str, float] | None = None,
 ) -> Site:
-    """This machine: free to use, as big as it is."""
+    """This machine, as big as it is: free to use unless `price` (`local_price`) says what
+    a team charges itself for it."""
     shape = {"cores": cores, "memory-gib": memory_gib, "gpus": gpus, "gpu-model": gpu_model}
     return Site(
         name="local",
         kind="local",
-        types=(_shape_type("local", "this machine", "", shape, {}),),
+        types=(_shape_type("local", "this machine", "", shape, price or {}),),
         max_nodes=nodes,
     )

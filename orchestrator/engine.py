@@ -15,6 +15,7 @@ import getpass
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.substrate.v1 import agent_pb2 as pb
+from federate.spend import usd
 from substrate.client import connect
 
 from .data import TransferError
@@ -46,7 +48,8 @@ from .errors import (
 )
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
-from .placing import Placement
+from .metering import Meter, team_month
+from .placing import Decide, Placement
 from .provision import AgentEndpoint, Cancelled, Cluster, Provisioner, ProvisionError
 from .runloop import RunLoop
 from .scheduler import tasks_of
@@ -65,6 +68,7 @@ __all__ = [
 ]
 
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
+METER = 1.0  # seconds between readings of a live run's meter (what it spent, its budget)
 
 
 def identity() -> str:
@@ -106,7 +110,7 @@ class Engine:
         data_dir: Path,
         secrets: SecretStore | None = None,
         ca_file: str | None = None,
-        placer: Callable[[Workflow, str], Placement] | None = None,
+        placer: Decide | None = None,
         egress_dirs: Sequence[Path] | None = None,
         home: str = "local",
     ) -> None:
@@ -126,8 +130,19 @@ class Engine:
 
     # ---- submitting -----------------------------------------------------------------------
 
-    def submit(self, name: str, text: str, owner: str | None = None) -> str:
-        """Check a workflow and record it as a PENDING run; nothing starts. Its id."""
+    def submit(
+        self,
+        name: str,
+        text: str,
+        owner: str | None = None,
+        budget_usd: float | None = None,
+        policy: str = "",
+    ) -> str:
+        """Check a workflow and record it as a PENDING run; nothing starts. Its id.
+        `budget_usd`: the run's own budget (else the policy's, if any); `policy`: the policy
+        file that places it (a schedule's; "": the configured one)."""
+        if budget_usd is not None and not budget_usd > 0:
+            raise InvalidInput(f"a budget is a number of USD above 0, not {budget_usd}")
         workflow = load_text(text, name).unwrap()
         self._check_secrets(workflow)
         self.staging.check_egress(workflow)
@@ -138,6 +153,8 @@ class Engine:
             owner=owner or getpass.getuser(),
             fuzzfile=text,
             site=self.home,
+            budget_usd=budget_usd,
+            policy=policy,
         )
         for job_name, container in workflow.containers.items():
             run.jobs.append(
@@ -176,9 +193,11 @@ class Engine:
 
     # ---- running --------------------------------------------------------------------------
 
-    def run(self, name: str, text: str, owner: str | None = None) -> RunOutcome:
+    def run(
+        self, name: str, text: str, owner: str | None = None, budget_usd: float | None = None
+    ) -> RunOutcome:
         """Submit and execute a workflow in this process."""
-        return self.execute(self.submit(name, text, owner))
+        return self.execute(self.submit(name, text, owner, budget_usd))
 
     def execute(self, run_id: str) -> RunOutcome:
         """Drive a submitted run to its end. Only its owner (this process) may do this."""
@@ -190,52 +209,74 @@ class Engine:
             run.heartbeat_at = _now()
             text, name = run.fuzzfile, run.name
         workflow = load_text(text, name).unwrap()
-        stop_heartbeat = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(run_id, stop_heartbeat), daemon=True)
-        beat.start()
+        meter = Meter(self.store, run_id)
+        stop_tending = threading.Event()
+        tend = threading.Thread(
+            target=self._tend, args=(run_id, meter, stop_tending), name="tend", daemon=True
+        )
+        tend.start()
         # the cluster, and who made it: taken down even if a later phase raises
         brought_up: list[tuple[Provisioner[Any], Cluster]] = []
         state, reason = RunState.FAILED, "the orchestrator stopped"
         try:
-            state, reason = self._phases(run_id, workflow, brought_up)
+            state, reason = self._phases(run_id, workflow, brought_up, meter)
         except Exception as exc:
             reason = describe(exc)
             if not isinstance(exc, SquallError) or isinstance(exc, StoreError):
                 raise  # a defect, or the store failing: the volumes stay, as after a crash
             if isinstance(exc, Cancelled):  # its provider stopped bringing the cluster up
-                state, reason = RunState.CANCELLED, "cancelled by request"
+                state, reason = RunState.CANCELLED, self.cancel_reason(run_id)
             self.staging.skip_egress(run_id)  # it failed before any result was made
         finally:
             if brought_up:
                 self._set_run(run_id, RunState.TEARDOWN)
                 reason += self._down(run_id, *brought_up[0])
+            stop_tending.set()
+            tend.join()
+            with contextlib.suppress(StoreError):
+                meter.release()  # the final cost: the hours until the cluster was down
             kept = self.staging.release(run_id)
             if kept:
                 reason += (
                     f"; volume(s) {', '.join(kept)} kept until the egress succeeds: "
                     f"`squall workflow egress {name}` retries it, `--release` lets it go"
                 )
-            stop_heartbeat.set()
             self._set_run(run_id, state, reason)
         with self.store.session() as s:
             run = s.get_one(Run, run_id)
             return RunOutcome(run_id, run.state, run.reason)
 
     def _phases(
-        self, run_id: str, wf: Workflow, brought_up: list[tuple[Provisioner[Any], Cluster]]
+        self,
+        run_id: str,
+        wf: Workflow,
+        brought_up: list[tuple[Provisioner[Any], Cluster]],
+        meter: Meter,
     ) -> tuple[RunState, str]:
         self._set_run(run_id, RunState.PLACING)
         with self.store.session() as s:
             run = s.get_one(Run, run_id)
-            name, owner = run.name, run.owner
-        decision = self.placer(wf, name) if self.placer else Placement({"site": self.home})
+            name, owner, budget, policy = run.name, run.owner, run.budget_usd, run.policy
+        decision = (
+            self.placer(wf, name, budget_usd=budget, policy_file=policy or None)
+            if self.placer
+            else Placement({"site": self.home})
+        )
         placement = decision.record
         site = placement.get("site")
         provider = self.provider(site) if site is not None else None
+        money = placement.get("budget") or {}
         with self.store.session() as s:
-            s.get_one(Run, run_id).placement = placement
+            run = s.get_one(Run, run_id)
+            run.placement = placement
+            run.team = money.get("team") or ""
+            if run.budget_usd is None:
+                run.budget_usd = money.get("run_usd")
         if provider is None:
             return RunState.FAILED, _not_here(placement, self.home)
+        refused = self._over_month(run_id, placement)
+        if refused:
+            return RunState.FAILED, refused
         if placement.get("estimate"):
             estimate = placement["estimate"]
             self._event(
@@ -250,8 +291,9 @@ class Engine:
                 ),
             )
         if self._cancelled(run_id):
-            return RunState.CANCELLED, "cancelled by request"
+            return RunState.CANCELLED, self.cancel_reason(run_id)
         self._set_run(run_id, RunState.PROVISIONING)
+        meter.hold()
         plan = provider.plan(run_id, owner, wf, decision)
         if plan.record:
             with self.store.session() as s:
@@ -283,7 +325,7 @@ class Engine:
             self.staging.ingress(run_id, wf, paths, transfers, data)
         self._pull_images(run_id, wf, cluster)
         if self._cancelled(run_id):
-            return RunState.CANCELLED, "cancelled by request"
+            return RunState.CANCELLED, self.cancel_reason(run_id)
         self._set_run(run_id, RunState.RUNNING)
         loop = RunLoop(
             self.store,
@@ -296,14 +338,16 @@ class Engine:
             report=lambda kind, subject, message: self._event(run_id, kind, message, subject),
         )
         state, reason = loop.drive()
-        if state is RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
+        # a run stopped by its budget keeps what it made: its egress runs as if it finished
+        keeps = state is RunState.FINISHED or (state is RunState.CANCELLED and meter.stopped)
+        if keeps and any(v.egress for v in wf.volumes.values()):
             self._set_run(run_id, RunState.EGRESS)
             with DataAgent(cluster.agents[0]) as data:
                 try:
                     self.staging.egress(run_id, paths, transfers, data)
                 except TransferError as exc:
                     return RunState.FAILED, str(exc) + self._keep_owed(run_id, cluster, data)
-        elif state is not RunState.FINISHED and any(v.egress for v in wf.volumes.values()):
+        elif any(v.egress for v in wf.volumes.values()):
             self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
         return state, reason
@@ -400,10 +444,39 @@ class Engine:
 
     _cancelled = cancel_requested
 
-    def _heartbeat(self, run_id: str, stop: threading.Event) -> None:
-        while not stop.wait(HEARTBEAT):
-            with contextlib.suppress(Exception), self.store.session() as s:
-                s.get_one(Run, run_id).heartbeat_at = _now()
+    def cancel_reason(self, run_id: str) -> str:
+        """Why the run was asked to stop: its budget, or (by default) a user."""
+        with self.store.session() as s:
+            return s.get_one(Run, run_id).cancel_reason or "cancelled by request"
+
+    def _over_month(self, run_id: str, placement: dict[str, Any]) -> str:
+        """Why the run would break its team's monthly budget; "" when it would not."""
+        money = placement.get("budget") or {}
+        monthly = money.get("monthly_usd")
+        if monthly is None:
+            return ""
+        team = money.get("team") or ""
+        estimate = (placement.get("estimate") or {}).get("total_usd", 0.0)
+        spent = team_month(self.store, team, _now(), besides=run_id)
+        if spent + estimate <= monthly:
+            return ""
+        whose = f"team {team}" if team else "the team"
+        return (
+            f"refused: {whose} has spent or committed {usd(spent)} of its {usd(monthly)} "
+            f"monthly budget, and this run is estimated at {usd(estimate)}"
+        )
+
+    def _tend(self, run_id: str, meter: Meter, stop: threading.Event) -> None:
+        """While the run lives: read its meter every METER seconds (a budget reached cancels
+        it) and write its heartbeat every HEARTBEAT."""
+        beat = time.monotonic()
+        while not stop.wait(METER):
+            with contextlib.suppress(Exception):
+                meter.read()
+            if time.monotonic() - beat >= HEARTBEAT:
+                beat = time.monotonic()
+                with contextlib.suppress(Exception), self.store.session() as s:
+                    s.get_one(Run, run_id).heartbeat_at = _now()
 
     def _set_run(self, run_id: str, state: RunState, reason: str = "") -> None:
         with self.store.session() as s:

@@ -7,6 +7,8 @@ Settings come from the environment (flags in the CLI override them):
 - `SQUALL_STORE_URL`: the store (default SQLite in the data directory; PostgreSQL by URL)
 - `SQUALL_SEARCH_REGISTRIES`, `SQUALL_INSECURE_REGISTRIES`: comma-separated registries for
   unqualified image names, and those reached over plain HTTP (a registry on this machine)
+- `SQUALL_SPOT_HISTORY`: observed spot prices (CSV, `federate.outlook`) that schedules'
+  windows foresee prices by
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from .provision.cloud import CloudProvisioner, CloudSettings
 from .provision.local import separate_nodes, whole_machine
 from .provision.stacks import StackDriver, StackSettings
 from .provision.vm import VmProvisioner, VmSettings
+from .run_threads import RunThreads
+from .schedules import Scheduler, ScheduleSpec, placer_pricer
 from .secrets import SecretStore
 from .store import Store
 
-__all__ = ["LocalSettings", "local_engine", "stack_driver"]
+__all__ = ["LocalSettings", "local_engine", "local_scheduler", "stack_driver"]
 
 
 def _data_dir() -> Path:
@@ -106,3 +110,26 @@ def local_engine(settings: LocalSettings) -> Engine:
 def stack_driver(settings: LocalSettings, store: Store | None = None) -> StackDriver:
     """The Pulumi stacks of this data directory's runs, and their ledger."""
     return StackDriver(store or settings.store(), StackSettings.from_environment(settings.data_dir))
+
+
+def local_scheduler(engine: Engine, runs: RunThreads, nodes: int = 1) -> Scheduler:
+    """The scheduler of this store's schedules: each firing priced by federation as
+    configured ($SQUALL_CATALOG, $SQUALL_SITES, $SQUALL_POLICY or the schedule's, and
+    $SQUALL_SPOT_HISTORY), its run driven by `runs`. Raises UsageError for a spot history
+    that cannot be read."""
+    from federate.outlook import SpotHistory
+
+    from .errors import UsageError
+
+    spot = None
+    if os.environ.get("SQUALL_SPOT_HISTORY"):
+        try:
+            spot = SpotHistory.load(Path(os.environ["SQUALL_SPOT_HISTORY"]))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"SQUALL_SPOT_HISTORY: {exc}") from None
+    placer = Placer.from_environment(None, engine.secrets, engine.store, local_nodes=nodes)
+
+    def start(run_name: str, spec: ScheduleSpec) -> None:
+        runs.launch(run_name, spec.fuzzfile, spec.owner, spec.budget_usd, spec.policy)
+
+    return Scheduler(engine.store, placer_pricer(placer, engine.store, spot), start)

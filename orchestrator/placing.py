@@ -21,17 +21,20 @@ import os
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 
 from federate.catalog import Catalog, open_catalog
+from federate.outlook import Outlook
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
 from federate.policy import Policy, PolicyError, load_policy
 from federate.sites import (
     bucket_locations,
     cloud_storage,
+    local_price,
     local_site,
     onprem_sites,
     persistent_shares,
@@ -39,6 +42,7 @@ from federate.sites import (
     with_persistent_shares,
     with_storage,
 )
+from federate.spend import Rates, rates_of
 from federate.workload import Workload
 
 from .data import RemoteFacts, describe
@@ -53,7 +57,7 @@ from .secrets import SecretStore
 from .store import Job as JobRow
 from .store import Run, RunState, Store, Task, TaskState
 
-__all__ = ["Comparison", "Placement", "Placer", "candidate_sites"]
+__all__ = ["Comparison", "Decide", "Placement", "Placer", "candidate_sites"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,19 @@ class Placement:
     workload: Workload | None = None
 
 
+class Decide(Protocol):
+    """What the engine places a run with (`Placer.decide`)."""
+
+    def __call__(
+        self,
+        wf: Workflow,
+        name: str,
+        *,
+        budget_usd: float | None = None,
+        policy_file: str | None = None,
+    ) -> Placement: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Comparison:
     """Every candidate site's estimate for one workflow, the feasible ones cheapest first,
@@ -76,6 +93,8 @@ class Comparison:
     catalog_date: str
     catalog_origin: str
     forced: bool = False
+    policy: Policy = field(default_factory=Policy)
+    rates: Rates | None = None  # what the chosen site costs while the run holds it
 
     @property
     def chosen(self) -> SiteEstimate | None:
@@ -89,8 +108,20 @@ class Comparison:
             "forced": self.forced,
             "site": chosen.site.name if chosen else None,
             "estimate": _brief(chosen) if chosen else None,
-            "alternatives": [_brief(e) for e in self.estimates[:6] if e is not chosen],
+            "alternatives": [_brief(e) for e in _runners_up(self.estimates, chosen)],
+            "rates": self.rates.as_dict() if self.rates else None,
+            "budget": {
+                "run_usd": self.policy.budget_usd,
+                "team": self.policy.team,
+                "monthly_usd": self.policy.monthly_budget_usd,
+            },
         }
+
+    def refusals(self, count: int = 3) -> str:
+        """Why the first `count` sites could not take it (a site's own reasons before a
+        policy's refusal of whole clouds or sites)."""
+        shown = _runners_up(self.estimates, self.chosen)[:count]
+        return "; ".join(f"{e.site.name}: {', '.join(e.reasons)}" for e in shown) or "no sites"
 
     def as_dict(self) -> dict[str, Any]:
         """Everything, as plain data (what `compare -o json` prints)."""
@@ -122,6 +153,7 @@ class Placer:
     clouds_only: bool = False
     look_up_sources: bool = True  # ask sources for sizes and buckets for regions
     local_nodes: int = 1  # nodes of the local site's clusters (`squall run --nodes`)
+    outlook: Outlook | None = None  # how sites change over time (schedules' windows)
 
     @classmethod
     def from_environment(
@@ -159,28 +191,51 @@ class Placer:
         """The placement record: the chosen site, its estimate, and the runners-up."""
         return self.decide(wf, name).record
 
-    def decide(self, wf: Workflow, name: str) -> Placement:
-        comparison = self.compare(wf, name)
+    def decide(
+        self,
+        wf: Workflow,
+        name: str,
+        *,
+        budget_usd: float | None = None,
+        policy_file: str | None = None,
+    ) -> Placement:
+        """Where `wf` runs as `name`; `budget_usd` (the run's own) overrides the policy's,
+        `policy_file` (a schedule's) the configured policy."""
+        comparison = self.compare(wf, name, budget_usd=budget_usd, policy_file=policy_file)
         return Placement(comparison.record(), comparison.chosen, comparison.workload)
 
-    def compare(self, wf: Workflow, name: str) -> Comparison:
-        """Price `wf` (to run as `name`) at every candidate site. Raises UsageError, in one
-        line, when the configuration cannot be read or the forced site does not exist."""
+    def compare(
+        self,
+        wf: Workflow,
+        name: str,
+        *,
+        budget_usd: float | None = None,
+        policy_file: str | None = None,
+        at: datetime | None = None,
+    ) -> Comparison:
+        """Price `wf` (to run as `name`) at every candidate site, as they stand `at` (None:
+        now; a later moment as the outlook foresees it). Raises UsageError, in one line,
+        when the configuration cannot be read or the forced site does not exist."""
+        policy_path = Path(policy_file) if policy_file else self.policy_file
         try:
-            policy = load_policy(self.policy_file) if self.policy_file else Policy()
+            policy = load_policy(policy_path) if policy_path else Policy()
             catalog = open_catalog(self.catalog_dir)
             sites = [_with_gaps(site) for site in self._sites(catalog)]
+            if self.outlook is not None:
+                sites = self.outlook.sites_at(sites, at or datetime.now(UTC))
             buckets = bucket_locations(self.sites_file) if self.sites_file else {}
         except (PolicyError, OSError, ValueError) as exc:
             raise UsageError(f"cannot place {name}: {exc}") from None
         buckets |= self.buckets
         if self.spot is not None:
             policy = replace(policy, spot=self.spot)
-        if self.budget_usd is not None:
-            policy = replace(policy, budget_usd=self.budget_usd)
-        if self.force_site is not None:
+        for budget in (self.budget_usd, budget_usd):
+            if budget is not None:
+                policy = replace(policy, budget_usd=budget)
+        rules = policy
+        if self.force_site is not None:  # forced: no rules, but the budgets still hold
             sites = [self._forced(sites)]
-            policy = Policy(spot=policy.spot, gpu_models=policy.gpu_models)  # forced: no rules
+            rules = Policy(spot=policy.spot, gpu_models=policy.gpu_models)
         workload = workload_of(
             wf,
             name,
@@ -188,13 +243,16 @@ class Placer:
             look=self._look if self.look_up_sources else None,
             history=self._history(name),
         )
-        estimates = compare(workload, catalog, sites, policy, free_allowance=self.free_allowance)
+        estimates = compare(workload, catalog, sites, rules, free_allowance=self.free_allowance)
+        chosen = next((e for e in estimates if e.feasible), None)
         return Comparison(
             workload,
             estimates,
             catalog.date,
             catalog.origin,
             forced=self.force_site is not None,
+            policy=policy,
+            rates=rates_of(chosen, workload, catalog) if chosen else None,
         )
 
     def check_site(self) -> None:
@@ -270,6 +328,7 @@ def candidate_sites(catalog: Catalog, sites_file: Path | None, local_nodes: int 
             gpus=len(machine.gpus) // local_nodes,
             gpu_model=machine.gpus[0].model if machine.gpus else "",
             nodes=local_nodes,
+            price=local_price(sites_file) if sites_file is not None else None,
         )
     ]
     if sites_file is not None:
@@ -285,6 +344,18 @@ def _clouds(catalog: Catalog, sites_file: Path | None) -> list[Site]:
         return clouds
     clouds = with_storage(clouds, cloud_storage(sites_file))
     return with_persistent_shares(clouds, persistent_shares(sites_file))
+
+
+def _runners_up(estimates: list[SiteEstimate], chosen: SiteEstimate | None) -> list[SiteEstimate]:
+    """The five or six sites shown besides the chosen one: the feasible ones, cheapest first,
+    then those that could not take it for a reason of their own (its budget, its size), and
+    last the sites the policy does not allow at all."""
+
+    def excluded(e: SiteEstimate) -> bool:
+        return bool(e.reasons) and all(r.endswith("is not allowed") for r in e.reasons)
+
+    others = [e for e in estimates if e is not chosen]
+    return sorted(others, key=excluded)[: 6 if chosen is None else 5]
 
 
 def _brief(e: SiteEstimate) -> dict[str, Any]:

@@ -189,9 +189,10 @@ class RunLoop:
     def drive(self) -> tuple[RunState, str]:
         try:
             while True:
-                if self._cancel_requested():
-                    self._cancel_everything("cancelled by request")
-                    return RunState.CANCELLED, "cancelled by request"
+                why = self._cancel_requested()
+                if why:
+                    self._cancel_everything(why)
+                    return RunState.CANCELLED, why
                 asked = self._turn()
                 if not self.active and self.sched.done():
                     break
@@ -285,15 +286,17 @@ class RunLoop:
             return name
         return f"{name}[{_ranges(failed)}]"
 
-    def _cancel_requested(self) -> bool:
-        """Read the run's cancel flag at most every POLL seconds: the loop turns once per
-        batch of messages, and need not read the run row each time."""
+    def _cancel_requested(self) -> str:
+        """Why the run is to be cancelled ("": it is not), from its row, read at most every
+        POLL seconds: the loop turns once per batch of messages, and need not read the run
+        row each time."""
         now = time.monotonic()
         if now - self.cancel_checked < POLL:
-            return False
+            return ""
         self.cancel_checked = now
         with self.store.session() as s:
-            return bool(s.get_one(Run, self.run_id).cancel_requested)
+            run = s.get_one(Run, self.run_id)
+            return (run.cancel_reason or "cancelled by request") if run.cancel_requested else ""
 
     def _cancel_everything(self, why: str) -> None:
         """Cancel running tasks, wait for them to end, and mark what never ran."""

@@ -24,10 +24,12 @@ from api.squall.v1 import control_pb2 as pb
 __all__ = [
     "RUN_ENDED_STATES",
     "EventView",
+    "FiringView",
     "JobView",
     "RunListItem",
     "RunUpdate",
     "RunView",
+    "ScheduleView",
     "TransferView",
 ]
 
@@ -163,6 +165,8 @@ class RunView(_View):
     finished_at: datetime | None
     jobs: tuple[JobView, ...]
     transfers: tuple[TransferView, ...]
+    cost_usd: float = 0.0  # spent so far
+    budget_usd: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -185,6 +189,8 @@ class RunView(_View):
             finished_at=_text(self.finished_at),
             jobs=[j.to_message() for j in self.jobs],
             transfers=[t.to_message() for t in self.transfers],
+            cost_usd=self.cost_usd,
+            budget_usd=self.budget_usd,
         )
 
     @classmethod
@@ -202,6 +208,8 @@ class RunView(_View):
             finished_at=_time(m.finished_at),
             jobs=tuple(JobView.from_message(j) for j in m.jobs),
             transfers=tuple(TransferView.from_message(t) for t in m.transfers),
+            cost_usd=m.cost_usd,
+            budget_usd=m.budget_usd if m.HasField("budget_usd") else None,
         )
 
 
@@ -216,6 +224,8 @@ class RunListItem(_View):
     state: str
     reason: str
     created_at: datetime
+    cost_usd: float = 0.0
+    budget_usd: float | None = None
 
     def to_message(self) -> pb.Workflow:
         """A `Workflow` message with these fields set (ListWorkflows answers with those)."""
@@ -227,6 +237,8 @@ class RunListItem(_View):
             state=self.state,
             reason=self.reason,
             created_at=_text(self.created_at),
+            cost_usd=self.cost_usd,
+            budget_usd=self.budget_usd,
         )
 
     @classmethod
@@ -239,6 +251,8 @@ class RunListItem(_View):
             state=m.state,
             reason=m.reason,
             created_at=datetime.fromisoformat(m.created_at),
+            cost_usd=m.cost_usd,
+            budget_usd=m.budget_usd if m.HasField("budget_usd") else None,
         )
 
 
@@ -278,3 +292,91 @@ class EventView(_View):
 
 # A run as it stands, and the events recorded since the previous update.
 RunUpdate = tuple[RunView, tuple[EventView, ...]]
+
+
+def _usd(m: Any, name: str) -> float | None:
+    return getattr(m, name) if m.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class FiringView(_View):
+    """One cron moment of a schedule and what became of it."""
+
+    due_at: datetime
+    state: str  # WAITING, STARTED, SKIPPED, MISSED, FAILED
+    start_at: datetime | None  # when it started, or (WAITING) when it plans to
+    site: str
+    estimate_usd: float | None
+    run_name: str
+    reason: str
+
+    def to_message(self) -> pb.FiringStatus:
+        return pb.FiringStatus(
+            due_at=_text(self.due_at),
+            state=self.state,
+            start_at=_text(self.start_at),
+            site=self.site,
+            estimate_usd=self.estimate_usd,
+            run_name=self.run_name,
+            reason=self.reason,
+        )
+
+    @classmethod
+    def from_message(cls, m: pb.FiringStatus) -> FiringView:
+        return cls(
+            due_at=datetime.fromisoformat(m.due_at),
+            state=m.state,
+            start_at=_time(m.start_at),
+            site=m.site,
+            estimate_usd=_usd(m, "estimate_usd"),
+            run_name=m.run_name,
+            reason=m.reason,
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleView(_View):
+    """A schedule, and (when asked for one) its latest firings, newest first."""
+
+    name: str
+    owner: str
+    cron: str
+    cron_text: str  # the cron in words
+    window_seconds: float
+    budget_usd: float | None
+    policy: str
+    paused: bool
+    next_at: datetime
+    created_at: datetime
+    firings: tuple[FiringView, ...] = ()
+
+    def to_message(self) -> pb.ScheduleStatus:
+        return pb.ScheduleStatus(
+            name=self.name,
+            owner=self.owner,
+            cron=self.cron,
+            cron_text=self.cron_text,
+            window_seconds=self.window_seconds,
+            budget_usd=self.budget_usd,
+            policy=self.policy,
+            paused=self.paused,
+            next_at=_text(self.next_at),
+            created_at=_text(self.created_at),
+            firings=[f.to_message() for f in self.firings],
+        )
+
+    @classmethod
+    def from_message(cls, m: pb.ScheduleStatus) -> ScheduleView:
+        return cls(
+            name=m.name,
+            owner=m.owner,
+            cron=m.cron,
+            cron_text=m.cron_text,
+            window_seconds=m.window_seconds,
+            budget_usd=_usd(m, "budget_usd"),
+            policy=m.policy,
+            paused=m.paused,
+            next_at=datetime.fromisoformat(m.next_at),
+            created_at=datetime.fromisoformat(m.created_at),
+            firings=tuple(FiringView.from_message(f) for f in m.firings),
+        )

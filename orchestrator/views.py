@@ -126,6 +126,8 @@ def run_summary(store: Store, run_id: str) -> RunView:
             finished_at=run.finished_at,
             jobs=jobs,
             transfers=transfers,
+            cost_usd=run.cost_usd,
+            budget_usd=run.budget_usd,
         )
 
 
@@ -153,7 +155,15 @@ def run_list(store: Store, pattern: str = "*") -> list[RunListItem]:
     with store.session() as s:
         rows = s.execute(
             select(
-                Run.id, Run.name, Run.owner, Run.site, Run.state, Run.reason, Run.created_at
+                Run.id,
+                Run.name,
+                Run.owner,
+                Run.site,
+                Run.state,
+                Run.reason,
+                Run.created_at,
+                Run.cost_usd,
+                Run.budget_usd,
             ).order_by(Run.created_at.desc())
         ).all()
     return [
@@ -165,6 +175,8 @@ def run_list(store: Store, pattern: str = "*") -> list[RunListItem]:
             state=r.state.value,
             reason=r.reason,
             created_at=r.created_at,
+            cost_usd=r.cost_usd,
+            budget_usd=r.budget_usd,
         )
         for r in rows
         if fnmatch.fnmatchcase(r.name, pattern)

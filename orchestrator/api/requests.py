@@ -30,13 +30,15 @@ class RawStartWorkflowRequest:
 
 
 def _bytes_twin(message: type[Message]) -> type[Message]:
-    """A message type with the fields of `message` (numbers and names) as `bytes`."""
+    """A message type with the string fields of `message` (numbers and names) as `bytes`."""
     source = message.DESCRIPTOR
     file = descriptor_pb2.FileDescriptorProto(
         name=f"squall/raw/{source.name}.proto", package="squall.raw", syntax="proto3"
     )
     twin = file.message_type.add(name=source.name)
     for field in source.fields:
+        if field.type != descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
+            continue
         twin.field.add(
             name=field.name,
             number=field.number,

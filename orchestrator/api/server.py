@@ -13,14 +13,12 @@ saying where (not a failure to decode the request), and a request larger than
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -29,12 +27,14 @@ from api.squall.v1 import control_pb2 as pb
 from api.squall.v1 import control_pb2_grpc as rpc
 from substrate.auth import TokenAuth
 
+from .. import schedules
 from ..access import RunAccess
 from ..engine import Engine, request_cancel
-from ..errors import CATEGORY_TRAILER, InvalidInput, NotFound, SquallError, describe, status_of
+from ..errors import CATEGORY_TRAILER, InvalidInput, SquallError, describe, status_of
 from ..fuzzfile import FuzzfileError
 from ..fuzzfile.limits import MAX_FUZZFILE_BYTES
 from ..fuzzfile.loader import load_bytes
+from ..run_threads import RunThreads
 from ..views import find_run, run_list, run_summary, watch
 from .requests import RawStartWorkflowRequest, start_workflow_deserializer
 
@@ -100,10 +100,10 @@ def _status_codes(method: F) -> F:
 
 
 class ControlServer(rpc.ControlServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, runs: RunThreads | None = None) -> None:
         self.engine = engine
         self.access = RunAccess(engine.store, engine.data_dir)
-        self.runs: dict[str, threading.Thread] = {}
+        self.runs = runs or RunThreads(engine)
 
     def _summary(self, name: str) -> pb.Workflow:
         return run_summary(self.engine.store, find_run(self.engine.store, name)).to_message()
@@ -119,21 +119,9 @@ class ControlServer(rpc.ControlServicer):
         if not request.name:
             raise InvalidInput("a workflow needs a name, e.g. user/gromacs-1")
         user = dict(context.invocation_metadata()).get("x-squall-user", "")
-        run_id = self.engine.submit(request.name, request.fuzzfile, owner=user or None)
-        thread = threading.Thread(
-            target=self._execute, args=(run_id,), name=f"run-{request.name}", daemon=True
-        )
-        self.runs[run_id] = thread
-        thread.start()
+        budget = request.budget_usd if request.HasField("budget_usd") else None
+        run_id = self.runs.launch(request.name, request.fuzzfile, user or None, budget)
         return run_summary(self.engine.store, run_id).to_message()
-
-    def _execute(self, run_id: str) -> None:
-        try:
-            self.engine.execute(run_id)
-        except Exception:
-            log.exception("run %s stopped with an error", run_id)
-        finally:
-            self.runs.pop(run_id, None)
 
     @_status_codes
     def GetWorkflow(self, request: pb.GetWorkflowRequest, context: Any) -> pb.Workflow:
@@ -182,14 +170,49 @@ class ControlServer(rpc.ControlServicer):
     ) -> Iterator[pb.PortForwardOutput]:
         yield from self.access.port_forward(request_iterator)
 
+    # ---- schedules
+
+    @_status_codes
+    def CreateSchedule(self, request: pb.CreateScheduleRequest, context: Any) -> pb.ScheduleStatus:
+        user = dict(context.invocation_metadata()).get("x-squall-user", "") or "unknown"
+        view = schedules.create_schedule(
+            self.engine.store,
+            request.name,
+            request.fuzzfile,
+            request.cron,
+            owner=user,
+            window=timedelta(seconds=request.window_seconds),
+            budget_usd=request.budget_usd if request.HasField("budget_usd") else None,
+            policy=request.policy,
+        )
+        return view.to_message()
+
+    @_status_codes
+    def ListSchedules(
+        self, request: pb.ListSchedulesRequest, context: Any
+    ) -> pb.ListSchedulesResponse:
+        found = schedules.list_schedules(self.engine.store)
+        return pb.ListSchedulesResponse(schedules=[v.to_message() for v in found])
+
+    @_status_codes
+    def GetSchedule(self, request: pb.GetScheduleRequest, context: Any) -> pb.ScheduleStatus:
+        return schedules.show_schedule(self.engine.store, request.name).to_message()
+
+    @_status_codes
+    def PauseSchedule(self, request: pb.PauseScheduleRequest, context: Any) -> pb.ScheduleStatus:
+        view = schedules.set_paused(self.engine.store, request.name, request.paused)
+        return view.to_message()
+
+    @_status_codes
+    def DeleteSchedule(
+        self, request: pb.DeleteScheduleRequest, context: Any
+    ) -> pb.DeleteScheduleResponse:
+        schedules.delete_schedule(self.engine.store, request.name)
+        return pb.DeleteScheduleResponse()
+
     def shutdown(self, grace: float = 60.0) -> None:
         """Cancel the runs this server owns and wait for their clusters to come down."""
-        for run_id in list(self.runs):
-            with contextlib.suppress(NotFound):
-                request_cancel(self.engine.store, run_id)
-        deadline = time.monotonic() + grace
-        for thread in list(self.runs.values()):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self.runs.shutdown(grace)
 
 
 def _add_servicer(servicer: ControlServer, server: grpc.Server) -> None:
@@ -220,11 +243,13 @@ def serve(
     *,
     tls: tuple[bytes, bytes] | None = None,
     workers: int = 64,
+    runs: RunThreads | None = None,
 ) -> tuple[grpc.Server, int, ControlServer]:
-    """Start serving on `address` (with TLS when given a certificate chain and key)."""
+    """Start serving on `address` (with TLS when given a certificate chain and key);
+    `runs`: where started runs are driven (shared with a scheduler)."""
     if len(token) < 16:
         raise ValueError("the server token must be at least 16 characters")
-    servicer = ControlServer(engine)
+    servicer = ControlServer(engine, runs)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control-rpc"),
         interceptors=[TokenAuth(token)],

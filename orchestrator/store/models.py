@@ -36,9 +36,12 @@ __all__ = [
     "Attempt",
     "Base",
     "Event",
+    "Firing",
+    "FiringState",
     "Job",
     "Run",
     "RunState",
+    "Schedule",
     "Stack",
     "StackState",
     "Task",
@@ -153,9 +156,21 @@ class Run(Base):
     cancel_requested: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=false()
     )  # set by `cancel` from any process; the owning engine acts on it
+    # why the cancel was asked for ("": by a user); the run ends CANCELLED with it
+    cancel_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(_TS, default=now)
     started_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    # money: the team whose monthly budget the run counts against, the policy file that
+    # placed it (a schedule's), the run's own budget
+    # (None: none), what it has spent so far (the meter writes it while the run holds its
+    # cluster), and when it began and stopped holding one
+    team: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    policy: Mapped[str] = mapped_column(Text, default="", server_default="")  # "": the default
+    budget_usd: Mapped[float | None] = mapped_column(Float, default=None)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    held_from: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    held_until: Mapped[datetime | None] = mapped_column(_TS, default=None)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="run", cascade="all, delete-orphan")
     events: Mapped[list[Event]] = relationship(cascade="all, delete-orphan", order_by="Event.id")
@@ -317,3 +332,54 @@ class Stack(Base):
     expires_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
     destroyed_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
     error: Mapped[str] = mapped_column(Text, default="")
+
+
+class Schedule(Base):
+    """A workflow run on a cron: each firing is placed at the cheapest site, and may wait
+    within `window_s` for a cheaper moment (see `orchestrator.schedules`)."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    fuzzfile: Mapped[str] = mapped_column(Text)  # the text as created
+    cron: Mapped[str] = mapped_column(String(255))  # five fields, UTC
+    window_s: Mapped[float] = mapped_column(Float, default=0.0)
+    budget_usd: Mapped[float | None] = mapped_column(Float, default=None)  # per firing
+    policy: Mapped[str] = mapped_column(Text, default="")  # a policy file; "": the default
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(_TS, default=now)
+    next_at: Mapped[datetime] = mapped_column(_TS)  # the next cron moment not yet handled
+
+    firings: Mapped[list[Firing]] = relationship(
+        cascade="all, delete-orphan", order_by="Firing.due_at"
+    )
+
+
+class FiringState(enum.Enum):
+    WAITING = "WAITING"  # due, waiting within its window for a cheaper moment
+    STARTED = "STARTED"  # its run was submitted
+    SKIPPED = "SKIPPED"  # the concurrency rule, or its budget: no run
+    MISSED = "MISSED"  # its moment passed while no scheduler ran
+    FAILED = "FAILED"  # it could not be placed or submitted
+
+
+class Firing(Base):
+    """One cron moment of a schedule. (schedule, due_at) is unique: a moment fires once,
+    whatever crashes and however many schedulers run."""
+
+    __tablename__ = "firings"
+    __table_args__ = (UniqueConstraint("schedule_id", "due_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedule_id: Mapped[int] = mapped_column(
+        ForeignKey("schedules.id", ondelete="CASCADE"), index=True
+    )
+    due_at: Mapped[datetime] = mapped_column(_TS)
+    state: Mapped[FiringState] = mapped_column(_enum(FiringState), default=FiringState.WAITING)
+    start_at: Mapped[datetime | None] = mapped_column(_TS, default=None)  # chosen moment
+    site: Mapped[str] = mapped_column(String(255), default="")
+    estimate_usd: Mapped[float | None] = mapped_column(Float, default=None)
+    run_name: Mapped[str] = mapped_column(String(255), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")  # why this time and site, or none

@@ -71,7 +71,7 @@ def test_the_local_and_the_remote_backend_see_the_same_run(
     assert watched[-1][0].state == "FINISHED", watched[-1][0].reason
     assert result.read_text() == "a result\n"
     deadline = time.monotonic() + 30
-    while servicer.runs and time.monotonic() < deadline:  # its owner still writes: wait
+    while servicer.runs.threads and time.monotonic() < deadline:  # its owner still writes: wait
         time.sleep(0.1)
     seen_remote = [e for _, events in remote.watch("me/views-1") for e in events]
     seen_local = [e for _, events in local.watch("me/views-1") for e in events]

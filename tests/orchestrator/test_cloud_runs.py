@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.engine import Engine, request_cancel
-from orchestrator.fuzzfile import Workflow
+from orchestrator.fuzzfile import Workflow, load_text
 from orchestrator.placing import Placer
 from orchestrator.provision import Cluster, LocalProvisioner, NodeSlice, local_plan
 from orchestrator.provision.cloud import CloudProvisioner, CloudSettings, _dial
@@ -226,6 +226,30 @@ def test_a_cancelled_run_destroys_the_stack(engine):
     canceller.join()
     assert outcome.state is RunState.CANCELLED, outcome.reason
     assert stack_of(engine, run_id).state is StackState.DESTROYED
+
+
+def test_a_cloud_run_that_reaches_its_budget_is_stopped_and_its_stack_destroyed(engine):
+    """The running cost is the placement's prices times the hours the stack was held: the
+    budget is eight seconds of the two nodes, the second job would sleep five minutes."""
+    text = two_jobs("sleep 300")
+    comparison = Placer(catalog_dir=CATALOG, force_site=SITE).compare(
+        load_text(text).unwrap(), "me/cloud-capped"
+    )
+    assert comparison.rates is not None
+    hourly = comparison.rates.usd_per_hour
+    assert hourly == pytest.approx(sum(p.usd_per_hour * p.nodes for p in comparison.chosen.jobs))
+    budget = hourly * 8 / 3600
+    started = time.monotonic()
+    outcome = engine.run("me/cloud-capped", text, budget_usd=budget)
+    assert time.monotonic() - started < 120
+    assert outcome.state is RunState.CANCELLED
+    assert outcome.reason.startswith("budget reached: $"), outcome.reason
+    assert stack_of(engine, outcome.run_id).state is StackState.DESTROYED
+    with engine.store.session() as s:
+        run = s.get_one(Run, outcome.run_id)
+        held = (run.held_until - run.held_from).total_seconds()
+        assert run.cost_usd == pytest.approx(hourly * held / 3600, rel=1e-6)
+        assert run.cost_usd >= budget
 
 
 def test_nodes_that_never_join_fail_the_run_naming_the_groups_and_the_stack_goes(

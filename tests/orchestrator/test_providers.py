@@ -79,7 +79,7 @@ def engine_with(tmp_path: Path, rack: Rack, site: str = RACK) -> Engine:
         Store(f"sqlite:///{tmp_path / 'squall.db'}"),
         providers,
         data_dir=tmp_path / "data",
-        placer=lambda wf, name: Placement({"site": site}),
+        placer=lambda wf, name, **_: Placement({"site": site}),
     )
 
 

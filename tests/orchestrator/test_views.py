@@ -92,6 +92,10 @@ def test_views_round_trip_through_the_control_api_messages() -> None:
     assert RunView.from_message(unplaced.to_message()) == unplaced
     item = RunListItem("0f8fad5b", "me/x", "me", "", "PENDING", "", AT)
     assert RunListItem.from_message(item.to_message()) == item
+    capped = RunListItem("0f8fad5b", "me/x", "me", "", "RUNNING", "", AT, 0.25, 1.5)
+    assert RunListItem.from_message(capped.to_message()) == capped
+    budgeted = RunView(**{**vars(RUN), "cost_usd": 0.5, "budget_usd": 2.0})
+    assert RunView.from_message(budgeted.to_message()) == budgeted
     for state in (None, "FINISHED", ""):
         event = EventView(7, AT, "task", "count[3]", "finished (exit 0)", state)
         message = pb.Event.FromString(event.to_message().SerializeToString())
@@ -113,6 +117,8 @@ def test_json_is_the_shape_scripts_read() -> None:
         "finished_at",
         "jobs",
         "transfers",
+        "cost_usd",
+        "budget_usd",
     ]
     assert shown["created_at"] == "2026-12-03T09:30:01.123456+00:00"
     assert shown["finished_at"] is None
@@ -139,7 +145,17 @@ def test_json_is_the_shape_scripts_read() -> None:
         "error",
     ]
     item = RunListItem("0f8fad5b", "me/x", "me", "", "PENDING", "", AT).to_json()
-    assert list(item) == ["id", "name", "owner", "site", "state", "reason", "created_at"]
+    assert list(item) == [
+        "id",
+        "name",
+        "owner",
+        "site",
+        "state",
+        "reason",
+        "created_at",
+        "cost_usd",
+        "budget_usd",
+    ]
 
 
 def test_the_ended_states_are_the_stores() -> None:

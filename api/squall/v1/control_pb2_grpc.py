@@ -74,6 +74,31 @@ class ControlStub(object):
                 request_serializer=api_dot_squall_dot_v1_dot_control__pb2.PortForwardInput.SerializeToString,
                 response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.PortForwardOutput.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/squall.v1.Control/CreateSchedule',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/squall.v1.Control/ListSchedules',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/squall.v1.Control/GetSchedule',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/squall.v1.Control/PauseSchedule',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/squall.v1.Control/DeleteSchedule',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer(object):
@@ -130,6 +155,39 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Schedules: a workflow run on a cron, each firing at the cheapest site and moment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """with its latest firings
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """or resume it
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +230,31 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.PortForward,
                     request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.PortForwardInput.FromString,
                     response_serializer=api_dot_squall_dot_v1_dot_control__pb2.PortForwardOutput.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.GetScheduleRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +473,141 @@ class Control(object):
             '/squall.v1.Control/PortForward',
             api_dot_squall_dot_v1_dot_control__pb2.PortForwardInput.SerializeToString,
             api_dot_squall_dot_v1_dot_control__pb2.PortForwardOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/CreateSchedule',
+            api_dot_squall_dot_v1_dot_control__pb2.CreateScheduleRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/ListSchedules',
+            api_dot_squall_dot_v1_dot_control__pb2.ListSchedulesRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/GetSchedule',
+            api_dot_squall_dot_v1_dot_control__pb2.GetScheduleRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/PauseSchedule',
+            api_dot_squall_dot_v1_dot_control__pb2.PauseScheduleRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ScheduleStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/DeleteSchedule',
+            api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,
