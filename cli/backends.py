@@ -110,7 +110,6 @@ class LocalBackend:
         return self.access.port_forward(requests)
 
     def create_schedule(self, request: pb.CreateScheduleRequest) -> ScheduleView:
-        from datetime import timedelta
 
         from orchestrator.schedules import create_schedule
 
@@ -120,7 +119,7 @@ class LocalBackend:
             request.fuzzfile,
             request.cron,
             owner=getpass.getuser(),
-            window=timedelta(seconds=request.window_seconds),
+            window_seconds=request.window_seconds,
             budget_usd=request.budget_usd if request.HasField("budget_usd") else None,
             policy=request.policy,
         )

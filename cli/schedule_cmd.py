@@ -50,7 +50,7 @@ def _show(view: ScheduleView) -> None:
     if view.budget_usd is not None:
         details.append(f"budget {usd(view.budget_usd)} a run")
     if view.policy:
-        details.append(f"policy {escape(view.policy)}")
+        details.append("a policy of its own (`-o json` shows it)")
     out.print("  " + ", ".join(details))
     if view.firings:
         out.print("  firings, newest first:")
@@ -72,7 +72,11 @@ def _window(seconds: float) -> str:
 
 @app.command("create")
 def create(
-    name: str = typer.Argument(..., help="A unique name; its runs are NAME-YYYYMMDD-HHMM."),
+    name: str = typer.Argument(
+        ...,
+        help="A unique name (letters, digits, . _ / -; at most 128), e.g. me/nightly; its "
+        "runs are NAME-YYYYMMDD-HHMM.",
+    ),
     file: Path = typer.Argument(..., help="The Fuzzfile.", show_default=False),
     cron: str = typer.Option(
         ..., "--cron", help="Five fields, minute hour day month weekday, in UTC: '0 2 * * *'."
@@ -95,8 +99,9 @@ def create(
     policy: Path | None = typer.Option(
         None,
         "--policy",
-        help="A policy file (allowed sites, residency, spot, budgets) for its runs, on the "
-        "machine that fires it. Default: $SQUALL_POLICY there.",
+        help="A policy file (allowed sites, residency, spot, budgets) for its runs. It is "
+        "sent with the schedule and can only narrow the policy of the machine that fires it "
+        "($SQUALL_POLICY there): allow-lists intersect, budgets take the smaller.",
     ),
     output: Format = OUTPUT,
     context: str | None = CONTEXT,
@@ -105,20 +110,26 @@ def create(
 
     **Examples**
 
-        squall schedule create nightly examples/pipeline.yaml --cron '0 2 * * *'
-        squall schedule create nightly examples/pipeline.yaml --cron '0 1 * * *' \\
-            --window 5h --budget 20 --policy team.yaml
+        squall schedule create me/nightly examples/pipeline.yaml --cron '0 2 * * *'
+
+        squall schedule create me/cheap examples/pipeline.yaml --cron '0 1 * * *' --window 5h
+
+        squall schedule create me/capped examples/pipeline.yaml --cron '30 6 * * 1-5' --budget 20
     """
     from api.squall.v1 import control_pb2 as pb
 
     text = read_fuzzfile(file)
+    try:
+        rules = policy.read_text() if policy else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        die(f"--policy {policy}: {exc}")
     request = pb.CreateScheduleRequest(
         name=name,
         fuzzfile=text,
         cron=cron,
         window_seconds=_duration(window),
         budget_usd=budget,
-        policy=str(policy.resolve()) if policy else "",
+        policy=rules,
     )
     backend = _backend(context)
     view = _guard(lambda: backend.create_schedule(request))
@@ -160,7 +171,7 @@ def list_(output: Format = OUTPUT, context: str | None = CONTEXT) -> None:
 
 @app.command("show")
 def show(
-    name: str = typer.Argument(...),
+    name: str = typer.Argument(..., help="The schedule's name."),
     output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
@@ -185,7 +196,9 @@ def _pause(name: str, paused: bool, output: Format, context: str | None) -> None
 
 @app.command("pause")
 def pause(
-    name: str = typer.Argument(...), output: Format = OUTPUT, context: str | None = CONTEXT
+    name: str = typer.Argument(..., help="The schedule's name."),
+    output: Format = OUTPUT,
+    context: str | None = CONTEXT,
 ) -> None:
     """Stop firing; a firing waiting for its moment is skipped."""
     _pause(name, True, output, context)
@@ -193,14 +206,18 @@ def pause(
 
 @app.command("resume")
 def resume(
-    name: str = typer.Argument(...), output: Format = OUTPUT, context: str | None = CONTEXT
+    name: str = typer.Argument(..., help="The schedule's name."),
+    output: Format = OUTPUT,
+    context: str | None = CONTEXT,
 ) -> None:
     """Fire again, from the next moment on (the moments while paused are not made up)."""
     _pause(name, False, output, context)
 
 
 @app.command("delete")
-def delete(name: str = typer.Argument(...), context: str | None = CONTEXT) -> None:
+def delete(
+    name: str = typer.Argument(..., help="The schedule's name."), context: str | None = CONTEXT
+) -> None:
     """Forget a schedule and its firings; the runs it started stay."""
     backend = _backend(context)
     _guard(lambda: backend.delete_schedule(name))

@@ -99,14 +99,10 @@ def server(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    firing = None
-    if scheduler is not None:
-        firing = threading.Thread(target=scheduler.run, args=(stop,), name="schedules")
-        firing.start()
+    if scheduler is not None:  # it looks again within a tick of `stop`, or is left behind
+        threading.Thread(target=scheduler.run, args=(stop,), name="schedules", daemon=True).start()
     stop.wait()
     err.print("stopping: cancelling the runs this server owns...")
-    if firing is not None:
-        firing.join()
     servicer.shutdown()
     grpc_server.stop(grace=5).wait()
 

@@ -16,13 +16,16 @@ Read from YAML (one file per team) and overridden by flags:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-__all__ = ["Policy", "PolicyError", "load_policy"]
+__all__ = ["NOTHING", "Policy", "PolicyError", "load_policy", "narrow", "parse_policy"]
+
+NOTHING = frozenset({""})  # an allow-list no name is on (empty means any)
 
 
 class PolicyError(ValueError):
@@ -57,8 +60,17 @@ _KEYS = {
 
 def load_policy(path: Path) -> Policy:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    return parse_policy(text, str(path))
+
+
+def parse_policy(text: str, path: str) -> Policy:
+    """A policy from its YAML `text`; `path` names it in errors."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
         raise PolicyError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise PolicyError(f"{path}: a policy is a mapping of {', '.join(sorted(_KEYS))}")
@@ -80,7 +92,12 @@ def load_policy(path: Path) -> Policy:
         value = data.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise PolicyError(f"{path}: {key} must be a number of USD above 0")
         return float(value)
 
@@ -97,4 +114,33 @@ def load_policy(path: Path) -> Policy:
         gpu_models=names("gpu-models"),
         team=team,
         monthly_budget_usd=usd("monthly-budget-usd"),
+    )
+
+
+def narrow(base: Policy, extra: Policy) -> Policy:
+    """`base` made stricter by `extra` (a schedule's own policy), never looser: allow-lists
+    intersect, residency rules add up, budgets take the smaller, spot only if both allow it;
+    the team is the base's when it names one."""
+
+    def allowed(a: frozenset[str], b: frozenset[str]) -> frozenset[str]:
+        if not a or not b:
+            return a or b
+        return (a & b) or NOTHING
+
+    def smaller(a: float | None, b: float | None) -> float | None:
+        return b if a is None else a if b is None else min(a, b)
+
+    residency = dict(base.residency)
+    for tag, regions in extra.residency.items():
+        residency[tag] = residency[tag] & regions if tag in residency else regions
+    return Policy(
+        allowed_clouds=allowed(base.allowed_clouds, extra.allowed_clouds),
+        allowed_regions=allowed(base.allowed_regions, extra.allowed_regions),
+        allowed_sites=allowed(base.allowed_sites, extra.allowed_sites),
+        residency=residency,
+        budget_usd=smaller(base.budget_usd, extra.budget_usd),
+        spot=base.spot and extra.spot,
+        gpu_models=allowed(base.gpu_models, extra.gpu_models),
+        team=base.team or extra.team,
+        monthly_budget_usd=smaller(base.monthly_budget_usd, extra.monthly_budget_usd),
     )

@@ -75,7 +75,9 @@ def rates_of(estimate: SiteEstimate, workload: Workload, catalog: Catalog) -> Ra
 
 
 def usd(value: float) -> str:
-    """`$1,234.50`; a small amount with the digits that show it: `$0.0042`."""
-    if 0 < abs(value) < 0.01:
-        return f"${value:.4f}"
-    return f"${value:,.2f}"
+    """`$1,234.50`; a small amount with the digits that show it (`$0.0042`, `$0.00004`);
+    a negative one `-$2.50`."""
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    if 0 < value < 0.01:
+        return f"{sign}${value:.8f}".rstrip("0")
+    return f"{sign}${value:,.2f}"

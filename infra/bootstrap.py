@@ -185,6 +185,8 @@ def startup_script(
     if spec.persistent_share is not None:
         # and jobs never reach the team's share themselves: its addresses, found at boot
         extra += f" \\\n  --volume-root {PERSISTENT_ROOT} $SQUALL_SHARE_DENY"
+    if group.spot:  # the cloud's two-minute (AWS) or 30-second warning, in Health
+        extra += f" \\\n  --interruption-notices {spec.site.cloud}"
     boot = spec.bootstrap
     # the join writes the node's key, its certificate and the run's CA where TLS reads them
     extra += (

@@ -68,7 +68,7 @@ class NodeTotal:
 
 
 class _Node:
-    __slots__ = ("blocked", "cores", "devices", "exclusive", "leases", "memory", "total")
+    __slots__ = ("blocked", "cores", "devices", "exclusive", "leases", "lost", "memory", "total")
 
     def __init__(self, total: NodeTotal) -> None:
         self.total = total
@@ -78,10 +78,12 @@ class _Node:
         self.leases = 0
         self.exclusive = False
         self.blocked: set[Shape] = set()  # refused by the agent though the count said yes
+        self.lost = False  # its agent cannot be reached: nothing goes there
 
     def fits(self, shape: Shape) -> bool:
         return (
-            not self.exclusive
+            not self.lost
+            and not self.exclusive
             and not (shape.exclusive and self.leases)
             and shape not in self.blocked
             and shape.cores <= min(self.cores, self.total.cores)
@@ -164,8 +166,23 @@ class Capacity:
         """A lease of `shape` on `node` ended (or was never granted): its room is free again,
         and the node may be asked again for shapes it refused."""
         n = self.nodes[node]
+        if n.lost:
+            return  # whatever it held went with it
         n.take(shape, -1)
         n.blocked.clear()
+
+    def lose(self, node: int, *, replacing: bool) -> None:
+        """Node `node` was lost: nothing more goes there. While a replacement is on its way,
+        what it could hold still counts (a job that only it holds waits for it); without
+        one, it holds nothing."""
+        n = self.nodes[node]
+        n.lost = True
+        if not replacing:
+            n.total = NodeTotal(0, 0)
+
+    def restore(self, node: int, total: NodeTotal) -> None:
+        """Node `node` was replaced by an empty one with `total`."""
+        self.nodes[node] = _Node(total)
 
     def refused(self, node: int, shape: Shape) -> None:
         """The agent had no room for `shape` though the count said it had: do not ask that

@@ -35,6 +35,8 @@ T = TypeVar("T")
 # an ended task's output up to this size comes in its Wait reply; longer, it is streamed (Logs)
 OUTPUT_INLINE = 64 * 1024
 Outcome = Callable[[Any], None]  # gets a reply, or the grpc.RpcError that refused the call
+# what a call to an agent that is gone (or cut off) fails with
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class ClusterIO:
@@ -47,18 +49,10 @@ class ClusterIO:
         self.tokens = [(("authorization", f"Bearer {a.token}"),) for a in cluster.agents]
         self.stubs: list[rpc.AgentStub] = self.wait(self._connect(cluster.agents))
         self.tasks: set[asyncio.Task[None]] = set()
+        self.generation = [0] * len(cluster.agents)  # a node's, up by one when it is replaced
 
     async def _connect(self, agents: Sequence[AgentEndpoint]) -> list[rpc.AgentStub]:
-        self.channels = [
-            grpc.aio.insecure_channel(a.address)
-            if a.tls is None
-            else grpc.aio.secure_channel(
-                a.address,
-                a.tls.credentials(),
-                options=(("grpc.ssl_target_name_override", NODE_NAME),),
-            )
-            for a in agents
-        ]
+        self.channels = [_channel(a) for a in agents]
         return [rpc.AgentStub(c) for c in self.channels]  # type: ignore[no-untyped-call]
 
     # ---- from the run loop's thread ------------------------------------------------------
@@ -89,6 +83,23 @@ class ClusterIO:
         error, and then nothing more happens), `ended` its TaskStatus (or the error that lost
         it) once its output is in `log` and its lease is given back."""
         self._spawn(self._life(node, request, lease_id, log, started, ended))
+
+    def watch(
+        self,
+        every: float,
+        lost_after: float,
+        lost: Callable[[int, str], None],
+        nodes: Iterable[int] | None = None,
+    ) -> None:
+        """Ask every agent (of `nodes`) how it is each `every` seconds; `lost(node, why)`,
+        once, when one has not answered for `lost_after` seconds (its node is gone:
+        preempted, crashed, cut off), or says the cloud is taking its node back."""
+        for node in range(len(self.stubs)) if nodes is None else nodes:
+            self._spawn(self._watch(node, every, lost_after, lost))
+
+    def reconnect(self, node: int, agent: AgentEndpoint) -> None:
+        """Talk to `agent` as node `node` from now on (a replacement for a lost one)."""
+        self.wait(self._reconnect(node, agent))
 
     def renew(self, leases: Iterable[tuple[int, str]], ttl: float) -> Future[None]:
         """Renew leases (node, lease id); those that ended meanwhile are skipped."""
@@ -143,10 +154,18 @@ class ClusterIO:
             return
         started(reply)
         wait = pb.WaitRequest(task_id=reply.task_id, output_limit=OUTPUT_INLINE)
-        try:
-            status: Any = await self._call(node, "Wait", wait)
-        except grpc.RpcError as exc:
-            status = exc
+        generation = self.generation[node]
+        while True:
+            try:
+                status: Any = await self._call(node, "Wait", wait)
+            except grpc.RpcError as exc:
+                # the agent cannot be reached: ask again until it answers, or until the
+                # watch says the node is lost (the run loop then ends the task itself)
+                if exc.code() in _UNREACHABLE and self.generation[node] == generation:
+                    await asyncio.sleep(1.0)
+                    continue
+                status = exc
+            break
         if isinstance(status, pb.TaskStatus) and status.output_included:
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_bytes(status.output)
@@ -156,6 +175,35 @@ class ClusterIO:
         if not (isinstance(status, pb.TaskStatus) and status.lease_released):
             await self._release(node, lease_id)
         ended(status)
+
+    async def _watch(
+        self, node: int, every: float, lost_after: float, lost: Callable[[int, str], None]
+    ) -> None:
+        generation = self.generation[node]
+        last = self.loop.time()
+        while self.generation[node] == generation:
+            try:
+                health = await self._call(node, "Health", pb.HealthRequest(), timeout=lost_after)
+                last = self.loop.time()
+                if health.interruption and self.generation[node] == generation:
+                    lost(node, f"the cloud takes it back ({health.interruption[:200]})")
+                    return
+            except grpc.RpcError as exc:
+                if self.generation[node] != generation:
+                    return
+                if self.loop.time() - last >= lost_after:
+                    why = " ".join((exc.details() or exc.code().name).split())[:200]
+                    lost(node, f"its agent did not answer for {lost_after:g}s ({why})")
+                    return
+            await asyncio.sleep(every)
+
+    async def _reconnect(self, node: int, agent: AgentEndpoint) -> None:
+        self.generation[node] += 1
+        old = self.channels[node]
+        self.channels[node] = _channel(agent)
+        self.stubs[node] = rpc.AgentStub(self.channels[node])  # type: ignore[no-untyped-call]
+        self.tokens[node] = (("authorization", f"Bearer {agent.token}"),)
+        await old.close()
 
     async def _keep_log(self, node: int, task_id: str, path: Path) -> None:
         """Copy an ended task's output off its agent (before its node may go away)."""
@@ -184,3 +232,13 @@ class ClusterIO:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for channel in self.channels:
             await channel.close()
+
+
+def _channel(agent: AgentEndpoint) -> grpc.aio.Channel:
+    if agent.tls is None:
+        return grpc.aio.insecure_channel(agent.address)
+    return grpc.aio.secure_channel(
+        agent.address,
+        agent.tls.credentials(),
+        options=(("grpc.ssl_target_name_override", NODE_NAME),),
+    )

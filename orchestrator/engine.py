@@ -11,7 +11,9 @@ died (see `recovery`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
+import math
 import os
 import socket
 import threading
@@ -51,10 +53,10 @@ from .fuzzfile.model import Image
 from .metering import Meter, team_month
 from .placing import Decide, Placement
 from .provision import AgentEndpoint, Cancelled, Cluster, Provisioner, ProvisionError
-from .runloop import RunLoop
+from .runloop import LOST_AFTER, MOVE_AFTER, NodesLost, RunLoop
 from .scheduler import tasks_of
 from .secrets import SecretStore, parse_reference, referenced_secrets
-from .states import move_run
+from .states import move_run, restart
 from .store import RUN_ENDED, Agent, Event, Job, Run, RunState, Store, Task, Volume
 from .views import run_named
 
@@ -67,6 +69,7 @@ __all__ = [
     "request_cancel",
 ]
 
+MAX_MOVES = 2  # sites a run may move to after losing its nodes
 HEARTBEAT = 5.0  # seconds between heartbeats of a live run
 METER = 1.0  # seconds between readings of a live run's meter (what it spent, its budget)
 
@@ -113,6 +116,8 @@ class Engine:
         placer: Decide | None = None,
         egress_dirs: Sequence[Path] | None = None,
         home: str = "local",
+        lost_after: float = LOST_AFTER,
+        move_after: int = MOVE_AFTER,
     ) -> None:
         self.store = store
         self.providers = tuple(providers)
@@ -123,6 +128,8 @@ class Engine:
             store, data_dir, self.secrets, ca_file=ca_file, egress_dirs=egress_dirs
         )
         self.placer = placer  # None: always the home site
+        self.lost_after = lost_after  # seconds a node's agent may not answer before it is lost
+        self.move_after = move_after  # nodes a run may lose at one site before it moves
 
     def provider(self, site: str) -> Provisioner[Any] | None:
         """The provider that makes clusters on `site`; None when this engine has none."""
@@ -141,7 +148,7 @@ class Engine:
         """Check a workflow and record it as a PENDING run; nothing starts. Its id.
         `budget_usd`: the run's own budget (else the policy's, if any); `policy`: the policy
         file that places it (a schedule's; "": the configured one)."""
-        if budget_usd is not None and not budget_usd > 0:
+        if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd > 0):
             raise InvalidInput(f"a budget is a number of USD above 0, not {budget_usd}")
         workflow = load_text(text, name).unwrap()
         self._check_secrets(workflow)
@@ -218,8 +225,19 @@ class Engine:
         # the cluster, and who made it: taken down even if a later phase raises
         brought_up: list[tuple[Provisioner[Any], Cluster]] = []
         state, reason = RunState.FAILED, "the orchestrator stopped"
+        lost_at: dict[str, str] = {}  # sites this run lost its nodes at, with why
         try:
-            state, reason = self._phases(run_id, workflow, brought_up, meter)
+            while True:
+                try:
+                    state, reason = self._phases(run_id, workflow, brought_up, meter, lost_at)
+                    break
+                except NodesLost as lost:
+                    site = self._move_off(run_id, brought_up, str(lost))
+                    lost_at[site] = f"this run lost its nodes there ({lost})"
+                    if len(lost_at) > MAX_MOVES:
+                        state = RunState.FAILED
+                        reason = f"lost its nodes at {len(lost_at)} sites, the last {site}: {lost}"
+                        break
         except Exception as exc:
             reason = describe(exc)
             if not isinstance(exc, SquallError) or isinstance(exc, StoreError):
@@ -252,16 +270,19 @@ class Engine:
         wf: Workflow,
         brought_up: list[tuple[Provisioner[Any], Cluster]],
         meter: Meter,
+        lost_at: dict[str, str],
     ) -> tuple[RunState, str]:
-        self._set_run(run_id, RunState.PLACING)
+        if not lost_at:
+            self._set_run(run_id, RunState.PLACING)  # a moving run is PLACING already
         with self.store.session() as s:
             run = s.get_one(Run, run_id)
             name, owner, budget, policy = run.name, run.owner, run.budget_usd, run.policy
-        decision = (
-            self.placer(wf, name, budget_usd=budget, policy_file=policy or None)
-            if self.placer
-            else Placement({"site": self.home})
-        )
+        if self.placer is not None:
+            decision = self.placer(wf, name, budget_usd=budget, policy=policy, exclude=lost_at)
+        elif self.home in lost_at:
+            return RunState.FAILED, f"it lost its nodes at {self.home}, its only site"
+        else:
+            decision = Placement({"site": self.home})
         placement = decision.record
         site = placement.get("site")
         provider = self.provider(site) if site is not None else None
@@ -270,11 +291,14 @@ class Engine:
             run = s.get_one(Run, run_id)
             run.placement = placement
             run.team = money.get("team") or ""
-            if run.budget_usd is None:
-                run.budget_usd = money.get("run_usd")
+            if "run_usd" in money:  # the run's own, or the policy's when that is smaller
+                run.budget_usd = money["run_usd"]
         if provider is None:
-            return RunState.FAILED, _not_here(placement, self.home)
-        refused = self._over_month(run_id, placement)
+            why = _not_here(placement, self.home)
+            if lost_at:
+                why = f"it lost its nodes at {', '.join(lost_at)}, and then: {why}"
+            return RunState.FAILED, why
+        refused = self._within_month(run_id, placement)
         if refused:
             return RunState.FAILED, refused
         if placement.get("estimate"):
@@ -336,8 +360,14 @@ class Engine:
             secrets=self.secrets,
             data_dir=self.data_dir,
             report=lambda kind, subject, message: self._event(run_id, kind, message, subject),
+            replace=self._replacer(run_id, provider, cluster),
+            lost_after=self.lost_after,
+            move_after=self.move_after,
         )
         state, reason = loop.drive()
+        # nodes replaced during the run: the cluster as it is now (egress, teardown)
+        cluster = dataclasses.replace(cluster, agents=tuple(loop.agents))
+        brought_up[-1] = (provider, cluster)
         # a run stopped by its budget keeps what it made: its egress runs as if it finished
         keeps = state is RunState.FINISHED or (state is RunState.CANCELLED and meter.stopped)
         if keeps and any(v.egress for v in wf.volumes.values()):
@@ -351,6 +381,40 @@ class Engine:
             self.staging.skip_egress(run_id)
             self._event(run_id, "transfer", "egress skipped: the run did not finish")
         return state, reason
+
+    def _replacer(
+        self, run_id: str, provider: Provisioner[Any], cluster: Cluster
+    ) -> Callable[[int], AgentEndpoint]:
+        """What the run loop calls for a node in place of a lost one: the provider's
+        replacement, recorded as the run's agent of that name."""
+
+        def replace(node: int) -> AgentEndpoint:
+            agent = provider.replace(cluster, node, self._progress(run_id))
+            with self.store.session() as s:
+                row = s.scalars(
+                    select(Agent).where(Agent.run_id == run_id, Agent.name == agent.name)
+                ).one()
+                row.address, row.token, row.pid = agent.address, agent.token, agent.pid
+            return agent
+
+        return replace
+
+    def _move_off(
+        self, run_id: str, brought_up: list[tuple[Provisioner[Any], Cluster]], why: str
+    ) -> str:
+        """The run lost its nodes where it ran: take that cluster down, forget its volumes
+        and agents, and put every job back in line; the site it leaves."""
+        provider, cluster = brought_up.pop()
+        self._event(run_id, "run", f"moving off {cluster.site}: {why}")
+        failed = self._down(run_id, provider, cluster)
+        if failed:
+            self._event(run_id, "stack", failed.removeprefix("; "))
+        self.staging.start_over(run_id)
+        with self.store.session() as s:
+            for row in s.scalars(select(Agent).where(Agent.run_id == run_id)):
+                s.delete(row)
+            restart(s, s.get_one(Run, run_id), why)
+        return cluster.site
 
     def _keep_owed(self, run_id: str, cluster: Cluster, data: DataAgent) -> str:
         """After a failed egress: a cluster's own storage goes with its stack, so the files
@@ -449,8 +513,9 @@ class Engine:
         with self.store.session() as s:
             return s.get_one(Run, run_id).cancel_reason or "cancelled by request"
 
-    def _over_month(self, run_id: str, placement: dict[str, Any]) -> str:
-        """Why the run would break its team's monthly budget; "" when it would not."""
+    def _within_month(self, run_id: str, placement: dict[str, Any]) -> str:
+        """Why the run would break its team's monthly budget ("" when it would not); when it
+        would not, its budget becomes at most what is left of the month's."""
         money = placement.get("budget") or {}
         monthly = money.get("monthly_usd")
         if monthly is None:
@@ -458,13 +523,17 @@ class Engine:
         team = money.get("team") or ""
         estimate = (placement.get("estimate") or {}).get("total_usd", 0.0)
         spent = team_month(self.store, team, _now(), besides=run_id)
-        if spent + estimate <= monthly:
-            return ""
-        whose = f"team {team}" if team else "the team"
-        return (
-            f"refused: {whose} has spent or committed {usd(spent)} of its {usd(monthly)} "
-            f"monthly budget, and this run is estimated at {usd(estimate)}"
-        )
+        if spent + estimate > monthly:
+            whose = f"team {team}" if team else "the team"
+            return (
+                f"refused: {whose} has spent or committed {usd(spent)} of its {usd(monthly)} "
+                f"monthly budget, and this run is estimated at {usd(estimate)}"
+            )
+        with self.store.session() as s:
+            run = s.get_one(Run, run_id)
+            left = monthly - spent
+            run.budget_usd = left if run.budget_usd is None else min(run.budget_usd, left)
+        return ""
 
     def _tend(self, run_id: str, meter: Meter, stop: threading.Event) -> None:
         """While the run lives: read its meter every METER seconds (a budget reached cancels

@@ -7,6 +7,8 @@ Settings come from the environment (flags in the CLI override them):
 - `SQUALL_STORE_URL`: the store (default SQLite in the data directory; PostgreSQL by URL)
 - `SQUALL_SEARCH_REGISTRIES`, `SQUALL_INSECURE_REGISTRIES`: comma-separated registries for
   unqualified image names, and those reached over plain HTTP (a registry on this machine)
+- `SQUALL_NODE_LOST_AFTER`: seconds a node's agent may not answer before the node is lost
+  (default 10)
 - `SQUALL_SPOT_HISTORY`: observed spot prices (CSV, `federate.outlook`) that schedules'
   windows foresee prices by
 """
@@ -28,6 +30,7 @@ from .provision.local import separate_nodes, whole_machine
 from .provision.stacks import StackDriver, StackSettings
 from .provision.vm import VmProvisioner, VmSettings
 from .run_threads import RunThreads
+from .runloop import LOST_AFTER
 from .schedules import Scheduler, ScheduleSpec, placer_pricer
 from .secrets import SecretStore
 from .store import Store
@@ -68,6 +71,19 @@ class LocalSettings:
         return Store(self.store_url or f"sqlite:///{self.data_dir / 'squall.db'}")
 
 
+def _seconds(name: str, default: float) -> float:
+    from .errors import UsageError
+
+    value = os.environ.get(name, "")
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        raise UsageError(f"${name} is a number of seconds, not {value!r}") from None
+    if not seconds > 0:
+        raise UsageError(f"${name} is a number of seconds above 0, not {value!r}")
+    return seconds
+
+
 def local_engine(settings: LocalSettings) -> Engine:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # private, whatever made it: it holds secrets and tokens, and volumes whose files jobs
@@ -101,6 +117,7 @@ def local_engine(settings: LocalSettings) -> Engine:
         placer=placer.decide,
         egress_dirs=settings.egress_dirs,
         home=here.site,
+        lost_after=_seconds("SQUALL_NODE_LOST_AFTER", LOST_AFTER),
     )
     # a cancel stops the wait for booting nodes
     vms.cancelled = clouds.cancelled = engine.cancel_requested

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from federate.spend import Rates, usd
 
@@ -86,16 +86,17 @@ def month_start(now: datetime) -> datetime:
 
 
 def team_month(store: Store, team: str, now: datetime, *, besides: str = "") -> float:
-    """What team `team`'s runs of this calendar month (UTC) have spent or will: an ended
-    run its cost, a live one the larger of its cost so far and its estimate. `besides`: a
-    run left out (the one being placed)."""
+    """What team `team`'s runs spend in this calendar month (UTC): those that ended in it
+    their cost, the live ones the larger of their cost so far and their estimate. `besides`:
+    a run left out (the one being placed)."""
     from .store import RUN_ENDED
 
     total = 0.0
     with store.session() as s:
         rows = s.execute(
             select(Run.id, Run.state, Run.cost_usd, Run.placement).where(
-                Run.team == team, Run.created_at >= month_start(now)
+                Run.team == team,
+                or_(Run.state.not_in(RUN_ENDED), Run.finished_at >= month_start(now)),
             )
         ).all()
     for run_id, state, cost, placement in rows:

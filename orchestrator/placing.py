@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from federate.catalog import Catalog, open_catalog
 from federate.outlook import Outlook
 from federate.placement import Site, SiteEstimate, cloud_sites, compare
-from federate.policy import Policy, PolicyError, load_policy
+from federate.policy import Policy, PolicyError, load_policy, narrow, parse_policy
 from federate.sites import (
     bucket_locations,
     cloud_storage,
@@ -79,7 +79,8 @@ class Decide(Protocol):
         name: str,
         *,
         budget_usd: float | None = None,
-        policy_file: str | None = None,
+        policy: str = "",
+        exclude: Mapping[str, str] | None = None,
     ) -> Placement: ...
 
 
@@ -154,6 +155,9 @@ class Placer:
     look_up_sources: bool = True  # ask sources for sizes and buckets for regions
     local_nodes: int = 1  # nodes of the local site's clusters (`squall run --nodes`)
     outlook: Outlook | None = None  # how sites change over time (schedules' windows)
+    # what sources said of their size and region, kept (a scheduler prices one workflow at
+    # many moments); None: asked each time
+    looked: dict[tuple[str, str | None], RemoteFacts] | None = None
 
     @classmethod
     def from_environment(
@@ -197,11 +201,13 @@ class Placer:
         name: str,
         *,
         budget_usd: float | None = None,
-        policy_file: str | None = None,
+        policy: str = "",
+        exclude: Mapping[str, str] | None = None,
     ) -> Placement:
-        """Where `wf` runs as `name`; `budget_usd` (the run's own) overrides the policy's,
-        `policy_file` (a schedule's) the configured policy."""
-        comparison = self.compare(wf, name, budget_usd=budget_usd, policy_file=policy_file)
+        """Where `wf` runs as `name`. `budget_usd` (the run's own) and `policy` (a
+        schedule's, as YAML text) can only narrow the configured policy; `exclude`: sites
+        it may not go to, with why (those a moving run lost its nodes at)."""
+        comparison = self.compare(wf, name, budget_usd=budget_usd, policy=policy, exclude=exclude)
         return Placement(comparison.record(), comparison.chosen, comparison.workload)
 
     def compare(
@@ -210,32 +216,39 @@ class Placer:
         name: str,
         *,
         budget_usd: float | None = None,
-        policy_file: str | None = None,
+        policy: str = "",
         at: datetime | None = None,
+        exclude: Mapping[str, str] | None = None,
     ) -> Comparison:
         """Price `wf` (to run as `name`) at every candidate site, as they stand `at` (None:
         now; a later moment as the outlook foresees it). Raises UsageError, in one line,
         when the configuration cannot be read or the forced site does not exist."""
-        policy_path = Path(policy_file) if policy_file else self.policy_file
         try:
-            policy = load_policy(policy_path) if policy_path else Policy()
+            team = load_policy(self.policy_file) if self.policy_file else Policy()
+            if policy:
+                team = narrow(team, parse_policy(policy, "its schedule's policy"))
             catalog = open_catalog(self.catalog_dir)
             sites = [_with_gaps(site) for site in self._sites(catalog)]
             if self.outlook is not None:
                 sites = self.outlook.sites_at(sites, at or datetime.now(UTC))
+            if exclude:
+                sites = [
+                    replace(x, busy=exclude[x.name]) if x.name in exclude else x for x in sites
+                ]
             buckets = bucket_locations(self.sites_file) if self.sites_file else {}
         except (PolicyError, OSError, ValueError) as exc:
             raise UsageError(f"cannot place {name}: {exc}") from None
         buckets |= self.buckets
-        if self.spot is not None:
-            policy = replace(policy, spot=self.spot)
-        for budget in (self.budget_usd, budget_usd):
-            if budget is not None:
-                policy = replace(policy, budget_usd=budget)
-        rules = policy
+        if self.spot is not None:  # `compare --spot/--no-spot`: a what-if
+            team = replace(team, spot=self.spot)
+        if self.budget_usd is not None:  # `compare --budget`: a what-if
+            team = replace(team, budget_usd=self.budget_usd)
+        if budget_usd is not None:  # a run's own budget: below the policy's, never above
+            team = narrow(team, Policy(budget_usd=budget_usd, spot=True))
+        rules = team
         if self.force_site is not None:  # forced: no rules, but the budgets still hold
             sites = [self._forced(sites)]
-            rules = Policy(spot=policy.spot, gpu_models=policy.gpu_models)
+            rules = Policy(spot=team.spot, gpu_models=team.gpu_models)
         workload = workload_of(
             wf,
             name,
@@ -251,7 +264,7 @@ class Placer:
             catalog.date,
             catalog.origin,
             forced=self.force_site is not None,
-            policy=policy,
+            policy=team,
             rates=rates_of(chosen, workload, catalog) if chosen else None,
         )
 
@@ -300,8 +313,13 @@ class Placer:
         return {job: statistics.median(values) for job, values in hours.items()}
 
     def _look(self, uri: str, secret: str | None) -> RemoteFacts:
+        if self.looked is not None and (uri, secret) in self.looked:
+            return self.looked[(uri, secret)]
         credentials = self.secrets.credentials(secret) if secret and self.secrets else None
-        return describe(uri, credentials=credentials, ca_file=self.ca_file)
+        facts = describe(uri, credentials=credentials, ca_file=self.ca_file)
+        if self.looked is not None:
+            self.looked[(uri, secret)] = facts
+        return facts
 
 
 def _with_gaps(site: Site) -> Site:

@@ -8,6 +8,15 @@ inbox, applies every message, asks the scheduler what follows, asks for leases w
 capacity count says a task fits, and writes all of it in one commit; a task whose lease came
 is started only after that commit, so the store knows every attempt before its container
 exists.
+
+Nodes can be lost (a spot instance taken back, a crash, a cut cable): every agent is asked
+how it is each WATCH_EVERY seconds, and a node whose agent has not answered for `lost_after`
+is lost. What ran there is put back in line, without counting against its retries (it was
+not the job's failure, as Kubernetes' pod failure policy ignores a disruption) unless a task
+was lost MAX_TASK_LOSSES times; the provider is asked for a node in its place, and until it
+comes the work goes on where it fits. After `move_after` lost nodes, or when what is left
+can no longer hold a job and no replacement comes, the loop stops its tasks and raises
+NodesLost: the engine moves the run to another site.
 """
 
 from __future__ import annotations
@@ -37,17 +46,26 @@ from .fuzzfile.endpoints import endpoint_env
 from .fuzzfile.model import Affinity, Job, Service, Workflow
 from .fuzzfile.variables import expand, secret_references
 from .probes import check
-from .provision import Cluster
+from .provision import AgentEndpoint, Cluster, ProvisionError
 from .scheduler import Scheduler, TaskKey
 from .secrets import SecretStore
 from .states import Moves
 from .store import Attempt, Run, RunState, Store, Task, TaskState
 from .store import Job as JobRow
 
-__all__ = ["RunLoop", "log_path"]
+__all__ = ["LOST_AFTER", "MOVE_AFTER", "NodesLost", "RunLoop", "log_path"]
 
 LEASE_TTL = 30.0
 POLL = 0.25  # seconds between looks at the cancel flag when nothing happens
+WATCH_EVERY = 1.0  # seconds between health checks of each node's agent
+LOST_AFTER = 10.0  # seconds without an answer after which a node is lost
+MOVE_AFTER = 3  # nodes lost in one run before it moves to another site
+MAX_TASK_LOSSES = 3  # times one task may be lost with its node before it fails
+
+
+class NodesLost(Exception):
+    """The run lost too many nodes here (or what is left cannot hold it): it moves."""
+
 
 _S = TaskState
 # a lease the node can never grant (too small for it), or a request it cannot read
@@ -106,6 +124,7 @@ class _Active:
     head_ended: Any = None  # a gang's: the first member's end, until every member ended
     why: str = ""  # a gang's: why it was stopped (a member that ended first)
     head_started: bool = False  # a gang's: its first member's Run was sent
+    lost: str = ""  # why it ended with a lost node ("": it did not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +153,24 @@ class _Ready:
     active: _Active
 
 
-_Message = _Leased | _Launched | _Ended | _Ready
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    node: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Replaced:
+    node: int
+    agent: AgentEndpoint | None  # None: no replacement, `why`
+    why: str = ""
+
+
+class _NodeLost(Exception):
+    """The answer a lost node never gave (a lease it will not grant)."""
+
+
+_Message = _Leased | _Launched | _Ended | _Ready | _Lost | _Replaced
 
 
 class RunLoop:
@@ -151,10 +187,20 @@ class RunLoop:
         secrets: SecretStore,
         data_dir: Path,
         report: Callable[[str, str, str], None],
+        replace: Callable[[int], AgentEndpoint] | None = None,
+        lost_after: float = LOST_AFTER,
+        move_after: int = MOVE_AFTER,
     ) -> None:
         self.store, self.run_id, self.wf = store, run_id, wf
+        self.replace, self.lost_after, self.move_after = replace, lost_after, move_after
+        self.lost: dict[int, str] = {}  # nodes lost and not (yet) replaced, with why
+        self.losses = 0  # nodes lost in this run
+        self.task_losses: defaultdict[TaskKey, int] = defaultdict(int)  # lost with nodes
+        self.prior: dict[TaskKey, int] = {}  # attempts made before (at a site it moved from)
+        self.moving = ""  # why the run must move to another site ("": it need not)
+        self.replacing: set[int] = set()  # lost nodes whose replacement is on its way
         self.mounts, self.secrets, self.data_dir, self.report = mounts, secrets, data_dir, report
-        self.cluster, self.agents = cluster, cluster.agents
+        self.cluster, self.agents = cluster, list(cluster.agents)
         self.hosts = [a.address.rsplit(":", 1)[0] for a in cluster.agents]
         self.inbox: queue.Queue[_Message] = queue.Queue()
         self.moves = Moves(run_id)
@@ -183,6 +229,7 @@ class RunLoop:
         except BaseException:
             self.io.close()
             raise
+        self.io.watch(WATCH_EVERY, lost_after, lambda n, why: self.inbox.put(_Lost(n, why)))
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -193,12 +240,20 @@ class RunLoop:
                 if why:
                     self._cancel_everything(why)
                     return RunState.CANCELLED, why
+                if self.moving:
+                    self._cancel_everything(f"the run moves: {self.moving}")
+                    raise NodesLost(self.moving)
                 asked = self._turn()
                 if not self.active and self.sched.done():
                     break
                 if not self.active and not asked:
-                    self._fail_unplaceable()
-                    continue
+                    if not self.lost:
+                        self._fail_unplaceable()
+                        continue
+                    if not self.replacing:  # nothing left can run it: elsewhere, then
+                        gone = ", ".join(f"node-{n}" for n in sorted(self.lost))
+                        self.moving = f"what is left cannot run after losing {gone}"
+                        continue
                 for message in self._messages():
                     self._apply(message)
             failed = sorted(
@@ -255,6 +310,14 @@ class RunLoop:
         return messages
 
     def _apply(self, message: _Message) -> None:
+        if isinstance(message, _Lost):
+            self._node_lost(message.node, message.why)
+            return
+        if isinstance(message, _Replaced):
+            self._replaced(message)
+            return
+        if self.active.get(message.active.key) is not message.active:
+            return  # about a task already ended with its lost node
         if isinstance(message, _Leased):
             if message.active.members:
                 self._gang_leased(message.active, message.lease, message.member)
@@ -362,6 +425,8 @@ class RunLoop:
             states[key] = state
             self.ids[key] = (task_id, job_id)
             self.attempts[key] = counts.get(task_id, 0)
+            # attempts made at an earlier site (the run moved) do not count against retries
+            self.prior[key] = counts.get(task_id, 0)
             self.keys[name].append(key)
             self.job_rows[name] = job_state
         return states
@@ -457,6 +522,10 @@ class RunLoop:
                 self.sched.moved(key, _S.STARTING)  # counted as starting; the store still PENDING
                 self.io.unary(node, "AcquireLease", request, partial(self._post_leased, active))
                 asked += 1
+        if never and self.lost and not self.moving:
+            gone = ", ".join(f"node-{n}" for n in sorted(self.lost))
+            self.moving = f"{never[0]} cannot run on the nodes left after losing {gone}"
+            return asked
         if never:
             for name in never:
                 self.unplaceable.setdefault(name, self._never_fits(name))
@@ -471,7 +540,7 @@ class RunLoop:
         is written); or put the task back in line, counting the node full for its shape, or
         failing its job when no node will ever hold it."""
         key = active.key
-        refused = isinstance(lease, grpc.RpcError)
+        refused = isinstance(lease, grpc.RpcError | _NodeLost)
         failed = self.job_rows[key.name].ended  # its job failed meanwhile: so does it
         if not (refused or active.stopping or failed):
             number = self.attempts[key] + 1
@@ -492,6 +561,8 @@ class RunLoop:
         failed meanwhile, or a gang that did not get all its nodes); a refusal marks the node
         full for `shape` (asked elsewhere, or later). True when the node will never hold it
         (the job is unplaceable)."""
+        if isinstance(lease, _NodeLost):
+            return False  # the node, and what it would have granted, are gone
         if not isinstance(lease, grpc.RpcError):
             self.capacity.give_back(node, shape)
             self.io.unary(node, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease.id))
@@ -503,7 +574,10 @@ class RunLoop:
             self.capacity.refused(node, shape)
             self.unplaceable[key.name] = str(lease.details() or lease.code().name)
             return True
-        raise lease  # the agent is gone, or a defect
+        # the agent cannot be reached: not asked again until something ends there, and
+        # the watch says whether the node is lost
+        self.capacity.refused(node, shape)
+        return False
 
     def _never_fits(self, name: str) -> str:
         """Why no node (or too few, for a multi-node job) can hold job `name`, in the agent's
@@ -561,6 +635,9 @@ class RunLoop:
 
     def _launched(self, active: _Active, reply: Any) -> None:
         """The agent answered a Run: the task runs (or could not start)."""
+        if isinstance(reply, grpc.RpcError) and reply.code() is grpc.StatusCode.UNAVAILABLE:
+            # its node could not be reached: as if lost with it (the watch will say)
+            active.lost = f"node-{active.node} could not be reached ({reply.details()})"
         if isinstance(reply, grpc.RpcError):
             if active.members:
                 self._gang_member_ended(active, -1, reply)
@@ -654,15 +731,19 @@ class RunLoop:
         (a gang holds nothing while it waits), failing its job when a node will never hold
         it."""
         if member < 0:
+            if active.head_lease is not None:
+                return  # answered already (as lost, with its node)
             active.head_lease = lease
         else:
+            if active.members[member].lease is not None:
+                return
             active.members[member].lease = lease
         replies = [active.head_lease, *(m.lease for m in active.members)]
         if any(r is None for r in replies):
             return
         key = active.key
         nodes = [active.node, *(m.node for m in active.members)]
-        refused = [r for r in replies if isinstance(r, grpc.RpcError)]
+        refused = [r for r in replies if isinstance(r, grpc.RpcError | _NodeLost)]
         failed = self.job_rows[key.name].ended  # its job failed meanwhile: so does it
         if not (refused or active.stopping or failed):
             number = self.attempts[key] + 1
@@ -758,9 +839,13 @@ class RunLoop:
         others are stopped then. Any other member that ends first fails the attempt (a rank
         or a node lost): the rest are stopped. The task ends once every member has."""
         if member < 0:
+            if active.head_ended is not None:
+                return  # ended already (with its lost node)
             active.head_ended = status
             node = active.node
         else:
+            if active.members[member].ended is not None:
+                return
             active.members[member].ended = status
             node = active.members[member].node
             if active.head_ended is None and not (active.stopping or active.why):
@@ -830,6 +915,102 @@ class RunLoop:
         self.report("service", name, "stopping: nothing needs it any more")
         self._cancel(active)
 
+    # ---- lost nodes -----------------------------------------------------------------------
+
+    def _node_lost(self, node: int, why: str) -> None:
+        """Node `node`'s agent stopped answering: what ran there goes back in line, and a
+        node is asked for in its place (or the run moves)."""
+        if node in self.lost:
+            return
+        self.lost[node] = why
+        self.losses += 1
+        self.report("node", f"node-{node}", f"lost: {why}")
+        replacing = self.replace is not None and self.losses < self.move_after and not self.moving
+        self.capacity.lose(node, replacing=replacing)
+        lost = f"node-{node} was lost ({why})"
+        for active in list(self.active.values()):
+            if node in (active.node, *(m.node for m in active.members)):
+                self._lose(active, node, lost)
+        if self.losses >= self.move_after and not self.moving:
+            self.moving = f"{self.losses} nodes lost (the last: node-{node}, {why})"
+        elif replacing:
+            self.replacing.add(node)
+            threading.Thread(
+                target=self._replace_node, args=(node,), name=f"replace-{node}", daemon=True
+            ).start()
+
+    def _replace_node(self, node: int) -> None:
+        assert self.replace is not None
+        try:
+            self.inbox.put(_Replaced(node, self.replace(node)))
+        except ProvisionError as exc:
+            self.inbox.put(_Replaced(node, None, str(exc)))
+        except Exception as exc:  # reported, and the run goes on without the node
+            self.inbox.put(_Replaced(node, None, f"{type(exc).__name__}: {exc}"))
+
+    def _replaced(self, message: _Replaced) -> None:
+        node = message.node
+        self.replacing.discard(node)
+        if node not in self.lost or self.moving:
+            return
+        if message.agent is None:
+            self.report("node", f"node-{node}", f"not replaced: {message.why}")
+            self.capacity.lose(node, replacing=False)
+            return
+        try:
+            self.io.reconnect(node, message.agent)
+            total = NodeTotal.of(self.io.call_now(node, "Inventory", pb.InventoryRequest()))
+        except grpc.RpcError as exc:
+            self.report("node", f"node-{node}", f"its replacement does not answer: {exc}")
+            self.capacity.lose(node, replacing=False)
+            return
+        self.capacity.restore(node, total)
+        self.agents[node] = message.agent
+        self.hosts[node] = message.agent.address.rsplit(":", 1)[0]
+        del self.lost[node]
+        self.report("node", f"node-{node}", f"replaced: {message.agent.address}")
+        self.io.watch(
+            WATCH_EVERY, self.lost_after, lambda n, why: self.inbox.put(_Lost(n, why)), [node]
+        )
+
+    def _lose(self, active: _Active, node: int, why: str) -> None:
+        """Task `active` had a part on lost node `node`: it ends (its other parts stopped)
+        and goes back in line."""
+        active.lost = why
+        if active in self.leased:  # leased this turn, not started: give the leases back
+            self.leased.remove(active)
+            for n, lease_id in (
+                (active.node, active.lease_id),
+                *((m.node, m.lease.id) for m in active.members),
+            ):
+                if n != node:
+                    self.capacity.give_back(n, active.shape)
+                    self.io.unary(n, "ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
+            self._end(active, False, None, why)
+            return
+        if not active.members:
+            if active.attempt == 0:  # its lease was asked of the lost node
+                self._leased(active, _NodeLost(why))
+            else:
+                self._end(active, False, None, why)
+            return
+        if active.attempt == 0:  # a gang waiting for its leases
+            parts = [(-1, active.node, active.head_lease)]
+            parts += [(i, m.node, m.lease) for i, m in enumerate(active.members)]
+            for i, n, reply in parts:
+                if n == node and reply is None and self.active.get(active.key) is active:
+                    self._gang_leased(active, _NodeLost(why), i)
+            return
+        active.why = active.why or why
+        for i, m in enumerate(active.members):
+            if m.node == node and m.ended is None and self.active.get(active.key) is active:
+                self._gang_member_ended(active, i, why)
+        if active.node == node and self.active.get(active.key) is active:
+            if active.head_started and active.head_ended is None:
+                self._gang_member_ended(active, -1, why)
+            else:
+                self._stop_members(active)
+
     # ---- ending ---------------------------------------------------------------------------
 
     def _finish(self, active: _Active, status: Any) -> None:
@@ -845,11 +1026,18 @@ class RunLoop:
         if active.stopping and isinstance(container, Service):
             ok, message = True, "stopped"
         retries = (container.policy.retries or 0) if isinstance(container, Job) else 0
+        # attempts lost with a node, or made at a site the run moved from, do not count
+        losses = self.task_losses[active.key]
+        spared = losses + self.prior.get(active.key, 0)
         if ok:
             to = _S.FINISHED
         elif active.stopping:
             to = _S.CANCELLED
-        elif retries + 1 - active.attempt > 0:
+        elif active.lost:
+            self.task_losses[active.key] = losses + 1
+            to = _S.PENDING if losses + 1 < MAX_TASK_LOSSES else _S.FAILED
+            message = active.lost
+        elif retries + 1 + spared - active.attempt > 0:
             to = _S.PENDING  # another attempt
         else:
             to = _S.FAILED
@@ -906,7 +1094,10 @@ def _ranges(indexes: list[int]) -> str:
 
 
 def _outcome(status: Any) -> tuple[bool, int | None, str]:
-    """(succeeded, exit code, what happened) of an agent's TaskStatus or a lost call."""
+    """(succeeded, exit code, what happened) of an agent's TaskStatus, a lost call, or (a
+    text) why it ended with its lost node."""
+    if isinstance(status, str):
+        return False, None, status
     if isinstance(status, grpc.RpcError):
         return False, None, f"lost the task: {status.details()}"
     ok = status.state == pb.TASK_STATE_EXITED and status.exit_code == 0

@@ -32,20 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from cronsim import CronSim, CronSimError
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 
 from federate.outlook import Outlook, SpotHistory
+from federate.policy import PolicyError, parse_policy
 from federate.spend import usd
 
+from .data import RemoteFacts
 from .errors import AlreadyExists, InvalidInput, NotFound, SquallError
 from .fuzzfile import load_text
 from .placing import Placer
@@ -79,6 +82,7 @@ CHEAPER = 0.01  # a later moment must be this much cheaper (a fraction) to wait 
 MAX_MISSED = 1000  # missed moments recorded one by one; past that, counted in one line
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _STALE_CLAIM = timedelta(minutes=2)  # STARTED without its run: the scheduler died between
+LOOKED_FOR = 600.0  # seconds a source's size and region are kept while pricing firings
 
 
 def _now() -> datetime:
@@ -139,6 +143,8 @@ Starter = Callable[[str, ScheduleSpec], None]  # submit run NAME of the schedule
 
 def parse_cron(expression: str, start: datetime) -> CronSim:
     try:
+        if len(expression) > 255 or len(expression.split()) != 5:
+            raise ValueError("not five fields")
         return CronSim(expression, start)
     except (CronSimError, ValueError) as exc:
         raise InvalidInput(
@@ -162,27 +168,28 @@ def create_schedule(
     cron: str,
     *,
     owner: str,
-    window: timedelta = timedelta(0),
+    window_seconds: float = 0.0,
     budget_usd: float | None = None,
     policy: str = "",
     now: datetime | None = None,
 ) -> ScheduleView:
-    """Check everything and record the schedule; nothing fires before its next moment."""
+    """Check everything and record the schedule; nothing fires before its next moment.
+    `policy`: YAML text of a policy that narrows the configured one for its runs."""
     if not _NAME.match(name):
         raise InvalidInput(
             f"schedule name {name!r}: letters, digits and . _ / -, at most 128, "
             "starting with a letter or digit"
         )
+    if not 0 < len(owner) <= 255:
+        raise InvalidInput("a schedule's owner is a name of 1 to 255 characters")
     load_text(fuzzfile, name).unwrap()  # a Fuzzfile that does not validate is refused now
-    if window < timedelta(0) or window > timedelta(days=7):
-        raise InvalidInput("a window is between 0 and 7 days")
-    if budget_usd is not None and not budget_usd > 0:
+    if not (math.isfinite(window_seconds) and 0 <= window_seconds <= 7 * 86400):
+        raise InvalidInput(f"a window is between 0 and 7 days, not {window_seconds} s")
+    if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd > 0):
         raise InvalidInput(f"a budget is a number of USD above 0, not {budget_usd}")
     if policy:
-        from federate.policy import PolicyError, load_policy
-
         try:
-            load_policy(Path(policy))
+            parse_policy(policy, "the schedule's policy")
         except PolicyError as exc:
             raise InvalidInput(str(exc)) from None
     now = now or _now()
@@ -192,7 +199,7 @@ def create_schedule(
         owner=owner,
         fuzzfile=fuzzfile,
         cron=cron,
-        window_s=window.total_seconds(),
+        window_s=window_seconds,
         budget_usd=budget_usd,
         policy=policy,
         next_at=first,
@@ -347,7 +354,7 @@ class Scheduler:
                     )
                 )
             late = now - latest
-            if late <= max(window, GRACE):
+            if late <= (window or GRACE):
                 s.add(Firing(schedule_id=row.id, due_at=latest, reason="due"))
             else:
                 s.add(
@@ -356,7 +363,7 @@ class Scheduler:
                         due_at=latest,
                         state=FiringState.MISSED,
                         reason=f"no scheduler ran at this moment, and its window ended at "
-                        f"{latest + max(window, GRACE):%Y-%m-%d %H:%M} UTC"
+                        f"{latest + (window or GRACE):%Y-%m-%d %H:%M} UTC"
                         + (f" ({more} earlier moments missed too)" if more else ""),
                     )
                 )
@@ -400,9 +407,9 @@ class Scheduler:
     def _decide(self, firing_id: int, spec: ScheduleSpec, now: datetime) -> None:
         with self.store.session() as s:
             due = s.get_one(Firing, firing_id).due_at
-        end = due + max(spec.window, GRACE if not spec.window else timedelta(0))
+        end = due + (spec.window or GRACE)
         over = now >= end
-        live = self._live_run(spec.name)
+        live = self._live_run(spec.name, now)
         if live:
             if over:
                 self._end(
@@ -446,9 +453,23 @@ class Scheduler:
         )
         self._start(firing_id, spec, due, current, why, now)
 
-    def _live_run(self, schedule: str) -> str:
-        """The schedule's previous run when it has not ended (its name and state); ""."""
+    def _live_run(self, schedule: str, now: datetime) -> str:
+        """The schedule's previous run when it has not ended (its name and state), or a
+        firing another scheduler claimed a moment ago whose run is not recorded yet; ""."""
         with self.store.session() as s:
+            claimed = s.scalars(
+                select(Firing.run_name)
+                .join(Schedule, Schedule.id == Firing.schedule_id)
+                .where(
+                    Schedule.name == schedule,
+                    Firing.state == FiringState.STARTED,
+                    Firing.start_at > now - _STALE_CLAIM,
+                    ~exists().where(Run.name == Firing.run_name),
+                )
+                .limit(1)
+            ).first()
+            if claimed is not None:
+                return f"{claimed} (being submitted)"
             row = s.execute(
                 select(Run.name, Run.state)
                 .join(Firing, Firing.run_name == Run.name)
@@ -574,14 +595,20 @@ def placer_pricer(placer: Placer, store: Store, spot: SpotHistory | None = None)
     """Quotes from federation: `placer` prices the schedule's workflow under its budget and
     policy, with the outlook at the moment asked (spot history, this machine's queue)."""
 
+    looked: dict[tuple[str, str | None], RemoteFacts] = {}
+    fresh = [time.monotonic()]
+
     def price(spec: ScheduleSpec, at: datetime) -> Quote:
+        if time.monotonic() - fresh[0] > LOOKED_FOR:  # sources asked again now and then
+            looked.clear()
+            fresh[0] = time.monotonic()
         workflow = load_text(spec.fuzzfile, spec.name).unwrap()
         outlook = Outlook(spot=spot or SpotHistory(), busy=local_queue(store))
-        comparison = replace(placer, outlook=outlook).compare(
+        comparison = replace(placer, outlook=outlook, looked=looked).compare(
             workflow,
             spec.name,
             budget_usd=spec.budget_usd,
-            policy_file=spec.policy or None,
+            policy=spec.policy,
             at=at,
         )
         chosen = comparison.chosen

@@ -3,7 +3,8 @@ way to make a move: it checks the move, sets the row's state and writes the even
 records it, in the same unit of work. Nothing else in Squall assigns a state.
 
     run   PENDING > PLACING > PROVISIONING > STAGING > RUNNING > EGRESS > TEARDOWN > FINISHED
-          every state before TEARDOWN may go to TEARDOWN, FAILED or CANCELLED
+          every state before TEARDOWN may go to TEARDOWN, FAILED or CANCELLED; PROVISIONING,
+          STAGING and RUNNING back to PLACING (a run that lost its nodes moves: `restart`)
     task  PENDING > STARTING > RUNNING > READY (a service whose probe passed) > FINISHED
           STARTING and RUNNING may go back to PENDING (another attempt); any state that has
           not ended may go to FAILED or CANCELLED; PENDING to SKIPPED
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from .store import Attempt, Event, Job, Run, RunState, Task, TaskState
@@ -37,6 +38,7 @@ __all__ = [
     "Moves",
     "check",
     "move_run",
+    "restart",
 ]
 
 _R, _T = RunState, TaskState
@@ -46,9 +48,9 @@ _STOP = frozenset({_R.TEARDOWN, _R.FAILED, _R.CANCELLED})
 RUN_MOVES: Mapping[RunState, frozenset[RunState]] = {
     _R.PENDING: _STOP | {_R.PLACING},
     _R.PLACING: _STOP | {_R.PROVISIONING},
-    _R.PROVISIONING: _STOP | {_R.STAGING},
-    _R.STAGING: _STOP | {_R.RUNNING},
-    _R.RUNNING: _STOP | {_R.EGRESS, _R.FINISHED},
+    _R.PROVISIONING: _STOP | {_R.STAGING, _R.PLACING},
+    _R.STAGING: _STOP | {_R.RUNNING, _R.PLACING},
+    _R.RUNNING: _STOP | {_R.EGRESS, _R.FINISHED, _R.PLACING},
     _R.EGRESS: _STOP | {_R.FINISHED},
     _R.TEARDOWN: _ENDED_RUN,
     _R.FINISHED: frozenset(),
@@ -108,6 +110,23 @@ def move_run(s: Session, run: Run, to: RunState, reason: str = "") -> None:
         run.finished_at = _now()
     message = to.value + (f": {reason}" if reason else "")
     s.add(Event(run_id=run.id, kind="run", state=to.value, message=message))
+
+
+def restart(s: Session, run: Run, why: str) -> None:
+    """Run `run` moves to another site and starts its DAG over there (what finished here
+    may have left its results on the cluster it lost): back to PLACING, and every job and
+    task back to PENDING, whatever state it had, with the event that says why. The one way
+    a job or task leaves an ended state; their attempts stay, as history."""
+    move_run(s, run, RunState.PLACING, f"moving: {why}")
+    run.reason = ""
+    jobs = select(Job.id).where(Job.run_id == run.id).scalar_subquery()
+    s.execute(update(Task).where(Task.job_id.in_(jobs)).values(state=TaskState.PENDING))
+    s.execute(
+        update(Job)
+        .where(Job.run_id == run.id)
+        .values(state=TaskState.PENDING, reason="", started_at=None, finished_at=None)
+    )
+    s.add(Event(run_id=run.id, kind="run", message=f"every job starts over: {why}"))
 
 
 @dataclass(slots=True)

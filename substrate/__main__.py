@@ -20,6 +20,7 @@ from pathlib import Path
 from .agent import USERNS_BASE, Agent, AgentConfig
 from .confine import ConfinementError
 from .heap import keep_freed_memory
+from .interruption import InterruptionWatch
 from .inventory import parse_cpu_list, read_inventory
 from .join import JoinError, JoinRequest, join, say
 from .network import DENY, POOL, NetworkError
@@ -189,6 +190,12 @@ def _parser() -> argparse.ArgumentParser:
         help="do not serve: remove what an agent on this data dir left behind (its tasks' "
         "processes, mounts, containers, network namespaces, bridge, firewall and cgroups), "
         "then exit",
+    )
+    p.add_argument(
+        "--interruption-notices",
+        metavar="CLOUD[=URL]",
+        help="watch the cloud's metadata service (aws, gcp or azure; URL: its address, for "
+        "tests) for the notice that it takes this node back, and say it in Health",
     )
     p.add_argument(
         "--owner-pid",
@@ -379,6 +386,16 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(grace=0)
         agent.stop()
         return 2
+    if args.interruption_notices:
+        cloud, _, base = args.interruption_notices.partition("=")
+        try:
+            agent.interruptions = InterruptionWatch(cloud, base)
+        except ValueError as exc:
+            print(f"substrate: --interruption-notices: {exc}", file=sys.stderr)
+            server.stop(grace=0)
+            agent.stop()
+            return 2
+        agent.interruptions.start()
     host = args.listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{port}", flush=True)
     stop = threading.Event()

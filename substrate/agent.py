@@ -15,6 +15,7 @@ from . import __version__
 from .cgroups import Cgroups
 from .confine import UserNamespace
 from .images import ImageCache, ImageError
+from .interruption import InterruptionWatch
 from .inventory import Inventory
 from .leases import Lease, LeaseSpec, LeaseTable, NoSuchLease
 from .logstore import LogStore
@@ -84,6 +85,7 @@ class Agent:
         self.inventory = inventory
         self.runtimes = runtimes
         self.started = time.time()
+        self.interruptions: InterruptionWatch | None = None  # the cloud's notices, if watched
         self.version = __version__
         self.leases = LeaseTable(inventory, oversubscribe=config.oversubscribe)
         self.logs = LogStore(config.data_dir / "logs")

@@ -128,6 +128,7 @@ class AgentServicer(DataServicer, rpc.AgentServicer):
             agent_version=a.version,
             hostname=a.inventory.hostname,
             uptime_seconds=time.time() - a.started,
+            interruption=a.interruptions.notice if a.interruptions else "",
         )
 
     def Inventory(self, request: pb.InventoryRequest, context: Any) -> pb.InventoryResponse:

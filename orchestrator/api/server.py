@@ -18,7 +18,6 @@ import inspect
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -181,7 +180,7 @@ class ControlServer(rpc.ControlServicer):
             request.fuzzfile,
             request.cron,
             owner=user,
-            window=timedelta(seconds=request.window_seconds),
+            window_seconds=request.window_seconds,
             budget_usd=request.budget_usd if request.HasField("budget_usd") else None,
             policy=request.policy,
         )

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from substrate.paths import BENEATH, open_regular, remove_tree
 from substrate.volumes import place
@@ -283,6 +283,15 @@ class Staging:
             if Path(path).resolve().is_relative_to(runs) and Path(path).resolve() != runs:
                 remove_tree(path)
         return kept
+
+    def start_over(self, run_id: str) -> None:
+        """The run moves to another site: its ephemeral volumes here are deleted, and its
+        volume and transfer records forgotten, to be made again there (persistent volumes
+        keep their files)."""
+        self.release(run_id, force=True)
+        with self.store.session() as s:
+            s.execute(delete(Transfer).where(Transfer.run_id == run_id))
+            s.execute(delete(Volume).where(Volume.run_id == run_id))
 
     def _set_volumes(self, run_id: str, state: str) -> None:
         with self.store.session() as s:

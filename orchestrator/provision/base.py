@@ -123,6 +123,12 @@ class Provisioner(Protocol[Shape]):
         when something of it may be left (a cloud stack that `squall stack gc` retries)."""
         ...
 
+    def replace(self, cluster: Cluster, node: int, report: Report) -> AgentEndpoint:
+        """Bring up a node in place of the cluster's node `node`, which was lost (its agent
+        unreachable); its agent, empty. Raises ProvisionError when this site cannot (the
+        run then goes on without the node, or moves to another site)."""
+        ...
+
 
 def await_health(agent: AgentEndpoint, timeout_s: float, why: Callable[[], str]) -> None:
     """Wait until `agent` answers a health call; else ProvisionError naming it, its address,

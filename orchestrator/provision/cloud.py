@@ -304,6 +304,12 @@ class CloudProvisioner:
         except ProvisionError as exc:
             report(f"the stack could not be destroyed: {exc}; `squall stack gc` retries")
 
+    def replace(self, cluster: Cluster, node: int, report: Report) -> AgentEndpoint:
+        raise ProvisionError(
+            "a cloud cluster's lost node is not replaced in place yet: the run goes on "
+            "without it, or moves to another site"
+        )
+
     def down(self, cluster: Cluster, report: Report) -> None:
         self.stacks.destroy(self.stacks.name_of(cluster.run_id), report)
 

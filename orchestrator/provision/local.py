@@ -227,6 +227,10 @@ class LocalProvisioner:
         self.python = python
         self._procs: dict[str, list[subprocess.Popen[str]]] = {}
         self._relays: dict[str, LoopbackRelay] = {}
+        # each live run's nodes, their places, shares and PKI: what a replacement needs
+        self._made: dict[
+            str, tuple[tuple[NodeSlice, ...], list[NodePlace] | None, dict[int, Path], RunPKI]
+        ] = {}
 
     def serves(self, site: str) -> bool:
         return site == self.site
@@ -273,6 +277,7 @@ class LocalProvisioner:
                 for i, node in enumerate(nodes)
             ]
             agents = [ready() for ready in booting]
+            self._made[run_id] = (nodes, places, shares, pki)
         except BaseException as failure:
             self._stop(started)
             del self._procs[run_id]
@@ -430,7 +435,33 @@ class LocalProvisioner:
             raise ProvisionError(f"an agent failed to start: {reason}")
         return line.split()[-1]
 
+    def replace(self, cluster: Cluster, node: int, report: Report = quiet) -> AgentEndpoint:
+        """Start a new agent in place of node `node`'s, which was lost: the old one is
+        stopped if it still runs, what it left (containers, mounts) is cleaned up, and the
+        new one serves where it did (a node of its own keeps its address), empty."""
+        made = self._made.get(cluster.run_id)
+        started = self._procs.get(cluster.run_id)
+        if made is None or started is None:
+            raise ProvisionError(f"node-{node} is not one of this process's clusters' nodes")
+        nodes, places, shares, pki = made
+        name = f"node-{node}"
+        old = cluster.agents[node]
+        for proc in [p for p in started if p.pid == old.pid]:
+            started.remove(proc)
+            self._stop([proc])
+        data = self.root / cluster.run_id / name / "data"
+        cmd = [self.python, "-m", "substrate", "--data-dir", str(data), "--clean-up"]
+        if places:
+            cmd += ["--netns", str(places[node].netns)]
+        subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+        place = places[node] if places else None
+        report(f"{name}: starting a new agent in place of the lost one")
+        return self._start(
+            cluster.run_id, name, nodes[node], started, place, pki, shares.get(node)
+        )()
+
     def down(self, cluster: Cluster, report: Report = quiet) -> None:
+        self._made.pop(cluster.run_id, None)
         procs = self._procs.pop(cluster.run_id, None)
         if procs is not None:
             clean = self._stop(procs)

@@ -383,6 +383,9 @@ class VmProvisioner:
 
     # down
 
+    def replace(self, cluster: Cluster, node: int, report: Report = quiet) -> AgentEndpoint:
+        raise ProvisionError("a lost VM is not replaced: the run goes on without it, or moves")
+
     def down(self, cluster: Cluster, report: Report = quiet) -> None:
         self._remove(cluster.run_id)
         report("VMs stopped, their disks, taps and bridge removed")

@@ -71,6 +71,11 @@ def test_spot_nodes_are_spot_and_deleted_when_preempted():
     assert scheduling["preemptible"] is True
     assert scheduling["automaticRestart"] is False
     assert scheduling["instanceTerminationAction"] == "DELETE"
+    # and its agent watches for the preemption notice, to say it before the node goes
+    [script] = boot_scripts(mocks, "gcp").values()
+    assert "--interruption-notices gcp" in script
+    on_demand = boot_scripts(run(placed("gcp", cpu_job())), "gcp")
+    assert all("--interruption-notices" not in s for s in on_demand.values())
 
 
 def test_firewall_opens_the_agent_port_to_the_orchestrator_only():

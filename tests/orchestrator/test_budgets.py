@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import textwrap
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -53,13 +53,10 @@ def flow(out: Path) -> str:
     """)
 
 
-@pytest.fixture
-def priced(tmp_path: Path, registry: Registry) -> Engine:
-    """The local engine, placed by federation with this machine at CORE_HOUR a core."""
-    sites = tmp_path / "sites.yaml"
-    sites.write_text(f"local:\n  price: {{core-hour: {CORE_HOUR}}}\n")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("allowed-sites: [local]\nallowed-clouds: [none]\n")
+def placed_engine(tmp_path: Path, registry: Registry, sites: str, policy: str) -> Engine:
+    """The local engine, placed by federation with the sites file and policy given."""
+    (tmp_path / "sites.yaml").write_text(sites)
+    (tmp_path / "policy.yaml").write_text(policy)
     provisioner = LocalProvisioner(
         tmp_path / "site",
         nodes=lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
@@ -67,12 +64,27 @@ def priced(tmp_path: Path, registry: Registry) -> Engine:
         insecure_registries=[registry.address],
         volume_roots=functools.partial(volume_roots, tmp_path / "data"),
     )
-    placer = Placer(catalog_dir=CATALOG, sites_file=sites, policy_file=policy)
+    placer = Placer(
+        catalog_dir=CATALOG,
+        sites_file=tmp_path / "sites.yaml",
+        policy_file=tmp_path / "policy.yaml",
+    )
     return Engine(
         Store(f"sqlite:///{tmp_path / 'squall.db'}"),
         [provisioner],
         data_dir=tmp_path / "data",
         placer=placer.decide,
+    )
+
+
+@pytest.fixture
+def priced(tmp_path: Path, registry: Registry) -> Engine:
+    """This machine at CORE_HOUR a core, and the only site allowed."""
+    return placed_engine(
+        tmp_path,
+        registry,
+        f"local:\n  price: {{core-hour: {CORE_HOUR}}}\n",
+        "allowed-sites: [local]\nallowed-clouds: [none]\n",
     )
 
 
@@ -150,22 +162,13 @@ def test_a_site_estimated_over_the_budget_is_not_chosen(priced: Engine) -> None:
 def test_a_run_that_would_break_the_monthly_budget_is_refused_before_it_starts(
     tmp_path: Path, registry: Registry
 ) -> None:
-    sites = tmp_path / "sites.yaml"
-    sites.write_text("local:\n  price: {core-hour: 1.0}\n")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        "allowed-sites: [local]\nallowed-clouds: [none]\nteam: genomics\nmonthly-budget-usd: 100\n"
+    engine = placed_engine(
+        tmp_path,
+        registry,
+        "local:\n  price: {core-hour: 1.0}\n",
+        "allowed-sites: [local]\nallowed-clouds: [none]\nteam: genomics\nmonthly-budget-usd: 100\n",
     )
-    provisioner = LocalProvisioner(
-        tmp_path / "site",
-        nodes=lambda _: [NodeSlice(cpus=(0, 1), memory_bytes=2**30)],
-        search_registries=[registry.address],
-        insecure_registries=[registry.address],
-        volume_roots=functools.partial(volume_roots, tmp_path / "data"),
-    )
-    placer = Placer(catalog_dir=CATALOG, sites_file=sites, policy_file=policy)
-    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
-    engine = Engine(store, [provisioner], data_dir=tmp_path / "data", placer=placer.decide)
+    store = engine.store
     text = (
         "version: v4\njobs:\n  hello:\n    "
         + IMAGE
@@ -174,6 +177,8 @@ def test_a_run_that_would_break_the_monthly_budget_is_refused_before_it_starts(
     )
     first = engine.run("me/first", text)
     assert first.state is RunState.FINISHED, first.reason
+    with store.session() as s:  # its budget: what was left of the month's
+        assert s.get_one(Run, first.run_id).budget_usd == pytest.approx(100.0)
     # earlier this month the team spent $99.50 (another team's spending does not count)
     for name, team, cost in (("me/old", "genomics", 99.5), ("you/old", "physics", 1000.0)):
         with store.session() as s:
@@ -186,6 +191,9 @@ def test_a_run_that_would_break_the_monthly_budget_is_refused_before_it_starts(
                     state=RunState.FINISHED,
                     team=team,
                     cost_usd=cost,
+                    # created last month, ended this one: counted in the month it ended
+                    created_at=datetime.now(UTC).replace(day=1) - timedelta(days=2),
+                    finished_at=datetime.now(UTC),
                 )
             )
     refused = engine.run("me/second", text)
@@ -199,3 +207,26 @@ def test_a_run_that_would_break_the_monthly_budget_is_refused_before_it_starts(
         assert run.team == "genomics"
         assert run.held_from is None
         assert not s.scalars(select(Agent).where(Agent.run_id == run.id)).all()
+
+
+def test_a_runs_own_budget_and_a_schedules_policy_only_narrow_the_policy(tmp_path: Path) -> None:
+    from orchestrator.fuzzfile import load_text
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("allowed-clouds: [aws]\nbudget-usd: 1\nteam: genomics\n")
+    placer = Placer(catalog_dir=CATALOG, policy_file=policy)
+    text = "version: v4\njobs:\n  hello:\n    " + IMAGE + "\n    command: [/bin/true]\n"
+    wf = load_text(text).unwrap()
+    looser = "allowed-clouds: [gcp]\nbudget-usd: 1000\nteam: physics\nspot: true\n"
+    comparison = placer.compare(wf, "me/x", budget_usd=1000.0, policy=looser)
+    assert comparison.record()["budget"] == {
+        "run_usd": 1.0,
+        "team": "genomics",
+        "monthly_usd": None,
+    }
+    clouds = [e for e in comparison.estimates if e.site.kind == "cloud"]
+    assert clouds
+    assert not any(e.feasible for e in clouds)  # aws and gcp: no cloud is in both
+    assert comparison.policy.spot is False
+    tighter = placer.compare(wf, "me/y", budget_usd=0.5).record()["budget"]
+    assert tighter["run_usd"] == 0.5

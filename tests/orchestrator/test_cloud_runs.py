@@ -13,9 +13,12 @@ Everything else (the join service, gRPC to the agents, crun containers, the stor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import sys
 import textwrap
 import threading
@@ -250,6 +253,136 @@ def test_a_cloud_run_that_reaches_its_budget_is_stopped_and_its_stack_destroyed(
         held = (run.held_until - run.held_from).total_seconds()
         assert run.cost_usd == pytest.approx(hourly * held / 3600, rel=1e-6)
         assert run.cost_usd >= budget
+
+
+def _kill_agent(engine: Engine, run_id: str, name: str, but: set[int]) -> int | None:
+    """Kill the run's agent `name` (its whole process group) unless its pid is in `but`."""
+    with engine.store.session() as s:
+        pid = s.scalars(select(Agent.pid).where(Agent.run_id == run_id, Agent.name == name)).first()
+    if not pid or pid in but:  # never 0: that would be this test's own process group
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    return pid
+
+
+def test_a_lost_cloud_node_is_noticed_and_with_nowhere_to_move_the_stack_goes(engine, nodes):
+    """A stand-in node of the stack dies mid-run (a spot instance taken back): noticed in
+    seconds; a cloud cluster's node is not replaced in place, the job that only it could
+    run cannot go on, and the run, forced onto this one region, has nowhere to move."""
+    engine.lost_after = 2.0
+    run_id = engine.submit("me/cloud-lost", two_jobs("sleep 60"))
+
+    def kill_when_running() -> None:
+        """Kill the stand-in that joined as second-0 (by its address), once a task runs."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(m.endswith("running") for m in events(engine, run_id, "task")):
+                with engine.store.session() as s:
+                    address = s.scalars(
+                        select(Agent.address).where(
+                            Agent.run_id == run_id, Agent.name == "second-0"
+                        )
+                    ).one()
+                [pid] = [a.pid for a in nodes.agents if a.address == address]
+                assert pid > 0
+                os.killpg(pid, signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    started = time.monotonic()
+    outcome = engine.execute(run_id)
+    killer.join()
+    assert time.monotonic() - started < 60  # not the job's minute
+    assert outcome.state is RunState.FAILED
+    assert outcome.reason.startswith(f"it lost its nodes at {SITE}, and then:"), outcome.reason
+    assert "this run lost its nodes there" in outcome.reason
+    lost = events(engine, run_id, "node")
+    assert lost[0].startswith("lost: its agent did not answer for 2s")
+    assert lost[1].startswith("not replaced: a cloud cluster's lost node is not replaced")
+    assert stack_of(engine, run_id).state is StackState.DESTROYED
+
+
+def test_a_run_that_keeps_losing_its_local_nodes_moves_to_the_cloud(
+    tmp_path: Path, registry: Registry, nodes: Cluster, fake_pulumi, monkeypatch
+):
+    """Two separate local nodes (network namespaces); node-1 is killed, replaced, and killed
+    again: the run moves off this machine to the next-cheapest site its policy allows (the
+    cloud region of the stand-in nodes), starts its jobs over there and finishes."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "allowed-sites: [local]\nallowed-clouds: [aws]\nallowed-regions: [us-east-2]\n"
+    )
+    cpus = os.cpu_count() or 1
+    here = LocalProvisioner(
+        tmp_path / "site",
+        nodes=lambda _: [NodeSlice(cpus=(i % cpus,), memory_bytes=256 * 2**20) for i in (0, 1)],
+        search_registries=[registry.address],
+        insecure_registries=[registry.address],
+        namespaced=True,
+        volume_roots=lambda _: [tmp_path / "volumes", tmp_path / "kept"],
+    )
+    clouds = CloudProvisioner(
+        StackDriver(store, StackSettings(tmp_path / "stacks")),
+        CloudSettings(
+            orchestrator_cidr="127.0.0.1/32",
+            orchestrator_address="127.0.0.1:0",
+            use_internal_ips=True,
+            images={"aws": "ami-0123456789"},
+            volume_root=str(cluster_storage(tmp_path)),
+            persistent_root=str(persistent_share(tmp_path)),
+        ),
+    )
+    engine = Engine(
+        store,
+        [here, clouds],
+        data_dir=tmp_path / "data",
+        placer=Placer(catalog_dir=CATALOG, policy_file=policy).decide,
+        lost_after=2.0,
+        move_after=2,
+    )
+    run_id = engine.submit("me/moves", two_jobs("sleep 3; echo second"))
+    killed: set[int] = set()
+
+    def kill_node_1_twice() -> None:
+        deadline = time.monotonic() + 120
+        while len(killed) < 2 and time.monotonic() < deadline:
+            with engine.store.session() as s:
+                run = s.get_one(Run, run_id)
+                here_now = run.state is RunState.RUNNING and run.site == "local"
+            if here_now:
+                pid = _kill_agent(engine, run_id, "node-1", killed)
+                if pid:
+                    killed.add(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_node_1_twice)
+    killer.start()
+    outcome = engine.execute(run_id)
+    killer.join()
+    assert outcome.state is RunState.FINISHED, outcome.reason
+    assert len(killed) == 2
+    with store.session() as s:
+        run = s.get_one(Run, run_id)
+        assert run.site == SITE
+        moved = s.scalars(
+            select(Event.message).where(Event.run_id == run_id, Event.kind == "run")
+        ).all()
+    assert any(m.startswith("moving off local: 2 nodes lost") for m in moved)
+    assert any(m.startswith("every job starts over") for m in moved)
+    assert [m.split(":")[0] for m in events(engine, run_id, "node")][:3] == [
+        "lost",
+        "replaced",
+        "lost",
+    ]
+    assert stack_of(engine, run_id).state is StackState.DESTROYED
+    for pid in killed:
+        assert not Path(f"/proc/{pid}").exists()
 
 
 def test_nodes_that_never_join_fail_the_run_naming_the_groups_and_the_stack_goes(

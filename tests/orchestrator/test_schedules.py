@@ -11,7 +11,7 @@ import re
 import textwrap
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ from orchestrator.schedules import (
     set_paused,
     show_schedule,
 )
-from orchestrator.store import Firing, FiringState, Run, RunState, Store
+from orchestrator.store import Firing, FiringState, Run, RunState, Schedule, Store
 from tests.substrate.registry import Registry
 
 CATALOG = Path(__file__).resolve().parents[1] / "catalog"
@@ -124,10 +124,12 @@ def test_a_schedule_fires_at_its_moment_once_at_the_cheapest_site(store: Store) 
 
 
 def test_a_window_waits_for_the_cheaper_spot_hour(store: Store, tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
+    team = tmp_path / "team.yaml"  # the machine's policy lets runs use spot
+    team.write_text("spot: true\n")
+    policy = tmp_path / "policy.yaml"  # the schedule's narrows it to one region
     policy.write_text("allowed-clouds: [aws]\nallowed-regions: [us-east-1]\nspot: true\n")
-    placer = Placer(catalog_dir=CATALOG, clouds_only=True)
-    chosen = placer.compare(load_text(HELLO).unwrap(), "x", policy_file=str(policy)).chosen
+    placer = Placer(catalog_dir=CATALOG, clouds_only=True, policy_file=team)
+    chosen = placer.compare(load_text(HELLO).unwrap(), "x", policy=policy.read_text()).chosen
     assert chosen is not None
     [plan] = chosen.jobs
     assert plan.spot
@@ -148,8 +150,8 @@ def test_a_window_waits_for_the_cheaper_spot_hour(store: Store, tmp_path: Path) 
         HELLO,
         "0 2 * * *",
         owner="me",
-        window=timedelta(hours=3),
-        policy=str(policy),
+        window_seconds=3 * 3600,
+        policy=policy.read_text(),
         now=clock(),
     )
     fires, started = scheduler(store, clock, placer, SpotHistory.load(history))
@@ -191,7 +193,7 @@ def test_a_window_waits_for_this_machine_to_be_free(store: Store) -> None:
         )
     clock = Clock(T0)
     create_schedule(
-        store, "later", HELLO, "0 2 * * *", owner="me", window=timedelta(hours=2), now=clock()
+        store, "later", HELLO, "0 2 * * *", owner="me", window_seconds=2 * 3600, now=clock()
     )
     fires, started = scheduler(store, clock, Placer(catalog_dir=CATALOG))
     clock.to(2, 0)
@@ -212,7 +214,7 @@ def test_a_window_waits_for_this_machine_to_be_free(store: Store) -> None:
 def test_missed_moments_run_the_latest_once_within_its_window(store: Store) -> None:
     clock = Clock(T0)
     create_schedule(
-        store, "hourly", HELLO, "0 * * * *", owner="me", window=timedelta(minutes=30), now=clock()
+        store, "hourly", HELLO, "0 * * * *", owner="me", window_seconds=30 * 60, now=clock()
     )
     placer = Placer(catalog_dir=CATALOG)
     fires, started = scheduler(store, clock, placer)
@@ -247,7 +249,7 @@ def test_a_firing_waits_for_the_previous_run_and_is_skipped_past_its_window(
 ) -> None:
     clock = Clock(T0)
     create_schedule(
-        store, "often", HELLO, "*/30 * * * *", owner="me", window=timedelta(minutes=20), now=clock()
+        store, "often", HELLO, "*/30 * * * *", owner="me", window_seconds=20 * 60, now=clock()
     )
     fires, started = scheduler(store, clock, Placer(catalog_dir=CATALOG))
     clock.to(1, 30)
@@ -299,7 +301,7 @@ def test_a_firing_no_site_can_take_within_its_budget_fails_with_why(
         "0 2 * * *",
         owner="me",
         budget_usd=0.0001,
-        policy=str(policy),
+        policy=policy.read_text(),
         now=clock(),
     )
     fires, started = scheduler(store, clock, Placer(catalog_dir=CATALOG))
@@ -317,9 +319,12 @@ def test_bad_schedules_are_refused_and_record_nothing(store: Store, tmp_path: Pa
         (("x", HELLO, "0 25 * * *"), {}, "cron '0 25 * * *': Bad hour"),
         (("x y", HELLO, "0 2 * * *"), {}, "schedule name 'x y'"),
         (("x", "version: v4\njobs: {}\n", "0 2 * * *"), {}, "jobs"),
-        (("x", HELLO, "0 2 * * *"), {"window": timedelta(days=8)}, "between 0 and 7 days"),
+        (("x", HELLO, "0 2 * * *"), {"window_seconds": 8 * 86400.0}, "between 0 and 7 days"),
+        (("x", HELLO, "0 2 * * *"), {"window_seconds": float("nan")}, "between 0 and 7 days"),
         (("x", HELLO, "0 2 * * *"), {"budget_usd": -1.0}, "above 0"),
-        (("x", HELLO, "0 2 * * *"), {"policy": str(tmp_path / "none.yaml")}, "none.yaml"),
+        (("x", HELLO, "0 2 * * *"), {"budget_usd": float("inf")}, "above 0"),
+        (("x", HELLO, "0 2 * * *"), {"policy": "allowed-clouds: aws\n"}, "must be a list"),
+        (("x", HELLO, "*/10 * * * * *"), {}, "not five fields"),
     ]
     for args, extra, message in bad:
         with pytest.raises(SquallError, match=re.escape(message)):
@@ -373,3 +378,42 @@ def _ended(store: Store, name: str, timeout: float = 120.0) -> Run:
                 return run
         time.sleep(0.2)
     raise AssertionError(f"{name} did not end")
+
+
+def test_a_moment_claimed_by_another_scheduler_counts_as_live(store: Store) -> None:
+    """One scheduler claimed the 01:30 firing and is submitting its run: another one that
+    looks at 02:00 waits for it, as for a live run."""
+    clock = Clock(T0)
+    create_schedule(store, "pair", HELLO, "*/30 * * * *", owner="me", now=clock())
+    fires, started = scheduler(store, clock, Placer(catalog_dir=CATALOG))
+    with store.session() as s:
+        row = s.scalars(select(Schedule).where(Schedule.name == "pair")).one()
+        s.add(
+            Firing(
+                schedule_id=row.id,
+                due_at=datetime(2026, 12, 5, 1, 30, tzinfo=UTC),
+                state=FiringState.STARTED,
+                start_at=datetime(2026, 12, 5, 1, 59, 30, tzinfo=UTC),
+                run_name="pair-20261205-0130",
+            )
+        )
+        row.next_at = datetime(2026, 12, 5, 2, 0, tzinfo=UTC)
+    clock.to(2, 0)
+    fires.tick()
+    assert started.names == []
+    assert firings(store)[-1][1:] == (
+        FiringState.WAITING,
+        "waiting for the previous run pair-20261205-0130 (being submitted) to end",
+    )
+
+
+def test_a_short_window_is_not_stretched_to_the_grace(store: Store) -> None:
+    clock = Clock(T0)
+    create_schedule(store, "short", HELLO, "0 2 * * *", owner="me", window_seconds=60, now=clock())
+    fires, started = scheduler(store, clock, Placer(catalog_dir=CATALOG))
+    clock.to(2, 3)
+    fires.tick()
+    [(_, state, why)] = firings(store)
+    assert state is FiringState.MISSED
+    assert "its window ended at 2026-12-05 02:01 UTC" in why
+    assert started.names == []

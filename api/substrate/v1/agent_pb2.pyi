@@ -183,11 +183,14 @@ class HealthResponse(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERRUPTION_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """"ok" """
     agent_version: _builtins.str
     hostname: _builtins.str
     uptime_seconds: _builtins.float
+    interruption: _builtins.str
+    """the cloud's notice that it is taking this node back (spot, preemptible); empty: none"""
     def __init__(
         self,
         *,
@@ -195,10 +198,11 @@ class HealthResponse(_message.Message):
         agent_version: _builtins.str = ...,
         hostname: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
+        interruption: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "hostname", b"hostname", "status", b"status", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "hostname", b"hostname", "interruption", b"interruption", "status", b"status", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
