@@ -37,6 +37,7 @@ OUTPUT_INLINE = 64 * 1024
 Outcome = Callable[[Any], None]  # gets a reply, or the grpc.RpcError that refused the call
 # what a call to an agent that is gone (or cut off) fails with
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+SLOW_FACTOR = 6  # an agent that answers pings but not Health is lost after this many times
 
 
 class ClusterIO:
@@ -191,7 +192,10 @@ class ClusterIO:
             except grpc.RpcError as exc:
                 if self.generation[node] != generation:
                     return
-                if self.loop.time() - last >= lost_after:
+                # unreachable: lost after `lost_after`; answering pings but too busy to
+                # answer Health in time (every worker waits on a task): only far later
+                slow = exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                if self.loop.time() - last >= lost_after * (SLOW_FACTOR if slow else 1):
                     why = " ".join((exc.details() or exc.code().name).split())[:200]
                     lost(node, f"its agent did not answer for {lost_after:g}s ({why})")
                     return
@@ -234,11 +238,21 @@ class ClusterIO:
             await channel.close()
 
 
+# HTTP/2 pings every 5 s: a node that vanished (no reset ever comes) fails its calls with
+# UNAVAILABLE within seconds, and an agent whose workers are all busy still answers them
+_KEEPALIVE = (
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
 def _channel(agent: AgentEndpoint) -> grpc.aio.Channel:
     if agent.tls is None:
-        return grpc.aio.insecure_channel(agent.address)
+        return grpc.aio.insecure_channel(agent.address, options=_KEEPALIVE)
     return grpc.aio.secure_channel(
         agent.address,
         agent.tls.credentials(),
-        options=(("grpc.ssl_target_name_override", NODE_NAME),),
+        options=(("grpc.ssl_target_name_override", NODE_NAME), *_KEEPALIVE),
     )

@@ -232,7 +232,7 @@ class Engine:
                     state, reason = self._phases(run_id, workflow, brought_up, meter, lost_at)
                     break
                 except NodesLost as lost:
-                    site = self._move_off(run_id, brought_up, str(lost))
+                    site = self._move_off(run_id, brought_up, str(lost), meter)
                     lost_at[site] = f"this run lost its nodes there ({lost})"
                     if len(lost_at) > MAX_MOVES:
                         state = RunState.FAILED
@@ -384,23 +384,30 @@ class Engine:
 
     def _replacer(
         self, run_id: str, provider: Provisioner[Any], cluster: Cluster
-    ) -> Callable[[int], AgentEndpoint]:
-        """What the run loop calls for a node in place of a lost one: the provider's
-        replacement, recorded as the run's agent of that name."""
+    ) -> Callable[[int, tuple[AgentEndpoint, ...]], AgentEndpoint]:
+        """What the run loop calls for a node in place of a lost one (with the cluster's
+        agents as they are now): the provider's replacement, recorded as the run's agent of
+        that name."""
 
-        def replace(node: int) -> AgentEndpoint:
-            agent = provider.replace(cluster, node, self._progress(run_id))
+        def replace(node: int, agents: tuple[AgentEndpoint, ...]) -> AgentEndpoint:
+            now = dataclasses.replace(cluster, agents=agents)
+            agent = provider.replace(now, node, self._progress(run_id))
             with self.store.session() as s:
                 row = s.scalars(
                     select(Agent).where(Agent.run_id == run_id, Agent.name == agent.name)
-                ).one()
-                row.address, row.token, row.pid = agent.address, agent.token, agent.pid
+                ).first()
+                if row is not None:  # None: the run moved or ended meanwhile
+                    row.address, row.token, row.pid = agent.address, agent.token, agent.pid
             return agent
 
         return replace
 
     def _move_off(
-        self, run_id: str, brought_up: list[tuple[Provisioner[Any], Cluster]], why: str
+        self,
+        run_id: str,
+        brought_up: list[tuple[Provisioner[Any], Cluster]],
+        why: str,
+        meter: Meter,
     ) -> str:
         """The run lost its nodes where it ran: take that cluster down, forget its volumes
         and agents, and put every job back in line; the site it leaves."""
@@ -409,6 +416,7 @@ class Engine:
         failed = self._down(run_id, provider, cluster)
         if failed:
             self._event(run_id, "stack", failed.removeprefix("; "))
+        meter.move_on()  # before the transfers it counts are forgotten
         self.staging.start_over(run_id)
         with self.store.session() as s:
             for row in s.scalars(select(Agent).where(Agent.run_id == run_id)):

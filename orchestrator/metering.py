@@ -30,12 +30,13 @@ def _now() -> datetime:
 
 
 def spent(run: Run, moved: dict[str, int], now: datetime) -> float:
-    """USD `run` has spent by `now`, having moved `moved` (bytes by remote URI)."""
+    """USD `run` has spent by `now`, having moved `moved` (bytes by remote URI) at the site
+    it is at, besides what it spent at sites it moved away from."""
     rates = Rates.from_dict((run.placement or {}).get("rates"))
     held = 0.0
     if run.held_from is not None:
         held = ((run.held_until or now) - run.held_from).total_seconds() / 3600
-    return rates.spent(held, moved)
+    return run.carried_usd + rates.spent(held, moved)
 
 
 class Meter:
@@ -50,6 +51,15 @@ class Meter:
         with self.store.session() as s:
             run = s.get_one(Run, self.run_id)
             run.held_from = run.held_from or _now()
+
+    def move_on(self) -> None:
+        """The run leaves the site it held (its cluster is down): what it spent there is
+        carried, and it holds nothing until it is provisioned elsewhere."""
+        self.release()
+        with self.store.session() as s:
+            run = s.get_one(Run, self.run_id)
+            run.carried_usd = run.cost_usd
+            run.held_from = run.held_until = None
 
     def release(self) -> float:
         """The run holds nothing any more (teardown is done): its final cost."""

@@ -187,7 +187,7 @@ class RunLoop:
         secrets: SecretStore,
         data_dir: Path,
         report: Callable[[str, str, str], None],
-        replace: Callable[[int], AgentEndpoint] | None = None,
+        replace: Callable[[int, tuple[AgentEndpoint, ...]], AgentEndpoint] | None = None,
         lost_after: float = LOST_AFTER,
         move_after: int = MOVE_AFTER,
     ) -> None:
@@ -198,6 +198,7 @@ class RunLoop:
         self.task_losses: defaultdict[TaskKey, int] = defaultdict(int)  # lost with nodes
         self.prior: dict[TaskKey, int] = {}  # attempts made before (at a site it moved from)
         self.moving = ""  # why the run must move to another site ("": it need not)
+        self.stopping = False  # cancelling everything: no node is replaced any more
         self.replacing: set[int] = set()  # lost nodes whose replacement is on its way
         self.mounts, self.secrets, self.data_dir, self.report = mounts, secrets, data_dir, report
         self.cluster, self.agents = cluster, list(cluster.agents)
@@ -363,6 +364,7 @@ class RunLoop:
 
     def _cancel_everything(self, why: str) -> None:
         """Cancel running tasks, wait for them to end, and mark what never ran."""
+        self.stopping = True
         for active in self.leased:  # leased since the last turn, never started: give back
             del self.active[active.key]
             leases = [
@@ -925,7 +927,11 @@ class RunLoop:
         self.lost[node] = why
         self.losses += 1
         self.report("node", f"node-{node}", f"lost: {why}")
-        replacing = self.replace is not None and self.losses < self.move_after and not self.moving
+        replacing = (
+            self.replace is not None
+            and self.losses < self.move_after
+            and not (self.moving or self.stopping)
+        )
         self.capacity.lose(node, replacing=replacing)
         lost = f"node-{node} was lost ({why})"
         for active in list(self.active.values()):
@@ -936,13 +942,16 @@ class RunLoop:
         elif replacing:
             self.replacing.add(node)
             threading.Thread(
-                target=self._replace_node, args=(node,), name=f"replace-{node}", daemon=True
+                target=self._replace_node,
+                args=(node, tuple(self.agents)),
+                name=f"replace-{node}",
+                daemon=True,
             ).start()
 
-    def _replace_node(self, node: int) -> None:
+    def _replace_node(self, node: int, agents: tuple[AgentEndpoint, ...]) -> None:
         assert self.replace is not None
         try:
-            self.inbox.put(_Replaced(node, self.replace(node)))
+            self.inbox.put(_Replaced(node, self.replace(node, agents)))
         except ProvisionError as exc:
             self.inbox.put(_Replaced(node, None, str(exc)))
         except Exception as exc:  # reported, and the run goes on without the node
@@ -951,7 +960,7 @@ class RunLoop:
     def _replaced(self, message: _Replaced) -> None:
         node = message.node
         self.replacing.discard(node)
-        if node not in self.lost or self.moving:
+        if node not in self.lost or self.moving or self.stopping:
             return
         if message.agent is None:
             self.report("node", f"node-{node}", f"not replaced: {message.why}")
@@ -992,11 +1001,18 @@ class RunLoop:
             if active.attempt == 0:  # its lease was asked of the lost node
                 self._leased(active, _NodeLost(why))
             else:
+                self._cancel_there(node, active.agent_task_id)
                 self._end(active, False, None, why)
             return
         if active.attempt == 0:  # a gang waiting for its leases
             parts = [(-1, active.node, active.head_lease)]
             parts += [(i, m.node, m.lease) for i, m in enumerate(active.members)]
+            for i, n, reply in parts:  # a lease the lost node granted is gone with it
+                if n == node and reply is not None:
+                    if i < 0:
+                        active.head_lease = _NodeLost(why)
+                    else:
+                        active.members[i].lease = _NodeLost(why)
             for i, n, reply in parts:
                 if n == node and reply is None and self.active.get(active.key) is active:
                     self._gang_leased(active, _NodeLost(why), i)
@@ -1004,12 +1020,21 @@ class RunLoop:
         active.why = active.why or why
         for i, m in enumerate(active.members):
             if m.node == node and m.ended is None and self.active.get(active.key) is active:
+                self._cancel_there(node, m.agent_task_id)
                 self._gang_member_ended(active, i, why)
         if active.node == node and self.active.get(active.key) is active:
             if active.head_started and active.head_ended is None:
+                self._cancel_there(node, active.agent_task_id)
                 self._gang_member_ended(active, -1, why)
             else:
                 self._stop_members(active)
+
+    def _cancel_there(self, node: int, task_id: str) -> None:
+        """Best effort: stop a task on a node taken as lost that may still run it (the cloud
+        gave notice, or the node is cut off and comes back), so that it does not run on
+        beside its next attempt."""
+        if task_id:
+            self.io.unary(node, "Cancel", pb.CancelRequest(task_id=task_id))
 
     # ---- ending ---------------------------------------------------------------------------
 

@@ -7,7 +7,11 @@ it, so that the orchestrator puts the node's work back in line before the node i
 - GCP: `GET /computeMetadata/v1/instance/preempted` (`Metadata-Flavor: Google`): `TRUE` once
   the instance is being preempted (about 30 s before it stops).
 - Azure: `GET /metadata/scheduledevents?api-version=2020-07-01` (`Metadata: true`): an event
-  of type `Preempt` (about 30 s ahead) for this VM.
+  of type `Preempt` (about 30 s ahead) whose `Resources` name this VM (every VM of a scale
+  set sees its neighbours' events; the VM's name is `/metadata/instance/compute/name`).
+
+Requests go straight to the metadata address (no proxy from the environment), with a short
+timeout, and read at most 64 KiB.
 
 Standard library only: this runs inside node images.
 """
@@ -31,10 +35,13 @@ CLOUDS = tuple(DEFAULT_BASE)
 TIMEOUT = 2.0  # seconds for one metadata request
 
 
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _get(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, str]:
     request = urllib.request.Request(url, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+        with _OPENER.open(request, timeout=TIMEOUT) as reply:
             return reply.status, reply.read(65536).decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, ""
@@ -57,6 +64,8 @@ def read_notice(cloud: str, base: str) -> str:
         try:
             action = json.loads(body)
         except ValueError:
+            action = None
+        if not isinstance(action, dict):
             return f"aws: spot instance-action {body[:100]}"
         return f"aws: spot instance-action {action.get('action')} at {action.get('time')}"
     if cloud == "gcp":
@@ -69,11 +78,20 @@ def read_notice(cloud: str, base: str) -> str:
             f"{base}/metadata/scheduledevents?api-version=2020-07-01", {"Metadata": "true"}
         )
         try:
-            events = json.loads(body).get("Events", []) if status == 200 else []
+            document = json.loads(body) if status == 200 else {}
         except ValueError:
             return ""
-        for event in events:
-            if event.get("EventType") == "Preempt":
+        events = document.get("Events", []) if isinstance(document, dict) else []
+        preempts = [e for e in events if isinstance(e, dict) and e.get("EventType") == "Preempt"]
+        if not preempts:
+            return ""
+        status, name = _get(
+            f"{base}/metadata/instance/compute/name?api-version=2021-02-01&format=text",
+            {"Metadata": "true"},
+        )
+        for event in preempts:
+            resources = event.get("Resources") or []
+            if status == 200 and isinstance(resources, list) and name.strip() in resources:
                 return f"azure: Preempt scheduled for {event.get('NotBefore') or 'now'}"
         return ""
     raise ValueError(f"no interruption notices for cloud {cloud!r}; one of {', '.join(CLOUDS)}")
@@ -108,7 +126,7 @@ class InterruptionWatch:
         while not self.stop.is_set():
             try:
                 notice = self.read(self.cloud, self.base)
-            except (OSError, ValueError):
+            except Exception:  # a bad answer, a broken service: look again next time
                 notice = ""
             if notice:
                 self.notice = notice  # a notice stays: the node is going

@@ -374,6 +374,12 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
         interceptors=interceptors,
+        # the orchestrator pings every 5 s to tell a node that is gone from one whose
+        # workers are all busy (pings are the transport's, not the workers')
+        options=[
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
     )
     _add_servicer(AgentServicer(agent, auth, tls), server)
     if tls is None:

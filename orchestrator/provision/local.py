@@ -36,6 +36,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,7 @@ class LocalProvisioner:
         self._procs: dict[str, list[subprocess.Popen[str]]] = {}
         self._relays: dict[str, LoopbackRelay] = {}
         # each live run's nodes, their places, shares and PKI: what a replacement needs
+        self._replacing = threading.Lock()
         self._made: dict[
             str, tuple[tuple[NodeSlice, ...], list[NodePlace] | None, dict[int, Path], RunPKI]
         ] = {}
@@ -439,10 +441,14 @@ class LocalProvisioner:
         """Start a new agent in place of node `node`'s, which was lost: the old one is
         stopped if it still runs, what it left (containers, mounts) is cleaned up, and the
         new one serves where it did (a node of its own keeps its address), empty."""
+        with self._replacing:  # `down` waits for a replacement on its way, and vice versa
+            return self._replace(cluster, node, report)
+
+    def _replace(self, cluster: Cluster, node: int, report: Report) -> AgentEndpoint:
         made = self._made.get(cluster.run_id)
         started = self._procs.get(cluster.run_id)
         if made is None or started is None:
-            raise ProvisionError(f"node-{node} is not one of this process's clusters' nodes")
+            raise ProvisionError(f"node-{node} is not one of this process's live clusters")
         nodes, places, shares, pki = made
         name = f"node-{node}"
         old = cluster.agents[node]
@@ -461,8 +467,9 @@ class LocalProvisioner:
         )()
 
     def down(self, cluster: Cluster, report: Report = quiet) -> None:
-        self._made.pop(cluster.run_id, None)
-        procs = self._procs.pop(cluster.run_id, None)
+        with self._replacing:
+            self._made.pop(cluster.run_id, None)
+            procs = self._procs.pop(cluster.run_id, None)
         if procs is not None:
             clean = self._stop(procs)
         else:

@@ -161,8 +161,12 @@ class StackDriver:
 
         name = spec.stack_name
         with self.store.session() as s:
-            if s.scalar(select(Stack).where(Stack.name == name)) is not None:
+            known = s.scalar(select(Stack).where(Stack.name == name))
+            if known is not None and known.state is not StackState.DESTROYED:
                 raise ProvisionError(f"stack {name} is already in the ledger")
+            if known is not None:  # its run moved here from another site: a stack again
+                s.delete(known)
+                s.flush()
             s.add(
                 Stack(
                     run_id=spec.run_id,

@@ -169,6 +169,8 @@ class Run(Base):
     policy: Mapped[str] = mapped_column(Text, default="", server_default="")  # "": the default
     budget_usd: Mapped[float | None] = mapped_column(Float, default=None)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # what it spent at sites it moved away from (their rates, their hours, their bytes)
+    carried_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     held_from: Mapped[datetime | None] = mapped_column(_TS, default=None)
     held_until: Mapped[datetime | None] = mapped_column(_TS, default=None)
 

@@ -346,7 +346,7 @@ def test_a_run_that_keeps_losing_its_local_nodes_moves_to_the_cloud(
         lost_after=2.0,
         move_after=2,
     )
-    run_id = engine.submit("me/moves", two_jobs("sleep 3; echo second"))
+    run_id = engine.submit("me/moves", two_jobs("sleep 12; echo second"))
     killed: set[int] = set()
 
     def kill_node_1_twice() -> None:

@@ -22,6 +22,7 @@ class Metadata:
         self.aws_action: dict[str, str] | None = None  # the spot instance-action, once given
         self.gcp_preempted = False
         self.azure_events: list[dict[str, Any]] = []
+        self.azure_name = "squall-node-3"  # this VM, as Azure names it
         self.url = ""
 
 
@@ -61,6 +62,11 @@ def metadata_server() -> Iterator[Metadata]:
                     self._send(403)
                 else:
                     self._send(200, "TRUE" if state.gcp_preempted else "FALSE")
+            elif self.path.startswith("/metadata/instance/compute/name"):
+                if self.headers.get("Metadata") != "true":
+                    self._send(400)
+                else:
+                    self._send(200, state.azure_name)
             elif self.path.startswith("/metadata/scheduledevents"):
                 if self.headers.get("Metadata") != "true":
                     self._send(400)

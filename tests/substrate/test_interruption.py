@@ -24,10 +24,18 @@ def test_each_clouds_notice_is_read_and_none_until_it_is_given() -> None:
         assert [read_notice(c, md.url) for c in ("aws", "gcp", "azure")] == ["", "", ""]
         md.aws_action = {"action": "terminate", "time": "2026-12-05T06:00:00Z"}
         md.gcp_preempted = True
-        md.azure_events = [
-            {"EventType": "Freeze", "NotBefore": ""},
-            {"EventType": "Preempt", "NotBefore": "Sat, 05 Dec 2026 06:00:30 GMT"},
+        md.azure_events = [  # a neighbour's preemption is not this VM's
+            {"EventType": "Freeze", "NotBefore": "", "Resources": ["squall-node-3"]},
+            {"EventType": "Preempt", "NotBefore": "soon", "Resources": ["squall-node-1"]},
         ]
+        assert read_notice("azure", md.url) == ""
+        md.azure_events.append(
+            {
+                "EventType": "Preempt",
+                "NotBefore": "Sat, 05 Dec 2026 06:00:30 GMT",
+                "Resources": ["squall-node-3"],
+            }
+        )
         assert read_notice("aws", md.url) == (
             "aws: spot instance-action terminate at 2026-12-05T06:00:00Z"
         )

@@ -1,4 +1,4 @@
-"""runs: cancel_reason, team, policy, budget_usd, cost_usd, held_from, held_until (what a run spends
+"""runs: cancel_reason, team, policy, budget_usd, cost_usd, carried_usd, held_from, held_until (what a run spends
 and may spend); schedules and their firings
 
 Revision ID: 0005
@@ -28,6 +28,9 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("policy", sa.Text(), nullable=False, server_default=""))
         batch_op.add_column(sa.Column("budget_usd", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("cost_usd", sa.Float(), nullable=False, server_default="0"))
+        batch_op.add_column(
+            sa.Column("carried_usd", sa.Float(), nullable=False, server_default="0")
+        )
         batch_op.add_column(sa.Column("held_from", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("held_until", sa.DateTime(timezone=True), nullable=True))
     op.create_table(
@@ -85,6 +88,7 @@ def downgrade() -> None:
         for column in (
             "held_until",
             "held_from",
+            "carried_usd",
             "cost_usd",
             "budget_usd",
             "policy",
