@@ -969,9 +969,10 @@ class RunLoop:
         try:
             self.io.reconnect(node, message.agent)
             total = NodeTotal.of(self.io.call_now(node, "Inventory", pb.InventoryRequest()))
-        except grpc.RpcError as exc:
-            self.report("node", f"node-{node}", f"its replacement does not answer: {exc}")
-            self.capacity.lose(node, replacing=False)
+        except grpc.RpcError as exc:  # lost in turn: counted as another lost node
+            del self.lost[node]
+            why = " ".join((exc.details() or exc.code().name).split())[:200]
+            self._node_lost(node, f"its replacement does not answer ({why})")
             return
         self.capacity.restore(node, total)
         self.agents[node] = message.agent

@@ -375,11 +375,10 @@ def test_a_run_that_keeps_losing_its_local_nodes_moves_to_the_cloud(
         ).all()
     assert any(m.startswith("moving off local: 2 nodes lost") for m in moved)
     assert any(m.startswith("every job starts over") for m in moved)
-    assert [m.split(":")[0] for m in events(engine, run_id, "node")][:3] == [
-        "lost",
-        "replaced",
-        "lost",
-    ]
+    # node-1 lost, replaced, and its replacement lost (before or after it first answered)
+    said = [m.split(":")[0] for m in events(engine, run_id, "node")]
+    assert said[0] == "lost"
+    assert said.count("lost") == 2
     assert stack_of(engine, run_id).state is StackState.DESTROYED
     for pid in killed:
         assert not Path(f"/proc/{pid}").exists()
