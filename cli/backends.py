@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Iterator
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -24,6 +25,10 @@ from orchestrator.errors import (
 from orchestrator.view_types import EventView, RunListItem, RunUpdate, RunView, ScheduleView
 
 from .contexts import Context
+
+if TYPE_CHECKING:
+    from orchestrator.identity import Principal
+    from orchestrator.secrets import SecretStore
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "ServerError", "open_backend"]
 
@@ -58,6 +63,33 @@ class Backend(Protocol):
     def pause_schedule(self, name: str, paused: bool) -> ScheduleView: ...
     def delete_schedule(self, name: str) -> None: ...
 
+    # identity and access (`squall admin`, `squall login`, `squall secret`); lifetimes in
+    # seconds, None for the default, 0 for never
+    def whoami(self) -> pb.Identity: ...
+    def add_user(
+        self, name: str, groups: list[str], admin: bool, ttl: float | None
+    ) -> pb.NewToken: ...
+    def users(self) -> list[pb.UserInfo]: ...
+    def disable_user(self, name: str, disabled: bool) -> pb.UserInfo: ...
+    def create_token(self, user: str, ttl: float | None, note: str) -> pb.NewToken: ...
+    def tokens(self, user: str) -> list[pb.TokenInfo]: ...
+    def revoke_token(self, token_id: str) -> pb.TokenInfo: ...
+    def audit(
+        self, user: str, since: datetime | None, limit: int, denied: bool = False
+    ) -> list[pb.AuditEntry]: ...
+    def rotate_key(self) -> int: ...
+    def set_secret(self, ref: str, value: bytes, group: str) -> pb.SecretInfo: ...
+    def secrets(self, everything: bool) -> list[pb.SecretInfo]: ...
+    def delete_secret(self, ref: str, group: str) -> None: ...
+
+
+def _ttl(seconds: float | None) -> timedelta | None:
+    from orchestrator.identity import DEFAULT_TOKEN_TTL
+
+    if seconds is None:
+        return DEFAULT_TOKEN_TTL
+    return timedelta(seconds=seconds) if seconds else None
+
 
 class LocalBackend:
     """This machine's store. Runs start with `squall run` (or a server), not here."""
@@ -68,6 +100,7 @@ class LocalBackend:
 
         settings = LocalSettings()
         self.store = settings.store()
+        self.data_dir = settings.data_dir
         self.access = RunAccess(self.store, settings.data_dir)
 
     def start(self, name: str, text: str, budget_usd: float | None = None) -> RunView:
@@ -144,6 +177,112 @@ class LocalBackend:
 
         delete_schedule(self.store, name)
 
+    # ---- identity and access: this machine's store, as its owner (an admin of it)
+
+    def _me(self) -> Principal:
+        from orchestrator.identity import Principal, groups_of
+
+        name = getpass.getuser()
+        return Principal(name, groups_of(self.store, name), admin=True)
+
+    def _secrets(self) -> SecretStore:
+        from orchestrator.secrets import SecretStore
+
+        return SecretStore(
+            self.store, self.data_dir / "secrets.key", legacy_dir=self.data_dir / "secrets"
+        )
+
+    def whoami(self) -> pb.Identity:
+        from orchestrator.api.messages import identity_message
+
+        return identity_message(self._me())
+
+    def add_user(self, name: str, groups: list[str], admin: bool, ttl: float | None) -> pb.NewToken:
+        from orchestrator import identity
+        from orchestrator.api.messages import token_message, user_message
+
+        user = identity.add_user(self.store, name, groups, admin=admin)
+        text, token = identity.issue_token(
+            self.store, name, ttl=_ttl(ttl), note="made with the user"
+        )
+        return pb.NewToken(user=user_message(user), token=token_message(token), text=text)
+
+    def users(self) -> list[pb.UserInfo]:
+        from orchestrator import identity
+        from orchestrator.api.messages import user_message
+
+        return [user_message(u) for u in identity.list_users(self.store)]
+
+    def disable_user(self, name: str, disabled: bool) -> pb.UserInfo:
+        from orchestrator import identity
+        from orchestrator.api.messages import user_message
+
+        return user_message(identity.set_disabled(self.store, name, disabled))
+
+    def create_token(self, user: str, ttl: float | None, note: str) -> pb.NewToken:
+        from orchestrator import identity
+        from orchestrator.api.messages import token_message
+
+        if not user:
+            raise UsageError("name the user whose token it is (--user): this machine's store")
+        text, token = identity.issue_token(self.store, user, ttl=_ttl(ttl), note=note)
+        return pb.NewToken(token=token_message(token), text=text)
+
+    def tokens(self, user: str) -> list[pb.TokenInfo]:
+        from orchestrator import identity
+        from orchestrator.api.messages import token_message
+
+        found = identity.list_tokens(self.store, None if user in ("", "*") else user)
+        return [token_message(t) for t in found]
+
+    def revoke_token(self, token_id: str) -> pb.TokenInfo:
+        from orchestrator import identity
+        from orchestrator.api.messages import token_message
+
+        return token_message(identity.revoke_token(self.store, token_id))
+
+    def audit(
+        self, user: str, since: datetime | None, limit: int, denied: bool = False
+    ) -> list[pb.AuditEntry]:
+        from orchestrator.api.audit import MAX_ENTRIES, read_audit
+        from orchestrator.api.messages import audit_message
+
+        found = read_audit(
+            self.store, user=user, since=since, limit=limit or MAX_ENTRIES, denied=denied
+        )
+        return [audit_message(e) for e in found]
+
+    def rotate_key(self) -> int:
+        return self._secrets().rotate_key()
+
+    def set_secret(self, ref: str, value: bytes, group: str) -> pb.SecretInfo:
+        from orchestrator.api.iam import secret_holder
+        from orchestrator.secrets import parse_reference
+
+        scope, _ = parse_reference(ref)
+        holder, _ = secret_holder(scope, self._me(), group)
+        self._secrets().put(ref, holder, value)
+        return pb.SecretInfo(ref=ref, scope=scope, holder=holder)
+
+    def secrets(self, everything: bool) -> list[pb.SecretInfo]:
+        from orchestrator.api.messages import iso
+
+        me = self._me()
+        return [
+            pb.SecretInfo(ref=e.ref, scope=e.scope, holder=e.holder, updated_at=iso(e.updated_at))
+            for e in self._secrets().entries(me.name, me.groups, everything=everything)
+        ]
+
+    def delete_secret(self, ref: str, group: str) -> None:
+        from orchestrator.api.iam import secret_holder
+        from orchestrator.errors import NotFound
+        from orchestrator.secrets import parse_reference
+
+        scope, _ = parse_reference(ref)
+        holder, _ = secret_holder(scope, self._me(), group)
+        if not self._secrets().remove(ref, holder):
+            raise NotFound(f"{ref} is not set" + (f" for {holder}" if holder else ""))
+
 
 def _error(exc: grpc.RpcError, server: str) -> SquallError:
     """A failed call as the error of its category (`orchestrator.errors.ERRORS`): the status
@@ -152,11 +291,11 @@ def _error(exc: grpc.RpcError, server: str) -> SquallError:
     trailers = getattr(exc, "trailing_metadata", lambda: None)() or ()
     sent = next((str(v) for k, v in trailers if k == CATEGORY_TRAILER), None)
     category = category_of(code.name, sent)
+    if category is Category.UNAUTHENTICATED:
+        return error_for(category, f"{server} refused the token: {details}")
     if category not in (Category.SERVER, Category.INTERNAL):
         return error_for(category, details)
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        error = ServerError(f"{server} refused the token: {details}")
-    elif code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE:
         error = ServerError(f"cannot reach the server at {server}: {details}")
     else:
         error = ServerError(f"{server}: {code.name}: {details}")
@@ -177,10 +316,7 @@ class RemoteBackend:
             channel = grpc.insecure_channel(context.server)
         self.channel = channel
         self.stub = rpc.ControlStub(channel)  # type: ignore[no-untyped-call]
-        self.metadata = (
-            ("authorization", f"Bearer {context.token}"),
-            ("x-squall-user", getpass.getuser()),
-        )
+        self.metadata = (("authorization", f"Bearer {context.token}"),)
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -247,6 +383,58 @@ class RemoteBackend:
 
     def delete_schedule(self, name: str) -> None:
         self._call(self.stub.DeleteSchedule, pb.DeleteScheduleRequest(name=name))
+
+    def whoami(self) -> pb.Identity:
+        reply: pb.Identity = self._call(self.stub.WhoAmI, pb.WhoAmIRequest())
+        return reply
+
+    def add_user(self, name: str, groups: list[str], admin: bool, ttl: float | None) -> pb.NewToken:
+        request = pb.AddUserRequest(name=name, groups=groups, admin=admin, token_ttl_seconds=ttl)
+        reply: pb.NewToken = self._call(self.stub.AddUser, request)
+        return reply
+
+    def users(self) -> list[pb.UserInfo]:
+        return list(self._call(self.stub.ListUsers, pb.ListUsersRequest()).users)
+
+    def disable_user(self, name: str, disabled: bool) -> pb.UserInfo:
+        request = pb.DisableUserRequest(name=name, disabled=disabled)
+        reply: pb.UserInfo = self._call(self.stub.DisableUser, request)
+        return reply
+
+    def create_token(self, user: str, ttl: float | None, note: str) -> pb.NewToken:
+        request = pb.CreateTokenRequest(user=user, ttl_seconds=ttl, note=note)
+        reply: pb.NewToken = self._call(self.stub.CreateToken, request)
+        return reply
+
+    def tokens(self, user: str) -> list[pb.TokenInfo]:
+        return list(self._call(self.stub.ListTokens, pb.ListTokensRequest(user=user)).tokens)
+
+    def revoke_token(self, token_id: str) -> pb.TokenInfo:
+        reply: pb.TokenInfo = self._call(self.stub.RevokeToken, pb.RevokeTokenRequest(id=token_id))
+        return reply
+
+    def audit(
+        self, user: str, since: datetime | None, limit: int, denied: bool = False
+    ) -> list[pb.AuditEntry]:
+        at = since.isoformat() if since else ""
+        request = pb.ListAuditRequest(user=user, since=at, limit=limit, denied=denied)
+        return list(self._call(self.stub.ListAudit, request).entries)
+
+    def rotate_key(self) -> int:
+        return int(self._call(self.stub.RotateKey, pb.RotateKeyRequest()).reencrypted)
+
+    def set_secret(self, ref: str, value: bytes, group: str) -> pb.SecretInfo:
+        request = pb.SetSecretRequest(ref=ref, value=value, group=group)
+        reply: pb.SecretInfo = self._call(self.stub.SetSecret, request)
+        return reply
+
+    def secrets(self, everything: bool) -> list[pb.SecretInfo]:
+        return list(
+            self._call(self.stub.ListSecrets, pb.ListSecretsRequest(all=everything)).secrets
+        )
+
+    def delete_secret(self, ref: str, group: str) -> None:
+        self._call(self.stub.DeleteSecret, pb.DeleteSecretRequest(ref=ref, group=group))
 
 
 def open_backend(context_name: str | None = None) -> Backend:

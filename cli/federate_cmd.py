@@ -144,10 +144,14 @@ def compare(
         if not sep or ":" not in where:
             die(f"{item!r}: write BUCKET=CLOUD:REGION, e.g. data=aws:us-west-2", Category.USAGE)
         buckets[key] = where
-    placer = Placer.from_environment(
-        secrets=SecretStore(LocalSettings().data_dir / "secrets"),
-        store=_history(),
+    store = _history()
+    data_dir = LocalSettings().data_dir
+    secrets = (
+        SecretStore(store, data_dir / "secrets.key", legacy_dir=data_dir / "secrets")
+        if store is not None
+        else None
     )
+    placer = Placer.from_environment(secrets=secrets, store=store)
     placer.catalog_dir = _catalog_folder(catalog_dir)
     placer.policy_file = policy_file or placer.policy_file
     placer.sites_file = sites_file or placer.sites_file

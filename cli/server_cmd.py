@@ -51,11 +51,19 @@ def server(
         "--schedules/--no-schedules",
         help="Fire the store's schedules (`squall schedule`); off: another process does.",
     ),
+    access_policy: Path | None = typer.Option(
+        None,
+        "--access-policy",
+        help="YAML granting verbs to users and groups on workflow names and sites (README "
+        '"Access"). Default: each user acts on its own runs only.',
+    ),
 ) -> None:
     """Serve Squall's gRPC control-plane API; run each started workflow on the local site.
 
-    Every call must carry the token. Without --tls-cert/--tls-key the API is plaintext:
-    keep it on loopback. On start, runs left behind by a server that died are torn down
+    Every call must carry a user's token, is checked against the access policy and written
+    to the audit log. The token file's token belongs to the admin user `admin`, who adds
+    the others (`squall admin user add`). Without --tls-cert/--tls-key the API is
+    plaintext: keep it on loopback. On start, runs left behind by a server that died are torn down
     and failed with the reason; on SIGTERM or Ctrl-C, the runs this server owns are
     cancelled and their clusters taken down before it exits. A workflow's `file:///`
     egress writes on this machine, as this server's user: only under an --egress-dir.
@@ -64,14 +72,17 @@ def server(
     **Examples**
 
         squall server --listen 127.0.0.1:7433
-        squall context create here --server 127.0.0.1:7433 \\
+        squall login --server 127.0.0.1:7433 \\
             --token-file "${SQUALL_DATA_DIR:-$HOME/.local/share/squall}/server-token"
+        squall admin user add alice --group chem | squall login --server 127.0.0.1:7433 \\
+            --context alice
     """
     import logging
     import signal
     import threading
 
     from orchestrator.api import serve
+    from orchestrator.api.iam import DEFAULT, load_access_policy
     from orchestrator.errors import SquallError
     from orchestrator.local_site import local_scheduler
     from orchestrator.run_threads import RunThreads
@@ -83,6 +94,7 @@ def server(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        policy = load_access_policy(access_policy) if access_policy else DEFAULT
         egress_dirs = [d.resolve() for d in egress_dir]
         engine = start_local_engine(
             nodes, None, search_registry, insecure_registry, egress_dirs, oversubscribe
@@ -91,7 +103,9 @@ def server(
         tls = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
         runs = RunThreads(engine)
         scheduler = local_scheduler(engine, runs, nodes) if schedules else None
-        grpc_server, port, servicer = serve(engine, listen, token, tls=tls, runs=runs)
+        grpc_server, port, servicer = serve(
+            engine, listen, token, tls=tls, runs=runs, policy=policy
+        )
     except (SquallError, ValueError, OSError) as exc:
         die(str(exc), exc.category if isinstance(exc, SquallError) else None)
     host = listen.rsplit(":", 1)[0]

@@ -23,7 +23,15 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["NOTHING", "Policy", "PolicyError", "load_policy", "narrow", "parse_policy"]
+__all__ = [
+    "NOTHING",
+    "Policy",
+    "PolicyError",
+    "load_policy",
+    "narrow",
+    "parse_policy",
+    "policy_text",
+]
 
 NOTHING = frozenset({""})  # an allow-list no name is on (empty means any)
 
@@ -144,3 +152,22 @@ def narrow(base: Policy, extra: Policy) -> Policy:
         team=base.team or extra.team,
         monthly_budget_usd=smaller(base.monthly_budget_usd, extra.monthly_budget_usd),
     )
+
+
+def policy_text(policy: Policy) -> str:
+    """`policy` as the YAML `parse_policy` reads back to it."""
+    data: dict[str, object] = {
+        "allowed-clouds": sorted(policy.allowed_clouds),
+        "allowed-regions": sorted(policy.allowed_regions),
+        "allowed-sites": sorted(policy.allowed_sites),
+        "residency": {k: sorted(v) for k, v in sorted(policy.residency.items())},
+        "spot": policy.spot,
+        "gpu-models": sorted(policy.gpu_models),
+    }
+    if policy.budget_usd is not None:
+        data["budget-usd"] = policy.budget_usd
+    if policy.monthly_budget_usd is not None:
+        data["monthly-budget-usd"] = policy.monthly_budget_usd
+    if policy.team:
+        data["team"] = policy.team
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,7 +1,11 @@
 """Reaching a run's jobs: their logs (kept files, or live from the agent), exec into them and
 port-forward to them through their node's agent. The control-plane server relays its clients
 through this, and the CLI uses it directly on the local site; both speak the control API's
-messages, translated here to the agent's."""
+messages, translated here to the agent's.
+
+Logs come with the values of the run's secrets masked, resolved here (the process reading
+them may not be the one that drives the run) for the run's owner from its workflow. Exec
+output is not: whoever may exec into a job can read its environment anyway."""
 
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ from api.substrate.v1 import agent_pb2 as apb
 from substrate.client import ClientTLS, connect, keep_freed_memory, port_forward
 
 from .errors import Conflict, InvalidInput, NotFound
+from .fuzzfile import load_text
+from .identity import groups_of
+from .redaction import Redactor, current
 from .runloop import log_path
 from .scheduler import TaskKey
-from .store import Agent, Attempt, Job, Store, Task, TaskState
+from .secrets import SecretStore, referenced_secrets
+from .store import Agent, Attempt, Job, Run, Store, Task, TaskState
 from .views import run_named
 
 __all__ = ["RunAccess", "TaskNotRunning"]
@@ -45,9 +53,30 @@ class _Where:
 
 
 class RunAccess:
-    def __init__(self, store: Store, data_dir: Path) -> None:
+    """`secrets`: where the values masked in logs come from (default: the store's, with the
+    key file of `data_dir`, as the engine's)."""
+
+    def __init__(self, store: Store, data_dir: Path, secrets: SecretStore | None = None) -> None:
         self.store = store
         self.data_dir = data_dir
+        self.secrets = secrets or SecretStore(
+            store, data_dir / "secrets.key", legacy_dir=data_dir / "secrets"
+        )
+
+    def _redactor(self, run_id: str) -> Redactor:
+        """What masks the values of the secrets run `run_id` uses: as its owner has them now,
+        and as they were when it started when this process drives it (a value changed
+        meanwhile is still in what the job printed before)."""
+        with self.store.session() as s:
+            run = s.get_one(Run, run_id)
+            text, name, owner = run.fuzzfile, run.name, run.owner
+        loaded = load_text(text, name)
+        refs = referenced_secrets(loaded.workflow) if loaded.workflow is not None else []
+        started = current(run_id).values
+        if not refs:
+            return Redactor(started)
+        view = self.secrets.view(owner, groups_of(self.store, owner))
+        return Redactor([*started, *view.values(refs)])
 
     def _where(self, name: str, job: str, index: int) -> _Where:
         with self.store.session() as s:
@@ -93,11 +122,16 @@ class RunAccess:
         where = self._where(name, job, index)
         if where.attempt == 0:
             return
+        redactor = self._redactor(where.run_id)
         if where.live:
+            masker = redactor.masker()
             channel, stub = connect(where.address, where.token, where.tls)
             try:
                 for chunk in stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow)):
-                    yield chunk.data
+                    out = masker.feed(chunk.data)
+                    if out:
+                        yield out
+                yield masker.end()
                 return
             except grpc.RpcError:
                 pass  # the node went away meanwhile: the kept copy has it all
@@ -105,7 +139,7 @@ class RunAccess:
                 channel.close()
         path = log_path(self.data_dir, where.run_id, where.key, where.attempt)
         with contextlib.suppress(FileNotFoundError):
-            yield path.read_bytes()
+            yield redactor.data(path.read_bytes())
 
     # ---- exec and port-forward -------------------------------------------------------------
 
@@ -147,6 +181,7 @@ class RunAccess:
 
         channel, stub = connect(where.address, where.token, where.tls)
         try:
+            # not redacted: whoever may exec into the job can read its environment anyway
             for out in stub.Exec(upstream()):
                 kind = out.WhichOneof("output")
                 if kind == "stdout":

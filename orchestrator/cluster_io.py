@@ -8,6 +8,7 @@ its output into the run's log folder, give its lease back, and only then report 
 that the orchestrator counts a node's room as free only once the agent does too. Two calls
 a task are saved: the agent releases the lease as the task ends (`release_lease_at_end`,
 before Wait answers), and a short output comes in the Wait reply itself (`output_limit`).
+The output kept has the values of the run's secrets masked (`redactor`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from api.substrate.v1 import agent_pb2_grpc as rpc
 from substrate.tls import NODE_NAME
 
 from .provision import AgentEndpoint, Cluster
+from .redaction import Redactor
 
 __all__ = ["ClusterIO", "Outcome"]
 
@@ -41,9 +43,11 @@ SLOW_FACTOR = 6  # an agent that answers pings but not Health is lost after this
 
 
 class ClusterIO:
-    """Channels to the agents of `cluster` (by node index), served by one asyncio thread."""
+    """Channels to the agents of `cluster` (by node index), served by one asyncio thread;
+    `redactor` masks secret values in the task logs it keeps."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, redactor: Redactor | None = None) -> None:
+        self.redactor = redactor or Redactor()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="agents", daemon=True)
         self.thread.start()
@@ -169,7 +173,7 @@ class ClusterIO:
             break
         if isinstance(status, pb.TaskStatus) and status.output_included:
             log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_bytes(status.output)
+            log.write_bytes(self.redactor.data(status.output))
             status.ClearField("output")
         else:
             await self._keep_log(node, reply.task_id, log)
@@ -210,14 +214,18 @@ class ClusterIO:
         await old.close()
 
     async def _keep_log(self, node: int, task_id: str, path: Path) -> None:
-        """Copy an ended task's output off its agent (before its node may go away)."""
+        """Copy an ended task's output off its agent (before its node may go away), its
+        secret values masked."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as out, contextlib.suppress(grpc.RpcError):
-            stream = self.stubs[node].Logs(
-                pb.LogsRequest(task_id=task_id), metadata=self.tokens[node]
-            )
-            async for chunk in stream:
-                out.write(chunk.data)
+        masker = self.redactor.masker()
+        with open(path, "wb") as out:
+            with contextlib.suppress(grpc.RpcError):
+                stream = self.stubs[node].Logs(
+                    pb.LogsRequest(task_id=task_id), metadata=self.tokens[node]
+                )
+                async for chunk in stream:
+                    out.write(masker.feed(chunk.data))
+            out.write(masker.end())
 
     async def _release(self, node: int, lease_id: str) -> None:
         with contextlib.suppress(grpc.RpcError):  # expired, or gone with the agent

@@ -50,12 +50,14 @@ from .errors import (
 )
 from .fuzzfile import Workflow, load_text
 from .fuzzfile.model import Image
+from .identity import groups_of
 from .metering import Meter, team_month
 from .placing import Decide, Placement
 from .provision import AgentEndpoint, Cancelled, Cluster, Provisioner, ProvisionError
+from .redaction import Redactor, forget, register, scrub
 from .runloop import LOST_AFTER, MOVE_AFTER, NodesLost, RunLoop
 from .scheduler import tasks_of
-from .secrets import SecretStore, parse_reference, referenced_secrets
+from .secrets import SecretNotSet, SecretStore, SecretView, parse_reference, referenced_secrets
 from .states import move_run, restart
 from .store import RUN_ENDED, Agent, Event, Job, Run, RunState, Store, Task, Volume
 from .views import run_named
@@ -102,7 +104,10 @@ class Engine:
     A run goes to the provider that serves the site federation placed it on (`placer`; none:
     always `home`, this orchestrator's own site), and only through the provider's calls: it
     sizes the cluster, brings it up and takes it down. `data_dir` holds volumes, logs and the
-    ingress cache; secrets are read from `secrets` when a container starts or data moves.
+    ingress cache; secrets are read from `secrets` (default: sealed in `store` with the key
+    file `data_dir/secrets.key`), for the run's owner, when a container starts, an image is
+    pulled or data moves. While the engine drives a run, the values of the secrets it uses
+    are masked in its events, reasons and kept logs (`orchestrator.redaction`).
     """
 
     def __init__(
@@ -123,7 +128,9 @@ class Engine:
         self.providers = tuple(providers)
         self.home = home
         self.data_dir = data_dir
-        self.secrets = secrets or SecretStore(data_dir / "secrets")
+        self.secrets = secrets or SecretStore(
+            store, data_dir / "secrets.key", legacy_dir=data_dir / "secrets"
+        )
         self.staging = Staging(
             store, data_dir, self.secrets, ca_file=ca_file, egress_dirs=egress_dirs
         )
@@ -151,13 +158,14 @@ class Engine:
         if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd > 0):
             raise InvalidInput(f"a budget is a number of USD above 0, not {budget_usd}")
         workflow = load_text(text, name).unwrap()
-        self._check_secrets(workflow)
+        owner = owner or getpass.getuser()
+        self._check_secrets(workflow, owner)
         self.staging.check_egress(workflow)
         run_id = str(uuid.uuid4())
         run = Run(
             id=run_id,
             name=name,
-            owner=owner or getpass.getuser(),
+            owner=owner,
             fuzzfile=text,
             site=self.home,
             budget_usd=budget_usd,
@@ -179,24 +187,30 @@ class Engine:
             raise AlreadyExists(f"a run named {name!r} exists already; pick another name") from None
         return run_id
 
-    def _check_secrets(self, wf: Workflow) -> None:
-        """Every secret the workflow names is set (image secrets hold a login), or nothing
-        is recorded: env values (`secret://` and legacy placeholders), image credentials
-        (`image.secret` and the legacy `secrets:` map) and transfer credentials."""
+    def secrets_of(self, owner: str) -> SecretView:
+        """The secrets as `owner` sees them now (its own, its groups', the organization's)."""
+        return self.secrets.view(owner, groups_of(self.store, owner))
+
+    def _check_secrets(self, wf: Workflow, owner: str) -> None:
+        """Every secret the workflow names is set for `owner` (image secrets hold a login),
+        or nothing is recorded: env values (`secret://` and legacy placeholders), image
+        credentials (`image.secret` and the legacy `secrets:` map) and transfer
+        credentials."""
         missing = []
+        view = self.secrets_of(owner)
         for ref in referenced_secrets(wf):
             parse_reference(ref)
             try:
-                self.secrets.get(ref)
-            except InvalidInput:
+                view.get(ref)
+            except SecretNotSet:
                 missing.append(ref)
         if missing:
             raise InvalidInput(
-                f"the workflow uses secrets that are not set: {', '.join(missing)}; set each "
-                "with `squall secret set REF` (the value is read from stdin)"
+                f"the workflow uses secrets that are not set: {', '.join(missing)} (for "
+                f"{owner}); set each with `squall secret set REF` (the value is read from stdin)"
             )
         for ref in sorted({c.image.secret for c in wf.containers.values() if c.image.secret}):
-            self.secrets.login(ref)  # refuses a secret that holds no username and password
+            view.login(ref)  # refuses a secret that holds no username and password
 
     # ---- running --------------------------------------------------------------------------
 
@@ -214,8 +228,21 @@ class Engine:
                 raise Conflict(f"run {run.name} is {run.state.value}, not PENDING")
             run.orchestrator = identity()
             run.heartbeat_at = _now()
-            text, name = run.fuzzfile, run.name
+            text, name, owner = run.fuzzfile, run.name, run.owner
         workflow = load_text(text, name).unwrap()
+        # what it writes from here on (events, reasons, kept logs) has its secrets masked
+        refs = referenced_secrets(workflow)
+        try:
+            register(run_id, Redactor(self.secrets_of(owner).values(refs) if refs else ()))
+        except SquallError as exc:  # the key file cannot open them: nothing starts
+            self._set_run(run_id, RunState.FAILED, describe(exc))
+            return RunOutcome(run_id, RunState.FAILED, describe(exc))
+        try:
+            return self._execute(run_id, workflow, name)
+        finally:
+            forget(run_id)
+
+    def _execute(self, run_id: str, workflow: Workflow, name: str) -> RunOutcome:
         meter = Meter(self.store, run_id)
         stop_tending = threading.Event()
         tend = threading.Thread(
@@ -278,7 +305,9 @@ class Engine:
             run = s.get_one(Run, run_id)
             name, owner, budget, policy = run.name, run.owner, run.budget_usd, run.policy
         if self.placer is not None:
-            decision = self.placer(wf, name, budget_usd=budget, policy=policy, exclude=lost_at)
+            decision = self.placer(
+                wf, name, budget_usd=budget, policy=policy, exclude=lost_at, owner=owner
+            )
         elif self.home in lost_at:
             return RunState.FAILED, f"it lost its nodes at {self.home}, its only site"
         else:
@@ -347,7 +376,7 @@ class Engine:
             )
             self.staging.plan_egress(run_id, wf)
             self.staging.ingress(run_id, wf, paths, transfers, data)
-        self._pull_images(run_id, wf, cluster)
+        self._pull_images(run_id, wf, cluster, owner)
         if self._cancelled(run_id):
             return RunState.CANCELLED, self.cancel_reason(run_id)
         self._set_run(run_id, RunState.RUNNING)
@@ -460,14 +489,16 @@ class Engine:
             self._event(run_id, "transfer", "egress retried: every result is out")
         return self.staging.release(run_id, force=release)
 
-    def _pull_images(self, run_id: str, wf: Workflow, cluster: Cluster) -> None:
+    def _pull_images(self, run_id: str, wf: Workflow, cluster: Cluster, owner: str) -> None:
         """Pull every image on every node, with its registry credentials, read from the
-        secrets now and handed to the agent in the request (its puller keeps them off disk).
-        A pull that fails raises PullError: the image, the node and the registry's reason."""
+        secrets of `owner` now and handed to the agent in the request (its puller keeps them
+        off disk). A pull that fails raises PullError: the image, the node and the
+        registry's reason."""
         images: dict[tuple[str, str, tuple[tuple[str, str], ...]], Image] = {}
         for c in wf.containers.values():
             legacy = tuple(sorted((c.image.legacy_secrets or {}).items()))
             images.setdefault((c.image.uri, c.image.secret or "", legacy), c.image)
+        view = self.secrets_of(owner) if any(key[1] or key[2] for key in images) else None
 
         def pull_on(agent: AgentEndpoint) -> None:
             channel, stub = connect(agent.address, agent.token, agent.tls)
@@ -475,7 +506,7 @@ class Engine:
                 for key in sorted(images):
                     image = images[key]
                     request = pb.PullImageRequest(
-                        reference=image.uri, credentials=self._login(image)
+                        reference=image.uri, credentials=_login(image, view)
                     )
                     try:
                         for progress in stub.PullImage(request):
@@ -494,17 +525,6 @@ class Engine:
         with ThreadPoolExecutor(len(cluster.agents), thread_name_prefix="pull") as pool:
             for pulled in [pool.submit(pull_on, agent) for agent in cluster.agents]:
                 pulled.result()
-
-    def _login(self, image: Image) -> pb.RegistryCredentials | None:
-        """The registry credentials of `image`, from its secret or its legacy map."""
-        if image.secret:
-            username, password = self.secrets.login(image.secret)
-        elif image.legacy_secrets:
-            username = self.secrets.fill(image.legacy_secrets["username"])
-            password = self.secrets.fill(image.legacy_secrets["password"])
-        else:
-            return None
-        return pb.RegistryCredentials(username=username, password=password)
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -560,6 +580,7 @@ class Engine:
             move_run(s, s.get_one(Run, run_id), state, reason)
 
     def _event(self, run_id: str, kind: str, message: str, subject: str = "") -> None:
+        message = scrub(run_id, message)
         with self.store.session() as s:
             s.add(Event(run_id=run_id, kind=kind, subject=subject, message=message))
 
@@ -579,6 +600,21 @@ def request_cancel(store: Store, name: str) -> RunState:
             run.cancel_requested = True
             s.add(Event(run_id=run.id, kind="run", message="cancel requested"))
         return run.state
+
+
+def _login(image: Image, view: SecretView | None) -> pb.RegistryCredentials | None:
+    """The registry credentials of `image`, from its secret or its legacy map, as `view`'s
+    user sees them."""
+    if view is None:
+        return None
+    if image.secret:
+        username, password = view.login(image.secret)
+    elif image.legacy_secrets:
+        username = view.fill(image.legacy_secrets["username"])
+        password = view.fill(image.legacy_secrets["password"])
+    else:
+        return None
+    return pb.RegistryCredentials(username=username, password=password)
 
 
 def _not_here(placement: dict[str, Any], here: str) -> str:

@@ -6,6 +6,8 @@
     │   └── Conflict            it clashes with what exists (a task not running)
     │       └── AlreadyExists   it names something new that exists already (a run's name)
     ├── UsageError              the request itself is malformed (a bad option value)
+    ├── Unauthenticated         the caller's token is missing, unknown, expired or revoked
+    ├── PermissionDenied        the caller is known, and no grant allows what it asked
     └── StoreError              the store failed, or stayed busy past its retries: nothing is
                                 wrong with the input, and trying again later may work
 
@@ -38,9 +40,11 @@ __all__ = [
     "Conflict",
     "InvalidInput",
     "NotFound",
+    "PermissionDenied",
     "Rule",
     "SquallError",
     "StoreError",
+    "Unauthenticated",
     "UsageError",
     "category_of",
     "describe",
@@ -61,6 +65,8 @@ class Category(StrEnum):
     CONFLICT = "conflict"  # it clashes with the current state
     ALREADY_EXISTS = "already-exists"  # it names something new that exists already
     USAGE = "usage"  # the request (command line) is malformed
+    UNAUTHENTICATED = "unauthenticated"  # no valid token: who is calling is not known
+    DENIED = "denied"  # the caller may not do this (the message names the permission)
     PROVISION = "provision"  # a cluster could not be brought up or taken down
     PULL = "pull"  # an image could not be pulled
     TRANSFER = "transfer"  # data could not be moved, after retries
@@ -76,7 +82,8 @@ class Rule:
 
 
 # The one table. Exit codes: 1 the input is wrong or the work failed, 2 the command line is
-# wrong, 3 something that is not the input's failed (the server, the store); a category
+# wrong, 3 something that is not the input's failed (the server, the store), 4 access (who
+# is calling is not known, or may not do that); a category
 # listed first for its status is what that status reads as when no category came with it.
 ERRORS: dict[Category, Rule] = {
     Category.INVALID: Rule(1, "INVALID_ARGUMENT"),
@@ -84,6 +91,8 @@ ERRORS: dict[Category, Rule] = {
     Category.CONFLICT: Rule(1, "FAILED_PRECONDITION"),
     Category.ALREADY_EXISTS: Rule(1, "ALREADY_EXISTS"),
     Category.USAGE: Rule(2, "INVALID_ARGUMENT"),
+    Category.UNAUTHENTICATED: Rule(4, "UNAUTHENTICATED"),
+    Category.DENIED: Rule(4, "PERMISSION_DENIED"),
     Category.PROVISION: Rule(1, "FAILED_PRECONDITION"),
     Category.PULL: Rule(1, "FAILED_PRECONDITION"),
     Category.SERVER: Rule(3, "UNAVAILABLE"),
@@ -135,6 +144,20 @@ class UsageError(SquallError):
     category = Category.USAGE
 
 
+class Unauthenticated(SquallError):
+    """The call carries no token the server knows (or it expired, was revoked, or its user
+    is disabled)."""
+
+    category = Category.UNAUTHENTICATED
+
+
+class PermissionDenied(SquallError):
+    """The caller is known and no grant of the policy allows the call; the message names
+    the missing permission."""
+
+    category = Category.DENIED
+
+
 class StoreError(SquallError):
     """The store failed or stayed busy; the message is one line without SQL."""
 
@@ -180,6 +203,8 @@ _CLASSES: dict[Category, type[SquallError]] = {
     Category.CONFLICT: Conflict,
     Category.ALREADY_EXISTS: AlreadyExists,
     Category.USAGE: UsageError,
+    Category.UNAUTHENTICATED: Unauthenticated,
+    Category.DENIED: PermissionDenied,
     Category.STORE: StoreError,
 }
 

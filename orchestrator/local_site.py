@@ -98,8 +98,10 @@ def local_engine(settings: LocalSettings) -> Engine:
         oversubscribe=settings.oversubscribe,
         volume_roots=functools.partial(volume_roots, settings.data_dir),
     )
-    secrets = SecretStore(settings.data_dir / "secrets")
     store = settings.store()
+    secrets = SecretStore(
+        store, settings.data_dir / "secrets.key", legacy_dir=settings.data_dir / "secrets"
+    )
     placer = Placer.from_environment(settings.site, secrets, store, local_nodes=settings.nodes)
     placer.check_site()  # a --site that names no site is refused before anything is recorded
     clouds = CloudProvisioner(stack_driver(settings, store), CloudSettings.from_environment())

@@ -17,6 +17,7 @@ from sqlalchemy import or_, select
 
 from federate.spend import Rates, usd
 
+from .redaction import scrub
 from .store import Event, Run, RunState, Store, Transfer
 
 __all__ = ["BUDGET_REACHED", "Meter", "spent"]
@@ -86,7 +87,8 @@ class Meter:
                     run.cancel_reason = (
                         f"{BUDGET_REACHED}: {usd(cost)} spent of a {usd(budget)} budget"
                     )
-                    s.add(Event(run_id=run.id, kind="budget", message=run.cancel_reason))
+                    message = scrub(run.id, run.cancel_reason)
+                    s.add(Event(run_id=run.id, kind="budget", message=message))
                 self.stopped = self.stopped or run.cancel_reason.startswith(BUDGET_REACHED)
         return cost
 

@@ -17,11 +17,13 @@ script can call it too:
 
 from __future__ import annotations
 
+import getpass
 import os
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +51,7 @@ from .data import RemoteFacts, describe
 from .errors import UsageError
 from .federation import workload_of
 from .fuzzfile.model import Workflow
+from .identity import groups_of
 from .provision import LocalProvisioner, this_machine
 from .provision.cloud import CloudProvisioner
 from .provision.vm import SITE as VM_SITE
@@ -81,6 +84,7 @@ class Decide(Protocol):
         budget_usd: float | None = None,
         policy: str = "",
         exclude: Mapping[str, str] | None = None,
+        owner: str = "",
     ) -> Placement: ...
 
 
@@ -143,7 +147,8 @@ class Placer:
     policy_file: Path | None = None
     sites_file: Path | None = None
     force_site: str | None = None
-    secrets: SecretStore | None = None  # to ask s3 sources for their size and region
+    # to ask s3 sources for their size and region, with the credentials the run's owner has
+    secrets: SecretStore | None = None
     ca_file: str | None = None
     store: Store | None = None  # earlier runs, for runtimes
     # what `squall federate compare` may add to the configuration
@@ -203,11 +208,15 @@ class Placer:
         budget_usd: float | None = None,
         policy: str = "",
         exclude: Mapping[str, str] | None = None,
+        owner: str = "",
     ) -> Placement:
         """Where `wf` runs as `name`. `budget_usd` (the run's own) and `policy` (a
         schedule's, as YAML text) can only narrow the configured policy; `exclude`: sites
-        it may not go to, with why (those a moving run lost its nodes at)."""
-        comparison = self.compare(wf, name, budget_usd=budget_usd, policy=policy, exclude=exclude)
+        it may not go to, with why (those a moving run lost its nodes at); `owner`: whose
+        secrets open its sources ("": this machine's user)."""
+        comparison = self.compare(
+            wf, name, budget_usd=budget_usd, policy=policy, exclude=exclude, owner=owner
+        )
         return Placement(comparison.record(), comparison.chosen, comparison.workload)
 
     def compare(
@@ -219,9 +228,11 @@ class Placer:
         policy: str = "",
         at: datetime | None = None,
         exclude: Mapping[str, str] | None = None,
+        owner: str = "",
     ) -> Comparison:
         """Price `wf` (to run as `name`) at every candidate site, as they stand `at` (None:
-        now; a later moment as the outlook foresees it). Raises UsageError, in one line,
+        now; a later moment as the outlook foresees it); its sources are asked with the
+        secrets of `owner` ("": this machine's user). Raises UsageError, in one line,
         when the configuration cannot be read or the forced site does not exist."""
         try:
             team = load_policy(self.policy_file) if self.policy_file else Policy()
@@ -253,7 +264,7 @@ class Placer:
             wf,
             name,
             buckets,
-            look=self._look if self.look_up_sources else None,
+            look=partial(self._look, owner or getpass.getuser()) if self.look_up_sources else None,
             history=self._history(name),
         )
         estimates = compare(workload, catalog, sites, rules, free_allowance=self.free_allowance)
@@ -312,13 +323,18 @@ class Placer:
                 hours.setdefault(job, []).append(elapsed / max(tasks, 1))
         return {job: statistics.median(values) for job, values in hours.items()}
 
-    def _look(self, uri: str, secret: str | None) -> RemoteFacts:
-        if self.looked is not None and (uri, secret) in self.looked:
-            return self.looked[(uri, secret)]
-        credentials = self.secrets.credentials(secret) if secret and self.secrets else None
+    def _look(self, owner: str, uri: str, secret: str | None) -> RemoteFacts:
+        """What `uri` says of itself, asked with `owner`'s secret `secret`."""
+        key = (uri, f"{secret} of {owner}" if secret else None)  # another owner's differs
+        if self.looked is not None and key in self.looked:
+            return self.looked[key]
+        credentials = None
+        if secret and self.secrets:
+            view = self.secrets.view(owner, groups_of(self.secrets.store, owner))
+            credentials = view.credentials(secret)
         facts = describe(uri, credentials=credentials, ca_file=self.ca_file)
         if self.looked is not None:
-            self.looked[(uri, secret)] = facts
+            self.looked[key] = facts
         return facts
 
 

@@ -45,10 +45,12 @@ from .cluster_io import ClusterIO
 from .fuzzfile.endpoints import endpoint_env
 from .fuzzfile.model import Affinity, Job, Service, Workflow
 from .fuzzfile.variables import expand, secret_references
+from .identity import groups_of
 from .probes import check
 from .provision import AgentEndpoint, Cluster, ProvisionError
+from .redaction import current
 from .scheduler import Scheduler, TaskKey
-from .secrets import SecretStore
+from .secrets import SecretStore, SecretView
 from .states import Moves
 from .store import Attempt, Run, RunState, Store, Task, TaskState
 from .store import Job as JobRow
@@ -84,6 +86,11 @@ def log_path(data_dir: Path, run_id: str, key: TaskKey, attempt: int) -> Path:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _has_secret(value: str) -> bool:
+    """Whether an env value is (or holds) a secret."""
+    return bool(secret_references(value))
 
 
 def _subject(key: TaskKey) -> str:
@@ -219,7 +226,10 @@ class RunLoop:
         self.cancel_checked = -POLL  # when the cancel flag was last read (monotonic)
         self.renewed = time.monotonic()
         self.sched = Scheduler(wf, self._load())
-        self.io = ClusterIO(cluster)
+        with store.session() as s:
+            self.owner = s.get_one(Run, run_id).owner  # whose secrets its containers get
+        # the values of the run's secrets, masked in the logs kept of its tasks
+        self.io = ClusterIO(cluster, current(run_id))
         try:
             self.capacity = Capacity(
                 [
@@ -664,7 +674,9 @@ class RunLoop:
             self.io.unary(active.node, "Cancel", pb.CancelRequest(task_id=reply.task_id))
 
     def _run_request(self, c: Job | Service, key: TaskKey, lease_id: str) -> pb.RunRequest:
-        env = {k: self._env_value(v) for k, v in c.env.items()}
+        # the secrets as the run's owner sees them now (only read for a value that has one)
+        view = self._secrets() if any(map(_has_secret, c.env.values())) else None
+        env = {k: view.fill(v) if view and _has_secret(v) else v for k, v in c.env.items()}
         env["FB_WORKFLOW_ID"] = self.run_id
         if isinstance(c, Job) and c.task_array is not None:
             env["FB_TASK_ID"] = str(key.index)
@@ -708,8 +720,8 @@ class RunLoop:
         ]
         return ("\n".join(hosts) + "\n").encode()
 
-    def _env_value(self, value: str) -> str:
-        return self.secrets.fill(value)
+    def _secrets(self) -> SecretView:
+        return self.secrets.view(self.owner, groups_of(self.store, self.owner))
 
     # ---- gangs (multi-node tasks: orchestrator/gangs.py) -----------------------------------
 

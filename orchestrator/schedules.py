@@ -51,6 +51,7 @@ from federate.spend import usd
 from .data import RemoteFacts
 from .errors import AlreadyExists, InvalidInput, NotFound, SquallError
 from .fuzzfile import load_text
+from .identity import is_disabled
 from .placing import Placer
 from .store import RUN_ENDED, Firing, FiringState, Run, Schedule, Store
 from .view_types import FiringView, ScheduleView
@@ -490,6 +491,9 @@ class Scheduler:
         now: datetime,
     ) -> None:
         run_name = f"{spec.name}-{due:%Y%m%d-%H%M}"
+        if is_disabled(self.store, spec.owner):  # its runs would be a disabled user's
+            self._end(firing_id, FiringState.FAILED, f"its owner {spec.owner} is disabled")
+            return
         with self.store.session() as s:
             claimed = s.execute(
                 update(Firing)
@@ -610,6 +614,7 @@ def placer_pricer(placer: Placer, store: Store, spot: SpotHistory | None = None)
             budget_usd=spec.budget_usd,
             policy=spec.policy,
             at=at,
+            owner=spec.owner,
         )
         chosen = comparison.chosen
         if chosen is None:

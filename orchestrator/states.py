@@ -16,6 +16,9 @@ can be replayed from its events.
 
 The run loop moves thousands of tasks a second; it collects its moves in a `Moves` and
 writes them in one unit of work (one commit per turn of the loop, however many tasks moved).
+
+Every reason and event message written here has the values of the run's secrets masked
+(`orchestrator.redaction.scrub`), for the runs this process drives.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, TypeVar
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
+from .redaction import scrub
 from .store import Attempt, Event, Job, Run, RunState, Task, TaskState
 
 __all__ = [
@@ -103,6 +107,7 @@ def _now() -> datetime:
 def move_run(s: Session, run: Run, to: RunState, reason: str = "") -> None:
     """Move `run` (a row of session `s`) to `to`, with its times, reason and event."""
     check(RUN_MOVES, f"run {run.name}", run.state, to)
+    reason = scrub(run.id, reason)
     run.state, run.reason = to, reason or run.reason
     if to is RunState.RUNNING and run.started_at is None:
         run.started_at = _now()
@@ -117,6 +122,7 @@ def restart(s: Session, run: Run, why: str) -> None:
     may have left its results on the cluster it lost): back to PLACING, and every job and
     task back to PENDING, whatever state it had, with the event that says why. The one way
     a job or task leaves an ended state; their attempts stay, as history."""
+    why = scrub(run.id, why)
     move_run(s, run, RunState.PLACING, f"moving: {why}")
     run.reason = ""
     jobs = select(Job.id).where(Job.run_id == run.id).scalar_subquery()
@@ -165,6 +171,7 @@ class Moves:
         check(JOB_MOVES, f"job {name}", was, to)
         row = self.jobs.setdefault(job_id, {"id": job_id})
         row.update(state=to, **times)
+        reason = scrub(self.run_id, reason)
         if reason:
             row["reason"] = reason
         self.event("job", name, reason or to.value.lower(), to)
@@ -185,6 +192,8 @@ class Moves:
         """Set columns of an attempt (its agent task id once it runs; how it ended)."""
         if "state" in values or "exit_code" in values:
             values.setdefault("finished_at", _now())
+        if values.get("message"):
+            values["message"] = scrub(self.run_id, values["message"])
         self.attempts.append({"b_task": task_id, "b_number": number, **values})
 
     def event(self, kind: str, subject: str, message: str, to: TaskState | None = None) -> None:
@@ -195,7 +204,7 @@ class Moves:
                 "kind": kind,
                 "subject": subject,
                 "state": to.value if to else None,
-                "message": message,
+                "message": scrub(self.run_id, message),
             }
         )
 

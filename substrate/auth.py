@@ -1,6 +1,6 @@
 """Bearer-token authentication for a gRPC server: every call, streams included, must carry
-`authorization: Bearer <token>`, compared in constant time. The agent uses it, and so does
-the orchestrator's control API."""
+`authorization: Bearer <token>`, compared in constant time. The agent uses it (the control
+API checks its users' tokens in `orchestrator.api.gate`)."""
 
 from __future__ import annotations
 

@@ -16,25 +16,33 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 
 from api.squall.v1 import control_pb2 as pb
 from api.squall.v1 import control_pb2_grpc as rpc
-from substrate.auth import TokenAuth
+from federate.policy import narrow, parse_policy, policy_text
 
-from .. import schedules
+from .. import identity, schedules
 from ..access import RunAccess
 from ..engine import Engine, request_cancel
-from ..errors import CATEGORY_TRAILER, InvalidInput, SquallError, describe, status_of
+from ..errors import CATEGORY_TRAILER, InvalidInput, NotFound, SquallError, describe, status_of
 from ..fuzzfile import FuzzfileError
 from ..fuzzfile.limits import MAX_FUZZFILE_BYTES
-from ..fuzzfile.loader import load_bytes
+from ..fuzzfile.loader import load_bytes, load_text
+from ..identity import Principal
 from ..run_threads import RunThreads
+from ..secrets import parse_reference
 from ..views import find_run, run_list, run_summary, watch
+from .audit import MAX_ENTRIES, read_audit
+from .gate import ANY, Gate, guarded
+from .iam import DEFAULT, AccessPolicy, placement_text, secret_holder
+from .messages import audit_message, identity_message, iso, token_message, user_message
 from .requests import RawStartWorkflowRequest, start_workflow_deserializer
 
 __all__ = ["MAX_REQUEST_BYTES", "ControlServer", "serve"]
@@ -45,6 +53,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The largest request the server reads: a Fuzzfile at its limit with room to spare, so that
 # one somewhat over it is told so by a diagnostic; gRPC refuses larger ones unread.
 MAX_REQUEST_BYTES = 2 * MAX_FUZZFILE_BYTES
+# The longest token lifetime anyone may ask for; a user's own tokens, without admin, live at
+# most USER_TOKEN_TTL (a stolen token cannot mint one that outlives its revocation for long)
+MAX_TOKEN_TTL = timedelta(days=3650)
+USER_TOKEN_TTL = timedelta(days=365)
 # Error details travel in a trailer, which clients refuse past 8 KiB (percent-encoded).
 MAX_DETAILS_BYTES = 2000
 
@@ -98,18 +110,61 @@ def _status_codes(method: F) -> F:
     return streaming if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
 
 
+def _name(request: Any) -> str:
+    return str(request.name or "")
+
+
+def _started(request: Any) -> str:
+    """The run a stream's first message names."""
+    return str(request.start.name) if request.WhichOneof("input") == "start" else ""
+
+
+def _ttl(request: Any, field: str) -> timedelta | None:
+    """A token lifetime from an optional seconds field: absent, the default; 0, never."""
+    if not request.HasField(field):
+        return identity.DEFAULT_TOKEN_TTL
+    seconds = getattr(request, field)
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TOKEN_TTL.total_seconds():
+        raise InvalidInput(
+            f"a token lifetime is a number of seconds up to {MAX_TOKEN_TTL.days} days, "
+            f"0 for never: not {seconds}"
+        )
+    return timedelta(seconds=seconds) if seconds else None
+
+
 class ControlServer(rpc.ControlServicer):
-    def __init__(self, engine: Engine, runs: RunThreads | None = None) -> None:
+    """Every method is `guarded`: the caller's token, the access policy and the audit log
+    (`gate`) come before what it does; each gets the caller as its fourth argument."""
+
+    def __init__(
+        self, engine: Engine, runs: RunThreads | None = None, policy: AccessPolicy = DEFAULT
+    ) -> None:
         self.engine = engine
-        self.access = RunAccess(engine.store, engine.data_dir)
+        self.access = RunAccess(engine.store, engine.data_dir, engine.secrets)
         self.runs = runs or RunThreads(engine)
+        self.gate = Gate(engine.store, policy)
 
     def _summary(self, name: str) -> pb.Workflow:
         return run_summary(self.engine.store, find_run(self.engine.store, name)).to_message()
 
+    def _placement(self, who: Principal, name: str, policy: str = "") -> str:
+        """The placement policy text for runs `who` starts as `name`: `policy` narrowed to
+        the sites its grants allow."""
+        sites = self.gate.policy.sites(who, name)
+        if sites is None:
+            return policy
+        narrowed = parse_policy(placement_text(sites), "the access policy's sites")
+        if policy:
+            narrowed = narrow(parse_policy(policy, "the schedule's policy"), narrowed)
+        return policy_text(narrowed)
+
     @_status_codes
+    @guarded("start", _name)
     def StartWorkflow(
-        self, request: pb.StartWorkflowRequest | RawStartWorkflowRequest, context: Any
+        self,
+        request: pb.StartWorkflowRequest | RawStartWorkflowRequest,
+        context: Any,
+        who: Principal,
     ) -> pb.Workflow:
         if isinstance(request, RawStartWorkflowRequest):  # not UTF-8: say where
             if request.name is None:
@@ -117,25 +172,34 @@ class ControlServer(rpc.ControlServicer):
             raise FuzzfileError(load_bytes(request.fuzzfile, request.name).diagnostics)
         if not request.name:
             raise InvalidInput("a workflow needs a name, e.g. user/gromacs-1")
-        user = dict(context.invocation_metadata()).get("x-squall-user", "")
+        wf = load_text(request.fuzzfile, request.name).unwrap()
+        if any(v.egress for v in wf.volumes.values()):
+            self.gate.require(context, who, "StartWorkflow", "egress", request.name)
         budget = request.budget_usd if request.HasField("budget_usd") else None
-        run_id = self.runs.launch(request.name, request.fuzzfile, user or None, budget)
+        policy = self._placement(who, request.name)
+        run_id = self.runs.launch(request.name, request.fuzzfile, who.name, budget, policy)
         return run_summary(self.engine.store, run_id).to_message()
 
     @_status_codes
-    def GetWorkflow(self, request: pb.GetWorkflowRequest, context: Any) -> pb.Workflow:
+    @guarded("status", _name, of="run")
+    def GetWorkflow(
+        self, request: pb.GetWorkflowRequest, context: Any, who: Principal
+    ) -> pb.Workflow:
         return self._summary(request.name)
 
     @_status_codes
+    @guarded("status")
     def ListWorkflows(
-        self, request: pb.ListWorkflowsRequest, context: Any
+        self, request: pb.ListWorkflowsRequest, context: Any, who: Principal
     ) -> pb.ListWorkflowsResponse:
         rows = run_list(self.engine.store, request.pattern or "*")
-        return pb.ListWorkflowsResponse(workflows=[r.to_message() for r in rows])
+        seen = [r for r in rows if self.gate.policy.allows(who, "status", r.name, r.owner)]
+        return pb.ListWorkflowsResponse(workflows=[r.to_message() for r in seen])
 
     @_status_codes
+    @guarded("status", _name, of="run")
     def WatchWorkflow(
-        self, request: pb.WatchWorkflowRequest, context: Any
+        self, request: pb.WatchWorkflowRequest, context: Any, who: Principal
     ) -> Iterator[pb.WorkflowUpdate]:
         last = None
         for run, events in watch(self.engine.store, find_run(self.engine.store, request.name)):
@@ -148,66 +212,240 @@ class ControlServer(rpc.ControlServicer):
                 last = run
 
     @_status_codes
-    def CancelWorkflow(self, request: pb.CancelWorkflowRequest, context: Any) -> pb.Workflow:
+    @guarded("cancel", _name, of="run")
+    def CancelWorkflow(
+        self, request: pb.CancelWorkflowRequest, context: Any, who: Principal
+    ) -> pb.Workflow:
         request_cancel(self.engine.store, request.name)
         return self._summary(request.name)
 
     @_status_codes
-    def Logs(self, request: pb.LogsRequest, context: Any) -> Iterator[pb.LogChunk]:
+    @guarded("log", _name, of="run")
+    def Logs(self, request: pb.LogsRequest, context: Any, who: Principal) -> Iterator[pb.LogChunk]:
         for data in self.access.logs(request.name, request.job, request.index, request.follow):
             yield pb.LogChunk(data=data)
 
     @_status_codes
+    @guarded("exec", _started, of="run")
     def Exec(
-        self, request_iterator: Iterator[pb.ExecInput], context: Any
+        self, request_iterator: Iterator[pb.ExecInput], context: Any, who: Principal
     ) -> Iterator[pb.ExecOutput]:
         yield from self.access.exec(request_iterator)
 
     @_status_codes
+    @guarded("port-forward", _started, of="run")
     def PortForward(
-        self, request_iterator: Iterator[pb.PortForwardInput], context: Any
+        self, request_iterator: Iterator[pb.PortForwardInput], context: Any, who: Principal
     ) -> Iterator[pb.PortForwardOutput]:
         yield from self.access.port_forward(request_iterator)
 
     # ---- schedules
 
     @_status_codes
-    def CreateSchedule(self, request: pb.CreateScheduleRequest, context: Any) -> pb.ScheduleStatus:
-        user = dict(context.invocation_metadata()).get("x-squall-user", "") or "unknown"
+    @guarded("schedule", _name)
+    def CreateSchedule(
+        self, request: pb.CreateScheduleRequest, context: Any, who: Principal
+    ) -> pb.ScheduleStatus:
+        self.gate.require(context, who, "CreateSchedule", "start", request.name)
+        wf = load_text(request.fuzzfile, request.name).unwrap()
+        if any(v.egress for v in wf.volumes.values()):
+            self.gate.require(context, who, "CreateSchedule", "egress", request.name)
         view = schedules.create_schedule(
             self.engine.store,
             request.name,
             request.fuzzfile,
             request.cron,
-            owner=user,
+            owner=who.name,
             window_seconds=request.window_seconds,
             budget_usd=request.budget_usd if request.HasField("budget_usd") else None,
-            policy=request.policy,
+            policy=self._placement(who, request.name, request.policy),
         )
         return view.to_message()
 
     @_status_codes
+    @guarded("schedule")
     def ListSchedules(
-        self, request: pb.ListSchedulesRequest, context: Any
+        self, request: pb.ListSchedulesRequest, context: Any, who: Principal
     ) -> pb.ListSchedulesResponse:
         found = schedules.list_schedules(self.engine.store)
-        return pb.ListSchedulesResponse(schedules=[v.to_message() for v in found])
+        seen = [v for v in found if self.gate.policy.allows(who, "schedule", v.name, v.owner)]
+        return pb.ListSchedulesResponse(schedules=[v.to_message() for v in seen])
 
     @_status_codes
-    def GetSchedule(self, request: pb.GetScheduleRequest, context: Any) -> pb.ScheduleStatus:
+    @guarded("schedule", _name, of="schedule")
+    def GetSchedule(
+        self, request: pb.GetScheduleRequest, context: Any, who: Principal
+    ) -> pb.ScheduleStatus:
         return schedules.show_schedule(self.engine.store, request.name).to_message()
 
     @_status_codes
-    def PauseSchedule(self, request: pb.PauseScheduleRequest, context: Any) -> pb.ScheduleStatus:
+    @guarded("schedule", _name, of="schedule")
+    def PauseSchedule(
+        self, request: pb.PauseScheduleRequest, context: Any, who: Principal
+    ) -> pb.ScheduleStatus:
         view = schedules.set_paused(self.engine.store, request.name, request.paused)
         return view.to_message()
 
     @_status_codes
+    @guarded("schedule", _name, of="schedule")
     def DeleteSchedule(
-        self, request: pb.DeleteScheduleRequest, context: Any
+        self, request: pb.DeleteScheduleRequest, context: Any, who: Principal
     ) -> pb.DeleteScheduleResponse:
         schedules.delete_schedule(self.engine.store, request.name)
         return pb.DeleteScheduleResponse()
+
+    # ---- identity and access
+
+    @_status_codes
+    @guarded(ANY)
+    def WhoAmI(self, request: pb.WhoAmIRequest, context: Any, who: Principal) -> pb.Identity:
+        return identity_message(who)
+
+    @_status_codes
+    @guarded("admin", _name)
+    def AddUser(self, request: pb.AddUserRequest, context: Any, who: Principal) -> pb.NewToken:
+        ttl = _ttl(request, "token_ttl_seconds")
+        user = identity.add_user(
+            self.engine.store, request.name, list(request.groups), admin=request.admin
+        )
+        text, token = identity.issue_token(
+            self.engine.store, user.name, ttl=ttl, note=f"made by {who.name} with the user"
+        )
+        return pb.NewToken(user=user_message(user), token=token_message(token), text=text)
+
+    @_status_codes
+    @guarded("admin")
+    def ListUsers(
+        self, request: pb.ListUsersRequest, context: Any, who: Principal
+    ) -> pb.ListUsersResponse:
+        users = identity.list_users(self.engine.store)
+        return pb.ListUsersResponse(users=[user_message(u) for u in users])
+
+    @_status_codes
+    @guarded("admin", _name)
+    def DisableUser(
+        self, request: pb.DisableUserRequest, context: Any, who: Principal
+    ) -> pb.UserInfo:
+        if request.name == who.name and request.disabled:
+            raise InvalidInput("an admin cannot disable itself (another admin can)")
+        return user_message(
+            identity.set_disabled(self.engine.store, request.name, request.disabled)
+        )
+
+    def _for_user(self, context: Any, who: Principal, method: str, user: str) -> str:
+        """`user` (empty: the caller); another user's tokens take `admin`."""
+        user = user or who.name
+        if user != who.name:
+            self.gate.require(context, who, method, "admin", user)
+        return user
+
+    @_status_codes
+    @guarded(ANY)
+    def CreateToken(
+        self, request: pb.CreateTokenRequest, context: Any, who: Principal
+    ) -> pb.NewToken:
+        user = self._for_user(context, who, "CreateToken", request.user)
+        ttl = _ttl(request, "ttl_seconds")
+        if ttl is None or ttl > USER_TOKEN_TTL:
+            long = "never expires" if ttl is None else f"lives {ttl.days} days"
+            self.gate.require(context, who, "CreateToken", "admin", f"a token that {long}")
+        text, token = identity.issue_token(self.engine.store, user, ttl=ttl, note=request.note)
+        return pb.NewToken(token=token_message(token), text=text)
+
+    @_status_codes
+    @guarded(ANY)
+    def ListTokens(
+        self, request: pb.ListTokensRequest, context: Any, who: Principal
+    ) -> pb.ListTokensResponse:
+        user = self._for_user(context, who, "ListTokens", request.user)
+        tokens = identity.list_tokens(self.engine.store, None if user == "*" else user)
+        return pb.ListTokensResponse(tokens=[token_message(t) for t in tokens])
+
+    @_status_codes
+    @guarded(ANY)
+    def RevokeToken(
+        self, request: pb.RevokeTokenRequest, context: Any, who: Principal
+    ) -> pb.TokenInfo:
+        mine = {t.id for t in identity.list_tokens(self.engine.store, who.name)}
+        if request.id not in mine:
+            self.gate.require(context, who, "RevokeToken", "admin", request.id)
+        return token_message(identity.revoke_token(self.engine.store, request.id))
+
+    @_status_codes
+    @guarded("admin")
+    def ListAudit(
+        self, request: pb.ListAuditRequest, context: Any, who: Principal
+    ) -> pb.ListAuditResponse:
+        since = None
+        if request.since:
+            try:
+                since = datetime.fromisoformat(request.since)
+            except ValueError:
+                raise InvalidInput(f"since: not an ISO 8601 time: {request.since!r}") from None
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=UTC)
+        entries = read_audit(
+            self.engine.store,
+            user=request.user,
+            since=since,
+            limit=request.limit or MAX_ENTRIES,
+            denied=request.denied,
+        )
+        return pb.ListAuditResponse(entries=[audit_message(e) for e in entries])
+
+    @_status_codes
+    @guarded("admin")
+    def RotateKey(
+        self, request: pb.RotateKeyRequest, context: Any, who: Principal
+    ) -> pb.RotateKeyResponse:
+        return pb.RotateKeyResponse(reencrypted=self.engine.secrets.rotate_key())
+
+    def _holder(self, context: Any, who: Principal, method: str, ref: str, group: str) -> str:
+        """Whose secret `ref` is when `who` sets or deletes it (`iam.secret_holder`)."""
+        scope, _ = parse_reference(ref)
+        holder, needs_admin = secret_holder(scope, who, group)
+        if needs_admin:
+            self.gate.require(context, who, method, "admin", needs_admin)
+        return holder
+
+    @_status_codes
+    @guarded("secret", lambda r: str(r.ref))
+    def SetSecret(
+        self, request: pb.SetSecretRequest, context: Any, who: Principal
+    ) -> pb.SecretInfo:
+        holder = self._holder(context, who, "SetSecret", request.ref, request.group)
+        if not request.value.strip():
+            raise InvalidInput("a secret's value cannot be empty")
+        self.engine.secrets.put(request.ref, holder, request.value)
+        scope, _ = parse_reference(request.ref)
+        return pb.SecretInfo(ref=request.ref, scope=scope, holder=holder)
+
+    @_status_codes
+    @guarded("secret")
+    def ListSecrets(
+        self, request: pb.ListSecretsRequest, context: Any, who: Principal
+    ) -> pb.ListSecretsResponse:
+        if request.all:
+            self.gate.require(context, who, "ListSecrets", "admin", "every holder's secrets")
+        entries = self.engine.secrets.entries(who.name, who.groups, everything=request.all)
+        return pb.ListSecretsResponse(
+            secrets=[
+                pb.SecretInfo(
+                    ref=e.ref, scope=e.scope, holder=e.holder, updated_at=iso(e.updated_at)
+                )
+                for e in entries
+            ]
+        )
+
+    @_status_codes
+    @guarded("secret", lambda r: str(r.ref))
+    def DeleteSecret(
+        self, request: pb.DeleteSecretRequest, context: Any, who: Principal
+    ) -> pb.DeleteSecretResponse:
+        holder = self._holder(context, who, "DeleteSecret", request.ref, request.group)
+        if not self.engine.secrets.remove(request.ref, holder):
+            raise NotFound(f"{request.ref} is not set" + (f" for {holder}" if holder else ""))
+        return pb.DeleteSecretResponse()
 
     def shutdown(self, grace: float = 60.0) -> None:
         """Cancel the runs this server owns and wait for their clusters to come down."""
@@ -243,15 +481,16 @@ def serve(
     tls: tuple[bytes, bytes] | None = None,
     workers: int = 64,
     runs: RunThreads | None = None,
+    policy: AccessPolicy = DEFAULT,
 ) -> tuple[grpc.Server, int, ControlServer]:
     """Start serving on `address` (with TLS when given a certificate chain and key);
-    `runs`: where started runs are driven (shared with a scheduler)."""
-    if len(token) < 16:
-        raise ValueError("the server token must be at least 16 characters")
-    servicer = ControlServer(engine, runs)
+    `token`: the server's own token, which belongs to the admin user `admin`
+    (`identity.bootstrap`); `runs`: where started runs are driven (shared with a scheduler);
+    `policy`: who may do what."""
+    identity.bootstrap(engine.store, token)
+    servicer = ControlServer(engine, runs, policy)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="control-rpc"),
-        interceptors=[TokenAuth(token)],
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
     _add_servicer(servicer, server)

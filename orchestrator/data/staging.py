@@ -1,7 +1,7 @@
 """A run's volumes: made on its cluster's storage before the first job, filled by ingress,
 emptied by egress after the last job. The bytes move between a node of the cluster (its data
 agent, `DataAgent`) and the sources and destinations: this process sends the requests and,
-for each transfer alone, its credentials, resolved from the secrets at that moment.
+for each transfer alone, its credentials, resolved from the run owner's secrets at that moment.
 
 Where volumes live is the site's storage:
 - On the local site, this machine's disk: ephemeral volumes under `DATA/runs/RUN/volumes/NAME`,
@@ -48,8 +48,9 @@ from ..errors import InvalidInput
 from ..fuzzfile.model import Transfer as TransferSpec
 from ..fuzzfile.model import Volume as VolumeSpec
 from ..fuzzfile.model import Workflow
+from ..identity import groups_of
 from ..secrets import SecretStore
-from ..store import Store, Transfer, TransferState, Volume
+from ..store import Run, Store, Transfer, TransferState, Volume
 from .data_agent import DataAgent
 from .transfers import TransferError, TransferPolicy, push
 
@@ -330,7 +331,7 @@ class Staging:
                     paths[name],
                     rel,
                     content=content,
-                    credentials=self._credentials(spec.source.secret),
+                    credentials=self._credentials(run_id, spec.source.secret),
                     policy=_policy(spec),
                     ca_pem=ca_pem,
                     # a persistent volume may be written meanwhile by another run's jobs
@@ -375,7 +376,7 @@ class Staging:
                     volume,
                     rel,
                     row.destination,
-                    credentials=self._credentials(row.secret or None),
+                    credentials=self._credentials(run_id, row.secret or None),
                     policy=policy,
                 )
             try:
@@ -449,7 +450,7 @@ class Staging:
         errors = []
         for row in self._owed(run_id):
             rel = _volume_file(row.source, f"volume {row.volume} egress")
-            creds = self._credentials(row.secret or None)
+            creds = self._credentials(run_id, row.secret or None)
             policy = TransferPolicy(timeout=row.timeout or None, attempts=max(row.tries, 1))
 
             target = (
@@ -474,8 +475,13 @@ class Staging:
         if errors:
             raise TransferError("egress failed: " + "; ".join(errors))
 
-    def _credentials(self, ref: str | None) -> dict[str, str] | None:
-        return self.secrets.credentials(ref) if ref else None
+    def _credentials(self, run_id: str, ref: str | None) -> dict[str, str] | None:
+        """The credentials `ref` holds for the owner of run `run_id`, read now."""
+        if not ref:
+            return None
+        with self.store.session() as s:
+            owner = s.get_one(Run, run_id).owner
+        return self.secrets.view(owner, groups_of(self.store, owner)).credentials(ref)
 
     def _record(self, run_id: str, volume: str, direction: str, spec: TransferSpec) -> Transfer:
         policy = _policy(spec)

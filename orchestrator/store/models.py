@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -34,6 +35,7 @@ __all__ = [
     "RUN_ENDED",
     "Agent",
     "Attempt",
+    "AuditEntry",
     "Base",
     "Event",
     "Firing",
@@ -42,12 +44,15 @@ __all__ = [
     "Run",
     "RunState",
     "Schedule",
+    "SecretValue",
     "Stack",
     "StackState",
     "Task",
     "TaskState",
+    "Token",
     "Transfer",
     "TransferState",
+    "User",
     "Volume",
 ]
 
@@ -385,3 +390,62 @@ class Firing(Base):
     estimate_usd: Mapped[float | None] = mapped_column(Float, default=None)
     run_name: Mapped[str] = mapped_column(String(255), default="")
     reason: Mapped[str] = mapped_column(Text, default="")  # why this time and site, or none
+
+
+class User(Base):
+    """Someone the control plane knows (`orchestrator.identity`): a name, the groups it is in
+    (what policies and group secrets go by), and whether it may administer."""
+
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(_TS, default=now)
+
+
+class Token(Base):
+    """A user's API token, kept as the SHA-256 of its text (shown once, when made)."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # shown in lists
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    note: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(_TS, default=now)
+    expires_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+    used_at: Mapped[datetime | None] = mapped_column(_TS, default=None)
+
+
+class AuditEntry(Base):
+    """One control-plane call: who, which verb on what, allowed or denied and why."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(_TS, default=now, index=True)
+    user: Mapped[str] = mapped_column(String(64), index=True)  # "" when not authenticated
+    method: Mapped[str] = mapped_column(String(64))
+    verb: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255), default="")  # a run, schedule, secret...
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[str] = mapped_column(Text, default="")  # why denied; what an admin call did
+    peer: Mapped[str] = mapped_column(String(255), default="")
+
+
+class SecretValue(Base):
+    """A secret's value, encrypted (`orchestrator.secrets`): scope user, group or organization;
+    `holder` is the user or group it belongs to ("" for the organization)."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("scope", "holder", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    holder: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)  # Fernet token of the value
+    updated_at: Mapped[datetime] = mapped_column(_TS, default=now)

@@ -350,8 +350,8 @@ def test_status_list_cancel_and_errors_through_the_server(
     contexts = Path(env.vars["XDG_CONFIG_HOME"]) / "squall" / "contexts.yaml"
     contexts.write_text(contexts.read_text().replace("token: ", "token: wrong"))
     denied = env.run("workflow", "list")
-    assert denied.returncode == 3
-    assert "refused the token" in denied.stderr
+    assert denied.returncode == 4
+    assert "refused the token: unknown token" in denied.stderr
 
 
 def test_a_server_killed_mid_run_leaves_nothing_and_its_successor_fails_the_run(

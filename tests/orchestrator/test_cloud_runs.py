@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import json
 import os
 import shutil
@@ -473,7 +474,7 @@ def test_a_cloud_run_with_volumes_keeps_them_on_the_clusters_storage(
     per job), the stand-in node 0 fetches the ingress into it and pushes the egress out of
     it, both jobs (on different nodes) see the same volume, and nothing of it passes through
     the orchestrator's folder, except the `file:///` egress it asked for."""
-    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    engine.secrets.put("secret://user/S3", getpass.getuser(), json.dumps(s3.credentials).encode())
     home = tmp_path / "home" / "result.txt"
     text = "version: v4\n" + textwrap.dedent(f"""
         files:
@@ -581,7 +582,7 @@ def test_a_failed_egress_on_a_cloud_brings_the_results_home_before_the_stack_goe
 ):
     """The cluster's storage goes with its stack: what a failed egress still owes is copied
     to the orchestrator's machine first, and `workflow egress` sends it from there later."""
-    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    engine.secrets.put("secret://user/S3", getpass.getuser(), json.dumps(s3.credentials).encode())
     text = "version: v4\n" + textwrap.dedent(f"""
         volumes:
           data:

@@ -12,6 +12,7 @@ the servers' access logs say which machine fetched and stored."""
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import os
 import signal
@@ -110,7 +111,7 @@ def test_nodes_fetch_and_store_the_data_and_jobs_on_two_nodes_share_the_volume(
     )
     store = Store(f"sqlite:///{tmp_path / 'squall.db'}")
     engine = Engine(store, [provisioner], data_dir=tmp_path / "data", ca_file=web.ca_file)
-    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    engine.secrets.put("secret://user/S3", getpass.getuser(), json.dumps(s3.credentials).encode())
     setup_done = s3.log_size()  # the test's own calls (from this machine) end here
     # `left` and `right` wait for each other, so they run at once: on different nodes (one
     # core each); `join` reads what both wrote

@@ -3,6 +3,7 @@ served here, crun containers, and the store on SQLite."""
 
 from __future__ import annotations
 
+import getpass
 import textwrap
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_bad_input_is_refused_before_anything_starts(engine: Engine, tmp_path: P
 
 
 def test_a_secret_reaches_the_container_and_no_record(engine: Engine, tmp_path: Path) -> None:
-    engine.secrets.set("secret://user/TOKEN", b"s3cr3t-value")
+    engine.secrets.put("secret://user/TOKEN", getpass.getuser(), b"s3cr3t-value")
     outcome = engine.run(
         "user/secret",
         fuzzfile(f"""

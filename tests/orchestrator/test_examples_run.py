@@ -4,6 +4,7 @@ S3 server for egress (moto stands in for AWS; everything else is the real thing)
 
 from __future__ import annotations
 
+import getpass
 import json
 import time
 from collections.abc import Iterator
@@ -50,7 +51,9 @@ def test_pipeline_fans_out_and_in_with_https_ingress_and_s3_egress(
     make_engine: MakeEngine, web: FileServer, s3: S3Server, tmp_path: Path
 ) -> None:
     engine = make_engine(ca_file=web.ca_file)
-    engine.secrets.set("secret://user/RESULTS_S3", json.dumps(s3.credentials).encode())
+    engine.secrets.put(
+        "secret://user/RESULTS_S3", getpass.getuser(), json.dumps(s3.credentials).encode()
+    )
     text = (EXAMPLES / "pipeline.yaml").read_text()
     text = text.replace("https://www.gutenberg.org/cache/epub/84/pg84.txt", f"{web.url}/pg84.txt")
     outcome = engine.run("user/pipeline", text)
@@ -156,7 +159,7 @@ def test_a_failed_egress_fails_the_run_keeps_the_data_and_can_be_retried(
     make_engine: MakeEngine, s3: S3Server
 ) -> None:
     engine = make_engine()
-    engine.secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+    engine.secrets.put("secret://user/S3", getpass.getuser(), json.dumps(s3.credentials).encode())
     text = """version: v4
 volumes:
   out:

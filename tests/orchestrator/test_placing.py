@@ -153,6 +153,7 @@ def test_a_policy_that_allows_no_site_fails_the_run_with_the_reasons(
 def test_sizes_and_the_bucket_region_come_from_the_sources_themselves(
     make_engine, tmp_path: Path
 ) -> None:
+    import getpass
     import json
 
     from orchestrator.secrets import SecretStore
@@ -166,8 +167,9 @@ def test_sizes_and_the_bucket_region_come_from_the_sources_themselves(
             Bucket="reads", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
         )
         client.put_object(Bucket="reads", Key="r.bin", Body=b"y" * 4321)
-        secrets = SecretStore(tmp_path / "secrets")
-        secrets.set("secret://user/S3", json.dumps(s3.credentials).encode())
+        store = Store(f"sqlite:///{tmp_path / 'secrets.db'}")
+        secrets = SecretStore(store, tmp_path / "secrets.key")
+        secrets.put("secret://user/S3", getpass.getuser(), json.dumps(s3.credentials).encode())
         placer = Placer(catalog_dir=CATALOG, secrets=secrets, ca_file=web.ca_file)
         workflow = f"""version: v4
 volumes:
@@ -188,7 +190,9 @@ jobs:
 
         wf = load_text(workflow, "w").unwrap()
         record = placer.place(wf, "me/sizes")
-        moves = workload_of(wf, "me/sizes", look=placer._look).data
+        moves = workload_of(
+            wf, "me/sizes", look=functools.partial(placer._look, getpass.getuser())
+        ).data
     finally:
         web.stop()
         s3.stop()

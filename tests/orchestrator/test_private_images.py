@@ -5,6 +5,7 @@ that do not exist. Real agents, skopeo, crun and SQLite; nothing is mocked."""
 from __future__ import annotations
 
 import base64
+import getpass
 import json
 import os
 import subprocess
@@ -70,12 +71,12 @@ def login(user: str = USER, password: str = PASSWORD) -> bytes:
     return json.dumps({"username": user, "password": password}).encode()
 
 
-def assert_password_nowhere(root: Path, secrets: Path) -> None:
-    """Not in the store, its events, the logs, the agents' files: nowhere under `root` but
-    the secret store itself (nor as the base64 of a basic-auth header or auth file)."""
+def assert_password_nowhere(root: Path) -> None:
+    """Not in the store (where the secret is sealed), its events, the logs, the agents'
+    files: nowhere under `root` (nor as the base64 of a basic-auth header or auth file)."""
     needles = (PASSWORD.encode(), base64.b64encode(f"{USER}:{PASSWORD}".encode()))
     for path in root.rglob("*"):
-        if path.is_file() and not path.is_relative_to(secrets):
+        if path.is_file():
             data = path.read_bytes()
             assert not any(n in data for n in needles), path
 
@@ -84,7 +85,7 @@ def test_a_private_image_runs_with_its_secret_in_both_forms(
     engine: Engine, private: Registry, tmp_path: Path
 ) -> None:
     image = f"docker://{private.address}/team/busybox:1.36"
-    engine.secrets.set("secret://user/REGISTRY", login())
+    engine.secrets.put("secret://user/REGISTRY", getpass.getuser(), login())
     outcome = engine.run(
         "user/private", workflow(f"{{uri: {image}, secret: secret://user/REGISTRY}}")
     )
@@ -94,7 +95,7 @@ def test_a_private_image_runs_with_its_secret_in_both_forms(
     # the legacy map: a username and a `${{ secret "NAME" }}` password (a run of its own: its
     # agent finds the image in the site's cache and gives it only once the registry took
     # this login: see the next test)
-    engine.secrets.set("secret://user/REGISTRY_PW", PASSWORD.encode())
+    engine.secrets.put("secret://user/REGISTRY_PW", getpass.getuser(), PASSWORD.encode())
     password = '${{ secret "REGISTRY_PW" }}'
     legacy = f"{{uri: {image}, secrets: {{username: {USER}, password: '{password}'}}}}"
     outcome = engine.run("user/private-legacy", workflow(legacy))
@@ -102,7 +103,7 @@ def test_a_private_image_runs_with_its_secret_in_both_forms(
     with engine.store.session() as s:
         pulled = s.scalars(select(Event.message).where(Event.kind == "image")).all()
     assert pulled == [f"node-0: pulled {image}", f"node-0: cached {image}"]
-    assert_password_nowhere(tmp_path, engine.secrets.root)
+    assert_password_nowhere(tmp_path)
 
 
 def test_a_cached_private_image_is_not_given_to_a_later_run_with_a_wrong_login(
@@ -111,8 +112,8 @@ def test_a_cached_private_image_is_not_given_to_a_later_run_with_a_wrong_login(
     """The site's image cache outlives runs: a later run's agent checks the image with the
     registry under that run's login before it gives it."""
     image = f"docker://{private.address}/team/busybox:1.36"
-    engine.secrets.set("secret://user/REGISTRY", login())
-    engine.secrets.set("secret://user/WRONG", login(password="not-" + PASSWORD))
+    engine.secrets.put("secret://user/REGISTRY", getpass.getuser(), login())
+    engine.secrets.put("secret://user/WRONG", getpass.getuser(), login(password="not-" + PASSWORD))
     good = engine.run("user/good", workflow(f"{{uri: {image}, secret: secret://user/REGISTRY}}"))
     assert good.state is RunState.FINISHED, good.reason
     bad = engine.run("other/bad", workflow(f"{{uri: {image}, secret: secret://user/WRONG}}"))
@@ -127,7 +128,9 @@ def test_a_wrong_password_fails_the_run_with_one_readable_line(
     engine: Engine, private: Registry, tmp_path: Path
 ) -> None:
     image = f"docker://{private.address}/team/busybox:1.36"
-    engine.secrets.set("secret://user/REGISTRY", login(password="not-" + PASSWORD))
+    engine.secrets.put(
+        "secret://user/REGISTRY", getpass.getuser(), login(password="not-" + PASSWORD)
+    )
     outcome = engine.run(
         "user/wrong", workflow(f"{{uri: {image}, secret: secret://user/REGISTRY}}")
     )
@@ -138,7 +141,7 @@ def test_a_wrong_password_fails_the_run_with_one_readable_line(
     assert "authentication failed" in reason
     assert "Rendezvous" not in reason
     assert "<" not in reason
-    assert_password_nowhere(tmp_path, engine.secrets.root)
+    assert_password_nowhere(tmp_path)
 
 
 def test_missing_or_malformed_image_secrets_are_refused_at_submit(
@@ -152,7 +155,7 @@ def test_missing_or_malformed_image_secrets_are_refused_at_submit(
     legacy = f"""{{uri: {image}, secrets: {{username: u, password: '${{{{ secret "PW" }}}}'}}}}"""
     with pytest.raises(InvalidInput, match=r"secrets that are not set: secret://user/PW"):
         engine.submit("user/no-legacy-secret", workflow(legacy))
-    engine.secrets.set("secret://user/REGISTRY", b"just-a-password")
+    engine.secrets.put("secret://user/REGISTRY", getpass.getuser(), b"just-a-password")
     with pytest.raises(InvalidInput, match=r"must hold a mapping with a username and a password"):
         engine.submit(
             "user/bad-secret", workflow(f"{{uri: {image}, secret: secret://user/REGISTRY}}")
@@ -204,4 +207,4 @@ def test_squall_run_of_a_private_image(
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["state"] == "FINISHED"
     assert PASSWORD not in ran.stdout + ran.stderr
-    assert_password_nowhere(tmp_path, tmp_path / "data" / "secrets")
+    assert_password_nowhere(tmp_path)

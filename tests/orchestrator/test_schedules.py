@@ -22,6 +22,7 @@ from orchestrator.data.staging import volume_roots
 from orchestrator.engine import Engine
 from orchestrator.errors import AlreadyExists, SquallError
 from orchestrator.fuzzfile import load_text
+from orchestrator.identity import add_user, set_disabled
 from orchestrator.placing import Placer
 from orchestrator.provision import LocalProvisioner, NodeSlice
 from orchestrator.run_threads import RunThreads
@@ -417,3 +418,21 @@ def test_a_short_window_is_not_stretched_to_the_grace(store: Store) -> None:
     assert state is FiringState.MISSED
     assert "its window ended at 2026-12-05 02:01 UTC" in why
     assert started.names == []
+
+
+def test_a_disabled_owners_schedule_starts_nothing(store: Store) -> None:
+    clock = Clock(T0)
+    add_user(store, "bob", ["bio"])
+    create_schedule(store, "bobs", HELLO, "0 2 * * *", owner="bob", now=clock())
+    fires, started = scheduler(store, clock, Placer(catalog_dir=CATALOG))
+    set_disabled(store, "bob")
+    clock.to(2, 0)
+    fires.tick()
+    assert started.names == []
+    assert [(state, why) for _, state, why in firings(store)] == [
+        (FiringState.FAILED, "its owner bob is disabled")
+    ]
+    set_disabled(store, "bob", False)  # enabled again: the next moment runs
+    clock.to(2, 0, day=6)
+    fires.tick()
+    assert started.names == ["bobs-20261206-0200"]

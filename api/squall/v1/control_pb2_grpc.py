@@ -99,6 +99,66 @@ class ControlStub(object):
                 request_serializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/squall.v1.Control/WhoAmI',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.Identity.FromString,
+                _registered_method=True)
+        self.AddUser = channel.unary_unary(
+                '/squall.v1.Control/AddUser',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.AddUserRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.NewToken.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/squall.v1.Control/ListUsers',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/squall.v1.Control/DisableUser',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.UserInfo.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/squall.v1.Control/CreateToken',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.NewToken.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/squall.v1.Control/ListTokens',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/squall.v1.Control/RevokeToken',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.TokenInfo.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/squall.v1.Control/ListAudit',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/squall.v1.Control/RotateKey',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
+        self.SetSecret = channel.unary_unary(
+                '/squall.v1.Control/SetSecret',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.SetSecretRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.SecretInfo.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/squall.v1.Control/ListSecrets',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/squall.v1.Control/DeleteSecret',
+                request_serializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer(object):
@@ -188,6 +248,83 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Identity and access: who the token is; users, tokens and the audit log (admin; a user
+        may list, make and revoke its own tokens); secrets (set, list names, delete).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddUser(self, request, context):
+        """the user and its first token
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableUser(self, request, context):
+        """or enable it again
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """the secrets' key
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +392,66 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.WhoAmIRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.Identity.SerializeToString,
+            ),
+            'AddUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddUser,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.AddUserRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.NewToken.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListUsersRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DisableUserRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.UserInfo.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.CreateTokenRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.NewToken.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListTokensRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.TokenInfo.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListAuditRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.RotateKeyRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'SetSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSecret,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.SetSecretRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.SecretInfo.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.ListSecretsRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=api_dot_squall_dot_v1_dot_control__pb2.DeleteSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -608,6 +805,330 @@ class Control(object):
             '/squall.v1.Control/DeleteSchedule',
             api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleRequest.SerializeToString,
             api_dot_squall_dot_v1_dot_control__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/WhoAmI',
+            api_dot_squall_dot_v1_dot_control__pb2.WhoAmIRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.Identity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/AddUser',
+            api_dot_squall_dot_v1_dot_control__pb2.AddUserRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.NewToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/ListUsers',
+            api_dot_squall_dot_v1_dot_control__pb2.ListUsersRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/DisableUser',
+            api_dot_squall_dot_v1_dot_control__pb2.DisableUserRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.UserInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/CreateToken',
+            api_dot_squall_dot_v1_dot_control__pb2.CreateTokenRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.NewToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/ListTokens',
+            api_dot_squall_dot_v1_dot_control__pb2.ListTokensRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/RevokeToken',
+            api_dot_squall_dot_v1_dot_control__pb2.RevokeTokenRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/ListAudit',
+            api_dot_squall_dot_v1_dot_control__pb2.ListAuditRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/RotateKey',
+            api_dot_squall_dot_v1_dot_control__pb2.RotateKeyRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/SetSecret',
+            api_dot_squall_dot_v1_dot_control__pb2.SetSecretRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.SecretInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/ListSecrets',
+            api_dot_squall_dot_v1_dot_control__pb2.ListSecretsRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/squall.v1.Control/DeleteSecret',
+            api_dot_squall_dot_v1_dot_control__pb2.DeleteSecretRequest.SerializeToString,
+            api_dot_squall_dot_v1_dot_control__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
