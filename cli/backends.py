@@ -265,11 +265,11 @@ class LocalBackend:
         return pb.SecretInfo(ref=ref, scope=scope, holder=holder)
 
     def secrets(self, everything: bool) -> list[pb.SecretInfo]:
-        from orchestrator.api.messages import iso
+        from orchestrator.api.messages import secret_message
 
         me = self._me()
         return [
-            pb.SecretInfo(ref=e.ref, scope=e.scope, holder=e.holder, updated_at=iso(e.updated_at))
+            secret_message(e)
             for e in self._secrets().entries(me.name, me.groups, everything=everything)
         ]
 

@@ -8,9 +8,17 @@ from datetime import datetime
 from api.squall.v1 import control_pb2 as pb
 
 from ..identity import Principal, TokenInfo, UserInfo
+from ..secrets import SecretEntry
 from .audit import AuditRecord
 
-__all__ = ["audit_message", "identity_message", "iso", "token_message", "user_message"]
+__all__ = [
+    "audit_message",
+    "identity_message",
+    "iso",
+    "secret_message",
+    "token_message",
+    "user_message",
+]
 
 
 def iso(at: datetime | None) -> str:
@@ -57,3 +65,7 @@ def audit_message(a: AuditRecord) -> pb.AuditEntry:
         detail=a.detail,
         peer=a.peer,
     )
+
+
+def secret_message(e: SecretEntry) -> pb.SecretInfo:
+    return pb.SecretInfo(ref=e.ref, scope=e.scope, holder=e.holder, updated_at=iso(e.updated_at))

@@ -42,7 +42,13 @@ from ..views import find_run, run_list, run_summary, watch
 from .audit import MAX_ENTRIES, read_audit
 from .gate import ANY, Gate, guarded
 from .iam import DEFAULT, AccessPolicy, placement_text, secret_holder
-from .messages import audit_message, identity_message, iso, token_message, user_message
+from .messages import (
+    audit_message,
+    identity_message,
+    secret_message,
+    token_message,
+    user_message,
+)
 from .requests import RawStartWorkflowRequest, start_workflow_deserializer
 
 __all__ = ["MAX_REQUEST_BYTES", "ControlServer", "serve"]
@@ -428,14 +434,7 @@ class ControlServer(rpc.ControlServicer):
         if request.all:
             self.gate.require(context, who, "ListSecrets", "admin", "every holder's secrets")
         entries = self.engine.secrets.entries(who.name, who.groups, everything=request.all)
-        return pb.ListSecretsResponse(
-            secrets=[
-                pb.SecretInfo(
-                    ref=e.ref, scope=e.scope, holder=e.holder, updated_at=iso(e.updated_at)
-                )
-                for e in entries
-            ]
-        )
+        return pb.ListSecretsResponse(secrets=[secret_message(e) for e in entries])
 
     @_status_codes
     @guarded("secret", lambda r: str(r.ref))
