@@ -6,8 +6,8 @@ One client, one call at a time, over 127.0.0.1 (with --tls: both servers use a s
 certificate made here with openssl), rows interleaved round by round so that a busy machine
 slows every row alike:
   bare gRPC unary                an empty method of a generic handler: the floor
-  squall WhoAmI                  the gate alone: token lookup (SHA-256, one SELECT), the
-                                 audit INSERT (SQLite, a commit)
+  squall WhoAmI                  the gate alone: token lookup (SHA-256, one SELECT) and
+                                 the audit INSERT in one commit, the outcome UPDATE in another
   squall GetWorkflow             the gate with the run's owner looked up and the policy
                                  checked, then the run's summary read
   squall GetWorkflow, denied     the same call by a user the policy refuses (audited)

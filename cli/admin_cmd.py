@@ -146,7 +146,8 @@ def user_disable(
     output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
-    """Disable a user: its tokens stop working at once (its runs go on; cancel them apart)."""
+    """Disable a user: its tokens stop working at once, streams open with them are cut off
+    (its runs go on; cancel them apart)."""
     _set_disabled(name, True, output, context)
 
 
@@ -206,11 +207,15 @@ def token_list(
 @token_app.command("revoke")
 def token_revoke(
     token_id: str = typer.Argument(..., help="The token's id (`squall admin token list`)."),
+    output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
-    """Revoke a token: it stops working at once."""
+    """Revoke a token: it stops working at once, and streams open with it are cut off."""
     backend = _backend(context)
     token = _guard(lambda: backend.revoke_token(token_id))
+    if output is Format.json:
+        print_json(_dict(token))
+        return
     out.print(f"revoked {escape(token.id)} of {escape(token.user)}")
 
 
@@ -228,7 +233,8 @@ def audit(
     output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
-    """Read the audit log: every call, who made it, the verb and target, allowed or denied.
+    """Read the audit log: every call, who made it, the verb and target, allowed or denied,
+    and how an allowed call ended (ok, the kind of error it failed with, or `running`).
 
     **Examples**
 
@@ -245,9 +251,7 @@ def audit(
                 datetime.now(UTC).timestamp() - seconds(since, "--since"), UTC
             )
     backend = _backend(context)
-    entries = [
-        e for e in _guard(lambda: backend.audit(user, at, limit)) if not (denied and e.allowed)
-    ]
+    entries = _guard(lambda: backend.audit(user, at, limit, denied))
     if output is Format.json:
         print_json([_dict(e) for e in entries])
         return
@@ -256,10 +260,12 @@ def audit(
     for e in entries:
         verdict = "[green]allowed[/]" if e.allowed else "[red]denied[/]"
         target = f" {_shown(e.target)}" if e.target else ""
+        ended = f" -> {_shown(e.outcome)}" if e.allowed and e.outcome else ""
+        ended = ended or (" -> [yellow]running[/]" if e.allowed and not e.outcome else "")
         detail = f"  [dim]{_shown(e.detail)}[/]" if e.detail else ""
         out.print(
             f"{e.at}  {_shown(e.user) or '-'}  {_shown(e.method)} ({_shown(e.verb)}){target}  "
-            f"{verdict}{detail}"
+            f"{verdict}{ended}{detail}"
         )
 
 
@@ -272,11 +278,14 @@ def _shown(text: str) -> str:
 
 
 @app.command("rotate-key")
-def rotate_key(context: str | None = CONTEXT) -> None:
+def rotate_key(output: Format = OUTPUT, context: str | None = CONTEXT) -> None:
     """Encrypt every secret with a new key and forget the old one (crash-safe: the key file
     keeps both until every secret is encrypted with the new one)."""
     backend = _backend(context)
     count = _guard(backend.rotate_key)
+    if output is Format.json:
+        print_json({"reencrypted": count})
+        return
     out.print(f"a new key; {count} secret(s) encrypted with it, the old key forgotten")
 
 

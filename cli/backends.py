@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
@@ -81,14 +81,6 @@ class Backend(Protocol):
     def set_secret(self, ref: str, value: bytes, group: str) -> pb.SecretInfo: ...
     def secrets(self, everything: bool) -> list[pb.SecretInfo]: ...
     def delete_secret(self, ref: str, group: str) -> None: ...
-
-
-def _ttl(seconds: float | None) -> timedelta | None:
-    from orchestrator.identity import DEFAULT_TOKEN_TTL
-
-    if seconds is None:
-        return DEFAULT_TOKEN_TTL
-    return timedelta(seconds=seconds) if seconds else None
 
 
 class LocalBackend:
@@ -203,7 +195,7 @@ class LocalBackend:
 
         user = identity.add_user(self.store, name, groups, admin=admin)
         text, token = identity.issue_token(
-            self.store, name, ttl=_ttl(ttl), note="made with the user"
+            self.store, name, ttl=identity.token_ttl(ttl), note="made with the user"
         )
         return pb.NewToken(user=user_message(user), token=token_message(token), text=text)
 
@@ -225,7 +217,7 @@ class LocalBackend:
 
         if not user:
             raise UsageError("name the user whose token it is (--user): this machine's store")
-        text, token = identity.issue_token(self.store, user, ttl=_ttl(ttl), note=note)
+        text, token = identity.issue_token(self.store, user, ttl=identity.token_ttl(ttl), note=note)
         return pb.NewToken(token=token_message(token), text=text)
 
     def tokens(self, user: str) -> list[pb.TokenInfo]:

@@ -31,6 +31,7 @@ GROUP = typer.Option(
 def set_(
     ref: str = typer.Argument(..., help="secret://user/NAME, secret://group/NAME, ..."),
     group: str = GROUP,
+    output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
     """Set a secret from stdin (a value, or for transfers and images a JSON/YAML mapping).
@@ -51,6 +52,9 @@ def set_(
     value = value.rstrip(b"\n") if value.count(b"\n") == 1 else value
     backend = _backend(context)
     info = _guard(lambda: backend.set_secret(ref, value, group))
+    if output is Format.json:
+        print_json({"ref": info.ref, "scope": info.scope, "holder": info.holder})
+        return
     holder = f" (group {escape(info.holder)})" if info.scope == "group" else ""
     out.print(f"set {escape(ref)}{holder}")
 
@@ -81,9 +85,13 @@ def list_(
 def delete(
     ref: str = typer.Argument(..., help="The secret to delete."),
     group: str = GROUP,
+    output: Format = OUTPUT,
     context: str | None = CONTEXT,
 ) -> None:
     """Delete a secret."""
     backend = _backend(context)
     _guard(lambda: backend.delete_secret(ref, group))
+    if output is Format.json:
+        print_json({"deleted": ref})
+        return
     out.print(f"deleted {escape(ref)}")

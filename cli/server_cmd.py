@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from .output import die, err
 
@@ -85,6 +86,7 @@ def server(
     from orchestrator.api.iam import DEFAULT, load_access_policy
     from orchestrator.errors import SquallError
     from orchestrator.local_site import local_scheduler
+    from orchestrator.placing import Placer
     from orchestrator.run_threads import RunThreads
 
     from .run_cmd import start_local_engine
@@ -95,6 +97,12 @@ def server(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         policy = load_access_policy(access_policy) if access_policy else DEFAULT
+        unknown = policy.unknown_sites(Placer.from_environment(local_nodes=nodes).site_names())
+        if unknown:
+            err.print(
+                f"[yellow]warning:[/] {escape(str(access_policy))} names sites that no site "
+                f"file or catalog has: {escape(', '.join(unknown))} (runs cannot go there)"
+            )
         egress_dirs = [d.resolve() for d in egress_dir]
         engine = start_local_engine(
             nodes, None, search_registry, insecure_registry, egress_dirs, oversubscribe

@@ -10,7 +10,7 @@ output is not: whoever may exec into a job can read its environment anyway."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +116,18 @@ class RunAccess:
 
     # ---- logs -----------------------------------------------------------------------------
 
-    def logs(self, name: str, job: str, index: int = 0, follow: bool = False) -> Iterator[bytes]:
+    def logs(
+        self,
+        name: str,
+        job: str,
+        index: int = 0,
+        follow: bool = False,
+        on_close: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Iterator[bytes]:
         """The output of the task's latest attempt: live from its agent while it runs (and,
-        with `follow`, until it ends), else from the copy kept when it ended."""
+        with `follow`, until it ends), else from the copy kept when it ended. `on_close`:
+        given what ends the agent's stream, calls it when the caller goes away (a server's
+        `context.add_callback`), so that a quiet task does not hold the stream open."""
         where = self._where(name, job, index)
         if where.attempt == 0:
             return
@@ -127,7 +136,10 @@ class RunAccess:
             masker = redactor.masker()
             channel, stub = connect(where.address, where.token, where.tls)
             try:
-                for chunk in stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow)):
+                live = stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow))
+                if on_close is not None:
+                    on_close(live.cancel)
+                for chunk in live:
                     out = masker.feed(chunk.data)
                     if out:
                         yield out

@@ -13,6 +13,7 @@ one group named after itself (`groups_of`): its group secrets are its own.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from .errors import AlreadyExists, InvalidInput, NotFound, Unauthenticated
 from .store import Store, Token, User
@@ -27,11 +29,13 @@ from .store import Store, Token, User
 __all__ = [
     "ADMIN",
     "DEFAULT_TOKEN_TTL",
+    "MAX_TOKEN_TTL",
     "Principal",
     "TokenInfo",
     "UserInfo",
     "add_user",
     "authenticate",
+    "authenticate_in",
     "bootstrap",
     "check_name",
     "groups_of",
@@ -41,10 +45,12 @@ __all__ = [
     "list_users",
     "revoke_token",
     "set_disabled",
+    "token_ttl",
 ]
 
 ADMIN = "admin"  # the user the server's first token belongs to
 DEFAULT_TOKEN_TTL = timedelta(days=90)
+MAX_TOKEN_TTL = timedelta(days=3650)  # the longest lifetime anyone may ask for
 _NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,63}$")
 _PREFIX = "sqt_"
 _FILE_NOTE = "the server's token file"
@@ -156,6 +162,18 @@ def groups_of(store: Store, name: str) -> tuple[str, ...]:
         return tuple(user.groups or ()) if user is not None else (name,)
 
 
+def token_ttl(seconds: float | None) -> timedelta | None:
+    """A token lifetime asked for in seconds: None, the default; 0, never expires."""
+    if seconds is None:
+        return DEFAULT_TOKEN_TTL
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TOKEN_TTL.total_seconds():
+        raise InvalidInput(
+            f"a token lifetime is a number of seconds up to {MAX_TOKEN_TTL.days} days, "
+            f"0 for never: not {seconds}"
+        )
+    return timedelta(seconds=seconds) if seconds else None
+
+
 def issue_token(
     store: Store, user: str, *, ttl: timedelta | None = DEFAULT_TOKEN_TTL, note: str = ""
 ) -> tuple[str, TokenInfo]:
@@ -211,27 +229,30 @@ def revoke_token(store: Store, token_id: str) -> TokenInfo:
 def authenticate(store: Store, text: str) -> Principal:
     """The user whose token `text` is; Unauthenticated, saying which of missing, unknown,
     expired, revoked or disabled, otherwise (never echoing the token)."""
+    with store.session() as s:
+        return authenticate_in(s, text)
+
+
+def authenticate_in(s: Session, text: str) -> Principal:
+    """`authenticate` within the session `s` (the gate's one unit of work per call)."""
     if not text:
         raise Unauthenticated("no token: send `authorization: Bearer <token>`")
     now = datetime.now(UTC)
-    with store.session() as s:
-        row = s.execute(
-            select(Token, User)
-            .join(User, Token.user == User.name)
-            .where(Token.digest == _digest(text))
-        ).first()
-        if row is None:
-            raise Unauthenticated("unknown token")
-        token, user = row
-        if token.revoked_at is not None:
-            raise Unauthenticated(f"token {token.id} was revoked")
-        if token.expires_at is not None and token.expires_at <= now:
-            raise Unauthenticated(f"token {token.id} expired at {token.expires_at:%Y-%m-%d %H:%M}Z")
-        if user.disabled:
-            raise Unauthenticated(f"user {user.name} is disabled")
-        if token.used_at is None or now - token.used_at > timedelta(minutes=1):
-            s.execute(update(Token).where(Token.id == token.id).values(used_at=now))
-        return Principal(user.name, tuple(user.groups or ()), user.admin, token.id)
+    row = s.execute(
+        select(Token, User).join(User, Token.user == User.name).where(Token.digest == _digest(text))
+    ).first()
+    if row is None:
+        raise Unauthenticated("unknown token")
+    token, user = row
+    if token.revoked_at is not None:
+        raise Unauthenticated(f"token {token.id} was revoked")
+    if token.expires_at is not None and token.expires_at <= now:
+        raise Unauthenticated(f"token {token.id} expired at {token.expires_at:%Y-%m-%d %H:%M}Z")
+    if user.disabled:
+        raise Unauthenticated(f"user {user.name} is disabled")
+    if token.used_at is None or now - token.used_at > timedelta(minutes=1):
+        s.execute(update(Token).where(Token.id == token.id).values(used_at=now))
+    return Principal(user.name, tuple(user.groups or ()), user.admin, token.id)
 
 
 def bootstrap(store: Store, text: str) -> None:

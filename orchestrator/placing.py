@@ -196,6 +196,12 @@ class Placer:
             sites.append(vm_site(vms.cpus, vms.memory_mib / 1024, vms.max_nodes))
         return sites
 
+    def site_names(self) -> frozenset[str]:
+        """The names of the sites that are not clouds' regions: this machine, the VM site and
+        the on-prem sites (what an access policy's `sites` may name besides clouds)."""
+        sites = candidate_sites(open_catalog(self.catalog_dir), self.sites_file, self.local_nodes)
+        return frozenset({VM_SITE} | {s.name for s in sites if s.kind != "cloud"})
+
     def place(self, wf: Workflow, name: str) -> dict[str, Any]:
         """The placement record: the chosen site, its estimate, and the runners-up."""
         return self.decide(wf, name).record

@@ -41,6 +41,8 @@ from typing import Any
 import yaml
 
 from ..errors import InvalidInput, PermissionDenied
+from ..fuzzfile.diagnostics import format_path
+from ..fuzzfile.source import SourceDocument, SourceError, parse_yaml
 from ..identity import Principal, check_name
 
 __all__ = [
@@ -117,13 +119,19 @@ class AccessPolicy:
         if verb not in RUN_VERBS:
             target = f" ({name})" if name else ""
         elif owner is not None and owner != who.name:
-            target = f" on {name} (owned by {owner})"
+            target = f" on {name} (not {who.name}'s)"
         else:
             target = f" on {name}" if name else ""
         raise PermissionDenied(
             f"{who.name} may not {verb}{target}: no grant of {self.source} gives `{verb}`"
             + (" on it" if target and verb in RUN_VERBS else "")
         )
+
+    def unknown_sites(self, known: frozenset[str]) -> list[str]:
+        """What the grants' `sites` name that is neither a cloud nor one of `known`: a
+        misspelt site allows nothing there."""
+        named = {site for g in self.grants for site in (g.sites or ())}
+        return sorted(named - CLOUDS - known)
 
     def sites(self, who: Principal, name: str) -> frozenset[str] | None:
         """Where runs that `who` starts as `name` may go: None for anywhere, else the union of
@@ -145,64 +153,80 @@ DEFAULT = AccessPolicy(
 )
 
 
-def _names(value: Any, where: str, *, known: Sequence[str] | None = None) -> frozenset[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise InvalidInput(f"{where}: expected a non-empty list of names")
-    if known is not None:
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise InvalidInput(f"{where}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-    return frozenset(value)
+class _Reader:
+    """Errors that name the policy file, the line and the field (`grants[2].verbs`)."""
+
+    def __init__(self, doc: SourceDocument, source: str) -> None:
+        self.doc = doc
+        self.source = source
+
+    def error(self, path: tuple[str | int, ...], message: str) -> InvalidInput:
+        at = self.doc.locate(path)
+        line = f":{at.line}" if at is not None else ""
+        field = f" {format_path(path)}:" if path else ""
+        return InvalidInput(f"{self.source}{line}:{field} {message}")
+
+    def names(
+        self, value: Any, path: tuple[str | int, ...], known: Sequence[str] | None = None
+    ) -> frozenset[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.error(path, "expected a non-empty list of names")
+        if known is not None:
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise self.error(path, f"unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        return frozenset(value)
 
 
 def parse_access_policy(text: str, source: str) -> AccessPolicy:
-    """An access policy from its YAML `text`; errors name `source`, the grant and the key."""
+    """An access policy from its YAML `text`; errors name `source`, the line, the grant and
+    the key (a key written twice is one of them)."""
+    if not text.strip():
+        raise InvalidInput(f"{source}: the access policy is empty: it needs a list of `grants`")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"{source}: {exc}") from None
-    if (
-        not isinstance(data, dict)
-        or set(data) != {"grants"}
-        or not isinstance(data["grants"], list)
-    ):
-        raise InvalidInput(f"{source}: an access policy is a mapping with one key, `grants`")
+        doc = parse_yaml(text, source)
+    except SourceError as exc:
+        raise InvalidInput("\n".join(d.render() for d in exc.diagnostics)) from None
+    read = _Reader(doc, source)
+    data = doc.data
+    grants_list = data.get("grants") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or set(data) != {"grants"} or not isinstance(grants_list, list):
+        raise read.error((), "an access policy is a mapping with one key, `grants`, a list")
     grants = []
-    for i, entry in enumerate(data["grants"]):
-        where = f"{source}: grants[{i}]"
+    for i, entry in enumerate(grants_list):
+        at: tuple[str | int, ...] = ("grants", i)
         if not isinstance(entry, dict):
-            raise InvalidInput(f"{where}: a grant is a mapping of {', '.join(sorted(_KEYS))}")
+            raise read.error(at, f"a grant is a mapping of {', '.join(sorted(_KEYS))}")
         unknown = sorted(set(entry) - _KEYS)
         if unknown:
-            raise InvalidInput(f"{where}: unknown keys {unknown}; known: {sorted(_KEYS)}")
+            raise read.error((*at, unknown[0]), f"unknown key; known: {', '.join(sorted(_KEYS))}")
         for key in ("to", "verbs"):
             if key not in entry:
-                raise InvalidInput(f"{where}: `{key}` is required")
-        to = _names(entry["to"], f"{where}.to")
+                raise read.error(at, f"`{key}` is required")
+        to = read.names(entry["to"], (*at, "to"))
         for subject in to:
             kind, _, who = subject.partition(":")
             if subject != "*" and (kind not in ("user", "group") or not who):
-                raise InvalidInput(f'{where}.to: {subject!r} is not "*", user:NAME or group:NAME')
+                raise read.error((*at, "to"), f'{subject!r} is not "*", user:NAME or group:NAME')
             if subject != "*":
                 try:
                     check_name(who, kind)
                 except InvalidInput as exc:
-                    raise InvalidInput(f"{where}.to: {exc}") from None
+                    raise read.error((*at, "to"), str(exc)) from None
         runs = entry.get("runs", "own")
         if runs not in ("own", "any"):
-            raise InvalidInput(f"{where}.runs: `own` or `any`, not {runs!r}")
+            raise read.error((*at, "runs"), f"`own` or `any`, not {runs!r}")
         sites = entry.get("sites")
+        workflows = read.names(entry.get("workflows", ["*"]), (*at, "workflows"))
         grants.append(
             Grant(
                 to=to,
-                verbs=_names(entry["verbs"], f"{where}.verbs", known=VERBS),
-                workflows=tuple(
-                    sorted(_names(entry.get("workflows", ["*"]), f"{where}.workflows"))
-                ),
+                verbs=read.names(entry["verbs"], (*at, "verbs"), VERBS),
+                workflows=tuple(sorted(workflows)),
                 any_owner=runs == "any",
-                sites=None if sites is None else _names(sites, f"{where}.sites"),
+                sites=None if sites is None else read.names(sites, (*at, "sites")),
             )
         )
     return AccessPolicy(tuple(grants), source)

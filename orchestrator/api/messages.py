@@ -64,6 +64,7 @@ def audit_message(a: AuditRecord) -> pb.AuditEntry:
         allowed=a.allowed,
         detail=a.detail,
         peer=a.peer,
+        outcome=a.outcome,
     )
 
 

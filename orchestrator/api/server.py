@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -59,9 +58,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The largest request the server reads: a Fuzzfile at its limit with room to spare, so that
 # one somewhat over it is told so by a diagnostic; gRPC refuses larger ones unread.
 MAX_REQUEST_BYTES = 2 * MAX_FUZZFILE_BYTES
-# The longest token lifetime anyone may ask for; a user's own tokens, without admin, live at
-# most USER_TOKEN_TTL (a stolen token cannot mint one that outlives its revocation for long)
-MAX_TOKEN_TTL = timedelta(days=3650)
+# A user's own tokens, without admin, live at most USER_TOKEN_TTL (a stolen token cannot
+# mint one that outlives its revocation for long)
 USER_TOKEN_TTL = timedelta(days=365)
 # Error details travel in a trailer, which clients refuse past 8 KiB (percent-encoded).
 MAX_DETAILS_BYTES = 2000
@@ -126,16 +124,8 @@ def _started(request: Any) -> str:
 
 
 def _ttl(request: Any, field: str) -> timedelta | None:
-    """A token lifetime from an optional seconds field: absent, the default; 0, never."""
-    if not request.HasField(field):
-        return identity.DEFAULT_TOKEN_TTL
-    seconds = getattr(request, field)
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TOKEN_TTL.total_seconds():
-        raise InvalidInput(
-            f"a token lifetime is a number of seconds up to {MAX_TOKEN_TTL.days} days, "
-            f"0 for never: not {seconds}"
-        )
-    return timedelta(seconds=seconds) if seconds else None
+    """A token lifetime from an optional seconds field (`identity.token_ttl`)."""
+    return identity.token_ttl(getattr(request, field) if request.HasField(field) else None)
 
 
 class ControlServer(rpc.ControlServicer):
@@ -228,7 +218,10 @@ class ControlServer(rpc.ControlServicer):
     @_status_codes
     @guarded("log", _name, of="run")
     def Logs(self, request: pb.LogsRequest, context: Any, who: Principal) -> Iterator[pb.LogChunk]:
-        for data in self.access.logs(request.name, request.job, request.index, request.follow):
+        chunks = self.access.logs(
+            request.name, request.job, request.index, request.follow, context.add_callback
+        )
+        for data in chunks:
             yield pb.LogChunk(data=data)
 
     @_status_codes
@@ -334,9 +327,9 @@ class ControlServer(rpc.ControlServicer):
     ) -> pb.UserInfo:
         if request.name == who.name and request.disabled:
             raise InvalidInput("an admin cannot disable itself (another admin can)")
-        return user_message(
-            identity.set_disabled(self.engine.store, request.name, request.disabled)
-        )
+        user = identity.set_disabled(self.engine.store, request.name, request.disabled)
+        self.gate.recheck()  # its open streams end now
+        return user_message(user)
 
     def _for_user(self, context: Any, who: Principal, method: str, user: str) -> str:
         """`user` (empty: the caller); another user's tokens take `admin`."""
@@ -375,7 +368,9 @@ class ControlServer(rpc.ControlServicer):
         mine = {t.id for t in identity.list_tokens(self.engine.store, who.name)}
         if request.id not in mine:
             self.gate.require(context, who, "RevokeToken", "admin", request.id)
-        return token_message(identity.revoke_token(self.engine.store, request.id))
+        token = identity.revoke_token(self.engine.store, request.id)
+        self.gate.recheck()  # its open streams end now
+        return token_message(token)
 
     @_status_codes
     @guarded("admin")
@@ -448,6 +443,7 @@ class ControlServer(rpc.ControlServicer):
 
     def shutdown(self, grace: float = 60.0) -> None:
         """Cancel the runs this server owns and wait for their clusters to come down."""
+        self.gate.close()
         self.runs.shutdown(grace)
 
 

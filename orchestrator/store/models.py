@@ -421,7 +421,8 @@ class Token(Base):
 
 
 class AuditEntry(Base):
-    """One control-plane call: who, which verb on what, allowed or denied and why."""
+    """One control-plane call: who, which verb on what, allowed or denied and why, and how it
+    ended (`orchestrator.api.audit`)."""
 
     __tablename__ = "audit"
 
@@ -434,6 +435,8 @@ class AuditEntry(Base):
     allowed: Mapped[bool] = mapped_column(Boolean)
     detail: Mapped[str] = mapped_column(Text, default="")  # why denied; what an admin call did
     peer: Mapped[str] = mapped_column(String(255), default="")
+    # ok, the error category it failed with, or why a stream was cut; "" while it runs
+    outcome: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
 
 class SecretValue(Base):

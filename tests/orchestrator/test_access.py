@@ -22,7 +22,10 @@ from api.squall.v1 import control_pb2 as pb
 from cli.backends import RemoteBackend
 from cli.contexts import Context
 from cli.main import app
+from orchestrator import identity
 from orchestrator.api import ControlServer, serve
+from orchestrator.api.audit import Throttle
+from orchestrator.api.gate import STREAM_RECHECK_S
 from orchestrator.api.iam import parse_access_policy
 from orchestrator.errors import (
     Category,
@@ -33,6 +36,7 @@ from orchestrator.errors import (
     Unauthenticated,
 )
 from orchestrator.local_site import LocalSettings, local_engine
+from orchestrator.placing import Placer
 from tests.substrate.registry import Registry, self_signed_certificate
 
 ADMIN_TOKEN = "admin-token-" + "x" * 20
@@ -239,7 +243,7 @@ def test_each_verb_is_allowed_and_denied_as_the_policy_says(world: World) -> Non
     assert bob.status("chem/nb-1").owner == "alice"
     assert b"serving" in b"".join(bob.logs("chem/nb-1", "notebook", 0, False))
     # cancel, exec and port-forward: only alice (and the admin)
-    _denied(lambda: bob.cancel("chem/nb-1"), "bob may not cancel on chem/nb-1 (owned by alice)")
+    _denied(lambda: bob.cancel("chem/nb-1"), "bob may not cancel on chem/nb-1 (not bob's)")
     _denied(lambda: _exec(bob, "chem/nb-1", "cat", "/srv/index.html"), "may not exec")
     _denied(lambda: _forward(bob, "chem/nb-1", b"GET /index.html HTTP/1.0\r\n\r\n"), "port-forward")
     assert _exec(alice, "chem/nb-1", "cat", "/srv/index.html") == (b"hello through the agent\n", 0)
@@ -281,7 +285,7 @@ def test_schedules_belong_to_their_owner(world: World) -> None:
     assert alice.create_schedule(request).owner == "alice"
     assert "chem/nightly" not in {s.name for s in bob.schedules()}
     _denied(lambda: bob.pause_schedule("chem/nightly", True), "bob may not schedule")
-    _denied(lambda: bob.delete_schedule("chem/nightly"), "owned by alice")
+    _denied(lambda: bob.delete_schedule("chem/nightly"), "(not bob's)")
     bobs = pb.CreateScheduleRequest(name="chem/bobs", fuzzfile=QUICK, cron="0 3 * * *")
     _denied(lambda: bob.create_schedule(bobs), "bob may not schedule on chem/bobs")
     assert alice.pause_schedule("chem/nightly", True).paused
@@ -389,19 +393,25 @@ def test_the_audit_log_holds_every_call(world: World) -> None:
         dave.status("bio/nothing")
     _denied(lambda: dave.start("chem/d-1", QUICK))
     world.alice.start("chem/aud-1", QUICK)
-    _denied(lambda: dave.cancel("chem/aud-1"), "dave may not cancel on chem/aud-1 (owned by alice)")
+    _denied(lambda: dave.cancel("chem/aud-1"), "dave may not cancel on chem/aud-1 (not dave's)")
     with pytest.raises(NotFound):
         _exec(dave, "bio/none", "true")
     with pytest.raises(Unauthenticated):
         world.as_("not-a-token-at-all").whoami()
-    calls = [(e.method, e.verb, e.target, e.allowed) for e in admin.audit("dave", None, 100)]
+    # allowed, it runs and fails: the entry says how it ended
+    with pytest.raises(InvalidInput):
+        dave.start("bio/bad-1", "version: v4\njobs: {}\n")
+    calls = [
+        (e.method, e.verb, e.target, e.allowed, e.outcome) for e in admin.audit("dave", None, 100)
+    ]
     assert calls == [
-        ("WhoAmI", "-", "", True),
-        ("ListWorkflows", "status", "", True),
-        ("GetWorkflow", "status", "bio/nothing", False),
-        ("StartWorkflow", "start", "chem/d-1", False),
-        ("CancelWorkflow", "cancel", "chem/aud-1", False),
-        ("Exec", "exec", "bio/none", False),
+        ("WhoAmI", "-", "", True, "ok"),
+        ("ListWorkflows", "status", "", True, "ok"),
+        ("GetWorkflow", "status", "bio/nothing", False, "not-found"),
+        ("StartWorkflow", "start", "chem/d-1", False, "denied"),
+        ("CancelWorkflow", "cancel", "chem/aud-1", False, "denied"),
+        ("Exec", "exec", "bio/none", False, "not-found"),
+        ("StartWorkflow", "start", "bio/bad-1", True, "invalid"),
     ]
     denied = admin.audit("dave", None, 100)[3]
     assert "dave may not start on chem/d-1" in denied.detail
@@ -410,6 +420,88 @@ def test_the_audit_log_holds_every_call(world: World) -> None:
     assert anonymous
     assert anonymous[-1].detail == "unknown token"
     assert not anonymous[-1].allowed
+    assert anonymous[-1].outcome == "unauthenticated"
+
+
+def test_a_flood_of_bad_tokens_is_counted_not_written_one_by_one() -> None:
+    throttle = Throttle(per_minute=3)
+    minute = 60.0 * 1000
+    assert [throttle.admit("ipv4:10.0.0.9", minute) for _ in range(5)] == [
+        (True, 0),
+        (True, 0),
+        (True, 0),
+        (False, 0),
+        (False, 0),
+    ]
+    assert throttle.admit("ipv4:10.0.0.8", minute) == (True, 0)  # another address
+    # the next minute's first entry counts the two that were not written
+    assert throttle.admit("ipv4:10.0.0.9", minute + 60) == (True, 2)
+    assert throttle.admit("ipv4:10.0.0.9", minute + 61) == (True, 0)
+
+
+def test_names_under_a_users_name_are_that_users(world: World) -> None:
+    _denied(lambda: world.bob.start("alice/mine-now", QUICK), "names under alice/ are alice's")
+    request = pb.CreateScheduleRequest(name="alice/nightly", fuzzfile=QUICK, cron="0 3 * * *")
+    _denied(lambda: world.bob.create_schedule(request), "names under alice/ are alice's")
+
+
+def test_open_streams_are_cut_off_when_their_token_stops_working(world: World) -> None:
+    admin, alice, gate = world.admin, world.alice, world.servicer.gate
+    alice.start("chem/long-1", NOTEBOOK)
+    _wait(
+        "the notebook",
+        lambda: b"serving" in b"".join(alice.logs("chem/long-1", "notebook", 0, False)),
+    )
+
+    def open_stream(stream: Callable[[], Iterator[object]]) -> tuple[list[object], list[Exception]]:
+        got: list[object] = []
+        failed: list[Exception] = []
+
+        def read() -> None:
+            try:
+                for item in stream():
+                    got.append(item)
+            except SquallError as exc:
+                failed.append(exc)
+
+        threading.Thread(target=read, daemon=True).start()
+        _wait("the stream's first message", lambda: got)
+        return got, failed
+
+    # revoked through the server: the stream following the log ends at once
+    laptop = alice.create_token("", None, "laptop")
+    following = world.as_(laptop.text)
+    _, failed = open_stream(lambda: following.logs("chem/long-1", "notebook", 0, True))
+    admin.revoke_token(laptop.token.id)
+    _wait("the log stream to be cut off", lambda: failed, timeout=10)
+    assert isinstance(failed[0], Unauthenticated), failed[0]
+    assert f"token {laptop.token.id} was revoked" in str(failed[0])
+    # revoked behind the server's back (another process on its store): the next check ends it
+    gate.recheck_s = 0.3
+    try:
+        desk = alice.create_token("", None, "desk")
+        watching = world.as_(desk.text)
+        _, failed = open_stream(lambda: watching.watch("chem/long-1"))
+        identity.revoke_token(world.servicer.engine.store, desk.token.id)
+        _wait("the watch to be cut off", lambda: failed, timeout=10)
+        assert isinstance(failed[0], Unauthenticated), failed[0]
+    finally:
+        gate.recheck_s = STREAM_RECHECK_S
+    # the server lets go of them too (a quiet job's log stream included)
+    _wait("the server to close both streams", lambda: gate.open_streams() == 0, timeout=10)
+    entries = admin.audit("alice", None, 1000)
+    cut = [e for e in entries if e.detail.startswith("an open stream was cut off")]
+    assert [(e.method, e.target) for e in cut] == [
+        ("Logs", "chem/long-1"),
+        ("WatchWorkflow", "chem/long-1"),
+    ]
+    opened = [e for e in entries if e.method in ("Logs", "WatchWorkflow") and e.allowed]
+    assert [e.outcome for e in opened[-2:]] == [
+        f"cut off: token {laptop.token.id} was revoked",
+        f"cut off: token {desk.token.id} was revoked",
+    ]
+    assert _exec(alice, "chem/long-1", "touch", "/tmp/done")[1] == 0
+    assert _ended(alice, "chem/long-1") == "FINISHED"
 
 
 def test_every_control_call_passes_the_gate() -> None:
@@ -465,6 +557,27 @@ def test_the_cli_logs_in_and_administers(world: World, tmp_path: Path) -> None:
     assert {e["method"] for e in json.loads(denied.stdout)} == {"ListUsers", "GetWorkflow"}
     assert '"method": "ListUsers"' in listed.stdout
     assert '"allowed": false' in listed.stdout
+    # what scripts read: -o json from the calls that change things
+    made = runner.invoke(app, ["admin", "token", "create", "--note", "ci", "-o", "json"], env=env)
+    assert made.exit_code == 0, made.output
+    made_id = json.loads(made.stdout)["token"]["id"]
+    revoked = runner.invoke(app, ["admin", "token", "revoke", made_id, "-o", "json"], env=env)
+    assert revoked.exit_code == 0, revoked.output
+    assert json.loads(revoked.stdout)["state"] == "revoked"
+    secret = runner.invoke(
+        app, ["secret", "set", "secret://user/CLI_KEY", "-o", "json"], input="cli-value", env=env
+    )
+    assert secret.exit_code == 0, secret.output
+    assert json.loads(secret.stdout) == {
+        "ref": "secret://user/CLI_KEY",
+        "scope": "user",
+        "holder": "erin",
+    }
+    rotated = runner.invoke(app, ["admin", "rotate-key", "-o", "json", "--context", "lab"], env=env)
+    assert rotated.exit_code == 0, rotated.output
+    assert json.loads(rotated.stdout)["reencrypted"] >= 1  # erin's, at least
+    gone = runner.invoke(app, ["secret", "delete", "secret://user/CLI_KEY", "-o", "json"], env=env)
+    assert json.loads(gone.stdout) == {"deleted": "secret://user/CLI_KEY"}
 
 
 def test_a_bad_access_policy_is_refused_naming_where() -> None:
@@ -473,11 +586,25 @@ def test_a_bad_access_policy_is_refused_naming_where() -> None:
         "grants: [{to: [team:x], verbs: [log]}]": "grants[0].to: 'team:x'",
         "grants: [{to: ['*'], verbs: [log], runs: all}]": "grants[0].runs",
         "grants: [{verbs: [log]}]": "grants[0]: `to` is required",
-        "grants: [{to: ['*'], verbs: [log], site: [aws]}]": "unknown keys ['site']",
+        "grants: [{to: ['*'], verbs: [log], site: [aws]}]": "grants[0].site: unknown key",
         "rules: []": "one key, `grants`",
+        "grants:\n  - to: ['*']\n    verbs: [log]\n    verbs: [admin]\n": (
+            "policy.yaml:4:5: error: grants[0].verbs: duplicate key 'verbs'"
+        ),
+        "grants:\n  - to: ['*']\n    verbs: [log]\n    runs: every\n": "policy.yaml:4: grants",
+        "": "the access policy is empty",
     }
     for text, words in cases.items():
         with pytest.raises(InvalidInput) as caught:
             parse_access_policy(text, "policy.yaml")
         assert str(caught.value).startswith("policy.yaml"), caught.value
         assert words in str(caught.value), caught.value
+
+
+def test_sites_a_policy_names_that_no_site_has_are_found() -> None:
+    policy = parse_access_policy(
+        "grants:\n  - to: ['*']\n    verbs: [start]\n    sites: [aws, lcoal, lab]\n", "p.yaml"
+    )
+    known = Placer().site_names()
+    assert "local" in known
+    assert policy.unknown_sites(known | {"lab"}) == ["lcoal"]

@@ -134,7 +134,7 @@ def failing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(control, "find_run", find_run)
     # the gate looks the run up first (for its owner): let it pass to the failing call
-    monkeypatch.setattr(Gate, "owner", lambda self, of, name: (name, "admin"))
+    monkeypatch.setattr(Gate, "owner_in", lambda self, s, of, name: (name, "admin"))
 
 
 def _status(port: int, name: str) -> tuple[grpc.StatusCode, str | None]:

@@ -147,3 +147,32 @@ def test_processes_opening_a_new_store_at_once_do_not_trip_over_the_migration(
     ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, errors
+
+
+def _downgrade(store: Store, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from orchestrator.store.store import MIGRATIONS
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with store.session() as s:
+        config.attributes["connection"] = s.connection()
+        command.downgrade(config, revision)
+
+
+def test_going_back_past_the_secrets_table_refuses_to_drop_secrets(store_url: str) -> None:
+    from orchestrator.store import SecretValue
+
+    store = Store(store_url)
+    with store.session() as s:
+        s.add(SecretValue(scope="user", holder="alice", name="KEY", sealed=b"sealed"))
+    with pytest.raises(RuntimeError, match="holds 1 secret"):
+        _downgrade(store, "0005")
+    with store.session() as s:  # nothing changed
+        assert [v.name for v in s.scalars(select(SecretValue))] == ["KEY"]
+        s.query(SecretValue).delete()
+    _downgrade(store, "0005")  # with none left, it goes back, and forward again
+    store.upgrade()
+    store.close()

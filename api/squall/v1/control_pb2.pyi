@@ -1253,6 +1253,7 @@ class AuditEntry(_message.Message):
     ALLOWED_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     at: _builtins.str
     user: _builtins.str
     method: _builtins.str
@@ -1261,6 +1262,8 @@ class AuditEntry(_message.Message):
     allowed: _builtins.bool
     detail: _builtins.str
     peer: _builtins.str
+    outcome: _builtins.str
+    """ok, an error's category, why a stream was cut; "" while it runs"""
     def __init__(
         self,
         *,
@@ -1272,10 +1275,11 @@ class AuditEntry(_message.Message):
         allowed: _builtins.bool = ...,
         detail: _builtins.str = ...,
         peer: _builtins.str = ...,
+        outcome: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "at", b"at", "detail", b"detail", "method", b"method", "peer", b"peer", "target", b"target", "user", b"user", "verb", b"verb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "at", b"at", "detail", b"detail", "method", b"method", "outcome", b"outcome", "peer", b"peer", "target", b"target", "user", b"user", "verb", b"verb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # the secrets live only here (the plaintext files they came from were deleted): refuse
+    # to drop them rather than lose them
+    sealed = op.get_bind().execute(sa.text("SELECT count(*) FROM secrets")).scalar()
+    if sealed:
+        raise RuntimeError(
+            f"the store holds {sealed} secret(s), encrypted, and nowhere else: delete them "
+            "(`squall secret list --all`, `squall secret delete`) before going back"
+        )
     op.drop_table("secrets")
     op.drop_index(op.f("ix_audit_user"), table_name="audit")
     op.drop_index(op.f("ix_audit_at"), table_name="audit")
