@@ -127,6 +127,7 @@ def server(
     err.print("stopping: cancelling the runs this server owns...")
     servicer.shutdown()
     grpc_server.stop(grace=5).wait()
+    servicer.gate.close()  # open streams were checked until the server stopped serving
 
 
 def _token(path: Path, *, create: bool) -> str:

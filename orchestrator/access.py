@@ -137,8 +137,9 @@ class RunAccess:
             channel, stub = connect(where.address, where.token, where.tls)
             try:
                 live = stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow))
-                if on_close is not None:
-                    on_close(live.cancel)
+                if on_close is not None and on_close(live.cancel) is False:
+                    live.cancel()  # the caller is gone already
+                    return
                 for chunk in live:
                     out = masker.feed(chunk.data)
                     if out:
@@ -161,7 +162,13 @@ class RunAccess:
             raise TaskNotRunning(f"{job}[{index}] of {name} is not running")
         return where
 
-    def exec(self, requests: Iterator[cpb.ExecInput]) -> Iterator[cpb.ExecOutput]:
+    def exec(
+        self,
+        requests: Iterator[cpb.ExecInput],
+        on_close: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Iterator[cpb.ExecOutput]:
+        """Relay an exec into a running task (`on_close` as for `logs`: the agent's call ends
+        with the caller's, and the command with it)."""
         first = next(requests, None)
         if first is None or first.WhichOneof("input") != "start":
             raise InvalidInput("the first exec message must be `start`")
@@ -194,7 +201,10 @@ class RunAccess:
         channel, stub = connect(where.address, where.token, where.tls)
         try:
             # not redacted: whoever may exec into the job can read its environment anyway
-            for out in stub.Exec(upstream()):
+            call = stub.Exec(upstream())
+            if on_close is not None and on_close(call.cancel) is False:
+                call.cancel()
+            for out in call:
                 kind = out.WhichOneof("output")
                 if kind == "stdout":
                     yield cpb.ExecOutput(stdout=out.stdout)
@@ -206,8 +216,11 @@ class RunAccess:
             channel.close()
 
     def port_forward(
-        self, requests: Iterator[cpb.PortForwardInput]
+        self,
+        requests: Iterator[cpb.PortForwardInput],
+        on_close: Callable[[Callable[[], None]], object] | None = None,
     ) -> Iterator[cpb.PortForwardOutput]:
+        """Relay a TCP stream to a running task's port (`on_close` as for `exec`)."""
         first = next(requests, None)
         if first is None or first.WhichOneof("input") != "start":
             raise InvalidInput("the first port-forward message must be `start`")
@@ -228,7 +241,10 @@ class RunAccess:
         keep_freed_memory()  # MiB-sized messages pass through this process
         channel, _ = connect(where.address, where.token, where.tls)
         try:
-            for data in port_forward(channel, upstream()):
+            call = port_forward(channel, upstream())
+            if on_close is not None and on_close(call.cancel) is False:
+                call.cancel()
+            for data in call:
                 yield cpb.PortForwardOutput(data=bytes(data))
         finally:
             channel.close()

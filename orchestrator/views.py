@@ -46,8 +46,9 @@ EVENTS_PER_UPDATE = 1000  # at most, so that an update stays a small message
 
 
 def run_named(s: Session, name: str) -> Run:
-    """The run called `name` (or with that id), in session `s`."""
-    run = s.scalars(select(Run).where((Run.name == name) | (Run.id == name))).first()
+    """The run with the id `name`, else the run called `name`, in session `s` (an id wins: a
+    name cannot stand in for another run's id)."""
+    run = s.get(Run, name) or s.scalars(select(Run).where(Run.name == name)).first()
     if run is None:
         raise NotFound(f"no run named {name!r}; `squall workflow list` shows them")
     return run

@@ -79,9 +79,10 @@ def _port_forward_data(message: bytes) -> memoryview:
     return data
 
 
-def port_forward(channel: Any, requests: Iterator[pb.PortForwardInput]) -> Iterator[memoryview]:
-    """The agent's PortForward call on `channel` (from `connect`): the data of each output
-    message, as a view into the message as it arrived (no message object, no copy).
+def port_forward(channel: Any, requests: Iterator[pb.PortForwardInput]) -> Any:
+    """The agent's PortForward call on `channel` (from `connect`): an iterator of the data of
+    each output message, as a view into the message as it arrived (no message object, no
+    copy), that is also the call (`cancel()` ends it).
 
     The call raises `grpc.RpcError` as the stub's does. A process that receives much through
     it should call `keep_freed_memory()` once."""
@@ -90,4 +91,4 @@ def port_forward(channel: Any, requests: Iterator[pb.PortForwardInput]) -> Itera
         request_serializer=pb.PortForwardInput.SerializeToString,
         response_deserializer=_port_forward_data,
     )
-    return call(requests)  # type: ignore[no-any-return]
+    return call(requests)

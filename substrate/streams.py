@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from api.substrate.v1 import agent_pb2 as pb
 
 from .paths import IN_ROOT, PathEscape, open_in
+from .runtimes.rootfs import children
 from .tasks import TaskError, TaskState
 from .wire import CHUNK, Framer
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["GrantRefused", "exec_stream", "port_forward_stream"]
 
 _END = object()
+_GONE = object()  # the caller went away
 F_SETPIPE_SZ = 1031  # fcntl: set a pipe's capacity (Linux)
 CLONE_NEWNET = 0x40000000
 TIOCGPTPEER = 0x5441  # the slave of a pty master, opened from the master (Linux 4.13)
@@ -118,10 +120,14 @@ def exec_stream(
     for r in readers:
         r.start()
     threading.Thread(target=stdin.feed, args=(requests,), daemon=True).start()
+    if context is not None:  # a caller gone while the command is quiet: end it now
+        context.add_callback(lambda: _offer(out, _GONE))
     try:
         done = 0
         while done < len(readers):
             item = out.get()
+            if item is _GONE:
+                return
             if item is _END:
                 done += 1
                 continue
@@ -130,13 +136,39 @@ def exec_stream(
         yield pb.ExecOutput(exit_code=code if code >= 0 else 128 - code).SerializeToString()
     finally:
         if proc.poll() is None:  # the client went away: do not leave the command behind
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         if start.tty:
             os.close(master)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process under it: the command an exec started in the task's
+    namespaces is a child of the launcher, and killing the launcher alone would leave it
+    running in the task. Each is stopped before its children are read, so none forks away."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        found.append(p)
+        todo += children(p)
+    for p in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def _offer(out: queue.Queue[Any], item: object) -> None:
+    """Put `item` unless `out` is full (then the reader is not waiting on it)."""
+    with contextlib.suppress(queue.Full):
+        out.put_nowait(item)
 
 
 def open_pty(root: str) -> tuple[int, int]:
@@ -210,8 +242,8 @@ class _Stdin:
                 elif kind == "close_stdin":
                     self._close()
                     return
-        except (OSError, ValueError):
-            return  # the command ended or the client hung up
+        except Exception:  # the command ended (OSError), or the client went away (the
+            return  # request stream raises grpc.RpcError): the exec ends either way
 
     def _close(self) -> None:
         if self.tty:

@@ -78,9 +78,13 @@ def add_entry(
 
 
 def settle(store: Store, entry_id: int, outcome: str) -> None:
-    """Write how the call of entry `entry_id` ended."""
+    """Write how the call of entry `entry_id` ended; the first outcome written stays."""
     with store.session() as s:
-        s.execute(update(AuditEntry).where(AuditEntry.id == entry_id).values(outcome=outcome[:255]))
+        s.execute(
+            update(AuditEntry)
+            .where(AuditEntry.id == entry_id, AuditEntry.outcome == "")
+            .values(outcome=outcome[:255])
+        )
 
 
 class Throttle:

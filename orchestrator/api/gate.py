@@ -19,6 +19,7 @@ import functools
 import inspect
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import grpc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..errors import NotFound, PermissionDenied, SquallError, Unauthenticated
+from ..errors import InvalidInput, NotFound, PermissionDenied, SquallError, Unauthenticated
 from ..identity import Principal, authenticate, authenticate_in
 from ..store import Schedule, Store, User
 from ..views import run_named
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 ANY = ""  # the verb of calls any authenticated user may make (the method checks the rest)
 STREAM_RECHECK_S = 5.0  # how often an open stream's token and permission are checked again
 NEW_NAME_VERBS = frozenset({"start", "schedule"})  # they name a run or schedule to be made
+_NEW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+_RUN_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,39 +131,64 @@ class Gate:
             raise NotFound(f"no schedule {name!r} (`squall schedule list`)")
         return name, found
 
-    def admit(self, context: Any, method: str, guard: Guard, name: str) -> Admission:
+    def _refused(self, s: Session, method: str, peer: str, exc: SquallError) -> None:
+        """Audit a call without a valid token (throttled per client address)."""
+        written, dropped = self.throttle.admit(peer.rpartition(":")[0] or peer)
+        if written:
+            more = f" ({dropped} more such calls from there not written one by one)"
+            add_entry(
+                s,
+                user="",
+                method=method,
+                verb="-",
+                allowed=False,
+                detail=str(exc) + (more if dropped else ""),
+                peer=peer,
+                outcome=outcome_of(exc),
+            )
+
+    def authenticated(self, context: Any, method: str) -> Principal:
+        """The caller, or Unauthenticated (audited): for a stream, before its first message
+        is read."""
+        failure: SquallError | None = None
+        with self.store.session() as s:
+            try:
+                return authenticate_in(s, self.token_of(context))
+            except SquallError as exc:
+                failure = exc
+                self._refused(s, method, str(context.peer() or ""), exc)
+        raise failure
+
+    def admit(
+        self,
+        context: Any,
+        method: str,
+        guard: Guard,
+        name: str,
+        known: Principal | None = None,
+    ) -> Admission:
         """The caller, allowed to make the call, or Unauthenticated, PermissionDenied or
-        NotFound; either way written to the audit log, in one unit of work."""
+        NotFound; either way written to the audit log, in one unit of work. `known`: the
+        caller, authenticated already (`authenticated`)."""
         token = self.token_of(context)
         peer = str(context.peer() or "")
-        who: Principal | None = None
+        who: Principal | None = known
         owner: str | None = None
         failure: SquallError | None = None
         entry = 0
         with self.store.session() as s:
-            try:
-                who = authenticate_in(s, token)
-            except SquallError as exc:
-                failure = exc
-                written, dropped = self.throttle.admit(peer.rpartition(":")[0] or peer)
-                if written:
-                    more = f" ({dropped} more such calls from there not written one by one)"
-                    add_entry(
-                        s,
-                        user="",
-                        method=method,
-                        verb="-",
-                        allowed=False,
-                        detail=str(exc) + (more if dropped else ""),
-                        peer=peer,
-                        outcome=outcome_of(exc),
-                    )
+            if who is None:
+                try:
+                    who = authenticate_in(s, token)
+                except SquallError as exc:
+                    failure = exc
+                    self._refused(s, method, peer, exc)
             if who is not None:
                 try:
                     if guard.of and name:
                         name, owner = self.owner_in(s, guard.of, name)
                     if guard.verb in NEW_NAME_VERBS and not guard.of and name:
-                        self._check_prefix(s, who, guard.verb, name)
+                        self._check_new_name(s, who, guard.verb, name)
                     if guard.verb != ANY:
                         self.policy.check(who, guard.verb, name, owner)
                 except SquallError as exc:
@@ -182,10 +210,16 @@ class Gate:
         return Admission(who, token, name, owner, entry)
 
     @staticmethod
-    def _check_prefix(s: Session, who: Principal, verb: str, name: str) -> None:
-        """A new name under a user's name (`alice/...`) is that user's: no one else may take
-        it (admins may)."""
-        prefix, slash, _ = name.partition("/")
+    def _check_new_name(s: Session, who: Principal, verb: str, name: str) -> None:
+        """A new run's or schedule's name is plain (letters, digits, `._/-`) and not shaped
+        like a run's id; one under a user's name (`alice/...`, in any case) is that user's:
+        no one else may take it (admins may)."""
+        if not _NEW_NAME.match(name) or _RUN_ID.match(name):
+            raise InvalidInput(
+                f"{name!r} cannot name a run or schedule: use letters, digits and . _ / - "
+                "(at most 255, starting with a letter or digit, not shaped like a run id)"
+            )
+        prefix, slash, _ = name.lower().partition("/")
         if slash and prefix != who.name and not who.admin and s.get(User, prefix) is not None:
             raise PermissionDenied(
                 f"{who.name} may not {verb} {name}: names under {prefix}/ are {prefix}'s; "
@@ -210,7 +244,7 @@ class Gate:
                 allowed=failure is None,
                 detail=str(failure or ""),
                 peer=str(context.peer() or ""),
-                outcome=outcome_of(failure) if failure else "ok",
+                outcome=outcome_of(failure) if failure else "checked",
             )
         if failure is not None:
             raise failure
@@ -273,26 +307,35 @@ class Gate:
             who = authenticate(self.store, a.token)
             if stream.verb != ANY:
                 self.policy.check(who, stream.verb, a.name, a.owner)
+            return
         except (Unauthenticated, PermissionDenied) as exc:
-            stream.cut = f"cut off: {exc}"
-            with self.store.session() as s:
-                add_entry(
-                    s,
-                    user=a.who.name,
-                    method=stream.method,
-                    verb=stream.verb or "-",
-                    target=a.name,
-                    allowed=False,
-                    detail=f"an open stream was cut off: {exc}",
-                    outcome=outcome_of(exc),
-                )
-            self.settle(a.entry, stream.cut)
-            code = (
-                grpc.StatusCode.UNAUTHENTICATED
-                if isinstance(exc, Unauthenticated)
-                else grpc.StatusCode.PERMISSION_DENIED
+            failure: SquallError = exc
+        with self._lock:  # it may have ended meanwhile
+            if id(stream) not in self._streams:
+                return
+            stream.cut = f"cut off: {failure}"
+        code = (
+            grpc.StatusCode.UNAUTHENTICATED
+            if isinstance(failure, Unauthenticated)
+            else grpc.StatusCode.PERMISSION_DENIED
+        )
+        _cut_off(stream.context, code, f"the stream was cut off: {failure}")  # first, whatever
+        self.settle(a.entry, stream.cut)  # the store says
+        with self.store.session() as s:
+            add_entry(
+                s,
+                user=a.who.name,
+                method=stream.method,
+                verb=stream.verb or "-",
+                target=a.name,
+                allowed=False,
+                detail=f"an open stream was cut off: {failure}",
+                outcome=outcome_of(failure),
             )
-            _cut_off(stream.context, code, f"the stream was cut off: {exc}")
+
+
+class ClientGone(Exception):
+    """A streaming request ended before its first message: nothing to answer."""
 
 
 Method = Callable[[Any, Any, Any], Any]  # what gRPC calls: (self, request, context)
@@ -312,23 +355,30 @@ def guarded(
 
         def enter(self: Any, request: Any, context: Any) -> tuple[Any, Admission]:
             gate: Gate = self.gate
-            subject = request
-            if streamed:
-                first = next(request, None)
+            subject, known = request, None
+            if streamed:  # who calls is checked before any message is read
+                known = gate.authenticated(context, name)
+                try:
+                    first = next(request, None)
+                except grpc.RpcError:  # the client went away before it said what it wants
+                    raise ClientGone() from None
                 request = iter(()) if first is None else itertools.chain([first], request)
                 subject = first
             try:
                 found = target(subject) if target is not None and subject is not None else ""
             except (AttributeError, ValueError):
                 found = ""
-            return request, gate.admit(context, name, guard, found or "")
+            return request, gate.admit(context, name, guard, found or "", known)
 
         if inspect.isgeneratorfunction(method):
 
             @functools.wraps(method)
             def streaming(self: Any, request: Any, context: Any) -> Iterator[Any]:
                 gate: Gate = self.gate
-                request, admission = enter(self, request, context)
+                try:
+                    request, admission = enter(self, request, context)
+                except ClientGone:
+                    return
                 outcome = "ok"
                 with gate.watching(context, name, guard.verb, admission) as stream:
                     try:

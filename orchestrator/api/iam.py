@@ -173,6 +173,8 @@ class _Reader:
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             raise self.error(path, "expected a non-empty list of names")
+        if not all(v.strip() for v in value):
+            raise self.error(path, "a name cannot be empty")
         if known is not None:
             unknown = sorted(set(value) - set(known))
             if unknown:
@@ -220,10 +222,20 @@ def parse_access_policy(text: str, source: str) -> AccessPolicy:
             raise read.error((*at, "runs"), f"`own` or `any`, not {runs!r}")
         sites = entry.get("sites")
         workflows = read.names(entry.get("workflows", ["*"]), (*at, "workflows"))
+        verbs = read.names(entry["verbs"], (*at, "verbs"), VERBS)
+        for key in ("workflows", "runs"):
+            if key in entry and "admin" in verbs:  # it would read as a narrower admin
+                raise read.error(
+                    (*at, key),
+                    f"`{key}` does not narrow `admin` (every user, token and run): grant "
+                    "`admin` on its own, without it",
+                )
+        if sites is not None and "start" not in verbs:
+            raise read.error((*at, "sites"), "`sites` says where runs may start: add `start`")
         grants.append(
             Grant(
                 to=to,
-                verbs=read.names(entry["verbs"], (*at, "verbs"), VERBS),
+                verbs=verbs,
                 workflows=tuple(sorted(workflows)),
                 any_owner=runs == "any",
                 sites=None if sites is None else read.names(sites, (*at, "sites")),

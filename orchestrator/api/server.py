@@ -229,14 +229,14 @@ class ControlServer(rpc.ControlServicer):
     def Exec(
         self, request_iterator: Iterator[pb.ExecInput], context: Any, who: Principal
     ) -> Iterator[pb.ExecOutput]:
-        yield from self.access.exec(request_iterator)
+        yield from self.access.exec(request_iterator, context.add_callback)
 
     @_status_codes
     @guarded("port-forward", _started, of="run")
     def PortForward(
         self, request_iterator: Iterator[pb.PortForwardInput], context: Any, who: Principal
     ) -> Iterator[pb.PortForwardOutput]:
-        yield from self.access.port_forward(request_iterator)
+        yield from self.access.port_forward(request_iterator, context.add_callback)
 
     # ---- schedules
 
@@ -443,7 +443,6 @@ class ControlServer(rpc.ControlServicer):
 
     def shutdown(self, grace: float = 60.0) -> None:
         """Cancel the runs this server owns and wait for their clusters to come down."""
-        self.gate.close()
         self.runs.shutdown(grace)
 
 

@@ -441,8 +441,31 @@ def test_a_flood_of_bad_tokens_is_counted_not_written_one_by_one() -> None:
 
 def test_names_under_a_users_name_are_that_users(world: World) -> None:
     _denied(lambda: world.bob.start("alice/mine-now", QUICK), "names under alice/ are alice's")
+    _denied(lambda: world.bob.start("Alice/mine-now", QUICK), "names under alice/ are alice's")
+    # names are plain, and none can pass for another run's id
+    run_id = world.alice.start("chem/id-1", QUICK).id
+    for name in (" alice/x", "alice\u200b/x", "/alice/x", run_id, run_id.upper()):
+        with pytest.raises(InvalidInput, match="cannot name a run"):
+            world.bob.start(name, QUICK)
+    assert world.alice.status(run_id).name == "chem/id-1"
     request = pb.CreateScheduleRequest(name="alice/nightly", fuzzfile=QUICK, cron="0 3 * * *")
     _denied(lambda: world.bob.create_schedule(request), "names under alice/ are alice's")
+
+
+def test_a_stream_without_a_token_is_refused_before_it_says_anything(world: World) -> None:
+    silent = threading.Event()
+
+    def nothing() -> Iterator[pb.ExecInput]:
+        silent.wait(30)
+        yield from ()
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(Unauthenticated, match="unknown token"):
+            list(world.as_("sqt_0000_" + "z" * 40).exec(nothing()))
+    finally:
+        silent.set()
+    assert time.monotonic() - started < 10  # not after the client's silence
 
 
 def test_open_streams_are_cut_off_when_their_token_stops_working(world: World) -> None:
@@ -487,13 +510,40 @@ def test_open_streams_are_cut_off_when_their_token_stops_working(world: World) -
         assert isinstance(failed[0], Unauthenticated), failed[0]
     finally:
         gate.recheck_s = STREAM_RECHECK_S
+    # its user disabled through the server: an exec into the job ends at once
+    shell = world.as_(alice.create_token("", None, "shell").text)
+    hold = threading.Event()
+
+    def typing() -> Iterator[pb.ExecInput]:
+        command = ["sh", "-c", "echo started; sleep 60"]
+        yield pb.ExecInput(
+            start=pb.ExecStart(name="chem/long-1", job="notebook", index=0, command=command)
+        )
+        hold.wait(30)
+
+    _, failed = open_stream(lambda: shell.exec(typing()))
+    admin.disable_user("alice", True)
+    try:
+        _wait("the exec to be cut off", lambda: failed, timeout=10)
+        assert isinstance(failed[0], Unauthenticated), failed[0]
+        assert "user alice is disabled" in str(failed[0])
+    finally:
+        admin.disable_user("alice", False)
+        hold.set()
+    # and what it started in the job is gone with it
+    _wait(
+        "the exec's process to end",
+        lambda: b"sleep 60" not in _exec(alice, "chem/long-1", "ps")[0],
+        timeout=10,
+    )
     # the server lets go of them too (a quiet job's log stream included)
-    _wait("the server to close both streams", lambda: gate.open_streams() == 0, timeout=10)
+    _wait("the server to close the streams", lambda: gate.open_streams() == 0, timeout=10)
     entries = admin.audit("alice", None, 1000)
     cut = [e for e in entries if e.detail.startswith("an open stream was cut off")]
     assert [(e.method, e.target) for e in cut] == [
         ("Logs", "chem/long-1"),
         ("WatchWorkflow", "chem/long-1"),
+        ("Exec", "chem/long-1"),
     ]
     opened = [e for e in entries if e.method in ("Logs", "WatchWorkflow") and e.allowed]
     assert [e.outcome for e in opened[-2:]] == [
@@ -593,6 +643,11 @@ def test_a_bad_access_policy_is_refused_naming_where() -> None:
         ),
         "grants:\n  - to: ['*']\n    verbs: [log]\n    runs: every\n": "policy.yaml:4: grants",
         "": "the access policy is empty",
+        "grants: [{to: [group:chem], verbs: [admin], workflows: ['chem/*']}]": (
+            "grants[0].workflows: `workflows` does not narrow `admin`"
+        ),
+        "grants: [{to: ['*'], verbs: [log], sites: [aws]}]": "add `start`",
+        "grants: [{to: ['*'], verbs: [log], workflows: ['']}]": "a name cannot be empty",
     }
     for text, words in cases.items():
         with pytest.raises(InvalidInput) as caught:

@@ -144,6 +144,27 @@ def test_exec_with_a_terminal_in_a_container(agent: Running, runtime: str) -> No
     assert lines[2] == "root:x:0:0:root:/root:/bin/sh"  # the image's file, not the host's
 
 
+def test_an_exec_whose_client_goes_away_leaves_nothing_running(
+    agent: Running, runtime: str
+) -> None:
+    task = run(agent, "sleep 60", runtime)
+    hold = threading.Event()
+
+    def requests():
+        command = ["/bin/sh", "-c", "echo started; sleep 47; echo never"]
+        yield pb.ExecInput(start=pb.ExecStart(task_id=task, command=command))
+        hold.wait(30)
+
+    call = agent.stub.Exec(requests())
+    assert next(call).stdout == b"started\n"
+    call.cancel()  # the client goes while the command says nothing
+    hold.set()
+    deadline = time.monotonic() + 10
+    while b"sleep 47" in _exec(agent, task, ["ps"])[0]:
+        assert time.monotonic() < deadline, "the exec's command is still running in the task"
+        time.sleep(0.2)
+
+
 def test_port_forward_into_an_isolated_network(agent: Running, runtime: str) -> None:
     page = b"<h1>" + bytes(range(32, 127)) * 100 + b"</h1>\n"
     port = free_port()

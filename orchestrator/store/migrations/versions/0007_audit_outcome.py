@@ -21,6 +21,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("outcome", sa.String(length=255), nullable=False, server_default="")
         )
+    op.execute("UPDATE audit SET outcome = 'not recorded'")  # written before outcomes were
 
 
 def downgrade() -> None:
