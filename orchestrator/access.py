@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from sqlalchemy import select
@@ -34,6 +35,20 @@ from .views import run_named
 __all__ = ["RunAccess", "TaskNotRunning"]
 
 _LIVE = (TaskState.STARTING, TaskState.RUNNING, TaskState.READY)
+
+
+# what calls a function when the caller goes away (a gRPC server's `context.add_callback`,
+# which answers False when the call has ended already)
+OnClose = Callable[[Callable[[], None]], object]
+
+
+def _ends_with_caller(call: Any, on_close: OnClose | None) -> bool:
+    """Tie the agent's `call` to the caller's: it is cancelled when the caller goes away (at
+    once, answering False, when the caller is gone already)."""
+    if on_close is not None and on_close(call.cancel) is False:
+        call.cancel()
+        return False
+    return True
 
 
 class TaskNotRunning(Conflict):
@@ -122,7 +137,7 @@ class RunAccess:
         job: str,
         index: int = 0,
         follow: bool = False,
-        on_close: Callable[[Callable[[], None]], object] | None = None,
+        on_close: OnClose | None = None,
     ) -> Iterator[bytes]:
         """The output of the task's latest attempt: live from its agent while it runs (and,
         with `follow`, until it ends), else from the copy kept when it ended. `on_close`:
@@ -137,8 +152,7 @@ class RunAccess:
             channel, stub = connect(where.address, where.token, where.tls)
             try:
                 live = stub.Logs(apb.LogsRequest(task_id=where.agent_task_id, follow=follow))
-                if on_close is not None and on_close(live.cancel) is False:
-                    live.cancel()  # the caller is gone already
+                if not _ends_with_caller(live, on_close):
                     return
                 for chunk in live:
                     out = masker.feed(chunk.data)
@@ -165,7 +179,7 @@ class RunAccess:
     def exec(
         self,
         requests: Iterator[cpb.ExecInput],
-        on_close: Callable[[Callable[[], None]], object] | None = None,
+        on_close: OnClose | None = None,
     ) -> Iterator[cpb.ExecOutput]:
         """Relay an exec into a running task (`on_close` as for `logs`: the agent's call ends
         with the caller's, and the command with it)."""
@@ -202,8 +216,7 @@ class RunAccess:
         try:
             # not redacted: whoever may exec into the job can read its environment anyway
             call = stub.Exec(upstream())
-            if on_close is not None and on_close(call.cancel) is False:
-                call.cancel()
+            _ends_with_caller(call, on_close)
             for out in call:
                 kind = out.WhichOneof("output")
                 if kind == "stdout":
@@ -218,7 +231,7 @@ class RunAccess:
     def port_forward(
         self,
         requests: Iterator[cpb.PortForwardInput],
-        on_close: Callable[[Callable[[], None]], object] | None = None,
+        on_close: OnClose | None = None,
     ) -> Iterator[cpb.PortForwardOutput]:
         """Relay a TCP stream to a running task's port (`on_close` as for `exec`)."""
         first = next(requests, None)
@@ -242,8 +255,7 @@ class RunAccess:
         channel, _ = connect(where.address, where.token, where.tls)
         try:
             call = port_forward(channel, upstream())
-            if on_close is not None and on_close(call.cancel) is False:
-                call.cancel()
+            _ends_with_caller(call, on_close)
             for data in call:
                 yield cpb.PortForwardOutput(data=bytes(data))
         finally:

@@ -70,6 +70,7 @@ __all__ = [
     "local_queue",
     "next_moments",
     "placer_pricer",
+    "plain_name",
     "set_paused",
     "show_schedule",
 ]
@@ -81,9 +82,16 @@ GRACE = timedelta(minutes=5)  # how late a firing without a window may still sta
 STEPS = 12  # later moments of a window priced at each tick
 CHEAPER = 0.01  # a later moment must be this much cheaper (a fraction) to wait for it
 MAX_MISSED = 1000  # missed moments recorded one by one; past that, counted in one line
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_LONGEST_NAME = 128  # a firing's run is named after it, with its moment added
 _STALE_CLAIM = timedelta(minutes=2)  # STARTED without its run: the scheduler died between
 LOOKED_FOR = 600.0  # seconds a source's size and region are kept while pricing firings
+
+
+def plain_name(name: str, longest: int) -> bool:
+    """Whether `name` can name a run or a schedule: letters, digits and `._/-`, starting with
+    a letter or digit, at most `longest` characters."""
+    return len(name) <= longest and _PLAIN.match(name) is not None
 
 
 def _now() -> datetime:
@@ -176,7 +184,7 @@ def create_schedule(
 ) -> ScheduleView:
     """Check everything and record the schedule; nothing fires before its next moment.
     `policy`: YAML text of a policy that narrows the configured one for its runs."""
-    if not _NAME.match(name):
+    if not plain_name(name, _LONGEST_NAME):
         raise InvalidInput(
             f"schedule name {name!r}: letters, digits and . _ / -, at most 128, "
             "starting with a letter or digit"

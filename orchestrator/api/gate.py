@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import InvalidInput, NotFound, PermissionDenied, SquallError, Unauthenticated
 from ..identity import Principal, authenticate, authenticate_in
+from ..schedules import plain_name
 from ..store import Schedule, Store, User
 from ..views import run_named
 from .audit import Throttle, add_entry, settle
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 ANY = ""  # the verb of calls any authenticated user may make (the method checks the rest)
 STREAM_RECHECK_S = 5.0  # how often an open stream's token and permission are checked again
 NEW_NAME_VERBS = frozenset({"start", "schedule"})  # they name a run or schedule to be made
-_NEW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$")
+LONGEST_RUN_NAME = 255  # the store's column
 _RUN_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$", re.IGNORECASE)
 
 
@@ -214,7 +215,7 @@ class Gate:
         """A new run's or schedule's name is plain (letters, digits, `._/-`) and not shaped
         like a run's id; one under a user's name (`alice/...`, in any case) is that user's:
         no one else may take it (admins may)."""
-        if not _NEW_NAME.match(name) or _RUN_ID.match(name):
+        if not plain_name(name, LONGEST_RUN_NAME) or _RUN_ID.match(name):
             raise InvalidInput(
                 f"{name!r} cannot name a run or schedule: use letters, digits and . _ / - "
                 "(at most 255, starting with a letter or digit, not shaped like a run id)"
